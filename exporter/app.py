@@ -1,0 +1,193 @@
+"""The aiohttp application: routes, typed state, and one cleanup context per resource.
+
+Resources start in dependency order (ledger, store, forwarder) and stop in reverse, so
+the forwarder drains into a still-open store and the ledger closes last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from .config import Settings
+from .ledger import GroupCommitter, Ledger, LedgerUnavailableError
+from .metrics import Metrics
+from .receiver import IngestLimits, Receiver
+from .records import Store
+from .stores import Forwarder, open_store
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+METRICS = web.AppKey("metrics", Metrics)
+COMMITTER = web.AppKey("committer", GroupCommitter)
+STORE = web.AppKey("store", Store)
+FORWARDER = web.AppKey("forwarder", Forwarder)
+RECEIVER = web.AppKey("receiver", Receiver)
+
+MAINTENANCE_INTERVAL_SECONDS = 30.0
+RETENTION_INTERVAL_SECONDS = 3600.0
+DRAIN_SECONDS = 10.0
+
+CleanupContext = Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]
+
+
+def create_app(
+    settings: Settings,
+    registry: CollectorRegistry | None = None,
+    extra_contexts: list[CleanupContext] | None = None,
+) -> web.Application:
+    """Build the exporter application for ``settings``.
+
+    ``registry`` defaults to a fresh one (never the process-global registry).
+    ``extra_contexts`` run after the built-in resources, e.g. the demo traffic generator.
+    """
+    registry = registry if registry is not None else CollectorRegistry()
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        handler_args={"auto_decompress": False},  # the receiver decodes gzip within limits
+    )
+    app[SETTINGS] = settings
+    app[REGISTRY] = registry
+    app[METRICS] = Metrics(registry)
+    app.cleanup_ctx.extend([_ledger_context, _store_context, _forwarder_context])
+    app.cleanup_ctx.extend(extra_contexts or [])
+    app.router.add_post("/v1/events", _ingest)
+    app.router.add_get("/metrics", make_aiohttp_handler(registry))
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def _ledger_resource(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    metrics = app[METRICS]
+    ledger = await asyncio.to_thread(Ledger, settings.ledger_path, settings.durability)
+    metrics.restore(await asyncio.to_thread(ledger.gauges))
+    metrics.track_backlog(lambda: ledger.backlog)
+    committer = GroupCommitter(ledger)
+    committer.on_commit_hooks.append(metrics.ledger_commits.inc)
+    app[COMMITTER] = committer
+    token = settings.ingest_token.get_secret_value() if settings.ingest_token else None
+    limits = IngestLimits(
+        settings.max_body_bytes, settings.max_batch_events, settings.max_backlog_events
+    )
+    app[RECEIVER] = Receiver(committer, metrics, limits, token)
+    maintenance = asyncio.create_task(_maintain(settings, committer, metrics))
+    log.info("ledger open", extra={"path": str(settings.ledger_path),
+                                   "backlog": ledger.backlog,
+                                   "durability": settings.durability.value})
+    try:
+        yield
+    finally:
+        maintenance.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await maintenance
+        await asyncio.to_thread(committer.close)
+        await asyncio.to_thread(ledger.close)
+        log.info("ledger closed", extra={"path": str(settings.ledger_path)})
+
+
+@contextlib.asynccontextmanager
+async def _store_resource(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    store = await asyncio.to_thread(open_store, settings)
+    app[STORE] = store
+    log.info("store open", extra={"store": store.name})
+    try:
+        yield
+    finally:
+        await store.close()
+
+
+@contextlib.asynccontextmanager
+async def _forwarder_resource(app: web.Application) -> AsyncIterator[None]:
+    committer = app[COMMITTER]
+    forwarder = Forwarder(committer, app[STORE], app[METRICS], app[SETTINGS].store_batch_size)
+    app[FORWARDER] = forwarder
+    committer.on_commit_hooks.append(forwarder.wake)
+    forwarder.start()
+    try:
+        yield
+    finally:
+        await forwarder.stop(DRAIN_SECONDS)
+
+
+def _ledger_context(app: web.Application) -> contextlib.AbstractAsyncContextManager[None]:
+    return _ledger_resource(app)
+
+
+def _store_context(app: web.Application) -> contextlib.AbstractAsyncContextManager[None]:
+    return _store_resource(app)
+
+
+def _forwarder_context(app: web.Application) -> contextlib.AbstractAsyncContextManager[None]:
+    return _forwarder_resource(app)
+
+
+async def _maintain(settings: Settings, committer: GroupCommitter, metrics: Metrics) -> None:
+    """Release failures that never joined and apply retention, periodically."""
+    ledger = committer.ledger
+    next_retention = 0.0
+    while True:
+        try:
+            cutoff_ms = int((time.time() - settings.join_timeout_seconds) * 1000)
+            effects = await committer.call(functools.partial(ledger.release_unjoined_failures, cutoff_ms))
+            metrics.apply(effects)
+            if settings.retention_days and time.monotonic() >= next_retention:
+                keep_ms = int((time.time() - settings.retention_days * 86400) * 1000)
+                deleted = await committer.call(functools.partial(ledger.apply_retention, keep_ms))
+                if deleted:
+                    log.info("retention applied", extra={"deleted_events": deleted})
+                next_retention = time.monotonic() + RETENTION_INTERVAL_SECONDS
+        except LedgerUnavailableError as error:
+            log.warning("ledger maintenance failed", extra={"error": str(error)})
+        await asyncio.sleep(MAINTENANCE_INTERVAL_SECONDS)
+
+
+async def _ingest(request: web.Request) -> web.Response:
+    return await request.app[RECEIVER].handle(request)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    app = request.app
+    committer = app[COMMITTER]
+    forwarder = app[FORWARDER]
+    try:
+        stats = await asyncio.to_thread(committer.ledger.stats)
+        await committer.call(committer.ledger.check_writable)
+    except Exception as error:  # the ledger is the one thing ingest depends on
+        return web.json_response(
+            {"status": "not ready", "ledger": {"error": f"{type(error).__name__}: {error}"}},
+            status=503,
+        )
+    body = {
+        "status": "ready",
+        "ledger": {
+            "events": stats.events,
+            "backlog": stats.backlog,
+            "waitingForJoin": stats.waiting_for_join,
+            "deadLetters": stats.dead_letters,
+        },
+        "store": {
+            "name": app[STORE].name,
+            "reachable": forwarder.consecutive_failures == 0,
+            "lastSuccessfulWrite": forwarder.last_success,
+            "lastError": forwarder.last_error,
+        },
+    }
+    return web.json_response(body)

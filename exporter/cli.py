@@ -1,0 +1,216 @@
+"""The ``facilitator-exporter`` command: serve, check-config, simulate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from ._logging import configure_logging
+from .app import SETTINGS, create_app
+from .config import Settings
+from .ledger import LedgerError
+
+log = logging.getLogger("exporter")
+
+DEMO_RATE = 20.0
+"""Payments per second that ``serve --demo`` generates."""
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "listen", None):
+        overrides["listen"] = args.listen
+    if getattr(args, "data_dir", None):
+        overrides["data_dir"] = args.data_dir
+    return Settings(**overrides)
+
+
+def _describe_settings(settings: Settings) -> dict[str, Any]:
+    described = settings.model_dump(mode="json")
+    described["ingest_token"] = "(set)" if settings.ingest_token else None
+    described["resolved_store"] = settings.resolved_store.value
+    described["ledger_path"] = str(settings.ledger_path)
+    if settings.resolved_store.value == "duckdb":
+        described["duckdb_path"] = str(settings.duckdb_path)
+    return described
+
+
+def _config_error(error: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for detail in error.errors(include_url=False):
+        name = "EXPORTER_" + "_".join(str(p) for p in detail["loc"]).upper()
+        message = str(detail["msg"]).removeprefix("Value error, ")
+        lines.append(f"  {name}: {message}" if detail["loc"] else f"  {message}")
+    return "\n".join(lines)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    sys.stdout.write(json.dumps(_describe_settings(settings), indent=2) + "\n")
+    sys.stdout.write("configuration is valid\n")
+    return 0
+
+
+def _demo_context(rate: float) -> Any:
+    @contextlib.asynccontextmanager
+    async def demo(app: web.Application) -> AsyncIterator[None]:
+        from .simulate import run_simulation
+
+        settings = app[SETTINGS]
+        host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.port}"
+        token = settings.ingest_token.get_secret_value() if settings.ingest_token else None
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            run_simulation(url, rate=rate, duration=0, seed=int(time.time()), token=token,
+                           stop=stop)
+        )
+        log.info("demo traffic started", extra={"url": url, "payments_per_s": rate})
+        try:
+            yield
+        finally:
+            stop.set()
+            try:
+                await asyncio.wait_for(task, 5)
+            except (TimeoutError, Exception) as error:  # the demo never blocks shutdown
+                log.info("demo traffic stopped", extra={"detail": repr(error)})
+
+    return demo
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure_logging(settings.log_level, settings.log_format.value)
+    extra = [_demo_context(args.demo_rate)] if args.demo else []
+    app = create_app(settings, extra_contexts=extra)
+    log.info("starting", extra={"listen": settings.listen, "data_dir": str(settings.data_dir),
+                                "store": settings.resolved_store.value})
+    try:
+        web.run_app(
+            app,
+            host=settings.host,
+            port=settings.port,
+            print=lambda message: log.info("serving", extra={"listen": settings.listen}),
+            access_log=None,
+            shutdown_timeout=15.0,
+        )
+    except LedgerError as error:
+        log.error("cannot start", extra={"error": str(error)})
+        sys.stderr.write(f"facilitator-exporter: {error}\n")
+        return 1
+    except RuntimeError as error:  # store locked or corrupt: say which file and why
+        log.error("cannot start", extra={"error": str(error)})
+        sys.stderr.write(f"facilitator-exporter: {error}\n")
+        return 1
+    except OSError as error:
+        sys.stderr.write(f"facilitator-exporter: cannot listen on {settings.listen}: {error}\n")
+        return 1
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from .simulate import SimulationProgress, render_progress, run_simulation
+
+    logging.basicConfig(level=logging.WARNING)
+    tty = sys.stderr.isatty()
+    last_draw = 0.0
+
+    def progress(p: SimulationProgress) -> None:
+        nonlocal last_draw
+        now = time.monotonic()
+        if now - last_draw < 0.2:
+            return
+        last_draw = now
+        line = render_progress(p, args.duration or None)
+        sys.stderr.write(("\r" + line) if tty else line + "\n")
+        sys.stderr.flush()
+
+    summary = asyncio.run(
+        run_simulation(
+            args.url.rstrip("/"),
+            rate=args.rate,
+            duration=args.duration,
+            seed=args.seed,
+            token=args.token,
+            batch_size=args.batch_size,
+            concurrency=args.concurrency,
+            progress=progress,
+        )
+    )
+    if tty:
+        sys.stderr.write("\n")
+    sys.stdout.write(json.dumps(_summary_dict(summary), indent=2) + "\n")
+    return 0
+
+
+def _summary_dict(summary: object) -> dict[str, Any]:
+    from dataclasses import asdict, is_dataclass
+
+    assert is_dataclass(summary) and not isinstance(summary, type)
+    return asdict(summary)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(
+        prog="facilitator-exporter",
+        description="Monitoring and analytics back end for x402 payment facilitators. "
+        "Settings come from EXPORTER_* environment variables; flags override them.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the exporter")
+    serve.add_argument("--listen", help="host:port to bind (EXPORTER_LISTEN, 127.0.0.1:9402)")
+    serve.add_argument("--data-dir", help="ledger and store directory (EXPORTER_DATA_DIR)")
+    serve.add_argument("--demo", action="store_true",
+                       help="also generate simulated payment traffic against this exporter")
+    serve.add_argument("--demo-rate", type=float, default=DEMO_RATE,
+                       help=f"payments per second for --demo (default {DEMO_RATE:g})")
+    serve.set_defaults(run=_serve)
+
+    check = commands.add_parser("check-config", help="validate the configuration and exit")
+    check.add_argument("--listen", help="host:port to check instead of EXPORTER_LISTEN")
+    check.add_argument("--data-dir", help="data directory to check instead of EXPORTER_DATA_DIR")
+    check.set_defaults(run=_check_config)
+
+    simulate = commands.add_parser(
+        "simulate", help="send realistic simulated x402 traffic to a running exporter"
+    )
+    simulate.add_argument("--url", default="http://127.0.0.1:9402",
+                          help="exporter base URL (default http://127.0.0.1:9402)")
+    simulate.add_argument("--rate", type=float, default=50.0,
+                          help="payments per second (default 50)")
+    simulate.add_argument("--duration", type=float, default=60.0,
+                          help="seconds to run; 0 runs until interrupted (default 60)")
+    simulate.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    simulate.add_argument("--token", help="bearer token (the exporter's EXPORTER_INGEST_TOKEN)")
+    simulate.add_argument("--batch-size", type=int, default=1,
+                          help="events per request; above 1 sends NDJSON (default 1)")
+    simulate.add_argument("--concurrency", type=int, default=8,
+                          help="concurrent requests (default 8)")
+    simulate.set_defaults(run=_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``facilitator-exporter`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except ValidationError as error:
+        sys.stderr.write(_config_error(error) + "\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code

@@ -1,0 +1,162 @@
+"""Exporter settings: every ``EXPORTER_*`` environment variable, validated up front."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Durability(StrEnum):
+    """How hard a ledger commit is pushed to disk before a 202 is sent."""
+
+    PROCESS = "process"
+    """Survives a crash of the exporter (SQLite ``synchronous=NORMAL`` in WAL mode)."""
+    POWER = "power"
+    """Survives power loss too (``synchronous=FULL``): one fsync per group commit."""
+
+
+class StoreKind(StrEnum):
+    """Which time-series store the ledger's outbox feeds."""
+
+    AUTO = "auto"
+    DUCKDB = "duckdb"
+
+
+class LogFormat(StrEnum):
+    """Log line rendering."""
+
+    LOGFMT = "logfmt"
+    JSON = "json"
+
+
+def split_host_port(listen: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6) into its parts."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected host:port, got {listen!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"port must be an integer, got {port_text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be in 0..65535, got {port}")
+    return host, port
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when ``host`` names only loopback addresses (``localhost``, 127.0.0.0/8, ::1)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    if host != "localhost":
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return all(ipaddress.ip_address(str(info[4][0])).is_loopback for info in infos)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Settings(BaseSettings):
+    """Exporter configuration, read from ``EXPORTER_*`` environment variables.
+
+    Unknown fields are refused so that a misspelt setting is an error, not a silent default.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EXPORTER_", extra="forbid", frozen=True)
+
+    listen: str = Field(
+        "127.0.0.1:9402",
+        description="host:port the HTTP server binds; non-loopback requires an ingest token",
+    )
+    data_dir: Path = Field(Path("data"), description="directory for the ledger and DuckDB store")
+    ingest_token: SecretStr | None = Field(
+        None, description="bearer token required on ingest and the analytics API"
+    )
+    durability: Durability = Field(Durability.PROCESS, description="process or power")
+    max_body_bytes: PositiveInt = Field(
+        8 * 1024 * 1024, description="largest accepted request body, after gzip decoding"
+    )
+    max_batch_events: PositiveInt = Field(10_000, description="most events in one request")
+    max_backlog_events: PositiveInt = Field(
+        2_000_000, description="undelivered events at which ingest answers 503"
+    )
+    retention_days: Annotated[int, Field(ge=0)] = Field(
+        35, description="days delivered events stay in the ledger; 0 keeps them forever"
+    )
+    join_timeout_seconds: Annotated[int, Field(ge=0)] = Field(
+        600,
+        description="after this, a payment:failed whose payment:received never came is "
+        "counted on its own network (or unknown)",
+    )
+    store: StoreKind = Field(StoreKind.AUTO, description="auto or duckdb")
+    store_batch_size: PositiveInt = Field(5_000, description="events per store write")
+    log_level: str = Field("info", description="debug, info, warning or error")
+    log_format: LogFormat = Field(LogFormat.LOGFMT, description="logfmt or json")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_is_host_port(cls, value: str) -> str:
+        split_host_port(value)
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError("must be one of debug, info, warning, error")
+        return value.lower()
+
+    @field_validator("ingest_token")
+    @classmethod
+    def _token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _loopback_without_token(self) -> Settings:
+        host, _ = split_host_port(self.listen)
+        if self.ingest_token is None and not is_loopback_host(host):
+            raise ValueError(
+                f"refusing to listen on {self.listen} without EXPORTER_INGEST_TOKEN: "
+                "set a token or listen on a loopback address such as 127.0.0.1"
+            )
+        return self
+
+    @property
+    def host(self) -> str:
+        """The bind host of ``listen``."""
+        return split_host_port(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        """The bind port of ``listen``."""
+        return split_host_port(self.listen)[1]
+
+    @property
+    def ledger_path(self) -> Path:
+        """The SQLite ledger file."""
+        return self.data_dir / "ledger.sqlite3"
+
+    @property
+    def duckdb_path(self) -> Path:
+        """The embedded DuckDB store file."""
+        return self.data_dir / "store.duckdb"
+
+    @property
+    def resolved_store(self) -> StoreKind:
+        """The store ``auto`` stands for on this configuration."""
+        return StoreKind.DUCKDB if self.store is StoreKind.AUTO else self.store

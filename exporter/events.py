@@ -1,0 +1,392 @@
+"""Payment events: the input contract, validated strictly and normalised once.
+
+Every event is ``{"type": ..., "data": {...}, "id"?: ...}``. Validation rejects what
+would corrupt money or time (exponents, negatives, seconds mistaken for milliseconds)
+with a message naming the field; unknown extra fields are ignored because producers
+add fields over time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic_core import PydanticCustomError
+
+MICRO = 1_000_000
+"""Micro-units per token unit: money is kept as integer micro-units (10^-6)."""
+
+MIN_TIMESTAMP_MS = 946_684_800_000
+"""2000-01-01T00:00:00Z: anything earlier is seconds mistaken for milliseconds."""
+
+MAX_FUTURE_SKEW_MS = 86_400_000
+"""Timestamps more than a day ahead of the exporter's clock are refused."""
+
+_DECIMAL = re.compile(r"[0-9]{1,15}(?:\.[0-9]{1,18})?")
+_INTEGER = re.compile(r"[0-9]{1,30}")
+_CAIP2 = re.compile(r"[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}")
+_EVM_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+_EVM_TX = re.compile(r"0x[0-9a-fA-F]{64}")
+_PRINTABLE = re.compile(r"[^\x00-\x1f\x7f]+")
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _decimal_string(value: str) -> str:
+    if not _DECIMAL.fullmatch(value):
+        raise PydanticCustomError(
+            "decimal_string",
+            "must be a plain non-negative decimal string such as \"1.50\" "
+            "(at most 15 integer and 18 fractional digits), got {shown}",
+            {"shown": _show(value)},
+        )
+    whole, _, fraction = value.partition(".")
+    whole = whole.lstrip("0") or "0"
+    fraction = fraction.rstrip("0")
+    return f"{whole}.{fraction}" if fraction else whole
+
+
+def _integer_string(value: str) -> str:
+    if not _INTEGER.fullmatch(value):
+        raise PydanticCustomError(
+            "integer_string",
+            "must be a non-negative integer string such as \"21000\", got {shown}",
+            {"shown": _show(value)},
+        )
+    return value.lstrip("0") or "0"
+
+
+def _timestamp(value: int) -> int:
+    now_ms = int(time.time() * 1000)
+    if value < MIN_TIMESTAMP_MS:
+        raise PydanticCustomError(
+            "timestamp_range",
+            "must be Unix epoch milliseconds; {value} is before 2000-01-01 "
+            "(seconds instead of milliseconds?)",
+            {"value": value},
+        )
+    if value > now_ms + MAX_FUTURE_SKEW_MS:
+        raise PydanticCustomError(
+            "timestamp_range",
+            "must not be more than a day in the future; {value} is ahead of now ({now})",
+            {"value": value, "now": now_ms},
+        )
+    return value
+
+
+def _network(value: str) -> str:
+    if not _CAIP2.fullmatch(value):
+        raise PydanticCustomError(
+            "caip2",
+            "must be a CAIP-2 chain id such as \"eip155:8453\", got {shown}",
+            {"shown": _show(value)},
+        )
+    return value
+
+
+def _address(value: str) -> str:
+    if _EVM_ADDRESS.fullmatch(value):
+        return value.lower()
+    if not _PRINTABLE.fullmatch(value) or value != value.strip():
+        raise PydanticCustomError(
+            "address",
+            "must be an address without spaces or control characters, got {shown}",
+            {"shown": _show(value)},
+        )
+    return value
+
+
+def _transaction(value: str) -> str:
+    if _EVM_TX.fullmatch(value):
+        return value.lower()
+    if not _PRINTABLE.fullmatch(value):
+        raise PydanticCustomError(
+            "transaction",
+            "must be a transaction id without control characters, got {shown}",
+            {"shown": _show(value)},
+        )
+    return value
+
+
+def _identifier(value: str) -> str:
+    if not _PRINTABLE.fullmatch(value):
+        raise PydanticCustomError(
+            "identifier",
+            "must be a non-empty id without control characters, got {shown}",
+            {"shown": _show(value)},
+        )
+    return value
+
+
+_Str = Annotated[str, Field(strict=True, max_length=256)]
+DecimalString = Annotated[_Str, AfterValidator(_decimal_string)]
+IntegerString = Annotated[_Str, AfterValidator(_integer_string)]
+Timestamp = Annotated[int, Field(strict=True), AfterValidator(_timestamp)]
+Network = Annotated[_Str, AfterValidator(_network)]
+Address = Annotated[_Str, AfterValidator(_address)]
+Transaction = Annotated[_Str, AfterValidator(_transaction)]
+Identifier = Annotated[_Str, AfterValidator(_identifier)]
+DurationMs = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
+ErrorText = Annotated[str, Field(strict=True, max_length=2048)]
+
+UNKNOWN_PAYMENT_ID = "unknown"
+"""The payment id of a failure that happened before any payment id existed."""
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class PaymentReceivedData(_Data):
+    """A payment request arrived at the facilitator."""
+
+    paymentId: Identifier
+    payer: Address
+    payee: Address
+    amount: DecimalString
+    network: Network
+    timestamp: Timestamp
+
+
+class PaymentVerifiedData(_Data):
+    """The payment's signature and funds were verified."""
+
+    paymentId: Identifier
+    verificationTime: DurationMs
+    timestamp: Timestamp
+
+
+class PaymentSettledData(_Data):
+    """The payment was settled on chain."""
+
+    paymentId: Identifier
+    transaction: Transaction
+    fee: DecimalString
+    settlementTime: DurationMs
+    timestamp: Timestamp
+    network: Network | None = None
+
+
+class PaymentFailedData(_Data):
+    """The payment failed; ``paymentId`` is ``"unknown"`` when it failed before having one."""
+
+    paymentId: Identifier
+    error: ErrorText
+    timestamp: Timestamp
+    network: Network | None = None
+
+
+class BatchCreatedData(_Data):
+    """Payments were grouped into a settlement batch."""
+
+    batchId: Identifier
+    paymentCount: Annotated[int, Field(strict=True, ge=1)]
+    totalAmount: DecimalString
+    network: Network
+    timestamp: Timestamp
+
+
+class BatchSettledData(_Data):
+    """A batch was settled on chain."""
+
+    batchId: Identifier
+    transaction: Transaction
+    totalFees: DecimalString
+    gasUsed: IntegerString
+    timestamp: Timestamp
+
+
+class RevenueRecordedData(_Data):
+    """Revenue other than facilitator fees (gas sponsorship, premium features)."""
+
+    kind: Literal["gas_sponsorship", "premium"]
+    amount: DecimalString
+    network: Network
+    timestamp: Timestamp
+    paymentId: Identifier | None = None
+
+
+class WebsocketClientsData(_Data):
+    """The facilitator's count of connected WebSocket clients."""
+
+    count: Annotated[int, Field(strict=True, ge=0)]
+    timestamp: Timestamp
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: Identifier | None = None
+
+
+class PaymentReceived(_Envelope):
+    """Envelope of ``payment:received``."""
+
+    type: Literal["payment:received"]
+    data: PaymentReceivedData
+
+
+class PaymentVerified(_Envelope):
+    """Envelope of ``payment:verified``."""
+
+    type: Literal["payment:verified"]
+    data: PaymentVerifiedData
+
+
+class PaymentSettled(_Envelope):
+    """Envelope of ``payment:settled``."""
+
+    type: Literal["payment:settled"]
+    data: PaymentSettledData
+
+
+class PaymentFailed(_Envelope):
+    """Envelope of ``payment:failed``."""
+
+    type: Literal["payment:failed"]
+    data: PaymentFailedData
+
+
+class BatchCreated(_Envelope):
+    """Envelope of ``batch:created``."""
+
+    type: Literal["batch:created"]
+    data: BatchCreatedData
+
+
+class BatchSettled(_Envelope):
+    """Envelope of ``batch:settled``."""
+
+    type: Literal["batch:settled"]
+    data: BatchSettledData
+
+
+class RevenueRecorded(_Envelope):
+    """Envelope of ``revenue:recorded``."""
+
+    type: Literal["revenue:recorded"]
+    data: RevenueRecordedData
+
+
+class WebsocketClients(_Envelope):
+    """Envelope of ``websocket:clients``."""
+
+    type: Literal["websocket:clients"]
+    data: WebsocketClientsData
+
+
+Event = Annotated[
+    PaymentReceived
+    | PaymentVerified
+    | PaymentSettled
+    | PaymentFailed
+    | BatchCreated
+    | BatchSettled
+    | RevenueRecorded
+    | WebsocketClients,
+    Field(discriminator="type"),
+]
+"""Any one event, discriminated on ``type``."""
+
+EVENT_TYPES: tuple[str, ...] = (
+    "payment:received",
+    "payment:verified",
+    "payment:settled",
+    "payment:failed",
+    "batch:created",
+    "batch:settled",
+    "revenue:recorded",
+    "websocket:clients",
+)
+
+_EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+class EventError(ValueError):
+    """An event failed validation; ``str()`` names each offending field and why."""
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for detail in error.errors(include_url=False):
+        loc = [str(p) for p in detail["loc"]]
+        if loc and loc[0] in EVENT_TYPES:
+            loc = loc[1:]  # the union's tag adds itself to the path
+        where = ".".join(loc) or "event"
+        kind = detail["type"]
+        if kind == "union_tag_invalid":
+            tag = detail.get("ctx", {}).get("tag")
+            message = f"unknown event type {_show(tag)}; expected one of {', '.join(EVENT_TYPES)}"
+            where = "type"
+        elif kind == "union_tag_not_found":
+            message = "field required"
+            where = "type"
+        elif kind == "missing":
+            message = "field required"
+        else:
+            message = detail["msg"]
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+def parse_event(obj: Any) -> Event:
+    """Validate one decoded JSON value as an event, or raise :class:`EventError`."""
+    if not isinstance(obj, dict):
+        raise EventError(f"event: must be a JSON object, got {type(obj).__name__}")
+    try:
+        return _EVENT_ADAPTER.validate_python(obj)
+    except ValidationError as error:
+        raise EventError(_describe(error)) from None
+
+
+def to_micro(amount: str) -> int:
+    """Convert a validated decimal string to integer micro-units, rounding half to even."""
+    return int(Decimal(amount).scaleb(6).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+
+
+def format_micro(micro: int) -> str:
+    """Render micro-units as a decimal string with exactly six places."""
+    sign = "-" if micro < 0 else ""
+    whole, fraction = divmod(abs(micro), MICRO)
+    return f"{sign}{whole}.{fraction:06d}"
+
+
+def canonical_json(event: Event) -> bytes:
+    """The event's normalised form: compact JSON with sorted keys, without unknown fields."""
+    return json.dumps(
+        event.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":")
+    ).encode()
+
+
+def dedup_key(event: Event, body: bytes) -> str:
+    """The identity of an event in the ledger (DESIGN section 2).
+
+    ``body`` is :func:`canonical_json` of the event; it is hashed into the key only for
+    events that carry no id of their own.
+    """
+    if event.id is not None:
+        return f"id:{event.id}"
+    data = event.data
+    if isinstance(data, PaymentVerifiedData | PaymentSettledData | PaymentReceivedData):
+        return f"{event.type}:{data.paymentId}"
+    if isinstance(data, PaymentFailedData) and data.paymentId != UNKNOWN_PAYMENT_ID:
+        return f"{event.type}:{data.paymentId}"
+    if isinstance(data, BatchCreatedData | BatchSettledData):
+        return f"{event.type}:{data.batchId}"
+    digest = hashlib.sha256(body).hexdigest()[:32]
+    return f"{event.type}:{data.timestamp}:{digest}"

@@ -1,0 +1,804 @@
+"""The ledger: a SQLite (WAL) file that makes every acknowledged event durable.
+
+It deduplicates events, joins settled/verified/failed events to their
+``payment:received`` (and ``batch:settled`` to ``batch:created``) in any arrival order,
+keeps rejected and conflicting events as dead letters, and queues enriched store records
+in an outbox that a forwarder drains into the time-series store.
+
+All writes go through one thread (:class:`GroupCommitter`), which commits whatever
+requests are waiting in a single transaction: concurrent single-event POSTs share one
+fsync instead of paying one each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .config import Durability
+from .events import (
+    UNKNOWN_PAYMENT_ID,
+    BatchCreated,
+    BatchSettled,
+    Event,
+    PaymentFailed,
+    PaymentReceived,
+    PaymentSettled,
+    PaymentVerified,
+    RevenueRecorded,
+    WebsocketClients,
+    parse_event,
+    to_micro,
+)
+from .records import (
+    BatchRecord,
+    OutboxRow,
+    PaymentRecord,
+    RevenueRecord,
+    StoreRecord,
+    WebsocketRecord,
+    record_from_json,
+    record_to_json,
+)
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_NETWORK = "unknown"
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+-- Every accepted event, once, in commit order. state 0: waiting for its join partner.
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    ref TEXT,
+    ts INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    state INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_waiting ON events (ref, seq) WHERE state = 0;
+CREATE INDEX IF NOT EXISTS events_received_at ON events (received_at);
+-- Join state per payment: what payment:received said, and whether it has ended.
+CREATE TABLE IF NOT EXISTS payments (
+    payment_id TEXT PRIMARY KEY,
+    network TEXT NOT NULL,
+    payer TEXT,
+    payee TEXT,
+    amount_micro INTEGER,
+    received INTEGER NOT NULL,
+    terminal INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS payments_pending ON payments (network)
+    WHERE received = 1 AND terminal = 0;
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY,
+    network TEXT NOT NULL,
+    payment_count INTEGER NOT NULL,
+    total_amount_micro INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+-- Store records not yet delivered, in commit order; a row is deleted once delivered.
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY,
+    event_seq INTEGER NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_event ON outbox (event_seq);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    received_at INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    error TEXT NOT NULL,
+    key TEXT,
+    raw BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_reason ON dead_letters (reason, id);
+CREATE TABLE IF NOT EXISTS websocket_latest (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    ts INTEGER NOT NULL,
+    count INTEGER NOT NULL
+);
+"""
+
+_WAITING, _EMITTED = 0, 1
+_T = TypeVar("_T")
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot be opened or written."""
+
+
+class LedgerCorruptError(LedgerError):
+    """The ledger file is damaged; the message names the file and what to do."""
+
+
+class LedgerUnavailableError(LedgerError):
+    """A commit failed (disk full, I/O error): nothing of the submission was stored."""
+
+
+class Outcome(Enum):
+    """What the ledger did with one valid event."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedEvent:
+    """A validated event with its dedup key, canonical body and the bytes it arrived as."""
+
+    event: Event
+    key: str
+    body: bytes
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Input that was refused, kept with its raw bytes for inspection."""
+
+    reason: str
+    error: str
+    raw: bytes
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingChange:
+    """``facilitator_pending_payments{network}`` moves by ``delta``."""
+
+    network: str
+    delta: int
+
+
+@dataclass(frozen=True, slots=True)
+class TerminalPayment:
+    """A settled or failed payment event whose join is complete."""
+
+    network: str
+    status: str  # success | failed
+    amount_micro: int = 0
+    fee_micro: int = 0
+    settlement_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchGas:
+    """A settled batch's gas, on the network its ``batch:created`` named."""
+
+    network: str
+    gas_used: int
+
+
+@dataclass(frozen=True, slots=True)
+class WebsocketCount:
+    """The newest ``websocket:clients`` count so far."""
+
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """A deduplicated event was committed."""
+
+    type: str
+
+
+Effect = PendingChange | TerminalPayment | BatchGas | WebsocketCount | NewEvent
+"""A change to the exported metrics caused by a commit."""
+
+
+@dataclass(slots=True)
+class Submission:
+    """One request's worth of work for a commit."""
+
+    events: list[PreparedEvent] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SubmissionResult:
+    """Per-event outcomes of a committed submission, and its metric effects."""
+
+    outcomes: list[Outcome]
+    effects: list[Effect]
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerStats:
+    """Counts for ``/readyz`` and gauges."""
+
+    events: int
+    backlog: int
+    waiting_for_join: int
+    dead_letters: int
+
+
+@dataclass(frozen=True, slots=True)
+class GaugeSnapshot:
+    """Gauge values restored from the ledger at startup."""
+
+    pending_by_network: dict[str, int]
+    websocket_clients: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRow:
+    """A stored dead letter."""
+
+    id: int
+    received_at: int
+    reason: str
+    error: str
+    key: str | None
+    raw: bytes
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Ledger:
+    """The SQLite ledger. Not thread-safe for writes: use it through :class:`GroupCommitter`.
+
+    Reads (:meth:`read_outbox`, :meth:`stats`, ...) use a separate connection and may run
+    in any thread.
+    """
+
+    def __init__(self, path: Path, durability: Durability = Durability.PROCESS) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._write = self._connect(durability)
+        self._read = self._connect(durability)
+        self._read_lock = threading.Lock()
+        self._init_schema()
+        self._backlog = self._scalar("SELECT count(*) FROM outbox")
+
+    def _connect(self, durability: Durability) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            sync = "FULL" if durability is Durability.POWER else "NORMAL"
+            conn.execute(f"PRAGMA synchronous={sync}")
+            conn.execute("PRAGMA foreign_keys=OFF")
+            conn.execute("PRAGMA schema_version").fetchone()
+        except sqlite3.DatabaseError as error:
+            raise LedgerCorruptError(
+                f"ledger file {self.path} cannot be opened ({error}); it may be damaged. "
+                f"Stop the exporter, move {self.path} (and its -wal/-shm files) aside, and "
+                "restart; the store keeps what was already delivered"
+            ) from error
+        return conn
+
+    def _init_schema(self) -> None:
+        try:
+            self._write.executescript(_SCHEMA)
+            row = self._write.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except sqlite3.DatabaseError as error:
+            raise LedgerCorruptError(
+                f"ledger file {self.path} is damaged ({error}): move it aside and restart"
+            ) from error
+        if row is None:
+            self._write.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(_SCHEMA_VERSION),)
+            )
+        elif int(row[0]) != _SCHEMA_VERSION:
+            raise LedgerError(
+                f"ledger file {self.path} has schema {row[0]}, this exporter reads "
+                f"{_SCHEMA_VERSION}"
+            )
+
+    def _scalar(self, sql: str, params: tuple[object, ...] = ()) -> int:
+        with self._read_lock:
+            row = self._read.execute(sql, params).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def close(self) -> None:
+        """Close both connections (checkpointing the WAL)."""
+        self._read.close()
+        with contextlib.suppress(sqlite3.Error):
+            self._write.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._write.close()
+
+    # ---------------------------------------------------------------- writes
+
+    def commit(self, submissions: list[Submission]) -> list[SubmissionResult]:
+        """Apply several submissions in one transaction; all of them are stored or none."""
+        now = _now_ms()
+        cur = self._write.cursor()
+        results: list[SubmissionResult] = []
+        emitted = 0
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+            for submission in submissions:
+                writer = _TransactionWriter(cur, now)
+                outcomes = [writer.add(prepared) for prepared in submission.events]
+                for letter in submission.dead_letters:
+                    writer.dead_letter(letter)
+                emitted += writer.emitted
+                results.append(SubmissionResult(outcomes, writer.effects))
+            cur.execute("COMMIT")
+        except sqlite3.Error as error:
+            with contextlib.suppress(sqlite3.Error):
+                cur.execute("ROLLBACK")
+            raise LedgerUnavailableError(f"ledger commit failed: {error}") from error
+        finally:
+            cur.close()
+        self._backlog += emitted
+        return results
+
+    def release_unjoined_failures(self, older_than_ms: int) -> list[Effect]:
+        """Count failures whose ``payment:received`` never came on their own network.
+
+        A failure waits for its payment to join; past the join timeout it is released with
+        ``data.network`` (or ``unknown``), and a late ``payment:received`` then finds the
+        payment already ended.
+        """
+        now = _now_ms()
+        cur = self._write.cursor()
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+            rows = cur.execute(
+                "SELECT seq, key, body FROM events WHERE state = 0 AND type = 'payment:failed' "
+                "AND received_at < ? ORDER BY seq",
+                (older_than_ms,),
+            ).fetchall()
+            writer = _TransactionWriter(cur, now)
+            for seq, key, body in rows:
+                writer.release_orphan_failure(seq, key, parse_event(json.loads(body)))
+            cur.execute("COMMIT")
+        except sqlite3.Error as error:
+            with contextlib.suppress(sqlite3.Error):
+                cur.execute("ROLLBACK")
+            raise LedgerUnavailableError(f"ledger commit failed: {error}") from error
+        finally:
+            cur.close()
+        self._backlog += writer.emitted
+        return writer.effects
+
+    def mark_delivered(self, up_to_seq: int) -> int:
+        """Drop outbox rows up to ``up_to_seq`` once the store has them; returns how many."""
+        cur = self._write.execute("DELETE FROM outbox WHERE seq <= ?", (up_to_seq,))
+        removed = cur.rowcount
+        self._backlog -= removed
+        return removed
+
+    def apply_retention(self, older_than_ms: int, limit: int = 10_000) -> int:
+        """Delete delivered events received before ``older_than_ms``; returns how many.
+
+        Events still waiting for a join or with undelivered outbox rows are kept.
+        """
+        cur = self._write.execute(
+            "DELETE FROM events WHERE seq IN ("
+            " SELECT seq FROM events e WHERE e.received_at < ? AND e.state = 1"
+            " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_seq = e.seq)"
+            " LIMIT ?)",
+            (older_than_ms, limit),
+        )
+        deleted = cur.rowcount
+        self._write.execute(
+            "DELETE FROM payments WHERE terminal = 1 AND updated_at < ?", (older_than_ms,)
+        )
+        self._write.execute("DELETE FROM batches WHERE updated_at < ?", (older_than_ms,))
+        return deleted
+
+    def check_writable(self) -> None:
+        """Take and release the write lock; raises when the file cannot be written."""
+        self._write.execute("BEGIN IMMEDIATE")
+        self._write.execute("ROLLBACK")
+
+    # ---------------------------------------------------------------- reads
+
+    @property
+    def backlog(self) -> int:
+        """Store records committed but not yet delivered."""
+        return self._backlog
+
+    def read_outbox(self, limit: int) -> list[OutboxRow]:
+        """The oldest undelivered store records, at most ``limit``."""
+        with self._read_lock:
+            rows = self._read.execute(
+                "SELECT seq, record FROM outbox ORDER BY seq LIMIT ?", (limit,)
+            ).fetchall()
+        return [OutboxRow(seq, record_from_json(text)) for seq, text in rows]
+
+    def stats(self) -> LedgerStats:
+        """Row counts for readiness and debugging."""
+        return LedgerStats(
+            events=self._scalar("SELECT count(*) FROM events"),
+            backlog=self._backlog,
+            waiting_for_join=self._scalar("SELECT count(*) FROM events WHERE state = 0"),
+            dead_letters=self._scalar("SELECT count(*) FROM dead_letters"),
+        )
+
+    def gauges(self) -> GaugeSnapshot:
+        """Pending payments per network and the latest websocket count, for restart."""
+        with self._read_lock:
+            pending = self._read.execute(
+                "SELECT network, count(*) FROM payments WHERE received = 1 AND terminal = 0 "
+                "GROUP BY network"
+            ).fetchall()
+            ws = self._read.execute("SELECT count FROM websocket_latest").fetchone()
+        return GaugeSnapshot({str(n): int(c) for n, c in pending}, int(ws[0]) if ws else None)
+
+    def dead_letters(self, reason: str | None = None, limit: int = 1000) -> list[DeadLetterRow]:
+        """Stored dead letters, newest first, optionally of one reason."""
+        sql = "SELECT id, received_at, reason, error, key, raw FROM dead_letters"
+        params: tuple[object, ...] = ()
+        if reason is not None:
+            sql += " WHERE reason = ?"
+            params = (reason,)
+        sql += " ORDER BY id DESC LIMIT ?"
+        with self._read_lock:
+            rows = self._read.execute(sql, (*params, limit)).fetchall()
+        return [DeadLetterRow(*row) for row in rows]
+
+    def iter_events(self, batch: int = 10_000) -> Iterator[tuple[int, str, bytes]]:
+        """Every stored event as (seq, key, canonical body), in commit order."""
+        after = 0
+        while True:
+            with self._read_lock:
+                rows = self._read.execute(
+                    "SELECT seq, key, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (after, batch),
+                ).fetchall()
+            if not rows:
+                return
+            yield from rows
+            after = rows[-1][0]
+
+
+class _TransactionWriter:
+    """Applies events inside an open transaction, collecting outcomes and metric effects."""
+
+    def __init__(self, cur: sqlite3.Cursor, now_ms: int) -> None:
+        self.cur = cur
+        self.now = now_ms
+        self.effects: list[Effect] = []
+        self.emitted = 0
+
+    def add(self, prepared: PreparedEvent) -> Outcome:
+        event = prepared.event
+        ref = _join_ref(event)
+        cur = self.cur
+        cur.execute(
+            "INSERT INTO events (key, type, ref, ts, received_at, body, state) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+            (prepared.key, event.type, ref, event.data.timestamp, self.now, prepared.body,
+             _EMITTED),
+        )
+        if cur.rowcount == 0:
+            row = cur.execute("SELECT body FROM events WHERE key = ?", (prepared.key,)).fetchone()
+            if bytes(row[0]) == prepared.body:
+                return Outcome.DUPLICATE
+            self.dead_letter(
+                DeadLetter(
+                    "conflict",
+                    f"key {prepared.key!r} was already stored with a different body",
+                    prepared.raw,
+                    prepared.key,
+                )
+            )
+            return Outcome.CONFLICT
+        seq = cur.lastrowid
+        assert seq is not None
+        self.effects.append(NewEvent(event.type))
+        self._apply(seq, prepared.key, event)
+        return Outcome.ACCEPTED
+
+    def dead_letter(self, letter: DeadLetter) -> None:
+        self.cur.execute(
+            "INSERT INTO dead_letters (received_at, reason, error, key, raw) VALUES (?,?,?,?,?)",
+            (self.now, letter.reason, letter.error, letter.key, letter.raw),
+        )
+
+    def _emit(self, event_seq: int, record: StoreRecord) -> None:
+        self.cur.execute(
+            "INSERT INTO outbox (event_seq, record) VALUES (?, ?)",
+            (event_seq, record_to_json(record)),
+        )
+        self.emitted += 1
+
+    def _wait(self, seq: int) -> None:
+        self.cur.execute("UPDATE events SET state = ? WHERE seq = ?", (_WAITING, seq))
+
+    def _apply(self, seq: int, key: str, event: Event) -> None:
+        match event:
+            case PaymentReceived():
+                self._received(seq, key, event)
+            case PaymentVerified() | PaymentSettled() | PaymentFailed():
+                self._payment_update(seq, key, event)
+            case BatchCreated():
+                self._batch_created(seq, key, event)
+            case BatchSettled():
+                self._batch_settled(seq, key, event)
+            case RevenueRecorded():
+                d = event.data
+                self._emit(seq, RevenueRecord(key, d.timestamp, d.network, d.kind,
+                                              to_micro(d.amount), d.paymentId))
+            case WebsocketClients():
+                self._websocket(seq, key, event)
+
+    def _received(self, seq: int, key: str, event: PaymentReceived) -> None:
+        d = event.data
+        amount = to_micro(d.amount)
+        row = self.cur.execute(
+            "SELECT received, terminal FROM payments WHERE payment_id = ?", (d.paymentId,)
+        ).fetchone()
+        if row is None:
+            self.cur.execute(
+                "INSERT INTO payments (payment_id, network, payer, payee, amount_micro, "
+                "received, terminal, updated_at) VALUES (?, ?, ?, ?, ?, 1, 0, ?)",
+                (d.paymentId, d.network, d.payer, d.payee, amount, self.now),
+            )
+            self.effects.append(PendingChange(d.network, 1))
+        elif not row[0]:
+            # The payment ended before its receipt arrived (a released failure).
+            self.cur.execute(
+                "UPDATE payments SET network = ?, payer = ?, payee = ?, amount_micro = ?, "
+                "received = 1, updated_at = ? WHERE payment_id = ?",
+                (d.network, d.payer, d.payee, amount, self.now, d.paymentId),
+            )
+            if not row[1]:
+                self.effects.append(PendingChange(d.network, 1))
+        self._emit(seq, PaymentRecord(key, d.timestamp, d.network, "received", d.paymentId,
+                                      d.payer, d.payee, amount))
+        for waiting_seq, waiting_key, body in self._take_waiting(
+            d.paymentId, ("payment:verified", "payment:settled", "payment:failed")
+        ):
+            waiting = parse_event(json.loads(body))
+            assert isinstance(waiting, PaymentVerified | PaymentSettled | PaymentFailed)
+            self._payment_update(waiting_seq, waiting_key, waiting)
+
+    def _payment_update(
+        self, seq: int, key: str, event: PaymentVerified | PaymentSettled | PaymentFailed
+    ) -> None:
+        d = event.data
+        if isinstance(event, PaymentFailed) and d.paymentId == UNKNOWN_PAYMENT_ID:
+            network = event.data.network or UNKNOWN_NETWORK
+            self._emit(seq, PaymentRecord(key, d.timestamp, network, "failed", d.paymentId,
+                                          error=event.data.error))
+            self.effects.append(TerminalPayment(network, "failed"))
+            return
+        row = self.cur.execute(
+            "SELECT network, payer, payee, amount_micro, received, terminal FROM payments "
+            "WHERE payment_id = ?",
+            (d.paymentId,),
+        ).fetchone()
+        if row is None or not row[4]:
+            self._wait(seq)
+            return
+        network, payer, payee, amount, _, terminal = row
+        match event:
+            case PaymentVerified():
+                self._emit(seq, PaymentRecord(
+                    key, d.timestamp, network, "verified", d.paymentId, payer, payee, amount,
+                    verification_ms=event.data.verificationTime))
+                return
+            case PaymentSettled():
+                s = event.data
+                fee = to_micro(s.fee)
+                self._emit(seq, PaymentRecord(
+                    key, d.timestamp, network, "settled", d.paymentId, payer, payee, amount,
+                    fee_micro=fee, settlement_ms=s.settlementTime, tx=s.transaction))
+                self.effects.append(
+                    TerminalPayment(network, "success", amount, fee, s.settlementTime))
+            case PaymentFailed():
+                self._emit(seq, PaymentRecord(
+                    key, d.timestamp, network, "failed", d.paymentId, payer, payee, amount,
+                    error=event.data.error))
+                self.effects.append(TerminalPayment(network, "failed"))
+        if not terminal:
+            self.cur.execute(
+                "UPDATE payments SET terminal = 1, updated_at = ? WHERE payment_id = ?",
+                (self.now, d.paymentId),
+            )
+            self.effects.append(PendingChange(network, -1))
+
+    def release_orphan_failure(self, seq: int, key: str, event: Event) -> None:
+        assert isinstance(event, PaymentFailed)
+        d = event.data
+        network = d.network or UNKNOWN_NETWORK
+        self.cur.execute("UPDATE events SET state = ? WHERE seq = ?", (_EMITTED, seq))
+        self.cur.execute(
+            "INSERT INTO payments (payment_id, network, received, terminal, updated_at) "
+            "VALUES (?, ?, 0, 1, ?) ON CONFLICT (payment_id) DO NOTHING",
+            (d.paymentId, network, self.now),
+        )
+        self._emit(seq, PaymentRecord(key, d.timestamp, network, "failed",
+                                      d.paymentId, error=d.error))
+        self.effects.append(TerminalPayment(network, "failed"))
+
+    def _batch_created(self, seq: int, key: str, event: BatchCreated) -> None:
+        d = event.data
+        total = to_micro(d.totalAmount)
+        self.cur.execute(
+            "INSERT INTO batches (batch_id, network, payment_count, total_amount_micro, "
+            "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (batch_id) DO NOTHING",
+            (d.batchId, d.network, d.paymentCount, total, self.now),
+        )
+        self._emit(seq, BatchRecord(key, d.timestamp, d.network, "created", d.batchId,
+                                    d.paymentCount, total))
+        for waiting_seq, waiting_key, body in self._take_waiting(d.batchId, ("batch:settled",)):
+            waiting = parse_event(json.loads(body))
+            assert isinstance(waiting, BatchSettled)
+            self._batch_settled(waiting_seq, waiting_key, waiting)
+
+    def _take_waiting(self, ref: str, types: tuple[str, ...]) -> list[tuple[int, str, bytes]]:
+        """Events of ``types`` waiting for ``ref``, marked as no longer waiting."""
+        marks = ",".join("?" * len(types))
+        rows: list[tuple[int, str, bytes]] = self.cur.execute(
+            f"SELECT seq, key, body FROM events WHERE ref = ? AND state = 0 AND type IN ({marks})"
+            " ORDER BY seq",
+            (ref, *types),
+        ).fetchall()
+        if rows:
+            self.cur.executemany(
+                "UPDATE events SET state = ? WHERE seq = ?", [(_EMITTED, r[0]) for r in rows]
+            )
+        return rows
+
+    def _batch_settled(self, seq: int, key: str, event: BatchSettled) -> None:
+        d = event.data
+        row = self.cur.execute(
+            "SELECT network, payment_count, total_amount_micro FROM batches WHERE batch_id = ?",
+            (d.batchId,),
+        ).fetchone()
+        if row is None:
+            self._wait(seq)
+            return
+        network, count, total = row
+        gas = int(d.gasUsed)
+        self._emit(seq, BatchRecord(key, d.timestamp, network, "settled", d.batchId, count,
+                                    total, to_micro(d.totalFees), gas, d.transaction))
+        self.effects.append(BatchGas(network, gas))
+
+    def _websocket(self, seq: int, key: str, event: WebsocketClients) -> None:
+        d = event.data
+        self._emit(seq, WebsocketRecord(key, d.timestamp, d.count))
+        row = self.cur.execute("SELECT ts FROM websocket_latest").fetchone()
+        if row is None or d.timestamp >= row[0]:
+            self.cur.execute(
+                "INSERT INTO websocket_latest (id, ts, count) VALUES (1, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET ts = excluded.ts, count = excluded.count",
+                (d.timestamp, d.count),
+            )
+            self.effects.append(WebsocketCount(d.count))
+
+
+def _join_ref(event: Event) -> str | None:
+    match event:
+        case PaymentFailed() if event.data.paymentId == UNKNOWN_PAYMENT_ID:
+            return None
+        case PaymentReceived() | PaymentVerified() | PaymentSettled() | PaymentFailed():
+            return event.data.paymentId
+        case BatchCreated() | BatchSettled():
+            return event.data.batchId
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _CommitRequest:
+    submission: Submission
+    future: asyncio.Future[SubmissionResult]
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass(frozen=True, slots=True)
+class _JobRequest:
+    fn: Callable[[], object]
+    future: asyncio.Future[object]
+    loop: asyncio.AbstractEventLoop
+
+
+class GroupCommitter:
+    """Runs every ledger write on one thread, folding waiting submissions into one commit.
+
+    ``submit`` resolves only after the transaction holding the submission committed,
+    which is what lets the receiver answer 202.
+    """
+
+    def __init__(self, ledger: Ledger, max_events_per_commit: int = 50_000) -> None:
+        self.ledger = ledger
+        self.on_commit_hooks: list[Callable[[], None]] = []
+        """Called on the writer thread after each successful commit."""
+        self._max_events = max_events_per_commit
+        self._queue: queue.SimpleQueue[_CommitRequest | _JobRequest | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+        self._thread.start()
+        self.commits = 0
+
+    async def submit(self, submission: Submission) -> SubmissionResult:
+        """Commit ``submission`` (with whatever else is waiting) and return its result."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[SubmissionResult] = loop.create_future()
+        self._queue.put(_CommitRequest(submission, future, loop))
+        return await future
+
+    async def call(self, fn: Callable[[], _T]) -> _T:
+        """Run another write (delivery marks, retention) on the writer thread, in order."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        self._queue.put(_JobRequest(fn, future, loop))  # type: ignore[arg-type]
+        return await future
+
+    def close(self) -> None:
+        """Finish queued work and stop the writer thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        pending: list[_CommitRequest] = []
+        events = 0
+        while True:
+            try:
+                item = self._queue.get(block=not pending)
+            except queue.Empty:  # nothing more waiting: commit what has gathered
+                self._commit(pending)
+                pending, events = [], 0
+                continue
+            if isinstance(item, _CommitRequest):
+                pending.append(item)
+                events += len(item.submission.events)
+                if events < self._max_events:
+                    continue
+            if pending:
+                self._commit(pending)
+                pending, events = [], 0
+            if isinstance(item, _JobRequest):
+                self._run_job(item)
+            elif item is None:
+                return
+
+    def _commit(self, batch: list[_CommitRequest]) -> None:
+        try:
+            results = self.ledger.commit([request.submission for request in batch])
+        except Exception as error:  # every waiter learns that nothing was stored
+            log.error("ledger commit failed", extra={"error": str(error), "requests": len(batch)})
+            for request in batch:
+                request.loop.call_soon_threadsafe(_set_exception, request.future, error)
+            return
+        self.commits += 1
+        for request, result in zip(batch, results, strict=True):
+            request.loop.call_soon_threadsafe(_set_result, request.future, result)
+        for hook in self.on_commit_hooks:
+            hook()
+
+    def _run_job(self, job: _JobRequest) -> None:
+        try:
+            value = job.fn()
+        except Exception as error:
+            job.loop.call_soon_threadsafe(_set_exception, job.future, error)
+            return
+        job.loop.call_soon_threadsafe(_set_result, job.future, value)
+
+
+def _set_result(future: asyncio.Future[Any], value: object) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -1,0 +1,172 @@
+"""Prometheus metrics: the brief's payment metrics and the exporter's own health.
+
+Everything registers on an injected :class:`CollectorRegistry`, never the global one,
+so that tests and several apps in one process stay apart. Payment metrics move only on
+ledger commits (:meth:`Metrics.apply`), which is what makes them count each
+deduplicated event once, on the network its join resolved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .events import EVENT_TYPES, MICRO
+from .ledger import (
+    BatchGas,
+    Effect,
+    GaugeSnapshot,
+    NewEvent,
+    PendingChange,
+    TerminalPayment,
+    WebsocketCount,
+)
+
+SETTLEMENT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60)
+GAS_BUCKETS = (21000, 50000, 100000, 200000, 500000, 1000000)
+
+REJECT_REASONS = ("invalid", "conflict", "malformed", "too_large", "unsupported_media_type")
+"""Every value of ``exporter_events_rejected_total{reason}``."""
+
+
+class Metrics:
+    """The exporter's metric families, registered on one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.payments = Counter(
+            "facilitator_payments",
+            "Terminal payments (settled = success, failed = failed) by network.",
+            ["network", "status"],
+            registry=registry,
+        )
+        self.volume = Counter(
+            "facilitator_volume_usd",
+            "Settled payment amount in USD by network.",
+            ["network"],
+            registry=registry,
+        )
+        self.fees = Counter(
+            "facilitator_fees_usd",
+            "Facilitator fees of settled payments in USD by network.",
+            ["network"],
+            registry=registry,
+        )
+        self.settlement = Histogram(
+            "facilitator_settlement_duration_seconds",
+            "Settlement time of settled payments by network.",
+            ["network"],
+            buckets=SETTLEMENT_BUCKETS,
+            registry=registry,
+        )
+        self.gas = Histogram(
+            "facilitator_gas_used",
+            "Gas used per settled batch, on the network its batch:created named.",
+            ["network"],
+            buckets=GAS_BUCKETS,
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "facilitator_pending_payments",
+            "Payments received and not yet settled or failed, by network.",
+            ["network"],
+            registry=registry,
+        )
+        self.websocket_clients = Gauge(
+            "facilitator_active_websocket_clients",
+            "The facilitator's connected WebSocket clients (latest websocket:clients event).",
+            registry=registry,
+        )
+        self.events_received = Counter(
+            "exporter_events_received",
+            "Events committed to the ledger (duplicates excluded), by type.",
+            ["type"],
+            registry=registry,
+        )
+        self.events_rejected = Counter(
+            "exporter_events_rejected",
+            "Events or request bodies refused and kept as dead letters, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.events_duplicate = Counter(
+            "exporter_events_duplicate",
+            "Events acknowledged as duplicates of ones already in the ledger.",
+            registry=registry,
+        )
+        self.backlog = Gauge(
+            "exporter_ledger_backlog_events",
+            "Store records committed to the ledger and not yet delivered to the store.",
+            registry=registry,
+        )
+        self.store_writes = Counter(
+            "exporter_store_writes",
+            "Successful store writes (batches).",
+            registry=registry,
+        )
+        self.store_records = Counter(
+            "exporter_store_records_written",
+            "Records delivered to the store.",
+            registry=registry,
+        )
+        self.store_write_errors = Counter(
+            "exporter_store_write_errors",
+            "Failed store writes; the records stay in the ledger and are retried.",
+            registry=registry,
+        )
+        self.store_write_duration = Histogram(
+            "exporter_store_write_duration_seconds",
+            "Duration of store writes.",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
+        self.store_last_success = Gauge(
+            "exporter_store_last_success_timestamp_seconds",
+            "Unix time of the last successful store write.",
+            registry=registry,
+        )
+        self.ledger_commits = Counter(
+            "exporter_ledger_commits",
+            "Ledger transactions; concurrent requests share one (group commit).",
+            registry=registry,
+        )
+        for event_type in EVENT_TYPES:
+            self.events_received.labels(event_type)
+        for reason in REJECT_REASONS:
+            self.events_rejected.labels(reason)
+
+    def track_backlog(self, read_backlog: Callable[[], float]) -> None:
+        """Read the ledger backlog at scrape time."""
+        self.backlog.set_function(read_backlog)
+
+    def restore(self, snapshot: GaugeSnapshot) -> None:
+        """Set the gauges from the ledger after a restart."""
+        for network, count in snapshot.pending_by_network.items():
+            self.pending.labels(network).set(count)
+        if snapshot.websocket_clients is not None:
+            self.websocket_clients.set(snapshot.websocket_clients)
+
+    def apply(self, effects: Iterable[Effect]) -> None:
+        """Move the payment metrics by what a ledger commit did."""
+        for effect in effects:
+            match effect:
+                case NewEvent(event_type):
+                    self.events_received.labels(event_type).inc()
+                case TerminalPayment(network, status, amount, fee, settlement_ms):
+                    self.payments.labels(network, status).inc()
+                    if status == "success":
+                        self.volume.labels(network).inc(amount / MICRO)
+                        self.fees.labels(network).inc(fee / MICRO)
+                        if settlement_ms is not None:
+                            self.settlement.labels(network).observe(settlement_ms / 1000)
+                case PendingChange(network, delta):
+                    self.pending.labels(network).inc(delta)
+                case BatchGas(network, gas_used):
+                    self.gas.labels(network).observe(gas_used)
+                case WebsocketCount(count):
+                    self.websocket_clients.set(count)
+
+    def reject(self, reason: str, count: int = 1) -> None:
+        """Count refused events (or whole bodies) by reason."""
+        self.events_rejected.labels(reason).inc(count)

@@ -1,0 +1,334 @@
+"""The ingest endpoint ``POST /v1/events`` (DESIGN section 3).
+
+Accepts one event object, a JSON array of events or NDJSON, optionally gzip-encoded;
+answers 202 only after the ledger committed the events. Every refusal is answered with
+the same JSON shape, counted by reason and kept as a dead letter with its raw bytes.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from .events import EventError, canonical_json, dedup_key, parse_event
+from .ledger import (
+    DeadLetter,
+    GroupCommitter,
+    LedgerUnavailableError,
+    Outcome,
+    PreparedEvent,
+    Submission,
+)
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+JSON_TYPES = frozenset({"application/json"})
+NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
+_DEAD_LETTER_HEAD = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class IngestLimits:
+    """Request limits of the ingest endpoint."""
+
+    max_body_bytes: int
+    max_batch_events: int
+    max_backlog_events: int
+
+
+@dataclass(slots=True)
+class _Rejection:
+    index: int
+    error: str
+
+
+@dataclass(slots=True)
+class _Parsed:
+    items: list[tuple[Any, bytes]] = field(default_factory=list)
+    single: bool = False
+
+
+class _Refused(Exception):
+    """The request as a whole is refused with ``status``."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        reason: str | None = None,
+        raw: bytes = b"",
+        rejected: list[_Rejection] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.reason = reason
+        self.raw = raw
+        self.rejected = rejected or []
+        self.headers = headers
+
+
+def _answer(
+    status: int,
+    accepted: int = 0,
+    duplicates: int = 0,
+    rejected: list[_Rejection] | None = None,
+    error: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body: dict[str, object] = {
+        "accepted": accepted,
+        "duplicates": duplicates,
+        "rejected": [{"index": r.index, "error": r.error} for r in rejected or []],
+    }
+    if error is not None:
+        body["error"] = error
+    return web.json_response(body, status=status, headers=headers)
+
+
+def bearer_token_matches(header: str | None, token: str) -> bool:
+    """Constant-time check of an ``Authorization: Bearer`` header against ``token``."""
+    if header is None:
+        return False
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(presented.strip().encode(), token.encode())
+
+
+class Receiver:
+    """Turns ingest requests into ledger submissions and answers them."""
+
+    def __init__(
+        self,
+        committer: GroupCommitter,
+        metrics: Metrics,
+        limits: IngestLimits,
+        token: str | None,
+    ) -> None:
+        self.committer = committer
+        self.metrics = metrics
+        self.limits = limits
+        self.token = token
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """``POST /v1/events``."""
+        if self.token is not None and not bearer_token_matches(
+            request.headers.get("Authorization"), self.token
+        ):
+            return _answer(
+                401,
+                error="missing or wrong bearer token",
+                headers={"WWW-Authenticate": 'Bearer realm="facilitator-exporter"'},
+            )
+        try:
+            return await self._ingest(request)
+        except _Refused as refused:
+            if refused.reason is not None:
+                await self._keep_refused_body(refused)
+            return _answer(
+                refused.status,
+                rejected=refused.rejected,
+                error=refused.error,
+                headers=refused.headers,
+            )
+
+    async def _keep_refused_body(self, refused: _Refused) -> None:
+        assert refused.reason is not None
+        self.metrics.reject(refused.reason)
+        letter = DeadLetter(refused.reason, refused.error, refused.raw)
+        try:
+            await self.committer.submit(Submission(dead_letters=[letter]))
+        except LedgerUnavailableError as error:
+            log.error("dead letter not stored", extra={"reason": refused.reason,
+                                                      "error": str(error)})
+
+    async def _ingest(self, request: web.Request) -> web.Response:
+        content_type = request.content_type
+        ndjson = content_type in NDJSON_TYPES
+        if not ndjson and content_type not in JSON_TYPES:
+            raw = await self._read_head(request)
+            raise _Refused(
+                415,
+                f"unsupported Content-Type {content_type!r}: send application/json "
+                "(an event or an array of events) or application/x-ndjson",
+                "unsupported_media_type",
+                raw,
+            )
+        body = await self._read_body(request)
+        parsed = _parse_ndjson(body) if ndjson else _parse_json(body)
+        if len(parsed.items) > self.limits.max_batch_events:
+            raise _Refused(
+                413,
+                f"{len(parsed.items)} events in one request; the limit is "
+                f"{self.limits.max_batch_events}",
+                "too_large",
+                body[:_DEAD_LETTER_HEAD],
+            )
+        if self.committer.ledger.backlog >= self.limits.max_backlog_events:
+            return _answer(
+                503,
+                error=f"store backlog is over its limit of {self.limits.max_backlog_events} "
+                "events; retry later",
+                headers={"Retry-After": "30"},
+            )
+        return await self._commit(parsed)
+
+    async def _commit(self, parsed: _Parsed) -> web.Response:
+        submission = Submission()
+        rejected: list[_Rejection] = []
+        positions: list[int] = []
+        for index, (obj, raw) in enumerate(parsed.items):
+            try:
+                event = parse_event(obj)
+            except EventError as error:
+                rejected.append(_Rejection(index, str(error)))
+                submission.dead_letters.append(DeadLetter("invalid", str(error), raw))
+                continue
+            body = canonical_json(event)
+            submission.events.append(PreparedEvent(event, dedup_key(event, body), body, raw))
+            positions.append(index)
+        if not parsed.items:
+            return _answer(422, error="the body holds no events")
+        try:
+            result = await self.committer.submit(submission)
+        except LedgerUnavailableError as error:
+            log.error("ingest refused: ledger cannot commit", extra={"error": str(error)})
+            return _answer(
+                503,
+                error="the ledger cannot commit right now (disk full or I/O error); retry later",
+                headers={"Retry-After": "5"},
+            )
+        self.metrics.apply(result.effects)
+        accepted = duplicates = conflicts = 0
+        for index, outcome in zip(positions, result.outcomes, strict=True):
+            if outcome is Outcome.ACCEPTED:
+                accepted += 1
+            elif outcome is Outcome.DUPLICATE:
+                duplicates += 1
+            else:
+                conflicts += 1
+                rejected.append(_Rejection(
+                    index,
+                    "conflict: an event with the same id was already stored with a different "
+                    "body",
+                ))
+        if rejected:
+            rejected.sort(key=lambda r: r.index)
+            invalid = len(rejected) - conflicts
+            if invalid:
+                self.metrics.reject("invalid", invalid)
+            if conflicts:
+                self.metrics.reject("conflict", conflicts)
+        if duplicates:
+            self.metrics.events_duplicate.inc(duplicates)
+        if accepted or (duplicates and not rejected):
+            return _answer(202, accepted, duplicates, rejected)
+        if parsed.single and conflicts:
+            return _answer(409, 0, 0, rejected, error="the event conflicts with a stored one")
+        return _answer(422, 0, duplicates, rejected, error="no event in the body is valid")
+
+    async def _read_head(self, request: web.Request) -> bytes:
+        return await request.content.read(_DEAD_LETTER_HEAD)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.limits.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raw = await self._read_head(request)
+            raise _Refused(
+                413,
+                f"body of {request.content_length} bytes is over the limit of {limit} bytes",
+                "too_large",
+                raw,
+            )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_chunked(256 * 1024):
+            size += len(chunk)
+            chunks.append(chunk)
+            if size > limit:
+                raise _Refused(
+                    413,
+                    f"body is over the limit of {limit} bytes",
+                    "too_large",
+                    b"".join(chunks)[:_DEAD_LETTER_HEAD],
+                )
+        raw = b"".join(chunks)
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding in ("", "identity"):
+            return raw
+        if encoding not in ("gzip", "x-gzip"):
+            raise _Refused(
+                415,
+                f"unsupported Content-Encoding {encoding!r}: send gzip or no encoding",
+                "unsupported_media_type",
+                raw[:_DEAD_LETTER_HEAD],
+            )
+        return _gunzip(raw, limit)
+
+
+def _gunzip(raw: bytes, limit: int) -> bytes:
+    decoder = zlib.decompressobj(wbits=31)
+    try:
+        decoded = decoder.decompress(raw, limit + 1)
+        if len(decoded) > limit or decoder.unconsumed_tail:
+            raise _Refused(
+                413,
+                f"gzip body decodes to more than the limit of {limit} bytes",
+                "too_large",
+                raw[:_DEAD_LETTER_HEAD],
+            )
+        if not decoder.eof:
+            raise zlib.error("truncated gzip stream")
+    except zlib.error as error:
+        raise _Refused(400, f"body is not valid gzip: {error}", "malformed",
+                       raw[:_DEAD_LETTER_HEAD]) from None
+    return decoded
+
+
+def _parse_json(body: bytes) -> _Parsed:
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _Refused(400, f"body is not valid JSON: {error}", "malformed", body) from None
+    except RecursionError:
+        raise _Refused(400, "body is not valid JSON: nested too deeply", "malformed",
+                       body) from None
+    if isinstance(value, list):
+        return _Parsed([(item, _dump(item)) for item in value])
+    return _Parsed([(value, body)], single=True)
+
+
+def _parse_ndjson(body: bytes) -> _Parsed:
+    parsed = _Parsed()
+    for line_number, line in enumerate(body.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            index = len(parsed.items)
+            raise _Refused(
+                400,
+                f"line {line_number} is not valid JSON: {error}",
+                "malformed",
+                body,
+                [_Rejection(index, f"line {line_number}: {error}")],
+            ) from None
+        except RecursionError:
+            raise _Refused(400, f"line {line_number} is nested too deeply", "malformed",
+                           body) from None
+        parsed.items.append((value, line))
+    return parsed
+
+
+def _dump(item: Any) -> bytes:
+    return json.dumps(item, separators=(",", ":")).encode()

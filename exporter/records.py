@@ -1,0 +1,131 @@
+"""Store records: events enriched with their joined payment or batch, ready for any store.
+
+The ledger writes one record per event once its join is complete (DESIGN section 6),
+so every store holds self-contained rows and every analytics query is a filter plus an
+aggregate. Records travel through the ledger's outbox as JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Protocol
+
+
+def unique_time_ns(time_ms: int, key: str) -> int:
+    """A nanosecond timestamp inside ``time_ms`` that is distinct per event key.
+
+    InfluxDB merges points with equal series and timestamp; deriving the sub-millisecond
+    part from the event's dedup key keeps distinct events apart while a replay of the
+    same event lands on the same point.
+    """
+    offset = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    return time_ms * 1_000_000 + offset % 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentRecord:
+    """One payment lifecycle event with the joined ``payment:received`` fields."""
+
+    measurement: ClassVar[str] = "payment"
+    key: str
+    time_ms: int
+    network: str
+    status: str  # received | verified | settled | failed
+    payment_id: str
+    payer: str | None = None
+    payee: str | None = None
+    amount_micro: int | None = None
+    fee_micro: int | None = None
+    settlement_ms: float | None = None
+    verification_ms: float | None = None
+    tx: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    """One batch event with the joined ``batch:created`` fields."""
+
+    measurement: ClassVar[str] = "batch"
+    key: str
+    time_ms: int
+    network: str
+    status: str  # created | settled
+    batch_id: str
+    payment_count: int
+    total_amount_micro: int
+    total_fees_micro: int | None = None
+    gas_used: int | None = None
+    tx: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RevenueRecord:
+    """Revenue beyond facilitator fees, by kind (``gas_sponsorship`` or ``premium``)."""
+
+    measurement: ClassVar[str] = "revenue"
+    key: str
+    time_ms: int
+    network: str
+    kind: str
+    amount_micro: int
+    payment_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WebsocketRecord:
+    """The facilitator's connected WebSocket client count at an instant."""
+
+    measurement: ClassVar[str] = "websocket"
+    key: str
+    time_ms: int
+    count: int
+
+
+StoreRecord = PaymentRecord | BatchRecord | RevenueRecord | WebsocketRecord
+
+_BY_MEASUREMENT: dict[str, type[StoreRecord]] = {
+    cls.measurement: cls for cls in (PaymentRecord, BatchRecord, RevenueRecord, WebsocketRecord)
+}
+
+
+def record_to_json(record: StoreRecord) -> str:
+    """Serialise a record for the outbox."""
+    fields = {k: v for k, v in asdict(record).items() if v is not None}
+    fields["m"] = record.measurement
+    return json.dumps(fields, separators=(",", ":"))
+
+
+def record_from_json(text: str | bytes) -> StoreRecord:
+    """Inverse of :func:`record_to_json`."""
+    fields: dict[str, Any] = json.loads(text)
+    cls = _BY_MEASUREMENT[fields.pop("m")]
+    return cls(**fields)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A record waiting for delivery, numbered in commit order."""
+
+    seq: int
+    record: StoreRecord
+
+
+class Store(Protocol):
+    """A time-series sink fed from the ledger outbox.
+
+    ``write`` must be idempotent per record key: after a crash the same rows may be
+    written again, and the store must then hold each once.
+    """
+
+    name: str
+
+    async def write(self, records: list[StoreRecord]) -> None:
+        """Persist ``records``; raise on any failure so the rows are retried."""
+        ...
+
+    async def close(self) -> None:
+        """Release the store's resources."""
+        ...

@@ -1,0 +1,328 @@
+"""Embedded DuckDB store: the default time-series sink when no InfluxDB is configured.
+
+One table per record class (DESIGN section 6) holds self-contained rows keyed by the
+event's dedup key, so a replayed outbox batch leaves every row once, and the analytics
+SQL is a filter plus an aggregate over a single table. A fifth table, ``analytics``,
+receives the scheduler's write-back of computed figures.
+
+DuckDB lets a single process hold a database file for writing, so opening a file that
+another exporter holds fails with :class:`StoreLockedError`; a file that is not a
+DuckDB database fails with :class:`StoreCorruptError` and is never recreated.
+
+Writes pass each table's rows to DuckDB as one columnar JSON document that the engine
+unpacks with ``from_json`` + ``UNNEST``: measured on 5,000-record batches, it is the
+fastest correct way in without pandas/pyarrow (about 2x per-row ``executemany`` x100,
+and faster than binding Python lists as ``LIST`` parameters, whose per-value
+conversion dominates). Integers and floats survive JSON exactly; ``gas_used`` travels
+as a decimal string and is cast to ``HUGEINT`` so no magnitude is rounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import pathlib
+import threading
+from dataclasses import dataclass
+from operator import attrgetter
+from typing import Any
+
+import duckdb
+
+from .records import BatchRecord, PaymentRecord, RevenueRecord, StoreRecord, WebsocketRecord
+
+log = logging.getLogger(__name__)
+
+
+class StoreLockedError(RuntimeError):
+    """The store file is held by another process (DuckDB allows one writer process)."""
+
+
+class StoreCorruptError(RuntimeError):
+    """The store file exists but is not a readable DuckDB database."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Column:
+    name: str
+    sql_type: str
+    not_null: bool = False
+    # JSON carries this column as text, cast to ``sql_type`` in SQL (exact big integers).
+    as_text: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Table:
+    name: str
+    columns: tuple[_Column, ...]
+
+    def ddl(self) -> str:
+        """The CREATE TABLE statement for this table."""
+        cols = [
+            f'"{c.name}" {c.sql_type}{" NOT NULL" if c.not_null else ""}'
+            for c in self.all_columns()
+        ]
+        cols.append('PRIMARY KEY ("key")')
+        return f'CREATE TABLE IF NOT EXISTS "{self.name}" ({", ".join(cols)})'
+
+    def all_columns(self) -> tuple[_Column, ...]:
+        """Every column in table order: the common ``key`` and ``time_ms``, then the fields."""
+        return (_Column("key", "VARCHAR", True), _Column("time_ms", "BIGINT", True), *self.columns)
+
+    def insert_sql(self) -> str:
+        """Idempotent INSERT unpacking one columnar JSON document (parameter ``$1``)."""
+        cols = self.all_columns()
+        shape = ", ".join(
+            f'"{c.name}": ["{"VARCHAR" if c.as_text else c.sql_type}"]' for c in cols
+        )
+        unnest = ", ".join(
+            f'CAST(UNNEST(j.s."{c.name}") AS {c.sql_type})' if c.as_text
+            else f'UNNEST(j.s."{c.name}")'
+            for c in cols
+        )
+        names = ", ".join(f'"{c.name}"' for c in cols)
+        return (
+            f'INSERT INTO "{self.name}" ({names}) '
+            f"SELECT {unnest} FROM (SELECT from_json($1::JSON, '{{{shape}}}') AS s) AS j "
+            "ON CONFLICT DO NOTHING"
+        )
+
+
+_V, _B, _D = "VARCHAR", "BIGINT", "DOUBLE"
+
+_TABLES: dict[type[StoreRecord], _Table] = {
+    PaymentRecord: _Table(
+        "payment",
+        (
+            _Column("network", _V, True),
+            _Column("status", _V, True),
+            _Column("payment_id", _V, True),
+            _Column("payer", _V),
+            _Column("payee", _V),
+            _Column("amount_micro", _B),
+            _Column("fee_micro", _B),
+            _Column("settlement_ms", _D),
+            _Column("verification_ms", _D),
+            _Column("tx", _V),
+            _Column("error", _V),
+        ),
+    ),
+    BatchRecord: _Table(
+        "batch",
+        (
+            _Column("network", _V, True),
+            _Column("status", _V, True),
+            _Column("batch_id", _V, True),
+            _Column("payment_count", _B, True),
+            _Column("total_amount_micro", _B, True),
+            _Column("total_fees_micro", _B),
+            _Column("gas_used", "HUGEINT", as_text=True),
+            _Column("tx", _V),
+        ),
+    ),
+    RevenueRecord: _Table(
+        "revenue",
+        (
+            _Column("network", _V, True),
+            _Column("kind", _V, True),
+            _Column("amount_micro", _B, True),
+            _Column("payment_id", _V),
+        ),
+    ),
+    WebsocketRecord: _Table("websocket", (_Column("count", _B, True),)),
+}
+
+_ANALYTICS_DDL = (
+    "CREATE TABLE IF NOT EXISTS analytics (name VARCHAR NOT NULL, \"window\" VARCHAR NOT NULL, "
+    "time_ms BIGINT NOT NULL, field VARCHAR NOT NULL, value DOUBLE, "
+    "PRIMARY KEY (name, \"window\", time_ms, field))"
+)
+_ANALYTICS_UPSERT = (
+    'INSERT INTO analytics (name, "window", time_ms, field, value) '
+    "SELECT UNNEST($1::VARCHAR[]), UNNEST($2::VARCHAR[]), UNNEST($3::BIGINT[]), "
+    "UNNEST($4::VARCHAR[]), UNNEST($5::DOUBLE[]) "
+    'ON CONFLICT (name, "window", time_ms, field) DO UPDATE SET value = excluded.value'
+)
+
+#: Every table the store creates, in write order.
+TABLES: tuple[str, ...] = (*(t.name for t in _TABLES.values()), "analytics")
+
+_INSERT_SQL: dict[type[StoreRecord], str] = {cls: t.insert_sql() for cls, t in _TABLES.items()}
+_GETTERS: dict[type[StoreRecord], tuple[tuple[str, attrgetter[Any], bool], ...]] = {
+    cls: tuple((c.name, attrgetter(c.name), c.as_text) for c in t.all_columns())
+    for cls, t in _TABLES.items()
+}
+
+# Substrings of DuckDB errors that mean the file's bytes are not a usable database.
+_CORRUPT_MARKERS = (
+    "not a valid duckdb database",
+    "corrupt",
+    "checksum",
+    "could not read enough bytes",
+)
+
+
+def _columnar_json(cls: type[StoreRecord], records: list[StoreRecord]) -> str:
+    payload: dict[str, list[Any]] = {}
+    for name, get, as_text in _GETTERS[cls]:
+        if as_text:
+            payload[name] = [None if (v := get(r)) is None else str(v) for r in records]
+        else:
+            payload[name] = [get(r) for r in records]
+    return json.dumps(payload, separators=(",", ":"))
+
+
+def _rollback(cur: duckdb.DuckDBPyConnection) -> None:
+    # A failed rollback must not mask the error that caused it.
+    try:
+        cur.execute("ROLLBACK")
+    except duckdb.Error as error:
+        log.warning("duckdb rollback failed", extra={"error": str(error)})
+
+
+def _classify_open_error(path: pathlib.Path, existed: bool, error: duckdb.Error) -> Exception:
+    text = str(error)
+    lowered = text.lower()
+    if "lock" in lowered and isinstance(error, duckdb.IOException):
+        return StoreLockedError(
+            f"DuckDB store {path} is locked: another exporter process holds it "
+            f"(DuckDB allows one process per file; stop that process or use its HTTP API). "
+            f"DuckDB said: {text}"
+        )
+    if existed and (
+        isinstance(error, duckdb.SerializationException)
+        or any(marker in lowered for marker in _CORRUPT_MARKERS)
+    ):
+        return StoreCorruptError(
+            f"DuckDB store {path} exists but is not a valid DuckDB database "
+            f"(corrupt or truncated); move it aside (and any {path.name}.wal) and restart "
+            f"to start a new store. DuckDB said: {text}"
+        )
+    return error
+
+
+class DuckDBStore:
+    """The embedded DuckDB store: idempotent, atomic batch writes and SQL for analytics."""
+
+    name = "duckdb"
+
+    def __init__(self, path: pathlib.Path, conn: duckdb.DuckDBPyConnection) -> None:
+        """Wrap an open connection whose schema exists; use :meth:`open` instead."""
+        self.path = path
+        self._conn = conn
+        self._writer = conn.cursor()
+        self._write_lock = threading.Lock()  # serialises every use of ``_writer``
+        self._conn_lock = threading.Lock()  # guards cursor creation against close
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: pathlib.Path) -> DuckDBStore:
+        """Open (or create) the store file and its schema; blocking, call before serving."""
+        path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists()
+        conn: duckdb.DuckDBPyConnection | None = None
+        try:
+            conn = duckdb.connect(str(path))
+            conn.execute("BEGIN")
+            for table in _TABLES.values():
+                conn.execute(table.ddl())
+            conn.execute(_ANALYTICS_DDL)
+            conn.execute("COMMIT")
+        except duckdb.Error as error:
+            if conn is not None:
+                conn.close()
+            raise _classify_open_error(path, existed, error) from error
+        log.info("duckdb store opened", extra={"path": str(path), "created": not existed})
+        return cls(path, conn)
+
+    async def write(self, records: list[StoreRecord]) -> None:
+        """Insert ``records`` in one transaction, skipping keys already stored (idempotent)."""
+        if records:
+            await asyncio.to_thread(self._write_sync, records)
+
+    def _write_sync(self, records: list[StoreRecord]) -> None:
+        by_class: dict[type[StoreRecord], list[StoreRecord]] = {cls: [] for cls in _TABLES}
+        for record in records:
+            by_class[type(record)].append(record)
+        payloads = [
+            (_INSERT_SQL[cls], _columnar_json(cls, rows)) for cls, rows in by_class.items() if rows
+        ]
+        with self._write_lock:
+            self._check_open()
+            cur = self._writer
+            cur.execute("BEGIN")
+            try:
+                for sql, payload in payloads:
+                    cur.execute(sql, [payload])
+                cur.execute("COMMIT")
+            except BaseException:
+                _rollback(cur)
+                raise
+
+    async def write_analytics(self, rows: list[tuple[str, str, int, str, float]]) -> None:
+        """Upsert computed analytics (name, window, time_ms, field, value); replaces on conflict."""
+        if rows:
+            await asyncio.to_thread(self._write_analytics_sync, rows)
+
+    def _write_analytics_sync(self, rows: list[tuple[str, str, int, str, float]]) -> None:
+        # One command may not update a row twice: the last value for a key wins.
+        latest = {(n, w, t, f): v for n, w, t, f, v in rows}
+        columns: list[list[Any]] = [[], [], [], [], []]
+        for (n, w, t, f), v in latest.items():
+            for column, value in zip(columns, (n, w, t, f, v), strict=True):
+                column.append(value)
+        with self._write_lock:
+            self._check_open()
+            cur = self._writer
+            cur.execute("BEGIN")
+            try:
+                cur.execute(_ANALYTICS_UPSERT, columns)
+                cur.execute("COMMIT")
+            except BaseException:
+                _rollback(cur)
+                raise
+
+    def query(self, sql: str, params: list[object] | None = None) -> list[tuple[object, ...]]:
+        """Run read-only SQL on a private cursor (thread-safe) and return all rows."""
+        with self._conn_lock:
+            self._check_open()
+            cur = self._conn.cursor()
+        try:
+            rows: list[tuple[object, ...]] = cur.execute(sql, params).fetchall()
+        finally:
+            cur.close()
+        return rows
+
+    async def aquery(
+        self, sql: str, params: list[object] | None = None
+    ) -> list[tuple[object, ...]]:
+        """:meth:`query` in a worker thread, so analytics never block the event loop."""
+        return await asyncio.to_thread(self.query, sql, params)
+
+    def counts(self) -> dict[str, int]:
+        """Rows per table, for tests and readiness reporting."""
+        sql = " UNION ALL ".join(f"SELECT '{t}', count(*) FROM \"{t}\"" for t in TABLES)
+        result: dict[str, int] = {}
+        for name, n in self.query(sql):
+            assert isinstance(n, int)
+            result[str(name)] = n
+        return result
+
+    async def close(self) -> None:
+        """Wait for any write in flight, checkpoint and release the file lock."""
+        await asyncio.to_thread(self._close_sync)
+
+    def _close_sync(self) -> None:
+        with self._write_lock, self._conn_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._writer.close()
+            self._conn.close()
+        log.info("duckdb store closed", extra={"path": str(self.path)})
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"DuckDB store {self.path} is closed")
