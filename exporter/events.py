@@ -34,7 +34,7 @@ MIN_TIMESTAMP_MS = 946_684_800_000
 MAX_FUTURE_SKEW_MS = 86_400_000
 """Timestamps more than a day ahead of the exporter's clock are refused."""
 
-_DECIMAL = re.compile(r"[0-9]{1,15}(?:\.[0-9]{1,18})?")
+_DECIMAL = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,18})?")
 _INTEGER = re.compile(r"[0-9]{1,30}")
 _CAIP2 = re.compile(r"[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}")
 _EVM_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
@@ -52,7 +52,7 @@ def _decimal_string(value: str) -> str:
         raise PydanticCustomError(
             "decimal_string",
             "must be a plain non-negative decimal string such as \"1.50\" "
-            "(at most 15 integer and 18 fractional digits), got {shown}",
+            "(at most 12 integer and 18 fractional digits), got {shown}",
             {"shown": _show(value)},
         )
     whole, _, fraction = value.partition(".")

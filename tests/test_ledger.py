@@ -1,0 +1,220 @@
+"""Ledger: dedup, conflicts, joins in any order, dead letters, outbox, restart state."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import BASE_MS, batch_created, batch_settled, failed, received, settled, verified
+
+from exporter.config import Durability
+from exporter.events import canonical_json, dedup_key, parse_event
+from exporter.ledger import (
+    BatchGas,
+    DeadLetter,
+    GroupCommitter,
+    Ledger,
+    LedgerCorruptError,
+    NewEvent,
+    Outcome,
+    PendingChange,
+    PreparedEvent,
+    Submission,
+    SubmissionResult,
+    TerminalPayment,
+)
+from exporter.records import BatchRecord, PaymentRecord
+
+
+def prepare(event: dict[str, Any]) -> PreparedEvent:
+    """Validate an event dict the way the receiver does."""
+    parsed = parse_event(event)
+    body = canonical_json(parsed)
+    return PreparedEvent(parsed, dedup_key(parsed, body), body, json.dumps(event).encode())
+
+
+@pytest.fixture
+async def committer(tmp_path: Path) -> AsyncIterator[GroupCommitter]:
+    """A ledger on a fresh file behind its writer thread."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    committer = GroupCommitter(ledger)
+    yield committer
+    committer.close()
+    ledger.close()
+
+
+async def submit(committer: GroupCommitter, *events: dict[str, Any]) -> SubmissionResult:
+    """Commit ``events`` as one request."""
+    return await committer.submit(Submission([prepare(e) for e in events]))
+
+
+def payment_records(committer: GroupCommitter) -> list[PaymentRecord]:
+    """Payment records waiting in the outbox, in order."""
+    return [r.record for r in committer.ledger.read_outbox(1000)
+            if isinstance(r.record, PaymentRecord)]
+
+
+async def test_duplicate_is_acknowledged_once(committer: GroupCommitter) -> None:
+    first = await submit(committer, received("p1"))
+    again = await submit(committer, received("p1"), received("p1"))
+    assert first.outcomes == [Outcome.ACCEPTED]
+    assert again.outcomes == [Outcome.DUPLICATE, Outcome.DUPLICATE]
+    assert again.effects == []
+    assert committer.ledger.stats().events == 1
+
+
+async def test_same_key_different_body_is_a_conflict_kept_as_dead_letter(
+    committer: GroupCommitter,
+) -> None:
+    await submit(committer, settled("p1", fee="0.01"))
+    result = await submit(committer, settled("p1", fee="0.02"))
+    assert result.outcomes == [Outcome.CONFLICT]
+    letters = committer.ledger.dead_letters()
+    assert [(d.reason, d.key) for d in letters] == [("conflict", "payment:settled:p1")]
+    assert b'"0.02"' in letters[0].raw
+
+
+async def test_settled_before_received_joins_when_received_arrives(
+    committer: GroupCommitter,
+) -> None:
+    early = await submit(committer, settled("p1", fee="0.25", settlement_ms=2500))
+    assert early.outcomes == [Outcome.ACCEPTED]
+    assert early.effects == [NewEvent("payment:settled")]  # nothing counted yet
+    assert payment_records(committer) == []
+    assert committer.ledger.stats().waiting_for_join == 1
+
+    late = await submit(committer, received("p1", amount="10", network="eip155:10"))
+    assert late.effects == [
+        NewEvent("payment:received"),
+        PendingChange("eip155:10", 1),
+        TerminalPayment("eip155:10", "success", 10_000_000, 250_000, 2500),
+        PendingChange("eip155:10", -1),
+    ]
+    records = payment_records(committer)
+    assert [(r.status, r.network, r.amount_micro) for r in records] == [
+        ("received", "eip155:10", 10_000_000), ("settled", "eip155:10", 10_000_000)]
+    assert records[1].fee_micro == 250_000
+    assert records[1].payer == "0x" + "a" * 40
+    assert committer.ledger.stats().waiting_for_join == 0
+
+
+async def test_in_order_lifecycle_carries_network_to_every_record(
+    committer: GroupCommitter,
+) -> None:
+    await submit(committer, received("p1", network="eip155:137"))
+    result = await submit(committer, verified("p1"), settled("p1"))
+    assert TerminalPayment("eip155:137", "success", 1_500_000, 10_000, 1500) in result.effects
+    assert {r.network for r in payment_records(committer)} == {"eip155:137"}
+    assert [r.status for r in payment_records(committer)] == ["received", "verified", "settled"]
+
+
+async def test_unknown_failure_never_joins_and_uses_its_own_network(
+    committer: GroupCommitter,
+) -> None:
+    await submit(committer, received("unknown", network="eip155:1"))
+    result = await submit(committer, failed("unknown", network="eip155:8453"),
+                          failed("unknown", error="nonce_reused"))
+    assert [e for e in result.effects if isinstance(e, TerminalPayment)] == [
+        TerminalPayment("eip155:8453", "failed"), TerminalPayment("unknown", "failed")]
+    assert not any(isinstance(e, PendingChange) for e in result.effects)
+
+
+async def test_failure_that_never_joins_is_released_after_the_timeout(
+    committer: GroupCommitter,
+) -> None:
+    await submit(committer, failed("p9", network="eip155:10"))
+    assert committer.ledger.release_unjoined_failures(older_than_ms=0) == []
+    effects = await committer.call(lambda: committer.ledger.release_unjoined_failures(2**62))
+    assert effects == [TerminalPayment("eip155:10", "failed")]
+    late = await submit(committer, received("p9", network="eip155:10"))
+    assert not any(isinstance(e, PendingChange | TerminalPayment) for e in late.effects)
+    assert committer.ledger.gauges().pending_by_network == {}
+
+
+async def test_batch_settled_before_created_takes_the_created_network(
+    committer: GroupCommitter,
+) -> None:
+    early = await submit(committer, batch_settled("b1", gas="210000"))
+    assert not any(isinstance(e, BatchGas) for e in early.effects)
+    late = await submit(committer, batch_created("b1", network="eip155:42161", count=4))
+    assert BatchGas("eip155:42161", 210_000) in late.effects
+    batches = [r.record for r in committer.ledger.read_outbox(100)
+               if isinstance(r.record, BatchRecord)]
+    assert [(b.status, b.network, b.payment_count, b.gas_used) for b in batches] == [
+        ("created", "eip155:42161", 4, None), ("settled", "eip155:42161", 4, 210_000)]
+
+
+async def test_second_terminal_event_counts_but_does_not_decrement_pending_twice(
+    committer: GroupCommitter,
+) -> None:
+    await submit(committer, received("p1"))
+    result = await submit(committer, settled("p1"), failed("p1"))
+    pending = [e for e in result.effects if isinstance(e, PendingChange)]
+    assert pending == [PendingChange("eip155:8453", -1)]
+
+
+async def test_concurrent_submissions_share_commits(committer: GroupCommitter) -> None:
+    results = await asyncio.gather(
+        *(submit(committer, received(f"p{i}")) for i in range(200)))
+    assert all(r.outcomes == [Outcome.ACCEPTED] for r in results)
+    assert committer.ledger.stats().events == 200
+    assert committer.commits < 200
+
+
+async def test_dead_letters_are_stored_with_raw_bytes(committer: GroupCommitter) -> None:
+    await committer.submit(Submission(dead_letters=[DeadLetter("invalid", "data.amount: bad",
+                                                               b'{"raw": 1}')]))
+    [letter] = committer.ledger.dead_letters(reason="invalid")
+    assert (letter.error, letter.raw) == ("data.amount: bad", b'{"raw": 1}')
+
+
+async def test_outbox_delivery_and_backlog(committer: GroupCommitter) -> None:
+    await submit(committer, received("p1"), received("p2"), received("p3"))
+    ledger = committer.ledger
+    rows = ledger.read_outbox(2)
+    assert ledger.backlog == 3
+    await committer.call(lambda: ledger.mark_delivered(rows[-1].seq))
+    assert ledger.backlog == 1
+    assert [r.record.key for r in ledger.read_outbox(10)] == ["payment:received:p3"]
+
+
+async def test_restart_restores_pending_websocket_and_backlog(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path, Durability.POWER)
+    committer = GroupCommitter(ledger)
+    await submit(committer, received("p1", network="eip155:10"), received("p2"), received("p3"),
+                 settled("p3"),
+                 {"type": "websocket:clients", "data": {"count": 9, "timestamp": BASE_MS + 5}},
+                 {"type": "websocket:clients", "data": {"count": 4, "timestamp": BASE_MS}})
+    committer.close()
+    ledger.close()
+
+    reopened = Ledger(path)
+    gauges = reopened.gauges()
+    assert gauges.pending_by_network == {"eip155:10": 1, "eip155:8453": 1}
+    assert gauges.websocket_clients == 9  # the latest timestamp, not the last arrival
+    assert reopened.backlog == 6
+    reopened.close()
+
+
+async def test_retention_drops_only_delivered_events(committer: GroupCommitter) -> None:
+    ledger = committer.ledger
+    await submit(committer, received("p1"), settled("p2"))  # p2 waits for its join
+    rows = ledger.read_outbox(10)
+    assert await committer.call(lambda: ledger.apply_retention(2**62)) == 0
+    await committer.call(lambda: ledger.mark_delivered(rows[-1].seq))
+    assert await committer.call(lambda: ledger.apply_retention(2**62)) == 1
+    assert [key for _, key, _ in ledger.iter_events()] == ["payment:settled:p2"]
+
+
+def test_damaged_ledger_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(LedgerCorruptError) as caught:
+        Ledger(path)
+    assert str(path) in str(caught.value)
+    assert "move" in str(caught.value)

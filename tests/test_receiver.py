@@ -1,0 +1,259 @@
+"""POST /v1/events: body forms, gzip, limits, every status code, auth and the loopback rule."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from conftest import AppClient, failed, received, settled
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from exporter import Settings, create_app
+from exporter.app import COMMITTER
+from exporter.ledger import GroupCommitter, Ledger
+from exporter.metrics import Metrics
+from exporter.receiver import IngestLimits, Receiver
+
+JSON = {"Content-Type": "application/json"}
+NDJSON = {"Content-Type": "application/x-ndjson"}
+
+
+def ndjson(*events: dict[str, Any]) -> bytes:
+    """Events as NDJSON."""
+    return b"".join(json.dumps(e).encode() + b"\n" for e in events)
+
+
+def dead_letters(client: AppClient, reason: str | None = None) -> list[tuple[str, str, bytes]]:
+    """(reason, error, raw) of the stored dead letters, oldest first."""
+    ledger = client.app[COMMITTER].ledger
+    return [(d.reason, d.error, d.raw) for d in reversed(ledger.dead_letters(reason))]
+
+
+def rejected_count(registry: CollectorRegistry, reason: str) -> float:
+    """exporter_events_rejected_total{reason}."""
+    value = registry.get_sample_value("exporter_events_rejected_total", {"reason": reason})
+    assert value is not None
+    return value
+
+
+async def test_single_event_is_acknowledged(client: AppClient) -> None:
+    response = await client.post("/v1/events", json=received("p1"))
+    assert response.status == 202
+    assert await response.json() == {"accepted": 1, "duplicates": 0, "rejected": []}
+
+
+async def test_json_array_reports_each_rejection_by_index(
+    client: AppClient, registry: CollectorRegistry
+) -> None:
+    bad = received("p2", amount="-3")
+    response = await client.post("/v1/events", json=[received("p1"), bad, settled("p1")])
+    assert response.status == 202
+    body = await response.json()
+    assert body["accepted"] == 2
+    assert body["rejected"] == [{"index": 1, "error": body["rejected"][0]["error"]}]
+    assert body["rejected"][0]["error"].startswith("data.amount: must be a plain")
+    [(reason, error, raw)] = dead_letters(client)
+    assert (reason, json.loads(raw)) == ("invalid", bad)
+    assert rejected_count(registry, "invalid") == 1
+
+
+async def test_ndjson_body(client: AppClient) -> None:
+    body = ndjson(received("p1"), received("p2")) + b"\n\n" + ndjson(settled("p1"))
+    response = await client.post("/v1/events", data=body, headers=NDJSON)
+    assert response.status == 202
+    assert (await response.json())["accepted"] == 3
+
+
+async def test_gzip_body(client: AppClient) -> None:
+    body = gzip.compress(json.dumps([received("p1"), received("p2")]).encode())
+    response = await client.post(
+        "/v1/events", data=body, headers={**JSON, "Content-Encoding": "gzip"})
+    assert response.status == 202
+    assert (await response.json())["accepted"] == 2
+
+
+async def test_duplicates_only_is_202(client: AppClient, registry: CollectorRegistry) -> None:
+    await client.post("/v1/events", json=received("p1"))
+    response = await client.post("/v1/events", json=[received("p1"), received("p1")])
+    assert response.status == 202
+    assert await response.json() == {"accepted": 0, "duplicates": 2, "rejected": []}
+    assert registry.get_sample_value("exporter_events_duplicate_total") == 2
+
+
+async def test_malformed_json_is_400_with_parser_message_and_kept(client: AppClient) -> None:
+    response = await client.post("/v1/events", data=b'{"type": ', headers=JSON)
+    assert response.status == 400
+    body = await response.json()
+    assert body["error"].startswith("body is not valid JSON: Expecting value")
+    assert body["accepted"] == 0 and body["rejected"] == []
+    assert dead_letters(client, "malformed")[0][2] == b'{"type": '
+
+
+async def test_malformed_ndjson_line_names_line_and_index(client: AppClient) -> None:
+    body = ndjson(received("p1")) + b"{oops\n"
+    response = await client.post("/v1/events", data=body, headers=NDJSON)
+    assert response.status == 400
+    answer = await response.json()
+    assert answer["error"].startswith("line 2 is not valid JSON")
+    assert answer["rejected"][0]["index"] == 1
+    assert client.app[COMMITTER].ledger.stats().events == 0  # the whole body is refused
+
+
+async def test_invalid_utf8_is_400(client: AppClient) -> None:
+    response = await client.post("/v1/events", data=b'{"type": "\xff"}', headers=JSON)
+    assert response.status == 400
+
+
+async def test_no_valid_event_is_422_naming_every_field(client: AppClient) -> None:
+    response = await client.post(
+        "/v1/events", json=[received("p1", amount="NaN"), {"type": "nope", "data": {}}])
+    assert response.status == 422
+    body = await response.json()
+    assert [r["index"] for r in body["rejected"]] == [0, 1]
+    assert body["rejected"][0]["error"].startswith("data.amount:")
+    assert body["rejected"][1]["error"].startswith("type: unknown event type 'nope'")
+    assert body["error"] == "no event in the body is valid"
+    assert len(dead_letters(client, "invalid")) == 2
+
+
+async def test_empty_array_is_422(client: AppClient) -> None:
+    response = await client.post("/v1/events", json=[])
+    assert response.status == 422
+
+
+async def test_single_event_conflict_is_409(
+    client: AppClient, registry: CollectorRegistry
+) -> None:
+    await client.post("/v1/events", json=settled("p1", fee="0.01"))
+    response = await client.post("/v1/events", json=settled("p1", fee="0.09"))
+    assert response.status == 409
+    body = await response.json()
+    assert body["rejected"][0]["error"].startswith("conflict:")
+    assert rejected_count(registry, "conflict") == 1
+    assert dead_letters(client, "conflict")[0][0] == "conflict"
+
+
+async def test_unsupported_content_type_is_415(
+    client: AppClient, registry: CollectorRegistry
+) -> None:
+    response = await client.post("/v1/events", data=b"type=x",
+                                 headers={"Content-Type": "text/plain"})
+    assert response.status == 415
+    assert "application/x-ndjson" in (await response.json())["error"]
+    assert rejected_count(registry, "unsupported_media_type") == 1
+    assert dead_letters(client)[0][2] == b"type=x"
+
+
+async def test_unsupported_content_encoding_is_415(client: AppClient) -> None:
+    response = await client.post("/v1/events", data=b"{}",
+                                 headers={**JSON, "Content-Encoding": "br"})
+    assert response.status == 415
+
+
+async def test_bad_gzip_is_400(client: AppClient) -> None:
+    response = await client.post("/v1/events", data=b"\x1f\x8b not gzip",
+                                 headers={**JSON, "Content-Encoding": "gzip"})
+    assert response.status == 400
+    assert "not valid gzip" in (await response.json())["error"]
+
+
+@pytest.fixture
+def small_limits(data_dir: Path) -> Settings:
+    """Settings with tiny limits."""
+    return Settings(data_dir=data_dir, max_body_bytes=2048, max_batch_events=3)
+
+
+async def test_limits(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], small_limits: Settings,
+    registry: CollectorRegistry,
+) -> None:
+    client = await aiohttp_client(create_app(small_limits, registry))
+    too_many = await client.post("/v1/events", json=[received(f"p{i}") for i in range(4)])
+    assert too_many.status == 413
+    assert "4 events in one request; the limit is 3" in (await too_many.json())["error"]
+
+    too_big = await client.post("/v1/events", data=b"[" + b" " * 4096 + b"]", headers=JSON)
+    assert too_big.status == 413
+    assert "over the limit of 2048 bytes" in (await too_big.json())["error"]
+
+    bomb = gzip.compress(b"[" + b" " * 1_000_000 + b"]")
+    assert len(bomb) < 2048
+    response = await client.post("/v1/events", data=bomb,
+                                 headers={**JSON, "Content-Encoding": "gzip"})
+    assert response.status == 413
+    assert "decodes to more than the limit" in (await response.json())["error"]
+    assert rejected_count(registry, "too_large") == 3
+
+
+async def test_backlog_over_limit_is_503_with_retry_after(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], tmp_path: Path,
+    registry: CollectorRegistry,
+) -> None:
+    # No forwarder here, so the backlog stays where the test puts it.
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    committer = GroupCommitter(ledger)
+    receiver = Receiver(committer, Metrics(registry), IngestLimits(1 << 20, 100, 2), None)
+    app = web.Application()
+    app.router.add_post("/v1/events", receiver.handle)
+    client = await aiohttp_client(app)
+    try:
+        first = await client.post("/v1/events", json=[received("p1"), received("p2")])
+        assert first.status == 202
+        assert ledger.backlog == 2
+        refused = await client.post("/v1/events", json=received("p3"))
+        assert refused.status == 503
+        assert refused.headers["Retry-After"] == "30"
+        assert "backlog" in (await refused.json())["error"]
+        assert ledger.stats().events == 2
+    finally:
+        committer.close()
+        ledger.close()
+
+
+@pytest.fixture
+def with_token(data_dir: Path) -> Settings:
+    """Settings requiring a bearer token."""
+    return Settings(data_dir=data_dir, ingest_token="s3cret-token")
+
+
+async def test_bearer_token_is_required_when_configured(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], with_token: Settings,
+) -> None:
+    client = await aiohttp_client(create_app(with_token))
+    missing = await client.post("/v1/events", json=received("p1"))
+    wrong = await client.post("/v1/events", json=received("p1"),
+                              headers={"Authorization": "Bearer nope"})
+    right = await client.post("/v1/events", json=received("p1"),
+                              headers={"Authorization": "Bearer s3cret-token"})
+    assert (missing.status, wrong.status, right.status) == (401, 401, 202)
+    assert missing.headers["WWW-Authenticate"].startswith("Bearer")
+    assert (await missing.json())["error"] == "missing or wrong bearer token"
+    metrics = await client.get("/metrics")  # open without a token
+    assert metrics.status == 200
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9402", "[::]:9402", "192.0.2.10:9402"])
+def test_non_loopback_listen_without_token_refuses_to_start(listen: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(listen=listen)
+    assert "EXPORTER_INGEST_TOKEN" in str(caught.value)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9402", "[::1]:9402", "localhost:9402"])
+def test_loopback_listen_needs_no_token(listen: str) -> None:
+    assert Settings(listen=listen).listen == listen
+
+
+def test_non_loopback_listen_with_token_is_allowed() -> None:
+    assert Settings(listen="0.0.0.0:9402", ingest_token="t").host == "0.0.0.0"
+
+
+async def test_failed_unknown_payment_is_accepted(client: AppClient) -> None:
+    response = await client.post("/v1/events", json=failed("unknown"))
+    assert response.status == 202
