@@ -84,9 +84,14 @@ async def _ledger_resource(app: web.Application) -> AsyncIterator[None]:
     )
     app[RECEIVER] = Receiver(committer, metrics, limits, token)
     maintenance = asyncio.create_task(_maintain(settings, committer, metrics))
-    log.info("ledger open", extra={"path": str(settings.ledger_path),
-                                   "backlog": ledger.backlog,
-                                   "durability": settings.durability.value})
+    log.info(
+        "ledger open",
+        extra={
+            "path": str(settings.ledger_path),
+            "backlog": ledger.backlog,
+            "durability": settings.durability.value,
+        },
+    )
     try:
         yield
     finally:
@@ -142,7 +147,9 @@ async def _maintain(settings: Settings, committer: GroupCommitter, metrics: Metr
     while True:
         try:
             cutoff_ms = int((time.time() - settings.join_timeout_seconds) * 1000)
-            effects = await committer.call(functools.partial(ledger.release_unjoined_failures, cutoff_ms))
+            effects = await committer.call(
+                functools.partial(ledger.release_unjoined_failures, cutoff_ms)
+            )
             metrics.apply(effects)
             if settings.retention_days and time.monotonic() >= next_retention:
                 keep_ms = int((time.time() - settings.retention_days * 86400) * 1000)

@@ -72,8 +72,9 @@ def _demo_context(rate: float) -> Any:
         token = settings.ingest_token.get_secret_value() if settings.ingest_token else None
         stop = asyncio.Event()
         task = asyncio.create_task(
-            run_simulation(url, rate=rate, duration=0, seed=int(time.time()), token=token,
-                           stop=stop)
+            run_simulation(
+                url, rate=rate, duration=0, seed=int(time.time()), token=token, stop=stop
+            )
         )
         log.info("demo traffic started", extra={"url": url, "payments_per_s": rate})
         try:
@@ -93,8 +94,14 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format.value)
     extra = [_demo_context(args.demo_rate)] if args.demo else []
     app = create_app(settings, extra_contexts=extra)
-    log.info("starting", extra={"listen": settings.listen, "data_dir": str(settings.data_dir),
-                                "store": settings.resolved_store.value})
+    log.info(
+        "starting",
+        extra={
+            "listen": settings.listen,
+            "data_dir": str(settings.data_dir),
+            "store": settings.resolved_store.value,
+        },
+    )
     try:
         web.run_app(
             app,
@@ -172,10 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the exporter")
     serve.add_argument("--listen", help="host:port to bind (EXPORTER_LISTEN, 127.0.0.1:9402)")
     serve.add_argument("--data-dir", help="ledger and store directory (EXPORTER_DATA_DIR)")
-    serve.add_argument("--demo", action="store_true",
-                       help="also generate simulated payment traffic against this exporter")
-    serve.add_argument("--demo-rate", type=float, default=DEMO_RATE,
-                       help=f"payments per second for --demo (default {DEMO_RATE:g})")
+    serve.add_argument(
+        "--demo",
+        action="store_true",
+        help="also generate simulated payment traffic against this exporter",
+    )
+    serve.add_argument(
+        "--demo-rate",
+        type=float,
+        default=DEMO_RATE,
+        help=f"payments per second for --demo (default {DEMO_RATE:g})",
+    )
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check-config", help="validate the configuration and exit")
@@ -186,18 +200,31 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = commands.add_parser(
         "simulate", help="send realistic simulated x402 traffic to a running exporter"
     )
-    simulate.add_argument("--url", default="http://127.0.0.1:9402",
-                          help="exporter base URL (default http://127.0.0.1:9402)")
-    simulate.add_argument("--rate", type=float, default=50.0,
-                          help="payments per second (default 50)")
-    simulate.add_argument("--duration", type=float, default=60.0,
-                          help="seconds to run; 0 runs until interrupted (default 60)")
+    simulate.add_argument(
+        "--url",
+        default="http://127.0.0.1:9402",
+        help="exporter base URL (default http://127.0.0.1:9402)",
+    )
+    simulate.add_argument(
+        "--rate", type=float, default=50.0, help="payments per second (default 50)"
+    )
+    simulate.add_argument(
+        "--duration",
+        type=float,
+        default=60.0,
+        help="seconds to run; 0 runs until interrupted (default 60)",
+    )
     simulate.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     simulate.add_argument("--token", help="bearer token (the exporter's EXPORTER_INGEST_TOKEN)")
-    simulate.add_argument("--batch-size", type=int, default=1,
-                          help="events per request; above 1 sends NDJSON (default 1)")
-    simulate.add_argument("--concurrency", type=int, default=8,
-                          help="concurrent requests (default 8)")
+    simulate.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="events per request; above 1 sends NDJSON (default 1)",
+    )
+    simulate.add_argument(
+        "--concurrency", type=int, default=8, help="concurrent requests (default 8)"
+    )
     simulate.set_defaults(run=_simulate)
     return parser
 

@@ -51,7 +51,7 @@ def _decimal_string(value: str) -> str:
     if not _DECIMAL.fullmatch(value):
         raise PydanticCustomError(
             "decimal_string",
-            "must be a plain non-negative decimal string such as \"1.50\" "
+            'must be a plain non-negative decimal string such as "1.50" '
             "(at most 12 integer and 18 fractional digits), got {shown}",
             {"shown": _show(value)},
         )
@@ -65,7 +65,7 @@ def _integer_string(value: str) -> str:
     if not _INTEGER.fullmatch(value):
         raise PydanticCustomError(
             "integer_string",
-            "must be a non-negative integer string such as \"21000\", got {shown}",
+            'must be a non-negative integer string such as "21000", got {shown}',
             {"shown": _show(value)},
         )
     return value.lstrip("0") or "0"
@@ -93,7 +93,7 @@ def _network(value: str) -> str:
     if not _CAIP2.fullmatch(value):
         raise PydanticCustomError(
             "caip2",
-            "must be a CAIP-2 chain id such as \"eip155:8453\", got {shown}",
+            'must be a CAIP-2 chain id such as "eip155:8453", got {shown}',
             {"shown": _show(value)},
         )
     return value

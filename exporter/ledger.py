@@ -485,8 +485,15 @@ class _TransactionWriter:
         cur.execute(
             "INSERT INTO events (key, type, ref, ts, received_at, body, state) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-            (prepared.key, event.type, ref, event.data.timestamp, self.now, prepared.body,
-             _EMITTED),
+            (
+                prepared.key,
+                event.type,
+                ref,
+                event.data.timestamp,
+                self.now,
+                prepared.body,
+                _EMITTED,
+            ),
         )
         if cur.rowcount == 0:
             row = cur.execute("SELECT body FROM events WHERE key = ?", (prepared.key,)).fetchone()
@@ -535,8 +542,12 @@ class _TransactionWriter:
                 self._batch_settled(seq, key, event)
             case RevenueRecorded():
                 d = event.data
-                self._emit(seq, RevenueRecord(key, d.timestamp, d.network, d.kind,
-                                              to_micro(d.amount), d.paymentId))
+                self._emit(
+                    seq,
+                    RevenueRecord(
+                        key, d.timestamp, d.network, d.kind, to_micro(d.amount), d.paymentId
+                    ),
+                )
             case WebsocketClients():
                 self._websocket(seq, key, event)
 
@@ -562,8 +573,12 @@ class _TransactionWriter:
             )
             if not row[1]:
                 self.effects.append(PendingChange(d.network, 1))
-        self._emit(seq, PaymentRecord(key, d.timestamp, d.network, "received", d.paymentId,
-                                      d.payer, d.payee, amount))
+        self._emit(
+            seq,
+            PaymentRecord(
+                key, d.timestamp, d.network, "received", d.paymentId, d.payer, d.payee, amount
+            ),
+        )
         for waiting_seq, waiting_key, body in self._take_waiting(
             d.paymentId, ("payment:verified", "payment:settled", "payment:failed")
         ):
@@ -577,8 +592,12 @@ class _TransactionWriter:
         d = event.data
         if isinstance(event, PaymentFailed) and d.paymentId == UNKNOWN_PAYMENT_ID:
             network = event.data.network or UNKNOWN_NETWORK
-            self._emit(seq, PaymentRecord(key, d.timestamp, network, "failed", d.paymentId,
-                                          error=event.data.error))
+            self._emit(
+                seq,
+                PaymentRecord(
+                    key, d.timestamp, network, "failed", d.paymentId, error=event.data.error
+                ),
+            )
             self.effects.append(TerminalPayment(network, "failed"))
             return
         row = self.cur.execute(
@@ -592,22 +611,58 @@ class _TransactionWriter:
         network, payer, payee, amount, _, terminal = row
         match event:
             case PaymentVerified():
-                self._emit(seq, PaymentRecord(
-                    key, d.timestamp, network, "verified", d.paymentId, payer, payee, amount,
-                    verification_ms=event.data.verificationTime))
+                self._emit(
+                    seq,
+                    PaymentRecord(
+                        key,
+                        d.timestamp,
+                        network,
+                        "verified",
+                        d.paymentId,
+                        payer,
+                        payee,
+                        amount,
+                        verification_ms=event.data.verificationTime,
+                    ),
+                )
                 return
             case PaymentSettled():
                 s = event.data
                 fee = to_micro(s.fee)
-                self._emit(seq, PaymentRecord(
-                    key, d.timestamp, network, "settled", d.paymentId, payer, payee, amount,
-                    fee_micro=fee, settlement_ms=s.settlementTime, tx=s.transaction))
+                self._emit(
+                    seq,
+                    PaymentRecord(
+                        key,
+                        d.timestamp,
+                        network,
+                        "settled",
+                        d.paymentId,
+                        payer,
+                        payee,
+                        amount,
+                        fee_micro=fee,
+                        settlement_ms=s.settlementTime,
+                        tx=s.transaction,
+                    ),
+                )
                 self.effects.append(
-                    TerminalPayment(network, "success", amount, fee, s.settlementTime))
+                    TerminalPayment(network, "success", amount, fee, s.settlementTime)
+                )
             case PaymentFailed():
-                self._emit(seq, PaymentRecord(
-                    key, d.timestamp, network, "failed", d.paymentId, payer, payee, amount,
-                    error=event.data.error))
+                self._emit(
+                    seq,
+                    PaymentRecord(
+                        key,
+                        d.timestamp,
+                        network,
+                        "failed",
+                        d.paymentId,
+                        payer,
+                        payee,
+                        amount,
+                        error=event.data.error,
+                    ),
+                )
                 self.effects.append(TerminalPayment(network, "failed"))
         if not terminal:
             self.cur.execute(
@@ -626,8 +681,9 @@ class _TransactionWriter:
             "VALUES (?, ?, 0, 1, ?) ON CONFLICT (payment_id) DO NOTHING",
             (d.paymentId, network, self.now),
         )
-        self._emit(seq, PaymentRecord(key, d.timestamp, network, "failed",
-                                      d.paymentId, error=d.error))
+        self._emit(
+            seq, PaymentRecord(key, d.timestamp, network, "failed", d.paymentId, error=d.error)
+        )
         self.effects.append(TerminalPayment(network, "failed"))
 
     def _batch_created(self, seq: int, key: str, event: BatchCreated) -> None:
@@ -638,8 +694,10 @@ class _TransactionWriter:
             "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (batch_id) DO NOTHING",
             (d.batchId, d.network, d.paymentCount, total, self.now),
         )
-        self._emit(seq, BatchRecord(key, d.timestamp, d.network, "created", d.batchId,
-                                    d.paymentCount, total))
+        self._emit(
+            seq,
+            BatchRecord(key, d.timestamp, d.network, "created", d.batchId, d.paymentCount, total),
+        )
         for waiting_seq, waiting_key, body in self._take_waiting(d.batchId, ("batch:settled",)):
             waiting = parse_event(json.loads(body))
             assert isinstance(waiting, BatchSettled)
@@ -670,8 +728,21 @@ class _TransactionWriter:
             return
         network, count, total = row
         gas = int(d.gasUsed)
-        self._emit(seq, BatchRecord(key, d.timestamp, network, "settled", d.batchId, count,
-                                    total, to_micro(d.totalFees), gas, d.transaction))
+        self._emit(
+            seq,
+            BatchRecord(
+                key,
+                d.timestamp,
+                network,
+                "settled",
+                d.batchId,
+                count,
+                total,
+                to_micro(d.totalFees),
+                gas,
+                d.transaction,
+            ),
+        )
         self.effects.append(BatchGas(network, gas))
 
     def _websocket(self, seq: int, key: str, event: WebsocketClients) -> None:

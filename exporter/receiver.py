@@ -148,8 +148,9 @@ class Receiver:
         try:
             await self.committer.submit(Submission(dead_letters=[letter]))
         except LedgerUnavailableError as error:
-            log.error("dead letter not stored", extra={"reason": refused.reason,
-                                                      "error": str(error)})
+            log.error(
+                "dead letter not stored", extra={"reason": refused.reason, "error": str(error)}
+            )
 
     async def _ingest(self, request: web.Request) -> web.Response:
         content_type = request.content_type
@@ -216,11 +217,13 @@ class Receiver:
                 duplicates += 1
             else:
                 conflicts += 1
-                rejected.append(_Rejection(
-                    index,
-                    "conflict: an event with the same id was already stored with a different "
-                    "body",
-                ))
+                rejected.append(
+                    _Rejection(
+                        index,
+                        "conflict: an event with the same id was already stored with a different "
+                        "body",
+                    )
+                )
         if rejected:
             rejected.sort(key=lambda r: r.index)
             invalid = len(rejected) - conflicts
@@ -289,8 +292,9 @@ def _gunzip(raw: bytes, limit: int) -> bytes:
         if not decoder.eof:
             raise zlib.error("truncated gzip stream")
     except zlib.error as error:
-        raise _Refused(400, f"body is not valid gzip: {error}", "malformed",
-                       raw[:_DEAD_LETTER_HEAD]) from None
+        raise _Refused(
+            400, f"body is not valid gzip: {error}", "malformed", raw[:_DEAD_LETTER_HEAD]
+        ) from None
     return decoded
 
 
@@ -300,8 +304,9 @@ def _parse_json(body: bytes) -> _Parsed:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise _Refused(400, f"body is not valid JSON: {error}", "malformed", body) from None
     except RecursionError:
-        raise _Refused(400, "body is not valid JSON: nested too deeply", "malformed",
-                       body) from None
+        raise _Refused(
+            400, "body is not valid JSON: nested too deeply", "malformed", body
+        ) from None
     if isinstance(value, list):
         return _Parsed([(item, _dump(item)) for item in value])
     return _Parsed([(value, body)], single=True)
@@ -324,8 +329,9 @@ def _parse_ndjson(body: bytes) -> _Parsed:
                 [_Rejection(index, f"line {line_number}: {error}")],
             ) from None
         except RecursionError:
-            raise _Refused(400, f"line {line_number} is nested too deeply", "malformed",
-                           body) from None
+            raise _Refused(
+                400, f"line {line_number} is nested too deeply", "malformed", body
+            ) from None
         parsed.items.append((value, line))
     return parsed
 

@@ -76,8 +76,10 @@ class Forwarder:
         try:
             await asyncio.wait_for(asyncio.shield(self._task), drain_seconds)
         except TimeoutError:
-            log.warning("store drain timed out; the rest stays in the ledger",
-                        extra={"backlog": self.committer.ledger.backlog})
+            log.warning(
+                "store drain timed out; the rest stays in the ledger",
+                extra={"backlog": self.committer.ledger.backlog},
+            )
             self._task.cancel()
             try:
                 await self._task
@@ -123,8 +125,12 @@ class Forwarder:
         delay *= random.uniform(0.5, 1.0)
         log.warning(
             "store write failed; retrying",
-            extra={"store": self.store.name, "records": rows, "error": self.last_error,
-                   "retry_in_s": round(delay, 2)},
+            extra={
+                "store": self.store.name,
+                "records": rows,
+                "error": self.last_error,
+                "retry_in_s": round(delay, 2),
+            },
         )
         if self._stop_when_idle:
             return

@@ -34,48 +34,94 @@ _DROP = object()
 
 BAD_INPUTS: list[tuple[str, Any, str]] = [
     ("not an object", [1], "event: must be a JSON object, got list"),
-    ("unknown type", {"type": "payment:refunded", "data": {}},
-     "type: unknown event type 'payment:refunded'"),
+    (
+        "unknown type",
+        {"type": "payment:refunded", "data": {}},
+        "type: unknown event type 'payment:refunded'",
+    ),
     ("no type", {"data": {}}, "type: field required"),
     ("missing amount", _with(received("p"), amount=_DROP), "data.amount: field required"),
-    ("NaN amount", _with(received("p"), amount="NaN"),
-     "data.amount: must be a plain non-negative decimal string"),
+    (
+        "NaN amount",
+        _with(received("p"), amount="NaN"),
+        "data.amount: must be a plain non-negative decimal string",
+    ),
     ("Infinity amount", _with(received("p"), amount="Infinity"), "data.amount: must be a plain"),
     ("exponent amount", _with(received("p"), amount="1e3"), "data.amount: must be a plain"),
     ("negative amount", _with(received("p"), amount="-1.5"), "data.amount: must be a plain"),
     ("empty amount", _with(received("p"), amount=""), "data.amount: must be a plain"),
-    ("19 fractional digits", _with(received("p"), amount="0." + "1" * 19),
-     "data.amount: must be a plain"),
+    (
+        "19 fractional digits",
+        _with(received("p"), amount="0." + "1" * 19),
+        "data.amount: must be a plain",
+    ),
     ("number amount", _with(received("p"), amount=1.5), "data.amount: Input should be a valid"),
-    ("13 integer digits", _with(received("p"), amount="1" + "0" * 12),
-     "data.amount: must be a plain"),
+    (
+        "13 integer digits",
+        _with(received("p"), amount="1" + "0" * 12),
+        "data.amount: must be a plain",
+    ),
     ("bad fee", _with(settled("p"), fee="0x10"), "data.fee: must be a plain"),
-    ("seconds timestamp", _with(received("p"), timestamp=1_767_225_600),
-     "data.timestamp: must be Unix epoch milliseconds"),
-    ("far future timestamp", _with(received("p"), timestamp=int(time.time() * 1000) + 2 * 86_400_000),
-     "data.timestamp: must not be more than a day in the future"),
-    ("string timestamp", _with(received("p"), timestamp=str(BASE_MS)),
-     "data.timestamp: Input should be a valid integer"),
-    ("float timestamp", _with(received("p"), timestamp=BASE_MS + 0.5),
-     "data.timestamp: Input should be a valid integer"),
-    ("network not CAIP-2", _with(received("p"), network="base"),
-     "data.network: must be a CAIP-2 chain id"),
-    ("payment count zero", _with(batch_created("b"), paymentCount=0),
-     "data.paymentCount: Input should be greater than or equal to 1"),
-    ("gas not an integer string", _with(batch_settled("b"), gasUsed="21000.5"),
-     "data.gasUsed: must be a non-negative integer string"),
+    (
+        "seconds timestamp",
+        _with(received("p"), timestamp=1_767_225_600),
+        "data.timestamp: must be Unix epoch milliseconds",
+    ),
+    (
+        "far future timestamp",
+        _with(received("p"), timestamp=int(time.time() * 1000) + 2 * 86_400_000),
+        "data.timestamp: must not be more than a day in the future",
+    ),
+    (
+        "string timestamp",
+        _with(received("p"), timestamp=str(BASE_MS)),
+        "data.timestamp: Input should be a valid integer",
+    ),
+    (
+        "float timestamp",
+        _with(received("p"), timestamp=BASE_MS + 0.5),
+        "data.timestamp: Input should be a valid integer",
+    ),
+    (
+        "network not CAIP-2",
+        _with(received("p"), network="base"),
+        "data.network: must be a CAIP-2 chain id",
+    ),
+    (
+        "payment count zero",
+        _with(batch_created("b"), paymentCount=0),
+        "data.paymentCount: Input should be greater than or equal to 1",
+    ),
+    (
+        "gas not an integer string",
+        _with(batch_settled("b"), gasUsed="21000.5"),
+        "data.gasUsed: must be a non-negative integer string",
+    ),
     ("gas a number", _with(batch_settled("b"), gasUsed=21000), "data.gasUsed: Input should be"),
-    ("negative verification time", _with(verified("p"), verificationTime=-1),
-     "data.verificationTime: Input should be greater than or equal to 0"),
+    (
+        "negative verification time",
+        _with(verified("p"), verificationTime=-1),
+        "data.verificationTime: Input should be greater than or equal to 0",
+    ),
     ("payer with spaces", _with(received("p"), payer=" 0xabc"), "data.payer: must be an address"),
-    ("control char in payment id", _with(received("p"), paymentId="a\x00b"),
-     "data.paymentId: must be a non-empty id"),
-    ("bad revenue kind", {"type": "revenue:recorded", "data": {
-        "kind": "tips", "amount": "1", "network": "eip155:1", "timestamp": BASE_MS}},
-     "data.kind: Input should be 'gas_sponsorship' or 'premium'"),
-    ("negative websocket count", {"type": "websocket:clients",
-                                  "data": {"count": -1, "timestamp": BASE_MS}},
-     "data.count: Input should be greater than or equal to 0"),
+    (
+        "control char in payment id",
+        _with(received("p"), paymentId="a\x00b"),
+        "data.paymentId: must be a non-empty id",
+    ),
+    (
+        "bad revenue kind",
+        {
+            "type": "revenue:recorded",
+            "data": {"kind": "tips", "amount": "1", "network": "eip155:1", "timestamp": BASE_MS},
+        },
+        "data.kind: Input should be 'gas_sponsorship' or 'premium'",
+    ),
+    (
+        "negative websocket count",
+        {"type": "websocket:clients", "data": {"count": -1, "timestamp": BASE_MS}},
+        "data.count: Input should be greater than or equal to 0",
+    ),
     ("data not an object", {"type": "payment:received", "data": "x"}, "data: Input should be"),
 ]
 
@@ -96,10 +142,17 @@ def test_two_bad_fields_are_both_named() -> None:
 
 def test_every_event_type_validates() -> None:
     events = [
-        received("p"), verified("p"), settled("p"), failed("p"), failed("unknown"),
-        batch_created("b"), batch_settled("b"),
-        {"type": "revenue:recorded", "data": {"kind": "premium", "amount": "2",
-                                              "network": "eip155:1", "timestamp": BASE_MS}},
+        received("p"),
+        verified("p"),
+        settled("p"),
+        failed("p"),
+        failed("unknown"),
+        batch_created("b"),
+        batch_settled("b"),
+        {
+            "type": "revenue:recorded",
+            "data": {"kind": "premium", "amount": "2", "network": "eip155:1", "timestamp": BASE_MS},
+        },
         {"type": "websocket:clients", "data": {"count": 7, "timestamp": BASE_MS}},
     ]
     assert [parse_event(e).type for e in events] == [e["type"] for e in events]
@@ -129,8 +182,16 @@ def test_decimal_strings_are_normalised_so_equal_amounts_compare_equal() -> None
 
 @pytest.mark.parametrize(
     ("amount", "micro"),
-    [("0", 0), ("0.000001", 1), ("1.5", 1_500_000), ("0.0000005", 0), ("0.0000015", 2),
-     ("0.0000025", 2), ("999999999999.9999995", 10**18), ("999999999999.9999985", 10**18 - 2)],
+    [
+        ("0", 0),
+        ("0.000001", 1),
+        ("1.5", 1_500_000),
+        ("0.0000005", 0),
+        ("0.0000015", 2),
+        ("0.0000025", 2),
+        ("999999999999.9999995", 10**18),
+        ("999999999999.9999985", 10**18 - 2),
+    ],
 )
 def test_to_micro_rounds_half_to_even(amount: str, micro: int) -> None:
     assert to_micro(amount) == micro

@@ -54,8 +54,9 @@ async def submit(committer: GroupCommitter, *events: dict[str, Any]) -> Submissi
 
 def payment_records(committer: GroupCommitter) -> list[PaymentRecord]:
     """Payment records waiting in the outbox, in order."""
-    return [r.record for r in committer.ledger.read_outbox(1000)
-            if isinstance(r.record, PaymentRecord)]
+    return [
+        r.record for r in committer.ledger.read_outbox(1000) if isinstance(r.record, PaymentRecord)
+    ]
 
 
 async def test_duplicate_is_acknowledged_once(committer: GroupCommitter) -> None:
@@ -96,7 +97,9 @@ async def test_settled_before_received_joins_when_received_arrives(
     ]
     records = payment_records(committer)
     assert [(r.status, r.network, r.amount_micro) for r in records] == [
-        ("received", "eip155:10", 10_000_000), ("settled", "eip155:10", 10_000_000)]
+        ("received", "eip155:10", 10_000_000),
+        ("settled", "eip155:10", 10_000_000),
+    ]
     assert records[1].fee_micro == 250_000
     assert records[1].payer == "0x" + "a" * 40
     assert committer.ledger.stats().waiting_for_join == 0
@@ -116,10 +119,13 @@ async def test_unknown_failure_never_joins_and_uses_its_own_network(
     committer: GroupCommitter,
 ) -> None:
     await submit(committer, received("unknown", network="eip155:1"))
-    result = await submit(committer, failed("unknown", network="eip155:8453"),
-                          failed("unknown", error="nonce_reused"))
+    result = await submit(
+        committer, failed("unknown", network="eip155:8453"), failed("unknown", error="nonce_reused")
+    )
     assert [e for e in result.effects if isinstance(e, TerminalPayment)] == [
-        TerminalPayment("eip155:8453", "failed"), TerminalPayment("unknown", "failed")]
+        TerminalPayment("eip155:8453", "failed"),
+        TerminalPayment("unknown", "failed"),
+    ]
     assert not any(isinstance(e, PendingChange) for e in result.effects)
 
 
@@ -142,10 +148,13 @@ async def test_batch_settled_before_created_takes_the_created_network(
     assert not any(isinstance(e, BatchGas) for e in early.effects)
     late = await submit(committer, batch_created("b1", network="eip155:42161", count=4))
     assert BatchGas("eip155:42161", 210_000) in late.effects
-    batches = [r.record for r in committer.ledger.read_outbox(100)
-               if isinstance(r.record, BatchRecord)]
+    batches = [
+        r.record for r in committer.ledger.read_outbox(100) if isinstance(r.record, BatchRecord)
+    ]
     assert [(b.status, b.network, b.payment_count, b.gas_used) for b in batches] == [
-        ("created", "eip155:42161", 4, None), ("settled", "eip155:42161", 4, 210_000)]
+        ("created", "eip155:42161", 4, None),
+        ("settled", "eip155:42161", 4, 210_000),
+    ]
 
 
 async def test_second_terminal_event_counts_but_does_not_decrement_pending_twice(
@@ -158,16 +167,16 @@ async def test_second_terminal_event_counts_but_does_not_decrement_pending_twice
 
 
 async def test_concurrent_submissions_share_commits(committer: GroupCommitter) -> None:
-    results = await asyncio.gather(
-        *(submit(committer, received(f"p{i}")) for i in range(200)))
+    results = await asyncio.gather(*(submit(committer, received(f"p{i}")) for i in range(200)))
     assert all(r.outcomes == [Outcome.ACCEPTED] for r in results)
     assert committer.ledger.stats().events == 200
     assert committer.commits < 200
 
 
 async def test_dead_letters_are_stored_with_raw_bytes(committer: GroupCommitter) -> None:
-    await committer.submit(Submission(dead_letters=[DeadLetter("invalid", "data.amount: bad",
-                                                               b'{"raw": 1}')]))
+    await committer.submit(
+        Submission(dead_letters=[DeadLetter("invalid", "data.amount: bad", b'{"raw": 1}')])
+    )
     [letter] = committer.ledger.dead_letters(reason="invalid")
     assert (letter.error, letter.raw) == ("data.amount: bad", b'{"raw": 1}')
 
@@ -186,10 +195,15 @@ async def test_restart_restores_pending_websocket_and_backlog(tmp_path: Path) ->
     path = tmp_path / "ledger.sqlite3"
     ledger = Ledger(path, Durability.POWER)
     committer = GroupCommitter(ledger)
-    await submit(committer, received("p1", network="eip155:10"), received("p2"), received("p3"),
-                 settled("p3"),
-                 {"type": "websocket:clients", "data": {"count": 9, "timestamp": BASE_MS + 5}},
-                 {"type": "websocket:clients", "data": {"count": 4, "timestamp": BASE_MS}})
+    await submit(
+        committer,
+        received("p1", network="eip155:10"),
+        received("p2"),
+        received("p3"),
+        settled("p3"),
+        {"type": "websocket:clients", "data": {"count": 9, "timestamp": BASE_MS + 5}},
+        {"type": "websocket:clients", "data": {"count": 4, "timestamp": BASE_MS}},
+    )
     committer.close()
     ledger.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 
 import pytest
@@ -22,16 +23,22 @@ BASE = "eip155:8453"
 OP = "eip155:10"
 
 SCENARIO = [
-    received("a", amount="1.50", network=BASE), verified("a"), settled("a", fee="0.015",
-                                                                     settlement_ms=800),
-    received("b", amount="2.25", network=BASE), settled("b", fee="0.02", settlement_ms=12_000),
+    received("a", amount="1.50", network=BASE),
+    verified("a"),
+    settled("a", fee="0.015", settlement_ms=800),
+    received("b", amount="2.25", network=BASE),
+    settled("b", fee="0.02", settlement_ms=12_000),
     # settled before received: counted on the received's network when it arrives
-    settled("c", fee="0.05", settlement_ms=45_000), received("c", amount="10", network=OP),
-    received("d", amount="3", network=OP), failed("d"),
-    failed("unknown"), failed("unknown", network=OP, error="other"),
+    settled("c", fee="0.05", settlement_ms=45_000),
+    received("c", amount="10", network=OP),
+    received("d", amount="3", network=OP),
+    failed("d"),
+    failed("unknown"),
+    failed("unknown", network=OP, error="other"),
     received("e", amount="4", network=OP),  # stays pending
     settled("a", fee="0.015", settlement_ms=800),  # duplicate
-    batch_settled("x", gas="150000"), batch_created("x", network=OP),
+    batch_settled("x", gas="150000"),
+    batch_created("x", network=OP),
     {"type": "websocket:clients", "data": {"count": 12, "timestamp": BASE_MS + 10}},
     {"type": "websocket:clients", "data": {"count": 3, "timestamp": BASE_MS}},  # older
 ]
@@ -52,23 +59,28 @@ async def test_known_scenario_gives_exact_values(
     assert sample(registry, "facilitator_payments_total", network=BASE, status="success") == 2
     assert sample(registry, "facilitator_payments_total", network=OP, status="success") == 1
     assert sample(registry, "facilitator_payments_total", network=OP, status="failed") == 2
-    assert sample(registry, "facilitator_payments_total", network="unknown",
-                  status="failed") == 1
-    assert sample(registry, "facilitator_payments_total", network="batch",
-                  status="success") is None
+    assert sample(registry, "facilitator_payments_total", network="unknown", status="failed") == 1
+    assert sample(registry, "facilitator_payments_total", network="batch", status="success") is None
     assert sample(registry, "facilitator_volume_usd_total", network=BASE) == pytest.approx(3.75)
     assert sample(registry, "facilitator_volume_usd_total", network=OP) == pytest.approx(10)
     assert sample(registry, "facilitator_fees_usd_total", network=BASE) == pytest.approx(0.035)
     assert sample(registry, "facilitator_fees_usd_total", network=OP) == pytest.approx(0.05)
     assert sample(registry, "facilitator_settlement_duration_seconds_count", network=BASE) == 2
-    assert sample(registry, "facilitator_settlement_duration_seconds_bucket", network=BASE,
-                  le="1.0") == 1
-    assert sample(registry, "facilitator_settlement_duration_seconds_bucket", network=BASE,
-                  le="30.0") == 2
-    assert sample(registry, "facilitator_settlement_duration_seconds_bucket", network=OP,
-                  le="30.0") == 0
-    assert sample(registry, "facilitator_settlement_duration_seconds_sum",
-                  network=OP) == pytest.approx(45)
+    assert (
+        sample(registry, "facilitator_settlement_duration_seconds_bucket", network=BASE, le="1.0")
+        == 1
+    )
+    assert (
+        sample(registry, "facilitator_settlement_duration_seconds_bucket", network=BASE, le="30.0")
+        == 2
+    )
+    assert (
+        sample(registry, "facilitator_settlement_duration_seconds_bucket", network=OP, le="30.0")
+        == 0
+    )
+    assert sample(
+        registry, "facilitator_settlement_duration_seconds_sum", network=OP
+    ) == pytest.approx(45)
     assert sample(registry, "facilitator_gas_used_count", network=OP) == 1
     assert sample(registry, "facilitator_gas_used_bucket", network=OP, le="200000.0") == 1
     assert sample(registry, "facilitator_gas_used_bucket", network=OP, le="100000.0") == 0
@@ -89,14 +101,21 @@ async def test_metrics_endpoint_passes_promtool(client: AppClient) -> None:
     assert response.status == 200
     exposition = await response.read()
     assert b"facilitator_payments_total{" in exposition
-    check = subprocess.run([promtool, "check", "metrics"], input=exposition,
-                           capture_output=True, check=False, timeout=30)
+    check = await asyncio.to_thread(
+        subprocess.run,
+        [promtool, "check", "metrics"],
+        input=exposition,
+        capture_output=True,
+        check=False,
+        timeout=30,
+    )
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
 
 
 async def test_openmetrics_when_asked(client: AppClient) -> None:
     response = await client.get(
-        "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
     assert response.headers["Content-Type"].startswith("application/openmetrics-text")
     assert (await response.text()).rstrip().endswith("# EOF")
 

@@ -73,7 +73,8 @@ async def test_ndjson_body(client: AppClient) -> None:
 async def test_gzip_body(client: AppClient) -> None:
     body = gzip.compress(json.dumps([received("p1"), received("p2")]).encode())
     response = await client.post(
-        "/v1/events", data=body, headers={**JSON, "Content-Encoding": "gzip"})
+        "/v1/events", data=body, headers={**JSON, "Content-Encoding": "gzip"}
+    )
     assert response.status == 202
     assert (await response.json())["accepted"] == 2
 
@@ -112,7 +113,8 @@ async def test_invalid_utf8_is_400(client: AppClient) -> None:
 
 async def test_no_valid_event_is_422_naming_every_field(client: AppClient) -> None:
     response = await client.post(
-        "/v1/events", json=[received("p1", amount="NaN"), {"type": "nope", "data": {}}])
+        "/v1/events", json=[received("p1", amount="NaN"), {"type": "nope", "data": {}}]
+    )
     assert response.status == 422
     body = await response.json()
     assert [r["index"] for r in body["rejected"]] == [0, 1]
@@ -127,9 +129,7 @@ async def test_empty_array_is_422(client: AppClient) -> None:
     assert response.status == 422
 
 
-async def test_single_event_conflict_is_409(
-    client: AppClient, registry: CollectorRegistry
-) -> None:
+async def test_single_event_conflict_is_409(client: AppClient, registry: CollectorRegistry) -> None:
     await client.post("/v1/events", json=settled("p1", fee="0.01"))
     response = await client.post("/v1/events", json=settled("p1", fee="0.09"))
     assert response.status == 409
@@ -142,8 +142,9 @@ async def test_single_event_conflict_is_409(
 async def test_unsupported_content_type_is_415(
     client: AppClient, registry: CollectorRegistry
 ) -> None:
-    response = await client.post("/v1/events", data=b"type=x",
-                                 headers={"Content-Type": "text/plain"})
+    response = await client.post(
+        "/v1/events", data=b"type=x", headers={"Content-Type": "text/plain"}
+    )
     assert response.status == 415
     assert "application/x-ndjson" in (await response.json())["error"]
     assert rejected_count(registry, "unsupported_media_type") == 1
@@ -151,14 +152,16 @@ async def test_unsupported_content_type_is_415(
 
 
 async def test_unsupported_content_encoding_is_415(client: AppClient) -> None:
-    response = await client.post("/v1/events", data=b"{}",
-                                 headers={**JSON, "Content-Encoding": "br"})
+    response = await client.post(
+        "/v1/events", data=b"{}", headers={**JSON, "Content-Encoding": "br"}
+    )
     assert response.status == 415
 
 
 async def test_bad_gzip_is_400(client: AppClient) -> None:
-    response = await client.post("/v1/events", data=b"\x1f\x8b not gzip",
-                                 headers={**JSON, "Content-Encoding": "gzip"})
+    response = await client.post(
+        "/v1/events", data=b"\x1f\x8b not gzip", headers={**JSON, "Content-Encoding": "gzip"}
+    )
     assert response.status == 400
     assert "not valid gzip" in (await response.json())["error"]
 
@@ -170,7 +173,8 @@ def small_limits(data_dir: Path) -> Settings:
 
 
 async def test_limits(
-    aiohttp_client: Callable[..., Awaitable[AppClient]], small_limits: Settings,
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    small_limits: Settings,
     registry: CollectorRegistry,
 ) -> None:
     client = await aiohttp_client(create_app(small_limits, registry))
@@ -184,15 +188,17 @@ async def test_limits(
 
     bomb = gzip.compress(b"[" + b" " * 1_000_000 + b"]")
     assert len(bomb) < 2048
-    response = await client.post("/v1/events", data=bomb,
-                                 headers={**JSON, "Content-Encoding": "gzip"})
+    response = await client.post(
+        "/v1/events", data=bomb, headers={**JSON, "Content-Encoding": "gzip"}
+    )
     assert response.status == 413
     assert "decodes to more than the limit" in (await response.json())["error"]
     assert rejected_count(registry, "too_large") == 3
 
 
 async def test_backlog_over_limit_is_503_with_retry_after(
-    aiohttp_client: Callable[..., Awaitable[AppClient]], tmp_path: Path,
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    tmp_path: Path,
     registry: CollectorRegistry,
 ) -> None:
     # No forwarder here, so the backlog stays where the test puts it.
@@ -223,14 +229,17 @@ def with_token(data_dir: Path) -> Settings:
 
 
 async def test_bearer_token_is_required_when_configured(
-    aiohttp_client: Callable[..., Awaitable[AppClient]], with_token: Settings,
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    with_token: Settings,
 ) -> None:
     client = await aiohttp_client(create_app(with_token))
     missing = await client.post("/v1/events", json=received("p1"))
-    wrong = await client.post("/v1/events", json=received("p1"),
-                              headers={"Authorization": "Bearer nope"})
-    right = await client.post("/v1/events", json=received("p1"),
-                              headers={"Authorization": "Bearer s3cret-token"})
+    wrong = await client.post(
+        "/v1/events", json=received("p1"), headers={"Authorization": "Bearer nope"}
+    )
+    right = await client.post(
+        "/v1/events", json=received("p1"), headers={"Authorization": "Bearer s3cret-token"}
+    )
     assert (missing.status, wrong.status, right.status) == (401, 401, 202)
     assert missing.headers["WWW-Authenticate"].startswith("Bearer")
     assert (await missing.json())["error"] == "missing or wrong bearer token"
