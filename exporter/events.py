@@ -133,7 +133,17 @@ def _identifier(value: str) -> str:
     return value
 
 
-_Str = Annotated[str, Field(strict=True, max_length=256)]
+def _encodable(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PydanticCustomError(
+            "unicode", "must be valid Unicode text (it holds a lone surrogate escape)"
+        ) from None
+    return value
+
+
+_Str = Annotated[str, Field(strict=True, max_length=256), AfterValidator(_encodable)]
 DecimalString = Annotated[_Str, AfterValidator(_decimal_string)]
 IntegerString = Annotated[_Str, AfterValidator(_integer_string)]
 Timestamp = Annotated[int, Field(strict=True), AfterValidator(_timestamp)]
@@ -142,7 +152,7 @@ Address = Annotated[_Str, AfterValidator(_address)]
 Transaction = Annotated[_Str, AfterValidator(_transaction)]
 Identifier = Annotated[_Str, AfterValidator(_identifier)]
 DurationMs = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
-ErrorText = Annotated[str, Field(strict=True, max_length=2048)]
+ErrorText = Annotated[str, Field(strict=True, max_length=2048), AfterValidator(_encodable)]
 
 UNKNOWN_PAYMENT_ID = "unknown"
 """The payment id of a failure that happened before any payment id existed."""
@@ -195,7 +205,7 @@ class BatchCreatedData(_Data):
     """Payments were grouped into a settlement batch."""
 
     batchId: Identifier
-    paymentCount: Annotated[int, Field(strict=True, ge=1)]
+    paymentCount: Annotated[int, Field(strict=True, ge=1, le=1_000_000_000)]
     totalAmount: DecimalString
     network: Network
     timestamp: Timestamp
@@ -224,7 +234,7 @@ class RevenueRecordedData(_Data):
 class WebsocketClientsData(_Data):
     """The facilitator's count of connected WebSocket clients."""
 
-    count: Annotated[int, Field(strict=True, ge=0)]
+    count: Annotated[int, Field(strict=True, ge=0, le=1_000_000_000)]
     timestamp: Timestamp
 
 

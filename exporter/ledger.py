@@ -343,6 +343,10 @@ class Ledger:
             with contextlib.suppress(sqlite3.Error):
                 cur.execute("ROLLBACK")
             raise LedgerUnavailableError(f"ledger commit failed: {error}") from error
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                cur.execute("ROLLBACK")
+            raise
         finally:
             cur.close()
         self._backlog += emitted
@@ -845,10 +849,22 @@ class GroupCommitter:
     def _commit(self, batch: list[_CommitRequest]) -> None:
         try:
             results = self.ledger.commit([request.submission for request in batch])
-        except Exception as error:  # every waiter learns that nothing was stored
-            log.error("ledger commit failed", extra={"error": str(error), "requests": len(batch)})
-            for request in batch:
-                request.loop.call_soon_threadsafe(_set_exception, request.future, error)
+        except Exception as error:
+            if len(batch) > 1:
+                # One request's failure must not fail the others that shared its commit.
+                for request in batch:
+                    self._commit([request])
+                return
+            log.error("ledger commit failed", extra={"error": str(error)})
+            request = batch[0]
+            failure = (
+                error
+                if isinstance(error, LedgerError)
+                else LedgerUnavailableError(
+                    f"ledger commit failed: {type(error).__name__}: {error}"
+                )
+            )
+            request.loop.call_soon_threadsafe(_set_exception, request.future, failure)
             return
         self.commits += 1
         for request, result in zip(batch, results, strict=True):

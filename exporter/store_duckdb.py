@@ -3,18 +3,23 @@
 One table per record class (DESIGN section 6) holds self-contained rows keyed by the
 event's dedup key, so a replayed outbox batch leaves every row once, and the analytics
 SQL is a filter plus an aggregate over a single table. A fifth table, ``analytics``,
-receives the scheduler's write-back of computed figures.
+receives the scheduler's write-back of computed figures. Time-window filters need no
+extra index: DuckDB keeps min/max zone maps per row group, and rows arrive roughly in
+``time_ms`` order, so a window scan skips the row groups outside it (an ART index on
+``time_ms`` would only slow inserts).
 
 DuckDB lets a single process hold a database file for writing, so opening a file that
 another exporter holds fails with :class:`StoreLockedError`; a file that is not a
 DuckDB database fails with :class:`StoreCorruptError` and is never recreated.
 
 Writes pass each table's rows to DuckDB as one columnar JSON document that the engine
-unpacks with ``from_json`` + ``UNNEST``: measured on 5,000-record batches, it is the
-fastest correct way in without pandas/pyarrow (about 2x per-row ``executemany`` x100,
-and faster than binding Python lists as ``LIST`` parameters, whose per-value
-conversion dominates). Integers and floats survive JSON exactly; ``gas_used`` travels
-as a decimal string and is cast to ``HUGEINT`` so no magnitude is rounded.
+unpacks with ``from_json_strict`` + ``UNNEST`` (strict: a value that does not fit its column
+fails the batch instead of becoming NULL). Measured on 5,000-record batches this is the
+fastest correct way in without pandas/pyarrow: about 85-100k records/s against about
+65-85k for binding Python lists as ``LIST`` parameters and about 1.5k for ``executemany``.
+Integers and floats survive JSON exactly; ``gas_used`` travels as a decimal string and is
+cast to ``HUGEINT``. A plain INSERT is tried first (twice as fast as ``ON CONFLICT DO
+NOTHING``); a primary-key violation, i.e. an outbox replay, redoes the batch idempotently.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import pathlib
 import threading
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any
+from typing import Any, cast
 
 import duckdb
 
@@ -70,8 +75,8 @@ class _Table:
         """Every column in table order: the common ``key`` and ``time_ms``, then the fields."""
         return (_Column("key", "VARCHAR", True), _Column("time_ms", "BIGINT", True), *self.columns)
 
-    def insert_sql(self) -> str:
-        """Idempotent INSERT unpacking one columnar JSON document (parameter ``$1``)."""
+    def insert_sql(self, idempotent: bool) -> str:
+        """INSERT of one columnar JSON document (``$1``); ``idempotent`` skips stored keys."""
         cols = self.all_columns()
         shape = ", ".join(
             f'"{c.name}": ["{"VARCHAR" if c.as_text else c.sql_type}"]' for c in cols
@@ -84,8 +89,8 @@ class _Table:
         names = ", ".join(f'"{c.name}"' for c in cols)
         return (
             f'INSERT INTO "{self.name}" ({names}) '
-            f"SELECT {unnest} FROM (SELECT from_json($1::JSON, '{{{shape}}}') AS s) AS j "
-            "ON CONFLICT DO NOTHING"
+            f"SELECT {unnest} FROM (SELECT from_json_strict($1::JSON, '{{{shape}}}') AS s) AS j"
+            + (" ON CONFLICT DO NOTHING" if idempotent else "")
         )
 
 
@@ -148,12 +153,18 @@ _ANALYTICS_UPSERT = (
 #: Every table the store creates, in write order.
 TABLES: tuple[str, ...] = (*(t.name for t in _TABLES.values()), "analytics")
 
-_INSERT_SQL: dict[type[StoreRecord], str] = {cls: t.insert_sql() for cls, t in _TABLES.items()}
+# (plain, idempotent) INSERT per record class; see DuckDBStore._write_sync.
+_INSERT_SQL: dict[type[StoreRecord], tuple[str, str]] = {
+    cls: (t.insert_sql(idempotent=False), t.insert_sql(idempotent=True))
+    for cls, t in _TABLES.items()
+}
 _GETTERS: dict[type[StoreRecord], tuple[tuple[str, attrgetter[Any], bool], ...]] = {
     cls: tuple((c.name, attrgetter(c.name), c.as_text) for c in t.all_columns())
     for cls, t in _TABLES.items()
 }
 
+# Substrings of DuckDB errors that mean another process holds the file's lock.
+_LOCK_MARKERS = ("could not set lock", "conflicting lock")
 # Substrings of DuckDB errors that mean the file's bytes are not a usable database.
 _CORRUPT_MARKERS = (
     "not a valid duckdb database",
@@ -184,7 +195,7 @@ def _rollback(cur: duckdb.DuckDBPyConnection) -> None:
 def _classify_open_error(path: pathlib.Path, existed: bool, error: duckdb.Error) -> Exception:
     text = str(error)
     lowered = text.lower()
-    if "lock" in lowered and isinstance(error, duckdb.IOException):
+    if isinstance(error, duckdb.IOException) and any(m in lowered for m in _LOCK_MARKERS):
         return StoreLockedError(
             f"DuckDB store {path} is locked: another exporter process holds it "
             f"(DuckDB allows one process per file; stop that process or use its HTTP API). "
@@ -251,15 +262,26 @@ class DuckDBStore:
         ]
         with self._write_lock:
             self._check_open()
-            cur = self._writer
-            cur.execute("BEGIN")
+            # A plain INSERT is about twice as fast as ON CONFLICT DO NOTHING in DuckDB.
+            # New rows are the rule; a key already stored (an outbox replay) violates the
+            # primary key, and the whole batch is then redone idempotently.
             try:
-                for sql, payload in payloads:
-                    cur.execute(sql, [payload])
-                cur.execute("COMMIT")
-            except BaseException:
-                _rollback(cur)
-                raise
+                self._insert(payloads, idempotent=False)
+            except duckdb.ConstraintException:
+                log.debug("duckdb batch holds stored keys; rewriting idempotently",
+                          extra={"records": len(records)})
+                self._insert(payloads, idempotent=True)
+
+    def _insert(self, payloads: list[tuple[tuple[str, str], str]], idempotent: bool) -> None:
+        cur = self._writer
+        cur.execute("BEGIN")
+        try:
+            for sql, payload in payloads:
+                cur.execute(sql[idempotent], [payload])
+            cur.execute("COMMIT")
+        except BaseException:
+            _rollback(cur)
+            raise
 
     async def write_analytics(self, rows: list[tuple[str, str, int, str, float]]) -> None:
         """Upsert computed analytics (name, window, time_ms, field, value); replaces on conflict."""
@@ -304,11 +326,7 @@ class DuckDBStore:
     def counts(self) -> dict[str, int]:
         """Rows per table, for tests and readiness reporting."""
         sql = " UNION ALL ".join(f"SELECT '{t}', count(*) FROM \"{t}\"" for t in TABLES)
-        result: dict[str, int] = {}
-        for name, n in self.query(sql):
-            assert isinstance(n, int)
-            result[str(name)] = n
-        return result
+        return {str(name): cast(int, n) for name, n in self.query(sql)}
 
     async def close(self) -> None:
         """Wait for any write in flight, checkpoint and release the file lock."""

@@ -19,6 +19,7 @@ from exporter.ledger import (
     GroupCommitter,
     Ledger,
     LedgerCorruptError,
+    LedgerUnavailableError,
     NewEvent,
     Outcome,
     PendingChange,
@@ -232,3 +233,14 @@ def test_damaged_ledger_file_names_the_file(tmp_path: Path) -> None:
         Ledger(path)
     assert str(path) in str(caught.value)
     assert "move" in str(caught.value)
+
+
+async def test_a_failing_submission_does_not_fail_those_sharing_its_commit(
+    committer: GroupCommitter,
+) -> None:
+    poison = Submission(dead_letters=[DeadLetter("invalid", "lone surrogate \ud800", b"")])
+    good = [submit(committer, received(f"p{i}")) for i in range(20)]
+    outcomes = await asyncio.gather(committer.submit(poison), *good, return_exceptions=True)
+    assert isinstance(outcomes[0], LedgerUnavailableError)
+    assert all(isinstance(r, SubmissionResult) for r in outcomes[1:])
+    assert committer.ledger.stats().events == 20
