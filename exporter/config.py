@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from enum import StrEnum
 from pathlib import Path
@@ -103,6 +104,10 @@ class Settings(BaseSettings):
     )
     store: StoreKind = Field(StoreKind.AUTO, description="auto or duckdb")
     store_batch_size: PositiveInt = Field(5_000, description="events per store write")
+    duckdb_memory_limit: str = Field(
+        "128MB", description="DuckDB buffer pool limit (DuckDB size syntax, e.g. 512MB, 2GB)"
+    )
+    duckdb_threads: PositiveInt = Field(2, description="DuckDB worker threads")
     log_level: str = Field("info", description="debug, info, warning or error")
     log_format: LogFormat = Field(LogFormat.LOGFMT, description="logfmt or json")
 
@@ -111,6 +116,13 @@ class Settings(BaseSettings):
     def _listen_is_host_port(cls, value: str) -> str:
         split_host_port(value)
         return value
+
+    @field_validator("duckdb_memory_limit")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        if not re.fullmatch(r"\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*", value, re.I):
+            raise ValueError("must be a size such as 128MB or 2GB")
+        return value.strip()
 
     @field_validator("log_level")
     @classmethod

@@ -228,14 +228,22 @@ class DuckDBStore:
         self._closed = False
 
     @classmethod
-    def open(cls, path: pathlib.Path) -> DuckDBStore:
-        """Open (or create) the store file and its schema; blocking, call before serving."""
+    def open(
+        cls, path: pathlib.Path, memory_limit: str = "128MB", threads: int = 2
+    ) -> DuckDBStore:
+        """Open (or create) the store file and its schema; blocking, call before serving.
+
+        ``memory_limit`` and ``threads`` bound DuckDB's buffer pool and worker threads,
+        which otherwise default to 80 % of the machine's memory and every core.
+        """
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         existed = path.exists()
         conn: duckdb.DuckDBPyConnection | None = None
         try:
-            conn = duckdb.connect(str(path))
+            conn = duckdb.connect(
+                str(path), config={"memory_limit": memory_limit, "threads": threads}
+            )
             conn.execute("BEGIN")
             for table in _TABLES.values():
                 conn.execute(table.ddl())

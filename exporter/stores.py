@@ -28,7 +28,9 @@ def open_store(settings: Settings) -> Store:
     if kind is StoreKind.DUCKDB:
         from .store_duckdb import DuckDBStore
 
-        return DuckDBStore.open(settings.duckdb_path)
+        return DuckDBStore.open(
+            settings.duckdb_path, settings.duckdb_memory_limit, settings.duckdb_threads
+        )
     raise ValueError(f"unsupported store {kind}")
 
 
