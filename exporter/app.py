@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from .config import Settings
-from .ledger import GroupCommitter, Ledger, LedgerUnavailableError
+from .ledger import DataDirLock, GroupCommitter, Ledger, LedgerUnavailableError
 from .metrics import Metrics
 from .receiver import IngestLimits, Receiver
 from .records import Store
@@ -72,7 +72,12 @@ def create_app(
 async def _ledger_resource(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = app[METRICS]
-    ledger = await asyncio.to_thread(Ledger, settings.ledger_path, settings.durability)
+    lock = DataDirLock(settings.data_dir)
+    try:
+        ledger = await asyncio.to_thread(Ledger, settings.ledger_path, settings.durability)
+    except BaseException:
+        lock.release()
+        raise
     metrics.restore(await asyncio.to_thread(ledger.gauges))
     metrics.track_backlog(lambda: ledger.backlog)
     committer = GroupCommitter(ledger)
@@ -100,6 +105,7 @@ async def _ledger_resource(app: web.Application) -> AsyncIterator[None]:
             await maintenance
         await asyncio.to_thread(committer.close)
         await asyncio.to_thread(ledger.close)
+        lock.release()
         log.info("ledger closed", extra={"path": str(settings.ledger_path)})
 
 

@@ -9,7 +9,6 @@ add fields over time.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -377,10 +376,8 @@ def format_micro(micro: int) -> str:
 
 
 def canonical_json(event: Event) -> bytes:
-    """The event's normalised form: compact JSON with sorted keys, without unknown fields."""
-    return json.dumps(
-        event.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":")
-    ).encode()
+    """The event's normalised form: compact JSON in field order, without unknown fields."""
+    return event.__pydantic_serializer__.to_json(event, exclude_none=True)
 
 
 def dedup_key(event: Event, body: bytes) -> str:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -101,7 +103,6 @@ CREATE TABLE IF NOT EXISTS outbox (
     event_seq INTEGER NOT NULL,
     record TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS outbox_event ON outbox (event_seq);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
     received_at INTEGER NOT NULL,
@@ -253,6 +254,43 @@ class DeadLetterRow:
     raw: bytes
 
 
+class DataDirLockedError(LedgerError):
+    """Another exporter process is using the data directory."""
+
+
+class DataDirLock:
+    """An exclusive advisory lock on the data directory, held while the exporter runs.
+
+    Two exporters on one data directory would share a ledger but not their metrics or
+    store; the second one is refused before it touches anything.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / ".lock"
+        self._file = open(self.path, "a+")  # held until release()
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise DataDirLockedError(
+                f"data directory {data_dir} is in use by another exporter process "
+                f"(pid {holder}, lock file {self.path}); stop it or use another "
+                "EXPORTER_DATA_DIR"
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+
+    def release(self) -> None:
+        """Release the lock."""
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -272,6 +310,14 @@ class Ledger:
         self._read_lock = threading.Lock()
         self._init_schema()
         self._backlog = self._scalar("SELECT count(*) FROM outbox")
+        self._waiting_refs = self._load_waiting_refs()
+
+    def _load_waiting_refs(self) -> set[str]:
+        # Join partners that wait; a received event only looks for waiting rows when its
+        # id is here, sparing the common in-order case a query.
+        with self._read_lock:
+            rows = self._read.execute("SELECT DISTINCT ref FROM events WHERE state = 0")
+            return {str(ref) for (ref,) in rows if ref is not None}
 
     def _connect(self, durability: Durability) -> sqlite3.Connection:
         try:
@@ -332,20 +378,19 @@ class Ledger:
         try:
             cur.execute("BEGIN IMMEDIATE")
             for submission in submissions:
-                writer = _TransactionWriter(cur, now)
+                writer = _TransactionWriter(cur, now, self._waiting_refs)
                 outcomes = [writer.add(prepared) for prepared in submission.events]
                 for letter in submission.dead_letters:
                     writer.dead_letter(letter)
+                writer.flush()
                 emitted += writer.emitted
                 results.append(SubmissionResult(outcomes, writer.effects))
             cur.execute("COMMIT")
         except sqlite3.Error as error:
-            with contextlib.suppress(sqlite3.Error):
-                cur.execute("ROLLBACK")
+            self._rollback(cur)
             raise LedgerUnavailableError(f"ledger commit failed: {error}") from error
         except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                cur.execute("ROLLBACK")
+            self._rollback(cur)
             raise
         finally:
             cur.close()
@@ -368,18 +413,23 @@ class Ledger:
                 "AND received_at < ? ORDER BY seq",
                 (older_than_ms,),
             ).fetchall()
-            writer = _TransactionWriter(cur, now)
+            writer = _TransactionWriter(cur, now, self._waiting_refs)
             for seq, key, body in rows:
                 writer.release_orphan_failure(seq, key, parse_event(json.loads(body)))
+            writer.flush()
             cur.execute("COMMIT")
         except sqlite3.Error as error:
-            with contextlib.suppress(sqlite3.Error):
-                cur.execute("ROLLBACK")
+            self._rollback(cur)
             raise LedgerUnavailableError(f"ledger commit failed: {error}") from error
         finally:
             cur.close()
         self._backlog += writer.emitted
         return writer.effects
+
+    def _rollback(self, cur: sqlite3.Cursor) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            cur.execute("ROLLBACK")
+        self._waiting_refs = self._load_waiting_refs()
 
     def mark_delivered(self, up_to_seq: int) -> int:
         """Drop outbox rows up to ``up_to_seq`` once the store has them; returns how many."""
@@ -395,8 +445,8 @@ class Ledger:
         """
         cur = self._write.execute(
             "DELETE FROM events WHERE seq IN ("
-            " SELECT seq FROM events e WHERE e.received_at < ? AND e.state = 1"
-            " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.event_seq = e.seq)"
+            " SELECT seq FROM events WHERE received_at < ? AND state = 1"
+            " AND seq < (SELECT coalesce(min(event_seq), 9223372036854775807) FROM outbox)"
             " LIMIT ?)",
             (older_than_ms, limit),
         )
@@ -476,11 +526,13 @@ class Ledger:
 class _TransactionWriter:
     """Applies events inside an open transaction, collecting outcomes and metric effects."""
 
-    def __init__(self, cur: sqlite3.Cursor, now_ms: int) -> None:
+    def __init__(self, cur: sqlite3.Cursor, now_ms: int, waiting_refs: set[str]) -> None:
         self.cur = cur
+        self.waiting_refs = waiting_refs
         self.now = now_ms
         self.effects: list[Effect] = []
         self.emitted = 0
+        self._outbox: list[tuple[int, str]] = []
 
     def add(self, prepared: PreparedEvent) -> Outcome:
         event = prepared.event
@@ -525,14 +577,20 @@ class _TransactionWriter:
         )
 
     def _emit(self, event_seq: int, record: StoreRecord) -> None:
-        self.cur.execute(
-            "INSERT INTO outbox (event_seq, record) VALUES (?, ?)",
-            (event_seq, record_to_json(record)),
-        )
-        self.emitted += 1
+        self._outbox.append((event_seq, record_to_json(record)))
 
-    def _wait(self, seq: int) -> None:
+    def flush(self) -> None:
+        """Write the store records gathered so far to the outbox, in order."""
+        if self._outbox:
+            self.cur.executemany(
+                "INSERT INTO outbox (event_seq, record) VALUES (?, ?)", self._outbox
+            )
+            self.emitted += len(self._outbox)
+            self._outbox.clear()
+
+    def _wait(self, seq: int, ref: str) -> None:
         self.cur.execute("UPDATE events SET state = ? WHERE seq = ?", (_WAITING, seq))
+        self.waiting_refs.add(ref)
 
     def _apply(self, seq: int, key: str, event: Event) -> None:
         match event:
@@ -558,17 +616,20 @@ class _TransactionWriter:
     def _received(self, seq: int, key: str, event: PaymentReceived) -> None:
         d = event.data
         amount = to_micro(d.amount)
-        row = self.cur.execute(
-            "SELECT received, terminal FROM payments WHERE payment_id = ?", (d.paymentId,)
-        ).fetchone()
-        if row is None:
-            self.cur.execute(
-                "INSERT INTO payments (payment_id, network, payer, payee, amount_micro, "
-                "received, terminal, updated_at) VALUES (?, ?, ?, ?, ?, 1, 0, ?)",
-                (d.paymentId, d.network, d.payer, d.payee, amount, self.now),
-            )
+        inserted = self.cur.execute(
+            "INSERT INTO payments (payment_id, network, payer, payee, amount_micro, "
+            "received, terminal, updated_at) VALUES (?, ?, ?, ?, ?, 1, 0, ?) "
+            "ON CONFLICT (payment_id) DO NOTHING",
+            (d.paymentId, d.network, d.payer, d.payee, amount, self.now),
+        ).rowcount
+        if inserted:
             self.effects.append(PendingChange(d.network, 1))
-        elif not row[0]:
+            row = None
+        else:
+            row = self.cur.execute(
+                "SELECT received, terminal FROM payments WHERE payment_id = ?", (d.paymentId,)
+            ).fetchone()
+        if row is not None and not row[0]:
             # The payment ended before its receipt arrived (a released failure).
             self.cur.execute(
                 "UPDATE payments SET network = ?, payer = ?, payee = ?, amount_micro = ?, "
@@ -610,7 +671,7 @@ class _TransactionWriter:
             (d.paymentId,),
         ).fetchone()
         if row is None or not row[4]:
-            self._wait(seq)
+            self._wait(seq, d.paymentId)
             return
         network, payer, payee, amount, _, terminal = row
         match event:
@@ -709,6 +770,8 @@ class _TransactionWriter:
 
     def _take_waiting(self, ref: str, types: tuple[str, ...]) -> list[tuple[int, str, bytes]]:
         """Events of ``types`` waiting for ``ref``, marked as no longer waiting."""
+        if ref not in self.waiting_refs:
+            return []
         marks = ",".join("?" * len(types))
         rows: list[tuple[int, str, bytes]] = self.cur.execute(
             f"SELECT seq, key, body FROM events WHERE ref = ? AND state = 0 AND type IN ({marks})"
@@ -728,7 +791,7 @@ class _TransactionWriter:
             (d.batchId,),
         ).fetchone()
         if row is None:
-            self._wait(seq)
+            self._wait(seq, d.batchId)
             return
         network, count, total = row
         gas = int(d.gasUsed)

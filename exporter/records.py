@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Protocol
 
 
@@ -91,18 +91,23 @@ _BY_MEASUREMENT: dict[str, type[StoreRecord]] = {
 }
 
 
+_FIELD_NAMES: dict[type[StoreRecord], tuple[str, ...]] = {
+    cls: tuple(f.name for f in fields(cls)) for cls in _BY_MEASUREMENT.values()
+}
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def record_to_json(record: StoreRecord) -> str:
-    """Serialise a record for the outbox."""
-    fields = {k: v for k, v in asdict(record).items() if v is not None}
-    fields["m"] = record.measurement
-    return json.dumps(fields, separators=(",", ":"))
+    """Serialise a record for the outbox: ``[measurement, field values...]`` in field order."""
+    values: list[Any] = [record.measurement]
+    values.extend(getattr(record, name) for name in _FIELD_NAMES[type(record)])
+    return _ENCODER.encode(values)
 
 
 def record_from_json(text: str | bytes) -> StoreRecord:
     """Inverse of :func:`record_to_json`."""
-    fields: dict[str, Any] = json.loads(text)
-    cls = _BY_MEASUREMENT[fields.pop("m")]
-    return cls(**fields)
+    measurement, *values = json.loads(text)
+    return _BY_MEASUREMENT[measurement](*values)
 
 
 @dataclass(frozen=True, slots=True)

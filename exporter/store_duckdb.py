@@ -253,7 +253,7 @@ class DuckDBStore:
             if conn is not None:
                 conn.close()
             raise _classify_open_error(path, existed, error) from error
-        log.info("duckdb store opened", extra={"path": str(path), "created": not existed})
+        log.info("duckdb store opened", extra={"path": str(path), "new_file": not existed})
         return cls(path, conn)
 
     async def write(self, records: list[StoreRecord]) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ from exporter.config import Durability
 from exporter.events import canonical_json, dedup_key, parse_event
 from exporter.ledger import (
     BatchGas,
+    DataDirLock,
     DeadLetter,
     GroupCommitter,
     Ledger,
@@ -244,3 +248,20 @@ async def test_a_failing_submission_does_not_fail_those_sharing_its_commit(
     assert isinstance(outcomes[0], LedgerUnavailableError)
     assert all(isinstance(r, SubmissionResult) for r in outcomes[1:])
     assert committer.ledger.stats().events == 20
+
+
+def test_second_holder_of_a_data_dir_is_refused(tmp_path: Path) -> None:
+    first = DataDirLock(tmp_path)
+    script = (
+        "import sys; from pathlib import Path; from exporter.ledger import DataDirLock;"
+        "DataDirLock(Path(sys.argv[1]))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=False
+    )
+    assert other.returncode != 0
+    assert f"data directory {tmp_path} is in use by another exporter process" in other.stderr
+    assert f"pid {os.getpid()}" in other.stderr
+    first.release()
+    again = subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=False)
+    assert again.returncode == 0

@@ -1,0 +1,450 @@
+"""Ingest benchmark: the exporter's ``POST /v1/events`` against a no-op aiohttp handler.
+
+Starts two servers as subprocesses on loopback: the exporter on its embedded default
+(``python -m exporter serve``, SQLite ledger + DuckDB store in a temporary data dir) and
+a minimal aiohttp app that reads each body and answers 202 with a fixed JSON body. Then,
+against both, from this process:
+
+(a) single-event ``application/json`` POSTs over 32 concurrent keep-alive connections;
+(b) NDJSON batches of 1,000 events over 4 connections.
+
+The bodies are unique simulated events generated up front (not timed). The table gives
+requests/s, acknowledged events/s (events in 2xx answers), the exporter/no-op ratio,
+p50/p99 request latency and each server's peak RSS (VmHWM). ``--events N`` instead
+pushes N events (1,000,000 when no N is given) in batches to the exporter alone, for
+the peak-RSS figure under sustained load.
+
+The load generator, both servers and the exporter's background work share this
+machine's cores, so the figures are a floor and the ratio is the useful number.
+
+Run: ``.venv/bin/python bench/ingest.py [--requests N] [--batches N] [--events [N]]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import aiohttp
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from exporter.simulate import SimulationConfig, Simulator, encode_event  # noqa: E402
+
+log = logging.getLogger("bench.ingest")
+
+_NOOP_ANSWER = b'{"accepted":1,"duplicates":0,"rejected":[]}'
+_START_DEADLINE_S = 60.0
+_STOP_DEADLINE_S = 20.0
+_MAX_ATTEMPTS = 20
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------
+# servers
+
+
+def _serve_noop(port: int) -> None:
+    """Run the no-op ingest handler (the baseline) until terminated."""
+
+    async def ingest(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=202, body=_NOOP_ANSWER, content_type="application/json")
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/events", ingest)
+    app.router.add_get("/healthz", healthz)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class _Server:
+    """A server subprocess and where it listens."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+    log_file: IO[bytes]
+
+    def peak_rss_mib(self) -> float | None:
+        """VmHWM of the process (peak resident set) in MiB, None once it is gone."""
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return None
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of the server's combined stdout/stderr."""
+        self.log_file.flush()
+        text = self.log_path.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM, wait, SIGKILL if it does not exit in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=_STOP_DEADLINE_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=_STOP_DEADLINE_S)
+        self.log_file.close()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with _NO_PROXY.open(url + "/healthz", timeout=2.0) as response:
+            return int(response.status) == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def _start(name: str, argv: list[str], port: int, workdir: Path) -> _Server:
+    """Spawn a server and wait (bounded) until ``GET /healthz`` answers 200."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    log_path = workdir / f"{name}.log"
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    server = _Server(name, process, f"http://127.0.0.1:{port}", log_path, log_file)
+    deadline = time.monotonic() + _START_DEADLINE_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = server.log_tail()
+            server.stop()
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{tail}")
+        if _healthy(server.url):
+            return server
+        time.sleep(0.1)
+    tail = server.log_tail()
+    server.stop()
+    raise RuntimeError(f"{name} did not answer /healthz within {_START_DEADLINE_S:.0f}s:\n{tail}")
+
+
+# ---------------------------------------------------------------------------------------
+# bodies
+
+
+def _events(count: int, namespace: str, seed: int) -> list[bytes]:
+    """``count`` unique events (no re-deliveries) encoded as JSON, timestamps near now."""
+    config = SimulationConfig(seed=seed, duplicate_fraction=0.0, id_namespace=namespace)
+    start_ms = int(time.time() * 1000) - 3_600_000
+    rate = max(50.0, count / 3_000)  # the events span about an hour of simulated time
+    lines: list[bytes] = []
+    for event in Simulator(config).events(start_ms, None, rate):
+        lines.append(encode_event(event))
+        if len(lines) == count:
+            break
+    return lines
+
+
+def _batches(lines: Sequence[bytes], size: int) -> list[tuple[bytes, int]]:
+    """NDJSON bodies of ``size`` events each (the last may be shorter)."""
+    out = []
+    for start in range(0, len(lines), size):
+        chunk = lines[start : start + size]
+        out.append((b"".join(line + b"\n" for line in chunk), len(chunk)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# load
+
+
+@dataclass
+class _Result:
+    """What one load phase measured."""
+
+    target: str
+    phase: str
+    seconds: float = 0.0
+    requests: int = 0
+    events: int = 0
+    acknowledged: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    retries: int = 0
+    failures: int = 0
+    statuses: dict[int, int] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+
+    def percentile(self, p: float) -> float:
+        """Nearest-rank percentile of the request latencies, in ms."""
+        if not self.latencies:
+            return 0.0
+        ordered = sorted(self.latencies)
+        rank = max(1, -(-int(p * len(ordered)) // 100))
+        return ordered[min(rank, len(ordered)) - 1] * 1000
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return min(max(float(value or "0.2"), 0.05), 10.0)
+    except ValueError:
+        return 0.5
+
+
+async def _load(
+    url: str,
+    bodies: Sequence[tuple[bytes, int]],
+    content_type: str,
+    connections: int,
+    result: _Result,
+) -> _Result:
+    """POST every body once (503 retried per Retry-After) over ``connections`` workers."""
+    endpoint = url + "/v1/events"
+    headers = {"Content-Type": content_type}
+    next_index = 0
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        nonlocal next_index
+        while next_index < len(bodies):
+            body, count = bodies[next_index]
+            next_index += 1
+            began = time.perf_counter()
+            for attempt in range(_MAX_ATTEMPTS):
+                try:
+                    async with session.post(endpoint, data=body, headers=headers) as response:
+                        status = response.status
+                        answer = await response.read()
+                        retry_after = response.headers.get("Retry-After")
+                except (aiohttp.ClientError, TimeoutError) as error:
+                    log.warning("request failed: %r", error)
+                    status, answer, retry_after = 0, b"", None
+                result.statuses[status] = result.statuses.get(status, 0) + 1
+                if status == 503 and attempt + 1 < _MAX_ATTEMPTS:
+                    result.retries += 1
+                    await asyncio.sleep(_retry_after(retry_after))
+                    continue
+                break
+            result.latencies.append(time.perf_counter() - began)
+            result.requests += 1
+            result.events += count
+            if 200 <= status < 300:
+                result.acknowledged += count
+                try:
+                    doc = json.loads(answer)
+                except ValueError:
+                    doc = {}
+                if isinstance(doc, dict):
+                    result.accepted += int(doc.get("accepted", 0))
+                    result.duplicates += int(doc.get("duplicates", 0))
+            else:
+                result.failures += 1
+
+    connector = aiohttp.TCPConnector(limit=connections, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def warm() -> None:
+            async with session.get(url + "/healthz") as response:
+                await response.read()
+
+        # open the connections first so that connection setup is not in the timing
+        await asyncio.gather(*(warm() for _ in range(connections)))
+        began = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(connections)))
+        result.seconds = time.perf_counter() - began
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# report
+
+
+def _table(results: list[_Result]) -> None:
+    wide = max([len(r.phase) for r in results] + [5])
+    header = (
+        f"{'target':<9} {'phase':<{wide}} {'requests':>9} {'events':>9} {'seconds':>8} "
+        f"{'req/s':>9} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7} "
+        f"{'retries':>7}"
+    )
+    _write(header)
+    _write("-" * len(header))
+    for r in results:
+        seconds = r.seconds or float("inf")
+        _write(
+            f"{r.target:<9} {r.phase:<{wide}} {r.requests:>9,} {r.events:>9,} {r.seconds:>8.2f} "
+            f"{r.requests / seconds:>9,.0f} {r.acknowledged / seconds:>10,.0f} "
+            f"{r.percentile(50):>8.2f} {r.percentile(99):>8.2f} {r.failures:>7,} "
+            f"{r.retries:>7,}"
+        )
+
+
+def _ratios(results: list[_Result]) -> None:
+    by_key = {(r.target, r.phase): r for r in results}
+    for phase in dict.fromkeys(r.phase for r in results):
+        exporter, noop = by_key.get(("exporter", phase)), by_key.get(("no-op", phase))
+        if exporter is None or noop is None or not exporter.seconds or not noop.seconds:
+            continue
+        ratio = (exporter.acknowledged / exporter.seconds) / max(
+            noop.acknowledged / noop.seconds, 1e-9
+        )
+        _write(f"ratio exporter/no-op, {phase}: {ratio:.3g} (acknowledged events/s)")
+
+
+def _check_exporter(results: list[_Result]) -> None:
+    for r in results:
+        if r.target == "exporter" and r.accepted + r.duplicates != r.acknowledged:
+            _write(
+                f"note: {r.phase}: exporter answered accepted={r.accepted:,} "
+                f"duplicates={r.duplicates:,} for {r.acknowledged:,} acknowledged events"
+            )
+        if r.statuses.keys() - {200, 202}:
+            _write(f"note: {r.target} {r.phase}: statuses {dict(sorted(r.statuses.items()))}")
+
+
+# ---------------------------------------------------------------------------------------
+# main
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--requests", type=int, default=20_000, help="single-event POSTs")
+    parser.add_argument("--connections", type=int, default=32, help="for single events")
+    parser.add_argument("--batches", type=int, default=200, help="NDJSON batches")
+    parser.add_argument("--batch-events", type=int, default=1_000, help="events per batch")
+    parser.add_argument("--batch-connections", type=int, default=4, help="for batches")
+    parser.add_argument(
+        "--events",
+        type=int,
+        nargs="?",
+        const=1_000_000,
+        default=None,
+        help="instead: push N events (default 1,000,000) in batches to the exporter only",
+    )
+    parser.add_argument(
+        "--targets",
+        choices=("both", "exporter", "no-op"),
+        default="both",
+        help="which servers to measure (default both)",
+    )
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--noop-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _run(args: argparse.Namespace, workdir: Path) -> None:
+    targets = ["exporter", "no-op"] if args.targets == "both" else [args.targets]
+    if args.events is not None:
+        targets = ["exporter"]
+    seed_ns = f"bench{int(time.time()):x}"
+    began = time.perf_counter()
+    phases: list[tuple[str, list[tuple[bytes, int]], str, int]] = []
+    if args.events is not None:
+        lines = _events(args.events, f"{seed_ns}-n-", args.seed)
+        bodies = _batches(lines, args.batch_events)
+        del lines
+        label = f"{args.events:,} ev, NDJSON x{args.batch_events}"
+        phases.append((label, bodies, "application/x-ndjson", args.batch_connections))
+    else:
+        single = [(line, 1) for line in _events(args.requests, f"{seed_ns}-a-", args.seed)]
+        phases.append(
+            (f"single x{args.connections} conn", single, "application/json", args.connections)
+        )
+        lines = _events(args.batches * args.batch_events, f"{seed_ns}-b-", args.seed + 1)
+        batched = _batches(lines, args.batch_events)
+        phases.append(
+            (
+                f"NDJSON {args.batch_events} x{args.batch_connections} conn",
+                batched,
+                "application/x-ndjson",
+                args.batch_connections,
+            )
+        )
+    generated = sum(count for _, bodies, _, _ in phases for _, count in bodies)
+    _write(
+        f"generated {generated:,} events in {time.perf_counter() - began:.1f}s (not timed); "
+        f"cpus: {os.cpu_count()}, client and servers share them"
+    )
+
+    servers: dict[str, _Server] = {}
+    results: list[_Result] = []
+    try:
+        if "exporter" in targets:
+            port = _free_port()
+            argv = [
+                sys.executable, "-m", "exporter", "serve",
+                "--listen", f"127.0.0.1:{port}", "--data-dir", str(workdir / "data"),
+            ]  # fmt: skip
+            servers["exporter"] = _start("exporter", argv, port, workdir)
+        if "no-op" in targets:
+            port = _free_port()
+            argv = [sys.executable, str(Path(__file__).resolve()), "--noop-server", str(port)]
+            servers["no-op"] = _start("no-op", argv, port, workdir)
+        for phase, bodies, content_type, connections in phases:
+            for name in targets:
+                server = servers[name]
+                _write(f"running {name}: {phase} ...")
+                result = _Result(target=name, phase=phase)
+                asyncio.run(_load(server.url, bodies, content_type, connections, result))
+                results.append(result)
+        _write("")
+        _table(results)
+        _ratios(results)
+        _check_exporter(results)
+        for name, server in servers.items():
+            rss = server.peak_rss_mib()
+            shown = f"{rss:,.1f} MiB" if rss is not None else "unavailable"
+            _write(f"peak RSS (VmHWM) {name}: {shown}")
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark (or, internally, the no-op server) and print the table."""
+    args = _parse(argv)
+    if args.noop_server is not None:
+        _serve_noop(args.noop_server)
+        return 0
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        try:
+            _run(args, Path(tmp))
+        except RuntimeError as error:
+            sys.stderr.write(f"bench: {error}\n")
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
