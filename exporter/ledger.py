@@ -22,7 +22,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -49,6 +49,7 @@ from .records import (
     PaymentRecord,
     RevenueRecord,
     StoreRecord,
+    StoreRejection,
     WebsocketRecord,
     record_from_json,
     record_to_json,
@@ -431,10 +432,28 @@ class Ledger:
             cur.execute("ROLLBACK")
         self._waiting_refs = self._load_waiting_refs()
 
-    def mark_delivered(self, up_to_seq: int) -> int:
-        """Drop outbox rows up to ``up_to_seq`` once the store has them; returns how many."""
-        cur = self._write.execute("DELETE FROM outbox WHERE seq <= ?", (up_to_seq,))
-        removed = cur.rowcount
+    def mark_delivered(self, up_to_seq: int, refused: Sequence[StoreRejection] = ()) -> int:
+        """Drop outbox rows up to ``up_to_seq`` once the store has them; returns how many.
+
+        Records the store refused for good are kept as dead letters (reason ``store``)
+        in the same transaction, so a poison record is never retried and never lost.
+        """
+        now = _now_ms()
+        cur = self._write.cursor()
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+            cur.executemany(
+                "INSERT INTO dead_letters (received_at, reason, error, key, raw) "
+                "VALUES (?, 'store', ?, ?, ?)",
+                [(now, r.reason, r.record.key, record_to_json(r.record).encode()) for r in refused],
+            )
+            removed = cur.execute("DELETE FROM outbox WHERE seq <= ?", (up_to_seq,)).rowcount
+            cur.execute("COMMIT")
+        except sqlite3.Error as error:
+            self._rollback(cur)
+            raise LedgerUnavailableError(f"ledger commit failed: {error}") from error
+        finally:
+            cur.close()
         self._backlog -= removed
         return removed
 

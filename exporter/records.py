@@ -118,6 +118,30 @@ class OutboxRow:
     record: StoreRecord
 
 
+@dataclass(frozen=True, slots=True)
+class StoreRejection:
+    """A record the store refused for good (a poison record): kept as a dead letter."""
+
+    record: StoreRecord
+    reason: str
+
+
+class StoreError(Exception):
+    """A store write failed; the records stay in the outbox and are retried."""
+
+
+class StoreRetryAfterError(StoreError):
+    """The store asked to be left alone for ``retry_after`` seconds (429/503)."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StoreAuthError(StoreError):
+    """The store refused the exporter's credentials; retrying cannot help until fixed."""
+
+
 class Store(Protocol):
     """A time-series sink fed from the ledger outbox.
 
@@ -127,8 +151,12 @@ class Store(Protocol):
 
     name: str
 
-    async def write(self, records: list[StoreRecord]) -> None:
-        """Persist ``records``; raise on any failure so the rows are retried."""
+    async def write(self, records: list[StoreRecord]) -> list[StoreRejection]:
+        """Persist ``records``, returning those refused for good (stored as dead letters).
+
+        Raise (preferably a :class:`StoreError`) when nothing or not everything could be
+        stored for a reason that may pass; all of ``records`` are then retried.
+        """
         ...
 
     async def close(self) -> None:

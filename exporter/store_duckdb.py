@@ -35,7 +35,14 @@ from typing import Any, cast
 
 import duckdb
 
-from .records import BatchRecord, PaymentRecord, RevenueRecord, StoreRecord, WebsocketRecord
+from .records import (
+    BatchRecord,
+    PaymentRecord,
+    RevenueRecord,
+    StoreRecord,
+    StoreRejection,
+    WebsocketRecord,
+)
 
 log = logging.getLogger(__name__)
 
@@ -256,10 +263,14 @@ class DuckDBStore:
         log.info("duckdb store opened", extra={"path": str(path), "new_file": not existed})
         return cls(path, conn)
 
-    async def write(self, records: list[StoreRecord]) -> None:
-        """Insert ``records`` in one transaction, skipping keys already stored (idempotent)."""
+    async def write(self, records: list[StoreRecord]) -> list[StoreRejection]:
+        """Insert ``records`` in one transaction, skipping keys already stored (idempotent).
+
+        DuckDB refuses a batch as a whole, so nothing is rejected record by record.
+        """
         if records:
             await asyncio.to_thread(self._write_sync, records)
+        return []
 
     def _write_sync(self, records: list[StoreRecord]) -> None:
         by_class: dict[type[StoreRecord], list[StoreRecord]] = {cls: [] for cls in _TABLES}

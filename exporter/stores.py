@@ -103,7 +103,7 @@ class Forwarder:
                 continue
             started = time.perf_counter()
             try:
-                await self.store.write([row.record for row in rows])
+                refused = await self.store.write([row.record for row in rows])
             except Exception as error:
                 await self._back_off(error, len(rows))
                 if self._stop_when_idle:
@@ -111,7 +111,16 @@ class Forwarder:
                 continue
             self.metrics.store_write_duration.observe(time.perf_counter() - started)
             last_seq = rows[-1].seq
-            await self.committer.call(functools.partial(ledger.mark_delivered, last_seq))
+            await self.committer.call(functools.partial(ledger.mark_delivered, last_seq, refused))
+            if refused:
+                log.warning(
+                    "store refused records; kept as dead letters",
+                    extra={
+                        "store": self.store.name,
+                        "records": len(refused),
+                        "first_reason": refused[0].reason,
+                    },
+                )
             self.last_success = time.time()
             self.last_error = None
             self.consecutive_failures = 0

@@ -15,7 +15,7 @@ from test_ledger import prepare
 from exporter.app import COMMITTER, STORE
 from exporter.ledger import GroupCommitter, Ledger, Submission
 from exporter.metrics import Metrics
-from exporter.records import StoreRecord
+from exporter.records import StoreRecord, StoreRejection
 from exporter.store_duckdb import DuckDBStore
 from exporter.stores import Forwarder
 
@@ -29,12 +29,12 @@ class FailingFirst:
     name: str = "duckdb"
     attempts: int = 0
 
-    async def write(self, records: list[StoreRecord]) -> None:
+    async def write(self, records: list[StoreRecord]) -> list[StoreRejection]:
         """Fail, then delegate."""
         self.attempts += 1
         if self.attempts <= self.failures:
             raise OSError("store unreachable")
-        await self.inner.write(records)
+        return await self.inner.write(records)
 
     async def close(self) -> None:
         """Close the real store."""

@@ -200,11 +200,11 @@ async def test_concurrent_writes_and_queries_do_not_interfere(store: DuckDBStore
         for b in range(8)
     ]
     sql = "SELECT count(*) FROM websocket"
-    results = await asyncio.gather(
-        *(store.write(batch) for batch in batches), *(store.aquery(sql) for _ in range(8))
-    )
-    for counted in results[len(batches):]:
-        assert counted is not None and counted[0][0] in range(0, 4001, 500)
+    writes = [asyncio.ensure_future(store.write(batch)) for batch in batches]
+    counts = await asyncio.gather(*(store.aquery(sql) for _ in range(8)))
+    await asyncio.gather(*writes)
+    for counted in counts:
+        assert counted[0][0] in range(0, 4001, 500)
     assert store.counts()["websocket"] == 4000
 
 
