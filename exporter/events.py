@@ -324,10 +324,15 @@ EVENT_TYPES: tuple[str, ...] = (
 )
 
 _EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+_EVENT_LIST_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 
 
 class EventError(ValueError):
     """An event failed validation; ``str()`` names each offending field and why."""
+
+
+class MalformedJSONError(ValueError):
+    """The bytes are not valid JSON; ``str()`` is the parser's message."""
 
 
 def _describe(error: ValidationError) -> str:
@@ -338,7 +343,9 @@ def _describe(error: ValidationError) -> str:
             loc = loc[1:]  # the union's tag adds itself to the path
         where = ".".join(loc) or "event"
         kind = detail["type"]
-        if kind == "union_tag_invalid":
+        if kind == "dict_type" and not loc:
+            message = "must be a JSON object"
+        elif kind == "union_tag_invalid":
             tag = detail.get("ctx", {}).get("tag")
             message = f"unknown event type {_show(tag)}; expected one of {', '.join(EVENT_TYPES)}"
             where = "type"
@@ -361,6 +368,44 @@ def parse_event(obj: Any) -> Event:
         return _EVENT_ADAPTER.validate_python(obj)
     except ValidationError as error:
         raise EventError(_describe(error)) from None
+
+
+def _malformed(error: ValidationError) -> MalformedJSONError | None:
+    for detail in error.errors(include_url=False):
+        if detail["type"] == "json_invalid":
+            return MalformedJSONError(str(detail["msg"]).removeprefix("Invalid JSON: "))
+    return None
+
+
+def parse_event_json(raw: bytes) -> Event:
+    """Parse and validate one event from JSON bytes in one pass.
+
+    Raises :class:`MalformedJSONError` when ``raw`` is not JSON, :class:`EventError`
+    when it is JSON but not a valid event.
+    """
+    try:
+        return _EVENT_ADAPTER.validate_json(raw)
+    except ValidationError as error:
+        malformed = _malformed(error)
+        if malformed is not None:
+            raise malformed from None
+        raise EventError(_describe(error)) from None
+
+
+def parse_event_array_json(raw: bytes) -> list[Event] | None:
+    """Parse a JSON array whose every item is a valid event, in one pass.
+
+    Returns None when any item is invalid or the body is not an array, so that the
+    caller can look at the items one by one; raises :class:`MalformedJSONError` when
+    ``raw`` is not JSON at all.
+    """
+    try:
+        return _EVENT_LIST_ADAPTER.validate_json(raw)
+    except ValidationError as error:
+        malformed = _malformed(error)
+        if malformed is not None:
+            raise malformed from None
+        return None
 
 
 def to_micro(amount: str) -> int:

@@ -51,7 +51,8 @@ from .records import (
     StoreRecord,
     StoreRejection,
     WebsocketRecord,
-    record_from_json,
+    decode_record,
+    encode_record,
     record_to_json,
 )
 
@@ -77,7 +78,6 @@ CREATE TABLE IF NOT EXISTS events (
     state INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_waiting ON events (ref, seq) WHERE state = 0;
-CREATE INDEX IF NOT EXISTS events_received_at ON events (received_at);
 -- Join state per payment: what payment:received said, and whether it has ended.
 CREATE TABLE IF NOT EXISTS payments (
     payment_id TEXT PRIMARY KEY,
@@ -88,21 +88,19 @@ CREATE TABLE IF NOT EXISTS payments (
     received INTEGER NOT NULL,
     terminal INTEGER NOT NULL,
     updated_at INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS payments_pending ON payments (network)
-    WHERE received = 1 AND terminal = 0;
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS batches (
     batch_id TEXT PRIMARY KEY,
     network TEXT NOT NULL,
     payment_count INTEGER NOT NULL,
     total_amount_micro INTEGER NOT NULL,
     updated_at INTEGER NOT NULL
-);
+) WITHOUT ROWID;
 -- Store records not yet delivered, in commit order; a row is deleted once delivered.
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY,
     event_seq INTEGER NOT NULL,
-    record TEXT NOT NULL
+    record BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
@@ -457,17 +455,40 @@ class Ledger:
         self._backlog -= removed
         return removed
 
+    def _first_seq_received_at_or_after(self, at_ms: int) -> int:
+        # Events are numbered in commit order, so received_at grows with seq: a binary
+        # search over seq finds the cut-off without an index on received_at.
+        def received_at(seq: int) -> tuple[int, int] | None:
+            row = self._write.execute(
+                "SELECT seq, received_at FROM events WHERE seq >= ? ORDER BY seq LIMIT 1", (seq,)
+            ).fetchone()
+            return (int(row[0]), int(row[1])) if row else None
+
+        bounds = self._write.execute("SELECT min(seq), max(seq) FROM events").fetchone()
+        if bounds[0] is None:
+            return 0
+        low, high = int(bounds[0]), int(bounds[1]) + 1
+        while low < high:
+            middle = (low + high) // 2
+            found = received_at(middle)
+            if found is None or found[1] >= at_ms:
+                high = middle
+            else:
+                low = found[0] + 1
+        return low
+
     def apply_retention(self, older_than_ms: int, limit: int = 10_000) -> int:
         """Delete delivered events received before ``older_than_ms``; returns how many.
 
         Events still waiting for a join or with undelivered outbox rows are kept.
         """
+        cutoff_seq = self._first_seq_received_at_or_after(older_than_ms)
         cur = self._write.execute(
             "DELETE FROM events WHERE seq IN ("
-            " SELECT seq FROM events WHERE received_at < ? AND state = 1"
+            " SELECT seq FROM events WHERE seq < ? AND state = 1"
             " AND seq < (SELECT coalesce(min(event_seq), 9223372036854775807) FROM outbox)"
             " LIMIT ?)",
-            (older_than_ms, limit),
+            (cutoff_seq, limit),
         )
         deleted = cur.rowcount
         self._write.execute(
@@ -494,7 +515,7 @@ class Ledger:
             rows = self._read.execute(
                 "SELECT seq, record FROM outbox ORDER BY seq LIMIT ?", (limit,)
             ).fetchall()
-        return [OutboxRow(seq, record_from_json(text)) for seq, text in rows]
+        return [OutboxRow(seq, decode_record(blob)) for seq, blob in rows]
 
     def stats(self) -> LedgerStats:
         """Row counts for readiness and debugging."""
@@ -551,7 +572,7 @@ class _TransactionWriter:
         self.now = now_ms
         self.effects: list[Effect] = []
         self.emitted = 0
-        self._outbox: list[tuple[int, str]] = []
+        self._outbox: list[tuple[int, bytes]] = []
 
     def add(self, prepared: PreparedEvent) -> Outcome:
         event = prepared.event
@@ -596,7 +617,7 @@ class _TransactionWriter:
         )
 
     def _emit(self, event_seq: int, record: StoreRecord) -> None:
-        self._outbox.append((event_seq, record_to_json(record)))
+        self._outbox.append((event_seq, encode_record(record)))
 
     def flush(self) -> None:
         """Write the store records gathered so far to the outbox, in order."""
@@ -949,8 +970,12 @@ class GroupCommitter:
             request.loop.call_soon_threadsafe(_set_exception, request.future, failure)
             return
         self.commits += 1
+        # One wake-up of each event loop per commit, however many requests it resolves.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], object]]] = {}
         for request, result in zip(batch, results, strict=True):
-            request.loop.call_soon_threadsafe(_set_result, request.future, result)
+            by_loop.setdefault(request.loop, []).append((request.future, result))
+        for loop, resolutions in by_loop.items():
+            loop.call_soon_threadsafe(_resolve_all, resolutions)
         for hook in self.on_commit_hooks:
             hook()
 
@@ -961,6 +986,12 @@ class GroupCommitter:
             job.loop.call_soon_threadsafe(_set_exception, job.future, error)
             return
         job.loop.call_soon_threadsafe(_set_result, job.future, value)
+
+
+def _resolve_all(resolutions: list[tuple[asyncio.Future[Any], object]]) -> None:
+    for future, value in resolutions:
+        if not future.done():
+            future.set_result(value)
 
 
 def _set_result(future: asyncio.Future[Any], value: object) -> None:

@@ -16,7 +16,16 @@ from typing import Any
 
 from aiohttp import web
 
-from .events import EventError, canonical_json, dedup_key, parse_event
+from .events import (
+    Event,
+    EventError,
+    MalformedJSONError,
+    canonical_json,
+    dedup_key,
+    parse_event,
+    parse_event_array_json,
+    parse_event_json,
+)
 from .ledger import (
     DeadLetter,
     GroupCommitter,
@@ -51,7 +60,9 @@ class _Rejection:
 
 @dataclass(slots=True)
 class _Parsed:
-    items: list[tuple[Any, bytes]] = field(default_factory=list)
+    # Each item is a valid event or its validation error, with the bytes it came as
+    # (None for items of a fully valid array: their canonical form stands in).
+    items: list[tuple[Event | EventError, bytes | None]] = field(default_factory=list)
     single: bool = False
 
 
@@ -187,15 +198,15 @@ class Receiver:
         submission = Submission()
         rejected: list[_Rejection] = []
         positions: list[int] = []
-        for index, (obj, raw) in enumerate(parsed.items):
-            try:
-                event = parse_event(obj)
-            except EventError as error:
-                rejected.append(_Rejection(index, str(error)))
-                submission.dead_letters.append(DeadLetter("invalid", str(error), raw))
+        for index, (event, raw) in enumerate(parsed.items):
+            if isinstance(event, EventError):
+                rejected.append(_Rejection(index, str(event)))
+                submission.dead_letters.append(DeadLetter("invalid", str(event), raw or b""))
                 continue
             body = canonical_json(event)
-            submission.events.append(PreparedEvent(event, dedup_key(event, body), body, raw))
+            submission.events.append(
+                PreparedEvent(event, dedup_key(event, body), body, raw or body)
+            )
             positions.append(index)
         if not parsed.items:
             return _answer(422, error="the body holds no events")
@@ -299,17 +310,34 @@ def _gunzip(raw: bytes, limit: int) -> bytes:
 
 
 def _parse_json(body: bytes) -> _Parsed:
+    if body.lstrip()[:1] == b"[":
+        try:
+            events = parse_event_array_json(body)
+        except MalformedJSONError as error:
+            raise _Refused(400, f"body is not valid JSON: {error}", "malformed", body) from None
+        if events is not None:  # the common case: every item valid, parsed in one pass
+            return _Parsed([(event, None) for event in events])
+        try:
+            items = json.loads(body)
+        except RecursionError:
+            raise _Refused(
+                400, "body is not valid JSON: nested too deeply", "malformed", body
+            ) from None
+        return _Parsed([_check_item(item) for item in items])
     try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return _Parsed([(parse_event_json(body), body)], single=True)
+    except MalformedJSONError as error:
         raise _Refused(400, f"body is not valid JSON: {error}", "malformed", body) from None
-    except RecursionError:
-        raise _Refused(
-            400, "body is not valid JSON: nested too deeply", "malformed", body
-        ) from None
-    if isinstance(value, list):
-        return _Parsed([(item, _dump(item)) for item in value])
-    return _Parsed([(value, body)], single=True)
+    except EventError as error:
+        return _Parsed([(error, body)], single=True)
+
+
+def _check_item(item: Any) -> tuple[Event | EventError, bytes]:
+    raw = json.dumps(item, separators=(",", ":")).encode()
+    try:
+        return parse_event(item), raw
+    except EventError as error:
+        return error, raw
 
 
 def _parse_ndjson(body: bytes) -> _Parsed:
@@ -318,8 +346,10 @@ def _parse_ndjson(body: bytes) -> _Parsed:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            parsed.items.append((parse_event_json(line), line))
+        except EventError as error:
+            parsed.items.append((error, line))
+        except MalformedJSONError as error:
             index = len(parsed.items)
             raise _Refused(
                 400,
@@ -328,13 +358,4 @@ def _parse_ndjson(body: bytes) -> _Parsed:
                 body,
                 [_Rejection(index, f"line {line_number}: {error}")],
             ) from None
-        except RecursionError:
-            raise _Refused(
-                400, f"line {line_number} is nested too deeply", "malformed", body
-            ) from None
-        parsed.items.append((value, line))
     return parsed
-
-
-def _dump(item: Any) -> bytes:
-    return json.dumps(item, separators=(",", ":")).encode()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Protocol
 
@@ -97,16 +98,28 @@ _FIELD_NAMES: dict[type[StoreRecord], tuple[str, ...]] = {
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
+def _values(record: StoreRecord) -> tuple[Any, ...]:
+    return (record.measurement, *(getattr(record, name) for name in _FIELD_NAMES[type(record)]))
+
+
 def record_to_json(record: StoreRecord) -> str:
-    """Serialise a record for the outbox: ``[measurement, field values...]`` in field order."""
-    values: list[Any] = [record.measurement]
-    values.extend(getattr(record, name) for name in _FIELD_NAMES[type(record)])
-    return _ENCODER.encode(values)
+    """A readable form of a record, ``[measurement, field values...]``, for dead letters."""
+    return _ENCODER.encode(_values(record))
 
 
-def record_from_json(text: str | bytes) -> StoreRecord:
-    """Inverse of :func:`record_to_json`."""
-    measurement, *values = json.loads(text)
+def encode_record(record: StoreRecord) -> bytes:
+    """Serialise a record for the outbox.
+
+    The outbox is private to the exporter and on the hot path, so records travel as a
+    pickled tuple of plain values (str, int, float, None): several times faster than
+    JSON both ways. Only the exporter writes these rows.
+    """
+    return pickle.dumps(_values(record), protocol=5)
+
+
+def decode_record(blob: bytes) -> StoreRecord:
+    """Inverse of :func:`encode_record`."""
+    measurement, *values = pickle.loads(blob)
     return _BY_MEASUREMENT[measurement](*values)
 
 

@@ -226,6 +226,7 @@ async def test_retention_drops_only_delivered_events(committer: GroupCommitter) 
     rows = ledger.read_outbox(10)
     assert await committer.call(lambda: ledger.apply_retention(2**62)) == 0
     await committer.call(lambda: ledger.mark_delivered(rows[-1].seq))
+    assert await committer.call(lambda: ledger.apply_retention(0)) == 0  # all too recent
     assert await committer.call(lambda: ledger.apply_retention(2**62)) == 1
     assert [key for _, key, _ in ledger.iter_events()] == ["payment:settled:p2"]
 

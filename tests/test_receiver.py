@@ -91,7 +91,7 @@ async def test_malformed_json_is_400_with_parser_message_and_kept(client: AppCli
     response = await client.post("/v1/events", data=b'{"type": ', headers=JSON)
     assert response.status == 400
     body = await response.json()
-    assert body["error"].startswith("body is not valid JSON: Expecting value")
+    assert body["error"] == "body is not valid JSON: EOF while parsing a value at line 1 column 9"
     assert body["accepted"] == 0 and body["rejected"] == []
     assert dead_letters(client, "malformed")[0][2] == b'{"type": '
 
@@ -266,3 +266,32 @@ def test_non_loopback_listen_with_token_is_allowed() -> None:
 async def test_failed_unknown_payment_is_accepted(client: AppClient) -> None:
     response = await client.post("/v1/events", json=failed("unknown"))
     assert response.status == 202
+
+
+async def test_deeply_nested_json_is_400_not_a_crash(client: AppClient) -> None:
+    for body in (b"[" * 100_000 + b"]" * 100_000, b"[" + b"[" * 100_000 + b"]" * 100_000 + b"]"):
+        response = await client.post("/v1/events", data=body, headers=JSON)
+        assert response.status in (400, 422)
+    nested = b'{"type":"payment:received","data":' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    response = await client.post("/v1/events", data=nested, headers=NDJSON)
+    assert response.status in (400, 422)
+
+
+async def test_lone_surrogate_escape_is_refused_not_stored(client: AppClient) -> None:
+    event = json.dumps(received("p1")).replace("p1", "\\ud800").encode()
+    for headers in (JSON, NDJSON):
+        response = await client.post("/v1/events", data=event, headers=headers)
+        assert response.status == 400
+    assert client.app[COMMITTER].ledger.stats().events == 0
+
+
+async def test_array_with_one_invalid_item_keeps_the_others(client: AppClient) -> None:
+    body = [received("p1"), {"type": "payment:received"}, [1]]
+    response = await client.post("/v1/events", json=body)
+    assert response.status == 202
+    answer = await response.json()
+    assert answer["accepted"] == 1
+    assert [(r["index"], r["error"]) for r in answer["rejected"]] == [
+        (1, "data: field required"),
+        (2, "event: must be a JSON object, got list"),
+    ]
