@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import sys
@@ -89,11 +90,20 @@ def _demo_context(rate: float) -> Any:
     return demo
 
 
+async def _freeze_startup_objects(app: web.Application) -> None:
+    # Everything allocated while starting (modules, models, schemas) lives as long as
+    # the process; keeping it out of the collector's generations makes each collection
+    # cheaper on the ingest path.
+    gc.collect()
+    gc.freeze()
+
+
 def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_format.value)
     extra = [_demo_context(args.demo_rate)] if args.demo else []
     app = create_app(settings, extra_contexts=extra)
+    app.on_startup.append(_freeze_startup_objects)
     log.info(
         "starting",
         extra={

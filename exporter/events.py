@@ -8,6 +8,7 @@ add fields over time.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import time
@@ -408,8 +409,12 @@ def parse_event_array_json(raw: bytes) -> list[Event] | None:
         return None
 
 
+@functools.lru_cache(maxsize=65536)
 def to_micro(amount: str) -> int:
-    """Convert a validated decimal string to integer micro-units, rounding half to even."""
+    """Convert a validated decimal string to integer micro-units, rounding half to even.
+
+    Cached: prices and fees repeat, and Decimal arithmetic is on the ingest hot path.
+    """
     return int(Decimal(amount).scaleb(6).quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
 
 

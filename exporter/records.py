@@ -1,5 +1,8 @@
 """Store records: events enriched with their joined payment or batch, ready for any store.
 
+Records are plain slotted dataclasses (not frozen: frozen construction costs several
+times more, and records are built and decoded once per event on the hot path).
+
 The ledger writes one record per event once its join is complete (DESIGN section 6),
 so every store holds self-contained rows and every analytics query is a filter plus an
 aggregate. Records travel through the ledger's outbox as JSON.
@@ -25,7 +28,7 @@ def unique_time_ns(time_ms: int, key: str) -> int:
     return time_ms * 1_000_000 + offset % 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PaymentRecord:
     """One payment lifecycle event with the joined ``payment:received`` fields."""
 
@@ -45,7 +48,7 @@ class PaymentRecord:
     error: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BatchRecord:
     """One batch event with the joined ``batch:created`` fields."""
 
@@ -62,7 +65,7 @@ class BatchRecord:
     tx: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RevenueRecord:
     """Revenue beyond facilitator fees, by kind (``gas_sponsorship`` or ``premium``)."""
 
@@ -75,7 +78,7 @@ class RevenueRecord:
     payment_id: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WebsocketRecord:
     """The facilitator's connected WebSocket client count at an instant."""
 
