@@ -8,6 +8,7 @@ import socket
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,7 +27,9 @@ class StoreKind(StrEnum):
     """Which time-series store the ledger's outbox feeds."""
 
     AUTO = "auto"
+    """InfluxDB when ``EXPORTER_INFLUX_URL`` is set, else DuckDB."""
     DUCKDB = "duckdb"
+    INFLUXDB = "influxdb"
 
 
 class LogFormat(StrEnum):
@@ -68,6 +71,7 @@ def is_loopback_host(host: str) -> bool:
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
 
 
 class Settings(BaseSettings):
@@ -102,10 +106,22 @@ class Settings(BaseSettings):
         description="after this, a payment:failed whose payment:received never came is "
         "counted on its own network (or unknown)",
     )
-    store: StoreKind = Field(StoreKind.AUTO, description="auto or duckdb")
+    store: StoreKind = Field(StoreKind.AUTO, description="auto, duckdb or influxdb")
     store_batch_size: PositiveInt = Field(5_000, description="events per store write")
+    store_max_backoff_seconds: PositiveFloat = Field(
+        30.0, description="longest pause between retries of a failing store write"
+    )
+    influx_url: str | None = Field(
+        None, description="InfluxDB 2.x base URL, e.g. http://influxdb:8086"
+    )
+    influx_token: SecretStr | None = Field(None, description="InfluxDB API token")
+    influx_org: str | None = Field(None, description="InfluxDB organization (name or id)")
+    influx_bucket: str = Field("payments", description="InfluxDB bucket the points go to")
+    influx_timeout_seconds: PositiveFloat = Field(
+        10.0, description="InfluxDB request timeout (a write not answered by then is retried)"
+    )
     duckdb_memory_limit: str = Field(
-        "128MB", description="DuckDB buffer pool limit (DuckDB size syntax, e.g. 512MB, 2GB)"
+        "64MB", description="DuckDB buffer pool limit (DuckDB size syntax, e.g. 512MB, 2GB)"
     )
     duckdb_threads: PositiveInt = Field(2, description="DuckDB worker threads")
     log_level: str = Field("info", description="debug, info, warning or error")
@@ -131,11 +147,37 @@ class Settings(BaseSettings):
             raise ValueError("must be one of debug, info, warning, error")
         return value.lower()
 
-    @field_validator("ingest_token")
+    @field_validator("ingest_token", "influx_token")
     @classmethod
     def _token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value().strip():
             return None
+        return value
+
+    @field_validator("influx_url", "influx_org")
+    @classmethod
+    def _blank_is_unset(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            return None
+        return value.strip() if value is not None else None
+
+    @field_validator("influx_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        if parts.query or parts.fragment:
+            raise ValueError("must be a base URL without query or fragment")
+        return value.rstrip("/")
+
+    @field_validator("influx_bucket")
+    @classmethod
+    def _bucket_named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
         return value
 
     @model_validator(mode="after")
@@ -145,6 +187,26 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"refusing to listen on {self.listen} without EXPORTER_INGEST_TOKEN: "
                 "set a token or listen on a loopback address such as 127.0.0.1"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _influx_complete(self) -> Settings:
+        if self.resolved_store is not StoreKind.INFLUXDB:
+            return self
+        missing = [
+            f"EXPORTER_INFLUX_{name.upper()}"
+            for name, value in (
+                ("url", self.influx_url),
+                ("token", self.influx_token),
+                ("org", self.influx_org),
+            )
+            if value is None
+        ]
+        if missing:
+            raise ValueError(
+                f"the InfluxDB store needs {', '.join(missing)} "
+                f"(store is {self.store.value}; set EXPORTER_STORE=duckdb for the embedded store)"
             )
         return self
 
@@ -171,4 +233,6 @@ class Settings(BaseSettings):
     @property
     def resolved_store(self) -> StoreKind:
         """The store ``auto`` stands for on this configuration."""
-        return StoreKind.DUCKDB if self.store is StoreKind.AUTO else self.store
+        if self.store is not StoreKind.AUTO:
+            return self.store
+        return StoreKind.INFLUXDB if self.influx_url is not None else StoreKind.DUCKDB

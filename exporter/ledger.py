@@ -290,6 +290,32 @@ class DataDirLock:
         self._file.close()
 
 
+_WRITE_CACHE_KIB = 16 * 1024
+_CHECKPOINT_INTERVAL_SECONDS = 1.0
+
+
+class _Checkpointer:
+    """Checkpoints the WAL every second from its own connection (PASSIVE: never blocks)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ledger-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(_CHECKPOINT_INTERVAL_SECONDS):
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error as error:
+                log.warning("ledger checkpoint failed", extra={"error": str(error)})
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._conn.close()
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -310,6 +336,11 @@ class Ledger:
         self._init_schema()
         self._backlog = self._scalar("SELECT count(*) FROM outbox")
         self._waiting_refs = self._load_waiting_refs()
+        # Checkpoints copy the WAL back into the database file and sync it; done in the
+        # committing thread they stall ingest, so a thread of their own does them.
+        self._write.execute("PRAGMA wal_autocheckpoint=0")
+        self._write.execute(f"PRAGMA cache_size=-{_WRITE_CACHE_KIB}")
+        self._checkpointer = _Checkpointer(self._connect(durability))
 
     def _load_waiting_refs(self) -> set[str]:
         # Join partners that wait; a received event only looks for waiting rows when its
@@ -360,7 +391,8 @@ class Ledger:
         return int(row[0]) if row and row[0] is not None else 0
 
     def close(self) -> None:
-        """Close both connections (checkpointing the WAL)."""
+        """Close the connections, checkpointing the WAL into the database file."""
+        self._checkpointer.stop()
         self._read.close()
         with contextlib.suppress(sqlite3.Error):
             self._write.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -236,7 +236,7 @@ class DuckDBStore:
 
     @classmethod
     def open(
-        cls, path: pathlib.Path, memory_limit: str = "128MB", threads: int = 2
+        cls, path: pathlib.Path, memory_limit: str = "64MB", threads: int = 2
     ) -> DuckDBStore:
         """Open (or create) the store file and its schema; blocking, call before serving.
 

@@ -2,8 +2,14 @@
 
 Delivery is at-least-once: outbox rows are removed only after the store accepted them,
 and stores write idempotently per event key, so a crash between the two repeats a
-write without duplicating data. Store failures back off and retry; they never touch
-ingest, whose only dependency is the ledger.
+write without duplicating data. Store failures back off (exponentially, with jitter)
+and retry; a store that names its own pause (``Retry-After``) gets exactly that pause;
+a store that refuses the credentials stops nothing but readiness: the forwarder keeps
+probing at the longest backoff while events keep buffering in the ledger. None of this
+touches ingest, whose only dependency is the ledger.
+
+The forwarder holds one outbox batch in memory at a time and reads it again after a
+failure, so an outage of hours grows the backlog on disk only.
 """
 
 from __future__ import annotations
@@ -13,13 +19,48 @@ import functools
 import logging
 import random
 import time
+import weakref
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .config import Settings, StoreKind
 from .ledger import GroupCommitter
 from .metrics import Metrics
-from .records import Store
+from .records import Store, StoreAuthError, StoreError, StoreRetryAfterError
 
 log = logging.getLogger(__name__)
+
+
+class StoreTimeoutError(StoreError):
+    """The store did not answer in time; retried with backoff."""
+
+
+class StoreServerError(StoreError):
+    """The store failed on its side (5xx) or could not be reached; retried with backoff."""
+
+
+class StoreClientError(StoreError):
+    """The store refused the request for a reason other than credentials or bad records."""
+
+
+ERROR_CLASSES = ("retry_after", "auth", "timeout", "server", "client", "other")
+"""Every value of ``exporter_store_errors_total{class}``."""
+
+
+def error_class(error: BaseException) -> str:
+    """The ``class`` label of a store failure (one of :data:`ERROR_CLASSES`)."""
+    if isinstance(error, StoreRetryAfterError):
+        return "retry_after"
+    if isinstance(error, StoreAuthError):
+        return "auth"
+    if isinstance(error, StoreTimeoutError | TimeoutError):
+        return "timeout"
+    if isinstance(error, StoreServerError | ConnectionError):
+        return "server"
+    if isinstance(error, StoreClientError):
+        return "client"
+    return "other"
 
 
 def open_store(settings: Settings) -> Store:
@@ -31,7 +72,96 @@ def open_store(settings: Settings) -> Store:
         return DuckDBStore.open(
             settings.duckdb_path, settings.duckdb_memory_limit, settings.duckdb_threads
         )
+    if kind is StoreKind.INFLUXDB:
+        from .store_influx import InfluxStore
+
+        assert settings.influx_url and settings.influx_token and settings.influx_org
+        return InfluxStore(
+            settings.influx_url,
+            settings.influx_token.get_secret_value(),
+            settings.influx_org,
+            settings.influx_bucket,
+            settings.influx_timeout_seconds,
+            min(settings.store_batch_size, 5_000),
+        )
     raise ValueError(f"unsupported store {kind}")
+
+
+BATCH_SIZE_BUCKETS = (1, 10, 100, 500, 1000, 2500, 5000, 10000)
+
+# A store answering "Retry-After: 0" again and again must not make the forwarder spin.
+_MIN_RETRY_AFTER_SECONDS = 0.05
+
+
+class StoreMetrics:
+    """The forwarder's metrics beyond :class:`Metrics`: errors by class, batches, lag.
+
+    Registered once per registry (:meth:`on`), so several forwarders over one app's
+    registry (tests, restarts within a process) share them.
+    """
+
+    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, StoreMetrics] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        """Register the metric families on ``registry``."""
+        self.errors = Counter(
+            "exporter_store_errors",
+            "Failed store writes by class: retry_after (429/503), auth (credentials, "
+            "org or bucket refused), timeout, server (5xx or unreachable), client (other "
+            "4xx), other.",
+            ["class"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            "exporter_store_records_rejected",
+            "Records the store refused for good, kept in the ledger as dead letters.",
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "exporter_store_batch_size_records",
+            "Records per delivered store write.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "exporter_store_lag_seconds",
+            "Age of the oldest record not yet delivered to the store, by its event "
+            "timestamp (0 when the outbox is empty).",
+            registry=registry,
+        )
+        self.auth_failed = Gauge(
+            "exporter_store_auth_failed",
+            "1 while the store refuses the exporter's credentials (shipping paused).",
+            registry=registry,
+        )
+        for name in ERROR_CLASSES:
+            self.errors.labels(name)
+
+    @classmethod
+    def on(cls, registry: CollectorRegistry) -> StoreMetrics:
+        """The store metrics of ``registry``, registering them on first use."""
+        metrics = cls._by_registry.get(registry)
+        if metrics is None:
+            metrics = cls._by_registry[registry] = cls(registry)
+        return metrics
+
+
+@dataclass(frozen=True, slots=True)
+class StoreState:
+    """What ``/readyz`` says about the store."""
+
+    name: str
+    reachable: bool | None
+    """None until the first write was attempted."""
+    auth_failed: bool
+    backlog: int
+    last_success: float | None
+    last_error: str | None
+    error_class: str | None
+    consecutive_failures: int
+    lag_seconds: float
 
 
 class Forwarder:
@@ -45,18 +175,26 @@ class Forwarder:
         batch_size: int = 5_000,
         max_backoff_seconds: float = 30.0,
     ) -> None:
+        """Prepare to forward; nothing runs before :meth:`start`."""
         self.committer = committer
         self.store = store
         self.metrics = metrics
+        self.store_metrics = StoreMetrics.on(metrics.registry)
         self.batch_size = batch_size
         self.max_backoff = max_backoff_seconds
         self.last_success: float | None = None
         self.last_error: str | None = None
+        self.last_error_class: str | None = None
         self.consecutive_failures = 0
+        self.attempted = False
+        self.auth_failed = False
+        self._oldest_pending_ms: int | None = None
         self._wake = asyncio.Event()
         self._stop_when_idle = False
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
+        self.store_metrics.lag.set_function(self.lag_seconds)
+        self.store_metrics.auth_failed.set(0)
 
     def start(self) -> None:
         """Start draining in the background."""
@@ -65,6 +203,32 @@ class Forwarder:
     def wake(self) -> None:
         """Tell the forwarder new rows are committed; safe from any thread."""
         self._loop.call_soon_threadsafe(self._wake.set)
+
+    @property
+    def ready(self) -> bool:
+        """False while the store refuses the credentials (ingest still works)."""
+        return not self.auth_failed
+
+    def lag_seconds(self) -> float:
+        """Seconds since the event time of the oldest undelivered record; 0 when none."""
+        oldest = self._oldest_pending_ms
+        if oldest is None or self.committer.ledger.backlog == 0:
+            return 0.0
+        return max(0.0, time.time() - oldest / 1000)
+
+    def state(self) -> StoreState:
+        """The store's delivery state, for ``/readyz``."""
+        return StoreState(
+            name=self.store.name,
+            reachable=(self.consecutive_failures == 0) if self.attempted else None,
+            auth_failed=self.auth_failed,
+            backlog=self.committer.ledger.backlog,
+            last_success=self.last_success,
+            last_error=self.last_error,
+            error_class=self.last_error_class,
+            consecutive_failures=self.consecutive_failures,
+            lag_seconds=round(self.lag_seconds(), 3),
+        )
 
     async def stop(self, drain_seconds: float) -> None:
         """Deliver what can be delivered within ``drain_seconds``, then stop.
@@ -94,6 +258,7 @@ class Forwarder:
             self._wake.clear()
             rows = await asyncio.to_thread(ledger.read_outbox, self.batch_size)
             if not rows:
+                self._oldest_pending_ms = None
                 if self._stop_when_idle:
                     return
                 try:
@@ -101,18 +266,23 @@ class Forwarder:
                 except TimeoutError:
                     pass
                 continue
+            self._oldest_pending_ms = rows[0].record.time_ms
+            records = [row.record for row in rows]
             started = time.perf_counter()
+            self.attempted = True
             try:
-                refused = await self.store.write([row.record for row in rows])
+                refused = await self.store.write(records)
             except Exception as error:
                 await self._back_off(error, len(rows))
                 if self._stop_when_idle:
                     return
                 continue
             self.metrics.store_write_duration.observe(time.perf_counter() - started)
-            last_seq = rows[-1].seq
+            last_seq, delivered = rows[-1].seq, len(rows)
+            del rows, records  # one batch in memory at a time
             await self.committer.call(functools.partial(ledger.mark_delivered, last_seq, refused))
             if refused:
+                self.store_metrics.rejected.inc(len(refused))
                 log.warning(
                     "store refused records; kept as dead letters",
                     extra={
@@ -121,28 +291,62 @@ class Forwarder:
                         "first_reason": refused[0].reason,
                     },
                 )
-            self.last_success = time.time()
-            self.last_error = None
-            self.consecutive_failures = 0
-            self.metrics.store_writes.inc()
-            self.metrics.store_records.inc(len(rows))
-            self.metrics.store_last_success.set(self.last_success)
+            self._succeeded(delivered)
+
+    def _succeeded(self, delivered: int) -> None:
+        if self.auth_failed:
+            log.warning(
+                "store accepts the credentials again; shipping resumed",
+                extra={"store": self.store.name, "backlog": self.committer.ledger.backlog},
+            )
+            self.auth_failed = False
+            self.store_metrics.auth_failed.set(0)
+        elif self.consecutive_failures:
+            log.info(
+                "store writes succeed again",
+                extra={"store": self.store.name, "failures": self.consecutive_failures},
+            )
+        self.last_success = time.time()
+        self.last_error = None
+        self.last_error_class = None
+        self.consecutive_failures = 0
+        self.metrics.store_writes.inc()
+        self.metrics.store_records.inc(delivered)
+        self.store_metrics.batch_size.observe(delivered)
+        self.metrics.store_last_success.set(self.last_success)
 
     async def _back_off(self, error: Exception, rows: int) -> None:
         self.consecutive_failures += 1
+        kind = error_class(error)
         self.last_error = f"{type(error).__name__}: {error}"
+        self.last_error_class = kind
         self.metrics.store_write_errors.inc()
-        delay = min(self.max_backoff, 0.5 * 2 ** min(self.consecutive_failures - 1, 10))
-        delay *= random.uniform(0.5, 1.0)
-        log.warning(
-            "store write failed; retrying",
-            extra={
-                "store": self.store.name,
-                "records": rows,
-                "error": self.last_error,
-                "retry_in_s": round(delay, 2),
-            },
-        )
+        self.store_metrics.errors.labels(kind).inc()
+        if isinstance(error, StoreRetryAfterError):
+            delay = max(_MIN_RETRY_AFTER_SECONDS, error.retry_after)
+        else:
+            delay = min(self.max_backoff, 0.5 * 2 ** min(self.consecutive_failures - 1, 10))
+            delay *= random.uniform(0.5, 1.0)
+        fields = {
+            "store": self.store.name,
+            "records": rows,
+            "error": self.last_error,
+            "error_class": kind,
+            "retry_in_s": round(delay, 2),
+        }
+        if isinstance(error, StoreAuthError):
+            if not self.auth_failed:
+                self.auth_failed = True
+                self.store_metrics.auth_failed.set(1)
+                log.error(
+                    "store refused the credentials: shipping paused, events keep "
+                    "buffering in the ledger and /readyz answers 503 until this is fixed",
+                    extra={**fields, "backlog": self.committer.ledger.backlog},
+                )
+            else:
+                log.debug("store still refuses the credentials", extra=fields)
+        else:
+            log.warning("store write failed; retrying", extra=fields)
         if self._stop_when_idle:
             return
         try:
