@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -101,6 +103,9 @@ async def _freeze_startup_objects(app: web.Application) -> None:
 def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_format.value)
+    if args.demo and settings.port == 0:
+        sys.stderr.write("facilitator-exporter: --demo needs a fixed port, not port 0\n")
+        return 2
     extra = [_demo_context(args.demo_rate)] if args.demo else []
     app = create_app(settings, extra_contexts=extra)
     app.on_startup.append(_freeze_startup_objects)
@@ -136,7 +141,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from .simulate import SimulationProgress, render_progress, run_simulation
+    from .simulate import SimulationProgress, SimulationSummary, render_progress, run_simulation
 
     logging.basicConfig(level=logging.WARNING)
     tty = sys.stderr.isatty()
@@ -152,8 +157,13 @@ def _simulate(args: argparse.Namespace) -> int:
         sys.stderr.write(("\r" + line) if tty else line + "\n")
         sys.stderr.flush()
 
-    summary = asyncio.run(
-        run_simulation(
+    async def simulate() -> SimulationSummary:
+        # Ctrl-C or SIGTERM ends the run cleanly, still printing the summary.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        return await run_simulation(
             args.url.rstrip("/"),
             rate=args.rate,
             duration=args.duration,
@@ -162,19 +172,14 @@ def _simulate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             concurrency=args.concurrency,
             progress=progress,
+            stop=stop,
         )
-    )
+
+    summary = asyncio.run(simulate())
     if tty:
         sys.stderr.write("\n")
-    sys.stdout.write(json.dumps(_summary_dict(summary), indent=2) + "\n")
-    return 0
-
-
-def _summary_dict(summary: object) -> dict[str, Any]:
-    from dataclasses import asdict, is_dataclass
-
-    assert is_dataclass(summary) and not isinstance(summary, type)
-    return asdict(summary)
+    sys.stdout.write(json.dumps(dataclasses.asdict(summary), indent=2) + "\n")
+    return 0 if summary.errors == 0 else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

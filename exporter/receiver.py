@@ -263,6 +263,23 @@ class Receiver:
                 "too_large",
                 raw,
             )
+        if request.content_length is not None:
+            raw = await request.read()  # within the limit, which is client_max_size too
+        else:
+            raw = await self._read_chunked(request, limit)
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding in ("", "identity"):
+            return raw
+        if encoding not in ("gzip", "x-gzip"):
+            raise _Refused(
+                415,
+                f"unsupported Content-Encoding {encoding!r}: send gzip or no encoding",
+                "unsupported_media_type",
+                raw[:_DEAD_LETTER_HEAD],
+            )
+        return _gunzip(raw, limit)
+
+    async def _read_chunked(self, request: web.Request, limit: int) -> bytes:
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.content.iter_chunked(256 * 1024):
@@ -275,18 +292,7 @@ class Receiver:
                     "too_large",
                     b"".join(chunks)[:_DEAD_LETTER_HEAD],
                 )
-        raw = b"".join(chunks)
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding in ("", "identity"):
-            return raw
-        if encoding not in ("gzip", "x-gzip"):
-            raise _Refused(
-                415,
-                f"unsupported Content-Encoding {encoding!r}: send gzip or no encoding",
-                "unsupported_media_type",
-                raw[:_DEAD_LETTER_HEAD],
-            )
-        return _gunzip(raw, limit)
+        return b"".join(chunks)
 
 
 def _gunzip(raw: bytes, limit: int) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -295,3 +295,19 @@ async def test_array_with_one_invalid_item_keeps_the_others(client: AppClient) -
         (1, "data: field required"),
         (2, "event: must be a JSON object, got list"),
     ]
+
+
+async def test_chunked_body_is_read_within_the_limit(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], small_limits: Settings
+) -> None:
+    client = await aiohttp_client(create_app(small_limits))
+
+    async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+
+    event = json.dumps(received("p1")).encode()
+    fits = await client.post("/v1/events", data=chunks(event[:10], event[10:]), headers=JSON)
+    assert fits.status == 202
+    over = await client.post("/v1/events", data=chunks(b"[", b" " * 3000, b"]"), headers=JSON)
+    assert over.status == 413
