@@ -1,0 +1,136 @@
+"""Scheduled refresh of computed results into a cache, with APScheduler 3.11.
+
+Each job runs once at start and then on its own cadence; it never overlaps itself, is
+cut off after its timeout, and a failing job neither stops the others nor loses its
+last good result, which is kept and marked stale. Readers (the metrics collector, the
+JSON API) only ever read the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Job(Generic[T]):
+    """A computation refreshed on a cadence; ``key`` names its cache entry."""
+
+    key: str
+    query: str
+    window: str
+    interval_seconds: float
+    timeout_seconds: float
+    run: Callable[[], Awaitable[T]]
+
+
+@dataclass(frozen=True, slots=True)
+class Cached(Generic[T]):
+    """The last good result of a job, and whether later runs have failed since."""
+
+    value: T
+    computed_at: float
+    stale: bool = False
+    error: str | None = None
+
+
+class Scheduler:
+    """Runs :class:`Job` s on an ``AsyncIOScheduler`` and keeps their results."""
+
+    def __init__(self, registry: CollectorRegistry, jobs: list[Job[object]]) -> None:
+        self.jobs = {job.key: job for job in jobs}
+        self._cache: dict[str, Cached[object]] = {}
+        self._scheduler: AsyncIOScheduler | None = None
+        self.duration = Histogram(
+            "exporter_analytics_query_duration_seconds",
+            "Duration of scheduled analytics queries.",
+            ["query", "window"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
+        )
+        self.last_success = Gauge(
+            "exporter_analytics_last_success_timestamp_seconds",
+            "Unix time of the last successful refresh of each analytic.",
+            ["query", "window"],
+            registry=registry,
+        )
+        self.failures = Counter(
+            "exporter_analytics_failures",
+            "Failed or timed-out refreshes; the last good result is kept and marked stale.",
+            ["query", "window"],
+            registry=registry,
+        )
+        self.stale = Gauge(
+            "exporter_analytics_stale",
+            "1 while an analytic's cached result is older than its latest failed refresh.",
+            ["query", "window"],
+            registry=registry,
+        )
+
+    def start(self) -> None:
+        """Schedule every job, each running once right away."""
+        scheduler = AsyncIOScheduler(timezone=datetime.UTC)
+        now = datetime.datetime.now(datetime.UTC)
+        for job in self.jobs.values():
+            scheduler.add_job(
+                self.refresh,
+                IntervalTrigger(seconds=job.interval_seconds, timezone=datetime.UTC),
+                args=[job.key],
+                id=job.key,
+                next_run_time=now,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=max(1, int(job.interval_seconds)),
+            )
+        scheduler.start()
+        self._scheduler = scheduler
+
+    async def stop(self) -> None:
+        """Stop scheduling; a refresh in flight is abandoned, the cache stays readable."""
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+
+    def get(self, key: str) -> Cached[object] | None:
+        """The cached result for ``key``, if any refresh has succeeded yet."""
+        return self._cache.get(key)
+
+    async def refresh(self, key: str) -> bool:
+        """Run one job now, updating the cache; returns whether it succeeded."""
+        job = self.jobs[key]
+        labels = (job.query, job.window)
+        started = time.perf_counter()
+        try:
+            value = await asyncio.wait_for(job.run(), job.timeout_seconds)
+        except Exception as error:  # one failing query never stops the others
+            message = (
+                f"timed out after {job.timeout_seconds:g}s"
+                if isinstance(error, TimeoutError)
+                else f"{type(error).__name__}: {error}"
+            )
+            self.failures.labels(*labels).inc()
+            previous = self._cache.get(key)
+            if previous is not None:
+                self._cache[key] = Cached(previous.value, previous.computed_at, True, message)
+                self.stale.labels(*labels).set(1)
+            log.warning("analytics refresh failed", extra={"job": key, "error": message})
+            return False
+        finished = time.time()
+        self.duration.labels(*labels).observe(time.perf_counter() - started)
+        self.last_success.labels(*labels).set(finished)
+        self.stale.labels(*labels).set(0)
+        self._cache[key] = Cached(value, finished)
+        return True

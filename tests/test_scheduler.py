@@ -1,0 +1,126 @@
+"""The scheduler: first run at start, cadence, isolation of failures, staleness, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable
+
+from conftest import async_wait_until
+from prometheus_client import CollectorRegistry
+
+from exporter.scheduler import Job, Scheduler
+
+
+def _job(
+    key: str,
+    run: Callable[[], Awaitable[object]],
+    interval: float = 3600,
+    timeout: float = 5,
+) -> Job[object]:
+    query, window = key.split(":")
+    return Job(key, query, window, interval, timeout, run)
+
+
+async def test_every_job_runs_once_at_start(registry: CollectorRegistry) -> None:
+    counter = itertools.count(1)
+
+    async def payments() -> int:
+        return next(counter)
+
+    scheduler = Scheduler(registry, [_job("payments:24h", payments), _job("health:1h", payments)])
+    scheduler.start()
+    try:
+
+        async def both_cached() -> bool:
+            return scheduler.get("payments:24h") is not None and (
+                scheduler.get("health:1h") is not None
+            )
+
+        await async_wait_until(both_cached, what="first runs")
+    finally:
+        await scheduler.stop()
+    labels = {"query": "payments", "window": "24h"}
+    assert registry.get_sample_value("exporter_analytics_query_duration_seconds_count", labels)
+    assert registry.get_sample_value("exporter_analytics_last_success_timestamp_seconds", labels)
+
+
+async def test_failure_keeps_last_result_marked_stale(registry: CollectorRegistry) -> None:
+    outcomes: list[object] = [41, RuntimeError("store down"), 42]
+
+    async def flaky() -> object:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def healthy() -> str:
+        return "ok"
+
+    scheduler = Scheduler(registry, [_job("revenue:7d", flaky), _job("health:24h", healthy)])
+    assert await scheduler.refresh("revenue:7d")
+    assert not await scheduler.refresh("revenue:7d")
+    assert await scheduler.refresh("health:24h")  # unaffected by the other's failure
+    cached = scheduler.get("revenue:7d")
+    assert cached is not None
+    assert (cached.value, cached.stale, cached.error) == (41, True, "RuntimeError: store down")
+    labels = {"query": "revenue", "window": "7d"}
+    assert registry.get_sample_value("exporter_analytics_stale", labels) == 1
+    assert registry.get_sample_value("exporter_analytics_failures_total", labels) == 1
+    assert await scheduler.refresh("revenue:7d")
+    cached = scheduler.get("revenue:7d")
+    assert cached is not None and (cached.value, cached.stale) == (42, False)
+    assert registry.get_sample_value("exporter_analytics_stale", labels) == 0
+
+
+async def test_slow_job_times_out(registry: CollectorRegistry) -> None:
+    never = asyncio.Event()
+
+    async def hangs() -> None:
+        await never.wait()
+
+    scheduler = Scheduler(registry, [_job("networks:90d", hangs, timeout=0.05)])
+    assert not await scheduler.refresh("networks:90d")
+    assert scheduler.get("networks:90d") is None
+    assert (
+        registry.get_sample_value(
+            "exporter_analytics_failures_total", {"query": "networks", "window": "90d"}
+        )
+        == 1
+    )
+
+
+async def test_a_job_never_overlaps_itself(registry: CollectorRegistry) -> None:
+    running = 0
+    most = 0
+    release = asyncio.Event()
+    calls = 0
+
+    async def slow() -> int:
+        nonlocal running, most, calls
+        calls += 1
+        running += 1
+        most = max(most, running)
+        await release.wait()
+        running -= 1
+        return calls
+
+    scheduler = Scheduler(registry, [_job("top:1h", slow, interval=0.02)])
+    scheduler.start()
+    try:
+
+        async def started() -> bool:
+            return calls >= 1
+
+        await async_wait_until(started, what="first run")
+        await asyncio.sleep(0.2)  # ten intervals pass while the first run holds
+        assert (calls, most) == (1, 1)
+        release.set()
+
+        async def ran_again() -> bool:
+            return calls >= 2
+
+        await async_wait_until(ran_again, what="next run after the first finished")
+    finally:
+        await scheduler.stop()
+    assert most == 1
