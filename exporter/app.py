@@ -114,7 +114,12 @@ async def _store_resource(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store = await asyncio.to_thread(open_store, settings)
     app[STORE] = store
-    log.info("store open", extra={"store": store.name})
+    where: dict[str, object] = {"store": store.name}
+    if store.name == "influxdb":
+        where.update(
+            url=settings.influx_url, org=settings.influx_org, bucket=settings.influx_bucket
+        )
+    log.info("store open", extra=where)
     try:
         yield
     finally:
@@ -188,8 +193,9 @@ async def _readyz(request: web.Request) -> web.Response:
             {"status": "not ready", "ledger": {"error": f"{type(error).__name__}: {error}"}},
             status=503,
         )
-    body = {
-        "status": "ready",
+    state = forwarder.state()
+    body: dict[str, object] = {
+        "status": "ready" if forwarder.ready else "not ready",
         "ledger": {
             "events": stats.events,
             "backlog": stats.backlog,
@@ -197,10 +203,19 @@ async def _readyz(request: web.Request) -> web.Response:
             "deadLetters": stats.dead_letters,
         },
         "store": {
-            "name": app[STORE].name,
-            "reachable": forwarder.consecutive_failures == 0,
-            "lastSuccessfulWrite": forwarder.last_success,
-            "lastError": forwarder.last_error,
+            "name": state.name,
+            "reachable": state.reachable,
+            "authFailed": state.auth_failed,
+            "backlog": state.backlog,
+            "lagSeconds": state.lag_seconds,
+            "lastSuccessfulWrite": state.last_success,
+            "lastError": state.last_error,
+            "errorClass": state.error_class,
+            "consecutiveFailures": state.consecutive_failures,
         },
     }
+    if not forwarder.ready:
+        # Ingest still works (events buffer in the ledger); the store needs an operator.
+        body["reason"] = "the store refuses the exporter's credentials; events are buffering"
+        return web.json_response(body, status=503)
     return web.json_response(body)

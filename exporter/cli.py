@@ -13,15 +13,18 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from pydantic import ValidationError
 
 from ._logging import configure_logging
 from .app import SETTINGS, create_app
-from .config import Settings
+from .config import Settings, StoreKind
 from .ledger import LedgerError
+
+if TYPE_CHECKING:
+    from .store_influx import InfluxCheck
 
 log = logging.getLogger("exporter")
 
@@ -41,10 +44,16 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _describe_settings(settings: Settings) -> dict[str, Any]:
     described = settings.model_dump(mode="json")
     described["ingest_token"] = "(set)" if settings.ingest_token else None
+    described["influx_token"] = "(set)" if settings.influx_token else None
     described["resolved_store"] = settings.resolved_store.value
     described["ledger_path"] = str(settings.ledger_path)
-    if settings.resolved_store.value == "duckdb":
+    if settings.resolved_store is StoreKind.DUCKDB:
         described["duckdb_path"] = str(settings.duckdb_path)
+    else:
+        described["store_target"] = (
+            f"influxdb at {settings.influx_url} "
+            f"(org {settings.influx_org}, bucket {settings.influx_bucket})"
+        )
     return described
 
 
@@ -61,7 +70,39 @@ def _check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     sys.stdout.write(json.dumps(_describe_settings(settings), indent=2) + "\n")
     sys.stdout.write("configuration is valid\n")
-    return 0
+    if not getattr(args, "ping", False):
+        return 0
+    if settings.resolved_store is not StoreKind.INFLUXDB:
+        sys.stdout.write(
+            f"store {settings.resolved_store.value}: nothing to ping "
+            f"(embedded file {settings.duckdb_path})\n"
+        )
+        return 0
+    check = asyncio.run(_ping_influx(settings))
+    where = f"influxdb {settings.influx_url}"
+    if not check.reachable:
+        sys.stdout.write(f"{where}: unreachable ({check.detail})\n")
+        return 1
+    sys.stdout.write(f"{where}: reachable (InfluxDB {check.version}); ")
+    if check.credentials == "accepted":
+        sys.stdout.write(
+            f"token accepted for org {settings.influx_org}, bucket {settings.influx_bucket}\n"
+        )
+        return 0
+    sys.stdout.write(f"credentials {check.credentials}: {check.detail}\n")
+    return 1
+
+
+async def _ping_influx(settings: Settings) -> InfluxCheck:
+    from .store_influx import InfluxStore
+    from .stores import open_store
+
+    store = open_store(settings)
+    assert isinstance(store, InfluxStore)
+    try:
+        return await store.check()
+    finally:
+        await store.close()
 
 
 def _demo_context(rate: float) -> Any:
@@ -210,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate the configuration and exit")
     check.add_argument("--listen", help="host:port to check instead of EXPORTER_LISTEN")
     check.add_argument("--data-dir", help="data directory to check instead of EXPORTER_DATA_DIR")
+    check.add_argument(
+        "--ping",
+        action="store_true",
+        help="also reach the configured InfluxDB and test its token, org and bucket "
+        "(exit 1 when it cannot be reached or refuses them)",
+    )
     check.set_defaults(run=_check_config)
 
     simulate = commands.add_parser(

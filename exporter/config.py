@@ -108,9 +108,6 @@ class Settings(BaseSettings):
     )
     store: StoreKind = Field(StoreKind.AUTO, description="auto, duckdb or influxdb")
     store_batch_size: PositiveInt = Field(5_000, description="events per store write")
-    store_max_backoff_seconds: PositiveFloat = Field(
-        30.0, description="longest pause between retries of a failing store write"
-    )
     influx_url: str | None = Field(
         None, description="InfluxDB 2.x base URL, e.g. http://influxdb:8086"
     )

@@ -47,6 +47,8 @@ class StoreClientError(StoreError):
 ERROR_CLASSES = ("retry_after", "auth", "timeout", "server", "client", "other")
 """Every value of ``exporter_store_errors_total{class}``."""
 
+_ANSWERED = frozenset({"retry_after", "auth", "client"})  # the store answered, and refused
+
 
 def error_class(error: BaseException) -> str:
     """The ``class`` label of a store failure (one of :data:`ERROR_CLASSES`)."""
@@ -154,7 +156,8 @@ class StoreState:
 
     name: str
     reachable: bool | None
-    """None until the first write was attempted."""
+    """Whether the last write got an answer (2xx, or a refusal such as 401 or 429) rather
+    than a 5xx, a timeout or no connection; None until the first write was attempted."""
     auth_failed: bool
     backlog: int
     last_success: float | None
@@ -220,7 +223,7 @@ class Forwarder:
         """The store's delivery state, for ``/readyz``."""
         return StoreState(
             name=self.store.name,
-            reachable=(self.consecutive_failures == 0) if self.attempted else None,
+            reachable=self._reachable(),
             auth_failed=self.auth_failed,
             backlog=self.committer.ledger.backlog,
             last_success=self.last_success,
@@ -229,6 +232,11 @@ class Forwarder:
             consecutive_failures=self.consecutive_failures,
             lag_seconds=round(self.lag_seconds(), 3),
         )
+
+    def _reachable(self) -> bool | None:
+        if not self.attempted:
+            return None
+        return self.consecutive_failures == 0 or self.last_error_class in _ANSWERED
 
     async def stop(self, drain_seconds: float) -> None:
         """Deliver what can be delivered within ``drain_seconds``, then stop.

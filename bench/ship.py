@@ -1,0 +1,245 @@
+"""Shipping benchmark: points/s through ``InfluxStore`` against posting line protocol directly.
+
+The InfluxDB fault-injection server (``tests/influx_fault_server.py``) runs as a
+subprocess accepting every write (``--count-only``: it gunzips each body and counts its
+lines, nothing more), so its work stays off this process. In this process, one run:
+
+(a) ``InfluxStore.write`` over batches of 5,000 store records, as the forwarder calls it:
+    rendering line protocol, gzip, the ``influxdb-client`` request and its answer;
+(b) the same line protocol, rendered before the clock starts, posted directly with
+    aiohttp: gzip (same level) and the HTTP request, nothing else;
+(c) with ``--point``, also (a) with the ``influxdb_client.Point`` renderer.
+
+Records are a deterministic mix of the eight event kinds (payments by status, batches,
+revenue, websocket counts). Each path runs ``--rounds`` times, interleaved; the best
+round of each is reported, with the ratio (a)/(b). The server's line count is checked
+after every round, so a path that lost points fails instead of looking fast.
+
+Targets: (a) >= 50,000 points/s and (a)/(b) >= 0.5.
+
+Run: ``.venv/bin/python bench/ship.py [--points N] [--rounds R] [--point] [--record]``
+(``--record`` makes the server parse and key every point, as in the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from exporter.records import (  # noqa: E402
+    BatchRecord,
+    PaymentRecord,
+    RevenueRecord,
+    StoreRecord,
+    WebsocketRecord,
+)
+from exporter.store_influx import (  # noqa: E402
+    GZIP_LEVEL,
+    MAX_LINES_PER_WRITE,
+    Encoder,
+    InfluxStore,
+    point_line,
+    to_line,
+)
+
+SERVER = ROOT / "tests" / "influx_fault_server.py"
+TOKEN, ORG, BUCKET = "test-token", "test-org", "payments"
+BASE_MS = 1_767_225_600_000
+NETWORKS = ("eip155:8453", "eip155:84532", "eip155:42161", "eip155:10", "eip155:137")
+TARGET_POINTS_PER_S = 50_000
+TARGET_RATIO = 0.5
+
+
+def make_records(count: int, seed: int = 7) -> list[StoreRecord]:
+    """A deterministic mix of store records, shaped like the simulator's traffic."""
+    rng = random.Random(seed)
+    records: list[StoreRecord] = []
+    for i in range(count):
+        ms = BASE_MS + i
+        network = NETWORKS[i % len(NETWORKS)]
+        payer = f"0x{rng.getrandbits(160):040x}"
+        payee = f"0x{rng.getrandbits(160):040x}"
+        amount = rng.randrange(10_000, 50_000_000)
+        pick = rng.random()
+        if pick < 0.30:
+            records.append(PaymentRecord(
+                f"payment:received:p{i}", ms, network, "received", f"p{i}", payer, payee, amount
+            ))
+        elif pick < 0.55:
+            records.append(PaymentRecord(
+                f"payment:verified:p{i}", ms, network, "verified", f"p{i}", payer, payee,
+                amount, verification_ms=rng.uniform(20, 400),
+            ))
+        elif pick < 0.82:
+            records.append(PaymentRecord(
+                f"payment:settled:p{i}", ms, network, "settled", f"p{i}", payer, payee,
+                amount, rng.randrange(1_000, 50_000), rng.uniform(300, 9_000),
+                tx=f"0x{rng.getrandbits(256):064x}",
+            ))
+        elif pick < 0.87:
+            records.append(PaymentRecord(
+                f"payment:failed:p{i}", ms, network, "failed", f"p{i}", payer, payee, amount,
+                error="insufficient_funds: balance below \"amount\"",
+            ))
+        elif pick < 0.93:
+            records.append(BatchRecord(
+                f"batch:settled:b{i}", ms, network, "settled", f"b{i}", 20, amount * 20,
+                rng.randrange(1_000, 90_000), rng.randrange(21_000, 900_000),
+                f"0x{rng.getrandbits(256):064x}",
+            ))
+        elif pick < 0.97:
+            kind = "premium" if i % 2 else "gas_sponsorship"
+            records.append(RevenueRecord(f"revenue:{i}", ms, network, kind, amount, f"p{i}"))
+        else:
+            records.append(WebsocketRecord(f"websocket:{i}", ms, rng.randrange(0, 5_000)))
+    return records
+
+
+@dataclass
+class Result:
+    """The best round of one path."""
+
+    name: str
+    points: int
+    seconds: float = float("inf")
+
+    @property
+    def rate(self) -> float:
+        """Points per second of the best round."""
+        return self.points / self.seconds
+
+
+async def _accepted(session: aiohttp.ClientSession, url: str) -> int:
+    async with session.get(url + "/_fault/stats") as answer:
+        stats = json.loads(await answer.read())
+    return int(stats["linesAccepted"])
+
+
+async def ship_through_store(url: str, records: list[StoreRecord], encoder: Encoder) -> float:
+    """Seconds to write ``records`` with InfluxStore in forwarder-sized batches."""
+    store = InfluxStore(url, TOKEN, ORG, BUCKET, timeout_seconds=60, encoder=encoder)
+    try:
+        started = time.perf_counter()
+        for start in range(0, len(records), MAX_LINES_PER_WRITE):
+            refused = await store.write(records[start : start + MAX_LINES_PER_WRITE])
+            if refused:
+                raise AssertionError(f"the server refused {len(refused)} records")
+        return time.perf_counter() - started
+    finally:
+        await store.close()
+
+
+async def post_directly(url: str, bodies: list[bytes]) -> float:
+    """Seconds to gzip and POST pre-rendered line-protocol bodies with plain aiohttp."""
+    params = {"org": ORG, "bucket": BUCKET, "precision": "ns"}
+    headers = {
+        "Authorization": f"Token {TOKEN}",
+        "Content-Encoding": "gzip",
+        "Content-Type": "text/plain; charset=utf-8",
+    }
+    async with aiohttp.ClientSession() as session:
+        started = time.perf_counter()
+        for body in bodies:
+            async with session.post(
+                url + "/api/v2/write",
+                params=params,
+                data=gzip.compress(body, GZIP_LEVEL),
+                headers=headers,
+            ) as answer:
+                if answer.status != 204:
+                    raise AssertionError(f"direct post answered {answer.status}")
+        return time.perf_counter() - started
+
+
+async def run(url: str, points: int, rounds: int, with_point: bool) -> list[Result]:
+    """Every path ``rounds`` times, interleaved; the best round of each."""
+    records = make_records(points)
+    lines = [to_line(r) for r in records]
+    bodies = [
+        "\n".join(lines[i : i + MAX_LINES_PER_WRITE]).encode()
+        for i in range(0, len(lines), MAX_LINES_PER_WRITE)
+    ]
+    paths: list[tuple[Result, Callable[[], Awaitable[float]]]] = [
+        (Result("InfluxStore", points), lambda: ship_through_store(url, records, to_line)),
+        (Result("direct aiohttp", points), lambda: post_directly(url, bodies)),
+    ]
+    if with_point:
+        paths.append(
+            (
+                Result("InfluxStore, Point renderer", points),
+                lambda: ship_through_store(url, records, point_line),
+            )
+        )
+    async with aiohttp.ClientSession() as session:
+        for _ in range(rounds):
+            for result, path in paths:
+                before = await _accepted(session, url)
+                seconds = await path()
+                arrived = await _accepted(session, url) - before
+                if arrived != points:
+                    raise AssertionError(f"{result.name}: {arrived} of {points} points arrived")
+                result.seconds = min(result.seconds, seconds)
+    return [result for result, _ in paths]
+
+
+def _start_server(record: bool) -> tuple[subprocess.Popen[str], str]:
+    command = [sys.executable, str(SERVER)] + ([] if record else ["--count-only"])
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    url = process.stdout.readline().strip()
+    if not url.startswith("http://"):
+        process.kill()
+        raise RuntimeError(f"fault server did not start (said {url!r})")
+    return process, url
+
+
+def main() -> int:
+    """Run the benchmark and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("--points", type=int, default=200_000, help="points per path and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per path (best is kept)")
+    parser.add_argument("--point", action="store_true", help="also time the Point renderer")
+    parser.add_argument(
+        "--record", action="store_true", help="server parses and keys every point"
+    )
+    args = parser.parse_args()
+    server, url = _start_server(args.record)
+    try:
+        results = asyncio.run(run(url, args.points, args.rounds, args.point))
+    finally:
+        server.terminate()
+        server.wait(10)
+    out = sys.stdout
+    mode = "parsing and keying every point" if args.record else "counting lines"
+    out.write(f"fault server: {mode}; {args.points:,} points per path, best of {args.rounds}\n")
+    out.write(f"{'path':<30} {'seconds':>8} {'points/s':>12}\n")
+    for result in results:
+        out.write(f"{result.name:<30} {result.seconds:>8.3f} {result.rate:>12,.0f}\n")
+    store, direct = results[0], results[1]
+    ratio = store.rate / direct.rate
+    out.write(f"ratio InfluxStore / direct: {ratio:.2f}\n")
+    out.write(
+        f"targets: >= {TARGET_POINTS_PER_S:,} points/s "
+        f"{'met' if store.rate >= TARGET_POINTS_PER_S else 'MISSED'}; "
+        f"ratio >= {TARGET_RATIO} {'met' if ratio >= TARGET_RATIO else 'MISSED'}\n"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
