@@ -129,7 +129,14 @@ async def _store_resource(app: web.Application) -> AsyncIterator[None]:
 @contextlib.asynccontextmanager
 async def _forwarder_resource(app: web.Application) -> AsyncIterator[None]:
     committer = app[COMMITTER]
-    forwarder = Forwarder(committer, app[STORE], app[METRICS], app[SETTINGS].store_batch_size)
+    settings = app[SETTINGS]
+    forwarder = Forwarder(
+        committer,
+        app[STORE],
+        app[METRICS],
+        settings.store_batch_size,
+        flush_interval_seconds=settings.store_flush_interval_seconds,
+    )
     app[FORWARDER] = forwarder
     committer.on_commit_hooks.append(forwarder.wake)
     forwarder.start()

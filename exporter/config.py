@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     )
     store: StoreKind = Field(StoreKind.AUTO, description="auto, duckdb or influxdb")
     store_batch_size: PositiveInt = Field(5_000, description="events per store write")
+    store_flush_interval_seconds: Annotated[float, Field(ge=0)] = Field(
+        1.0,
+        description="after a write that was not full, wait up to this long for more records "
+        "before the next one, so that a trickle of events is written in batches",
+    )
     influx_url: str | None = Field(
         None, description="InfluxDB 2.x base URL, e.g. http://influxdb:8086"
     )

@@ -177,6 +177,7 @@ class Forwarder:
         metrics: Metrics,
         batch_size: int = 5_000,
         max_backoff_seconds: float = 30.0,
+        flush_interval_seconds: float = 0.0,
     ) -> None:
         """Prepare to forward; nothing runs before :meth:`start`."""
         self.committer = committer
@@ -185,6 +186,7 @@ class Forwarder:
         self.store_metrics = StoreMetrics.on(metrics.registry)
         self.batch_size = batch_size
         self.max_backoff = max_backoff_seconds
+        self.flush_interval = flush_interval_seconds
         self.last_success: float | None = None
         self.last_error: str | None = None
         self.last_error_class: str | None = None
@@ -278,6 +280,7 @@ class Forwarder:
             records = [row.record for row in rows]
             started = time.perf_counter()
             self.attempted = True
+            write_started = time.monotonic()
             try:
                 refused = await self.store.write(records)
             except Exception as error:
@@ -300,6 +303,26 @@ class Forwarder:
                     },
                 )
             self._succeeded(delivered)
+            if delivered < self.batch_size:
+                await self._linger(write_started + self.flush_interval)
+
+    async def _linger(self, deadline: float) -> None:
+        """Let a partial batch grow until it is full or ``deadline`` passes.
+
+        Every store write has a fixed cost (a DuckDB transaction, an HTTP round trip);
+        at a trickle of events, writing each commit's few records alone would spend
+        more on that cost than on the records.
+        """
+        ledger = self.committer.ledger
+        while not self._stop_when_idle and ledger.backlog < self.batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
 
     def _succeeded(self, delivered: int) -> None:
         if self.auth_failed:
