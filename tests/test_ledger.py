@@ -266,3 +266,14 @@ def test_second_holder_of_a_data_dir_is_refused(tmp_path: Path) -> None:
     first.release()
     again = subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=False)
     assert again.returncode == 0
+
+
+async def test_keys_whose_hashes_collide_stay_distinct(
+    committer: GroupCommitter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("exporter.ledger._key_hash", lambda key: 7)
+    first = await submit(committer, received("p1"), received("p2"), settled("p1"))
+    again = await submit(committer, received("p2"), settled("p1", fee="0.99"))
+    assert first.outcomes == [Outcome.ACCEPTED] * 3
+    assert again.outcomes == [Outcome.DUPLICATE, Outcome.CONFLICT]
+    assert committer.ledger.stats().events == 3
