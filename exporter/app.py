@@ -17,12 +17,14 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from .analytics import Analytics
+from .analytics_service import AnalyticsAPI, AnalyticsService, AnalyticsSink
 from .config import Settings
 from .ledger import DataDirLock, GroupCommitter, Ledger, LedgerUnavailableError
 from .metrics import Metrics
 from .receiver import IngestLimits, Receiver
 from .records import Store
-from .stores import Forwarder, open_store
+from .stores import Forwarder, analytics_source, open_store
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,8 @@ COMMITTER = web.AppKey("committer", GroupCommitter)
 STORE = web.AppKey("store", Store)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 RECEIVER = web.AppKey("receiver", Receiver)
+ANALYTICS = web.AppKey("analytics", AnalyticsService)
+ANALYTICS_API = web.AppKey("analytics_api", AnalyticsAPI)
 
 MAINTENANCE_INTERVAL_SECONDS = 30.0
 RETENTION_INTERVAL_SECONDS = 3600.0
@@ -59,12 +63,15 @@ def create_app(
     app[SETTINGS] = settings
     app[REGISTRY] = registry
     app[METRICS] = Metrics(registry)
-    app.cleanup_ctx.extend([_ledger_context, _store_context, _forwarder_context])
+    app.cleanup_ctx.extend(
+        [_ledger_context, _store_context, _forwarder_context, _analytics_context]
+    )
     app.cleanup_ctx.extend(extra_contexts or [])
     app.router.add_post("/v1/events", _ingest)
     app.router.add_get("/metrics", make_aiohttp_handler(registry))
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/v1/analytics/{name:.+}", _analytics)
     return app
 
 
@@ -144,6 +151,46 @@ async def _forwarder_resource(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await forwarder.stop(DRAIN_SECONDS)
+
+
+@contextlib.asynccontextmanager
+async def _analytics_resource(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    store = app[STORE]
+    source = analytics_source(store)
+    if source is None:
+        log.warning("analytics are not computed for this store", extra={"store": store.name})
+        yield
+        return
+    service = AnalyticsService(
+        Analytics(source),
+        app[REGISTRY],
+        store if isinstance(store, AnalyticsSink) else None,
+        settings.analytics_refresh_seconds,
+        settings.analytics_timeout_seconds,
+    )
+    token = settings.ingest_token.get_secret_value() if settings.ingest_token else None
+    app[ANALYTICS] = service
+    app[ANALYTICS_API] = AnalyticsAPI(service, token)
+    service.start()
+    try:
+        yield
+    finally:
+        await service.stop()
+
+
+def _analytics_context(app: web.Application) -> contextlib.AbstractAsyncContextManager[None]:
+    return _analytics_resource(app)
+
+
+async def _analytics(request: web.Request) -> web.Response:
+    api = request.app.get(ANALYTICS_API)
+    if api is None:
+        return web.json_response(
+            {"error": f"analytics are not available for the {request.app[STORE].name} store"},
+            status=503,
+        )
+    return await api.handle(request)
 
 
 def _ledger_context(app: web.Application) -> contextlib.AbstractAsyncContextManager[None]:

@@ -113,6 +113,14 @@ class Settings(BaseSettings):
         description="after a write that was not full, wait up to this long for more records "
         "before the next one, so that a trickle of events is written in batches",
     )
+    analytics_refresh_seconds: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict,
+        description="refresh cadence per window, JSON, e.g. {\"1h\": 30, \"90d\": 900}; "
+        "unset windows keep their defaults",
+    )
+    analytics_timeout_seconds: PositiveFloat = Field(
+        30.0, description="a refresh running longer is abandoned; the last result stays"
+    )
     influx_url: str | None = Field(
         None, description="InfluxDB 2.x base URL, e.g. http://influxdb:8086"
     )
@@ -141,6 +149,15 @@ class Settings(BaseSettings):
         if not re.fullmatch(r"\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*", value, re.I):
             raise ValueError("must be a size such as 128MB or 2GB")
         return value.strip()
+
+    @field_validator("analytics_refresh_seconds")
+    @classmethod
+    def _known_cadences(cls, value: dict[str, float]) -> dict[str, float]:
+        known = ("realtime", "1h", "6h", "24h", "7d", "30d", "90d")
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"unknown windows {unknown}; known: {', '.join(known)}")
+        return value
 
     @field_validator("log_level")
     @classmethod

@@ -54,6 +54,7 @@ class Scheduler:
         self.jobs = {job.key: job for job in jobs}
         self._cache: dict[str, Cached[object]] = {}
         self._scheduler: AsyncIOScheduler | None = None
+        self._running: set[asyncio.Task[object]] = set()
         self.duration = Histogram(
             "exporter_analytics_query_duration_seconds",
             "Duration of scheduled analytics queries.",
@@ -99,10 +100,14 @@ class Scheduler:
         self._scheduler = scheduler
 
     async def stop(self) -> None:
-        """Stop scheduling; a refresh in flight is abandoned, the cache stays readable."""
+        """Stop scheduling and cancel refreshes in flight; the cache stays readable."""
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
+        running = list(self._running)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
     def get(self, key: str) -> Cached[object] | None:
         """The cached result for ``key``, if any refresh has succeeded yet."""
@@ -113,6 +118,9 @@ class Scheduler:
         job = self.jobs[key]
         labels = (job.query, job.window)
         started = time.perf_counter()
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
         try:
             value = await asyncio.wait_for(job.run(), job.timeout_seconds)
         except Exception as error:  # one failing query never stops the others
@@ -128,6 +136,9 @@ class Scheduler:
                 self.stale.labels(*labels).set(1)
             log.warning("analytics refresh failed", extra={"job": key, "error": message})
             return False
+        finally:
+            if task is not None:
+                self._running.discard(task)
         finished = time.time()
         self.duration.labels(*labels).observe(time.perf_counter() - started)
         self.last_success.labels(*labels).set(finished)

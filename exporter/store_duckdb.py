@@ -232,6 +232,8 @@ class DuckDBStore:
         self._writer = conn.cursor()
         self._write_lock = threading.Lock()  # serialises every use of ``_writer``
         self._conn_lock = threading.Lock()  # guards cursor creation against close
+        self._readers: set[duckdb.DuckDBPyConnection] = set()
+        self._readers_done = threading.Condition(self._conn_lock)
         self._closed = False
 
     @classmethod
@@ -330,10 +332,14 @@ class DuckDBStore:
         with self._conn_lock:
             self._check_open()
             cur = self._conn.cursor()
+            self._readers.add(cur)
         try:
             rows: list[tuple[object, ...]] = cur.execute(sql, params).fetchall()
         finally:
-            cur.close()
+            with self._conn_lock:
+                self._readers.discard(cur)
+                cur.close()
+                self._readers_done.notify_all()
         return rows
 
     async def aquery(
@@ -356,6 +362,11 @@ class DuckDBStore:
             if self._closed:
                 return
             self._closed = True
+            # Queries still running on their cursors are interrupted and waited for:
+            # the connection cannot close under them.
+            for reader in list(self._readers):
+                reader.interrupt()
+            self._readers_done.wait_for(lambda: not self._readers, timeout=30)
             self._writer.close()
             self._conn.close()
         log.info("duckdb store closed", extra={"path": str(self.path)})

@@ -256,6 +256,20 @@ def to_line(record: StoreRecord) -> str:
     return f"{record.measurement}{tags} {','.join(out)} {timestamp}"
 
 
+def analytics_lines(rows: Sequence[tuple[str, str, int, str, float]]) -> list[str]:
+    """Line protocol of computed analytics: one point per (name, window, time)."""
+    points: dict[tuple[str, str, int], list[str]] = {}
+    for name, window, time_ms, field, value in rows:
+        text = _f(value)
+        if text is not None:
+            points.setdefault((name, window, time_ms), []).append(f"{field}={text}")
+    return [
+        f"analytics{_tag('name', name)}{_tag('window', window)} {','.join(fields)} "
+        f"{time_ms * 1_000_000}"
+        for (name, window, time_ms), fields in points.items()
+    ]
+
+
 def _gzip(lines: Sequence[str]) -> bytes:
     return gzip.compress("\n".join(lines).encode(), GZIP_LEVEL)
 
@@ -402,6 +416,17 @@ class InfluxStore:
             body = first_body if start == 0 else None
             await self._write_span(records[start:end], lines[start:end], body, refused)
         return refused
+
+    async def write_analytics(self, rows: list[tuple[str, str, int, str, float]]) -> None:
+        """Write computed analytics as ``analytics`` points (tags ``name``, ``window``).
+
+        Rows are (name, window, time_ms, field, value); rows sharing name, window and time
+        become one point. Equal timestamps from every exporter on the same schedule make a
+        repeated write overwrite the point.
+        """
+        lines = analytics_lines(rows)
+        if lines:
+            await self._post(_gzip(lines))
 
     async def _write_span(
         self,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .analytics import AnalyticsSource
 from .config import Settings, StoreKind
 from .ledger import GroupCommitter
 from .metrics import Metrics
@@ -165,6 +166,17 @@ class StoreState:
     error_class: str | None
     consecutive_failures: int
     lag_seconds: float
+
+
+def analytics_source(store: Store) -> AnalyticsSource | None:
+    """The analytics queries for ``store``, or None when it has none."""
+    from .store_duckdb import DuckDBStore
+
+    if isinstance(store, DuckDBStore):
+        from .analytics_duckdb import DuckDBAnalyticsSource
+
+        return DuckDBAnalyticsSource(store)
+    return None
 
 
 class Forwarder:

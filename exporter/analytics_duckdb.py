@@ -1,0 +1,437 @@
+"""The DuckDB side of the analytics: :class:`AnalyticsSource` as SQL over the store's tables.
+
+Every query is parameterised (``$n`` placeholders; only placeholders and column names are
+ever put into SQL text) and filters on integer ``time_ms`` bounds, so DuckDB's zone maps
+skip the row groups outside the widest window. Sums of BIGINT come back as HUGEINT and
+are converted to Python ``int``: money stays exact.
+
+Several windows are answered by one scan where sums allow it. All the windows asked for
+share the end ``at``, so they are nested: a row is tagged with its *ring*, the index of
+the smallest window edge it lies within, and aggregated once per (group, ring); a window's
+sums and counts are then the sums over its rings, done in Python. Distinct counts are not
+additive, so they are aggregated on the minimum ring per (group, party) instead: a party
+counts in a window when its minimum ring lies inside it. Order statistics and top lists do
+not decompose over rings, so they run once per window, except that a window holding
+exactly as many settled records as the next narrower one holds the same records (they are
+nested) and reuses its answer: the 90-day window of a store with 30 days of history costs
+nothing more than the 30-day one.
+
+Order statistics use ``quantile_disc``, which selects nearest-rank
+(``sorted[ceil(q * n) - 1]``); rank ``k`` of ``n`` is asked for as ``q = (k - 0.5) / n``,
+which selects exactly index ``k - 1`` whatever the floating-point rounding of ``q * n``.
+The contract tests check this against the brute-force oracle for every rank of small ``n``.
+
+Queries run one at a time per source (DuckDB already uses all its threads for one query,
+and the store's buffer pool is small: concurrent scans only compete for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from .analytics import (
+    BucketTotals,
+    NetworkTotals,
+    PayeeTotals,
+    PayerTotals,
+    PointInTime,
+    RankRequest,
+    RankValues,
+    RouteTotals,
+    TopLists,
+    WindowTotals,
+)
+from .store_duckdb import DuckDBStore
+
+_T = TypeVar("_T")
+
+_Row = tuple[object, ...]
+
+
+def _int(value: object) -> int:
+    """An exact integer from a DuckDB count or (HUGEINT) sum; NULL (no rows) is 0."""
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value
+    raise TypeError(f"expected an integer from DuckDB, got {type(value).__name__}")
+
+
+def _float(value: object) -> float:
+    """A float from a DuckDB DOUBLE or integer; NULL is 0.0."""
+    if value is None:
+        return 0.0
+    if isinstance(value, int | float):
+        return float(value)
+    raise TypeError(f"expected a number from DuckDB, got {type(value).__name__}")
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string from DuckDB, got {type(value).__name__}")
+    return value
+
+
+def _ring_sql(first_edge_param: int, edges: int) -> str:
+    """``CASE`` giving a row's ring: the index of the smallest edge ``e`` with
+    ``time_ms > at - e``. ``$1`` is ``at``; all edges but the last (the widest, which the
+    query's own filter applies) are parameters from ``first_edge_param`` on."""
+    whens = " ".join(
+        f"WHEN time_ms > $1 - ${first_edge_param + i} THEN {i}" for i in range(edges - 1)
+    )
+    return f"CASE {whens} ELSE {edges - 1} END" if whens else "0"
+
+
+def _edges(spans: Sequence[int]) -> list[int]:
+    if not spans or any(s <= 0 for s in spans):
+        raise ValueError(f"spans must be positive window lengths in ms, got {list(spans)!r}")
+    return sorted(set(spans))
+
+
+def _window_totals_sql(edge_count: int) -> str:
+    ring = _ring_sql(3, edge_count)
+    where = "time_ms > $1 - $2 AND time_ms <= $1"
+    return f"""
+SELECT 'p', network, {ring} AS ring, count(*),
+       count(*) FILTER (WHERE status = 'received'),
+       count(*) FILTER (WHERE status = 'settled'),
+       count(*) FILTER (WHERE status = 'failed'),
+       sum(amount_micro) FILTER (WHERE status = 'settled'),
+       sum(fee_micro) FILTER (WHERE status = 'settled'),
+       sum(settlement_ms) FILTER (WHERE status = 'settled')
+FROM payment WHERE {where} GROUP BY ALL
+UNION ALL
+SELECT 'b', network, {ring} AS ring, count(*), 0, 0, 0,
+       sum(gas_used), sum(payment_count), NULL
+FROM batch WHERE status = 'settled' AND {where} GROUP BY ALL
+UNION ALL
+SELECT 'r', kind, {ring} AS ring, count(*), 0, 0, 0, sum(amount_micro), NULL, NULL
+FROM revenue WHERE {where} GROUP BY ALL
+"""
+
+
+def _buckets_sql(edge_count: int) -> str:
+    ring = _ring_sql(4, edge_count)
+    return f"""
+WITH s AS MATERIALIZED (
+    SELECT time_ms - time_ms % $2 AS bucket, {ring} AS ring, payer, payee,
+           amount_micro, fee_micro
+    FROM payment WHERE status = 'settled' AND time_ms > $1 - $3 AND time_ms <= $1
+)
+SELECT 0, bucket, ring, count(*), sum(amount_micro), sum(fee_micro) FROM s GROUP BY ALL
+UNION ALL
+SELECT 1, bucket, r, count(*), NULL, NULL
+FROM (SELECT bucket, payer, min(ring) AS r FROM s GROUP BY ALL) GROUP BY ALL
+UNION ALL
+SELECT 2, bucket, r, count(*), NULL, NULL
+FROM (SELECT bucket, payee, min(ring) AS r FROM s GROUP BY ALL) GROUP BY ALL
+"""
+
+
+_SETTLED_IN_WINDOW = "status = 'settled' AND time_ms > $1 - $2 AND time_ms <= $1"
+
+_ORDER_VALUES_SQL = f"""
+SELECT quantile_disc(amount_micro, $3::DOUBLE[]), quantile_disc(settlement_ms, $4::DOUBLE[])
+FROM payment WHERE {_SETTLED_IN_WINDOW}
+"""
+
+# One aggregation by (payer, payee) feeds the three lists: routes directly, payers and
+# payees by summing it again (a payee's distinct payers are its pairs).
+_TOP_LISTS_SQL = f"""
+WITH pairs AS MATERIALIZED (
+    SELECT payer, payee, sum(amount_micro) AS amount, count(*) AS n, max(time_ms) AS last
+    FROM payment WHERE {_SETTLED_IN_WINDOW} GROUP BY payer, payee
+)
+(SELECT 0, payer, payee, amount, n, NULL FROM pairs
+ ORDER BY amount DESC, payer, payee LIMIT $3)
+UNION ALL
+(SELECT 1, payer, NULL, sum(amount) AS total, sum(n), max(last) FROM pairs
+ GROUP BY payer ORDER BY total DESC, payer LIMIT $3)
+UNION ALL
+(SELECT 2, payee, NULL, sum(amount) AS total, sum(n), count(*) FROM pairs
+ GROUP BY payee ORDER BY total DESC, payee LIMIT $3)
+"""
+
+_POINT_IN_TIME_SQL = """
+SELECT
+    (SELECT count(*) FROM (
+        SELECT payment_id FROM payment
+        WHERE time_ms <= $1 AND status IN ('received', 'settled', 'failed')
+        GROUP BY payment_id
+        HAVING bool_or(status = 'received')
+           AND NOT bool_or(status = 'settled' OR (status = 'failed' AND payment_id <> 'unknown'))
+    )),
+    (SELECT count FROM websocket WHERE time_ms <= $1 ORDER BY time_ms DESC, count DESC LIMIT 1)
+"""
+
+
+def _settled_counts_sql(spans: int) -> str:
+    """Settled records per span (``$2`` narrowest ... ``$n`` widest), in one scan."""
+    counts = ", ".join(f"count(*) FILTER (WHERE time_ms > $1 - ${i + 2})" for i in range(spans))
+    return (
+        f"SELECT {counts} FROM payment "
+        f"WHERE status = 'settled' AND time_ms > $1 - ${spans + 1} AND time_ms <= $1"
+    )
+
+
+def _quantile(rank: int, n: int) -> float:
+    """The ``quantile_disc`` fraction that selects exactly the 1-based ``rank`` of ``n``."""
+    if not 1 <= rank <= n:
+        raise ValueError(f"rank {rank} is outside 1..{n}")
+    return (rank - 0.5) / n
+
+
+class DuckDBAnalyticsSource:
+    """:class:`exporter.analytics.AnalyticsSource` over a :class:`DuckDBStore`."""
+
+    def __init__(self, store: DuckDBStore) -> None:
+        """Query ``store`` (its ``payment``, ``batch``, ``revenue`` and ``websocket`` tables)."""
+        self.store = store
+        self._lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+
+    async def _run(self, work: Callable[[], _T]) -> _T:
+        # One query at a time (see the module docstring), waiting without holding a thread.
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock[0] is not loop:
+            self._lock = (loop, asyncio.Lock())
+        async with self._lock[1]:
+            return await asyncio.to_thread(work)
+
+    async def window_totals(self, at_ms: int, spans_ms: Sequence[int]) -> dict[int, WindowTotals]:
+        """Per span: per-network counters and sums, second-half fees, revenue by kind."""
+        edges = sorted(set(_edges(spans_ms)) | {s // 2 for s in spans_ms if s // 2 > 0})
+        sql = _window_totals_sql(len(edges))
+        rows = await self._run(lambda: self.store.query(sql, [at_ms, edges[-1], *edges[:-1]]))
+        return _window_totals(rows, edges, spans_ms)
+
+    async def settled_buckets(
+        self, at_ms: int, spans_ms: Sequence[int], bucket_ms: int
+    ) -> dict[int, list[BucketTotals]]:
+        """Per span: settled records grouped by ``time_ms - time_ms % bucket_ms``."""
+        if bucket_ms <= 0:
+            raise ValueError(f"bucket_ms must be positive, got {bucket_ms}")
+        edges = _edges(spans_ms)
+        sql = _buckets_sql(len(edges))
+        rows = await self._run(
+            lambda: self.store.query(sql, [at_ms, bucket_ms, edges[-1], *edges[:-1]])
+        )
+        return _buckets(rows, edges, spans_ms)
+
+    async def settled_order_values(
+        self, at_ms: int, ranks: Mapping[int, RankRequest]
+    ) -> dict[int, RankValues]:
+        """Per span: settled amounts and settlement times at the requested ranks."""
+        spans = _edges(list(ranks)) if ranks else []
+
+        def work() -> dict[int, RankValues]:
+            out: dict[int, RankValues] = {}
+            previous: tuple[RankRequest, RankValues] | None = None
+            for span in spans:  # narrowest first
+                request = ranks[span]
+                if not (request.amount or request.settlement):
+                    out[span] = RankValues()
+                    continue
+                if previous is not None and previous[0] == request:
+                    # Nested windows with as many settled records hold the same records.
+                    out[span] = previous[1]
+                    continue
+                n = request.settled
+                params: list[object] = [
+                    at_ms,
+                    span,
+                    [_quantile(k, n) for k in request.amount],
+                    [_quantile(k, n) for k in request.settlement],
+                ]
+                [(amounts, times)] = self.store.query(_ORDER_VALUES_SQL, params)
+                out[span] = RankValues(
+                    amount=_by_rank(request.amount, amounts, _int),
+                    settlement=_by_rank(request.settlement, times, _float),
+                )
+                previous = (request, out[span])
+            return out
+
+        return await self._run(work)
+
+    async def top_lists(
+        self, at_ms: int, spans_ms: Sequence[int], limit: int
+    ) -> dict[int, TopLists]:
+        """Per span: the first ``limit`` payers, payees and routes (one scan per span)."""
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        spans = _edges(spans_ms)
+        counts_sql = _settled_counts_sql(len(spans))
+
+        def work() -> dict[int, TopLists]:
+            [counts] = self.store.query(counts_sql, [at_ms, *spans])
+            out: dict[int, TopLists] = {}
+            previous_count, previous = 0, TopLists([], [], [])
+            for span, count in zip(spans, counts, strict=True):  # narrowest first
+                # Nested windows with as many settled records hold the same records.
+                if _int(count) != previous_count:
+                    previous = _top_lists(self.store.query(_TOP_LISTS_SQL, [at_ms, span, limit]))
+                    previous_count = _int(count)
+                out[span] = previous
+            return out
+
+        return await self._run(work)
+
+    async def point_in_time(self, at_ms: int) -> PointInTime:
+        """Pending payments and the latest WebSocket client count as of ``at_ms``."""
+        [(pending, clients)] = await self._run(
+            lambda: self.store.query(_POINT_IN_TIME_SQL, [at_ms])
+        )
+        return PointInTime(pending_payments=_int(pending), websocket_clients=_int(clients))
+
+
+def _by_rank(
+    ranks: tuple[int, ...], values: object, convert: Callable[[object], _T]
+) -> dict[int, _T]:
+    if not ranks:
+        return {}
+    if not isinstance(values, list) or len(values) != len(ranks):
+        raise RuntimeError(
+            f"quantile_disc answered {values!r} for {len(ranks)} ranks: the window changed "
+            "between the count and the ranks, or holds NULL values"
+        )
+    return {k: convert(v) for k, v in zip(ranks, values, strict=True)}
+
+
+_PaymentSums = tuple[int, int, int, int, int, int, float]
+"""events, received, settled, failed, volume, fees, settlement ms."""
+
+
+@dataclass(slots=True)
+class _NetworkAcc:
+    events: int = 0
+    received: int = 0
+    settled: int = 0
+    failed: int = 0
+    volume: int = 0
+    fees: int = 0
+    settlement_ms: float = 0.0
+    gas_used: int = 0
+    batch_payments: int = 0
+
+    def add_payments(self, sums: _PaymentSums) -> None:
+        events, received, settled, failed, volume, fees, settlement_ms = sums
+        self.events += events
+        self.received += received
+        self.settled += settled
+        self.failed += failed
+        self.volume += volume
+        self.fees += fees
+        self.settlement_ms += settlement_ms
+
+    def totals(self, network: str) -> NetworkTotals:
+        return NetworkTotals(
+            network=network,
+            payment_events=self.events,
+            received=self.received,
+            settled=self.settled,
+            failed=self.failed,
+            volume_micro=self.volume,
+            fees_micro=self.fees,
+            settlement_ms_sum=self.settlement_ms,
+            gas_used=self.gas_used,
+            batch_payments=self.batch_payments,
+        )
+
+
+def _window_totals(
+    rows: list[_Row], edges: list[int], spans: Sequence[int]
+) -> dict[int, WindowTotals]:
+    ring_of = {edge: i for i, edge in enumerate(edges)}
+    # per (network, ring): [events, received, settled, failed, volume, fees, settle_ms]
+    payment: dict[tuple[str, int], _PaymentSums] = {}
+    gas: dict[tuple[str, int], tuple[int, int]] = {}
+    revenue: dict[tuple[str, int], int] = {}
+    for tag, name, ring, events, received, settled, failed, a, b, c in rows:
+        key = (_str(name), _int(ring))
+        if tag == "p":
+            payment[key] = (
+                _int(events), _int(received), _int(settled), _int(failed),
+                _int(a), _int(b), _float(c),
+            )
+        elif tag == "b":
+            gas[key] = (_int(a), _int(b))
+        else:
+            revenue[key] = _int(a)
+
+    out: dict[int, WindowTotals] = {}
+    for span in spans:
+        inside = ring_of[span]
+        half = ring_of.get(span // 2, -1)
+        networks: dict[str, _NetworkAcc] = defaultdict(_NetworkAcc)
+        second_half = 0
+        for (network, ring), values in payment.items():
+            if ring <= inside:
+                networks[network].add_payments(values)
+                if ring <= half:
+                    second_half += values[5]
+        for (network, ring), (gas_used, batch_payments) in gas.items():
+            if ring <= inside:
+                acc = networks[network]
+                acc.gas_used += gas_used
+                acc.batch_payments += batch_payments
+        kinds: dict[str, int] = defaultdict(int)
+        for (kind, ring), amount in revenue.items():
+            if ring <= inside:
+                kinds[kind] += amount
+        out[span] = WindowTotals(
+            networks=[acc.totals(network) for network, acc in networks.items()],
+            fees_second_half_micro=second_half,
+            revenue_by_kind=dict(kinds),
+        )
+    return out
+
+
+def _buckets(
+    rows: list[_Row], edges: list[int], spans: Sequence[int]
+) -> dict[int, list[BucketTotals]]:
+    sums: dict[tuple[int, int], tuple[int, int, int]] = {}
+    firsts: dict[tuple[int, int, int], int] = {}  # (kind, bucket, min ring) -> parties
+    for kind, bucket, ring, count, volume, fees in rows:
+        key = (_int(bucket), _int(ring))
+        if kind == 0:
+            sums[key] = (_int(count), _int(volume), _int(fees))
+        else:
+            firsts[(_int(kind), *key)] = _int(count)
+    out: dict[int, list[BucketTotals]] = {}
+    for span in spans:
+        inside = edges.index(span)
+        acc: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+        for (bucket, ring), (count, volume, fees) in sums.items():
+            if ring <= inside:
+                a = acc[bucket]
+                a[0] += count
+                a[1] += volume
+                a[2] += fees
+        for (kind, bucket, ring), parties in firsts.items():
+            if ring <= inside:
+                acc[bucket][2 + kind] += parties
+        out[span] = [
+            BucketTotals(
+                start_ms=bucket, settled=a[0], volume_micro=a[1], fees_micro=a[2],
+                unique_payers=a[3], unique_payees=a[4],
+            )
+            for bucket, a in sorted(acc.items())
+        ]
+    return out
+
+
+def _top_lists(rows: list[_Row]) -> TopLists:
+    payers: list[PayerTotals] = []
+    payees: list[PayeeTotals] = []
+    routes: list[RouteTotals] = []
+    for kind, first, second, amount, count, extra in rows:
+        if kind == 0:
+            routes.append(RouteTotals(_str(first), _str(second), _int(amount), _int(count)))
+        elif kind == 1:
+            payers.append(PayerTotals(_str(first), _int(amount), _int(count), _int(extra)))
+        else:
+            payees.append(PayeeTotals(_str(first), _int(amount), _int(count), _int(extra)))
+    return TopLists(payers=payers, payees=payees, routes=routes)

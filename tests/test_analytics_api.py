@@ -1,0 +1,138 @@
+"""The analytics JSON API, the cached gauges and the write-back, through the whole app."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import AppClient, async_wait_until, failed, received, settled
+from prometheus_client import CollectorRegistry
+
+from exporter import Settings, create_app
+from exporter.app import ANALYTICS, COMMITTER, STORE
+from exporter.store_duckdb import DuckDBStore
+
+HOUR = 3_600_000
+
+
+def _scenario(now_ms: int) -> list[dict[str, Any]]:
+    """Two settled payments and one failure in the last hour, on two networks."""
+    return [
+        received("a", now_ms - 50 * 60_000, amount="2.00", network="eip155:8453"),
+        settled("a", now_ms - 49 * 60_000, fee="0.02", settlement_ms=1200),
+        received("b", now_ms - 40 * 60_000, amount="1.00", network="eip155:10"),
+        settled("b", now_ms - 39 * 60_000, fee="0.01", settlement_ms=3400),
+        received("c", now_ms - 30 * 60_000, amount="5.00", network="eip155:10"),
+        failed("c", now_ms - 29 * 60_000),
+    ]
+
+
+async def _ingest_and_drain(client: AppClient, events: list[dict[str, Any]]) -> None:
+    response = await client.post("/v1/events", json=events)
+    assert response.status == 202
+    ledger = client.app[COMMITTER].ledger
+
+    async def drained() -> bool:
+        return bool(ledger.backlog == 0)
+
+    await async_wait_until(drained, what="store caught up")
+
+
+async def test_on_demand_answer_for_an_instant(client: AppClient) -> None:
+    now = int(time.time() * 1000)
+    await _ingest_and_drain(client, _scenario(now))
+    response = await client.get(f"/v1/analytics/payments?window=1h&at={now}")
+    assert response.status == 200
+    assert response.headers["X-Analytics-At"] == str(now)
+    body = await response.json()
+    assert body["totalPayments"] == 3
+    assert body["successfulPayments"] == 2
+    assert body["failedPayments"] == 1
+    assert body["totalVolume"] == "3.000000"
+    assert body["totalFees"] == "0.030000"
+    assert body["averagePaymentSize"] == "1.500000"
+    assert body["p95SettlementTime"] == 3400
+    before = await client.get(f"/v1/analytics/payments?window=1h&at={now - HOUR}")
+    assert (await before.json())["totalPayments"] == 0
+
+
+async def test_cached_results_gauges_and_write_back(
+    client: AppClient, registry: CollectorRegistry
+) -> None:
+    now = int(time.time() * 1000)
+    await _ingest_and_drain(client, _scenario(now))
+    service = client.app[ANALYTICS]
+    for key in ("1h", "24h", "realtime"):
+        assert await service.scheduler.refresh(key)
+    response = await client.get("/v1/analytics/networks?window=1h")
+    assert response.status == 200
+    assert response.headers["X-Analytics-Stale"] == "false"
+    networks = await response.json()
+    assert [(n["chainId"], n["chainName"], n["totalPayments"]) for n in networks] == [
+        ("eip155:8453", "Base", 1),
+        ("eip155:10", "Optimism", 2),
+    ]
+    assert networks[1]["successRate"] == 50
+    limited = await client.get("/v1/analytics/top/payers?window=24h&limit=1")
+    assert len(await limited.json()) == 1
+
+    def gauge(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert gauge("facilitator_error_ratio", window="1h") == pytest.approx(1 / 3)
+    assert gauge("facilitator_settlement_p95_seconds", window="1h") == pytest.approx(3.4)
+    assert gauge("facilitator_revenue_projected_monthly_usd", window="24h") == pytest.approx(0.9)
+    assert gauge("facilitator_health_status", status="critical") == 1
+    assert gauge("facilitator_health_status", status="healthy") == 0
+
+    store = client.app[STORE]
+    assert isinstance(store, DuckDBStore)
+    rows = store.query(
+        'SELECT name, "window", field, value FROM analytics WHERE "window" = ? ORDER BY name, '
+        "field",
+        ["24h"],
+    )
+    assert ("health", "24h", "status", 2.0) in rows
+    assert ("revenue", "24h", "projectedMonthlyRevenue", pytest.approx(0.9)) in rows
+
+
+async def test_bad_requests_name_the_problem(client: AppClient) -> None:
+    bad_window = await client.get("/v1/analytics/payments?window=2h")
+    assert bad_window.status == 400
+    assert "allowed windows: 1h, 6h, 24h, 7d, 30d, 90d" in (await bad_window.json())["error"]
+    for limit in ("0", "1001", "ten"):
+        response = await client.get(f"/v1/analytics/top/payers?limit={limit}")
+        assert response.status == 400
+        assert "limit" in (await response.json())["error"]
+    unknown = await client.get("/v1/analytics/profits")
+    assert unknown.status == 404
+    bad_at = await client.get("/v1/analytics/health?at=yesterday")
+    assert bad_at.status == 400
+    bad_metric = await client.get("/v1/analytics/timeseries?metric=gas")
+    assert bad_metric.status == 400
+
+
+async def test_rfc3339_at_is_accepted(client: AppClient) -> None:
+    response = await client.get("/v1/analytics/timeseries?window=6h&at=2026-01-01T06:00:00Z")
+    assert response.status == 200
+    body = await response.json()
+    assert body["aggregation"] == "sum"
+    assert [p["timestamp"] for p in body["points"]][-1] == 1_767_247_200_000
+
+
+async def test_analytics_need_the_token_when_one_is_set(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], data_dir: Path
+) -> None:
+    client = await aiohttp_client(create_app(Settings(data_dir=data_dir, ingest_token="tkn")))
+    assert (await client.get("/v1/analytics/realtime")).status == 401
+    allowed = await client.get("/v1/analytics/realtime", headers={"Authorization": "Bearer tkn"})
+    assert allowed.status == 200
+    assert set(await allowed.json()) == {
+        "paymentsPerMinute",
+        "revenuePerHour",
+        "pendingSettlements",
+        "activeConnections",
+    }
