@@ -157,7 +157,7 @@ async def _forwarder_resource(app: web.Application) -> AsyncIterator[None]:
 async def _analytics_resource(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store = app[STORE]
-    source = analytics_source(store)
+    source = analytics_source(store, settings)
     if source is None:
         log.warning("analytics are not computed for this store", extra={"store": store.name})
         yield
@@ -177,6 +177,9 @@ async def _analytics_resource(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await service.stop()
+        close = getattr(source, "close", None)
+        if close is not None:
+            await close()
 
 
 def _analytics_context(app: web.Application) -> contextlib.AbstractAsyncContextManager[None]:

@@ -168,14 +168,26 @@ class StoreState:
     lag_seconds: float
 
 
-def analytics_source(store: Store) -> AnalyticsSource | None:
-    """The analytics queries for ``store``, or None when it has none."""
+def analytics_source(store: Store, settings: Settings) -> AnalyticsSource | None:
+    """The analytics queries for ``store``: SQL on DuckDB, Flux on InfluxDB."""
     from .store_duckdb import DuckDBStore
+    from .store_influx import InfluxStore
 
     if isinstance(store, DuckDBStore):
         from .analytics_duckdb import DuckDBAnalyticsSource
 
         return DuckDBAnalyticsSource(store)
+    if isinstance(store, InfluxStore):
+        from .analytics_flux import FluxAnalyticsSource
+
+        assert settings.influx_url and settings.influx_token and settings.influx_org
+        return FluxAnalyticsSource.connect(
+            settings.influx_url,
+            settings.influx_token.get_secret_value(),
+            settings.influx_org,
+            settings.influx_bucket,
+            timeout_seconds=settings.influx_timeout_seconds,
+        )
     return None
 
 

@@ -34,6 +34,8 @@ from conftest import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_analytics_flux import influxdb_source
+from test_influx_integration import TARGET as INFLUX_TARGET
 from test_ledger import prepare
 
 from exporter.analytics import (
@@ -79,6 +81,8 @@ async def _duckdb(directory: Path, records: list[StoreRecord]) -> AsyncIterator[
 
 STORES: dict[str, StoreFactory] = {"duckdb": _duckdb}
 """Every store the suite runs against, by name."""
+if INFLUX_TARGET is not None:  # a real InfluxDB 2.x: the Flux queries answer the same suite
+    STORES["influxdb"] = influxdb_source
 
 
 async def _ledger_records(events: Sequence[Event], directory: Path) -> list[StoreRecord]:
