@@ -135,12 +135,26 @@ def _join(
         network, payer, payee, amount = joined
         if kind == "payment:verified":
             yield PaymentRecord(
-                key, ts, network, "verified", pid, payer, payee, amount,
+                key,
+                ts,
+                network,
+                "verified",
+                pid,
+                payer,
+                payee,
+                amount,
                 verification_ms=float(data["verificationTime"]),
             )
         elif kind == "payment:settled":
             yield PaymentRecord(
-                key, ts, network, "settled", pid, payer, payee, amount,
+                key,
+                ts,
+                network,
+                "settled",
+                pid,
+                payer,
+                payee,
+                amount,
                 fee_micro=to_micro(data["fee"]),
                 settlement_ms=float(data["settlementTime"]),
                 tx=data["transaction"],
@@ -164,24 +178,39 @@ def _join(
             return
         network, count, total = created
         yield BatchRecord(
-            key, ts, network, "settled", bid, count, total,
-            to_micro(data["totalFees"]), int(data["gasUsed"]), data["transaction"],
+            key,
+            ts,
+            network,
+            "settled",
+            bid,
+            count,
+            total,
+            to_micro(data["totalFees"]),
+            int(data["gasUsed"]),
+            data["transaction"],
         )
     elif kind == "revenue:recorded":
         yield RevenueRecord(
-            key, ts, data["network"], data["kind"], to_micro(data["amount"]),
+            key,
+            ts,
+            data["network"],
+            data["kind"],
+            to_micro(data["amount"]),
             data.get("paymentId"),
         )
     elif kind == "websocket:clients":
         yield WebsocketRecord(key, ts, int(data["count"]))
 
 
-async def load(store: DuckDBStore, payments: int, days: float, seed: int) -> int:
-    """Write the records of ``payments`` simulated payments into ``store``; returns the count."""
+async def load(
+    store: DuckDBStore, payments: int, days: float, seed: int, end_ms: int = END_MS
+) -> int:
+    """Write the records of ``payments`` simulated payments ending at ``end_ms`` into
+    ``store``; returns the count."""
     sim = Simulator(SimulationConfig(seed=seed))
     batch: list[StoreRecord] = []
     written = 0
-    for record in records_from_events(sim.history(payments, days, END_MS)):
+    for record in records_from_events(sim.history(payments, days, end_ms)):
         batch.append(record)
         if len(batch) >= _WRITE_BATCH:
             await store.write(batch)
