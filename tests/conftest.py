@@ -30,11 +30,15 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+_DEBIAN_PACKAGES = {"promtool": "prometheus", "prometheus": "prometheus"}
+
+
 def require_tool(name: str) -> str:
     """The path of ``name``; skip when missing locally, fail when missing in CI."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (Debian package 'prometheus' provides it)"
+        package = _DEBIAN_PACKAGES.get(name, name)
+        message = f"{name} is not installed (Debian package '{package}' provides it)"
         if in_ci():
             pytest.fail(f"{message}; CI must run this test")
         pytest.skip(message)
