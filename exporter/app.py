@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
@@ -22,6 +23,7 @@ from .analytics_service import AnalyticsAPI, AnalyticsService, AnalyticsSink
 from .config import Settings
 from .ledger import DataDirLock, GroupCommitter, Ledger, LedgerUnavailableError
 from .metrics import Metrics
+from .proxy import PROXY, FacilitatorProxy
 from .receiver import IngestLimits, Receiver
 from .records import Store
 from .stores import Forwarder, analytics_source, open_store
@@ -66,12 +68,19 @@ def create_app(
     app.cleanup_ctx.extend(
         [_ledger_context, _store_context, _forwarder_context, _analytics_context]
     )
+    if settings.upstream_facilitator is not None:
+        app.cleanup_ctx.append(_proxy_context)
     app.cleanup_ctx.extend(extra_contexts or [])
     app.router.add_post("/v1/events", _ingest)
     app.router.add_get("/metrics", make_aiohttp_handler(registry))
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/v1/analytics/{name:.+}", _analytics)
+    if settings.upstream_facilitator is not None:
+        app.router.add_post("/verify", _proxy)
+        app.router.add_post("/settle", _proxy)
+        app.router.add_get("/supported", _proxy)
+        app.router.add_route("*", "/{path:.*}", _proxy)  # any other path passes through
     return app
 
 
@@ -194,6 +203,42 @@ async def _analytics(request: web.Request) -> web.Response:
             status=503,
         )
     return await api.handle(request)
+
+
+@contextlib.asynccontextmanager
+async def _proxy_resource(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    assert settings.upstream_facilitator is not None
+    session = aiohttp.ClientSession(
+        auto_decompress=False,  # bodies pass through as the upstream encoded them
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+    proxy = FacilitatorProxy(
+        settings.upstream_facilitator,
+        session,
+        app[COMMITTER],
+        app[METRICS],
+        app[REGISTRY],
+        timeout_seconds=settings.upstream_timeout_seconds,
+        fee_bps=settings.proxy_fee_bps,
+        asset_decimals=settings.proxy_asset_decimals,
+    )
+    app[PROXY] = proxy
+    log.info("proxy mode", extra={"upstream": settings.upstream_facilitator})
+    try:
+        yield
+    finally:
+        await proxy.drain(DRAIN_SECONDS)
+        await session.close()
+
+
+def _proxy_context(app: web.Application) -> contextlib.AbstractAsyncContextManager[None]:
+    return _proxy_resource(app)
+
+
+async def _proxy(request: web.Request) -> web.StreamResponse:
+    return await request.app[PROXY].handle(request)
 
 
 def _ledger_context(app: web.Application) -> contextlib.AbstractAsyncContextManager[None]:

@@ -1,4 +1,5 @@
-"""The ``facilitator-exporter`` command: serve, check-config, simulate."""
+"""The ``facilitator-exporter`` command: serve, check-config, simulate, and the operator
+commands (replay, export, dead-letters, query, flux, backfill) of :mod:`exporter.operator`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -22,6 +24,7 @@ from ._logging import configure_logging
 from .app import SETTINGS, create_app
 from .config import Settings, StoreKind
 from .ledger import LedgerError
+from .operator import OperatorError
 
 if TYPE_CHECKING:
     from .store_influx import InfluxCheck
@@ -38,6 +41,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["listen"] = args.listen
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = args.data_dir
+    if getattr(args, "upstream_facilitator", None):
+        overrides["upstream_facilitator"] = args.upstream_facilitator
     return Settings(**overrides)
 
 
@@ -223,6 +228,318 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0 if summary.errors == 0 else 1
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from .operator import replay
+
+    logging.basicConfig(level=logging.WARNING)
+    settings = _settings(args)
+    summary = asyncio.run(
+        replay(
+            settings,
+            [Path(p) for p in args.files],
+            err=sys.stderr,
+            deliver=not args.no_deliver,
+            drain_seconds=args.drain_timeout,
+        )
+    )
+    if summary.delivered_to is None:
+        sys.stderr.write(
+            "replay: committed to the ledger only; the exporter delivers the records to "
+            "the store when it next starts\n"
+        )
+    elif summary.left_in_ledger:
+        sys.stderr.write(
+            f"replay: {summary.left_in_ledger} store records not yet delivered to "
+            f"{summary.delivered_to}; the exporter delivers them when it next starts\n"
+        )
+    sys.stdout.write(json.dumps(summary.as_dict(), indent=2) + "\n")
+    return 1 if summary.rejected else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .operator import export, parse_instant
+
+    settings = _settings(args)
+    since = parse_instant(args.since, "--since") if args.since else None
+    until = parse_instant(args.until, "--until") if args.until else None
+    output = Path(args.output) if args.output else None
+    count = export(settings, since, until, output, sys.stdout.buffer)
+    sys.stderr.write(f"export: {count} events written to {output or 'stdout'}\n")
+    return 0
+
+
+def _dead_letters(args: argparse.Namespace) -> int:
+    from .operator import dead_letters, render_table
+
+    letters = dead_letters(_settings(args), args.reason, args.limit)
+    if args.format == "json":
+        sys.stdout.write(json.dumps(letters, indent=2) + "\n")
+        return 0
+    if not letters:
+        sys.stderr.write("dead-letters: none\n")
+        return 0
+    width = args.width
+    rows = [
+        [
+            d["id"],
+            d["receivedAt"],
+            d["reason"],
+            d["key"],
+            _clip(d["error"], width),
+            _clip(d["raw"], width),
+        ]
+        for d in letters
+    ]
+    sys.stdout.write(render_table(["id", "received_at", "reason", "key", "error", "raw"], rows))
+    return 0
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if width <= 0 or len(text) <= width else text[: max(1, width - 3)] + "..."
+
+
+def _query(args: argparse.Namespace) -> int:
+    from .operator import QueryRequest, parse_instant, query_exporter, query_store, render_data
+
+    settings = _settings(args)
+    at = parse_instant(args.at, "--at") if args.at else None
+    request = QueryRequest(args.analytic, args.window, at, args.limit, args.metric)
+    if args.url:
+        token = args.token or (
+            settings.ingest_token.get_secret_value() if settings.ingest_token else None
+        )
+        data = query_exporter(args.url, token, request, args.timeout)
+        sys.stderr.write(f"query: answered by the exporter at {args.url}\n")
+    else:
+        data = asyncio.run(query_store(settings, request))
+        where = (
+            str(settings.duckdb_path)
+            if settings.resolved_store is StoreKind.DUCKDB
+            else f"{settings.influx_url} bucket {settings.influx_bucket}"
+        )
+        sys.stderr.write(
+            f"query: computed from the {settings.resolved_store.value} store at {where} "
+            "(no exporter holds the data directory)\n"
+        )
+    if isinstance(data, list):
+        data = data[: args.limit]
+    sys.stdout.write(render_data(data, args.format))
+    return 0
+
+
+def _flux(args: argparse.Namespace) -> int:
+    from .operator import render_flux, run_flux
+
+    if (args.query is None) == (args.file is None):
+        sys.stderr.write("flux: give either a query or --file, not both or neither\n")
+        return 2
+    text = args.query if args.query is not None else Path(args.file).read_text()
+    tables = asyncio.run(run_flux(_settings(args), text))
+    sys.stdout.write(render_flux(tables, args.format))
+    return 0
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    from .operator import backfill
+
+    logging.basicConfig(level=logging.WARNING)
+    settings = _settings(args)
+    summary = asyncio.run(
+        backfill(
+            settings,
+            StoreKind(args.to),
+            err=sys.stderr,
+            restart=args.restart,
+            drain_seconds=args.drain_timeout,
+        )
+    )
+    sys.stdout.write(json.dumps(summary.as_dict(), indent=2) + "\n")
+    if not summary.complete:
+        sys.stderr.write(
+            f"backfill: {summary.left_in_scratch} records not delivered to {args.to}; "
+            "run the same command again to resume\n"
+        )
+        return 1
+    return 0
+
+
+def _add_operator_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    from .analytics import ANALYTIC_NAMES, DEFAULT_LIMIT, MAX_LIMIT, TIME_SERIES_METRICS, Window
+
+    data_dir_help = "data directory holding the ledger and store (EXPORTER_DATA_DIR, data)"
+    replay = commands.add_parser(
+        "replay",
+        help="ingest NDJSON event files through the ledger, as POST /v1/events does",
+        description="Validate each line of the files like POST /v1/events, commit the events "
+        "to the ledger (deduplicated: replaying twice changes nothing) and deliver the store "
+        "records by running the forwarder until the outbox is drained. Needs the data "
+        "directory to itself: refuses while an exporter runs on it. Progress (events/s, "
+        "ETA) goes to stderr; the summary (accepted, duplicates, rejected by reason) to "
+        "stdout as JSON. Bad lines are reported as FILE:LINE and skipped. Exit 1 when a "
+        "line was rejected.",
+    )
+    replay.add_argument(
+        "files", nargs="+", metavar="FILE", help="NDJSON files, plain or gzip (.ndjson.gz)"
+    )
+    replay.add_argument("--data-dir", help=data_dir_help)
+    replay.add_argument(
+        "--no-deliver",
+        action="store_true",
+        help="only commit to the ledger; the exporter delivers to the store on its next start "
+        "(use when the store is unreachable now)",
+    )
+    replay.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to keep delivering to the store after the last line; what is left "
+        "stays in the ledger for the next start (default 60)",
+    )
+    replay.set_defaults(run=_replay)
+
+    export = commands.add_parser(
+        "export",
+        help="write the ledger's events as NDJSON that replay can ingest",
+        description="Write the ledger's events in commit order, one canonical JSON event per "
+        "line, re-ingestible by `replay`. Needs the data directory to itself.",
+    )
+    export.add_argument(
+        "--since", help="first event timestamp to include (epoch ms or RFC 3339, inclusive)"
+    )
+    export.add_argument(
+        "--until", help="event timestamp to stop before (epoch ms or RFC 3339, exclusive)"
+    )
+    export.add_argument(
+        "--output", help="file to write; gzip when it ends in .gz (default stdout)"
+    )
+    export.add_argument("--data-dir", help=data_dir_help)
+    export.set_defaults(run=_export)
+
+    letters = commands.add_parser(
+        "dead-letters",
+        help="list rejected and conflicting events with their reasons",
+        description="List the ledger's dead letters, newest first. Reads the ledger "
+        "read-only, so it also works while an exporter runs.",
+    )
+    letters.add_argument(
+        "--reason",
+        help="only this reason: invalid, malformed, conflict, too_large, "
+        "unsupported_media_type or store",
+    )
+    letters.add_argument(
+        "--format", choices=("table", "json"), default="table", help="output (default table)"
+    )
+    letters.add_argument(
+        "--limit", type=int, default=100, help="most dead letters to show (default 100)"
+    )
+    letters.add_argument(
+        "--width",
+        type=int,
+        default=60,
+        help="clip error and raw columns of the table to this width; 0 keeps them whole "
+        "(default 60)",
+    )
+    letters.add_argument("--data-dir", help=data_dir_help)
+    letters.set_defaults(run=_dead_letters)
+
+    query = commands.add_parser(
+        "query",
+        help="compute one analytic (DESIGN section 5)",
+        description="Compute one analytic. With --url it asks a running exporter's "
+        "GET /v1/analytics/ANALYTIC; without, it opens the configured store itself, which "
+        "only works while no exporter holds the data directory. Stderr says which.",
+    )
+    query.add_argument("analytic", choices=ANALYTIC_NAMES, help="the analytic to compute")
+    query.add_argument(
+        "--window",
+        default="24h",
+        choices=[w.value for w in Window],
+        help="window ending at --at (default 24h; realtime has none)",
+    )
+    query.add_argument("--at", help="instant to compute as of: epoch ms or RFC 3339 (default now)")
+    query.add_argument(
+        "--limit",
+        type=int,
+        default=DEFAULT_LIMIT,
+        help=f"entries of the top lists, 1..{MAX_LIMIT} (default {DEFAULT_LIMIT})",
+    )
+    query.add_argument(
+        "--metric",
+        default="volume",
+        choices=TIME_SERIES_METRICS,
+        help="timeseries metric (default volume)",
+    )
+    query.add_argument(
+        "--format",
+        choices=("table", "json", "csv"),
+        default="table",
+        help="aligned table (money right-aligned, 6 decimals), JSON as the API answers, or "
+        "CSV (default table)",
+    )
+    query.add_argument("--url", help="base URL of a running exporter to ask instead of the store")
+    query.add_argument(
+        "--token", help="bearer token for --url (default EXPORTER_INGEST_TOKEN)"
+    )
+    query.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for --url (default 60)"
+    )
+    query.add_argument("--data-dir", help=data_dir_help)
+    query.set_defaults(run=_query)
+
+    flux = commands.add_parser(
+        "flux",
+        help="run ad hoc Flux against the configured InfluxDB",
+        description="Run a Flux query against the InfluxDB of EXPORTER_INFLUX_URL, "
+        "EXPORTER_INFLUX_TOKEN and EXPORTER_INFLUX_ORG and print each result table. "
+        "Exit 2 when the configured store is not InfluxDB.",
+    )
+    flux.add_argument(
+        "query",
+        nargs="?",
+        help="the Flux source, e.g. 'from(bucket: \"payments\") |> range(start: -1h)'",
+    )
+    flux.add_argument("--file", help="read the Flux source from this file instead")
+    flux.add_argument(
+        "--format",
+        choices=("table", "json", "csv"),
+        default="table",
+        help="one aligned table per result table, JSON or CSV (default table)",
+    )
+    flux.set_defaults(run=_flux)
+
+    backfill = commands.add_parser(
+        "backfill",
+        help="re-deliver the ledger's history to a store (e.g. move to InfluxDB)",
+        description="Derive the store records of every event in the ledger again and write "
+        "them to the chosen store, with progress on stderr. Resumable: an interrupted run "
+        "continues where it stopped when run again (files backfill-STORE.* in the data "
+        "directory). Needs the data directory to itself. Exit 1 when not everything was "
+        "delivered.",
+    )
+    backfill.add_argument(
+        "--to",
+        required=True,
+        choices=(StoreKind.INFLUXDB.value, StoreKind.DUCKDB.value),
+        help="target store: influxdb (EXPORTER_INFLUX_* settings) or duckdb "
+        "(DATA_DIR/store.duckdb)",
+    )
+    backfill.add_argument(
+        "--restart", action="store_true", help="discard a previous run's progress and start over"
+    )
+    backfill.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to keep delivering after the last event before giving up for this run "
+        "(default 60)",
+    )
+    backfill.add_argument("--data-dir", help=data_dir_help)
+    backfill.set_defaults(run=_backfill)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
@@ -235,6 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the exporter")
     serve.add_argument("--listen", help="host:port to bind (EXPORTER_LISTEN, 127.0.0.1:9402)")
     serve.add_argument("--data-dir", help="ledger and store directory (EXPORTER_DATA_DIR)")
+    serve.add_argument(
+        "--upstream-facilitator",
+        metavar="URL",
+        help="proxy mode: forward /verify, /settle, /supported to this x402 facilitator and "
+        "record every payment (EXPORTER_UPSTREAM_FACILITATOR)",
+    )
     serve.add_argument(
         "--demo",
         action="store_true",
@@ -288,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, default=8, help="concurrent requests (default 8)"
     )
     simulate.set_defaults(run=_simulate)
+    _add_operator_commands(commands)
     return parser
 
 
@@ -300,6 +624,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as error:
         sys.stderr.write(_config_error(error) + "\n")
         return 2
+    except OperatorError as error:
+        sys.stderr.write(f"facilitator-exporter: {error}\n")
+        return error.exit_code
     except KeyboardInterrupt:
         return 130
     return code

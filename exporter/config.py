@@ -136,6 +136,22 @@ class Settings(BaseSettings):
     duckdb_threads: PositiveInt = Field(2, description="DuckDB worker threads")
     log_level: str = Field("info", description="debug, info, warning or error")
     log_format: LogFormat = Field(LogFormat.LOGFMT, description="logfmt or json")
+    upstream_facilitator: str | None = Field(
+        None,
+        description="proxy mode: base URL of the x402 facilitator to put the exporter in "
+        "front of; /verify, /settle, /supported and other paths are forwarded to it",
+    )
+    upstream_timeout_seconds: PositiveFloat = Field(
+        30.0, description="proxy mode: a facilitator request not answered by then gets a 504"
+    )
+    proxy_fee_bps: Annotated[int, Field(ge=0, le=10_000)] = Field(
+        0, description="proxy mode: the facilitator's fee on settled payments, in basis points"
+    )
+    proxy_asset_decimals: dict[str, Annotated[int, Field(ge=0, le=36)]] = Field(
+        default_factory=dict,
+        description="proxy mode: decimals per asset, JSON, keyed by asset address or "
+        '"network/asset", e.g. {"eip155:56/0x55d3...7955": 18}; known USDC deployments are 6',
+    )
 
     @field_validator("listen")
     @classmethod
@@ -191,6 +207,36 @@ class Settings(BaseSettings):
         if parts.query or parts.fragment:
             raise ValueError("must be a base URL without query or fragment")
         return value.rstrip("/")
+
+    @field_validator("upstream_facilitator")
+    @classmethod
+    def _upstream_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        if parts.query or parts.fragment:
+            raise ValueError("must be a base URL without query or fragment")
+        return value.rstrip("/")
+
+    @field_validator("proxy_asset_decimals")
+    @classmethod
+    def _asset_keys(cls, value: dict[str, int]) -> dict[str, int]:
+        normalised: dict[str, int] = {}
+        for key, decimals in value.items():
+            network, sep, asset = key.strip().rpartition("/")
+            caip2 = re.fullmatch(r"[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}", network)
+            if not asset or (sep and not caip2):
+                raise ValueError(
+                    f'key {key!r} must be an asset address or "network/asset" with a CAIP-2 '
+                    'network, e.g. "eip155:8453/0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"'
+                )
+            if asset.startswith("0x"):
+                asset = asset.lower()
+            normalised[f"{network}/{asset}" if sep else asset] = decimals
+        return normalised
 
     @field_validator("influx_bucket")
     @classmethod

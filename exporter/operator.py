@@ -1,0 +1,837 @@
+"""Operator commands behind the command line: replay, export, dead-letters, query, flux,
+backfill (issue 7).
+
+Commands that open the ledger (replay, export, backfill) take the data directory's lock
+first, so they refuse to run beside an exporter on the same data directory. Replay
+commits through the same validation and ledger path as ``POST /v1/events`` and then runs
+the exporter's own :class:`~exporter.stores.Forwarder` until the outbox is drained, so
+the store holds the replayed events when the command returns. ``query`` asks a running
+exporter over HTTP (``--url``) or, when no exporter holds the data directory, opens the
+store itself; it says on stderr which one it did. ``dead-letters`` reads the ledger
+through a read-only SQLite connection, which SQLite allows beside a running exporter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import datetime
+import functools
+import gzip
+import io
+import json
+import logging
+import os
+import re
+import sqlite3
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, cast
+
+from prometheus_client import CollectorRegistry
+
+from .analytics import Analytics, AnalyticsRequestError, Window, WindowError, result_data
+from .config import Settings, StoreKind
+from .events import EventError, MalformedJSONError, canonical_json, dedup_key, parse_event_json
+from .ledger import (
+    DataDirLock,
+    DataDirLockedError,
+    GroupCommitter,
+    Ledger,
+    Outcome,
+    PreparedEvent,
+    Submission,
+)
+from .metrics import Metrics
+from .records import Store
+from .stores import Forwarder, analytics_source, open_store
+
+log = logging.getLogger(__name__)
+
+REPLAY_BATCH_EVENTS = 5_000
+"""Events committed to the ledger per transaction during replay and backfill."""
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_NUMERIC = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
+
+
+class OperatorError(Exception):
+    """A command cannot do what was asked; ``str()`` tells the operator why."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def parse_instant(text: str, option: str) -> int:
+    """Epoch milliseconds from ``text``: an integer (ms) or an RFC 3339 time with offset."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise OperatorError(
+            f"{option}: expected epoch milliseconds or an RFC 3339 time, got {text!r}", 2
+        ) from None
+    if moment.tzinfo is None:
+        raise OperatorError(f"{option}: {text!r} needs a UTC offset (e.g. Z)", 2)
+    return int(moment.timestamp() * 1000)
+
+
+def _iso(ms: int) -> str:
+    moment = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@contextlib.contextmanager
+def locked_data_dir(settings: Settings, command: str) -> Iterator[DataDirLock]:
+    """Hold the data directory's lock, or refuse clearly when an exporter holds it."""
+    try:
+        lock = DataDirLock(settings.data_dir)
+    except DataDirLockedError as error:
+        raise OperatorError(
+            f"{command}: {error}. {command} opens the ledger itself and cannot run beside "
+            "an exporter on the same data directory"
+        ) from None
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def _existing_ledger(settings: Settings, command: str) -> None:
+    if not settings.ledger_path.exists():
+        raise OperatorError(f"{command}: no ledger at {settings.ledger_path}")
+
+
+class Progress:
+    """A progress line on a stream: done/total, rate per second and ETA.
+
+    On a terminal the line redraws in place; elsewhere a line is written every few seconds.
+    """
+
+    def __init__(self, stream: IO[str], unit: str, total: float | None = None) -> None:
+        """Report on ``stream``; ``total`` (same unit as ``advance``) gives the ETA."""
+        self.stream = stream
+        self.unit = unit
+        self.total = total
+        self.tty = stream.isatty()
+        self.started = time.monotonic()
+        self._last = 0.0
+        self.items = 0
+        self.done = 0.0
+        self._drawn: tuple[int, float] | None = None
+
+    def update(self, items: int, done: float | None = None, force: bool = False) -> None:
+        """Record ``items`` processed (and ``done`` of the total so far); maybe redraw."""
+        self.items = items
+        if done is not None:
+            self.done = done
+        now = time.monotonic()
+        if not force and now - self._last < (0.2 if self.tty else 5.0):
+            return
+        self._last = now
+        self._drawn = (items, self.done)
+        line = self.render(now)
+        self.stream.write(("\r" + line + " " * 4) if self.tty else line + "\n")
+        self.stream.flush()
+
+    def render(self, now: float | None = None) -> str:
+        """The progress line."""
+        elapsed = max((now or time.monotonic()) - self.started, 1e-9)
+        rate = self.items / elapsed
+        parts = [f"{self.items} {self.unit}", f"{rate:,.0f} {self.unit}/s"]
+        if self.total:
+            fraction = min(self.done / self.total, 1.0)
+            width = 24
+            filled = int(fraction * width)
+            bar = "#" * filled + "-" * (width - filled)
+            parts.insert(0, f"[{bar}] {fraction * 100:5.1f}%")
+            if 0 < fraction < 1:
+                eta = elapsed * (1 - fraction) / fraction
+                parts.append(f"ETA {int(eta) // 60:d}:{int(eta) % 60:02d}")
+        return "  ".join(parts)
+
+    def finish(self) -> None:
+        """Draw the final state (unless already drawn) and end the line."""
+        if self._drawn != (self.items, self.done):
+            self.update(self.items, force=True)
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+@contextlib.asynccontextmanager
+async def delivering(
+    settings: Settings, committer: GroupCommitter, deliver: bool, drain_seconds: float
+) -> AsyncIterator[Forwarder | None]:
+    """Run the exporter's forwarder from ``committer``'s ledger to the configured store.
+
+    On exit the forwarder drains the outbox for up to ``drain_seconds`` and the store is
+    closed; what is not delivered stays in the ledger for the exporter's next start.
+    """
+    if not deliver:
+        yield None
+        return
+    try:
+        store = await asyncio.to_thread(open_store, settings)
+    except RuntimeError as error:
+        raise OperatorError(f"cannot open the store: {error}") from None
+    forwarder = Forwarder(
+        committer, store, Metrics(CollectorRegistry()), settings.store_batch_size
+    )
+    committer.on_commit_hooks.append(forwarder.wake)
+    forwarder.start()
+    try:
+        yield forwarder
+    finally:
+        await forwarder.stop(drain_seconds)
+        await store.close()
+
+
+# --------------------------------------------------------------------------- replay
+
+
+@dataclass
+class ReplaySummary:
+    """What a replay did."""
+
+    files: int = 0
+    lines: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    delivered_to: str | None = None
+    left_in_ledger: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "files": self.files,
+            "lines": self.lines,
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "rejected": dict(sorted(self.rejected.items())),
+            "rejectedTotal": sum(self.rejected.values()),
+            "store": self.delivered_to,
+            "leftInLedger": self.left_in_ledger,
+        }
+
+
+def _open_input(path: Path) -> tuple[IO[bytes], IO[bytes]]:
+    """(raw file, line reader): gzip is recognised by its magic bytes, not the name."""
+    raw = open(path, "rb")  # noqa: SIM115 - closed by the caller
+    head = raw.read(2)
+    raw.seek(0)
+    if head == _GZIP_MAGIC:
+        return raw, cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb"))
+    return raw, raw
+
+
+def _iter_lines(path: Path) -> Iterator[tuple[int, bytes, int]]:
+    """(line number, line, bytes of the file consumed so far) for each non-blank line."""
+    raw, reader = _open_input(path)
+    with raw, reader:
+        for number, line in enumerate(reader, start=1):
+            if line.strip():
+                yield number, line.rstrip(b"\r\n"), raw.tell()
+
+
+async def replay(
+    settings: Settings,
+    paths: Sequence[Path],
+    *,
+    err: IO[str],
+    deliver: bool = True,
+    drain_seconds: float = 60.0,
+    batch_events: int = REPLAY_BATCH_EVENTS,
+    max_reported: int = 100,
+) -> ReplaySummary:
+    """Feed NDJSON files (plain or gzip) through validation and the ledger, then the store.
+
+    Bad lines are reported on ``err`` as ``file:line: reason: message`` (the first
+    ``max_reported``) and counted; they never stop the rest.
+    """
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise OperatorError(f"replay: no such file: {', '.join(missing)}", 2)
+    summary = ReplaySummary(files=len(paths))
+    total_bytes = sum(p.stat().st_size for p in paths)
+    progress = Progress(err, "events", total_bytes)
+    reported = 0
+
+    def report(where: str, reason: str, message: str) -> None:
+        nonlocal reported
+        summary.rejected[reason] += 1
+        reported += 1
+        if reported <= max_reported:
+            err.write(f"{where}: {reason}: {message}\n")
+        elif reported == max_reported + 1:
+            err.write(f"(more rejected lines are counted but not listed after {max_reported})\n")
+
+    with locked_data_dir(settings, "replay"):
+        ledger = await asyncio.to_thread(Ledger, settings.ledger_path, settings.durability)
+        committer = GroupCommitter(ledger)
+        try:
+            async with delivering(settings, committer, deliver, drain_seconds) as forwarder:
+                summary.delivered_to = forwarder.store.name if forwarder else None
+                pending: list[tuple[str, PreparedEvent]] = []
+
+                async def commit() -> None:
+                    if not pending:
+                        return
+                    result = await committer.submit(Submission([p for _, p in pending]))
+                    for (where, _), outcome in zip(pending, result.outcomes, strict=True):
+                        if outcome is Outcome.ACCEPTED:
+                            summary.accepted += 1
+                        elif outcome is Outcome.DUPLICATE:
+                            summary.duplicates += 1
+                        else:
+                            report(
+                                where,
+                                "conflict",
+                                "an event with the same id was already stored with a "
+                                "different body (kept as a dead letter)",
+                            )
+                    pending.clear()
+
+                done_before = 0
+                for path in paths:
+                    consumed = 0
+                    for number, line, consumed in _iter_lines(path):
+                        summary.lines += 1
+                        where = f"{path}:{number}"
+                        try:
+                            event = parse_event_json(line)
+                        except MalformedJSONError as error:
+                            report(where, "malformed", f"not valid JSON: {error}")
+                            continue
+                        except EventError as error:
+                            report(where, "invalid", str(error))
+                            continue
+                        body = canonical_json(event)
+                        pending.append(
+                            (where, PreparedEvent(event, dedup_key(event, body), body, line))
+                        )
+                        if len(pending) >= batch_events:
+                            await commit()
+                            progress.update(summary.lines, done_before + consumed)
+                    done_before += path.stat().st_size
+                await commit()
+                progress.update(summary.lines, done_before)
+        finally:
+            progress.finish()
+            summary.left_in_ledger = ledger.backlog
+            await asyncio.to_thread(committer.close)
+            await asyncio.to_thread(ledger.close)
+    return summary
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _open_output(output: Path | None, stdout: IO[bytes]) -> contextlib.AbstractContextManager[Any]:
+    if output is None:
+        return contextlib.nullcontext(stdout)
+    if output.name.endswith(".gz"):
+        return gzip.open(output, "wb")
+    return open(output, "wb")
+
+
+def export(
+    settings: Settings,
+    since_ms: int | None,
+    until_ms: int | None,
+    output: Path | None,
+    stdout: IO[bytes],
+) -> int:
+    """Write the ledger's events in commit order as NDJSON; returns how many.
+
+    ``since_ms`` (inclusive) and ``until_ms`` (exclusive) select by the event's own
+    timestamp. Each line is the event's canonical JSON, which ``replay`` ingests with the
+    same dedup key.
+    """
+    _existing_ledger(settings, "export")
+    written = 0
+    with locked_data_dir(settings, "export"):
+        ledger = Ledger(settings.ledger_path, settings.durability)
+        try:
+            with _open_output(output, stdout) as sink:
+                for _seq, _key, body in ledger.iter_events():
+                    blob = bytes(body)
+                    if since_ms is not None or until_ms is not None:
+                        ts = int(json.loads(blob)["data"]["timestamp"])
+                        if since_ms is not None and ts < since_ms:
+                            continue
+                        if until_ms is not None and ts >= until_ms:
+                            continue
+                    sink.write(blob + b"\n")
+                    written += 1
+                sink.flush()
+        finally:
+            ledger.close()
+    return written
+
+
+# --------------------------------------------------------------------------- dead letters
+
+
+def dead_letters(settings: Settings, reason: str | None, limit: int) -> list[dict[str, Any]]:
+    """Stored dead letters, newest first, read without disturbing a running exporter."""
+    _existing_ledger(settings, "dead-letters")
+    uri = f"file:{urllib.parse.quote(str(settings.ledger_path.resolve()))}?mode=ro"
+    sql = "SELECT id, received_at, reason, error, key, raw FROM dead_letters"
+    params: list[object] = []
+    if reason is not None:
+        sql += " WHERE reason = ?"
+        params.append(reason)
+    sql += " ORDER BY id DESC LIMIT ?"
+    params.append(limit)
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=30.0)
+        try:
+            rows = conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as error:
+        raise OperatorError(f"dead-letters: cannot read {settings.ledger_path}: {error}") from None
+    return [
+        {
+            "id": row[0],
+            "receivedAt": _iso(int(row[1])),
+            "reason": row[2],
+            "error": row[3],
+            "key": row[4],
+            "raw": bytes(row[5]).decode("utf-8", errors="replace"),
+        }
+        for row in rows
+    ]
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.3f}".rstrip("0").rstrip(".") if value % 1 else f"{value:.0f}"
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def _is_number(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int | float) or (
+        isinstance(value, str) and _NUMERIC.fullmatch(value) is not None
+    )
+
+
+def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """An aligned text table; numeric columns (money, counts, durations) right-aligned."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, text in enumerate(row):
+            widths[i] = max(widths[i], len(text))
+    right = [
+        bool(rows) and all(_is_number(row[i]) or row[i] is None for row in rows)
+        for i in range(len(headers))
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        out = [
+            v.rjust(widths[i]) if right[i] else v.ljust(widths[i]) for i, v in enumerate(values)
+        ]
+        return "  ".join(out).rstrip()
+
+    lines = [line(headers), line(["-" * w for w in widths])]
+    lines += [line(row) for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+def _table_of_dicts(items: list[dict[str, Any]]) -> str:
+    if not items:
+        return "(none)\n"
+    headers = list(items[0])
+    return render_table(headers, [[item.get(h) for h in headers] for item in items])
+
+
+def _key_value_table(obj: dict[str, Any]) -> str:
+    """Scalars as a two-column table, then each nested mapping or list as its own table."""
+    scalars = [(k, v) for k, v in obj.items() if not isinstance(v, dict | list)]
+    out = render_table(["field", "value"], scalars) if scalars else ""
+    for key, value in obj.items():
+        if isinstance(value, dict):
+            out += f"\n{key}:\n" + render_table(["key", "value"], list(value.items()))
+        elif isinstance(value, list):
+            out += f"\n{key}:\n" + _table_of_dicts(value)
+    return out
+
+
+def render_data(data: object, fmt: str) -> str:
+    """An analytics answer (JSON-ready data) as ``table``, ``json`` or ``csv`` text."""
+    if fmt == "json":
+        return json.dumps(data, indent=2) + "\n"
+    if fmt == "csv":
+        return _csv(data)
+    if isinstance(data, list):
+        return _table_of_dicts(data)
+    if isinstance(data, dict):
+        return _key_value_table(data)
+    return _cell(data) + "\n"
+
+
+def _flatten(prefix: str, value: object, out: list[tuple[str, object]]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), item, out)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _flatten(f"{prefix}.{index}", item, out)
+    else:
+        out.append((prefix, value))
+
+
+def _csv(data: object) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if isinstance(data, dict) and isinstance(data.get("points"), list):
+        data = data["points"]  # a time series: its points are the table
+    if isinstance(data, list):
+        if data and isinstance(data[0], dict):
+            headers = list(data[0])
+            writer.writerow(headers)
+            for item in data:
+                writer.writerow([_cell(item.get(h)) for h in headers])
+        else:
+            writer.writerow(["value"])
+            for item in data:
+                writer.writerow([_cell(item)])
+        return buffer.getvalue()
+    pairs: list[tuple[str, object]] = []
+    _flatten("", data, pairs)
+    writer.writerow(["field", "value"])
+    for key, value in pairs:
+        writer.writerow([key, _cell(value)])
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- query
+
+
+@dataclass(frozen=True, slots=True)
+class QueryRequest:
+    """One analytics question, as the HTTP API takes it."""
+
+    name: str
+    window: str
+    at_ms: int | None
+    limit: int
+    metric: str
+
+
+def query_exporter(url: str, token: str | None, request: QueryRequest, timeout: float) -> object:
+    """Ask a running exporter's ``GET /v1/analytics/{name}``; its JSON answer."""
+    params: dict[str, str] = {"window": request.window, "limit": str(request.limit)}
+    if request.name == "timeseries":
+        params["metric"] = request.metric
+    if request.at_ms is not None:
+        params["at"] = str(request.at_ms)
+    target = f"{url.rstrip('/')}/v1/analytics/{request.name}?{urllib.parse.urlencode(params)}"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(urllib.request.Request(target, headers=headers), timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            body = error.read().decode("utf-8", errors="replace")
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            body = str(json.loads(body)["error"])
+        raise OperatorError(f"query: {url} answered {error.code}: {body}") from None
+    except (urllib.error.URLError, OSError) as error:
+        raise OperatorError(f"query: cannot reach an exporter at {url}: {error}") from None
+
+
+async def query_store(settings: Settings, request: QueryRequest) -> object:
+    """Compute one analytic by opening the configured store (no exporter may hold it)."""
+    try:
+        window = None if request.name == "realtime" else Window.parse(request.window)
+    except WindowError as error:
+        raise OperatorError(f"query: {error}", 2) from None
+    at_ms = request.at_ms if request.at_ms is not None else int(time.time() * 1000)
+    # The embedded store's file is the exporter's while it runs; InfluxDB is shared.
+    embedded = settings.resolved_store is StoreKind.DUCKDB
+    lock = locked_data_dir(settings, "query") if embedded else contextlib.nullcontext()
+    with lock:
+        try:
+            store = await asyncio.to_thread(open_store, settings)
+        except RuntimeError as error:
+            raise OperatorError(f"query: cannot open the store: {error}") from None
+        try:
+            source = analytics_source(store, settings)
+            if source is None:
+                raise OperatorError(f"query: no analytics for the {store.name} store")
+            try:
+                result = await Analytics(source).compute(
+                    request.name, window, at_ms, limit=request.limit, metric=request.metric
+                )
+            except AnalyticsRequestError as error:
+                raise OperatorError(f"query: {error}", 2) from None
+            finally:
+                close: Callable[[], Any] | None = getattr(source, "close", None)
+                if close is not None:
+                    await close()
+        finally:
+            await store.close()
+    return result_data(result)
+
+
+# --------------------------------------------------------------------------- flux
+
+
+async def run_flux(settings: Settings, flux: str) -> list[tuple[list[str], list[list[object]]]]:
+    """Run ad hoc Flux on the configured InfluxDB; each result table's columns and rows."""
+    if settings.resolved_store is not StoreKind.INFLUXDB:
+        raise OperatorError(
+            f"flux: the configured store is {settings.resolved_store.value}, not InfluxDB; "
+            "set EXPORTER_INFLUX_URL, EXPORTER_INFLUX_TOKEN and EXPORTER_INFLUX_ORG "
+            "(or use `query` for the analytics of the embedded store)",
+            2,
+        )
+    from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+
+    assert settings.influx_url and settings.influx_token and settings.influx_org
+    client: Any = InfluxDBClientAsync(
+        url=settings.influx_url,
+        token=settings.influx_token.get_secret_value(),
+        org=settings.influx_org,
+        timeout=max(1, int(settings.influx_timeout_seconds * 1000)),
+    )
+    try:
+        tables = await client.query_api().query(flux)
+    except Exception as error:  # the client raises ApiException, aiohttp and OS errors
+        status = getattr(error, "status", None)
+        body = getattr(error, "body", None) or error
+        detail = f"{status}: {body}" if status else f"{type(error).__name__}: {error}"
+        raise OperatorError(f"flux: InfluxDB at {settings.influx_url} refused: {detail}") from None
+    finally:
+        await client.close()
+    out: list[tuple[list[str], list[list[object]]]] = []
+    for table in tables:
+        columns = [c.label for c in table.columns if c.label not in ("result", "table")]
+        rows = [[_flux_value(record.values.get(c)) for c in columns] for record in table.records]
+        out.append((columns, rows))
+    return out
+
+
+def _flux_value(value: object) -> object:
+    if isinstance(value, datetime.datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    return value
+
+
+def render_flux(tables: list[tuple[list[str], list[list[object]]]], fmt: str) -> str:
+    """Flux result tables as aligned tables (one per result table), JSON or CSV."""
+    if fmt == "json":
+        data = [[dict(zip(cols, row, strict=True)) for row in rows] for cols, rows in tables]
+        return json.dumps(data, indent=2, default=str) + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        for index, (cols, rows) in enumerate(tables):
+            writer.writerow(["table", *cols])
+            writer.writerows([[index, *[_cell(v) for v in row]] for row in rows])
+        return buffer.getvalue()
+    if not tables:
+        return "(no tables)\n"
+    parts = [
+        f"table {index}:\n" + render_table(cols, rows) for index, (cols, rows) in enumerate(tables)
+    ]
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- backfill
+
+
+@dataclass
+class BackfillSummary:
+    """What a backfill did."""
+
+    target: str
+    events: int = 0
+    resumed_from_seq: int = 0
+    records_written: int = 0
+    complete: bool = False
+    left_in_scratch: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "target": self.target,
+            "events": self.events,
+            "resumedFromSeq": self.resumed_from_seq,
+            "recordsWritten": self.records_written,
+            "complete": self.complete,
+        }
+
+
+def _target_settings(settings: Settings, target: StoreKind) -> Settings:
+    return settings.model_copy(update={"store": target})
+
+
+class _CountingStore:
+    """A store wrapper counting the records it was given."""
+
+    def __init__(self, store: Store) -> None:
+        self.inner = store
+        self.name = store.name
+        self.written = 0
+
+    async def write(self, records: list[Any]) -> list[Any]:
+        refused = await self.inner.write(records)
+        self.written += len(records)
+        return refused
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def _progress_file(settings: Settings, target: StoreKind) -> Path:
+    return settings.data_dir / f"backfill-{target.value}.json"
+
+
+def _scratch_path(settings: Settings, target: StoreKind) -> Path:
+    return settings.data_dir / f"backfill-{target.value}.sqlite3"
+
+
+def _write_progress(path: Path, seq: int) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"lastSourceSeq": seq}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+async def backfill(
+    settings: Settings,
+    target: StoreKind,
+    *,
+    err: IO[str],
+    restart: bool = False,
+    drain_seconds: float = 60.0,
+    batch_events: int = REPLAY_BATCH_EVENTS,
+    store_factory: Callable[[Settings], Store] = open_store,
+) -> BackfillSummary:
+    """Re-deliver the ledger's whole history to ``target``, resumably.
+
+    The ledger keeps events, not the store records it already delivered, so the records
+    are derived again by committing the events in order to a scratch ledger in the data
+    directory (``backfill-<target>.sqlite3``) whose outbox the exporter's forwarder
+    drains into the target. ``backfill-<target>.json`` records the last source event
+    committed; a rerun continues from there (store writes are idempotent per key, so
+    anything written twice is held once). Both files are removed when the run completes.
+    """
+    _existing_ledger(settings, "backfill")
+    target_settings = _target_settings(settings, target)
+    if target is StoreKind.INFLUXDB and not (
+        settings.influx_url and settings.influx_token and settings.influx_org
+    ):
+        raise OperatorError(
+            "backfill: --to influxdb needs EXPORTER_INFLUX_URL, EXPORTER_INFLUX_TOKEN and "
+            "EXPORTER_INFLUX_ORG",
+            2,
+        )
+    summary = BackfillSummary(target.value)
+    progress_path = _progress_file(settings, target)
+    scratch_path = _scratch_path(settings, target)
+    with locked_data_dir(settings, "backfill"):
+        if restart:
+            for stale in (progress_path, *_sqlite_files(scratch_path)):
+                stale.unlink(missing_ok=True)
+        after = 0
+        if progress_path.exists():
+            after = int(json.loads(progress_path.read_text())["lastSourceSeq"])
+            err.write(f"backfill: resuming after ledger event {after}\n")
+        summary.resumed_from_seq = after
+        try:
+            store = _CountingStore(await asyncio.to_thread(store_factory, target_settings))
+        except RuntimeError as error:
+            raise OperatorError(
+                f"backfill: cannot open the {target.value} store: {error}"
+            ) from None
+        source = await asyncio.to_thread(Ledger, settings.ledger_path, settings.durability)
+        scratch = await asyncio.to_thread(Ledger, scratch_path, settings.durability)
+        committer = GroupCommitter(scratch)
+        forwarder = Forwarder(
+            committer, store, Metrics(CollectorRegistry()), settings.store_batch_size
+        )
+        committer.on_commit_hooks.append(forwarder.wake)
+        total = source.stats().events
+        progress = Progress(err, "events", total)
+        forwarder.start()
+        try:
+            pending: list[PreparedEvent] = []
+            last_seq = after
+
+            async def commit() -> None:
+                if pending:
+                    await committer.submit(Submission(list(pending)))
+                    pending.clear()
+                await asyncio.to_thread(_write_progress, progress_path, last_seq)
+
+            seen = 0
+            for seq, key, body in source.iter_events():
+                seen += 1
+                if seq <= after:
+                    continue
+                blob = bytes(body)
+                event = parse_event_json(blob)
+                pending.append(PreparedEvent(event, key, blob, blob))
+                last_seq = seq
+                summary.events += 1
+                if len(pending) >= batch_events:
+                    await commit()
+                    progress.update(seen, seen)
+            await commit()
+            # Failures whose payment never arrived were released by the exporter after
+            # its join timeout; the whole history is here, so release them now.
+            await committer.call(
+                functools.partial(scratch.release_unjoined_failures, int(time.time() * 1000) + 1)
+            )
+            progress.update(seen, seen)
+        finally:
+            await forwarder.stop(drain_seconds)
+            progress.finish()
+            summary.records_written = store.written
+            summary.left_in_scratch = scratch.backlog
+            await store.close()
+            await asyncio.to_thread(committer.close)
+            await asyncio.to_thread(scratch.close)
+            await asyncio.to_thread(source.close)
+        if summary.left_in_scratch == 0:
+            summary.complete = True
+            for done in (progress_path, *_sqlite_files(scratch_path)):
+                done.unlink(missing_ok=True)
+    return summary
+
+
+def _sqlite_files(path: Path) -> tuple[Path, ...]:
+    return (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
