@@ -10,7 +10,6 @@ same values at the same timestamps: their write-backs overwrite instead of dupli
 from __future__ import annotations
 
 import datetime
-import hmac
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,6 +36,7 @@ from .analytics import (
     analytic_key,
     result_json,
 )
+from .receiver import bearer_token_matches
 from .scheduler import Job, Scheduler
 
 log = logging.getLogger(__name__)
@@ -287,12 +287,10 @@ class AnalyticsAPI:
 
     async def handle(self, request: web.Request) -> web.Response:
         """Answer one analytics request."""
-        if self.token is not None:
-            scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                presented.strip().encode(), self.token.encode()
-            ):
-                return _error(401, "missing or wrong bearer token")
+        if self.token is not None and not bearer_token_matches(
+            request.headers.get("Authorization"), self.token
+        ):
+            return _error(401, "missing or wrong bearer token")
         name = request.match_info["name"]
         query = request.query
         try:

@@ -70,6 +70,16 @@ def is_loopback_host(host: str) -> bool:
     return all(ipaddress.ip_address(str(info[4][0])).is_loopback for info in infos)
 
 
+def _base_url(value: str) -> str:
+    """An http(s) base URL without query or fragment, without its trailing slash."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+    if parts.query or parts.fragment:
+        raise ValueError("must be a base URL without query or fragment")
+    return value.rstrip("/")
+
+
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 
@@ -199,27 +209,12 @@ class Settings(BaseSettings):
     @field_validator("influx_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
-        if parts.query or parts.fragment:
-            raise ValueError("must be a base URL without query or fragment")
-        return value.rstrip("/")
+        return None if value is None else _base_url(value)
 
     @field_validator("upstream_facilitator")
     @classmethod
     def _upstream_url(cls, value: str | None) -> str | None:
-        if value is None or not value.strip():
-            return None
-        value = value.strip()
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
-        if parts.query or parts.fragment:
-            raise ValueError("must be a base URL without query or fragment")
-        return value.rstrip("/")
+        return None if value is None or not value.strip() else _base_url(value.strip())
 
     @field_validator("proxy_asset_decimals")
     @classmethod
