@@ -409,7 +409,7 @@ def parse_event_array_json(raw: bytes) -> list[Event] | None:
         return None
 
 
-@functools.lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=4096)
 def to_micro(amount: str) -> int:
     """Convert a validated decimal string to integer micro-units, rounding half to even.
 
