@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import _servers  # noqa: E402
+
 from exporter.analytics import Window  # noqa: E402
 from exporter.store_duckdb import DuckDBStore  # noqa: E402
 
@@ -146,10 +148,9 @@ def _prepare(args: argparse.Namespace) -> Path:
 
 
 async def _main(args: argparse.Namespace, data_dir: Path) -> None:
-    ingest = _bench_module("ingest")
     workdir = data_dir.parent
-    port = ingest._free_port()
-    exporter = ingest._start(
+    port = _servers.free_port()
+    exporter = _servers.start(
         "exporter",
         [
             sys.executable,
@@ -171,8 +172,8 @@ async def _main(args: argparse.Namespace, data_dir: Path) -> None:
                 raise RuntimeError("analytics were not cached within 120 s")
             await asyncio.sleep(0.5)
         body_bytes = await _typical_body(exporter.url)
-        noop_port = ingest._free_port()
-        noop = ingest._start(
+        noop_port = _servers.free_port()
+        noop = _servers.start(
             "no-op",
             [
                 sys.executable,

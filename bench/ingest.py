@@ -27,18 +27,12 @@ import asyncio
 import json
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import aiohttp
 from aiohttp import web
@@ -52,16 +46,11 @@ from exporter.simulate import SimulationConfig, Simulator, encode_event  # noqa:
 log = logging.getLogger("bench.ingest")
 
 _NOOP_ANSWER = b'{"accepted":1,"duplicates":0,"rejected":[]}'
-_START_DEADLINE_S = 60.0
-_STOP_DEADLINE_S = 20.0
 _MAX_ATTEMPTS = 20
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _write(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
+import _servers  # noqa: E402
+from _servers import write  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
 # servers
@@ -81,82 +70,6 @@ def _serve_noop(port: int) -> None:
     app.router.add_post("/v1/events", ingest)
     app.router.add_get("/healthz", healthz)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@dataclass
-class _Server:
-    """A server subprocess and where it listens."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-    log_file: IO[bytes]
-
-    def peak_rss_mib(self) -> float | None:
-        """VmHWM of the process (peak resident set) in MiB, None once it is gone."""
-        try:
-            status = Path(f"/proc/{self.process.pid}/status").read_text()
-        except OSError:
-            return None
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return None
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The end of the server's combined stdout/stderr."""
-        self.log_file.flush()
-        text = self.log_path.read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> None:
-        """SIGTERM, wait, SIGKILL if it does not exit in time."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=_STOP_DEADLINE_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=_STOP_DEADLINE_S)
-        self.log_file.close()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with _NO_PROXY.open(url + "/healthz", timeout=2.0) as response:
-            return int(response.status) == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
-
-
-def _start(name: str, argv: list[str], port: int, workdir: Path) -> _Server:
-    """Spawn a server and wait (bounded) until ``GET /healthz`` answers 200."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTER_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    log_path = workdir / f"{name}.log"
-    log_file = log_path.open("wb")
-    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    server = _Server(name, process, f"http://127.0.0.1:{port}", log_path, log_file)
-    deadline = time.monotonic() + _START_DEADLINE_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = server.log_tail()
-            server.stop()
-            raise RuntimeError(f"{name} exited with {process.returncode}:\n{tail}")
-        if _healthy(server.url):
-            return server
-        time.sleep(0.1)
-    tail = server.log_tail()
-    server.stop()
-    raise RuntimeError(f"{name} did not answer /healthz within {_START_DEADLINE_S:.0f}s:\n{tail}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,11 +210,11 @@ def _table(results: list[_Result]) -> None:
         f"{'req/s':>9} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7} "
         f"{'retries':>7}"
     )
-    _write(header)
-    _write("-" * len(header))
+    write(header)
+    write("-" * len(header))
     for r in results:
         seconds = r.seconds or float("inf")
-        _write(
+        write(
             f"{r.target:<9} {r.phase:<{wide}} {r.requests:>9,} {r.events:>9,} {r.seconds:>8.2f} "
             f"{r.requests / seconds:>9,.0f} {r.acknowledged / seconds:>10,.0f} "
             f"{r.percentile(50):>8.2f} {r.percentile(99):>8.2f} {r.failures:>7,} "
@@ -318,18 +231,18 @@ def _ratios(results: list[_Result]) -> None:
         ratio = (exporter.acknowledged / exporter.seconds) / max(
             noop.acknowledged / noop.seconds, 1e-9
         )
-        _write(f"ratio exporter/no-op, {phase}: {ratio:.3g} (acknowledged events/s)")
+        write(f"ratio exporter/no-op, {phase}: {ratio:.3g} (acknowledged events/s)")
 
 
 def _check_exporter(results: list[_Result]) -> None:
     for r in results:
         if r.target == "exporter" and r.accepted + r.duplicates != r.acknowledged:
-            _write(
+            write(
                 f"note: {r.phase}: exporter answered accepted={r.accepted:,} "
                 f"duplicates={r.duplicates:,} for {r.acknowledged:,} acknowledged events"
             )
         if r.statuses.keys() - {200, 202}:
-            _write(f"note: {r.target} {r.phase}: statuses {dict(sorted(r.statuses.items()))}")
+            write(f"note: {r.target} {r.phase}: statuses {dict(sorted(r.statuses.items()))}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -391,40 +304,40 @@ def _run(args: argparse.Namespace, workdir: Path) -> None:
             )
         )
     generated = sum(count for _, bodies, _, _ in phases for _, count in bodies)
-    _write(
+    write(
         f"generated {generated:,} events in {time.perf_counter() - began:.1f}s (not timed); "
         f"cpus: {os.cpu_count()}, client and servers share them"
     )
 
-    servers: dict[str, _Server] = {}
+    servers: dict[str, _servers.Server] = {}
     results: list[_Result] = []
     try:
         if "exporter" in targets:
-            port = _free_port()
+            port = _servers.free_port()
             argv = [
                 sys.executable, "-m", "exporter", "serve",
                 "--listen", f"127.0.0.1:{port}", "--data-dir", str(workdir / "data"),
             ]  # fmt: skip
-            servers["exporter"] = _start("exporter", argv, port, workdir)
+            servers["exporter"] = _servers.start("exporter", argv, port, workdir)
         if "no-op" in targets:
-            port = _free_port()
+            port = _servers.free_port()
             argv = [sys.executable, str(Path(__file__).resolve()), "--noop-server", str(port)]
-            servers["no-op"] = _start("no-op", argv, port, workdir)
+            servers["no-op"] = _servers.start("no-op", argv, port, workdir)
         for phase, bodies, content_type, connections in phases:
             for name in targets:
                 server = servers[name]
-                _write(f"running {name}: {phase} ...")
+                write(f"running {name}: {phase} ...")
                 result = _Result(target=name, phase=phase)
                 asyncio.run(_load(server.url, bodies, content_type, connections, result))
                 results.append(result)
-        _write("")
+        write("")
         _table(results)
         _ratios(results)
         _check_exporter(results)
         for name, server in servers.items():
             rss = server.peak_rss_mib()
             shown = f"{rss:,.1f} MiB" if rss is not None else "unavailable"
-            _write(f"peak RSS (VmHWM) {name}: {shown}")
+            write(f"peak RSS (VmHWM) {name}: {shown}")
     finally:
         for server in servers.values():
             server.stop()

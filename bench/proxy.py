@@ -22,17 +22,11 @@ import json
 import logging
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -40,9 +34,6 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("bench.proxy")
 
-_START_DEADLINE_S = 60.0
-_STOP_DEADLINE_S = 20.0
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _NETWORK = "eip155:84532"
 _USDC = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
 _PAY_TO = "0x209693Bc6afc0C5328bA36FaF03C514EF312287C"
@@ -50,9 +41,8 @@ _PAYER = "0x857b06519E91e3A54538791bDbb0E22373e36b66"
 _TX = "0x" + "ab" * 32
 
 
-def _write(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
+import _servers  # noqa: E402
+from _servers import write  # noqa: E402
 
 
 def _serve_facilitator(port: int) -> None:
@@ -78,68 +68,6 @@ def _serve_facilitator(port: int) -> None:
     app.router.add_post("/settle", settle)
     app.router.add_get("/healthz", healthz)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@dataclass
-class _Server:
-    """A server subprocess and where it listens."""
-
-    name: str
-    process: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-    log_file: IO[bytes]
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The end of the server's combined stdout/stderr."""
-        self.log_file.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        """SIGTERM, wait, SIGKILL if it does not exit in time."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=_STOP_DEADLINE_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=_STOP_DEADLINE_S)
-        self.log_file.close()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with _NO_PROXY.open(url + "/healthz", timeout=2.0) as response:
-            return int(response.status) == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
-
-
-def _start(name: str, argv: list[str], port: int, workdir: Path, env: dict[str, str]) -> _Server:
-    """Spawn a server and poll (bounded) until ``GET /healthz`` answers 200."""
-    log_path = workdir / f"{name}.log"
-    log_file = log_path.open("wb")
-    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    server = _Server(name, process, f"http://127.0.0.1:{port}", log_path, log_file)
-    deadline = time.monotonic() + _START_DEADLINE_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = server.log_tail()
-            server.stop()
-            raise RuntimeError(f"{name} exited with {process.returncode}:\n{tail}")
-        if _healthy(server.url):
-            return server
-        time.sleep(0.1)
-    tail = server.log_tail()
-    server.stop()
-    raise RuntimeError(f"{name} did not answer /healthz within {_START_DEADLINE_S:.0f}s:\n{tail}")
 
 
 def _body(n: int) -> bytes:
@@ -247,20 +175,20 @@ def main() -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
         workdir = Path(tmp)
-        upstream_port, proxy_port = _free_port(), _free_port()
-        upstream = _start(
+        upstream_port, proxy_port = _servers.free_port(), _servers.free_port()
+        upstream = _servers.start(
             "facilitator",
             [sys.executable, __file__, "--serve-facilitator", str(upstream_port)],
             upstream_port,
             workdir,
             env,
         )
-        proxy: _Server | None = None
+        proxy: _servers.Server | None = None
         try:
             proxy_env = dict(
                 env, EXPORTER_LOG_LEVEL="warning", EXPORTER_DATA_DIR=str(workdir / "data")
             )
-            proxy = _start(
+            proxy = _servers.start(
                 "exporter",
                 [
                     sys.executable,
@@ -284,14 +212,14 @@ def main() -> int:
             if proxy is not None:
                 proxy.stop()
             upstream.stop()
-    _write(f"{len(direct)} requests each way ({args.pairs} verify+settle pairs), sequential")
-    _write(f"{'':<10}{'p50 ms':>10}{'p99 ms':>10}")
+    write(f"{len(direct)} requests each way ({args.pairs} verify+settle pairs), sequential")
+    write(f"{'':<10}{'p50 ms':>10}{'p99 ms':>10}")
     for name, values in (("direct", direct), ("proxied", proxied)):
-        _write(f"{name:<10}{_percentile(values, 50):>10.3f}{_percentile(values, 99):>10.3f}")
+        write(f"{name:<10}{_percentile(values, 50):>10.3f}{_percentile(values, 99):>10.3f}")
     added_p50 = _percentile(proxied, 50) - _percentile(direct, 50)
     added_p99 = _percentile(proxied, 99) - _percentile(direct, 99)
-    _write(f"{'added':<10}{added_p50:>10.3f}{added_p99:>10.3f}")
-    _write("recorded by the exporter:\n" + recorded)
+    write(f"{'added':<10}{added_p50:>10.3f}{added_p99:>10.3f}")
+    write("recorded by the exporter:\n" + recorded)
     return 0
 
 
