@@ -408,11 +408,9 @@ class Ledger:
     def commit(self, submissions: list[Submission]) -> list[SubmissionResult]:
         """Apply several submissions in one transaction; all of them are stored or none."""
         now = _now_ms()
-        cur = self._write.cursor()
         results: list[SubmissionResult] = []
         emitted = 0
-        try:
-            cur.execute("BEGIN IMMEDIATE")
+        with self._transaction() as cur:
             for submission in submissions:
                 writer = _TransactionWriter(cur, now, self._waiting_refs)
                 outcomes = [writer.add(prepared) for prepared in submission.events]
@@ -421,6 +419,19 @@ class Ledger:
                 writer.flush()
                 emitted += writer.emitted
                 results.append(SubmissionResult(outcomes, writer.effects))
+        self._backlog += emitted
+        return results
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Cursor]:
+        """One write transaction: committed on success, rolled back on any failure.
+
+        SQLite errors (disk full, I/O) become :class:`LedgerUnavailableError`.
+        """
+        cur = self._write.cursor()
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+            yield cur
             cur.execute("COMMIT")
         except sqlite3.Error as error:
             self._rollback(cur)
@@ -430,8 +441,6 @@ class Ledger:
             raise
         finally:
             cur.close()
-        self._backlog += emitted
-        return results
 
     def release_unjoined_failures(self, older_than_ms: int) -> list[Effect]:
         """Count failures whose ``payment:received`` never came on their own network.
@@ -440,25 +449,16 @@ class Ledger:
         ``data.network`` (or ``unknown``), and a late ``payment:received`` then finds the
         payment already ended.
         """
-        now = _now_ms()
-        cur = self._write.cursor()
-        try:
-            cur.execute("BEGIN IMMEDIATE")
+        with self._transaction() as cur:
             rows = cur.execute(
                 "SELECT seq, key, body FROM events WHERE state = 0 AND type = 'payment:failed' "
                 "AND received_at < ? ORDER BY seq",
                 (older_than_ms,),
             ).fetchall()
-            writer = _TransactionWriter(cur, now, self._waiting_refs)
+            writer = _TransactionWriter(cur, _now_ms(), self._waiting_refs)
             for seq, key, body in rows:
                 writer.release_orphan_failure(seq, key, parse_event(json.loads(body)))
             writer.flush()
-            cur.execute("COMMIT")
-        except sqlite3.Error as error:
-            self._rollback(cur)
-            raise LedgerUnavailableError(f"ledger commit failed: {error}") from error
-        finally:
-            cur.close()
         self._backlog += writer.emitted
         return writer.effects
 
@@ -474,21 +474,13 @@ class Ledger:
         in the same transaction, so a poison record is never retried and never lost.
         """
         now = _now_ms()
-        cur = self._write.cursor()
-        try:
-            cur.execute("BEGIN IMMEDIATE")
+        with self._transaction() as cur:
             cur.executemany(
                 "INSERT INTO dead_letters (received_at, reason, error, key, raw) "
                 "VALUES (?, 'store', ?, ?, ?)",
                 [(now, r.reason, r.record.key, record_to_json(r.record).encode()) for r in refused],
             )
             removed = cur.execute("DELETE FROM outbox WHERE seq <= ?", (up_to_seq,)).rowcount
-            cur.execute("COMMIT")
-        except sqlite3.Error as error:
-            self._rollback(cur)
-            raise LedgerUnavailableError(f"ledger commit failed: {error}") from error
-        finally:
-            cur.close()
         self._backlog -= removed
         return removed
 
