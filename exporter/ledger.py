@@ -297,13 +297,24 @@ class DataDirLock:
 
 _WRITE_CACHE_KIB = 16 * 1024
 _CHECKPOINT_INTERVAL_SECONDS = 1.0
+# WAL size (in frames, i.e. pages) past which a checkpoint also restarts the WAL.
+_WAL_RESTART_FRAMES = 8192
 
 
 class _Checkpointer:
-    """Checkpoints the WAL every second from its own connection (PASSIVE: never blocks)."""
+    """Checkpoints the WAL every second from its own connection.
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    A PASSIVE checkpoint never blocks the writer, but under continuous writes it never
+    finds every frame copied, and SQLite only rewinds a WAL whose every frame was
+    checkpointed: the file would grow without bound (about 4 KiB per event). So once
+    the WAL holds ``_WAL_RESTART_FRAMES`` frames, a second PASSIVE checkpoint runs
+    while holding the ledger's write lock: it copies only the frames written since the
+    first, and the next transaction then writes from the start of the file.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, write_lock: threading.Lock) -> None:
         self._conn = conn
+        self._write_lock = write_lock
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ledger-checkpoint", daemon=True)
         self._thread.start()
@@ -311,9 +322,16 @@ class _Checkpointer:
     def _run(self) -> None:
         while not self._stop.wait(_CHECKPOINT_INTERVAL_SECONDS):
             try:
-                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                self.checkpoint()
             except sqlite3.Error as error:
                 log.warning("ledger checkpoint failed", extra={"error": str(error)})
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database file; let the WAL rewind once it is large."""
+        _, frames, _ = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if frames >= _WAL_RESTART_FRAMES:
+            with self._write_lock:
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
 
     def stop(self) -> None:
         self._stop.set()
@@ -338,6 +356,9 @@ class Ledger:
         self._write = self._connect(durability)
         self._read = self._connect(durability)
         self._read_lock = threading.Lock()
+        # Held for every write transaction, so that a checkpoint can find no write
+        # in progress (see _Checkpointer).
+        self._write_lock = threading.Lock()
         self._init_schema()
         self._backlog = self._scalar("SELECT count(*) FROM outbox")
         self._waiting_refs = self._load_waiting_refs()
@@ -345,7 +366,7 @@ class Ledger:
         # committing thread they stall ingest, so a thread of their own does them.
         self._write.execute("PRAGMA wal_autocheckpoint=0")
         self._write.execute(f"PRAGMA cache_size=-{_WRITE_CACHE_KIB}")
-        self._checkpointer = _Checkpointer(self._connect(durability))
+        self._checkpointer = _Checkpointer(self._connect(durability), self._write_lock)
 
     def _load_waiting_refs(self) -> set[str]:
         # Join partners that wait; a received event only looks for waiting rows when its
@@ -430,15 +451,16 @@ class Ledger:
         """
         cur = self._write.cursor()
         try:
-            cur.execute("BEGIN IMMEDIATE")
-            yield cur
-            cur.execute("COMMIT")
+            with self._write_lock:
+                cur.execute("BEGIN IMMEDIATE")
+                try:
+                    yield cur
+                    cur.execute("COMMIT")
+                except BaseException:
+                    self._rollback(cur)
+                    raise
         except sqlite3.Error as error:
-            self._rollback(cur)
             raise LedgerUnavailableError(f"ledger commit failed: {error}") from error
-        except BaseException:
-            self._rollback(cur)
-            raise
         finally:
             cur.close()
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from conftest import BASE_MS, batch_created, batch_settled, failed, received, settled, verified
 
+import exporter.ledger as ledger_module
 from exporter.config import Durability
 from exporter.events import canonical_json, dedup_key, parse_event
 from exporter.ledger import (
@@ -277,3 +279,38 @@ async def test_keys_whose_hashes_collide_stay_distinct(
     assert first.outcomes == [Outcome.ACCEPTED] * 3
     assert again.outcomes == [Outcome.DUPLICATE, Outcome.CONFLICT]
     assert committer.ledger.stats().events == 3
+
+
+async def test_wal_stays_bounded_under_continuous_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Checkpoints run while commits keep coming. A PASSIVE checkpoint alone then never
+    # finds the WAL fully copied, SQLite never rewinds it, and the file grows with every
+    # commit (11-40 MB here). The test drives checkpoints from its own busy thread
+    # so that their cadence does not depend on the scheduler.
+    monkeypatch.setattr(ledger_module, "_CHECKPOINT_INTERVAL_SECONDS", 3600.0)
+    monkeypatch.setattr(ledger_module, "_WAL_RESTART_FRAMES", 64)
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    committer = GroupCommitter(ledger)
+    wal = tmp_path / "ledger.sqlite3-wal"
+    writing = threading.Event()
+    writing.set()
+
+    def checkpoint_continuously() -> None:
+        while writing.is_set():
+            ledger._checkpointer.checkpoint()
+
+    checkpointer = threading.Thread(target=checkpoint_continuously)
+    checkpointer.start()
+    largest = 0
+    try:
+        for n in range(400):
+            events = [received(f"p{n}-{i}") for i in range(20)]
+            await committer.submit(Submission([prepare(e) for e in events]))
+            largest = max(largest, wal.stat().st_size)
+    finally:
+        writing.clear()
+        checkpointer.join()
+        committer.close()
+        ledger.close()
+    assert largest < 4 * 1024 * 1024, largest
