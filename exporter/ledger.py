@@ -22,10 +22,12 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from hashlib import blake2b
+from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -296,6 +298,8 @@ class DataDirLock:
 
 
 _WRITE_CACHE_KIB = 16 * 1024
+# Outbox records also kept in memory for the forwarder: about 10 MB at this count.
+_HANDOFF_MAX_RECORDS = 25_000
 _CHECKPOINT_INTERVAL_SECONDS = 1.0
 # WAL size (in frames, i.e. pages) past which a checkpoint also restarts the WAL.
 _WAL_RESTART_FRAMES = 8192
@@ -361,6 +365,14 @@ class Ledger:
         self._write_lock = threading.Lock()
         self._init_schema()
         self._backlog = self._scalar("SELECT count(*) FROM outbox")
+        # The records of the outbox, kept in memory too while they are few, so that the
+        # forwarder need not read back and decode what was just written. ``_handoff``
+        # is None while the outbox holds rows that are not in it (after a restart or a
+        # long store outage); the forwarder then reads the table until it is empty.
+        self._handoff_lock = threading.Lock()
+        self._handoff: deque[tuple[int, StoreRecord]] | None = (
+            deque() if self._backlog == 0 else None
+        )
         self._waiting_refs = self._load_waiting_refs()
         # Checkpoints copy the WAL back into the database file and sync it; done in the
         # committing thread they stall ingest, so a thread of their own does them.
@@ -430,7 +442,7 @@ class Ledger:
         """Apply several submissions in one transaction; all of them are stored or none."""
         now = _now_ms()
         results: list[SubmissionResult] = []
-        emitted = 0
+        emitted: list[tuple[int, StoreRecord]] = []
         with self._transaction() as cur:
             for submission in submissions:
                 writer = _TransactionWriter(cur, now, self._waiting_refs)
@@ -440,8 +452,19 @@ class Ledger:
                 writer.flush()
                 emitted += writer.emitted
                 results.append(SubmissionResult(outcomes, writer.effects))
-        self._backlog += emitted
+        self._emitted(emitted)
         return results
+
+    def _emitted(self, rows: list[tuple[int, StoreRecord]]) -> None:
+        """Count committed outbox rows and hand them to the forwarder in memory."""
+        self._backlog += len(rows)
+        with self._handoff_lock:
+            if self._handoff is None or not rows:
+                return
+            if len(self._handoff) + len(rows) > _HANDOFF_MAX_RECORDS:
+                self._handoff = None  # the store is behind: read the table until it drains
+            else:
+                self._handoff.extend(rows)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Cursor]:
@@ -481,7 +504,7 @@ class Ledger:
             for seq, key, body in rows:
                 writer.release_orphan_failure(seq, key, parse_event(json.loads(body)))
             writer.flush()
-        self._backlog += writer.emitted
+        self._emitted(writer.emitted)
         return writer.effects
 
     def _rollback(self, cur: sqlite3.Cursor) -> None:
@@ -504,6 +527,12 @@ class Ledger:
             )
             removed = cur.execute("DELETE FROM outbox WHERE seq <= ?", (up_to_seq,)).rowcount
         self._backlog -= removed
+        with self._handoff_lock:
+            if self._handoff is not None:
+                while self._handoff and self._handoff[0][0] <= up_to_seq:
+                    self._handoff.popleft()
+            elif self._backlog == 0:
+                self._handoff = deque()  # drained: from now on every row passes in memory
         return removed
 
     def _first_seq_received_at_or_after(self, at_ms: int) -> int:
@@ -562,6 +591,9 @@ class Ledger:
 
     def read_outbox(self, limit: int) -> list[OutboxRow]:
         """The oldest undelivered store records, at most ``limit``."""
+        with self._handoff_lock:
+            if self._handoff is not None:
+                return [OutboxRow(seq, record) for seq, record in islice(self._handoff, limit)]
         with self._read_lock:
             rows = self._read.execute(
                 "SELECT seq, record FROM outbox ORDER BY seq LIMIT ?", (limit,)
@@ -622,8 +654,10 @@ class _TransactionWriter:
         self.waiting_refs = waiting_refs
         self.now = now_ms
         self.effects: list[Effect] = []
-        self.emitted = 0
-        self._outbox: list[tuple[int, bytes]] = []
+        self.emitted: list[tuple[int, StoreRecord]] = []
+        """(outbox seq, record) of every record written to the outbox, in order."""
+        self._outbox: list[StoreRecord] = []
+        self._outbox_rows: list[tuple[int, bytes]] = []
 
     def add(self, prepared: PreparedEvent) -> Outcome:
         event = prepared.event
@@ -672,16 +706,22 @@ class _TransactionWriter:
         )
 
     def _emit(self, event_seq: int, record: StoreRecord) -> None:
-        self._outbox.append((event_seq, encode_record(record)))
+        self._outbox.append(record)
+        self._outbox_rows.append((event_seq, encode_record(record)))
 
     def flush(self) -> None:
         """Write the store records gathered so far to the outbox, in order."""
         if self._outbox:
             self.cur.executemany(
-                "INSERT INTO outbox (event_seq, record) VALUES (?, ?)", self._outbox
+                "INSERT INTO outbox (event_seq, record) VALUES (?, ?)", self._outbox_rows
             )
-            self.emitted += len(self._outbox)
+            # One writer, and each row takes the largest seq plus one: the rows just
+            # written are numbered consecutively up to the last one.
+            (last,) = self.cur.execute("SELECT last_insert_rowid()").fetchone()
+            first = last - len(self._outbox) + 1
+            self.emitted.extend(zip(range(first, last + 1), self._outbox, strict=True))
             self._outbox.clear()
+            self._outbox_rows.clear()
 
     def _wait(self, seq: int, ref: str) -> None:
         self.cur.execute("UPDATE events SET state = ? WHERE seq = ?", (_WAITING, seq))

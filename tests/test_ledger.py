@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -34,7 +36,7 @@ from exporter.ledger import (
     SubmissionResult,
     TerminalPayment,
 )
-from exporter.records import BatchRecord, PaymentRecord
+from exporter.records import BatchRecord, PaymentRecord, StoreRecord, decode_record
 
 
 def prepare(event: dict[str, Any]) -> PreparedEvent:
@@ -196,6 +198,61 @@ async def test_outbox_delivery_and_backlog(committer: GroupCommitter) -> None:
     await committer.call(lambda: ledger.mark_delivered(rows[-1].seq))
     assert ledger.backlog == 1
     assert [r.record.key for r in ledger.read_outbox(10)] == ["payment:received:p3"]
+
+
+def table_outbox(ledger: Ledger) -> list[tuple[int, StoreRecord]]:
+    """The outbox as stored in the file, decoded."""
+    with sqlite3.connect(ledger.path) as conn:
+        rows = conn.execute("SELECT seq, record FROM outbox ORDER BY seq").fetchall()
+    return [(seq, decode_record(blob)) for seq, blob in rows]
+
+
+async def test_outbox_read_in_memory_matches_the_table_through_overflow_and_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Records pass to the forwarder in memory while few; past the cap (a store outage)
+    # and after a restart they are read from the table, until it has drained.
+    monkeypatch.setattr(ledger_module, "_HANDOFF_MAX_RECORDS", 5)
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path)
+    committer = GroupCommitter(ledger)
+
+    def outbox() -> list[tuple[int, StoreRecord]]:
+        return [(r.seq, r.record) for r in ledger.read_outbox(100)]
+
+    async def drain() -> None:
+        while rows := ledger.read_outbox(2):
+            await committer.call(functools.partial(ledger.mark_delivered, rows[-1].seq))
+
+    try:
+        await submit(committer, received("p1"), received("p2"), settled("p1"))
+        assert outbox() == table_outbox(ledger) and len(outbox()) == 3
+        await submit(committer, settled("p2"), received("p3"), received("p4"))  # over the cap
+        assert outbox() == table_outbox(ledger) and len(outbox()) == 6
+        await drain()
+        assert ledger.backlog == 0 and outbox() == []
+        await submit(committer, settled("p3"), received("p5"))  # back in memory
+        assert outbox() == table_outbox(ledger) and len(outbox()) == 2
+    finally:
+        committer.close()
+        ledger.close()
+
+    reopened = Ledger(path)
+    committer = GroupCommitter(reopened)
+    try:
+        ledger = reopened
+        await submit(committer, settled("p4"))
+        assert outbox() == table_outbox(reopened)
+        assert [r.key for _, r in outbox()] == [
+            "payment:settled:p3",
+            "payment:received:p5",
+            "payment:settled:p4",
+        ]
+        await drain()
+        assert table_outbox(reopened) == [] and reopened.backlog == 0
+    finally:
+        committer.close()
+        reopened.close()
 
 
 async def test_restart_restores_pending_websocket_and_backlog(tmp_path: Path) -> None:
