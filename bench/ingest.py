@@ -10,7 +10,8 @@ against both, from this process:
 
 The bodies are unique simulated events generated up front (not timed). The table gives
 requests/s, acknowledged events/s (events in 2xx answers), the exporter/no-op ratio,
-p50/p99 request latency and each server's peak RSS (VmHWM). ``--events N`` instead
+p50/p99 request latency, the server's CPU time per event (all threads; steadier than
+throughput on a shared machine) and each server's peak RSS (VmHWM). ``--events N`` instead
 pushes N events (1,000,000 when no N is given) in batches to the exporter alone, for
 the peak-RSS figure under sustained load.
 
@@ -116,6 +117,8 @@ class _Result:
     duplicates: int = 0
     retries: int = 0
     failures: int = 0
+    cpu_seconds: float | None = None
+    drain_seconds: float | None = None
     statuses: dict[int, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
 
@@ -208,7 +211,7 @@ def _table(results: list[_Result]) -> None:
     header = (
         f"{'target':<9} {'phase':<{wide}} {'requests':>9} {'events':>9} {'seconds':>8} "
         f"{'req/s':>9} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7} "
-        f"{'retries':>7}"
+        f"{'retries':>7} {'cpu us/ev':>9}"
     )
     write(header)
     write("-" * len(header))
@@ -218,8 +221,26 @@ def _table(results: list[_Result]) -> None:
             f"{r.target:<9} {r.phase:<{wide}} {r.requests:>9,} {r.events:>9,} {r.seconds:>8.2f} "
             f"{r.requests / seconds:>9,.0f} {r.acknowledged / seconds:>10,.0f} "
             f"{r.percentile(50):>8.2f} {r.percentile(99):>8.2f} {r.failures:>7,} "
-            f"{r.retries:>7,}"
+            f"{r.retries:>7,} {_cpu_per_event(r):>9}"
         )
+
+
+def _wait_for_store(url: str, within: float = 300.0) -> float:
+    """Seconds until the exporter's store backlog is empty (events acknowledged but not
+    yet in the store), so that CPU figures include delivering what was acknowledged."""
+    began = time.perf_counter()
+    while time.perf_counter() - began < within:
+        if _servers.get_json(url + "/readyz")["store"]["backlog"] == 0:
+            return time.perf_counter() - began
+        time.sleep(0.05)
+    raise RuntimeError(f"the store backlog did not drain within {within:.0f}s")
+
+
+def _cpu_per_event(result: _Result) -> str:
+    """The server's CPU time (all its threads) per acknowledged event, in microseconds."""
+    if result.cpu_seconds is None or not result.acknowledged:
+        return "-"
+    return f"{result.cpu_seconds / result.acknowledged * 1e6:,.1f}"
 
 
 def _ratios(results: list[_Result]) -> None:
@@ -232,6 +253,12 @@ def _ratios(results: list[_Result]) -> None:
             noop.acknowledged / noop.seconds, 1e-9
         )
         write(f"ratio exporter/no-op, {phase}: {ratio:.3g} (acknowledged events/s)")
+        if exporter.drain_seconds is not None:
+            delivered = exporter.acknowledged / (exporter.seconds + exporter.drain_seconds)
+            write(
+                f"  exporter store caught up {exporter.drain_seconds:.2f}s after the last "
+                f"answer: {delivered:,.0f} events/s acknowledged and stored"
+            )
 
 
 def _check_exporter(results: list[_Result]) -> None:
@@ -328,7 +355,13 @@ def _run(args: argparse.Namespace, workdir: Path) -> None:
                 server = servers[name]
                 write(f"running {name}: {phase} ...")
                 result = _Result(target=name, phase=phase)
+                cpu_before = server.cpu_seconds()
                 asyncio.run(_load(server.url, bodies, content_type, connections, result))
+                if name == "exporter":
+                    result.drain_seconds = _wait_for_store(server.url)
+                cpu_after = server.cpu_seconds()
+                if cpu_before is not None and cpu_after is not None:
+                    result.cpu_seconds = cpu_after - cpu_before
                 results.append(result)
         write("")
         _table(results)

@@ -13,17 +13,18 @@ import hashlib
 import re
 import time
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NotRequired
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     ConfigDict,
     Field,
     TypeAdapter,
     ValidationError,
+    with_config,
 )
 from pydantic_core import PydanticCustomError
+from typing_extensions import TypedDict  # pydantic validates typing's only from 3.12
 
 MICRO = 1_000_000
 """Micro-units per token unit: money is kept as integer micro-units (10^-6)."""
@@ -157,12 +158,14 @@ ErrorText = Annotated[str, Field(strict=True, max_length=2048), AfterValidator(_
 UNKNOWN_PAYMENT_ID = "unknown"
 """The payment id of a failure that happened before any payment id existed."""
 
+# Events are validated into plain dicts (TypedDicts), not model instances: building two
+# model objects per event cost about as much as parsing and checking it, and every
+# consumer only reads fields. Unknown extra fields are dropped.
+_IGNORE_EXTRA = ConfigDict(extra="ignore")
 
-class _Data(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
 
-
-class PaymentReceivedData(_Data):
+@with_config(_IGNORE_EXTRA)
+class PaymentReceivedData(TypedDict):
     """A payment request arrived at the facilitator."""
 
     paymentId: Identifier
@@ -173,7 +176,8 @@ class PaymentReceivedData(_Data):
     timestamp: Timestamp
 
 
-class PaymentVerifiedData(_Data):
+@with_config(_IGNORE_EXTRA)
+class PaymentVerifiedData(TypedDict):
     """The payment's signature and funds were verified."""
 
     paymentId: Identifier
@@ -181,7 +185,8 @@ class PaymentVerifiedData(_Data):
     timestamp: Timestamp
 
 
-class PaymentSettledData(_Data):
+@with_config(_IGNORE_EXTRA)
+class PaymentSettledData(TypedDict):
     """The payment was settled on chain."""
 
     paymentId: Identifier
@@ -189,19 +194,21 @@ class PaymentSettledData(_Data):
     fee: DecimalString
     settlementTime: DurationMs
     timestamp: Timestamp
-    network: Network | None = None
+    network: NotRequired[Network | None]
 
 
-class PaymentFailedData(_Data):
+@with_config(_IGNORE_EXTRA)
+class PaymentFailedData(TypedDict):
     """The payment failed; ``paymentId`` is ``"unknown"`` when it failed before having one."""
 
     paymentId: Identifier
     error: ErrorText
     timestamp: Timestamp
-    network: Network | None = None
+    network: NotRequired[Network | None]
 
 
-class BatchCreatedData(_Data):
+@with_config(_IGNORE_EXTRA)
+class BatchCreatedData(TypedDict):
     """Payments were grouped into a settlement batch."""
 
     batchId: Identifier
@@ -211,7 +218,8 @@ class BatchCreatedData(_Data):
     timestamp: Timestamp
 
 
-class BatchSettledData(_Data):
+@with_config(_IGNORE_EXTRA)
+class BatchSettledData(TypedDict):
     """A batch was settled on chain."""
 
     batchId: Identifier
@@ -221,83 +229,95 @@ class BatchSettledData(_Data):
     timestamp: Timestamp
 
 
-class RevenueRecordedData(_Data):
+@with_config(_IGNORE_EXTRA)
+class RevenueRecordedData(TypedDict):
     """Revenue other than facilitator fees (gas sponsorship, premium features)."""
 
     kind: Literal["gas_sponsorship", "premium"]
     amount: DecimalString
     network: Network
     timestamp: Timestamp
-    paymentId: Identifier | None = None
+    paymentId: NotRequired[Identifier | None]
 
 
-class WebsocketClientsData(_Data):
+@with_config(_IGNORE_EXTRA)
+class WebsocketClientsData(TypedDict):
     """The facilitator's count of connected WebSocket clients."""
 
     count: Annotated[int, Field(strict=True, ge=0, le=1_000_000_000)]
     timestamp: Timestamp
 
 
-class _Envelope(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    id: Identifier | None = None
-
-
-class PaymentReceived(_Envelope):
+@with_config(_IGNORE_EXTRA)
+class PaymentReceived(TypedDict):
     """Envelope of ``payment:received``."""
 
     type: Literal["payment:received"]
     data: PaymentReceivedData
+    id: NotRequired[Identifier | None]
 
 
-class PaymentVerified(_Envelope):
+@with_config(_IGNORE_EXTRA)
+class PaymentVerified(TypedDict):
     """Envelope of ``payment:verified``."""
 
     type: Literal["payment:verified"]
     data: PaymentVerifiedData
+    id: NotRequired[Identifier | None]
 
 
-class PaymentSettled(_Envelope):
+@with_config(_IGNORE_EXTRA)
+class PaymentSettled(TypedDict):
     """Envelope of ``payment:settled``."""
 
     type: Literal["payment:settled"]
     data: PaymentSettledData
+    id: NotRequired[Identifier | None]
 
 
-class PaymentFailed(_Envelope):
+@with_config(_IGNORE_EXTRA)
+class PaymentFailed(TypedDict):
     """Envelope of ``payment:failed``."""
 
     type: Literal["payment:failed"]
     data: PaymentFailedData
+    id: NotRequired[Identifier | None]
 
 
-class BatchCreated(_Envelope):
+@with_config(_IGNORE_EXTRA)
+class BatchCreated(TypedDict):
     """Envelope of ``batch:created``."""
 
     type: Literal["batch:created"]
     data: BatchCreatedData
+    id: NotRequired[Identifier | None]
 
 
-class BatchSettled(_Envelope):
+@with_config(_IGNORE_EXTRA)
+class BatchSettled(TypedDict):
     """Envelope of ``batch:settled``."""
 
     type: Literal["batch:settled"]
     data: BatchSettledData
+    id: NotRequired[Identifier | None]
 
 
-class RevenueRecorded(_Envelope):
+@with_config(_IGNORE_EXTRA)
+class RevenueRecorded(TypedDict):
     """Envelope of ``revenue:recorded``."""
 
     type: Literal["revenue:recorded"]
     data: RevenueRecordedData
+    id: NotRequired[Identifier | None]
 
 
-class WebsocketClients(_Envelope):
+@with_config(_IGNORE_EXTRA)
+class WebsocketClients(TypedDict):
     """Envelope of ``websocket:clients``."""
 
     type: Literal["websocket:clients"]
     data: WebsocketClientsData
+    id: NotRequired[Identifier | None]
 
 
 Event = Annotated[
@@ -311,7 +331,7 @@ Event = Annotated[
     | WebsocketClients,
     Field(discriminator="type"),
 ]
-"""Any one event, discriminated on ``type``."""
+"""Any one event (a validated, normalised dict), discriminated on ``type``."""
 
 EVENT_TYPES: tuple[str, ...] = (
     "payment:received",
@@ -344,7 +364,7 @@ def _describe(error: ValidationError) -> str:
             loc = loc[1:]  # the union's tag adds itself to the path
         where = ".".join(loc) or "event"
         kind = detail["type"]
-        if kind == "dict_type" and not loc:
+        if kind == "dict_type":
             message = "must be a JSON object"
         elif kind == "union_tag_invalid":
             tag = detail.get("ctx", {}).get("tag")
@@ -427,7 +447,7 @@ def format_micro(micro: int) -> str:
 
 def canonical_json(event: Event) -> bytes:
     """The event's normalised form: compact JSON in field order, without unknown fields."""
-    return event.__pydantic_serializer__.to_json(event, exclude_none=True)
+    return _EVENT_ADAPTER.dump_json(event, exclude_none=True)
 
 
 def dedup_key(event: Event, body: bytes) -> str:
@@ -436,14 +456,27 @@ def dedup_key(event: Event, body: bytes) -> str:
     ``body`` is :func:`canonical_json` of the event; it is hashed into the key only for
     events that carry no id of their own.
     """
-    if event.id is not None:
-        return f"id:{event.id}"
-    data = event.data
-    if isinstance(data, PaymentVerifiedData | PaymentSettledData | PaymentReceivedData):
-        return f"{event.type}:{data.paymentId}"
-    if isinstance(data, PaymentFailedData) and data.paymentId != UNKNOWN_PAYMENT_ID:
-        return f"{event.type}:{data.paymentId}"
-    if isinstance(data, BatchCreatedData | BatchSettledData):
-        return f"{event.type}:{data.batchId}"
+    event_id = event.get("id")
+    if event_id is not None:
+        return f"id:{event_id}"
+    ref = join_ref(event)
+    if ref is not None:
+        return f"{event['type']}:{ref}"
     digest = hashlib.sha256(body).hexdigest()[:32]
-    return f"{event.type}:{data.timestamp}:{digest}"
+    return f"{event['type']}:{event['data']['timestamp']}:{digest}"
+
+
+def join_ref(event: Event) -> str | None:
+    """The payment or batch id an event joins on; None for events that never join.
+
+    A failure with ``paymentId: "unknown"`` never joins: it failed before it had an id.
+    """
+    match event["type"]:
+        case "payment:received" | "payment:verified" | "payment:settled":
+            return event["data"]["paymentId"]
+        case "payment:failed":
+            payment_id: str = event["data"]["paymentId"]
+            return None if payment_id == UNKNOWN_PAYMENT_ID else payment_id
+        case "batch:created" | "batch:settled":
+            return event["data"]["batchId"]
+    return None

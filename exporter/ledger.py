@@ -41,8 +41,8 @@ from .events import (
     PaymentReceived,
     PaymentSettled,
     PaymentVerified,
-    RevenueRecorded,
     WebsocketClients,
+    join_ref,
     parse_event,
     to_micro,
 )
@@ -685,9 +685,9 @@ class _TransactionWriter:
             (
                 prepared.key,
                 key_hash,
-                event.type,
-                _join_ref(event),
-                event.data.timestamp,
+                event["type"],
+                join_ref(event),
+                event["data"]["timestamp"],
                 self.now,
                 prepared.body,
                 _EMITTED,
@@ -695,7 +695,7 @@ class _TransactionWriter:
         )
         seq = cur.lastrowid
         assert seq is not None
-        self.effects.append(NewEvent(event.type))
+        self.effects.append(NewEvent(event["type"]))
         self._apply(seq, prepared.key, event)
         return Outcome.ACCEPTED
 
@@ -728,179 +728,194 @@ class _TransactionWriter:
         self.waiting_refs.add(ref)
 
     def _apply(self, seq: int, key: str, event: Event) -> None:
-        match event:
-            case PaymentReceived():
+        match event["type"]:
+            case "payment:received":
                 self._received(seq, key, event)
-            case PaymentVerified() | PaymentSettled() | PaymentFailed():
+            case "payment:verified" | "payment:settled" | "payment:failed":
                 self._payment_update(seq, key, event)
-            case BatchCreated():
+            case "batch:created":
                 self._batch_created(seq, key, event)
-            case BatchSettled():
+            case "batch:settled":
                 self._batch_settled(seq, key, event)
-            case RevenueRecorded():
-                d = event.data
+            case "revenue:recorded":
+                r = event["data"]
                 self._emit(
                     seq,
                     RevenueRecord(
-                        key, d.timestamp, d.network, d.kind, to_micro(d.amount), d.paymentId
+                        key,
+                        r["timestamp"],
+                        r["network"],
+                        r["kind"],
+                        to_micro(r["amount"]),
+                        r.get("paymentId"),
                     ),
                 )
-            case WebsocketClients():
+            case "websocket:clients":
                 self._websocket(seq, key, event)
 
     def _received(self, seq: int, key: str, event: PaymentReceived) -> None:
-        d = event.data
-        amount = to_micro(d.amount)
+        d = event["data"]
+        payment_id, network = d["paymentId"], d["network"]
+        amount = to_micro(d["amount"])
         inserted = self.cur.execute(
             "INSERT INTO payments (payment_id, network, payer, payee, amount_micro, "
             "received, terminal, updated_at) VALUES (?, ?, ?, ?, ?, 1, 0, ?) "
             "ON CONFLICT (payment_id) DO NOTHING",
-            (d.paymentId, d.network, d.payer, d.payee, amount, self.now),
+            (payment_id, network, d["payer"], d["payee"], amount, self.now),
         ).rowcount
         if inserted:
-            self.effects.append(PendingChange(d.network, 1))
+            self.effects.append(PendingChange(network, 1))
             row = None
         else:
             row = self.cur.execute(
-                "SELECT received, terminal FROM payments WHERE payment_id = ?", (d.paymentId,)
+                "SELECT received, terminal FROM payments WHERE payment_id = ?", (payment_id,)
             ).fetchone()
         if row is not None and not row[0]:
             # The payment ended before its receipt arrived (a released failure).
             self.cur.execute(
                 "UPDATE payments SET network = ?, payer = ?, payee = ?, amount_micro = ?, "
                 "received = 1, updated_at = ? WHERE payment_id = ?",
-                (d.network, d.payer, d.payee, amount, self.now, d.paymentId),
+                (network, d["payer"], d["payee"], amount, self.now, payment_id),
             )
             if not row[1]:
-                self.effects.append(PendingChange(d.network, 1))
+                self.effects.append(PendingChange(network, 1))
         self._emit(
             seq,
             PaymentRecord(
-                key, d.timestamp, d.network, "received", d.paymentId, d.payer, d.payee, amount
+                key,
+                d["timestamp"],
+                network,
+                "received",
+                payment_id,
+                d["payer"],
+                d["payee"],
+                amount,
             ),
         )
         for waiting_seq, waiting_key, body in self._take_waiting(
-            d.paymentId, ("payment:verified", "payment:settled", "payment:failed")
+            payment_id, ("payment:verified", "payment:settled", "payment:failed")
         ):
             waiting = parse_event(json.loads(body))
-            assert isinstance(waiting, PaymentVerified | PaymentSettled | PaymentFailed)
+            assert waiting["type"] in ("payment:verified", "payment:settled", "payment:failed")
             self._payment_update(waiting_seq, waiting_key, waiting)
 
     def _payment_update(
         self, seq: int, key: str, event: PaymentVerified | PaymentSettled | PaymentFailed
     ) -> None:
-        d = event.data
-        if isinstance(event, PaymentFailed) and d.paymentId == UNKNOWN_PAYMENT_ID:
-            network = event.data.network or UNKNOWN_NETWORK
+        payment_id, timestamp = event["data"]["paymentId"], event["data"]["timestamp"]
+        if event["type"] == "payment:failed" and payment_id == UNKNOWN_PAYMENT_ID:
+            error = event["data"]["error"]
+            network = event["data"].get("network") or UNKNOWN_NETWORK
             self._emit(
-                seq,
-                PaymentRecord(
-                    key, d.timestamp, network, "failed", d.paymentId, error=event.data.error
-                ),
+                seq, PaymentRecord(key, timestamp, network, "failed", payment_id, error=error)
             )
             self.effects.append(TerminalPayment(network, "failed"))
             return
         row = self.cur.execute(
             "SELECT network, payer, payee, amount_micro, received, terminal FROM payments "
             "WHERE payment_id = ?",
-            (d.paymentId,),
+            (payment_id,),
         ).fetchone()
         if row is None or not row[4]:
-            self._wait(seq, d.paymentId)
+            self._wait(seq, payment_id)
             return
         network, payer, payee, amount, _, terminal = row
-        match event:
-            case PaymentVerified():
+        match event["type"]:
+            case "payment:verified":
                 self._emit(
                     seq,
                     PaymentRecord(
                         key,
-                        d.timestamp,
+                        timestamp,
                         network,
                         "verified",
-                        d.paymentId,
+                        payment_id,
                         payer,
                         payee,
                         amount,
-                        verification_ms=event.data.verificationTime,
+                        verification_ms=event["data"]["verificationTime"],
                     ),
                 )
                 return
-            case PaymentSettled():
-                s = event.data
-                fee = to_micro(s.fee)
+            case "payment:settled":
+                s = event["data"]
+                fee = to_micro(s["fee"])
                 self._emit(
                     seq,
                     PaymentRecord(
                         key,
-                        d.timestamp,
+                        timestamp,
                         network,
                         "settled",
-                        d.paymentId,
+                        payment_id,
                         payer,
                         payee,
                         amount,
                         fee_micro=fee,
-                        settlement_ms=s.settlementTime,
-                        tx=s.transaction,
+                        settlement_ms=s["settlementTime"],
+                        tx=s["transaction"],
                     ),
                 )
                 self.effects.append(
-                    TerminalPayment(network, "success", amount, fee, s.settlementTime)
+                    TerminalPayment(network, "success", amount, fee, s["settlementTime"])
                 )
-            case PaymentFailed():
+            case "payment:failed":
                 self._emit(
                     seq,
                     PaymentRecord(
                         key,
-                        d.timestamp,
+                        timestamp,
                         network,
                         "failed",
-                        d.paymentId,
+                        payment_id,
                         payer,
                         payee,
                         amount,
-                        error=event.data.error,
+                        error=event["data"]["error"],
                     ),
                 )
                 self.effects.append(TerminalPayment(network, "failed"))
         if not terminal:
             self.cur.execute(
                 "UPDATE payments SET terminal = 1, updated_at = ? WHERE payment_id = ?",
-                (self.now, d.paymentId),
+                (self.now, payment_id),
             )
             self.effects.append(PendingChange(network, -1))
 
     def release_orphan_failure(self, seq: int, key: str, event: Event) -> None:
-        assert isinstance(event, PaymentFailed)
-        d = event.data
-        network = d.network or UNKNOWN_NETWORK
+        assert event["type"] == "payment:failed"
+        d = event["data"]
+        network = d.get("network") or UNKNOWN_NETWORK
         self.cur.execute("UPDATE events SET state = ? WHERE seq = ?", (_EMITTED, seq))
         self.cur.execute(
             "INSERT INTO payments (payment_id, network, received, terminal, updated_at) "
             "VALUES (?, ?, 0, 1, ?) ON CONFLICT (payment_id) DO NOTHING",
-            (d.paymentId, network, self.now),
+            (d["paymentId"], network, self.now),
         )
         self._emit(
-            seq, PaymentRecord(key, d.timestamp, network, "failed", d.paymentId, error=d.error)
+            seq,
+            PaymentRecord(
+                key, d["timestamp"], network, "failed", d["paymentId"], error=d["error"]
+            ),
         )
         self.effects.append(TerminalPayment(network, "failed"))
 
     def _batch_created(self, seq: int, key: str, event: BatchCreated) -> None:
-        d = event.data
-        total = to_micro(d.totalAmount)
+        d = event["data"]
+        batch_id, network, count = d["batchId"], d["network"], d["paymentCount"]
+        total = to_micro(d["totalAmount"])
         self.cur.execute(
             "INSERT INTO batches (batch_id, network, payment_count, total_amount_micro, "
             "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (batch_id) DO NOTHING",
-            (d.batchId, d.network, d.paymentCount, total, self.now),
+            (batch_id, network, count, total, self.now),
         )
         self._emit(
             seq,
-            BatchRecord(key, d.timestamp, d.network, "created", d.batchId, d.paymentCount, total),
+            BatchRecord(key, d["timestamp"], network, "created", batch_id, count, total),
         )
-        for waiting_seq, waiting_key, body in self._take_waiting(d.batchId, ("batch:settled",)):
+        for waiting_seq, waiting_key, body in self._take_waiting(batch_id, ("batch:settled",)):
             waiting = parse_event(json.loads(body))
-            assert isinstance(waiting, BatchSettled)
+            assert waiting["type"] == "batch:settled"
             self._batch_settled(waiting_seq, waiting_key, waiting)
 
     def _take_waiting(self, ref: str, types: tuple[str, ...]) -> list[tuple[int, str, bytes]]:
@@ -920,59 +935,48 @@ class _TransactionWriter:
         return rows
 
     def _batch_settled(self, seq: int, key: str, event: BatchSettled) -> None:
-        d = event.data
+        d = event["data"]
         row = self.cur.execute(
             "SELECT network, payment_count, total_amount_micro FROM batches WHERE batch_id = ?",
-            (d.batchId,),
+            (d["batchId"],),
         ).fetchone()
         if row is None:
-            self._wait(seq, d.batchId)
+            self._wait(seq, d["batchId"])
             return
         network, count, total = row
-        gas = int(d.gasUsed)
+        gas = int(d["gasUsed"])
         self._emit(
             seq,
             BatchRecord(
                 key,
-                d.timestamp,
+                d["timestamp"],
                 network,
                 "settled",
-                d.batchId,
+                d["batchId"],
                 count,
                 total,
-                to_micro(d.totalFees),
+                to_micro(d["totalFees"]),
                 gas,
-                d.transaction,
+                d["transaction"],
             ),
         )
         self.effects.append(BatchGas(network, gas))
 
     def _websocket(self, seq: int, key: str, event: WebsocketClients) -> None:
-        d = event.data
-        self._emit(seq, WebsocketRecord(key, d.timestamp, d.count))
+        timestamp, count = event["data"]["timestamp"], event["data"]["count"]
+        self._emit(seq, WebsocketRecord(key, timestamp, count))
         row = self.cur.execute("SELECT ts FROM websocket_latest").fetchone()
-        if row is None or d.timestamp >= row[0]:
+        if row is None or timestamp >= row[0]:
             self.cur.execute(
                 "INSERT INTO websocket_latest (id, ts, count) VALUES (1, ?, ?) "
                 "ON CONFLICT (id) DO UPDATE SET ts = excluded.ts, count = excluded.count",
-                (d.timestamp, d.count),
+                (timestamp, count),
             )
-            self.effects.append(WebsocketCount(d.count))
+            self.effects.append(WebsocketCount(count))
 
 
 def _key_hash(key: str) -> int:
     return int.from_bytes(blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
-
-
-def _join_ref(event: Event) -> str | None:
-    match event:
-        case PaymentFailed() if event.data.paymentId == UNKNOWN_PAYMENT_ID:
-            return None
-        case PaymentReceived() | PaymentVerified() | PaymentSettled() | PaymentFailed():
-            return event.data.paymentId
-        case BatchCreated() | BatchSettled():
-            return event.data.batchId
-    return None
 
 
 @dataclass(frozen=True, slots=True)

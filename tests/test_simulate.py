@@ -81,7 +81,7 @@ def test_every_event_validates(traffic: list[EventDict]) -> None:
     config = SimulationConfig(seed=5, event_ids=True, out_of_order_fraction=0.2)
     for event in Simulator(config).history(2_000, 3, START_MS):
         parsed = parse_event(event)
-        assert parsed.id is not None
+        assert parsed.get("id") is not None
     assert {str(e["type"]) for e in traffic} == set(EVENT_TYPES)
 
 
