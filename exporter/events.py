@@ -345,6 +345,16 @@ EVENT_TYPES: tuple[str, ...] = (
 )
 
 _EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+_ADAPTER_BY_TYPE: dict[str, TypeAdapter[Any]] = {
+    "payment:received": TypeAdapter(PaymentReceived),
+    "payment:verified": TypeAdapter(PaymentVerified),
+    "payment:settled": TypeAdapter(PaymentSettled),
+    "payment:failed": TypeAdapter(PaymentFailed),
+    "batch:created": TypeAdapter(BatchCreated),
+    "batch:settled": TypeAdapter(BatchSettled),
+    "revenue:recorded": TypeAdapter(RevenueRecorded),
+    "websocket:clients": TypeAdapter(WebsocketClients),
+}
 _EVENT_LIST_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 
 
@@ -447,7 +457,8 @@ def format_micro(micro: int) -> str:
 
 def canonical_json(event: Event) -> bytes:
     """The event's normalised form: compact JSON in field order, without unknown fields."""
-    return _EVENT_ADAPTER.dump_json(event, exclude_none=True)
+    # The adapter of the event's own type: the union's serializer costs twice as much.
+    return _ADAPTER_BY_TYPE[event["type"]].dump_json(event, exclude_none=True)
 
 
 def dedup_key(event: Event, body: bytes) -> str:
