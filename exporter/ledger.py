@@ -29,7 +29,7 @@ from enum import Enum
 from hashlib import blake2b
 from itertools import islice
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from .config import Durability
 from .events import (
@@ -446,7 +446,7 @@ class Ledger:
         with self._transaction() as cur:
             for submission in submissions:
                 writer = _TransactionWriter(cur, now, self._waiting_refs)
-                outcomes = [writer.add(prepared) for prepared in submission.events]
+                outcomes = writer.add_all(submission.events)
                 for letter in submission.dead_letters:
                     writer.dead_letter(letter)
                 writer.flush()
@@ -647,7 +647,12 @@ class Ledger:
 
 
 class _TransactionWriter:
-    """Applies events inside an open transaction, collecting outcomes and metric effects."""
+    """Applies events inside an open transaction, collecting outcomes and metric effects.
+
+    Writes are gathered and sent in bulk by :meth:`flush` (``executemany``), and the
+    stored keys and payments a submission refers to are read with one query each up
+    front: per-event statements cost more in Python than SQLite spends on the rows.
+    """
 
     def __init__(self, cur: sqlite3.Cursor, now_ms: int, waiting_refs: set[str]) -> None:
         self.cur = cur
@@ -658,17 +663,72 @@ class _TransactionWriter:
         """(outbox seq, record) of every record written to the outbox, in order."""
         self._outbox: list[StoreRecord] = []
         self._outbox_rows: list[tuple[int, bytes]] = []
+        # Keys already stored, by key hash: the submission's, read up front, plus its own.
+        self._stored: dict[int, list[tuple[str, bytes]]] = {}
+        # Rows for ``events``, inserted at flush; numbered here (one writer at a time).
+        self._event_rows: list[tuple[object, ...]] = []
+        self._next_seq: int = cur.execute(
+            "SELECT coalesce(max(seq), 0) + 1 FROM events"
+        ).fetchone()[0]
+        self._current_seq = 0
+        self._current_waits = False
+        # Join state by payment id (None: no row), as of this writer's own changes.
+        self._payments: dict[str, _Payment | None] = {}
+        self._changed_payments: dict[str, _Payment] = {}
 
-    def add(self, prepared: PreparedEvent) -> Outcome:
+    def add_all(self, events: Sequence[PreparedEvent]) -> list[Outcome]:
+        """Apply ``events`` in order; one outcome each."""
+        hashes = [_key_hash(prepared.key) for prepared in events]
+        self._load_keys(hashes)
+        self._load_payments(
+            {
+                ref
+                for prepared in events
+                if prepared.event["type"].startswith("payment:")
+                and (ref := join_ref(prepared.event)) is not None
+            }
+        )
+        return [self._add(p, key_hash) for p, key_hash in zip(events, hashes, strict=True)]
+
+    def _load_keys(self, hashes: list[int]) -> None:
+        if not hashes:
+            return
+        rows = self.cur.execute(
+            "SELECT key_hash, key, body FROM events "
+            "WHERE key_hash IN (SELECT value FROM json_each(?))",
+            (json.dumps(hashes),),
+        )
+        for key_hash, key, body in rows:
+            self._stored.setdefault(key_hash, []).append((key, bytes(body)))
+
+    def _load_payments(self, payment_ids: set[str]) -> None:
+        wanted = payment_ids.difference(self._payments)
+        if not wanted:
+            return
+        self._payments.update(dict.fromkeys(wanted))
+        rows = self.cur.execute(
+            "SELECT payment_id, network, payer, payee, amount_micro, received, terminal "
+            "FROM payments WHERE payment_id IN (SELECT value FROM json_each(?))",
+            (json.dumps(sorted(wanted)),),
+        )
+        for payment_id, *values in rows:
+            self._payments[payment_id] = _Payment(*values)
+
+    def _payment(self, payment_id: str) -> _Payment | None:
+        if payment_id not in self._payments:
+            self._load_payments({payment_id})
+        return self._payments[payment_id]
+
+    def _set_payment(self, payment_id: str, payment: _Payment) -> None:
+        self._payments[payment_id] = payment
+        self._changed_payments[payment_id] = payment
+
+    def _add(self, prepared: PreparedEvent, key_hash: int) -> Outcome:
         event = prepared.event
-        cur = self.cur
-        key_hash = _key_hash(prepared.key)
-        for stored_key, stored_body in cur.execute(
-            "SELECT key, body FROM events WHERE key_hash = ?", (key_hash,)
-        ):
+        for stored_key, stored_body in self._stored.get(key_hash, ()):
             if stored_key != prepared.key:
                 continue  # a hash collision: another key
-            if bytes(stored_body) == prepared.body:
+            if stored_body == prepared.body:
                 return Outcome.DUPLICATE
             self.dead_letter(
                 DeadLetter(
@@ -679,10 +739,15 @@ class _TransactionWriter:
                 )
             )
             return Outcome.CONFLICT
-        cur.execute(
-            "INSERT INTO events (key, key_hash, type, ref, ts, received_at, body, state) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        self._stored.setdefault(key_hash, []).append((prepared.key, prepared.body))
+        seq = self._current_seq = self._next_seq
+        self._next_seq += 1
+        self._current_waits = False
+        self.effects.append(NewEvent(event["type"]))
+        self._apply(seq, prepared.key, event)
+        self._event_rows.append(
             (
+                seq,
                 prepared.key,
                 key_hash,
                 event["type"],
@@ -690,14 +755,19 @@ class _TransactionWriter:
                 event["data"]["timestamp"],
                 self.now,
                 prepared.body,
-                _EMITTED,
-            ),
+                _WAITING if self._current_waits else _EMITTED,
+            )
         )
-        seq = cur.lastrowid
-        assert seq is not None
-        self.effects.append(NewEvent(event["type"]))
-        self._apply(seq, prepared.key, event)
         return Outcome.ACCEPTED
+
+    def _flush_events(self) -> None:
+        if self._event_rows:
+            self.cur.executemany(
+                "INSERT INTO events (seq, key, key_hash, type, ref, ts, received_at, body, "
+                "state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                self._event_rows,
+            )
+            self._event_rows.clear()
 
     def dead_letter(self, letter: DeadLetter) -> None:
         self.cur.execute(
@@ -710,7 +780,19 @@ class _TransactionWriter:
         self._outbox_rows.append((event_seq, encode_record(record)))
 
     def flush(self) -> None:
-        """Write the store records gathered so far to the outbox, in order."""
+        """Write the events, join state and store records gathered so far, in order."""
+        self._flush_events()
+        if self._changed_payments:
+            self.cur.executemany(
+                "INSERT INTO payments (payment_id, network, payer, payee, amount_micro, "
+                "received, terminal, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (payment_id) DO UPDATE SET network = excluded.network, "
+                "payer = excluded.payer, payee = excluded.payee, "
+                "amount_micro = excluded.amount_micro, received = excluded.received, "
+                "terminal = excluded.terminal, updated_at = excluded.updated_at",
+                [(pid, *payment, self.now) for pid, payment in self._changed_payments.items()],
+            )
+            self._changed_payments.clear()
         if self._outbox:
             self.cur.executemany(
                 "INSERT INTO outbox (event_seq, record) VALUES (?, ?)", self._outbox_rows
@@ -724,7 +806,10 @@ class _TransactionWriter:
             self._outbox_rows.clear()
 
     def _wait(self, seq: int, ref: str) -> None:
-        self.cur.execute("UPDATE events SET state = ? WHERE seq = ?", (_WAITING, seq))
+        if seq == self._current_seq:
+            self._current_waits = True  # its row is not written yet
+        else:
+            self.cur.execute("UPDATE events SET state = ? WHERE seq = ?", (_WAITING, seq))
         self.waiting_refs.add(ref)
 
     def _apply(self, seq: int, key: str, event: Event) -> None:
@@ -757,27 +842,17 @@ class _TransactionWriter:
         d = event["data"]
         payment_id, network = d["paymentId"], d["network"]
         amount = to_micro(d["amount"])
-        inserted = self.cur.execute(
-            "INSERT INTO payments (payment_id, network, payer, payee, amount_micro, "
-            "received, terminal, updated_at) VALUES (?, ?, ?, ?, ?, 1, 0, ?) "
-            "ON CONFLICT (payment_id) DO NOTHING",
-            (payment_id, network, d["payer"], d["payee"], amount, self.now),
-        ).rowcount
-        if inserted:
+        payment = self._payment(payment_id)
+        if payment is None:
+            self._set_payment(payment_id, _Payment(network, d["payer"], d["payee"], amount, 1, 0))
             self.effects.append(PendingChange(network, 1))
-            row = None
-        else:
-            row = self.cur.execute(
-                "SELECT received, terminal FROM payments WHERE payment_id = ?", (payment_id,)
-            ).fetchone()
-        if row is not None and not row[0]:
+        elif not payment.received:
             # The payment ended before its receipt arrived (a released failure).
-            self.cur.execute(
-                "UPDATE payments SET network = ?, payer = ?, payee = ?, amount_micro = ?, "
-                "received = 1, updated_at = ? WHERE payment_id = ?",
-                (network, d["payer"], d["payee"], amount, self.now, payment_id),
+            self._set_payment(
+                payment_id,
+                _Payment(network, d["payer"], d["payee"], amount, 1, payment.terminal),
             )
-            if not row[1]:
+            if not payment.terminal:
                 self.effects.append(PendingChange(network, 1))
         self._emit(
             seq,
@@ -811,15 +886,12 @@ class _TransactionWriter:
             )
             self.effects.append(TerminalPayment(network, "failed"))
             return
-        row = self.cur.execute(
-            "SELECT network, payer, payee, amount_micro, received, terminal FROM payments "
-            "WHERE payment_id = ?",
-            (payment_id,),
-        ).fetchone()
-        if row is None or not row[4]:
+        payment = self._payment(payment_id)
+        if payment is None or not payment.received:
             self._wait(seq, payment_id)
             return
-        network, payer, payee, amount, _, terminal = row
+        network, payer, payee, amount, _, terminal = payment
+        assert amount is not None  # payment:received always sets it
         match event["type"]:
             case "payment:verified":
                 self._emit(
@@ -876,10 +948,7 @@ class _TransactionWriter:
                 )
                 self.effects.append(TerminalPayment(network, "failed"))
         if not terminal:
-            self.cur.execute(
-                "UPDATE payments SET terminal = 1, updated_at = ? WHERE payment_id = ?",
-                (self.now, payment_id),
-            )
+            self._set_payment(payment_id, payment._replace(terminal=1))
             self.effects.append(PendingChange(network, -1))
 
     def release_orphan_failure(self, seq: int, key: str, event: Event) -> None:
@@ -887,11 +956,8 @@ class _TransactionWriter:
         d = event["data"]
         network = d.get("network") or UNKNOWN_NETWORK
         self.cur.execute("UPDATE events SET state = ? WHERE seq = ?", (_EMITTED, seq))
-        self.cur.execute(
-            "INSERT INTO payments (payment_id, network, received, terminal, updated_at) "
-            "VALUES (?, ?, 0, 1, ?) ON CONFLICT (payment_id) DO NOTHING",
-            (d["paymentId"], network, self.now),
-        )
+        if self._payment(d["paymentId"]) is None:
+            self._set_payment(d["paymentId"], _Payment(network, None, None, None, 0, 1))
         self._emit(
             seq,
             PaymentRecord(
@@ -922,6 +988,7 @@ class _TransactionWriter:
         """Events of ``types`` waiting for ``ref``, marked as no longer waiting."""
         if ref not in self.waiting_refs:
             return []
+        self._flush_events()  # events of this submission may be among those waiting
         marks = ",".join("?" * len(types))
         rows: list[tuple[int, str, bytes]] = self.cur.execute(
             f"SELECT seq, key, body FROM events WHERE ref = ? AND state = 0 AND type IN ({marks})"
@@ -973,6 +1040,17 @@ class _TransactionWriter:
                 (timestamp, count),
             )
             self.effects.append(WebsocketCount(count))
+
+
+class _Payment(NamedTuple):
+    """A ``payments`` row: what ``payment:received`` said and whether the payment ended."""
+
+    network: str
+    payer: str | None
+    payee: str | None
+    amount_micro: int | None
+    received: int
+    terminal: int
 
 
 def _key_hash(key: str) -> int:

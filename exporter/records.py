@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from operator import attrgetter
 from typing import Any, ClassVar, Protocol
 
 
@@ -95,14 +97,15 @@ _BY_MEASUREMENT: dict[str, type[StoreRecord]] = {
 }
 
 
-_FIELD_NAMES: dict[type[StoreRecord], tuple[str, ...]] = {
-    cls: tuple(f.name for f in fields(cls)) for cls in _BY_MEASUREMENT.values()
+# Each record class's field values as a tuple, read in C.
+_FIELD_VALUES: dict[type[StoreRecord], Callable[[StoreRecord], tuple[Any, ...]]] = {
+    cls: attrgetter(*(f.name for f in fields(cls))) for cls in _BY_MEASUREMENT.values()
 }
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
 def _values(record: StoreRecord) -> tuple[Any, ...]:
-    return (record.measurement, *(getattr(record, name) for name in _FIELD_NAMES[type(record)]))
+    return (record.measurement, *_FIELD_VALUES[type(record)](record))
 
 
 def record_to_json(record: StoreRecord) -> str:
