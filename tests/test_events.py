@@ -121,7 +121,11 @@ BAD_INPUTS: list[tuple[str, Any, str]] = [
         {"type": "websocket:clients", "data": {"count": -1, "timestamp": BASE_MS}},
         "data.count: Input should be greater than or equal to 0",
     ),
-    ("data not an object", {"type": "payment:received", "data": "x"}, "data: must be a JSON object"),
+    (
+        "data not an object",
+        {"type": "payment:received", "data": "x"},
+        "data: must be a JSON object",
+    ),
 ]
 
 
