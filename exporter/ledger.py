@@ -989,17 +989,18 @@ class _TransactionWriter:
         if ref not in self.waiting_refs:
             return []
         self._flush_events()  # events of this submission may be among those waiting
-        marks = ",".join("?" * len(types))
-        rows: list[tuple[int, str, bytes]] = self.cur.execute(
-            f"SELECT seq, key, body FROM events WHERE ref = ? AND state = 0 AND type IN ({marks})"
-            " ORDER BY seq",
-            (ref, *types),
+        rows: list[tuple[int, str, bytes, str]] = self.cur.execute(
+            "SELECT seq, key, body, type FROM events WHERE ref = ? AND state = 0 ORDER BY seq",
+            (ref,),
         ).fetchall()
-        if rows:
+        taken = [(seq, key, body) for seq, key, body, kind in rows if kind in types]
+        if len(taken) == len(rows):
+            self.waiting_refs.discard(ref)  # nothing else waits for it
+        if taken:
             self.cur.executemany(
-                "UPDATE events SET state = ? WHERE seq = ?", [(_EMITTED, r[0]) for r in rows]
+                "UPDATE events SET state = ? WHERE seq = ?", [(_EMITTED, r[0]) for r in taken]
             )
-        return rows
+        return taken
 
     def _batch_settled(self, seq: int, key: str, event: BatchSettled) -> None:
         d = event["data"]

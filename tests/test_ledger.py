@@ -371,3 +371,12 @@ async def test_wal_stays_bounded_under_continuous_writes(
         committer.close()
         ledger.close()
     assert largest < 4 * 1024 * 1024, largest
+
+
+async def test_a_joined_id_is_no_longer_remembered_as_waiting(committer: GroupCommitter) -> None:
+    # Every payment that once arrived out of order would otherwise cost a lookup (and
+    # memory) for good.
+    await submit(committer, settled("p1"), batch_settled("b1"))
+    await submit(committer, received("p1"), batch_created("b1"))
+    assert committer.ledger._waiting_refs == set()
+    assert committer.ledger.stats().waiting_for_join == 0
