@@ -25,6 +25,7 @@ NOTHING``); a primary-key violation, i.e. an outbox replay, redoes the batch ide
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import pathlib
@@ -69,35 +70,48 @@ class _Table:
     name: str
     columns: tuple[_Column, ...]
 
-    def ddl(self) -> str:
-        """The CREATE TABLE statement for this table."""
+    def ddl(self, name: str | None = None) -> str:
+        """The CREATE TABLE statement for this table (or a copy of it called ``name``).
+
+        No primary key: DuckDB keeps a key index wholly in memory, and over a million
+        random keys it outgrows the buffer pool, which makes the checkpoint fail and
+        invalidates the database. Writes skip stored keys themselves (see insert_sql).
+        """
         cols = [
             f'"{c.name}" {c.sql_type}{" NOT NULL" if c.not_null else ""}'
             for c in self.all_columns()
         ]
-        cols.append('PRIMARY KEY ("key")')
-        return f'CREATE TABLE IF NOT EXISTS "{self.name}" ({", ".join(cols)})'
+        return f'CREATE TABLE IF NOT EXISTS "{name or self.name}" ({", ".join(cols)})'
 
     def all_columns(self) -> tuple[_Column, ...]:
         """Every column in table order: the common ``key`` and ``time_ms``, then the fields."""
         return (_Column("key", "VARCHAR", True), _Column("time_ms", "BIGINT", True), *self.columns)
 
-    def insert_sql(self, idempotent: bool) -> str:
-        """INSERT of one columnar JSON document (``$1``); ``idempotent`` skips stored keys."""
+    def insert_sql(self) -> str:
+        """INSERT of one columnar JSON document (``$1``), skipping keys already stored.
+
+        A record's key always comes with the same ``time_ms``, so a stored copy lies
+        between the batch's least and greatest ``time_ms`` (``$2``, ``$3``): the anti-join
+        reads only the row groups whose zone maps overlap that span.
+        """
         cols = self.all_columns()
         shape = ", ".join(
             f'"{c.name}": ["{"VARCHAR" if c.as_text else c.sql_type}"]' for c in cols
         )
         unnest = ", ".join(
-            f'CAST(UNNEST(j.s."{c.name}") AS {c.sql_type})' if c.as_text
-            else f'UNNEST(j.s."{c.name}")'
+            f'CAST(UNNEST(j.s."{c.name}") AS {c.sql_type}) AS "{c.name}"'
+            if c.as_text
+            else f'UNNEST(j.s."{c.name}") AS "{c.name}"'
             for c in cols
         )
         names = ", ".join(f'"{c.name}"' for c in cols)
         return (
-            f'INSERT INTO "{self.name}" ({names}) '
-            f"SELECT {unnest} FROM (SELECT from_json_strict($1::JSON, '{{{shape}}}') AS s) AS j"
-            + (" ON CONFLICT DO NOTHING" if idempotent else "")
+            f'INSERT INTO "{self.name}" ({names}) SELECT n.* '
+            f"FROM (SELECT {unnest} FROM "
+            f"(SELECT from_json_strict($1::JSON, '{{{shape}}}') AS s) AS j) AS n "
+            f'ANTI JOIN (SELECT "key", time_ms FROM "{self.name}" '
+            "WHERE time_ms BETWEEN $2 AND $3) AS p "
+            'ON n."key" = p."key" AND n.time_ms = p.time_ms'
         )
 
 
@@ -160,11 +174,12 @@ _ANALYTICS_UPSERT = (
 #: Every table the store creates, in write order.
 TABLES: tuple[str, ...] = (*(t.name for t in _TABLES.values()), "analytics")
 
-# (plain, idempotent) INSERT per record class; see DuckDBStore._write_sync.
-_INSERT_SQL: dict[type[StoreRecord], tuple[str, str]] = {
-    cls: (t.insert_sql(idempotent=False), t.insert_sql(idempotent=True))
-    for cls, t in _TABLES.items()
-}
+_INSERT_SQL: dict[type[StoreRecord], str] = {cls: t.insert_sql() for cls, t in _TABLES.items()}
+# A batch's records are checked against stored keys in runs whose times lie closer than
+# this: one late record (a join released after its timeout) must not widen the span
+# that every other record of the batch is checked against.
+_SPAN_GAP_MS = 60_000
+_TIME = attrgetter("time_ms")
 _GETTERS: dict[type[StoreRecord], tuple[tuple[str, attrgetter[Any], bool], ...]] = {
     cls: tuple((c.name, attrgetter(c.name), c.as_text) for c in t.all_columns())
     for cls, t in _TABLES.items()
@@ -189,6 +204,40 @@ def _columnar_json(cls: type[StoreRecord], records: list[StoreRecord]) -> str:
         else:
             payload[name] = [get(r) for r in records]
     return json.dumps(payload, separators=(",", ":"))
+
+
+def _time_runs(records: list[StoreRecord]) -> list[list[StoreRecord]]:
+    """``records`` by time, split where consecutive times are ``_SPAN_GAP_MS`` apart."""
+    if not records:
+        return []
+    ordered = sorted(records, key=_TIME)
+    runs = [[ordered[0]]]
+    for previous, record in itertools.pairwise(ordered):
+        if record.time_ms - previous.time_ms > _SPAN_GAP_MS:
+            runs.append([])
+        runs[-1].append(record)
+    return runs
+
+
+def _drop_primary_keys(conn: duckdb.DuckDBPyConnection) -> None:
+    """Rebuild record tables made with a primary key (an older layout) without it.
+
+    DuckDB cannot drop a constraint in place, so the rows move to a fresh table.
+    """
+    keyed = {
+        str(name)
+        for (name,) in conn.execute(
+            "SELECT table_name FROM duckdb_constraints() WHERE constraint_type = 'PRIMARY KEY'"
+        ).fetchall()
+    }
+    for table in _TABLES.values():
+        if table.name not in keyed:
+            continue
+        log.info("rebuilding store table without its key index", extra={"table": table.name})
+        conn.execute(table.ddl(f"{table.name}__rebuild"))
+        conn.execute(f'INSERT INTO "{table.name}__rebuild" SELECT * FROM "{table.name}"')
+        conn.execute(f'DROP TABLE "{table.name}"')
+        conn.execute(f'ALTER TABLE "{table.name}__rebuild" RENAME TO "{table.name}"')
 
 
 def _rollback(cur: duckdb.DuckDBPyConnection) -> None:
@@ -257,6 +306,7 @@ class DuckDBStore:
             for table in _TABLES.values():
                 conn.execute(table.ddl())
             conn.execute(_ANALYTICS_DDL)
+            _drop_primary_keys(conn)
             conn.execute("COMMIT")
         except duckdb.Error as error:
             if conn is not None:
@@ -275,30 +325,24 @@ class DuckDBStore:
         return []
 
     def _write_sync(self, records: list[StoreRecord]) -> None:
-        by_class: dict[type[StoreRecord], list[StoreRecord]] = {cls: [] for cls in _TABLES}
+        by_class: dict[type[StoreRecord], dict[str, StoreRecord]] = {cls: {} for cls in _TABLES}
         for record in records:
-            by_class[type(record)].append(record)
-        payloads = [
-            (_INSERT_SQL[cls], _columnar_json(cls, rows)) for cls, rows in by_class.items() if rows
-        ]
+            by_class[type(record)].setdefault(record.key, record)  # a key once per batch too
+        statements: list[tuple[str, list[object]]] = []
+        for cls, rows in by_class.items():
+            for run in _time_runs(list(rows.values())):
+                payload = _columnar_json(cls, run)
+                statements.append((_INSERT_SQL[cls], [payload, run[0].time_ms, run[-1].time_ms]))
         with self._write_lock:
             self._check_open()
-            # A plain INSERT is about twice as fast as ON CONFLICT DO NOTHING in DuckDB.
-            # New rows are the rule; a key already stored (an outbox replay) violates the
-            # primary key, and the whole batch is then redone idempotently.
-            try:
-                self._insert(payloads, idempotent=False)
-            except duckdb.ConstraintException:
-                log.debug("duckdb batch holds stored keys; rewriting idempotently",
-                          extra={"records": len(records)})
-                self._insert(payloads, idempotent=True)
+            self._insert(statements)
 
-    def _insert(self, payloads: list[tuple[tuple[str, str], str]], idempotent: bool) -> None:
+    def _insert(self, statements: list[tuple[str, list[object]]]) -> None:
         cur = self._writer
         cur.execute("BEGIN")
         try:
-            for sql, payload in payloads:
-                cur.execute(sql[idempotent], [payload])
+            for sql, parameters in statements:
+                cur.execute(sql, parameters)
             cur.execute("COMMIT")
         except BaseException:
             _rollback(cur)

@@ -293,3 +293,63 @@ def _truncate(path: pathlib.Path, size: int) -> bytes:
     head = path.read_bytes()[:size]
     path.write_bytes(head)
     return head
+
+
+def _received(i: int, time_ms: int) -> PaymentRecord:
+    return PaymentRecord(
+        f"payment:received:{i:x}-{i * 2654435761 % 2**32:08x}",
+        time_ms,
+        "eip155:8453",
+        "received",
+        f"p{i}",
+        "0x" + "a" * 40,
+        "0x" + "b" * 40,
+        1_000_000 + i,
+    )
+
+
+async def test_many_random_keys_fit_a_small_buffer_pool(db_path: pathlib.Path) -> None:
+    # A primary key index over random keys is held wholly in memory: past the buffer
+    # pool, DuckDB's checkpoint fails and the database is invalidated for good.
+    store = DuckDBStore.open(db_path, memory_limit="16MB", threads=1)
+    try:
+        for start in range(0, 300_000, 10_000):
+            batch = [_received(i, 1_700_000_000_000 + i) for i in range(start, start + 10_000)]
+            await store.write(batch)
+        store.query("CHECKPOINT")
+        assert store.counts()["payment"] == 300_000
+    finally:
+        await store.close()
+
+
+async def test_a_replay_holding_a_late_record_stays_idempotent(store: DuckDBStore) -> None:
+    now = 1_700_000_000_000
+    recent = [_received(i, now + i) for i in range(100)]
+    late = _received(1_000, now - 7_200_000)  # released two hours after its event
+    await store.write([*recent, late])
+    await store.write([late, *recent[::-1]])
+    assert store.counts()["payment"] == 101
+
+
+async def test_a_store_made_with_key_indexes_is_rebuilt_without_them(
+    db_path: pathlib.Path,
+) -> None:
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    conn = duckdb.connect(str(db_path))
+    conn.execute(
+        'CREATE TABLE websocket ("key" VARCHAR NOT NULL, "time_ms" BIGINT NOT NULL, '
+        '"count" BIGINT NOT NULL, PRIMARY KEY ("key"))'
+    )
+    conn.execute("INSERT INTO websocket VALUES ('websocket:1', 1700000000000, 3)")
+    conn.close()
+    store = DuckDBStore.open(db_path)
+    try:
+        keys = store.query(
+            "SELECT count(*) FROM duckdb_constraints() WHERE constraint_type = 'PRIMARY KEY' "
+            "AND table_name <> 'analytics'"
+        )
+        assert keys == [(0,)]
+        await store.write([WebsocketRecord("websocket:1", 1_700_000_000_000, 3)])
+        assert _rows(store, "websocket") == [("websocket:1", 1_700_000_000_000, 3)]
+    finally:
+        await store.close()
