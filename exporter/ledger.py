@@ -297,9 +297,9 @@ class DataDirLock:
         self._file.close()
 
 
-_WRITE_CACHE_KIB = 16 * 1024
-# Outbox records also kept in memory for the forwarder: about 10 MB at this count.
-_HANDOFF_MAX_RECORDS = 25_000
+_WRITE_CACHE_KIB = 8 * 1024
+# Outbox records also kept in memory for the forwarder: about 4 MB at this count.
+_HANDOFF_MAX_RECORDS = 10_000
 _CHECKPOINT_INTERVAL_SECONDS = 1.0
 # WAL size (in frames, i.e. pages) past which a checkpoint also restarts the WAL.
 _WAL_RESTART_FRAMES = 8192
