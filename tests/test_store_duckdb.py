@@ -314,7 +314,9 @@ async def test_many_random_keys_fit_a_small_buffer_pool(db_path: pathlib.Path) -
     store = DuckDBStore.open(db_path, memory_limit="16MB", threads=1)
     try:
         for start in range(0, 300_000, 10_000):
-            batch = [_received(i, 1_700_000_000_000 + i) for i in range(start, start + 10_000)]
+            batch: list[StoreRecord] = [
+                _received(i, 1_700_000_000_000 + i) for i in range(start, start + 10_000)
+            ]
             await store.write(batch)
         store.query("CHECKPOINT")
         assert store.counts()["payment"] == 300_000
