@@ -446,17 +446,18 @@ class Ledger:
         """Apply several submissions in one transaction; all of them are stored or none."""
         now = _now_ms()
         results: list[SubmissionResult] = []
-        emitted: list[tuple[int, StoreRecord]] = []
         with self._transaction() as cur:
+            # One writer for the whole group: its lookups and bulk writes are per
+            # transaction, which single-event requests share.
+            writer = _TransactionWriter(cur, now, self._waiting_refs)
+            hashes = iter(writer.load([p for s in submissions for p in s.events]))
             for submission in submissions:
-                writer = _TransactionWriter(cur, now, self._waiting_refs)
-                outcomes = writer.add_all(submission.events)
+                outcomes = [writer.add(prepared, next(hashes)) for prepared in submission.events]
                 for letter in submission.dead_letters:
                     writer.dead_letter(letter)
-                writer.flush()
-                emitted += writer.emitted
-                results.append(SubmissionResult(outcomes, writer.effects))
-        self._emitted(emitted)
+                results.append(SubmissionResult(outcomes, writer.take_effects()))
+            writer.flush()
+        self._emitted(writer.emitted)
         return results
 
     def _emitted(self, rows: list[tuple[int, StoreRecord]]) -> None:
@@ -654,8 +655,9 @@ class _TransactionWriter:
     """Applies events inside an open transaction, collecting outcomes and metric effects.
 
     Writes are gathered and sent in bulk by :meth:`flush` (``executemany``), and the
-    stored keys and payments a submission refers to are read with one query each up
-    front: per-event statements cost more in Python than SQLite spends on the rows.
+    stored keys and payments the transaction's events refer to are read with one query
+    each up front (:meth:`load`): per-event statements cost more in Python than SQLite
+    spends on the rows.
     """
 
     def __init__(self, cur: sqlite3.Cursor, now_ms: int, waiting_refs: set[str]) -> None:
@@ -667,7 +669,7 @@ class _TransactionWriter:
         """(outbox seq, record) of every record written to the outbox, in order."""
         self._outbox: list[StoreRecord] = []
         self._outbox_rows: list[tuple[int, bytes]] = []
-        # Keys already stored, by key hash: the submission's, read up front, plus its own.
+        # Keys already stored, by key hash: those loaded up front plus the writer's own.
         self._stored: dict[int, list[tuple[str, bytes]]] = {}
         # Rows for ``events``, inserted at flush; numbered here (one writer at a time).
         self._event_rows: list[tuple[object, ...]] = []
@@ -680,8 +682,8 @@ class _TransactionWriter:
         self._payments: dict[str, _Payment | None] = {}
         self._changed_payments: dict[str, _Payment] = {}
 
-    def add_all(self, events: Sequence[PreparedEvent]) -> list[Outcome]:
-        """Apply ``events`` in order; one outcome each."""
+    def load(self, events: Sequence[PreparedEvent]) -> list[int]:
+        """Read what ``events`` will look up, in one query each; returns their key hashes."""
         hashes = [_key_hash(prepared.key) for prepared in events]
         self._load_keys(hashes)
         self._load_payments(
@@ -692,7 +694,12 @@ class _TransactionWriter:
                 and (ref := join_ref(prepared.event)) is not None
             }
         )
-        return [self._add(p, key_hash) for p, key_hash in zip(events, hashes, strict=True)]
+        return hashes
+
+    def take_effects(self) -> list[Effect]:
+        """The metric effects gathered since the last call."""
+        effects, self.effects = self.effects, []
+        return effects
 
     def _load_keys(self, hashes: list[int]) -> None:
         if not hashes:
@@ -727,7 +734,8 @@ class _TransactionWriter:
         self._payments[payment_id] = payment
         self._changed_payments[payment_id] = payment
 
-    def _add(self, prepared: PreparedEvent, key_hash: int) -> Outcome:
+    def add(self, prepared: PreparedEvent, key_hash: int) -> Outcome:
+        """Apply one event (after :meth:`load`): accepted, a duplicate or a conflict."""
         event = prepared.event
         for stored_key, stored_body in self._stored.get(key_hash, ()):
             if stored_key != prepared.key:
