@@ -1,8 +1,8 @@
 """Embedded DuckDB store: the default time-series sink when no InfluxDB is configured.
 
-One table per record class (DESIGN section 6) holds self-contained rows keyed by the
-event's dedup key, so a replayed outbox batch leaves every row once, and the analytics
-SQL is a filter plus an aggregate over a single table. A fifth table, ``analytics``,
+One table per record class (DESIGN section 6) holds self-contained rows, one per event
+dedup key (a replayed outbox batch leaves every row once), and the analytics SQL is a
+filter plus an aggregate over a single table. A fifth table, ``analytics``,
 receives the scheduler's write-back of computed figures. Time-window filters need no
 extra index: DuckDB keeps min/max zone maps per row group, and rows arrive roughly in
 ``time_ms`` order, so a window scan skips the row groups outside it (an ART index on
@@ -18,8 +18,12 @@ fails the batch instead of becoming NULL). Measured on 5,000-record batches this
 fastest correct way in without pandas/pyarrow: about 85-100k records/s against about
 65-85k for binding Python lists as ``LIST`` parameters and about 1.5k for ``executemany``.
 Integers and floats survive JSON exactly; ``gas_used`` travels as a decimal string and is
-cast to ``HUGEINT``. A plain INSERT is tried first (twice as fast as ``ON CONFLICT DO
-NOTHING``); a primary-key violation, i.e. an outbox replay, redoes the batch idempotently.
+cast to ``HUGEINT``.
+
+The record tables have no primary key: DuckDB holds a key index wholly in memory, and
+over a million random keys it outgrew the 64 MB buffer pool, failed the checkpoint and
+invalidated the database. Each INSERT instead anti-joins the batch against the stored
+rows of the batch's own time span (see :meth:`_Table.insert_sql`).
 """
 
 from __future__ import annotations
