@@ -960,7 +960,8 @@ class _TransactionWriter:
                 )
                 self.effects.append(TerminalPayment(network, "failed"))
         if not terminal:
-            self._set_payment(payment_id, payment._replace(terminal=1))
+            # received (checked above) and now ended; a new tuple is cheaper than _replace
+            self._set_payment(payment_id, _Payment(network, payer, payee, amount, 1, 1))
             self.effects.append(PendingChange(network, -1))
 
     def release_orphan_failure(self, seq: int, key: str, event: Event) -> None:
