@@ -8,8 +8,8 @@ deduplicated event once, on the network its join resolved.
 
 from __future__ import annotations
 
-from collections import Counter as Tally
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -24,6 +24,8 @@ from .ledger import (
     WebsocketCount,
 )
 
+_Labelled = Counter | Gauge | Histogram
+
 SETTLEMENT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60)
 GAS_BUCKETS = (21000, 50000, 100000, 200000, 500000, 1000000)
 
@@ -36,6 +38,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._children: dict[tuple[_Labelled, tuple[str, ...]], Any] = {}
         self.payments = Counter(
             "facilitator_payments",
             "Terminal payments (settled = success, failed = failed) by network.",
@@ -149,48 +152,34 @@ class Metrics:
             self.websocket_clients.set(snapshot.websocket_clients)
 
     def apply(self, effects: Iterable[Effect]) -> None:
-        """Move the payment metrics by what a ledger commit did.
-
-        Counts and sums are gathered per label set first: a labelled child costs a
-        lookup, and a request of a thousand events would otherwise pay thousands.
-        """
-        received: Tally[str] = Tally()
-        payments: Tally[tuple[str, str]] = Tally()
-        volume_micro: Tally[str] = Tally()
-        fees_micro: Tally[str] = Tally()
-        pending: Tally[str] = Tally()
-        settlement: dict[str, list[float]] = {}
+        """Move the payment metrics by what a ledger commit did."""
+        child = self._child
         for effect in effects:
             match effect:
                 case NewEvent(event_type):
-                    received[event_type] += 1
+                    child(self.events_received, event_type).inc()
                 case TerminalPayment(network, status, amount, fee, settlement_ms):
-                    payments[network, status] += 1
+                    child(self.payments, network, status).inc()
                     if status == "success":
-                        volume_micro[network] += amount
-                        fees_micro[network] += fee
+                        child(self.volume, network).inc(amount / MICRO)
+                        child(self.fees, network).inc(fee / MICRO)
                         if settlement_ms is not None:
-                            settlement.setdefault(network, []).append(settlement_ms / 1000)
+                            child(self.settlement, network).observe(settlement_ms / 1000)
                 case PendingChange(network, delta):
-                    pending[network] += delta
+                    child(self.pending, network).inc(delta)
                 case BatchGas(network, gas_used):
-                    self.gas.labels(network).observe(gas_used)
+                    child(self.gas, network).observe(gas_used)
                 case WebsocketCount(count):
                     self.websocket_clients.set(count)
-        for event_type, count in received.items():
-            self.events_received.labels(event_type).inc(count)
-        for (network, status), count in payments.items():
-            self.payments.labels(network, status).inc(count)
-        for network, micro in volume_micro.items():
-            self.volume.labels(network).inc(micro / MICRO)
-        for network, micro in fees_micro.items():
-            self.fees.labels(network).inc(micro / MICRO)
-        for network, delta in pending.items():
-            self.pending.labels(network).inc(delta)
-        for network, seconds in settlement.items():
-            histogram = self.settlement.labels(network)
-            for value in seconds:
-                histogram.observe(value)
+
+    def _child(self, metric: _Labelled, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: the lookup costs more than the update,
+        and a request of a thousand events makes thousands of them."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def reject(self, reason: str, count: int = 1) -> None:
         """Count refused events (or whole bodies) by reason."""
