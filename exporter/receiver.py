@@ -95,6 +95,15 @@ def _answer(
     error: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
+    if not rejected and error is None:  # the common answer, without a JSON encoder
+        text = f'{{"accepted": {accepted}, "duplicates": {duplicates}, "rejected": []}}'
+        return web.Response(
+            status=status,
+            body=text.encode(),
+            content_type="application/json",
+            charset="utf-8",
+            headers=headers,
+        )
     body: dict[str, object] = {
         "accepted": accepted,
         "duplicates": duplicates,
