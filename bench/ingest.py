@@ -253,11 +253,15 @@ def _ratios(results: list[_Result]) -> None:
             noop.acknowledged / noop.seconds, 1e-9
         )
         write(f"ratio exporter/no-op, {phase}: {ratio:.3g} (acknowledged events/s)")
-        if exporter.drain_seconds is not None:
-            delivered = exporter.acknowledged / (exporter.seconds + exporter.drain_seconds)
+
+
+def _drains(results: list[_Result]) -> None:
+    for r in results:
+        if r.drain_seconds is not None and r.seconds:
+            delivered = r.acknowledged / (r.seconds + r.drain_seconds)
             write(
-                f"  exporter store caught up {exporter.drain_seconds:.2f}s after the last "
-                f"answer: {delivered:,.0f} events/s acknowledged and stored"
+                f"{r.phase}: the exporter's store caught up {r.drain_seconds:.2f}s after the "
+                f"last answer: {delivered:,.0f} events/s acknowledged and stored"
             )
 
 
@@ -366,6 +370,7 @@ def _run(args: argparse.Namespace, workdir: Path) -> None:
         write("")
         _table(results)
         _ratios(results)
+        _drains(results)
         _check_exporter(results)
         for name, server in servers.items():
             rss = server.peak_rss_mib()
