@@ -109,7 +109,7 @@ def _address(value: str) -> str:
             "must be an address without spaces or control characters, got {shown}",
             {"shown": _show(value)},
         )
-    return value
+    return _encodable(value)
 
 
 def _transaction(value: str) -> str:
@@ -121,7 +121,7 @@ def _transaction(value: str) -> str:
             "must be a transaction id without control characters, got {shown}",
             {"shown": _show(value)},
         )
-    return value
+    return _encodable(value)
 
 
 def _identifier(value: str) -> str:
@@ -131,7 +131,7 @@ def _identifier(value: str) -> str:
             "must be a non-empty id without control characters, got {shown}",
             {"shown": _show(value)},
         )
-    return value
+    return _encodable(value)
 
 
 def _encodable(value: str) -> str:
@@ -144,7 +144,9 @@ def _encodable(value: str) -> str:
     return value
 
 
-_Str = Annotated[str, Field(strict=True, max_length=256), AfterValidator(_encodable)]
+# Each string type has one validator: the checks run in one call (pydantic's per-validator
+# call costs more than the checks). Patterns that admit only ASCII need no Unicode check.
+_Str = Annotated[str, Field(strict=True, max_length=256)]
 DecimalString = Annotated[_Str, AfterValidator(_decimal_string)]
 IntegerString = Annotated[_Str, AfterValidator(_integer_string)]
 Timestamp = Annotated[int, Field(strict=True), AfterValidator(_timestamp)]
