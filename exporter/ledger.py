@@ -667,8 +667,7 @@ class _TransactionWriter:
         self.effects: list[Effect] = []
         self.emitted: list[tuple[int, StoreRecord]] = []
         """(outbox seq, record) of every record written to the outbox, in order."""
-        self._outbox: list[StoreRecord] = []
-        self._outbox_rows: list[tuple[int, bytes]] = []
+        self._outbox: list[tuple[int, StoreRecord]] = []  # (event seq, record)
         # Keys already stored, by key hash: those loaded up front plus the writer's own.
         self._stored: dict[int, list[tuple[str, bytes]]] = {}
         # Rows for ``events``, inserted at flush; numbered here (one writer at a time).
@@ -788,8 +787,7 @@ class _TransactionWriter:
         )
 
     def _emit(self, event_seq: int, record: StoreRecord) -> None:
-        self._outbox.append(record)
-        self._outbox_rows.append((event_seq, encode_record(record)))
+        self._outbox.append((event_seq, record))
 
     def flush(self) -> None:
         """Write the events, join state and store records gathered so far, in order."""
@@ -807,15 +805,17 @@ class _TransactionWriter:
             self._changed_payments.clear()
         if self._outbox:
             self.cur.executemany(
-                "INSERT INTO outbox (event_seq, record) VALUES (?, ?)", self._outbox_rows
+                "INSERT INTO outbox (event_seq, record) VALUES (?, ?)",
+                [(event_seq, encode_record(record)) for event_seq, record in self._outbox],
             )
             # One writer, and each row takes the largest seq plus one: the rows just
             # written are numbered consecutively up to the last one.
             (last,) = self.cur.execute("SELECT last_insert_rowid()").fetchone()
             first = last - len(self._outbox) + 1
-            self.emitted.extend(zip(range(first, last + 1), self._outbox, strict=True))
+            self.emitted.extend(
+                zip(range(first, last + 1), (record for _, record in self._outbox), strict=True)
+            )
             self._outbox.clear()
-            self._outbox_rows.clear()
 
     def _wait(self, seq: int, ref: str) -> None:
         if seq == self._current_seq:
@@ -1001,7 +1001,7 @@ class _TransactionWriter:
         """Events of ``types`` waiting for ``ref``, marked as no longer waiting."""
         if ref not in self.waiting_refs:
             return []
-        self._flush_events()  # events of this submission may be among those waiting
+        self._flush_events()  # events of this transaction may be among those waiting
         rows: list[tuple[int, str, bytes, str]] = self.cur.execute(
             "SELECT seq, key, body, type FROM events WHERE ref = ? AND state = 0 ORDER BY seq",
             (ref,),
