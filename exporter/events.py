@@ -13,7 +13,7 @@ import hashlib
 import re
 import time
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Annotated, Any, Literal, NotRequired
+from typing import Annotated, Any, Literal, NotRequired, get_args, get_type_hints
 
 from pydantic import (
     AfterValidator,
@@ -347,15 +347,10 @@ EVENT_TYPES: tuple[str, ...] = (
 )
 
 _EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+# One adapter per member of the union, by its ``type`` tag (for canonical_json).
 _ADAPTER_BY_TYPE: dict[str, TypeAdapter[Any]] = {
-    "payment:received": TypeAdapter(PaymentReceived),
-    "payment:verified": TypeAdapter(PaymentVerified),
-    "payment:settled": TypeAdapter(PaymentSettled),
-    "payment:failed": TypeAdapter(PaymentFailed),
-    "batch:created": TypeAdapter(BatchCreated),
-    "batch:settled": TypeAdapter(BatchSettled),
-    "revenue:recorded": TypeAdapter(RevenueRecorded),
-    "websocket:clients": TypeAdapter(WebsocketClients),
+    get_args(get_type_hints(cls)["type"])[0]: TypeAdapter(cls)
+    for cls in get_args(get_args(Event)[0])
 }
 _EVENT_LIST_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 

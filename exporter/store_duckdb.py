@@ -77,9 +77,7 @@ class _Table:
     def ddl(self, name: str | None = None) -> str:
         """The CREATE TABLE statement for this table (or a copy of it called ``name``).
 
-        No primary key: DuckDB keeps a key index wholly in memory, and over a million
-        random keys it outgrows the buffer pool, which makes the checkpoint fail and
-        invalidates the database. Writes skip stored keys themselves (see insert_sql).
+        No primary key (see the module docstring); :meth:`insert_sql` skips stored keys.
         """
         cols = [
             f'"{c.name}" {c.sql_type}{" NOT NULL" if c.not_null else ""}'

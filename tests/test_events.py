@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import time
 from typing import Any
 
@@ -158,7 +159,10 @@ def test_every_event_type_validates() -> None:
         },
         {"type": "websocket:clients", "data": {"count": 7, "timestamp": BASE_MS}},
     ]
-    assert [parse_event(e)["type"] for e in events] == [e["type"] for e in events]
+    parsed = [parse_event(e) for e in events]
+    assert [p["type"] for p in parsed] == [e["type"] for e in events]
+    # Every type has a canonical form, and it parses back to the same event.
+    assert [parse_event(json.loads(canonical_json(p))) for p in parsed] == parsed
 
 
 def test_evm_addresses_are_lower_cased_and_others_kept() -> None:
