@@ -28,6 +28,10 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 """Seconds an exporter may take to exit after SIGTERM (its own shutdown timeout is 15 s)."""
 
+CLI_TIMEOUT = 60.0
+"""Seconds any one-shot command may take (a bound against hangs; replays and backfills
+of many events need most of it)."""
+
 LabelSet = frozenset[tuple[str, str]]
 """A sample's labels, hashable."""
 
@@ -45,6 +49,18 @@ def clean_env(**extra: str) -> dict[str, str]:
 def exporter_command(*args: str) -> list[str]:
     """The argv that runs the exporter's command line with ``args``."""
     return [sys.executable, "-m", "exporter", *args]
+
+
+def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the command line with ``args`` and ``EXPORTER_*`` variables from ``env``."""
+    return subprocess.run(
+        exporter_command(*args),
+        env=clean_env(**env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+    )
 
 
 def http_request(

@@ -7,7 +7,6 @@ the test sets.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -15,31 +14,15 @@ from typing import Any
 import duckdb
 import pytest
 from _exporter_process import (
-    clean_env,
-    exporter_command,
     post_json,
+    run_cli,
     running_exporter,
     sample_values,
 )
 from conftest import free_port, received, wait_until
 
-CLI_TIMEOUT = 30.0
-"""Seconds any one-shot command may take."""
-
 LOCKED_STORE_FAILS_WITHIN = 10.0
 """A second exporter on a held data directory must give up at least this fast."""
-
-
-def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run the command line with ``args`` and ``EXPORTER_*`` variables from ``env``."""
-    return subprocess.run(
-        exporter_command(*args),
-        env=clean_env(**env),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-    )
 
 
 def check_config_output(stdout: str) -> dict[str, Any]:

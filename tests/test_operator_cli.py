@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import duckdb
 import pytest
-from _exporter_process import clean_env, exporter_command, running_exporter
+from _exporter_process import run_cli, running_exporter
 from conftest import (
     BASE_MS,
     batch_created,
@@ -37,21 +37,8 @@ from exporter.operator import backfill, render_table
 from exporter.records import Store, StoreRecord, StoreRejection
 from exporter.stores import open_store
 
-CLI_TIMEOUT = 60.0
 AT = str(BASE_MS + 3_600_000)
 """The instant analytics are computed as of: an hour after the test events."""
-
-
-def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run the command line with ``args`` and ``EXPORTER_*`` variables from ``env``."""
-    return subprocess.run(
-        exporter_command(*args),
-        env=clean_env(**env),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-    )
 
 
 def history() -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _exporter_process import clean_env, post_json, start_exporter
+from _exporter_process import clean_env, post_json, run_cli, start_exporter
 from conftest import (
     BASE_MS,
     AppClient,
@@ -36,7 +36,6 @@ from influx_fault_server import (
     threaded_fault_server,
 )
 from prometheus_client import CollectorRegistry
-from test_cli import run_cli
 from test_influx_integration import rows_query
 from test_ledger import prepare
 
