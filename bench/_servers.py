@@ -94,6 +94,11 @@ class Server:
         self.log_file.close()
 
 
+def exporter_serve(port: int, *options: str) -> list[str]:
+    """The argv of ``facilitator-exporter serve`` on loopback ``port`` with ``options``."""
+    return [sys.executable, "-m", "exporter", "serve", "--listen", f"127.0.0.1:{port}", *options]
+
+
 def get_json(url: str) -> Any:
     """``GET url`` (never through a proxy) and decode the JSON answer."""
     with _NO_PROXY.open(url, timeout=10.0) as response:

@@ -152,16 +152,7 @@ async def _main(args: argparse.Namespace, data_dir: Path) -> None:
     port = _servers.free_port()
     exporter = _servers.start(
         "exporter",
-        [
-            sys.executable,
-            "-m",
-            "exporter",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--data-dir",
-            str(data_dir),
-        ],
+        _servers.exporter_serve(port, "--data-dir", str(data_dir)),
         port,
         workdir,
     )

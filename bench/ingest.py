@@ -345,10 +345,7 @@ def _run(args: argparse.Namespace, workdir: Path) -> None:
     try:
         if "exporter" in targets:
             port = _servers.free_port()
-            argv = [
-                sys.executable, "-m", "exporter", "serve",
-                "--listen", f"127.0.0.1:{port}", "--data-dir", str(workdir / "data"),
-            ]  # fmt: skip
+            argv = _servers.exporter_serve(port, "--data-dir", str(workdir / "data"))
             servers["exporter"] = _servers.start("exporter", argv, port, workdir)
         if "no-op" in targets:
             port = _servers.free_port()

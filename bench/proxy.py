@@ -190,16 +190,7 @@ def main() -> int:
             )
             proxy = _servers.start(
                 "exporter",
-                [
-                    sys.executable,
-                    "-m",
-                    "exporter",
-                    "serve",
-                    "--listen",
-                    f"127.0.0.1:{proxy_port}",
-                    "--upstream-facilitator",
-                    upstream.url,
-                ],
+                _servers.exporter_serve(proxy_port, "--upstream-facilitator", upstream.url),
                 proxy_port,
                 workdir,
                 proxy_env,
