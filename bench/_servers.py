@@ -64,6 +64,17 @@ class Server:
                 return int(line.split()[1]) / 1024
         return None
 
+    def rss_mib(self) -> float | None:
+        """VmRSS of the process (resident set now) in MiB, None once it is gone."""
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return None
+
     def cpu_seconds(self) -> float | None:
         """User + system CPU time the process has used so far, None once it is gone.
 
