@@ -26,6 +26,7 @@ from .metrics import Metrics
 from .proxy import PROXY, FacilitatorProxy
 from .receiver import IngestLimits, Receiver
 from .records import Store
+from .signing import verifier_from_settings
 from .stores import Forwarder, analytics_source, open_store
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ async def _ledger_resource(app: web.Application) -> AsyncIterator[None]:
     limits = IngestLimits(
         settings.max_body_bytes, settings.max_batch_events, settings.max_backlog_events
     )
-    app[RECEIVER] = Receiver(committer, metrics, limits, token)
+    app[RECEIVER] = Receiver(committer, metrics, limits, token, verifier_from_settings(settings))
     maintenance = asyncio.create_task(_maintain(settings, committer, metrics))
     log.info(
         "ledger open",

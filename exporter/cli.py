@@ -27,6 +27,7 @@ from .app import SETTINGS, create_app
 from .config import Settings, StoreKind
 from .ledger import LedgerError
 from .operator import OperatorError
+from .signing import check_secret
 
 if TYPE_CHECKING:
     from .store_influx import InfluxCheck
@@ -35,6 +36,9 @@ log = logging.getLogger("exporter")
 
 DEMO_RATE = 20.0
 """Payments per second that ``serve --demo`` generates."""
+
+SIGNING_SECRET_VARIABLE = "EXPORTER_INGEST_SIGNING_SECRET"
+"""Where ``simulate`` finds its signing secret when ``--signing-secret`` is not given."""
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -52,6 +56,9 @@ def _describe_settings(settings: Settings) -> dict[str, Any]:
     described = settings.model_dump(mode="json")
     described["ingest_token"] = "(set)" if settings.ingest_token else None
     described["influx_token"] = "(set)" if settings.influx_token else None
+    for name in ("ingest_signing_secret", "ingest_signing_secret_previous"):
+        described[name] = "(set)" if getattr(settings, name) is not None else None
+    described["ingest_signing"] = "on" if settings.ingest_signing_secret is not None else "off"
     described["resolved_store"] = settings.resolved_store.value
     described["ledger_path"] = str(settings.ledger_path)
     if settings.resolved_store is StoreKind.DUCKDB:
@@ -121,10 +128,17 @@ def _demo_context(rate: float) -> Any:
         host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
         url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.port}"
         token = settings.ingest_token.get_secret_value() if settings.ingest_token else None
+        secret = settings.ingest_signing_secret
         stop = asyncio.Event()
         task = asyncio.create_task(
             run_simulation(
-                url, rate=rate, duration=0, seed=int(time.time()), token=token, stop=stop
+                url,
+                rate=rate,
+                duration=0,
+                seed=int(time.time()),
+                token=token,
+                signing_secret=secret.get_secret_value() if secret is not None else None,
+                stop=stop,
             )
         )
         log.info("demo traffic started", extra={"url": url, "payments_per_s": rate})
@@ -209,9 +223,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _signing_secret(args: argparse.Namespace) -> str | None:
+    """The simulator's signing secret: ``--signing-secret``, else the exporter's variable."""
+    if args.signing_secret is not None:
+        name, value = "--signing-secret", args.signing_secret
+    elif SIGNING_SECRET_VARIABLE in os.environ:
+        name, value = SIGNING_SECRET_VARIABLE, os.environ[SIGNING_SECRET_VARIABLE]
+    else:
+        return None
+    try:
+        return check_secret(value)
+    except ValueError as error:
+        raise OperatorError(f"{name} {error}", exit_code=2) from None
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from .simulate import SimulationProgress, SimulationSummary, render_progress, run_simulation
 
+    signing_secret = _signing_secret(args)
     logging.basicConfig(level=logging.WARNING)
     tty = sys.stderr.isatty()
     last_draw = 0.0
@@ -238,6 +267,7 @@ def _simulate(args: argparse.Namespace) -> int:
             duration=args.duration,
             seed=args.seed,
             token=args.token,
+            signing_secret=signing_secret,
             batch_size=args.batch_size,
             concurrency=args.concurrency,
             progress=progress,
@@ -624,6 +654,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
     simulate.add_argument("--token", help="bearer token (the exporter's EXPORTER_INGEST_TOKEN)")
+    simulate.add_argument(
+        "--signing-secret",
+        metavar="SECRET",
+        help=f"sign every request with X-Exporter-Signature (default {SIGNING_SECRET_VARIABLE} "
+        "when set; prefer the variable, a command line is visible to other local users)",
+    )
     simulate.add_argument(
         "--batch-size",
         type=int,

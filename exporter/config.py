@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .signing import DEFAULT_TOLERANCE_SECONDS, check_secret
+
 
 class Durability(StrEnum):
     """How hard a ledger commit is pushed to disk before a 202 is sent."""
@@ -90,7 +92,11 @@ class Settings(BaseSettings):
     Unknown fields are refused so that a misspelt setting is an error, not a silent default.
     """
 
-    model_config = SettingsConfigDict(env_prefix="EXPORTER_", extra="forbid", frozen=True)
+    # hide_input_in_errors: a refused value may be a secret, and so may the other inputs
+    # that a model-level error would otherwise print.
+    model_config = SettingsConfigDict(
+        env_prefix="EXPORTER_", extra="forbid", frozen=True, hide_input_in_errors=True
+    )
 
     listen: str = Field(
         "127.0.0.1:9402",
@@ -99,6 +105,21 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("data"), description="directory for the ledger and DuckDB store")
     ingest_token: SecretStr | None = Field(
         None, description="bearer token required on ingest and the analytics API"
+    )
+    ingest_signing_secret: SecretStr | None = Field(
+        None,
+        description="HMAC-SHA256 key of signed deliveries: when set, ingest also requires a "
+        "valid X-Exporter-Signature header",
+    )
+    ingest_signing_secret_previous: SecretStr | None = Field(
+        None,
+        description="during a key rotation, the secret being retired: signatures made with it "
+        "are still accepted",
+    )
+    ingest_signing_tolerance_seconds: PositiveInt = Field(
+        DEFAULT_TOLERANCE_SECONDS,
+        description="how far a signature's timestamp may be from the exporter's clock, "
+        "in the past or the future",
     )
     durability: Durability = Field(Durability.PROCESS, description="process or power")
     max_body_bytes: PositiveInt = Field(
@@ -199,6 +220,13 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("ingest_signing_secret", "ingest_signing_secret_previous")
+    @classmethod
+    def _signing_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_secret(value.get_secret_value())
+        return value
+
     @field_validator("influx_url", "influx_org")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
@@ -247,6 +275,22 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"refusing to listen on {self.listen} without EXPORTER_INGEST_TOKEN: "
                 "set a token or listen on a loopback address such as 127.0.0.1"
+                + (
+                    " (a signing secret authenticates ingest only; the token also guards "
+                    "the analytics API)"
+                    if self.ingest_signing_secret is not None
+                    else ""
+                )
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _previous_secret_with_current(self) -> Settings:
+        if self.ingest_signing_secret_previous is not None and self.ingest_signing_secret is None:
+            raise ValueError(
+                "EXPORTER_INGEST_SIGNING_SECRET_PREVIOUS is set without "
+                "EXPORTER_INGEST_SIGNING_SECRET: the previous secret is only accepted next to "
+                "a current one"
             )
         return self
 

@@ -29,7 +29,14 @@ _Labelled = Counter | Gauge | Histogram
 SETTLEMENT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60)
 GAS_BUCKETS = (21000, 50000, 100000, 200000, 500000, 1000000)
 
-REJECT_REASONS = ("invalid", "conflict", "malformed", "too_large", "unsupported_media_type")
+REJECT_REASONS = (
+    "invalid",
+    "conflict",
+    "malformed",
+    "too_large",
+    "unsupported_media_type",
+    "bad_signature",
+)
 """Every value of ``exporter_events_rejected_total{reason}``."""
 
 
@@ -90,7 +97,8 @@ class Metrics:
         )
         self.events_rejected = Counter(
             "exporter_events_rejected",
-            "Events or request bodies refused and kept as dead letters, by reason.",
+            "Events or request bodies refused, by reason; kept as dead letters, except bodies "
+            "whose signature was not verified.",
             ["reason"],
             registry=registry,
         )

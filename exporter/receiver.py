@@ -2,7 +2,8 @@
 
 Accepts one event object, a JSON array of events or NDJSON, optionally gzip-encoded;
 answers 202 only after the ledger committed the events. Every refusal is answered with
-the same JSON shape, counted by reason and kept as a dead letter with its raw bytes.
+the same JSON shape, counted by reason and kept as a dead letter with its raw bytes;
+when signed deliveries are on (:mod:`exporter.signing`), only once the signature is verified.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from .ledger import (
     Submission,
 )
 from .metrics import Metrics
+from .signing import SIGNATURE_HEADER, SignatureError, SignatureHeader, SignatureVerifier
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,24 @@ def _answer(
     return web.json_response(body, status=status, headers=headers)
 
 
+@dataclass(slots=True)
+class _SignatureCheck:
+    header: SignatureHeader
+    verified: bool = False
+
+
+_SIGNATURE = web.RequestKey("exporter_signature", _SignatureCheck)
+
+
+def _signature_refusal(error: SignatureError) -> _Refused:
+    return _Refused(
+        401,
+        str(error),
+        "bad_signature",
+        headers={"WWW-Authenticate": f'{SIGNATURE_HEADER} realm="facilitator-exporter"'},
+    )
+
+
 def bearer_token_matches(header: str | None, token: str) -> bool:
     """Constant-time check of an ``Authorization: Bearer`` header against ``token``."""
     if header is None:
@@ -133,11 +153,13 @@ class Receiver:
         metrics: Metrics,
         limits: IngestLimits,
         token: str | None,
+        signing: SignatureVerifier | None = None,
     ) -> None:
         self.committer = committer
         self.metrics = metrics
         self.limits = limits
         self.token = token
+        self.signing = signing
 
     async def handle(self, request: web.Request) -> web.Response:
         """``POST /v1/events``."""
@@ -150,16 +172,63 @@ class Receiver:
                 headers={"WWW-Authenticate": 'Bearer realm="facilitator-exporter"'},
             )
         try:
+            self._check_signature_header(request)
             return await self._ingest(request)
         except _Refused as refused:
             if refused.reason is not None:
-                await self._keep_refused_body(refused)
+                if self._signature_verified(request):
+                    await self._keep_refused_body(refused)
+                else:
+                    self._count_unverified(request, refused)
             return _answer(
                 refused.status,
                 rejected=refused.rejected,
                 error=refused.error,
                 headers=refused.headers,
             )
+
+    # --------------------------------------------------------------- signed deliveries
+    # With signing on, nothing a request carries is stored before its signature is verified:
+    # like a wrong bearer token, an unauthenticated body is refused and counted, never kept,
+    # so that a sender without the secret cannot fill the disk with dead letters.
+
+    def _check_signature_header(self, request: web.Request) -> None:
+        """Refuse a missing, malformed or stale header before the body is read."""
+        if self.signing is None:
+            return
+        try:
+            header = self.signing.check_header(request.headers.get(SIGNATURE_HEADER))
+        except SignatureError as error:
+            raise _signature_refusal(error) from None
+        request[_SIGNATURE] = _SignatureCheck(header)
+
+    def _verify_signature(self, request: web.Request, raw: bytes) -> None:
+        """Check the signature over the body as it came on the wire, before gzip decoding."""
+        check = request.get(_SIGNATURE)
+        if self.signing is None or check is None:
+            return
+        try:
+            self.signing.verify(check.header, raw)
+        except SignatureError as error:
+            raise _signature_refusal(error) from None
+        check.verified = True
+
+    def _signature_verified(self, request: web.Request) -> bool:
+        check = request.get(_SIGNATURE)
+        return self.signing is None or (check is not None and check.verified)
+
+    def _count_unverified(self, request: web.Request, refused: _Refused) -> None:
+        assert refused.reason is not None
+        self.metrics.reject(refused.reason)
+        log.warning(
+            "ingest refused before its signature was verified; body not kept",
+            extra={
+                "reason": refused.reason,
+                "status": refused.status,
+                "error": refused.error,
+                "remote": request.remote,
+            },
+        )
 
     async def _keep_refused_body(self, refused: _Refused) -> None:
         assert refused.reason is not None
@@ -276,6 +345,7 @@ class Receiver:
             raw = await request.read()  # within the limit, which is client_max_size too
         else:
             raw = await self._read_chunked(request, limit)
+        self._verify_signature(request, raw)
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding in ("", "identity"):
             return raw

@@ -30,6 +30,8 @@ from typing import Any
 
 import aiohttp
 
+from .signing import SIGNATURE_HEADER, check_secret, signature_header
+
 EventDict = dict[str, object]
 """One event as a JSON-ready dict: ``{"type": ..., "data": {...}}`` (plus ``id`` if enabled)."""
 
@@ -805,6 +807,7 @@ async def run_simulation(
     duration: float | None,
     seed: int = 42,
     token: str | None = None,
+    signing_secret: str | None = None,
     batch_size: int = 1,
     concurrency: int = 8,
     progress: Callable[[SimulationProgress], None] | None = None,
@@ -823,15 +826,21 @@ async def run_simulation(
     one ``application/json`` event per request, more sends ``application/x-ndjson``
     batches (a partial batch waits at most 0.2 s). 503 and 429 are retried honouring
     Retry-After, transport errors with a backoff, up to ``max_retries`` times; a request
-    that still fails is counted, never raised. ``config`` (its seed wins over ``seed``)
-    tunes the traffic; its daily cycle and trend do not apply to live traffic, and an
-    empty ``id_namespace`` is replaced by one derived from the start time so repeated
-    runs against one exporter do not collide.
+    that still fails is counted, never raised. With ``signing_secret`` every attempt carries
+    a fresh ``X-Exporter-Signature`` (see :mod:`exporter.signing`). ``config`` (its seed wins
+    over ``seed``) tunes the traffic; its daily cycle and trend do not apply to live
+    traffic, and an empty ``id_namespace`` is replaced by one derived from the start time so
+    repeated runs against one exporter do not collide.
     """
     if rate <= 0:
         raise ValueError("rate must be > 0")
     if batch_size < 1 or concurrency < 1 or max_retries < 0:
         raise ValueError("batch_size and concurrency must be >= 1, max_retries >= 0")
+    if signing_secret is not None:
+        try:
+            check_secret(signing_secret)
+        except ValueError as error:
+            raise ValueError(f"signing_secret {error}") from None
     cfg = config if config is not None else SimulationConfig(seed=seed)
     start_ms = int(time.time() * 1000)
     if not cfg.id_namespace:
@@ -868,8 +877,11 @@ async def run_simulation(
         for attempt in range(max_retries + 1):
             # once stopping, each request gets one try so that the run ends promptly
             last = attempt == max_retries or (stop is not None and stop.is_set())
+            sent_headers = headers
+            if signing_secret is not None:  # signed per attempt: a retry may come much later
+                sent_headers = {**headers, SIGNATURE_HEADER: signature_header(signing_secret, body)}
             try:
-                async with session.post(endpoint, data=body, headers=headers) as resp:
+                async with session.post(endpoint, data=body, headers=sent_headers) as resp:
                     status = resp.status
                     answer = await resp.read()
                     retry_after = resp.headers.get("Retry-After")
