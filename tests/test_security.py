@@ -1,4 +1,4 @@
-"""Secrets handling: no configured secret ever leaves the process.
+"""Secrets handling: no configured secret (tokens, signing secrets) ever leaves the process.
 
 The exporter runs as a subprocess with every secret set, debug logging, and an InfluxDB
 that refuses its token (so the store's error path logs too). Then the test exercises
@@ -16,9 +16,14 @@ from _exporter_process import clean_env, http_request, run_cli, start_exporter
 from conftest import BASE_MS, received, wait_until
 from influx_fault_server import threaded_fault_server
 
+from exporter.signing import SIGNATURE_HEADER, signature_header
+
 INGEST_TOKEN = "ingest-token-5b1f0c9e"
 INFLUX_TOKEN = "influx-token-92d4a7e3"
 """Not the fault server's token: the store's credentials are refused, and logged as such."""
+SIGNING_SECRET = "signing-secret-3e8c61d0"
+PREVIOUS_SIGNING_SECRET = "signing-secret-old-a47b2f19"
+SECRETS = (INGEST_TOKEN, INFLUX_TOKEN, SIGNING_SECRET, PREVIOUS_SIGNING_SECRET)
 
 
 def _secrets_env(influx_url: str) -> dict[str, str]:
@@ -28,12 +33,14 @@ def _secrets_env(influx_url: str) -> dict[str, str]:
         "EXPORTER_INFLUX_TOKEN": INFLUX_TOKEN,
         "EXPORTER_INFLUX_ORG": "test-org",
         "EXPORTER_INFLUX_TIMEOUT_SECONDS": "2",
+        "EXPORTER_INGEST_SIGNING_SECRET": SIGNING_SECRET,
+        "EXPORTER_INGEST_SIGNING_SECRET_PREVIOUS": PREVIOUS_SIGNING_SECRET,
         "EXPORTER_LOG_LEVEL": "debug",
     }
 
 
 def _assert_no_secret(where: str, text: str) -> None:
-    for secret in (INGEST_TOKEN, INFLUX_TOKEN):
+    for secret in SECRETS:
         assert secret not in text, f"{where} shows a secret"
 
 
@@ -46,6 +53,7 @@ def test_no_secret_reaches_logs_answers_metrics_or_check_config(tmp_path: Path) 
         try:
             body = json.dumps(received("p-1", BASE_MS)).encode()
             json_type = {"Content-Type": "application/json"}
+            bearer = {**json_type, "Authorization": "Bearer " + INGEST_TOKEN}
             answers: dict[str, tuple[int, bytes]] = {
                 "ingest without token": http_request(process.events_url, body, json_type),
                 "ingest with a wrong token": http_request(
@@ -53,16 +61,24 @@ def test_no_secret_reaches_logs_answers_metrics_or_check_config(tmp_path: Path) 
                     body,
                     {**json_type, "Authorization": "Bearer " + INGEST_TOKEN[:-1]},
                 ),
-                "ingest with the token": http_request(
+                "ingest with the token, unsigned": http_request(process.events_url, body, bearer),
+                "ingest signed with a wrong secret": http_request(
                     process.events_url,
                     body,
-                    {**json_type, "Authorization": "Bearer " + INGEST_TOKEN},
+                    {**bearer, SIGNATURE_HEADER: signature_header(SIGNING_SECRET[:-1], body)},
+                ),
+                "ingest with the token, signed": http_request(
+                    process.events_url,
+                    body,
+                    {**bearer, SIGNATURE_HEADER: signature_header(SIGNING_SECRET, body)},
                 ),
                 "analytics without token": http_request(process.url + "/v1/analytics/summary"),
             }
             assert answers["ingest without token"][0] == 401
             assert answers["ingest with a wrong token"][0] == 401
-            assert answers["ingest with the token"][0] == 202
+            assert answers["ingest with the token, unsigned"][0] == 401
+            assert answers["ingest signed with a wrong secret"][0] == 401
+            assert answers["ingest with the token, signed"][0] == 202
             assert answers["analytics without token"][0] in (401, 503)
 
             def store_refused() -> bool:
