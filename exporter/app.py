@@ -61,7 +61,11 @@ def create_app(
     registry = registry if registry is not None else CollectorRegistry()
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        handler_args={"auto_decompress": False},  # the receiver decodes gzip within limits
+        handler_args={
+            "auto_decompress": False,  # the receiver decodes gzip within limits
+            # Starts at connect, so it also closes connections that never send a full head.
+            "keepalive_timeout": settings.idle_timeout_seconds,
+        },
     )
     app[SETTINGS] = settings
     app[REGISTRY] = registry
@@ -102,7 +106,10 @@ async def _ledger_resource(app: web.Application) -> AsyncIterator[None]:
     app[COMMITTER] = committer
     token = settings.ingest_token.get_secret_value() if settings.ingest_token else None
     limits = IngestLimits(
-        settings.max_body_bytes, settings.max_batch_events, settings.max_backlog_events
+        settings.max_body_bytes,
+        settings.max_batch_events,
+        settings.max_backlog_events,
+        settings.body_read_timeout_seconds,
     )
     app[RECEIVER] = Receiver(committer, metrics, limits, token, verifier_from_settings(settings))
     maintenance = asyncio.create_task(_maintain(settings, committer, metrics))

@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -174,6 +175,28 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
     mallopt(_M_ARENA_MAX, arenas)
 
 
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard limit; (old, new) soft limits.
+
+    Each connection holds a descriptor until the idle timeout closes it, and the common
+    soft default of 1024 lets a few hundred idle clients make ``accept`` fail for everyone
+    (and the ledger's own files with it); the hard limit is what the operator granted.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        return soft, soft
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, _OPEN_FILES_UNLIMITED)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):  # e.g. a hard limit above the kernel's nr_open
+        return soft, soft
+    return soft, target
+
+
+_OPEN_FILES_UNLIMITED = 1 << 20
+"""The soft limit taken when the hard one is unlimited (the kernel's default nr_open)."""
+
+
 async def _freeze_startup_objects(app: web.Application) -> None:
     # Everything allocated while starting (modules, models, schemas) lives as long as
     # the process; keeping it out of the collector's generations makes each collection
@@ -189,6 +212,9 @@ def _serve(args: argparse.Namespace) -> int:
         sys.stderr.write("facilitator-exporter: --demo needs a fixed port, not port 0\n")
         return 2
     _limit_malloc_arenas()
+    before, after = raise_open_file_limit()
+    if after != before:
+        log.info("open file limit raised", extra={"soft_before": before, "soft": after})
     extra = [_demo_context(args.demo_rate)] if args.demo else []
     app = create_app(settings, extra_contexts=extra)
     app.on_startup.append(_freeze_startup_objects)

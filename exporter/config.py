@@ -137,6 +137,16 @@ class Settings(BaseSettings):
         description="after this, a payment:failed whose payment:received never came is "
         "counted on its own network (or unknown)",
     )
+    body_read_timeout_seconds: PositiveFloat = Field(
+        30.0,
+        description="an ingest body not fully received this long after its headers is "
+        "answered 408 and kept as a dead letter; the connection is then closed",
+    )
+    idle_timeout_seconds: PositiveFloat = Field(
+        75.0,
+        description="a connection that has not sent a complete request head this long "
+        "after connecting or after its last answer is closed",
+    )
     store: StoreKind = Field(StoreKind.AUTO, description="auto, duckdb or influxdb")
     store_batch_size: PositiveInt = Field(5_000, description="events per store write")
     store_flush_interval_seconds: Annotated[float, Field(ge=0)] = Field(

@@ -8,6 +8,7 @@ when signed deliveries are on (:mod:`exporter.signing`), only once the signature
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -52,6 +53,8 @@ class IngestLimits:
     max_body_bytes: int
     max_batch_events: int
     max_backlog_events: int
+    body_read_timeout_seconds: float = 30.0
+    """How long a body may take to arrive after its headers (slow senders hold a connection)."""
 
 
 @dataclass(slots=True)
@@ -329,7 +332,11 @@ class Receiver:
         return _answer(422, 0, duplicates, rejected, error="no event in the body is valid")
 
     async def _read_head(self, request: web.Request) -> bytes:
-        return await request.content.read(_DEAD_LETTER_HEAD)
+        try:
+            async with asyncio.timeout(self.limits.body_read_timeout_seconds):
+                return await request.content.read(_DEAD_LETTER_HEAD)
+        except TimeoutError:  # nothing arrived: the refusal stands without a body
+            return b""
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.limits.max_body_bytes
@@ -341,10 +348,7 @@ class Receiver:
                 "too_large",
                 raw,
             )
-        if request.content_length is not None:
-            raw = await request.read()  # within the limit, which is client_max_size too
-        else:
-            raw = await self._read_chunked(request, limit)
+        raw = await self._read_within_timeout(request, limit)
         self._verify_signature(request, raw)
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding in ("", "identity"):
@@ -358,40 +362,63 @@ class Receiver:
             )
         return _gunzip(raw, limit)
 
-    async def _read_chunked(self, request: web.Request, limit: int) -> bytes:
+    async def _read_within_timeout(self, request: web.Request, limit: int) -> bytes:
+        # aiohttp has no timeout on a body once the handler runs: a sender that dribbles
+        # (or stops) would hold the connection and its buffers for as long as it likes.
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.content.iter_chunked(256 * 1024):
-            size += len(chunk)
-            chunks.append(chunk)
-            if size > limit:
-                raise _Refused(
-                    413,
-                    f"body is over the limit of {limit} bytes",
-                    "too_large",
-                    b"".join(chunks)[:_DEAD_LETTER_HEAD],
-                )
+        timeout = self.limits.body_read_timeout_seconds
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in request.content.iter_chunked(256 * 1024):
+                    size += len(chunk)
+                    chunks.append(chunk)
+                    if size > limit:
+                        raise _Refused(
+                            413,
+                            f"body is over the limit of {limit} bytes",
+                            "too_large",
+                            b"".join(chunks)[:_DEAD_LETTER_HEAD],
+                        )
+        except TimeoutError:
+            raise _Refused(
+                408,
+                f"the body did not arrive within {timeout:g} s ({size} bytes received)",
+                "malformed",
+                b"".join(chunks)[:_DEAD_LETTER_HEAD],
+                headers={"Connection": "close"},
+            ) from None
         return b"".join(chunks)
 
 
 def _gunzip(raw: bytes, limit: int) -> bytes:
-    decoder = zlib.decompressobj(wbits=31)
+    # A gzip body may hold several members (concatenated .gz files are valid gzip): each
+    # is decoded in turn, never past the limit in total, so a bomb costs at most the limit.
+    parts: list[bytes] = []
+    size = 0
+    rest = raw
     try:
-        decoded = decoder.decompress(raw, limit + 1)
-        if len(decoded) > limit or decoder.unconsumed_tail:
-            raise _Refused(
-                413,
-                f"gzip body decodes to more than the limit of {limit} bytes",
-                "too_large",
-                raw[:_DEAD_LETTER_HEAD],
-            )
-        if not decoder.eof:
-            raise zlib.error("truncated gzip stream")
+        while True:
+            decoder = zlib.decompressobj(wbits=31)
+            part = decoder.decompress(rest, limit + 1 - size)
+            size += len(part)
+            parts.append(part)
+            if size > limit or decoder.unconsumed_tail:
+                raise _Refused(
+                    413,
+                    f"gzip body decodes to more than the limit of {limit} bytes",
+                    "too_large",
+                    raw[:_DEAD_LETTER_HEAD],
+                )
+            if not decoder.eof:
+                raise zlib.error("truncated gzip stream")
+            rest = decoder.unused_data
+            if not rest:
+                return b"".join(parts)
     except zlib.error as error:
         raise _Refused(
             400, f"body is not valid gzip: {error}", "malformed", raw[:_DEAD_LETTER_HEAD]
         ) from None
-    return decoded
 
 
 def _parse_json(body: bytes) -> _Parsed:
