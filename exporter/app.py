@@ -11,7 +11,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -23,6 +23,7 @@ from .analytics_service import AnalyticsAPI, AnalyticsService, AnalyticsSink
 from .config import Settings
 from .ledger import DataDirLock, GroupCommitter, Ledger, LedgerUnavailableError
 from .metrics import Metrics
+from .openapi import OPENAPI_PATH, openapi_json
 from .proxy import PROXY, FacilitatorProxy
 from .receiver import IngestLimits, Receiver
 from .records import Store
@@ -81,6 +82,7 @@ def create_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/v1/analytics/{name:.+}", _analytics)
+    app.router.add_get(OPENAPI_PATH, _openapi_handler(settings))
     if settings.upstream_facilitator is not None:
         app.router.add_post("/verify", _proxy)
         app.router.add_post("/settle", _proxy)
@@ -285,6 +287,19 @@ async def _maintain(settings: Settings, committer: GroupCommitter, metrics: Metr
 
 async def _ingest(request: web.Request) -> web.Response:
     return await request.app[RECEIVER].handle(request)
+
+
+def _openapi_handler(settings: Settings) -> Callable[[web.Request], Awaitable[web.Response]]:
+    body = openapi_json(
+        auth=settings.ingest_token is not None,
+        proxy=settings.upstream_facilitator is not None,
+        signed=settings.ingest_signing_secret is not None,
+    )
+
+    async def openapi(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type="application/json")
+
+    return openapi
 
 
 async def _healthz(request: web.Request) -> web.Response:
