@@ -251,18 +251,29 @@ class AnalyticsCollector(Collector):
             yield status
 
 
+_MAX_AT_MS = 253_402_300_799_999
+"""9999-12-31T23:59:59.999Z: the last instant whose UTC date Python can name."""
+
+
 def _parse_at(text: str) -> int:
     if text.lstrip("-").isdigit():
-        return int(text)
-    try:
-        moment = datetime.datetime.fromisoformat(text)
-    except ValueError:
+        at_ms = int(text) if len(text) <= 20 else -1
+    else:
+        try:
+            moment = datetime.datetime.fromisoformat(text)
+        except ValueError:
+            raise AnalyticsRequestError(
+                f"at: expected epoch milliseconds or an RFC 3339 time, got {text!r}"
+            ) from None
+        if moment.tzinfo is None:
+            raise AnalyticsRequestError(f"at: {text!r} needs a UTC offset (e.g. Z)")
+        at_ms = int(moment.timestamp() * 1000)
+    if not 0 <= at_ms <= _MAX_AT_MS:
         raise AnalyticsRequestError(
-            f"at: expected epoch milliseconds or an RFC 3339 time, got {text!r}"
-        ) from None
-    if moment.tzinfo is None:
-        raise AnalyticsRequestError(f"at: {text!r} needs a UTC offset (e.g. Z)")
-    return int(moment.timestamp() * 1000)
+            f"at: must be from 1970-01-01 to 9999-12-31 (epoch ms 0 to {_MAX_AT_MS}), "
+            f"got {text[:40]!r}"
+        )
+    return at_ms
 
 
 def _parse_limit(text: str | None) -> int:
