@@ -6,9 +6,9 @@ written in as patterns) and analytics answers from the result models of
 :mod:`exporter.analytics`, so a field added there appears here without a second list.
 It describes one running instance: the bearer scheme is required only when a token is
 configured, the signature header only when signed deliveries are, and the proxy routes
-appear only in proxy mode. The proxy's pass-through of
-every other path cannot be a path item (OpenAPI has no catch-all path); it is named by
-the top-level ``x-proxy-pass-through`` extension instead.
+appear only in proxy mode. The proxy's pass-through of every other path cannot be a path
+item (OpenAPI has no catch-all path); the top-level ``x-proxy-pass-through`` extension
+names it instead.
 """
 
 from __future__ import annotations
@@ -170,8 +170,8 @@ def _event_schemas() -> dict[str, Any]:
                 _refine(properties[name], keywords)
         defs[cls.__name__].pop("title", None)
     schema["description"] = (
-        "One event: {type, data, id?}, discriminated on type (DESIGN section 2). Unknown "
-        "extra fields are accepted and dropped."
+        "One event: {type, data, id?}, discriminated on type. Unknown extra fields are "
+        "accepted and dropped."
     )
     defs["Event"] = schema
     return defs
