@@ -137,6 +137,78 @@ class LedgerCorruptError(LedgerError):
     """The ledger file is damaged; the message names the file and what to do."""
 
 
+def recovery_command(data_dir: Path) -> str:
+    """The command that moves a damaged ledger or store aside and rebuilds it."""
+    return f"facilitator-exporter recover --data-dir {data_dir}"
+
+
+def damaged_ledger_message(path: Path, problem: str) -> str:
+    """One paragraph for the operator: which file, what is wrong, what to run."""
+    return (
+        f"ledger file {path} is damaged: {problem}. The exporter does not start on a "
+        "damaged ledger (it would lose acknowledged events). Stop every process using "
+        f"{path.parent}, then run `{recovery_command(path.parent)}` to move it aside (it "
+        f"is kept as {path.name}.damaged-<UTC time>) and commit every event that can "
+        "still be read from it to a new ledger"
+    )
+
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_SQLITE_HEADER_BYTES = 100
+_WAL_HEADER_BYTES = 32
+
+
+def _ledger_file_problem(path: Path) -> str | None:
+    """What is wrong with the ledger file's size and header, or None when it looks whole.
+
+    SQLite trusts the page count in the header (offset 28) and never reads the bytes
+    after it, nor notices that pages before it are missing until a query reaches them,
+    so truncation and appended bytes are only visible by comparing that count with the
+    file's size. A checkpoint cut short by a crash may leave the file shorter than the
+    header says while the WAL still holds the missing pages: that is normal, and SQLite
+    completes it from the WAL. It never leaves the file longer, nor a partial page.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    with open(path, "rb") as handle:
+        header = handle.read(_SQLITE_HEADER_BYTES)
+    if len(header) < _SQLITE_HEADER_BYTES or not header.startswith(_SQLITE_MAGIC):
+        return f"the file ({size} bytes) does not start with an SQLite header"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or page_size & (page_size - 1):
+        return f"the header names an invalid page size ({page_size})"
+    if size % page_size:
+        return f"its size ({size} bytes) is not a whole number of {page_size}-byte pages"
+    # The page count is valid only when "version-valid-for" equals the change counter.
+    if header[92:96] != header[24:28]:
+        return None
+    expected = int.from_bytes(header[28:32], "big") * page_size
+    if size > expected:
+        return (
+            f"it is {size - expected} bytes longer than the {expected} bytes its header "
+            "describes (bytes were appended)"
+        )
+    wal = path.with_name(path.name + "-wal")
+    hot_wal = wal.exists() and wal.stat().st_size > _WAL_HEADER_BYTES
+    if size < expected and not hot_wal:
+        return (
+            f"it is {size} bytes long but its header describes {expected} bytes "
+            "(the file was truncated)"
+        )
+    return None
+
+
+def check_ledger_file(path: Path) -> None:
+    """Raise :class:`LedgerCorruptError` when an existing ledger file is cut or extended."""
+    if not path.exists():
+        return
+    problem = _ledger_file_problem(path)
+    if problem is not None:
+        raise LedgerCorruptError(damaged_ledger_message(path, problem))
+
+
 class LedgerUnavailableError(LedgerError):
     """A commit failed (disk full, I/O error): nothing of the submission was stored."""
 
@@ -361,12 +433,14 @@ class Ledger:
     def __init__(self, path: Path, durability: Durability = Durability.PROCESS) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        check_ledger_file(path)
         self._write = self._connect(durability)
         self._read = self._connect(durability)
         self._read_lock = threading.Lock()
         # Held for every write transaction, so that a checkpoint can find no write
         # in progress (see _Checkpointer).
         self._write_lock = threading.Lock()
+        self._quick_check()
         self._init_schema()
         self._backlog = self._scalar("SELECT count(*) FROM outbox")
         # The records of the outbox, kept in memory too while they are few, so that the
@@ -402,21 +476,30 @@ class Ledger:
             conn.execute("PRAGMA foreign_keys=OFF")
             conn.execute("PRAGMA schema_version").fetchone()
         except sqlite3.DatabaseError as error:
-            raise LedgerCorruptError(
-                f"ledger file {self.path} cannot be opened ({error}); it may be damaged. "
-                f"Stop the exporter, move {self.path} (and its -wal/-shm files) aside, and "
-                "restart; the store keeps what was already delivered"
-            ) from error
+            raise LedgerCorruptError(damaged_ledger_message(self.path, str(error))) from error
         return conn
+
+    def _quick_check(self) -> None:
+        # SQLite reads a damaged page only when a query reaches it, which may be long
+        # after startup; quick_check reads every page once (about 0.5 s per million
+        # events from the page cache, 3.4 s from a cold disk).
+        try:
+            rows = self._write.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.DatabaseError as error:
+            raise LedgerCorruptError(damaged_ledger_message(self.path, str(error))) from error
+        if rows != [("ok",)]:
+            found = " ".join("; ".join(str(row[0]) for row in rows).split())
+            found = found if len(found) <= 200 else found[:197] + "..."
+            raise LedgerCorruptError(
+                damaged_ledger_message(self.path, f"integrity check failed: {found}")
+            )
 
     def _init_schema(self) -> None:
         try:
             self._write.executescript(_SCHEMA)
             row = self._write.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         except sqlite3.DatabaseError as error:
-            raise LedgerCorruptError(
-                f"ledger file {self.path} is damaged ({error}): move it aside and restart"
-            ) from error
+            raise LedgerCorruptError(damaged_ledger_message(self.path, str(error))) from error
         if row is None:
             self._write.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(_SCHEMA_VERSION),)
@@ -568,24 +651,34 @@ class Ledger:
         Events still waiting for a join or with undelivered outbox rows are kept.
         """
         cutoff_seq = self._first_seq_received_at_or_after(older_than_ms)
-        cur = self._write.execute(
-            "DELETE FROM events WHERE seq IN ("
-            " SELECT seq FROM events WHERE seq < ? AND state = 1"
-            " AND seq < (SELECT coalesce(min(event_seq), 9223372036854775807) FROM outbox)"
-            " LIMIT ?)",
-            (cutoff_seq, limit),
-        )
-        deleted = cur.rowcount
-        self._write.execute(
-            "DELETE FROM payments WHERE terminal = 1 AND updated_at < ?", (older_than_ms,)
-        )
-        self._write.execute("DELETE FROM batches WHERE updated_at < ?", (older_than_ms,))
+        # One transaction, so that a full disk fails it as a whole (LedgerUnavailableError).
+        with self._transaction() as cur:
+            deleted = cur.execute(
+                "DELETE FROM events WHERE seq IN ("
+                " SELECT seq FROM events WHERE seq < ? AND state = 1"
+                " AND seq < (SELECT coalesce(min(event_seq), 9223372036854775807) FROM outbox)"
+                " LIMIT ?)",
+                (cutoff_seq, limit),
+            ).rowcount
+            cur.execute(
+                "DELETE FROM payments WHERE terminal = 1 AND updated_at < ?", (older_than_ms,)
+            )
+            cur.execute("DELETE FROM batches WHERE updated_at < ?", (older_than_ms,))
         return deleted
 
     def check_writable(self) -> None:
-        """Take and release the write lock; raises when the file cannot be written."""
-        self._write.execute("BEGIN IMMEDIATE")
-        self._write.execute("ROLLBACK")
+        """Commit a one-row write; raises :class:`LedgerUnavailableError` when it fails.
+
+        Taking the write lock alone succeeds on a full disk: only writing a page to the
+        WAL finds out, as the next commit would (a WAL being rewound from its start
+        reuses its own space, so then the ledger is indeed still writable).
+        """
+        with self._transaction() as cur:
+            cur.execute(
+                "INSERT INTO meta (key, value) VALUES ('write_probe', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (str(_now_ms()),),
+            )
 
     # ---------------------------------------------------------------- reads
 
