@@ -10,7 +10,16 @@ extra index: DuckDB keeps min/max zone maps per row group, and rows arrive rough
 
 DuckDB lets a single process hold a database file for writing, so opening a file that
 another exporter holds fails with :class:`StoreLockedError`; a file that is not a
-DuckDB database fails with :class:`StoreCorruptError` and is never recreated.
+DuckDB database, or is damaged, fails with :class:`StoreCorruptError` and is never
+recreated. DuckDB checksums every block but reads (and checks) a block only when a query
+needs it, and never looks past the block count of its header, so :meth:`DuckDBStore.open`
+compares that count with the file's size and reads every table once (0.05 s per million
+records).
+
+A checkpoint that fails (the disk is full) makes DuckDB invalidate the database for the
+rest of the process; the store then reopens the file on its next use, which replays the
+file's WAL. Nothing is lost meanwhile: the ledger's outbox keeps every record until a
+write succeeds.
 
 Writes pass each table's rows to DuckDB as one columnar JSON document that the engine
 unpacks with ``from_json_strict`` + ``UNNEST`` (strict: a value that does not fit its column
@@ -29,14 +38,16 @@ rows of the batch's own time span (see :meth:`_Table.insert_sql`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import pathlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import duckdb
 
@@ -44,6 +55,7 @@ from .records import (
     BatchRecord,
     PaymentRecord,
     RevenueRecord,
+    StoreError,
     StoreRecord,
     StoreRejection,
     WebsocketRecord,
@@ -58,6 +70,10 @@ class StoreLockedError(RuntimeError):
 
 class StoreCorruptError(RuntimeError):
     """The store file exists but is not a readable DuckDB database."""
+
+
+class StoreInvalidatedError(StoreError):
+    """DuckDB invalidated the database after a fatal error; retried by reopening the file."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +113,7 @@ class _Table:
         reads only the row groups whose zone maps overlap that span.
         """
         cols = self.all_columns()
-        shape = ", ".join(
-            f'"{c.name}": ["{"VARCHAR" if c.as_text else c.sql_type}"]' for c in cols
-        )
+        shape = ", ".join(f'"{c.name}": ["{"VARCHAR" if c.as_text else c.sql_type}"]' for c in cols)
         unnest = ", ".join(
             f'CAST(UNNEST(j.s."{c.name}") AS {c.sql_type}) AS "{c.name}"'
             if c.as_text
@@ -162,9 +176,9 @@ _TABLES: dict[type[StoreRecord], _Table] = {
 }
 
 _ANALYTICS_DDL = (
-    "CREATE TABLE IF NOT EXISTS analytics (name VARCHAR NOT NULL, \"window\" VARCHAR NOT NULL, "
+    'CREATE TABLE IF NOT EXISTS analytics (name VARCHAR NOT NULL, "window" VARCHAR NOT NULL, '
     "time_ms BIGINT NOT NULL, field VARCHAR NOT NULL, value DOUBLE, "
-    "PRIMARY KEY (name, \"window\", time_ms, field))"
+    'PRIMARY KEY (name, "window", time_ms, field))'
 )
 _ANALYTICS_UPSERT = (
     'INSERT INTO analytics (name, "window", time_ms, field, value) '
@@ -186,6 +200,9 @@ _GETTERS: dict[type[StoreRecord], tuple[tuple[str, attrgetter[Any], bool], ...]]
     cls: tuple((c.name, attrgetter(c.name), c.as_text) for c in t.all_columns())
     for cls, t in _TABLES.items()
 }
+
+_Config = dict[str, str | bool | int | float | list[str]]
+_A = TypeVar("_A")
 
 # Substrings of DuckDB errors that mean another process holds the file's lock.
 _LOCK_MARKERS = ("could not set lock", "conflicting lock")
@@ -242,12 +259,93 @@ def _drop_primary_keys(conn: duckdb.DuckDBPyConnection) -> None:
         conn.execute(f'ALTER TABLE "{table.name}__rebuild" RENAME TO "{table.name}"')
 
 
+def _connect(path: pathlib.Path, existed: bool, config: _Config) -> duckdb.DuckDBPyConnection:
+    """Connect, create the schema, and read every block of an existing file."""
+    conn: duckdb.DuckDBPyConnection | None = None
+    try:
+        conn = duckdb.connect(str(path), config=config)
+        conn.execute("BEGIN")
+        for table in _TABLES.values():
+            conn.execute(table.ddl())
+        conn.execute(_ANALYTICS_DDL)
+        _drop_primary_keys(conn)
+        conn.execute("COMMIT")
+        if existed:
+            _read_every_block(conn)
+    except duckdb.Error as error:
+        if conn is not None:
+            conn.close()
+        raise _classify_open_error(path, existed, error) from error
+    return conn
+
+
 def _rollback(cur: duckdb.DuckDBPyConnection) -> None:
     # A failed rollback must not mask the error that caused it.
     try:
         cur.execute("ROLLBACK")
     except duckdb.Error as error:
         log.warning("duckdb rollback failed", extra={"error": str(error)})
+
+
+def damaged_store_message(path: pathlib.Path, problem: str) -> str:
+    """One paragraph for the operator: which file, what is wrong, what to run."""
+    return (
+        f"DuckDB store {path} is damaged: {problem}. The exporter does not start on a "
+        f"damaged store. Stop every process using {path.parent}, then run "
+        f"`facilitator-exporter recover --data-dir {path.parent}` to move it aside (it is "
+        f"kept as {path.name}.damaged-<UTC time>) and rebuild the store from the events "
+        "the ledger holds"
+    )
+
+
+_MAIN_HEADER_BYTES = 4096
+_HEADERS_BYTES = 3 * _MAIN_HEADER_BYTES  # the main header, then two database headers
+
+
+def _store_file_problem(path: pathlib.Path) -> str | None:
+    """What is wrong with the store file's size, or None when it matches its header.
+
+    The file is three 4 KiB headers and then ``block_count`` blocks of
+    ``block_alloc_size`` bytes, as recorded in the newer (higher ``iteration``) of the
+    two database headers. A checkpoint writes its blocks before the header that counts
+    them, so a crash may leave the file longer than its header says, but only while the
+    WAL still holds what the checkpoint was writing; it never leaves it shorter.
+    Header layouts this check does not recognise are left to DuckDB.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(_HEADERS_BYTES)
+    if len(head) < _HEADERS_BYTES or head[8:12] != b"DUCK":
+        return None  # DuckDB itself says this is not a database
+    headers = []
+    for offset in (_MAIN_HEADER_BYTES, 2 * _MAIN_HEADER_BYTES):
+        # checksum, iteration, meta_block, free_list, block_count, block_alloc_size
+        fields = [
+            int.from_bytes(head[offset + i : offset + i + 8], "little") for i in range(0, 48, 8)
+        ]
+        headers.append(fields)
+    _, _, _, _, block_count, block_size = max(headers, key=lambda fields: fields[1])
+    if block_size < 4096 or block_size & (block_size - 1) or block_count > size:
+        return None
+    expected = _HEADERS_BYTES + block_count * block_size
+    if size < expected:
+        return (
+            f"it is {size} bytes long but its header counts {block_count} blocks "
+            f"({expected} bytes): the file was truncated"
+        )
+    wal = path.with_name(path.name + ".wal")
+    if size > expected and not (wal.exists() and wal.stat().st_size > 0):
+        return (
+            f"it is {size - expected} bytes longer than the {block_count} blocks its "
+            f"header counts ({expected} bytes): bytes were appended"
+        )
+    return None
+
+
+def _read_every_block(conn: duckdb.DuckDBPyConnection) -> None:
+    """Read every row of every table, so that DuckDB verifies each block's checksum."""
+    for name in TABLES:
+        conn.execute(f'SELECT bit_xor(hash(t)) FROM "{name}" AS t').fetchall()
 
 
 def _classify_open_error(path: pathlib.Path, existed: bool, error: duckdb.Error) -> Exception:
@@ -263,11 +361,7 @@ def _classify_open_error(path: pathlib.Path, existed: bool, error: duckdb.Error)
         isinstance(error, duckdb.SerializationException)
         or any(marker in lowered for marker in _CORRUPT_MARKERS)
     ):
-        return StoreCorruptError(
-            f"DuckDB store {path} exists but is not a valid DuckDB database "
-            f"(corrupt or truncated); move it aside (and any {path.name}.wal) and restart "
-            f"to start a new store. DuckDB said: {text}"
-        )
+        return StoreCorruptError(damaged_store_message(path, f"DuckDB said: {text}"))
     return error
 
 
@@ -279,8 +373,11 @@ class DuckDBStore:
     def __init__(self, path: pathlib.Path, conn: duckdb.DuckDBPyConnection) -> None:
         """Wrap an open connection whose schema exists; use :meth:`open` instead."""
         self.path = path
+        self._config: _Config = {}
         self._conn = conn
         self._writer = conn.cursor()
+        # Why DuckDB invalidated the open connection, until the file is reopened.
+        self._invalidated: str | None = None
         self._write_lock = threading.Lock()  # serialises every use of ``_writer``
         self._conn_lock = threading.Lock()  # guards cursor creation against close
         self._readers: set[duckdb.DuckDBPyConnection] = set()
@@ -288,9 +385,7 @@ class DuckDBStore:
         self._closed = False
 
     @classmethod
-    def open(
-        cls, path: pathlib.Path, memory_limit: str = "64MB", threads: int = 2
-    ) -> DuckDBStore:
+    def open(cls, path: pathlib.Path, memory_limit: str = "64MB", threads: int = 2) -> DuckDBStore:
         """Open (or create) the store file and its schema; blocking, call before serving.
 
         ``memory_limit`` and ``threads`` bound DuckDB's buffer pool and worker threads,
@@ -299,23 +394,16 @@ class DuckDBStore:
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         existed = path.exists()
-        conn: duckdb.DuckDBPyConnection | None = None
-        try:
-            conn = duckdb.connect(
-                str(path), config={"memory_limit": memory_limit, "threads": threads}
-            )
-            conn.execute("BEGIN")
-            for table in _TABLES.values():
-                conn.execute(table.ddl())
-            conn.execute(_ANALYTICS_DDL)
-            _drop_primary_keys(conn)
-            conn.execute("COMMIT")
-        except duckdb.Error as error:
-            if conn is not None:
-                conn.close()
-            raise _classify_open_error(path, existed, error) from error
+        if existed:
+            problem = _store_file_problem(path)
+            if problem is not None:
+                raise StoreCorruptError(damaged_store_message(path, problem))
+        config: _Config = {"memory_limit": memory_limit, "threads": threads}
+        conn = _connect(path, existed, config)
         log.info("duckdb store opened", extra={"path": str(path), "new_file": not existed})
-        return cls(path, conn)
+        store = cls(path, conn)
+        store._config = config
+        return store
 
     async def write(self, records: list[StoreRecord]) -> list[StoreRejection]:
         """Insert ``records`` in one transaction, skipping keys already stored (idempotent).
@@ -337,7 +425,8 @@ class DuckDBStore:
                 statements.append((_INSERT_SQL[cls], [payload, run[0].time_ms, run[-1].time_ms]))
         with self._write_lock:
             self._check_open()
-            self._insert(statements)
+            self._reopen_if_invalidated()
+            self._guarded(self._insert, statements)
 
     def _insert(self, statements: list[tuple[str, list[object]]]) -> None:
         cur = self._writer
@@ -364,17 +453,68 @@ class DuckDBStore:
                 column.append(value)
         with self._write_lock:
             self._check_open()
-            cur = self._writer
-            cur.execute("BEGIN")
+            self._reopen_if_invalidated()
+            self._guarded(self._upsert_analytics, columns)
+
+    def _upsert_analytics(self, columns: list[list[Any]]) -> None:
+        cur = self._writer
+        cur.execute("BEGIN")
+        try:
+            cur.execute(_ANALYTICS_UPSERT, columns)
+            cur.execute("COMMIT")
+        except BaseException:
+            _rollback(cur)
+            raise
+
+    def _guarded(self, write: Callable[[_A], None], argument: _A) -> None:
+        """Run ``write(argument)``; a fatal DuckDB error marks the connection for reopening."""
+        try:
+            write(argument)
+        except duckdb.FatalException as error:
+            # e.g. a checkpoint that found the disk full: every later statement on this
+            # database fails until it is opened again.
+            self._invalidated = str(error)
+            log.error(
+                "duckdb invalidated the store; it is reopened on the next write",
+                extra={"path": str(self.path), "error": str(error)},
+            )
+            raise StoreInvalidatedError(
+                f"DuckDB store {self.path} was invalidated by a fatal error and will be "
+                f"reopened: {error}"
+            ) from error
+
+    def _reopen_if_invalidated(self) -> None:
+        """Open the file again after DuckDB invalidated it; the caller holds the write lock."""
+        if self._invalidated is None:
+            return
+        with self._conn_lock:
+            for reader in list(self._readers):
+                reader.interrupt()
+            self._readers_done.wait_for(lambda: not self._readers, timeout=30)
+            with contextlib.suppress(duckdb.Error):
+                self._writer.close()
+            with contextlib.suppress(duckdb.Error):
+                self._conn.close()
             try:
-                cur.execute(_ANALYTICS_UPSERT, columns)
-                cur.execute("COMMIT")
-            except BaseException:
-                _rollback(cur)
-                raise
+                conn = _connect(self.path, True, self._config)
+            except duckdb.Error as error:
+                raise StoreInvalidatedError(
+                    f"DuckDB store {self.path} cannot be reopened yet: {error}"
+                ) from error
+            self._conn = conn
+            self._writer = conn.cursor()
+            log.warning(
+                "duckdb store reopened",
+                extra={"path": str(self.path), "after": self._invalidated},
+            )
+            self._invalidated = None
 
     def query(self, sql: str, params: list[object] | None = None) -> list[tuple[object, ...]]:
         """Run read-only SQL on a private cursor (thread-safe) and return all rows."""
+        if self._invalidated is not None:
+            with self._write_lock:
+                self._check_open()
+                self._reopen_if_invalidated()
         with self._conn_lock:
             self._check_open()
             cur = self._conn.cursor()
