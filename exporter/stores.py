@@ -18,6 +18,7 @@ import asyncio
 import functools
 import logging
 import random
+import sqlite3
 import time
 import weakref
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .analytics import AnalyticsSource
 from .config import Settings, StoreKind
-from .ledger import GroupCommitter
+from .ledger import GroupCommitter, LedgerError
 from .metrics import Metrics
 from .records import Store, StoreAuthError, StoreError, StoreRetryAfterError
 
@@ -215,6 +216,7 @@ class Forwarder:
         self.last_error: str | None = None
         self.last_error_class: str | None = None
         self.consecutive_failures = 0
+        self._ledger_failures = 0
         self.attempted = False
         self.auth_failed = False
         self._oldest_pending_ms: int | None = None
@@ -290,7 +292,13 @@ class Forwarder:
         ledger = self.committer.ledger
         while True:
             self._wake.clear()
-            rows = await asyncio.to_thread(ledger.read_outbox, self.batch_size)
+            try:
+                rows = await asyncio.to_thread(ledger.read_outbox, self.batch_size)
+            except sqlite3.Error as error:
+                await self._ledger_back_off("read the outbox", error)
+                if self._stop_when_idle:
+                    return
+                continue
             if not rows:
                 self._oldest_pending_ms = None
                 if self._stop_when_idle:
@@ -315,7 +323,18 @@ class Forwarder:
             self.metrics.store_write_duration.observe(time.perf_counter() - started)
             last_seq, delivered = rows[-1].seq, len(rows)
             del rows, records  # one batch in memory at a time
-            await self.committer.call(functools.partial(ledger.mark_delivered, last_seq, refused))
+            try:
+                await self.committer.call(
+                    functools.partial(ledger.mark_delivered, last_seq, refused)
+                )
+            except (LedgerError, sqlite3.Error) as error:
+                # The store has the records; the next attempt writes them again, which
+                # the store skips, and marks them then.
+                await self._ledger_back_off("mark records delivered", error)
+                if self._stop_when_idle:
+                    return
+                continue
+            self._ledger_failures = 0
             if refused:
                 self.store_metrics.rejected.inc(len(refused))
                 log.warning(
@@ -402,6 +421,22 @@ class Forwarder:
                 log.debug("store still refuses the credentials", extra=fields)
         else:
             log.warning("store write failed; retrying", extra=fields)
+        if self._stop_when_idle:
+            return
+        try:
+            await asyncio.wait_for(self._wait_for_stop(), delay)
+        except TimeoutError:
+            pass
+
+    async def _ledger_back_off(self, action: str, error: Exception) -> None:
+        """Wait before retrying after the ledger failed (a full disk, an I/O error)."""
+        self._ledger_failures += 1
+        delay = min(self.max_backoff, 0.5 * 2 ** min(self._ledger_failures - 1, 10))
+        delay *= random.uniform(0.5, 1.0)
+        log.warning(
+            f"ledger cannot {action}; retrying",
+            extra={"error": f"{type(error).__name__}: {error}", "retry_in_s": round(delay, 2)},
+        )
         if self._stop_when_idle:
             return
         try:
