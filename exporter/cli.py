@@ -1,5 +1,6 @@
 """The ``facilitator-exporter`` command: serve, check-config, simulate, and the operator
-commands (replay, export, dead-letters, query, flux, backfill) of :mod:`exporter.operator`."""
+commands (replay, export, dead-letters, query, flux, backfill, recover) of
+:mod:`exporter.operator`."""
 
 from __future__ import annotations
 
@@ -443,6 +444,38 @@ def _backfill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recover(args: argparse.Namespace) -> int:
+    from .operator import recover
+
+    logging.basicConfig(level=logging.WARNING)
+    settings = _settings(args)
+    summary = asyncio.run(recover(settings, err=sys.stderr, drain_seconds=args.drain_timeout))
+    sys.stdout.write(json.dumps(summary.as_dict(), indent=2) + "\n")
+    if summary.ledger_problem is None and summary.store_problem is None:
+        sys.stderr.write("recover: the ledger and the store are intact; nothing to do\n")
+        return 0
+    if not summary.store_complete and settings.ledger_path.exists():
+        sys.stderr.write(
+            "recover: the store is not fully rebuilt; run `facilitator-exporter backfill "
+            f"--to duckdb --data-dir {settings.data_dir}` to finish\n"
+        )
+    elif not summary.store_complete:
+        sys.stderr.write("recover: there is no ledger to rebuild the store from\n")
+    if summary.unreadable_ranges or summary.unreadable_events:
+        sys.stderr.write(
+            f"recover: {summary.salvaged_events} events salvaged, but the damaged ledger "
+            "could not be read in full (see unreadableSeqRanges), so some may be lost; "
+            f"the damaged file is kept as {summary.moved_aside[0]}\n"
+        )
+    if summary.retention_removed_before_seq is not None:
+        sys.stderr.write(
+            "recover: retention had deleted the ledger's events before "
+            f"{summary.retention_removed_before_seq}; their records are not in the "
+            "rebuilt store\n"
+        )
+    return 0 if summary.lossless else 1
+
+
 def _add_operator_commands(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> None:
@@ -617,6 +650,26 @@ def _add_operator_commands(
     )
     backfill.add_argument("--data-dir", help=data_dir_help)
     backfill.set_defaults(run=_backfill)
+
+    recover = commands.add_parser(
+        "recover",
+        help="move a damaged ledger or store aside and rebuild it",
+        description="Check the ledger (its size against its header, then SQLite's "
+        "quick_check) and the embedded DuckDB store (size against header, every block's "
+        "checksum). A damaged file is renamed NAME.damaged-<UTC time> (never deleted): "
+        "every readable event of a damaged ledger is committed to a new ledger, and a "
+        "damaged store is rebuilt from the ledger's events. Intact files are left alone. "
+        "Needs the data directory to itself. The summary goes to stdout as JSON; exit 1 "
+        "when something could not be salvaged or rebuilt.",
+    )
+    recover.add_argument("--data-dir", help=data_dir_help)
+    recover.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to keep writing the rebuilt store after the last event (default 60)",
+    )
+    recover.set_defaults(run=_recover)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
 """Operator commands behind the command line: replay, export, dead-letters, query, flux,
-backfill (issue 7).
+backfill, recover.
 
 Commands that open the ledger (replay, export, backfill) take the data directory's lock
 first, so they refuse to run beside an exporter on the same data directory. Replay
@@ -20,6 +20,7 @@ import datetime
 import functools
 import gzip
 import io
+import itertools
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from .ledger import (
     DataDirLockedError,
     GroupCommitter,
     Ledger,
+    LedgerCorruptError,
     Outcome,
     PreparedEvent,
     Submission,
@@ -188,9 +190,7 @@ async def delivering(
         store = await asyncio.to_thread(open_store, settings)
     except RuntimeError as error:
         raise OperatorError(f"cannot open the store: {error}") from None
-    forwarder = Forwarder(
-        committer, store, Metrics(CollectorRegistry()), settings.store_batch_size
-    )
+    forwarder = Forwarder(committer, store, Metrics(CollectorRegistry()), settings.store_batch_size)
     committer.on_commit_hooks.append(forwarder.wake)
     forwarder.start()
     try:
@@ -455,9 +455,7 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     ]
 
     def line(values: Sequence[str]) -> str:
-        out = [
-            v.rjust(widths[i]) if right[i] else v.ljust(widths[i]) for i, v in enumerate(values)
-        ]
+        out = [v.rjust(widths[i]) if right[i] else v.ljust(widths[i]) for i, v in enumerate(values)]
         return "  ".join(out).rstrip()
 
     lines = [line(headers), line(["-" * w for w in widths])]
@@ -750,7 +748,6 @@ async def backfill(
     anything written twice is held once). Both files are removed when the run completes.
     """
     _existing_ledger(settings, "backfill")
-    target_settings = _target_settings(settings, target)
     if target is StoreKind.INFLUXDB and not (
         settings.influx_url and settings.influx_token and settings.influx_org
     ):
@@ -759,79 +756,460 @@ async def backfill(
             "EXPORTER_INFLUX_ORG",
             2,
         )
+    with locked_data_dir(settings, "backfill"):
+        return await _backfill_locked(
+            settings, target, err, restart, drain_seconds, batch_events, store_factory
+        )
+
+
+async def _backfill_locked(
+    settings: Settings,
+    target: StoreKind,
+    err: IO[str],
+    restart: bool,
+    drain_seconds: float,
+    batch_events: int,
+    store_factory: Callable[[Settings], Store],
+) -> BackfillSummary:
+    """:func:`backfill` once the caller holds the data directory's lock."""
+    target_settings = _target_settings(settings, target)
     summary = BackfillSummary(target.value)
     progress_path = _progress_file(settings, target)
     scratch_path = _scratch_path(settings, target)
-    with locked_data_dir(settings, "backfill"):
-        if restart:
-            for stale in (progress_path, *_sqlite_files(scratch_path)):
-                stale.unlink(missing_ok=True)
-        after = 0
-        if progress_path.exists():
-            after = int(json.loads(progress_path.read_text())["lastSourceSeq"])
-            err.write(f"backfill: resuming after ledger event {after}\n")
-        summary.resumed_from_seq = after
-        try:
-            store = _CountingStore(await asyncio.to_thread(store_factory, target_settings))
-        except RuntimeError as error:
-            raise OperatorError(
-                f"backfill: cannot open the {target.value} store: {error}"
-            ) from None
-        source = await asyncio.to_thread(Ledger, settings.ledger_path, settings.durability)
-        scratch = await asyncio.to_thread(Ledger, scratch_path, settings.durability)
-        committer = GroupCommitter(scratch)
-        forwarder = Forwarder(
-            committer, store, Metrics(CollectorRegistry()), settings.store_batch_size
+    if restart:
+        for stale in (progress_path, *_sqlite_files(scratch_path)):
+            stale.unlink(missing_ok=True)
+    after = 0
+    if progress_path.exists():
+        after = int(json.loads(progress_path.read_text())["lastSourceSeq"])
+        err.write(f"backfill: resuming after ledger event {after}\n")
+    summary.resumed_from_seq = after
+    try:
+        store = _CountingStore(await asyncio.to_thread(store_factory, target_settings))
+    except RuntimeError as error:
+        raise OperatorError(f"backfill: cannot open the {target.value} store: {error}") from None
+    source = await asyncio.to_thread(Ledger, settings.ledger_path, settings.durability)
+    scratch = await asyncio.to_thread(Ledger, scratch_path, settings.durability)
+    committer = GroupCommitter(scratch)
+    forwarder = Forwarder(committer, store, Metrics(CollectorRegistry()), settings.store_batch_size)
+    committer.on_commit_hooks.append(forwarder.wake)
+    total = source.stats().events
+    progress = Progress(err, "events", total)
+    forwarder.start()
+    try:
+        pending: list[PreparedEvent] = []
+        last_seq = after
+
+        async def commit() -> None:
+            if pending:
+                await committer.submit(Submission(list(pending)))
+                pending.clear()
+            await asyncio.to_thread(_write_progress, progress_path, last_seq)
+
+        seen = 0
+        for seq, key, body in source.iter_events():
+            seen += 1
+            if seq <= after:
+                continue
+            blob = bytes(body)
+            event = parse_event_json(blob)
+            pending.append(PreparedEvent(event, key, blob, blob))
+            last_seq = seq
+            summary.events += 1
+            if len(pending) >= batch_events:
+                await commit()
+                progress.update(seen, seen)
+        await commit()
+        # Failures whose payment never arrived were released by the exporter after
+        # its join timeout; the whole history is here, so release them now.
+        await committer.call(
+            functools.partial(scratch.release_unjoined_failures, int(time.time() * 1000) + 1)
         )
-        committer.on_commit_hooks.append(forwarder.wake)
-        total = source.stats().events
-        progress = Progress(err, "events", total)
-        forwarder.start()
-        try:
-            pending: list[PreparedEvent] = []
-            last_seq = after
-
-            async def commit() -> None:
-                if pending:
-                    await committer.submit(Submission(list(pending)))
-                    pending.clear()
-                await asyncio.to_thread(_write_progress, progress_path, last_seq)
-
-            seen = 0
-            for seq, key, body in source.iter_events():
-                seen += 1
-                if seq <= after:
-                    continue
-                blob = bytes(body)
-                event = parse_event_json(blob)
-                pending.append(PreparedEvent(event, key, blob, blob))
-                last_seq = seq
-                summary.events += 1
-                if len(pending) >= batch_events:
-                    await commit()
-                    progress.update(seen, seen)
-            await commit()
-            # Failures whose payment never arrived were released by the exporter after
-            # its join timeout; the whole history is here, so release them now.
-            await committer.call(
-                functools.partial(scratch.release_unjoined_failures, int(time.time() * 1000) + 1)
-            )
-            progress.update(seen, seen)
-        finally:
-            await forwarder.stop(drain_seconds)
-            progress.finish()
-            summary.records_written = store.written
-            summary.left_in_scratch = scratch.backlog
-            await store.close()
-            await asyncio.to_thread(committer.close)
-            await asyncio.to_thread(scratch.close)
-            await asyncio.to_thread(source.close)
-        if summary.left_in_scratch == 0:
-            summary.complete = True
-            for done in (progress_path, *_sqlite_files(scratch_path)):
-                done.unlink(missing_ok=True)
+        progress.update(seen, seen)
+    finally:
+        await forwarder.stop(drain_seconds)
+        progress.finish()
+        summary.records_written = store.written
+        summary.left_in_scratch = scratch.backlog
+        await store.close()
+        await asyncio.to_thread(committer.close)
+        await asyncio.to_thread(scratch.close)
+        await asyncio.to_thread(source.close)
+    if summary.left_in_scratch == 0:
+        summary.complete = True
+        for done in (progress_path, *_sqlite_files(scratch_path)):
+            done.unlink(missing_ok=True)
     return summary
 
 
 def _sqlite_files(path: Path) -> tuple[Path, ...]:
     return (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"))
+
+
+# --------------------------------------------------------------------------- recover
+
+
+@dataclass
+class RecoverySummary:
+    """What a recovery found and did."""
+
+    ledger_problem: str | None = None
+    store_problem: str | None = None
+    moved_aside: list[str] = field(default_factory=list)
+    salvaged_events: int = 0
+    unreadable_events: int = 0
+    """Rows whose body could not be parsed as an event."""
+    unreadable_ranges: list[tuple[int, int]] = field(default_factory=list)
+    """Ledger sequence numbers (first, last) the damaged ledger's b-tree could not lead
+    to; a last of 2**62 or more means "to the end"."""
+    page_scan_events: int = 0
+    """Events of the unreadable ranges found by reading the file page by page."""
+    store_records_written: int = 0
+    store_complete: bool = True
+    retention_removed_before_seq: int | None = None
+    """Events before this ledger sequence number were deleted by retention: their store
+    records could not be rebuilt."""
+
+    @property
+    def lossless(self) -> bool:
+        """Whether everything the damaged files held was salvaged or rebuilt."""
+        return (
+            not self.unreadable_events
+            and not self.unreadable_ranges
+            and self.store_complete
+            and self.retention_removed_before_seq is None
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "ledgerProblem": self.ledger_problem,
+            "storeProblem": self.store_problem,
+            "movedAside": self.moved_aside,
+            "salvagedEvents": self.salvaged_events,
+            "unreadableEvents": self.unreadable_events,
+            "unreadableSeqRanges": [
+                [first, last if last < 2**62 else None] for first, last in self.unreadable_ranges
+            ],
+            "pageScanEvents": self.page_scan_events,
+            "storeRecordsWritten": self.store_records_written,
+            "storeComplete": self.store_complete,
+            "retentionRemovedBeforeSeq": self.retention_removed_before_seq,
+            "lossless": self.lossless,
+        }
+
+
+def _ledger_problem(settings: Settings) -> str | None:
+    if not settings.ledger_path.exists():
+        return None
+    try:
+        Ledger(settings.ledger_path, settings.durability).close()
+    except LedgerCorruptError as error:
+        return str(error)
+    return None
+
+
+async def _store_problem(settings: Settings) -> str | None:
+    from .store_duckdb import DuckDBStore, StoreCorruptError
+
+    if settings.resolved_store is not StoreKind.DUCKDB or not settings.duckdb_path.exists():
+        return None
+    try:
+        store = await asyncio.to_thread(
+            DuckDBStore.open,
+            settings.duckdb_path,
+            settings.duckdb_memory_limit,
+            settings.duckdb_threads,
+        )
+    except StoreCorruptError as error:
+        return str(error)
+    await store.close()
+    return None
+
+
+def _move_aside(path: Path, stamp: str, companions: Sequence[str]) -> list[Path]:
+    """Rename ``path`` and its companion files (``-wal``...) to ``NAME.damaged-STAMP...``.
+
+    The companions keep their suffix after the new name, so SQLite and DuckDB still find
+    a WAL beside the moved file when it is opened for salvage.
+    """
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    moved = []
+    for suffix in ("", *companions):
+        source = path.with_name(path.name + suffix)
+        if source.exists():
+            destination = target.with_name(target.name + suffix)
+            os.replace(source, destination)
+            moved.append(destination)
+    return moved
+
+
+def _probe(conn: sqlite3.Connection, at: int) -> int | None:
+    """The first event sequence number at or after ``at`` (None: there is none).
+
+    Reads only the table's b-tree, not the bodies; raises where that is damaged.
+    """
+    row = conn.execute(
+        "SELECT seq FROM events WHERE seq >= ? ORDER BY seq LIMIT 1", (at,)
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _past_damage(conn: sqlite3.Connection, after: int) -> tuple[int | None, int]:
+    """Where reading can resume after a damaged stretch that follows ``after``.
+
+    Returns (the first sequence number that can be found past it, or None when nothing
+    can; the last sequence number given up). Probes ``after`` + 1, 2, 4, ... and then
+    bisects the last step, so a damaged stretch costs a few dozen queries.
+    """
+    failed, step = after + 1, 1
+    while True:
+        at = after + step
+        try:
+            found = _probe(conn, at)
+            break
+        except sqlite3.DatabaseError:
+            failed = at
+            if step >= 2**61:
+                return None, 2**62
+            step *= 2
+    low, high = failed, at  # the probe fails at ``low`` and succeeds at ``high``
+    while high - low > 1:
+        middle = (low + high) // 2
+        try:
+            result = _probe(conn, middle)
+        except sqlite3.DatabaseError:
+            low = middle
+            continue
+        high, found = middle, result
+    return found, low
+
+
+def _salvage_rows(path: Path, summary: RecoverySummary, seen: set[int]) -> Iterator[bytes]:
+    """The body of every event row of the damaged ledger at ``path`` that can be read.
+
+    Rows come in sequence order; where a page is damaged the rows on it are recorded
+    in ``summary.unreadable_ranges`` and reading resumes after them. The sequence
+    number of every row read is added to ``seen``.
+    """
+    conn = sqlite3.connect(path, check_same_thread=False)
+    try:
+        after = 0
+        while True:
+            try:
+                rows = conn.execute(
+                    "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq", (after,)
+                )
+                for seq, body in rows:
+                    after = max(after, int(seq))
+                    seen.add(int(seq))
+                    yield bytes(body)
+                return
+            except sqlite3.DatabaseError:
+                pass
+            # The row after ``after`` (or the page leading to it) cannot be read.
+            try:
+                first = _probe(conn, after + 1)
+            except sqlite3.DatabaseError:
+                found, given_up = _past_damage(conn, after)
+                summary.unreadable_ranges.append((after + 1, given_up))
+                if found is None:
+                    return
+                after = max(found - 1, given_up)
+                continue
+            if first is None:
+                return
+            summary.unreadable_ranges.append((first, first))  # its body is unreadable
+            after = first
+    finally:
+        conn.close()
+
+
+def _varint(buf: bytes, at: int) -> tuple[int, int]:
+    """An SQLite varint at ``at``: (value, offset after it)."""
+    value = 0
+    for k in range(8):
+        byte = buf[at + k]
+        value = (value << 7) | (byte & 0x7F)
+        if byte < 0x80:
+            return value, at + k + 1
+    return (value << 8) | buf[at + 8], at + 9
+
+
+_EVENT_COLUMNS = 9  # seq, key, key_hash, type, ref, ts, received_at, body, state
+_BODY_COLUMN = 7
+
+
+def _event_body(payload: bytes) -> bytes | None:
+    """The ``body`` of an ``events`` row in SQLite record format, or None if it is not one."""
+    header_end, at = _varint(payload, 0)
+    types: list[int] = []
+    while at < header_end:
+        serial, at = _varint(payload, at)
+        types.append(serial)
+    if len(types) != _EVENT_COLUMNS or types[_BODY_COLUMN] < 12 or types[_BODY_COLUMN] % 2:
+        return None
+    sizes = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 8, 7: 8, 8: 0, 9: 0}
+    offset = header_end
+    for serial in types[:_BODY_COLUMN]:
+        offset += sizes[serial] if serial < 12 else (serial - 12 - serial % 2) // 2
+    length = (types[_BODY_COLUMN] - 12) // 2
+    body = payload[offset : offset + length]
+    return body if len(body) == length else None
+
+
+def _leaf_rows(page: bytes, header_at: int) -> Iterator[tuple[int, bytes]]:
+    """(rowid, body) of each ``events`` row on a table b-tree leaf page."""
+    if page[header_at] != 0x0D:
+        return
+    cells = int.from_bytes(page[header_at + 3 : header_at + 5], "big")
+    max_local = len(page) - 35  # larger payloads continue on overflow pages: skipped
+    for cell in range(cells):
+        at = header_at + 8 + 2 * cell
+        try:
+            pointer = int.from_bytes(page[at : at + 2], "big")
+            size, at = _varint(page, pointer)
+            rowid, at = _varint(page, at)
+            if size > max_local or at + size > len(page):
+                continue
+            body = _event_body(page[at : at + size])
+        except (IndexError, KeyError):
+            continue
+        if body is not None:
+            yield rowid, body
+
+
+def _scan_pages(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(rowid, body) of ``events`` rows found by reading the file and its WAL page by page.
+
+    SQLite reaches a row only through the b-tree pages above it; when those are lost (a
+    truncated file loses the pages allocated last, often the upper levels) the leaves
+    may still be there. Rows may repeat (older copies of a page): the new ledger
+    deduplicates them by key.
+    """
+    with open(path, "rb") as handle:
+        header = handle.read(100)
+    page_size = int.from_bytes(header[16:18], "big") if len(header) == 100 else 0
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or page_size & (page_size - 1):
+        page_size = 4096  # the header is lost: SQLite's default
+    sources = [(path, 0, page_size, 0)]
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists():
+        sources.append((wal, 32, 24 + page_size, 24))  # each frame: header, then a page
+    for source, start, stride, skip in sources:
+        with open(source, "rb") as handle:
+            handle.seek(start)
+            number = 0
+            while len(frame := handle.read(stride)) == stride:
+                number += 1
+                first = number == 1 and source == path
+                yield from _leaf_rows(frame[skip:], 100 if first else 0)
+
+
+async def _salvage_ledger(
+    settings: Settings, damaged: Path, summary: RecoverySummary, err: IO[str]
+) -> None:
+    """Commit every readable event of ``damaged`` to a new ledger, in their old order.
+
+    Joins, dead letters of conflicts and store records are derived again as the events
+    are committed; the new outbox reaches the store when the exporter next starts (the
+    store skips records it already holds).
+    """
+    seen: set[int] = set()
+    rows = _salvage_rows(damaged, summary, seen)
+    ledger = await asyncio.to_thread(Ledger, settings.ledger_path, settings.durability)
+    committer = GroupCommitter(ledger)
+    progress = Progress(err, "events")
+
+    async def submit(bodies: list[bytes]) -> None:
+        prepared = []
+        for body in bodies:
+            try:
+                event = parse_event_json(body)
+            except (EventError, MalformedJSONError):
+                summary.unreadable_events += 1
+                continue
+            canonical = canonical_json(event)
+            prepared.append(PreparedEvent(event, dedup_key(event, canonical), canonical, body))
+        result = await committer.submit(Submission(prepared))
+        summary.salvaged_events += result.outcomes.count(Outcome.ACCEPTED)
+        progress.update(summary.salvaged_events)
+
+    try:
+        while chunk := await asyncio.to_thread(
+            lambda: list(itertools.islice(rows, REPLAY_BATCH_EVENTS))
+        ):
+            await submit(chunk)
+        if summary.unreadable_ranges:
+            # Pages the b-tree no longer leads to may still hold rows it did not reach
+            # (a damaged page can also hold rowids that send the b-tree scan past them).
+            scanned = sorted(
+                (rowid, body)
+                for rowid, body in await asyncio.to_thread(lambda: list(_scan_pages(damaged)))
+                if rowid not in seen
+            )
+            before = summary.salvaged_events
+            for start in range(0, len(scanned), REPLAY_BATCH_EVENTS):
+                await submit([body for _, body in scanned[start : start + REPLAY_BATCH_EVENTS]])
+            summary.page_scan_events = summary.salvaged_events - before
+    finally:
+        progress.finish()
+        await asyncio.to_thread(committer.close)
+        await asyncio.to_thread(ledger.close)
+
+
+def _retention_gap(settings: Settings) -> int | None:
+    """The first event sequence number kept, when retention deleted those before it."""
+    conn = sqlite3.connect(settings.ledger_path)
+    try:
+        (first,) = conn.execute("SELECT min(seq) FROM events").fetchone()
+    finally:
+        conn.close()
+    return int(first) if first is not None and first > 1 else None
+
+
+async def recover(
+    settings: Settings, *, err: IO[str], drain_seconds: float = 60.0
+) -> RecoverySummary:
+    """Check the ledger and the embedded store; move a damaged one aside and rebuild it.
+
+    A damaged ledger is renamed ``ledger.sqlite3.damaged-<UTC time>`` and every event
+    that can still be read from it is committed to a new ledger. A damaged DuckDB store
+    is renamed likewise and rebuilt from the ledger's events by :func:`backfill`. Files
+    that pass the checks are left alone, so running it twice is harmless.
+    """
+    summary = RecoverySummary()
+    with locked_data_dir(settings, "recover"):
+        summary.ledger_problem = await asyncio.to_thread(_ledger_problem, settings)
+        summary.store_problem = await _store_problem(settings)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        if summary.ledger_problem is not None:
+            err.write(f"recover: {summary.ledger_problem.split('. ', 1)[0]}\n")
+            moved = _move_aside(settings.ledger_path, stamp, ("-wal", "-shm"))
+            summary.moved_aside += [str(p) for p in moved]
+            err.write(f"recover: moved aside to {moved[0]}; salvaging its events\n")
+            await _salvage_ledger(settings, moved[0], summary, err)
+        if summary.store_problem is not None:
+            err.write(f"recover: {summary.store_problem.split('. ', 1)[0]}\n")
+            moved = _move_aside(settings.duckdb_path, stamp, (".wal",))
+            summary.moved_aside += [str(p) for p in moved]
+            err.write(f"recover: moved aside to {moved[0]}; rebuilding from the ledger\n")
+            if not settings.ledger_path.exists():
+                summary.store_complete = False  # nothing to rebuild it from
+            else:
+                rebuilt = await _backfill_locked(
+                    settings,
+                    StoreKind.DUCKDB,
+                    err,
+                    True,
+                    drain_seconds,
+                    REPLAY_BATCH_EVENTS,
+                    open_store,
+                )
+                summary.store_records_written = rebuilt.records_written
+                summary.store_complete = rebuilt.complete
+                summary.retention_removed_before_seq = await asyncio.to_thread(
+                    _retention_gap, settings
+                )
+    return summary

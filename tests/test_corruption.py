@@ -1,0 +1,370 @@
+"""A ledger or store damaged while the exporter is stopped: found at startup, recoverable.
+
+What SQLite and DuckDB notice by themselves differs from what they silently accept:
+SQLite reads neither the bytes past its header's page count (appended garbage) nor a
+page before a query reaches it (a truncated file, a page overwritten in the middle), and
+DuckDB reads a block (and checks its checksum) only when a query needs it. So the
+exporter checks file sizes against the headers and reads every page/block at open;
+these tests damage real files each way and check that ``serve`` refuses to start with a
+message naming the file and the recovery command, and that the command recovers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+import pytest
+from _exporter_process import run_cli
+from conftest import BASE_MS, batch_created, batch_settled, received, settled
+
+from exporter.events import canonical_json, dedup_key, parse_event_json
+from exporter.ledger import Ledger, LedgerCorruptError, PreparedEvent, Submission
+from exporter.store_duckdb import DuckDBStore, StoreCorruptError
+
+PAYMENTS = 3000
+BATCHES = 50
+EVENTS = 2 * PAYMENTS + 2 * BATCHES
+
+Damage = Callable[[Path], None]
+
+
+def _ndjson(path: Path) -> None:
+    lines = []
+    for n in range(PAYMENTS):
+        pid = f"pay-{n:05d}"
+        lines.append(received(pid, BASE_MS + n * 10))
+        lines.append(settled(pid, BASE_MS + n * 10 + 2000))
+    for n in range(BATCHES):
+        lines.append(batch_created(f"batch-{n}", BASE_MS + n))
+        lines.append(batch_settled(f"batch-{n}", BASE_MS + n + 5000))
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory whose ledger and DuckDB store hold every event (built once)."""
+    root = tmp_path_factory.mktemp("pristine")
+    events = root / "events.ndjson"
+    _ndjson(events)
+    data_dir = root / "data"
+    result = run_cli("replay", str(events), "--data-dir", str(data_dir))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["accepted"] == EVENTS
+    return data_dir
+
+
+@pytest.fixture
+def data_dir(pristine: Path, tmp_path: Path) -> Path:
+    """A copy of the pristine data directory for one test to damage."""
+    copy = tmp_path / "data"
+    shutil.copytree(pristine, copy, ignore=shutil.ignore_patterns(".lock"))
+    return copy
+
+
+def _truncate(fraction: float, extra: int = 0) -> Damage:
+    def damage(path: Path) -> None:
+        os.truncate(path, int(path.stat().st_size * fraction) + extra)
+
+    return damage
+
+
+def _append(count: int) -> Damage:
+    def damage(path: Path) -> None:
+        with open(path, "ab") as handle:
+            handle.write(random.Random(count).randbytes(count))
+
+    return damage
+
+
+def _overwrite(path: Path, offset: int, count: int = 4096) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(random.Random(offset).randbytes(count))
+
+
+def _events_leaf_in_the_middle(path: Path) -> int:
+    """The byte offset of the middle one of the ``events`` table's leaf pages."""
+    conn = sqlite3.connect(path)
+    try:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = [
+            page
+            for (page,) in conn.execute(
+                "SELECT pageno FROM dbstat WHERE name = 'events' AND pagetype = 'leaf' "
+                "ORDER BY pageno"
+            )
+        ]
+    finally:
+        conn.close()
+    return int((pages[len(pages) // 2] - 1) * page_size)
+
+
+def _overwrite_events_page(path: Path) -> None:
+    _overwrite(path, _events_leaf_in_the_middle(path))
+
+
+def _zero_header(path: Path) -> None:
+    with open(path, "r+b") as handle:
+        handle.write(b"\0" * 100)
+
+
+LEDGER_DAMAGE: dict[str, Damage] = {
+    "truncated-to-half": _truncate(0.5),
+    "truncated-mid-page": _truncate(0.5, 1234),
+    "empty": _truncate(0),
+    "garbage-appended": _append(1000),
+    "pages-appended": _append(8192),
+    "page-overwritten": _overwrite_events_page,
+    "header-zeroed": _zero_header,
+}
+
+
+def _ledger(data_dir: Path) -> Path:
+    return data_dir / "ledger.sqlite3"
+
+
+def _store(data_dir: Path) -> Path:
+    return data_dir / "store.duckdb"
+
+
+def _recovery_hint(data_dir: Path) -> str:
+    return f"facilitator-exporter recover --data-dir {data_dir}"
+
+
+@pytest.mark.parametrize("damage", LEDGER_DAMAGE.values(), ids=LEDGER_DAMAGE.keys())
+def test_a_damaged_ledger_is_refused_at_open(data_dir: Path, damage: Damage) -> None:
+    path = _ledger(data_dir)
+    damage(path)
+    damaged = path.read_bytes()
+    with pytest.raises(LedgerCorruptError) as caught:
+        Ledger(path)
+    message = str(caught.value)
+    assert f"ledger file {path} is damaged" in message
+    assert _recovery_hint(data_dir) in message
+    assert path.read_bytes() == damaged  # never reset, never repaired in place
+
+
+def test_sqlite_alone_misses_appended_bytes(data_dir: Path) -> None:
+    """Why the size check exists: SQLite opens, checks and reads such a file happily."""
+    path = _ledger(data_dir)
+    _append(8192)(path)
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA quick_check").fetchall() == [("ok",)]
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (EVENTS,)
+    finally:
+        conn.close()
+
+
+def test_a_ledger_with_a_hot_wal_is_not_damage(tmp_path: Path) -> None:
+    """The files as a kill -9 leaves them (WAL not checkpointed) open normally."""
+    live = tmp_path / "live"
+    ledger = Ledger(live / "ledger.sqlite3")
+    try:
+        prepared = []
+        for n in range(500):
+            raw = json.dumps(received(f"hot-{n}", BASE_MS + n)).encode()
+            event = parse_event_json(raw)
+            body = canonical_json(event)
+            prepared.append(PreparedEvent(event, dedup_key(event, body), body, raw))
+        ledger.commit([Submission(prepared)])
+        crashed = tmp_path / "crashed"
+        crashed.mkdir()
+        for name in ("ledger.sqlite3", "ledger.sqlite3-wal"):
+            shutil.copy(live / name, crashed / name)
+    finally:
+        ledger.close()
+    assert (crashed / "ledger.sqlite3-wal").stat().st_size > 32
+    reopened = Ledger(crashed / "ledger.sqlite3")
+    try:
+        assert reopened.stats().events == 500
+    finally:
+        reopened.close()
+
+
+def _serve_refuses(data_dir: Path, path: Path) -> str:
+    """Run ``serve`` on the damaged directory; returns its stderr after the checks."""
+    result = run_cli("serve", "--listen", "127.0.0.1:0", "--data-dir", str(data_dir))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    paragraph = [line for line in result.stderr.splitlines() if line.startswith("facilitator")]
+    assert len(paragraph) == 1, result.stderr
+    assert str(path) in paragraph[0]
+    assert _recovery_hint(data_dir) in paragraph[0]
+    structured = [line for line in result.stderr.splitlines() if 'msg="cannot start"' in line]
+    assert len(structured) == 1 and str(path) in structured[0], result.stderr
+    return result.stderr
+
+
+@pytest.mark.slow
+def test_serve_refuses_a_damaged_ledger_and_recover_salvages_it(data_dir: Path) -> None:
+    path = _ledger(data_dir)
+    _overwrite_events_page(path)
+    _serve_refuses(data_dir, path)
+
+    result = run_cli("recover", "--data-dir", str(data_dir))
+    summary = json.loads(result.stdout)
+    assert result.returncode == 1, result.stderr  # one page of events is gone
+    assert summary["ledgerProblem"].startswith(f"ledger file {path} is damaged")
+    assert summary["storeProblem"] is None
+    aside = [Path(p) for p in summary["movedAside"]]
+    assert aside[0].name.startswith("ledger.sqlite3.damaged-") and aside[0].exists()
+    # One 4 KiB page of events is lost; every other event is salvaged.
+    assert EVENTS - 20 <= summary["salvagedEvents"] < EVENTS
+    assert summary["unreadableSeqRanges"]
+
+    # The new ledger is sound and the exporter starts on it.
+    ledger = Ledger(path)
+    try:
+        assert ledger.stats().events == summary["salvagedEvents"]
+    finally:
+        ledger.close()
+    again = run_cli("recover", "--data-dir", str(data_dir))
+    assert again.returncode == 0 and "nothing to do" in again.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "damage",
+    [_append(8192), _truncate(0.5)],
+    ids=["pages-appended", "truncated-to-half"],
+)
+def test_recover_salvages_what_the_btree_no_longer_reaches(data_dir: Path, damage: Damage) -> None:
+    path = _ledger(data_dir)
+    damage(path)
+    result = run_cli("recover", "--data-dir", str(data_dir))
+    summary = json.loads(result.stdout)
+    ledger = Ledger(path)
+    try:
+        salvaged = ledger.stats().events
+    finally:
+        ledger.close()
+    assert salvaged == summary["salvagedEvents"]
+    if summary["lossless"]:
+        assert result.returncode == 0
+        assert salvaged == EVENTS
+    else:
+        # Half the file is gone: the pages leading to its rows were allocated last, so
+        # SQLite reaches none of them; reading the leaves page by page finds the rest.
+        assert result.returncode == 1
+        assert summary["pageScanEvents"] > 0
+        assert EVENTS * 0.4 < salvaged < EVENTS
+
+
+def _used_block_offset(path: Path) -> int:
+    """The byte offset of the middle of a block holding ``payment`` rows."""
+    conn = duckdb.connect(str(path), read_only=True)
+    try:
+        blocks = [
+            block
+            for (block,) in conn.execute(
+                "SELECT DISTINCT block_id FROM pragma_storage_info('payment') "
+                "WHERE block_id >= 0 ORDER BY block_id"
+            ).fetchall()
+        ]
+    finally:
+        conn.close()
+    return 3 * 4096 + int(blocks[len(blocks) // 2]) * 262144 + 131072
+
+
+def _overwrite_store_block(path: Path) -> None:
+    _overwrite(path, _used_block_offset(path))
+
+
+STORE_DAMAGE: dict[str, Damage] = {
+    "truncated-to-half": _truncate(0.5),
+    "truncated-mid-block": _truncate(0.5, 1234),
+    "empty": _truncate(0),
+    "garbage-appended": _append(1000),
+    "block-appended": _append(262144),
+    "block-overwritten": _overwrite_store_block,
+    "header-zeroed": _zero_header,
+}
+
+
+@pytest.mark.parametrize("damage", STORE_DAMAGE.values(), ids=STORE_DAMAGE.keys())
+def test_a_damaged_store_is_refused_at_open(data_dir: Path, damage: Damage) -> None:
+    path = _store(data_dir)
+    damage(path)
+    damaged = path.read_bytes()
+    with pytest.raises(StoreCorruptError) as caught:
+        DuckDBStore.open(path)
+    message = str(caught.value)
+    assert f"DuckDB store {path} is damaged" in message
+    assert _recovery_hint(data_dir) in message
+    assert path.read_bytes() == damaged
+
+
+def test_duckdb_alone_misses_a_truncated_file(data_dir: Path) -> None:
+    """Why the store checks its size and reads every block: DuckDB opens a file cut in
+    half and answers from its metadata; only reading a lost block fails."""
+    path = _store(data_dir)
+    _truncate(0.5)(path)
+    conn = duckdb.connect(str(path))
+    try:
+        assert conn.execute("SELECT count(*) FROM payment").fetchone() == (2 * PAYMENTS,)
+        with pytest.raises(duckdb.IOException, match="Could not read enough bytes"):
+            conn.execute("SELECT * FROM payment").fetchall()
+    finally:
+        conn.close()
+
+
+def _store_rows(path: Path) -> dict[str, list[tuple[object, ...]]]:
+    conn = duckdb.connect(str(path), read_only=True)
+    try:
+        return {
+            table: conn.execute(f'SELECT * FROM "{table}" ORDER BY ALL').fetchall()
+            for table in ("payment", "batch")
+        }
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_serve_refuses_a_damaged_store_and_recover_rebuilds_it(data_dir: Path) -> None:
+    path = _store(data_dir)
+    before = _store_rows(path)
+    assert len(before["payment"]) == 2 * PAYMENTS
+    _overwrite_store_block(path)
+    _serve_refuses(data_dir, path)
+
+    result = run_cli("recover", "--data-dir", str(data_dir))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["ledgerProblem"] is None
+    assert summary["storeProblem"].startswith(f"DuckDB store {path} is damaged")
+    assert summary["storeComplete"] and summary["lossless"]
+    assert any(Path(p).name.startswith("store.duckdb.damaged-") for p in summary["movedAside"])
+    assert _store_rows(path) == before  # every record, once, as it was
+
+
+@pytest.mark.slow
+def test_recover_says_what_retention_kept_it_from_rebuilding(data_dir: Path) -> None:
+    conn = sqlite3.connect(_ledger(data_dir))
+    try:
+        conn.execute("DELETE FROM events WHERE seq <= 10")  # as retention deletes
+        conn.commit()
+    finally:
+        conn.close()
+    _truncate(0.5)(_store(data_dir))
+    result = run_cli("recover", "--data-dir", str(data_dir))
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["retentionRemovedBeforeSeq"] == 11
+    assert "retention" in result.stderr
+
+
+def test_recover_leaves_intact_files_alone(data_dir: Path) -> None:
+    files = ("ledger.sqlite3", "store.duckdb")
+    before = {name: (data_dir / name).read_bytes() for name in files}
+    result = run_cli("recover", "--data-dir", str(data_dir))
+    assert result.returncode == 0, result.stderr
+    assert "nothing to do" in result.stderr
+    assert {name: (data_dir / name).read_bytes() for name in files} == before
+    assert not [p for p in data_dir.iterdir() if ".damaged-" in p.name]
