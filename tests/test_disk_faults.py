@@ -120,40 +120,76 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class _Sender:
+    """Posts fresh payment lifecycles and remembers which were acknowledged or refused."""
+
+    def __init__(self, exporter: ExporterProcess) -> None:
+        self.exporter = exporter
+        self.next_id = 0
+        self.acked: list[str] = []
+        self.refused: list[str] = []
+
+    def post(self, lifecycles: int, invalid: bool = False) -> tuple[int, dict[str, str], bytes]:
+        """POST ``lifecycles`` new lifecycles (and an invalid event when ``invalid``)."""
+        body, ids = _batch(self.next_id, lifecycles)
+        self.next_id += lifecycles
+        if invalid:
+            body += b'{"type": "payment:received", "data": {}}\n'
+        status, headers, answer = _post(self.exporter, body)
+        if status == 202:
+            self.acked += ids
+        else:
+            self.refused += ids
+        return status, headers, answer
+
+
 def test_full_disk_refuses_ingest_then_recovers_without_a_restart(
     small_disk: SmallDisk, tmp_path: Path
 ) -> None:
     """503 + Retry-After while full, /readyz not ready, idle CPU; then every ack once."""
     data_dir = small_disk.path / "data"
-    acked: list[str] = []
-    next_id = 0
     with running_exporter(data_dir, tmp_path / "exporter.log") as exporter:
-        body, ids = _batch(next_id, 200)
-        next_id += 200
-        assert _post(exporter, body)[0] == 202
-        acked += ids
+        sender = _Sender(exporter)
+        assert sender.post(200)[0] == 202
+        exporter.wait_caught_up()
+        # Fill the disk but for a few MiB, which the next commits then use up: the
+        # store receives records while there is no room left to write or checkpoint
+        # them, nor to mark them delivered in the ledger.
+        slack = small_disk.path / "slack"
+        slack.write_bytes(b"\0" * 4 * 1024 * 1024)
         filler = small_disk.fill()
+        slack.unlink()
 
-        # Keep posting: the WAL's free space is used first, then commits fail.
-        refusal: tuple[int, dict[str, str], bytes] | None = None
-        for _ in range(500):
-            body, ids = _batch(next_id, 200)
-            next_id += 200
-            status, headers, answer = _post(exporter, body)
-            if status == 202:
-                acked += ids
-                continue
-            refusal = (status, headers, answer)
-            break
-        assert refusal is not None, "the disk never filled"
-        status, headers, answer = refusal
-        assert status == 503, answer
-        assert headers.get("Retry-After", "").isdigit()
-        assert "ledger" in json.loads(answer)["error"]
+        # Batches with an invalid event (a dead letter in the same commit) until one
+        # is refused: a commit fails whole, its dead letter with it.
+        answers = [sender.post(200, invalid=True) for _ in range(200)]
+        refusals = [a for a in answers if a[0] != 202]
+        assert refusals, "the disk never filled"
+        for status, headers, answer in refusals:
+            assert status == 503, answer
+            assert headers.get("Retry-After", "").isdigit()
+            assert "ledger" in json.loads(answer)["error"]
 
-        ready_status, ready = http_request(exporter.url + "/readyz")
-        assert ready_status == 503
-        assert "LedgerUnavailableError" in json.loads(ready)["ledger"]["error"]
+        # Space a failed transaction wrote into the WAL is reused by the next, so small
+        # commits may still fit for a while; once they do not, /readyz says so.
+        def exhausted() -> bool:
+            if sender.post(1)[0] != 503:
+                return False
+            status, ready = http_request(exporter.url + "/readyz")
+            error = json.loads(ready)["ledger"].get("error", "")
+            return status == 503 and "LedgerUnavailableError" in error
+
+        wait_until(exhausted, 60, 0.05, "single events and /readyz to find the disk full")
+        # A body that is not JSON is still answered as such; its dead letter cannot be
+        # written, and the exporter carries on.
+        assert _post(exporter, b"{not json")[0] == 400
+        assert exporter.metric("exporter_ledger_backlog_events")[frozenset()] > 0
+        wait_until(
+            lambda: sum(exporter.metric("exporter_store_write_errors_total").values()) > 0,
+            15,
+            0.2,
+            "the forwarder to fail against the full disk",
+        )
 
         # Full, the exporter neither exits nor spins: under half a core over 3 s.
         before, started = _cpu_seconds(exporter.proc.pid), time.monotonic()
@@ -161,18 +197,15 @@ def test_full_disk_refuses_ingest_then_recovers_without_a_restart(
         used = _cpu_seconds(exporter.proc.pid) - before
         assert exporter.proc.poll() is None
         assert used / (time.monotonic() - started) < 0.5, f"{used:.2f} s of CPU in 3 s"
-        assert _post(exporter, _batch(next_id, 1)[0])[0] == 503
 
         # Space returns: ingest works again without a restart.
         filler.unlink()
-        retry, ids = _batch(next_id, 200)
-        next_id += 200
-        wait_until(lambda: _post(exporter, retry)[0] == 202, 30, 0.2, "ingest to recover")
-        acked += ids
+        wait_until(lambda: sender.post(200)[0] == 202, 30, 0.2, "ingest to recover")
         wait_until(lambda: exporter.readyz()[0] == 200, 30, 0.2, "/readyz to recover")
         exporter.wait_caught_up(30)
         assert exporter.terminate() == 0, exporter.log()
 
+    acked = sender.acked
     keys = {f"payment:received:{pid}" for pid in acked} | {
         f"payment:settled:{pid}" for pid in acked
     }
@@ -182,6 +215,8 @@ def test_full_disk_refuses_ingest_then_recovers_without_a_restart(
     finally:
         ledger.close()
     assert keys - stored == set(), "acknowledged events missing from the ledger"
+    refused = {f"payment:received:{pid}" for pid in sender.refused}
+    assert refused & stored == set(), "part of a refused request was stored"
     store = duckdb.connect(str(data_dir / "store.duckdb"), read_only=True)
     try:
         rows = store.execute(
