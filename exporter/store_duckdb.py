@@ -284,6 +284,8 @@ def _rollback(cur: duckdb.DuckDBPyConnection) -> None:
     try:
         cur.execute("ROLLBACK")
     except duckdb.Error as error:
+        if "no transaction is active" in str(error):
+            return  # the failed COMMIT has already rolled back (e.g. on a full disk)
         log.warning("duckdb rollback failed", extra={"error": str(error)})
 
 
