@@ -302,7 +302,9 @@ class Forwarder:
             if not rows:
                 self._oldest_pending_ms = None
                 if self._stop_when_idle:
-                    return
+                    if ledger.backlog == 0:
+                        return
+                    continue  # committed while this read ran (stop came meanwhile)
                 try:
                     await asyncio.wait_for(self._wake.wait(), 1.0)
                 except TimeoutError:
