@@ -348,7 +348,9 @@ class DataDirLock:
     """
 
     def __init__(self, data_dir: Path) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        # The data holds payer addresses and the raw bytes of refused bodies: a directory
+        # the exporter creates is its user's alone. An existing one keeps its mode.
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.path = data_dir / ".lock"
         self._file = open(self.path, "a+")  # held until release()
         try:
@@ -432,7 +434,7 @@ class Ledger:
 
     def __init__(self, path: Path, durability: Durability = Durability.PROCESS) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         check_ledger_file(path)
         self._write = self._connect(durability)
         self._read = self._connect(durability)

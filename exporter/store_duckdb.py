@@ -394,7 +394,7 @@ class DuckDBStore:
         which otherwise default to 80 % of the machine's memory and every core.
         """
         path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         existed = path.exists()
         if existed:
             problem = _store_file_problem(path)

@@ -16,6 +16,7 @@ from _exporter_process import clean_env, http_request, run_cli, start_exporter
 from conftest import BASE_MS, received, wait_until
 from influx_fault_server import threaded_fault_server
 
+from exporter.ledger import DataDirLock
 from exporter.signing import SIGNATURE_HEADER, signature_header
 
 INGEST_TOKEN = "ingest-token-5b1f0c9e"
@@ -98,3 +99,15 @@ def test_no_secret_reaches_logs_answers_metrics_or_check_config(tmp_path: Path) 
         checked = run_cli("check-config", **env)
         assert checked.returncode == 0, checked.stderr
         _assert_no_secret("check-config", checked.stdout + checked.stderr)
+
+
+def test_a_data_dir_the_exporter_creates_is_private(tmp_path: Path) -> None:
+    """The ledger holds payer addresses and refused bodies: only the exporter's user reads it."""
+    created = tmp_path / "new" / "data"
+    DataDirLock(created).release()
+    assert created.stat().st_mode & 0o777 == 0o700
+    existing = tmp_path / "shared"
+    existing.mkdir(mode=0o750)
+    existing.chmod(0o750)
+    DataDirLock(existing).release()
+    assert existing.stat().st_mode & 0o777 == 0o750, "an existing directory keeps its mode"
