@@ -139,8 +139,8 @@ class Settings(BaseSettings):
     )
     body_read_timeout_seconds: PositiveFloat = Field(
         30.0,
-        description="an ingest body not fully received this long after its headers is "
-        "answered 408 and kept as a dead letter; the connection is then closed",
+        description="a request body (ingest, or proxy mode) not fully received this long "
+        "after its headers is answered 408 and the connection closed",
     )
     idle_timeout_seconds: PositiveFloat = Field(
         75.0,

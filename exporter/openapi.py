@@ -414,6 +414,11 @@ def _proxy_paths() -> dict[str, Any]:
     }
     answers = {
         "default": {"description": "The upstream facilitator's answer, passed through unchanged."},
+        "408": _json(
+            gateway,
+            "The request body did not arrive within the body read timeout; nothing was "
+            "forwarded and the connection is closed.",
+        ),
         "502": _json(gateway, "The upstream facilitator is unreachable."),
         "504": _json(gateway, "The upstream facilitator did not answer in time."),
     }

@@ -207,6 +207,7 @@ class FacilitatorProxy:
         registry: CollectorRegistry,
         *,
         timeout_seconds: float,
+        body_read_timeout_seconds: float = 30.0,
         fee_bps: int = 0,
         asset_decimals: dict[str, int] | None = None,
     ) -> None:
@@ -217,6 +218,7 @@ class FacilitatorProxy:
         self.timeout = aiohttp.ClientTimeout(
             total=timeout_seconds, sock_connect=min(timeout_seconds, 10.0)
         )
+        self.body_read_timeout_seconds = body_read_timeout_seconds
         self.fee_bps = fee_bps
         self.asset_decimals = dict(asset_decimals or {})
         configured = {key.rpartition("/")[0] for key in self.asset_decimals} - {""}
@@ -233,7 +235,20 @@ class FacilitatorProxy:
         """Forward ``request`` upstream and answer with the upstream's answer, unchanged."""
         endpoint = _endpoint(request)
         received_ms = int(self.clock() * 1000)
-        body = await request.read()
+        try:
+            # aiohttp has no timeout on a body once the handler runs (as on ingest).
+            async with asyncio.timeout(self.body_read_timeout_seconds):
+                body = await request.read()
+        except TimeoutError:
+            message = (
+                f"the request body did not arrive within {self.body_read_timeout_seconds:g} s"
+            )
+            log.warning("proxy request body too slow", extra={"endpoint": endpoint})
+            return web.json_response(
+                {"error": message, "upstream": self.upstream, "endpoint": request.path},
+                status=408,
+                headers={"Connection": "close"},
+            )
         url = URL(self.upstream + request.raw_path, encoded=True)
         started = self.timer()
         try:

@@ -448,6 +448,32 @@ async def test_slow_upstream_times_out_with_504_and_records_nothing(
     assert 0.2 <= duration(registry, "settle") < 5
 
 
+async def test_a_body_slower_than_the_read_timeout_is_a_408_and_not_forwarded(
+    proxy_client: ProxyFactory, upstream: FakeFacilitator
+) -> None:
+    client = await proxy_client(body_read_timeout_seconds=0.3)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        b"POST /settle HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n{"
+    )
+    await writer.drain()
+    started = time.monotonic()
+    try:
+        status = await asyncio.wait_for(reader.readline(), 5)
+        assert status.startswith(b"HTTP/1.1 408"), status
+        assert 0.3 <= time.monotonic() - started < 2
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 1)
+        assert b"Connection: close" in head
+        length = int(head.partition(b"Content-Length: ")[2].partition(b"\r\n")[0])
+        body = await asyncio.wait_for(reader.readexactly(length), 1)
+        assert json.loads(body)["error"] == "the request body did not arrive within 0.3 s"
+    finally:
+        writer.close()
+    assert upstream.seen == []
+    assert stored_events(client) == []
+
+
 async def test_upstream_5xx_passes_through_and_records_nothing(
     proxy_client: ProxyFactory, registry: CollectorRegistry
 ) -> None:
