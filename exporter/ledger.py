@@ -22,6 +22,7 @@ import queue
 import sqlite3
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -63,8 +64,30 @@ log = logging.getLogger(__name__)
 
 UNKNOWN_NETWORK = "unknown"
 
-_SCHEMA_VERSION = 1
-_SCHEMA = """
+_SCHEMA_VERSION = 2
+# Join state per payment: what payment:received said, and whether it has ended.
+# Rows are appended in arrival order (the update of a payment that ends soon after its
+# receipt then finds its row on a recent page, already written in the same or a close
+# transaction) and found through an index of a 32-bit hash of the id: a table keyed by
+# the random ids writes a page of wide rows per new payment, the index a page of small
+# integers that holds many more of them.
+_PAYMENTS_DDL = """
+CREATE TABLE IF NOT EXISTS payments (
+    id INTEGER PRIMARY KEY,
+    id_hash INTEGER NOT NULL,
+    payment_id TEXT NOT NULL,
+    network TEXT NOT NULL,
+    payer TEXT,
+    payee TEXT,
+    amount_micro INTEGER,
+    received INTEGER NOT NULL,
+    terminal INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS payments_id_hash ON payments (id_hash);
+"""
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -85,17 +108,6 @@ CREATE TABLE IF NOT EXISTS events (
 -- the pages (and WAL writes) of one over the key text, and producers' ids are random.
 CREATE INDEX IF NOT EXISTS events_key_hash ON events (key_hash);
 CREATE INDEX IF NOT EXISTS events_waiting ON events (ref, seq) WHERE state = 0;
--- Join state per payment: what payment:received said, and whether it has ended.
-CREATE TABLE IF NOT EXISTS payments (
-    payment_id TEXT PRIMARY KEY,
-    network TEXT NOT NULL,
-    payer TEXT,
-    payee TEXT,
-    amount_micro INTEGER,
-    received INTEGER NOT NULL,
-    terminal INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS batches (
     batch_id TEXT PRIMARY KEY,
     network TEXT NOT NULL,
@@ -124,6 +136,25 @@ CREATE TABLE IF NOT EXISTS websocket_latest (
     count INTEGER NOT NULL
 );
 """
+    + _PAYMENTS_DDL
+)
+# Schema 1 kept payments in a table keyed by payment_id (WITHOUT ROWID); its rows move
+# to the schema 2 table in one transaction, oldest update first.
+_MIGRATE_1_TO_2 = (
+    "BEGIN IMMEDIATE;\n"
+    "ALTER TABLE payments RENAME TO payments_schema1;\n"
+    + _PAYMENTS_DDL
+    + """
+INSERT INTO payments (id_hash, payment_id, network, payer, payee, amount_micro, received,
+    terminal, updated_at)
+SELECT payment_id_hash(payment_id), payment_id, network, payer, payee, amount_micro,
+    received, terminal, updated_at
+FROM payments_schema1 ORDER BY updated_at;
+DROP TABLE payments_schema1;
+UPDATE meta SET value = '2' WHERE key = 'schema';
+COMMIT;
+"""
+)
 
 _WAITING, _EMITTED = 0, 1
 _T = TypeVar("_T")
@@ -411,21 +442,53 @@ class Ledger:
 
     def _init_schema(self) -> None:
         try:
+            version = self._stored_schema_version()
+            if version == 1:
+                self._migrate_from_schema_1()
+            elif version is not None and version != _SCHEMA_VERSION:
+                raise LedgerError(
+                    f"ledger file {self.path} has schema {version}, this exporter reads "
+                    f"{_SCHEMA_VERSION}"
+                )
             self._write.executescript(_SCHEMA)
-            row = self._write.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if version is None:
+                self._write.execute(
+                    "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(_SCHEMA_VERSION),)
+                )
         except sqlite3.DatabaseError as error:
             raise LedgerCorruptError(
                 f"ledger file {self.path} is damaged ({error}): move it aside and restart"
             ) from error
-        if row is None:
-            self._write.execute(
-                "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(_SCHEMA_VERSION),)
-            )
-        elif int(row[0]) != _SCHEMA_VERSION:
-            raise LedgerError(
-                f"ledger file {self.path} has schema {row[0]}, this exporter reads "
-                f"{_SCHEMA_VERSION}"
-            )
+
+    def _stored_schema_version(self) -> int | None:
+        """The file's schema version; None for a new file."""
+        has_meta = self._write.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        if has_meta is None:
+            return None
+        row = self._write.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        return None if row is None else int(row[0])
+
+    def _migrate_from_schema_1(self) -> None:
+        """Move a schema 1 ledger's payments to the schema 2 layout, in one transaction."""
+        started = time.monotonic()
+        self._write.create_function("payment_id_hash", 1, _id_hash, deterministic=True)
+        try:
+            self._write.executescript(_MIGRATE_1_TO_2)
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self._write.execute("ROLLBACK")
+            raise
+        log.info(
+            "ledger schema upgraded",
+            extra={
+                "path": str(self.path),
+                "from_schema": 1,
+                "to_schema": _SCHEMA_VERSION,
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
 
     def _scalar(self, sql: str, params: tuple[object, ...] = ()) -> int:
         with self._read_lock:
@@ -680,6 +743,8 @@ class _TransactionWriter:
         # Join state by payment id (None: no row), as of this writer's own changes.
         self._payments: dict[str, _Payment | None] = {}
         self._changed_payments: dict[str, _Payment] = {}
+        # Row ids of the stored payments this writer read.
+        self._payment_rows: dict[str, int] = {}
 
     def load(self, events: Sequence[PreparedEvent]) -> list[int]:
         """Read what ``events`` will look up, in one query each; returns their key hashes."""
@@ -717,12 +782,14 @@ class _TransactionWriter:
             return
         self._payments.update(dict.fromkeys(wanted))
         rows = self.cur.execute(
-            "SELECT payment_id, network, payer, payee, amount_micro, received, terminal "
-            "FROM payments WHERE payment_id IN (SELECT value FROM json_each(?))",
-            (json.dumps(sorted(wanted)),),
+            "SELECT id, payment_id, network, payer, payee, amount_micro, received, terminal "
+            "FROM payments WHERE id_hash IN (SELECT value FROM json_each(?))",
+            (json.dumps(sorted({_id_hash(payment_id) for payment_id in wanted})),),
         )
-        for payment_id, *values in rows:
-            self._payments[payment_id] = _Payment(*values)
+        for row_id, payment_id, *values in rows:
+            if payment_id in wanted:  # not another id of the same hash
+                self._payments[payment_id] = _Payment(*values)
+                self._payment_rows[payment_id] = row_id
 
     def _payment(self, payment_id: str) -> _Payment | None:
         if payment_id not in self._payments:
@@ -793,16 +860,7 @@ class _TransactionWriter:
         """Write the events, join state and store records gathered so far, in order."""
         self._flush_events()
         if self._changed_payments:
-            self.cur.executemany(
-                "INSERT INTO payments (payment_id, network, payer, payee, amount_micro, "
-                "received, terminal, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (payment_id) DO UPDATE SET network = excluded.network, "
-                "payer = excluded.payer, payee = excluded.payee, "
-                "amount_micro = excluded.amount_micro, received = excluded.received, "
-                "terminal = excluded.terminal, updated_at = excluded.updated_at",
-                [(pid, *payment, self.now) for pid, payment in self._changed_payments.items()],
-            )
-            self._changed_payments.clear()
+            self._flush_payments()
         if self._outbox:
             self.cur.executemany(
                 "INSERT INTO outbox (event_seq, record) VALUES (?, ?)",
@@ -816,6 +874,37 @@ class _TransactionWriter:
                 zip(range(first, last + 1), (record for _, record in self._outbox), strict=True)
             )
             self._outbox.clear()
+
+    def _flush_payments(self) -> None:
+        rows = self._payment_rows
+        inserts = [
+            (_id_hash(pid), pid, *payment, self.now)
+            for pid, payment in self._changed_payments.items()
+            if pid not in rows
+        ]
+        updates = [
+            (*payment, self.now, rows[pid])
+            for pid, payment in self._changed_payments.items()
+            if pid in rows
+        ]
+        if updates:
+            self.cur.executemany(
+                "UPDATE payments SET network = ?, payer = ?, payee = ?, amount_micro = ?, "
+                "received = ?, terminal = ?, updated_at = ? WHERE id = ?",
+                updates,
+            )
+        if inserts:
+            self.cur.executemany(
+                "INSERT INTO payments (id_hash, payment_id, network, payer, payee, "
+                "amount_micro, received, terminal, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                inserts,
+            )
+            # One writer, and each row takes the largest id plus one: the rows just
+            # written are numbered consecutively up to the last one.
+            (last,) = self.cur.execute("SELECT last_insert_rowid()").fetchone()
+            first = last - len(inserts) + 1
+            rows.update(zip((i[1] for i in inserts), range(first, last + 1), strict=True))
+        self._changed_payments.clear()
 
     def _wait(self, seq: int, ref: str) -> None:
         if seq == self._current_seq:
@@ -973,9 +1062,7 @@ class _TransactionWriter:
             self._set_payment(d["paymentId"], _Payment(network, None, None, None, 0, 1))
         self._emit(
             seq,
-            PaymentRecord(
-                key, d["timestamp"], network, "failed", d["paymentId"], error=d["error"]
-            ),
+            PaymentRecord(key, d["timestamp"], network, "failed", d["paymentId"], error=d["error"]),
         )
         self.effects.append(TerminalPayment(network, "failed"))
 
@@ -1069,6 +1156,11 @@ class _Payment(NamedTuple):
 
 def _key_hash(key: str) -> int:
     return int.from_bytes(blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def _id_hash(text: str) -> int:
+    """A 32-bit hash of a payment id, signed so that SQLite stores it in 4 bytes."""
+    return zlib.crc32(text.encode()) - 0x8000_0000
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,8 @@ from exporter.ledger import (
     GroupCommitter,
     Ledger,
     LedgerCorruptError,
+    LedgerError,
+    LedgerStats,
     LedgerUnavailableError,
     NewEvent,
     Outcome,
@@ -336,6 +338,84 @@ async def test_keys_whose_hashes_collide_stay_distinct(
     assert first.outcomes == [Outcome.ACCEPTED] * 3
     assert again.outcomes == [Outcome.DUPLICATE, Outcome.CONFLICT]
     assert committer.ledger.stats().events == 3
+
+
+async def test_payment_ids_whose_hashes_collide_keep_their_own_join_state(
+    committer: GroupCommitter,
+) -> None:
+    # Payments are found through a 32-bit hash of their id: these two ids share one.
+    first_id, second_id = "pay-629908", "pay-21000606"
+    assert ledger_module._id_hash(first_id) == ledger_module._id_hash(second_id)
+    await submit(committer, received(first_id, amount="1.00"))
+    await submit(committer, received(second_id, amount="2.00"))
+    result = await submit(committer, settled(second_id))
+    assert [e for e in result.effects if isinstance(e, TerminalPayment)] == [
+        TerminalPayment("eip155:8453", "success", 2_000_000, 10_000, 1500)
+    ]
+    assert committer.ledger.gauges().pending_by_network == {"eip155:8453": 1}
+    settled_record = payment_records(committer)[-1]
+    assert (settled_record.payment_id, settled_record.amount_micro) == (second_id, 2_000_000)
+
+
+SCHEMA_1_LEDGER = Path(__file__).parent / "fixtures" / "ledger-schema1.sqlite3"
+"""A ledger written by schema 1 (payments keyed by id in a WITHOUT ROWID table): a
+pending payment (received, verified), a settled one, a settlement waiting for its
+receipt, a failure released without its receipt, a dead letter and five undelivered
+store records."""
+
+
+async def test_a_schema_1_ledger_is_upgraded_with_its_join_state_and_outbox(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    path.write_bytes(SCHEMA_1_LEDGER.read_bytes())
+    ledger = Ledger(path)
+    committer = GroupCommitter(ledger)
+    try:
+        assert ledger.stats() == LedgerStats(
+            events=6, backlog=5, waiting_for_join=1, dead_letters=1
+        )
+        assert ledger.gauges().pending_by_network == {"eip155:8453": 1}
+        assert [r.record.key for r in ledger.read_outbox(10)] == [
+            "payment:received:pending-1",
+            "payment:verified:pending-1",
+            "payment:received:done-1",
+            "payment:settled:done-1",
+            "payment:failed:orphan-1",
+        ]
+        again = await submit(committer, received("done-1"), settled("done-1"))
+        assert again.outcomes == [Outcome.DUPLICATE, Outcome.DUPLICATE]
+        pending_settles = await submit(committer, settled("pending-1"))
+        assert PendingChange("eip155:8453", -1) in pending_settles.effects
+        waiting_joins = await submit(committer, received("waits-1"))
+        assert [e for e in waiting_joins.effects if isinstance(e, TerminalPayment)] == [
+            TerminalPayment("eip155:8453", "success", 1_500_000, 10_000, 1500)
+        ]
+        late_receipt = await submit(committer, received("orphan-1"))
+        assert not [e for e in late_receipt.effects if isinstance(e, PendingChange)]
+    finally:
+        committer.close()
+        ledger.close()
+    reopened = Ledger(path)
+    try:
+        assert reopened.gauges().pending_by_network == {}
+        assert reopened.stats().waiting_for_join == 0
+    finally:
+        reopened.close()
+    with sqlite3.connect(path) as conn:
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+        schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    assert schema == (str(ledger_module._SCHEMA_VERSION),)
+    assert "payments_schema1" not in tables and "payments_id_hash" in tables
+
+
+def test_a_ledger_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    Ledger(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+    with pytest.raises(LedgerError, match="has schema 99, this exporter reads 2"):
+        Ledger(path)
 
 
 async def test_wal_stays_bounded_under_continuous_writes(
