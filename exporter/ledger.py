@@ -86,6 +86,30 @@ CREATE TABLE IF NOT EXISTS payments (
 );
 CREATE INDEX IF NOT EXISTS payments_id_hash ON payments (id_hash);
 """
+# Dedup finds stored keys by a 64-bit hash of the key, in two tiers. This table holds
+# the events up to meta 'key_index_upto'; newer ones are in the write connection's
+# in-memory temp table recent_keys (rebuilt from events at startup), and every
+# _KEY_MERGE_EVENTS events they move here in one pass in hash order. A random hash
+# inserted per event into an index of the whole ledger writes (and later checkpoints)
+# about one 4 KiB page per event; the pass writes each page of this table once for
+# many events.
+_KEY_INDEX_DDL = """
+CREATE TABLE IF NOT EXISTS key_index (
+    key_hash INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (key_hash, seq)
+) WITHOUT ROWID;
+"""
+_RECENT_KEYS_DDL = """
+CREATE TEMP TABLE IF NOT EXISTS recent_keys (
+    key_hash INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (key_hash, seq)
+) WITHOUT ROWID;
+"""
+# Events kept in recent_keys before they move to key_index. The pass writes at most
+# this many pages (each one for several events while key_index has fewer pages).
+_KEY_MERGE_EVENTS = 32_768
 _SCHEMA = (
     """
 CREATE TABLE IF NOT EXISTS meta (
@@ -104,9 +128,6 @@ CREATE TABLE IF NOT EXISTS events (
     body BLOB NOT NULL,
     state INTEGER NOT NULL
 );
--- Dedup looks keys up by a 64-bit hash: an index of small integers takes a fraction of
--- the pages (and WAL writes) of one over the key text, and producers' ids are random.
-CREATE INDEX IF NOT EXISTS events_key_hash ON events (key_hash);
 CREATE INDEX IF NOT EXISTS events_waiting ON events (ref, seq) WHERE state = 0;
 CREATE TABLE IF NOT EXISTS batches (
     batch_id TEXT PRIMARY KEY,
@@ -137,14 +158,20 @@ CREATE TABLE IF NOT EXISTS websocket_latest (
 );
 """
     + _PAYMENTS_DDL
+    + _KEY_INDEX_DDL
 )
-# Schema 1 kept payments in a table keyed by payment_id (WITHOUT ROWID); its rows move
-# to the schema 2 table in one transaction, oldest update first.
+# Schema 1 kept payments in a table keyed by payment_id (WITHOUT ROWID) and the dedup
+# key hashes in an index on events; both move to their schema 2 tables in one
+# transaction.
 _MIGRATE_1_TO_2 = (
     "BEGIN IMMEDIATE;\n"
     "ALTER TABLE payments RENAME TO payments_schema1;\n"
     + _PAYMENTS_DDL
+    + _KEY_INDEX_DDL
     + """
+INSERT INTO key_index (key_hash, seq) SELECT key_hash, seq FROM events ORDER BY key_hash, seq;
+DROP INDEX events_key_hash;
+INSERT INTO meta (key, value) SELECT 'key_index_upto', coalesce(max(seq), 0) FROM events;
 INSERT INTO payments (id_hash, payment_id, network, payer, payee, amount_micro, received,
     terminal, updated_at)
 SELECT payment_id_hash(payment_id), payment_id, network, payer, payee, amount_micro,
@@ -399,6 +426,7 @@ class Ledger:
         # in progress (see _Checkpointer).
         self._write_lock = threading.Lock()
         self._init_schema()
+        self._key_index_upto, self._recent_keys = self._load_recent_keys()
         self._backlog = self._scalar("SELECT count(*) FROM outbox")
         # The records of the outbox, kept in memory too while they are few, so that the
         # forwarder need not read back and decode what was just written. ``_handoff``
@@ -414,6 +442,22 @@ class Ledger:
         self._write.execute("PRAGMA wal_autocheckpoint=0")
         self._write.execute(f"PRAGMA cache_size=-{_WRITE_CACHE_KIB}")
         self._checkpointer = _Checkpointer(self._connect(durability), self._write_lock)
+
+    def _load_recent_keys(self) -> tuple[int, int]:
+        """Fill recent_keys with the events key_index does not hold; returns the last
+        seq key_index holds and how many were filled in."""
+        self._write.execute("PRAGMA temp_store=MEMORY")
+        self._write.executescript(_RECENT_KEYS_DDL)
+        (upto,) = self._write.execute(
+            "SELECT value FROM meta WHERE key = 'key_index_upto'"
+        ).fetchone()
+        self._write.execute("DELETE FROM temp.recent_keys")
+        filled = self._write.execute(
+            "INSERT INTO temp.recent_keys (key_hash, seq) SELECT key_hash, seq FROM events "
+            "WHERE seq > ?",
+            (int(upto),),
+        ).rowcount
+        return int(upto), filled
 
     def _load_waiting_refs(self) -> set[str]:
         # Join partners that wait; a received event only looks for waiting rows when its
@@ -453,7 +497,8 @@ class Ledger:
             self._write.executescript(_SCHEMA)
             if version is None:
                 self._write.execute(
-                    "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(_SCHEMA_VERSION),)
+                    "INSERT INTO meta(key, value) VALUES ('schema', ?), ('key_index_upto', '0')",
+                    (str(_SCHEMA_VERSION),),
                 )
         except sqlite3.DatabaseError as error:
             raise LedgerCorruptError(
@@ -512,7 +557,7 @@ class Ledger:
         with self._transaction() as cur:
             # One writer for the whole group: its lookups and bulk writes are per
             # transaction, which single-event requests share.
-            writer = _TransactionWriter(cur, now, self._waiting_refs)
+            writer = _TransactionWriter(cur, now, self._waiting_refs, self._key_index_upto + 1)
             hashes = iter(writer.load([p for s in submissions for p in s.events]))
             for submission in submissions:
                 outcomes = [writer.add(prepared, next(hashes)) for prepared in submission.events]
@@ -520,8 +565,29 @@ class Ledger:
                     writer.dead_letter(letter)
                 results.append(SubmissionResult(outcomes, writer.take_effects()))
             writer.flush()
+            recent = self._recent_keys + writer.added
+            merged_upto = self._merge_keys(cur) if recent >= _KEY_MERGE_EVENTS else None
+        if merged_upto is None:
+            self._recent_keys = recent
+        else:
+            self._key_index_upto, self._recent_keys = merged_upto, 0
         self._emitted(writer.emitted)
         return results
+
+    def _merge_keys(self, cur: sqlite3.Cursor) -> int:
+        """Move recent_keys into key_index, in hash order; returns the new last seq held."""
+        (upto,) = cur.execute(
+            "SELECT max(?, coalesce(max(seq), 0)) FROM events", (self._key_index_upto,)
+        ).fetchone()
+        # From events, not recent_keys: it may still name events retention deleted.
+        cur.execute(
+            "INSERT OR IGNORE INTO key_index (key_hash, seq) SELECT key_hash, seq FROM events "
+            "WHERE seq > ? ORDER BY key_hash, seq",
+            (self._key_index_upto,),
+        )
+        cur.execute("DELETE FROM temp.recent_keys")
+        cur.execute("UPDATE meta SET value = ? WHERE key = 'key_index_upto'", (str(upto),))
+        return int(upto)
 
     def _emitted(self, rows: list[tuple[int, StoreRecord]]) -> None:
         """Count committed outbox rows and hand them to the forwarder in memory."""
@@ -631,14 +697,22 @@ class Ledger:
         Events still waiting for a join or with undelivered outbox rows are kept.
         """
         cutoff_seq = self._first_seq_received_at_or_after(older_than_ms)
-        cur = self._write.execute(
+        removed = self._write.execute(
             "DELETE FROM events WHERE seq IN ("
             " SELECT seq FROM events WHERE seq < ? AND state = 1"
             " AND seq < (SELECT coalesce(min(event_seq), 9223372036854775807) FROM outbox)"
-            " LIMIT ?)",
+            " LIMIT ?) RETURNING key_hash, seq",
             (cutoff_seq, limit),
+        ).fetchall()
+        self._write.executemany(
+            "DELETE FROM key_index WHERE key_hash = ? AND seq = ?",
+            [(key_hash, seq) for key_hash, seq in removed if seq <= self._key_index_upto],
         )
-        deleted = cur.rowcount
+        self._recent_keys -= self._write.executemany(
+            "DELETE FROM temp.recent_keys WHERE key_hash = ? AND seq = ?",
+            [(key_hash, seq) for key_hash, seq in removed if seq > self._key_index_upto],
+        ).rowcount
+        deleted = len(removed)
         self._write.execute(
             "DELETE FROM payments WHERE terminal = 1 AND updated_at < ?", (older_than_ms,)
         )
@@ -723,7 +797,9 @@ class _TransactionWriter:
     spends on the rows.
     """
 
-    def __init__(self, cur: sqlite3.Cursor, now_ms: int, waiting_refs: set[str]) -> None:
+    def __init__(
+        self, cur: sqlite3.Cursor, now_ms: int, waiting_refs: set[str], first_seq: int = 1
+    ) -> None:
         self.cur = cur
         self.waiting_refs = waiting_refs
         self.now = now_ms
@@ -735,9 +811,12 @@ class _TransactionWriter:
         self._stored: dict[int, list[tuple[str, bytes]]] = {}
         # Rows for ``events``, inserted at flush; numbered here (one writer at a time).
         self._event_rows: list[tuple[object, ...]] = []
+        # Never below ``first_seq``: a seq key_index may still name is not given again.
         self._next_seq: int = cur.execute(
-            "SELECT coalesce(max(seq), 0) + 1 FROM events"
+            "SELECT max(?, coalesce(max(seq), 0) + 1) FROM events", (first_seq,)
         ).fetchone()[0]
+        self.added = 0
+        """Events written to ``events`` (and recent_keys) so far."""
         self._current_seq = 0
         self._current_waits = False
         # Join state by payment id (None: no row), as of this writer's own changes.
@@ -769,8 +848,11 @@ class _TransactionWriter:
         if not hashes:
             return
         rows = self.cur.execute(
-            "SELECT key_hash, key, body FROM events "
-            "WHERE key_hash IN (SELECT value FROM json_each(?))",
+            "SELECT key_hash, key, body FROM events WHERE seq IN ("
+            " SELECT seq FROM key_index WHERE key_hash IN (SELECT value FROM json_each(?1))"
+            " UNION ALL"
+            " SELECT seq FROM temp.recent_keys"
+            " WHERE key_hash IN (SELECT value FROM json_each(?1)))",
             (json.dumps(hashes),),
         )
         for key_hash, key, body in rows:
@@ -845,6 +927,11 @@ class _TransactionWriter:
                 "state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 self._event_rows,
             )
+            self.cur.executemany(
+                "INSERT INTO temp.recent_keys (key_hash, seq) VALUES (?, ?)",
+                [(row[2], row[0]) for row in self._event_rows],
+            )
+            self.added += len(self._event_rows)
             self._event_rows.clear()
 
     def dead_letter(self, letter: DeadLetter) -> None:

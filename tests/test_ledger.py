@@ -292,6 +292,83 @@ async def test_retention_drops_only_delivered_events(committer: GroupCommitter) 
     assert [key for _, key, _ in ledger.iter_events()] == ["payment:settled:p2"]
 
 
+def key_index_seqs(path: Path) -> list[int]:
+    """Seqs the ledger file's merged key index names, in order."""
+    with sqlite3.connect(path) as conn:
+        return sorted(seq for (seq,) in conn.execute("SELECT seq FROM key_index"))
+
+
+async def test_keys_are_found_before_and_after_they_move_to_the_key_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Keys of the newest events live in a temp table and move to key_index every few
+    # events; dedup and conflicts must see both, across restarts and mid-way.
+    monkeypatch.setattr(ledger_module, "_KEY_MERGE_EVENTS", 3)
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path)
+    committer = GroupCommitter(ledger)
+    try:
+        await submit(committer, received("p1"), received("p2"))
+        assert key_index_seqs(path) == []  # two events: still recent
+        merged = await submit(committer, received("p3"), received("p1"))
+        assert merged.outcomes == [Outcome.ACCEPTED, Outcome.DUPLICATE]
+        assert key_index_seqs(path) == [1, 2, 3]
+        await submit(committer, received("p4"))
+        again = await submit(
+            committer, received("p2"), received("p4"), received("p3", amount="9.99")
+        )
+        assert again.outcomes == [Outcome.DUPLICATE, Outcome.DUPLICATE, Outcome.CONFLICT]
+    finally:
+        committer.close()
+        ledger.close()
+    reopened = Ledger(path)  # p4 is recent again, rebuilt from the events table
+    committer = GroupCommitter(reopened)
+    try:
+        after_restart = await submit(
+            committer,
+            received("p4"),
+            received("p1", amount="9.99"),
+            received("p5"),
+            received("p6"),
+        )
+        assert after_restart.outcomes == [
+            Outcome.DUPLICATE,
+            Outcome.CONFLICT,
+            Outcome.ACCEPTED,
+            Outcome.ACCEPTED,
+        ]
+        assert key_index_seqs(path) == [1, 2, 3, 4, 5, 6]
+        assert reopened.stats().events == 6
+    finally:
+        committer.close()
+        reopened.close()
+
+
+async def test_retention_removes_the_keys_of_deleted_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ledger_module, "_KEY_MERGE_EVENTS", 2)
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path)
+    committer = GroupCommitter(ledger)
+    try:
+        await submit(committer, received("p1"), received("p2"))  # merged into key_index
+        await submit(committer, received("p3"))  # recent
+        rows = ledger.read_outbox(10)
+        await committer.call(lambda: ledger.mark_delivered(rows[-1].seq))
+        assert await committer.call(lambda: ledger.apply_retention(2**62)) == 3
+        assert key_index_seqs(path) == []
+        # Past the dedup horizon an event is new again, numbered above every seq that
+        # key_index held (1 and 2).
+        resent = await submit(committer, received("p1"), received("p3"))
+        assert resent.outcomes == [Outcome.ACCEPTED, Outcome.ACCEPTED]
+        assert [seq for seq, _, _ in ledger.iter_events()] == [3, 4]
+        assert (await submit(committer, received("p1"))).outcomes == [Outcome.DUPLICATE]
+    finally:
+        committer.close()
+        ledger.close()
+
+
 def test_damaged_ledger_file_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
     path.write_bytes(b"this is not a database" * 100)
@@ -407,6 +484,8 @@ async def test_a_schema_1_ledger_is_upgraded_with_its_join_state_and_outbox(
         schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
     assert schema == (str(ledger_module._SCHEMA_VERSION),)
     assert "payments_schema1" not in tables and "payments_id_hash" in tables
+    assert "events_key_hash" not in tables
+    assert key_index_seqs(path) == [1, 2, 3, 4, 5, 6]  # the schema 1 events, merged
 
 
 def test_a_ledger_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
