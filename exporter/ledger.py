@@ -516,15 +516,22 @@ class Ledger:
         return None if row is None else int(row[0])
 
     def _migrate_from_schema_1(self) -> None:
-        """Move a schema 1 ledger's payments to the schema 2 layout, in one transaction."""
+        """Move a schema 1 ledger's payments and key hashes to the schema 2 tables.
+
+        One transaction: a failure (disk full) leaves the file as schema 1.
+        """
         started = time.monotonic()
         self._write.create_function("payment_id_hash", 1, _id_hash, deterministic=True)
         try:
             self._write.executescript(_MIGRATE_1_TO_2)
-        except BaseException:
+        except sqlite3.Error as error:
             with contextlib.suppress(sqlite3.Error):
                 self._write.execute("ROLLBACK")
-            raise
+            raise LedgerError(
+                f"ledger file {self.path} could not be upgraded from schema 1 to "
+                f"{_SCHEMA_VERSION} ({error}); it is unchanged. The upgrade copies the "
+                "payments table and the dedup key index: free that much disk space and restart"
+            ) from error
         log.info(
             "ledger schema upgraded",
             extra={

@@ -488,6 +488,22 @@ async def test_a_schema_1_ledger_is_upgraded_with_its_join_state_and_outbox(
     assert key_index_seqs(path) == [1, 2, 3, 4, 5, 6]  # the schema 1 events, merged
 
 
+def test_a_failed_upgrade_leaves_the_schema_1_ledger_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    path.write_bytes(SCHEMA_1_LEDGER.read_bytes())
+    with sqlite3.connect(path) as conn:  # the upgrade's scratch name is taken: it fails
+        conn.execute("CREATE TABLE payments_schema1 (x)")
+    with pytest.raises(LedgerError, match="could not be upgraded from schema 1") as caught:
+        Ledger(path)
+    assert str(path) in str(caught.value)
+    with sqlite3.connect(path) as conn:
+        schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        payments = conn.execute("SELECT count(*) FROM payments").fetchone()
+        indexes = {n for (n,) in conn.execute("SELECT name FROM sqlite_master")}
+    assert schema == ("1",) and payments == (3,)
+    assert "events_key_hash" in indexes and "key_index" not in indexes
+
+
 def test_a_ledger_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
     Ledger(path).close()
