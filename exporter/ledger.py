@@ -87,12 +87,12 @@ CREATE TABLE IF NOT EXISTS payments (
 CREATE INDEX IF NOT EXISTS payments_id_hash ON payments (id_hash);
 """
 # Dedup finds stored keys by a 64-bit hash of the key, in two tiers. This table holds
-# the events up to meta 'key_index_upto'; newer ones are in the write connection's
-# in-memory temp table recent_keys (rebuilt from events at startup), and every
-# _KEY_MERGE_EVENTS events they move here in one pass in hash order. A random hash
-# inserted per event into an index of the whole ledger writes (and later checkpoints)
-# about one 4 KiB page per event; the pass writes each page of this table once for
-# many events.
+# the events up to meta 'key_index_upto' (and maybe some later ones); newer ones are in
+# the write connection's in-memory temp table recent_keys (rebuilt from events at
+# startup). Every _KEY_MERGE_EVENTS events they move here, in hash order, one
+# _KEY_MERGE_PARTS-th of the hash range per commit. A random hash inserted per event
+# into an index of the whole ledger writes (and later checkpoints) about one 4 KiB page
+# per event; a merge writes each page of this table once for many events.
 _KEY_INDEX_DDL = """
 CREATE TABLE IF NOT EXISTS key_index (
     key_hash INTEGER NOT NULL,
@@ -107,9 +107,12 @@ CREATE TEMP TABLE IF NOT EXISTS recent_keys (
     PRIMARY KEY (key_hash, seq)
 ) WITHOUT ROWID;
 """
-# Events kept in recent_keys before they move to key_index. The pass writes at most
-# this many pages (each one for several events while key_index has fewer pages).
+# Events kept in recent_keys before they move to key_index. A merge writes at most
+# about this many pages (each one for several events while key_index has fewer pages),
+# spread over _KEY_MERGE_PARTS commits so that none writes more than a few MiB.
 _KEY_MERGE_EVENTS = 32_768
+_KEY_MERGE_PARTS = 8
+_KEY_HASH_SLICE = 2**64 // _KEY_MERGE_PARTS
 _SCHEMA = (
     """
 CREATE TABLE IF NOT EXISTS meta (
@@ -427,6 +430,8 @@ class Ledger:
         self._write_lock = threading.Lock()
         self._init_schema()
         self._key_index_upto, self._recent_keys = self._load_recent_keys()
+        # While recent_keys moves to key_index: the last seq moving and the next part.
+        self._merging: tuple[int, int] | None = None
         self._backlog = self._scalar("SELECT count(*) FROM outbox")
         # The records of the outbox, kept in memory too while they are few, so that the
         # forwarder need not read back and decode what was just written. ``_handoff``
@@ -564,7 +569,10 @@ class Ledger:
         with self._transaction() as cur:
             # One writer for the whole group: its lookups and bulk writes are per
             # transaction, which single-event requests share.
-            writer = _TransactionWriter(cur, now, self._waiting_refs, self._key_index_upto + 1)
+            # Numbered above every seq key_index holds or is taking: a seq it may still
+            # name (of an event retention deleted) is never given again.
+            first_seq = (self._merging[0] if self._merging else self._key_index_upto) + 1
+            writer = _TransactionWriter(cur, now, self._waiting_refs, first_seq)
             hashes = iter(writer.load([p for s in submissions for p in s.events]))
             for submission in submissions:
                 outcomes = [writer.add(prepared, next(hashes)) for prepared in submission.events]
@@ -572,29 +580,44 @@ class Ledger:
                     writer.dead_letter(letter)
                 results.append(SubmissionResult(outcomes, writer.take_effects()))
             writer.flush()
-            recent = self._recent_keys + writer.added
-            merged_upto = self._merge_keys(cur) if recent >= _KEY_MERGE_EVENTS else None
-        if merged_upto is None:
-            self._recent_keys = recent
-        else:
-            self._key_index_upto, self._recent_keys = merged_upto, 0
+            recent, upto, merging = self._merge_keys(cur, self._recent_keys + writer.added)
+        self._recent_keys, self._key_index_upto, self._merging = recent, upto, merging
         self._emitted(writer.emitted)
         return results
 
-    def _merge_keys(self, cur: sqlite3.Cursor) -> int:
-        """Move recent_keys into key_index, in hash order; returns the new last seq held."""
-        (upto,) = cur.execute(
-            "SELECT max(?, coalesce(max(seq), 0)) FROM events", (self._key_index_upto,)
-        ).fetchone()
-        # From events, not recent_keys: it may still name events retention deleted.
+    def _merge_keys(
+        self, cur: sqlite3.Cursor, recent: int
+    ) -> tuple[int, int, tuple[int, int] | None]:
+        """Move one part of recent_keys into key_index when a merge is due or under way.
+
+        Returns the new count of recent_keys, key_index_upto and merge state. Parts are
+        ranges of the hash, so each is inserted in key_index order; the stored
+        key_index_upto moves only with the last part (after a restart the merge starts
+        over, and INSERT OR IGNORE skips what is already there).
+        """
+        upto, merging = self._key_index_upto, self._merging
+        if merging is None:
+            if recent < _KEY_MERGE_EVENTS:
+                return recent, upto, None
+            (last,) = cur.execute(
+                "SELECT max(?, coalesce(max(seq), 0)) FROM events", (upto,)
+            ).fetchone()
+            merging = (int(last), 0)
+        last, part = merging
+        low = -(2**63) + part * _KEY_HASH_SLICE
+        bounds = (low, low + _KEY_HASH_SLICE - 1, last)
         cur.execute(
-            "INSERT OR IGNORE INTO key_index (key_hash, seq) SELECT key_hash, seq FROM events "
-            "WHERE seq > ? ORDER BY key_hash, seq",
-            (self._key_index_upto,),
+            "INSERT OR IGNORE INTO key_index (key_hash, seq) SELECT key_hash, seq "
+            "FROM temp.recent_keys WHERE key_hash BETWEEN ? AND ? AND seq <= ?",
+            bounds,
         )
-        cur.execute("DELETE FROM temp.recent_keys")
-        cur.execute("UPDATE meta SET value = ? WHERE key = 'key_index_upto'", (str(upto),))
-        return int(upto)
+        recent -= cur.execute(
+            "DELETE FROM temp.recent_keys WHERE key_hash BETWEEN ? AND ? AND seq <= ?", bounds
+        ).rowcount
+        if part + 1 < _KEY_MERGE_PARTS:
+            return recent, upto, (last, part + 1)
+        cur.execute("UPDATE meta SET value = ? WHERE key = 'key_index_upto'", (str(last),))
+        return recent, last, None
 
     def _emitted(self, rows: list[tuple[int, StoreRecord]]) -> None:
         """Count committed outbox rows and hand them to the forwarder in memory."""
@@ -711,13 +734,10 @@ class Ledger:
             " LIMIT ?) RETURNING key_hash, seq",
             (cutoff_seq, limit),
         ).fetchall()
-        self._write.executemany(
-            "DELETE FROM key_index WHERE key_hash = ? AND seq = ?",
-            [(key_hash, seq) for key_hash, seq in removed if seq <= self._key_index_upto],
-        )
+        # A key may be in either tier (or, mid-merge, both).
+        self._write.executemany("DELETE FROM key_index WHERE key_hash = ? AND seq = ?", removed)
         self._recent_keys -= self._write.executemany(
-            "DELETE FROM temp.recent_keys WHERE key_hash = ? AND seq = ?",
-            [(key_hash, seq) for key_hash, seq in removed if seq > self._key_index_upto],
+            "DELETE FROM temp.recent_keys WHERE key_hash = ? AND seq = ?", removed
         ).rowcount
         deleted = len(removed)
         self._write.execute(

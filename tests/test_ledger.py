@@ -298,47 +298,68 @@ def key_index_seqs(path: Path) -> list[int]:
         return sorted(seq for (seq,) in conn.execute("SELECT seq FROM key_index"))
 
 
-async def test_keys_are_found_before_and_after_they_move_to_the_key_index(
+def negative_hash_seqs(*pids: str) -> list[int]:
+    """Seqs (1, 2, ... in the order given) of ``payment:received`` events of ``pids``
+    whose key hash is negative: the first half of the hash range a merge moves."""
+    return [
+        seq
+        for seq, pid in enumerate(pids, start=1)
+        if ledger_module._key_hash(f"payment:received:{pid}") < 0
+    ]
+
+
+async def test_keys_are_found_before_during_and_after_they_move_to_the_key_index(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Keys of the newest events live in a temp table and move to key_index every few
-    # events; dedup and conflicts must see both, across restarts and mid-way.
+    # Keys of the newest events live in a temp table and move to key_index every three
+    # events, half of the hash range per commit; dedup and conflicts must see every key
+    # at every step, across restarts too (one in the middle of a merge).
     monkeypatch.setattr(ledger_module, "_KEY_MERGE_EVENTS", 3)
+    monkeypatch.setattr(ledger_module, "_KEY_MERGE_PARTS", 2)
+    monkeypatch.setattr(ledger_module, "_KEY_HASH_SLICE", 2**63)
+    # Ordered so that both merges have keys in both halves of the hash range.
+    a, b, c, d, e, f, g, h = pids = ["p1", "p5", "p2", "p3", "p6", "p4", "p7", "p8"]
+    first_half = negative_hash_seqs(*pids)
+    assert first_half == [2, 5, 7]
     path = tmp_path / "ledger.sqlite3"
     ledger = Ledger(path)
     committer = GroupCommitter(ledger)
     try:
-        await submit(committer, received("p1"), received("p2"))
+        await submit(committer, received(a), received(b))
         assert key_index_seqs(path) == []  # two events: still recent
-        merged = await submit(committer, received("p3"), received("p1"))
-        assert merged.outcomes == [Outcome.ACCEPTED, Outcome.DUPLICATE]
-        assert key_index_seqs(path) == [1, 2, 3]
-        await submit(committer, received("p4"))
-        again = await submit(
-            committer, received("p2"), received("p4"), received("p3", amount="9.99")
+        merging = await submit(committer, received(c), received(a))
+        assert merging.outcomes == [Outcome.ACCEPTED, Outcome.DUPLICATE]
+        assert key_index_seqs(path) == [2]  # the first half of the hash range
+        mid_merge = await submit(
+            committer, received(d), received(b, amount="9.99"), received(c, amount="9.99")
         )
-        assert again.outcomes == [Outcome.DUPLICATE, Outcome.DUPLICATE, Outcome.CONFLICT]
+        assert mid_merge.outcomes == [Outcome.ACCEPTED, Outcome.CONFLICT, Outcome.CONFLICT]
+        assert key_index_seqs(path) == [1, 2, 3]
+        await submit(committer, received(e), received(f))  # a merge of 4-6 starts
+        assert key_index_seqs(path) == [1, 2, 3, 5]
     finally:
         committer.close()
         ledger.close()
-    reopened = Ledger(path)  # p4 is recent again, rebuilt from the events table
+    reopened = Ledger(path)  # 4-6 are recent again, rebuilt from the events table
     committer = GroupCommitter(reopened)
     try:
         after_restart = await submit(
             committer,
-            received("p4"),
-            received("p1", amount="9.99"),
-            received("p5"),
-            received("p6"),
+            *(received(pid) for pid in pids[:6]),
+            received(e, amount="9.99"),
+            received(d, amount="9.99"),
+            received(g),
+            received(h),
         )
-        assert after_restart.outcomes == [
-            Outcome.DUPLICATE,
+        assert after_restart.outcomes == [Outcome.DUPLICATE] * 6 + [
+            Outcome.CONFLICT,
             Outcome.CONFLICT,
             Outcome.ACCEPTED,
             Outcome.ACCEPTED,
         ]
-        assert key_index_seqs(path) == [1, 2, 3, 4, 5, 6]
-        assert reopened.stats().events == 6
+        await submit(committer, received(a))  # the merge of 4-8 ends
+        assert key_index_seqs(path) == [1, 2, 3, 4, 5, 6, 7, 8]
+        assert reopened.stats().events == 8
     finally:
         committer.close()
         reopened.close()
@@ -348,6 +369,8 @@ async def test_retention_removes_the_keys_of_deleted_events(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ledger_module, "_KEY_MERGE_EVENTS", 2)
+    monkeypatch.setattr(ledger_module, "_KEY_MERGE_PARTS", 1)
+    monkeypatch.setattr(ledger_module, "_KEY_HASH_SLICE", 2**64)
     path = tmp_path / "ledger.sqlite3"
     ledger = Ledger(path)
     committer = GroupCommitter(ledger)
