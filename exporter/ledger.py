@@ -22,6 +22,7 @@ import queue
 import sqlite3
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -63,8 +64,57 @@ log = logging.getLogger(__name__)
 
 UNKNOWN_NETWORK = "unknown"
 
-_SCHEMA_VERSION = 1
-_SCHEMA = """
+_SCHEMA_VERSION = 2
+# Join state per payment: what payment:received said, and whether it has ended.
+# Rows are appended in arrival order (the update of a payment that ends soon after its
+# receipt then finds its row on a recent page, already written in the same or a close
+# transaction) and found through an index of a 32-bit hash of the id: a table keyed by
+# the random ids writes a page of wide rows per new payment, the index a page of small
+# integers that holds many more of them.
+_PAYMENTS_DDL = """
+CREATE TABLE IF NOT EXISTS payments (
+    id INTEGER PRIMARY KEY,
+    id_hash INTEGER NOT NULL,
+    payment_id TEXT NOT NULL,
+    network TEXT NOT NULL,
+    payer TEXT,
+    payee TEXT,
+    amount_micro INTEGER,
+    received INTEGER NOT NULL,
+    terminal INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS payments_id_hash ON payments (id_hash);
+"""
+# Dedup finds stored keys by a 64-bit hash of the key, in two tiers. This table holds
+# the events up to meta 'key_index_upto' (and maybe some later ones); newer ones are in
+# the write connection's in-memory temp table recent_keys (rebuilt from events at
+# startup). Every _KEY_MERGE_EVENTS events they move here, in hash order, one
+# _KEY_MERGE_PARTS-th of the hash range per commit. A random hash inserted per event
+# into an index of the whole ledger writes (and later checkpoints) about one 4 KiB page
+# per event; a merge writes each page of this table once for many events.
+_KEY_INDEX_DDL = """
+CREATE TABLE IF NOT EXISTS key_index (
+    key_hash INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (key_hash, seq)
+) WITHOUT ROWID;
+"""
+_RECENT_KEYS_DDL = """
+CREATE TEMP TABLE IF NOT EXISTS recent_keys (
+    key_hash INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (key_hash, seq)
+) WITHOUT ROWID;
+"""
+# Events kept in recent_keys before they move to key_index. A merge writes at most
+# about this many pages (each one for several events while key_index has fewer pages),
+# spread over _KEY_MERGE_PARTS commits so that none writes more than a few MiB.
+_KEY_MERGE_EVENTS = 32_768
+_KEY_MERGE_PARTS = 8
+_KEY_HASH_SLICE = 2**64 // _KEY_MERGE_PARTS
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -81,21 +131,7 @@ CREATE TABLE IF NOT EXISTS events (
     body BLOB NOT NULL,
     state INTEGER NOT NULL
 );
--- Dedup looks keys up by a 64-bit hash: an index of small integers takes a fraction of
--- the pages (and WAL writes) of one over the key text, and producers' ids are random.
-CREATE INDEX IF NOT EXISTS events_key_hash ON events (key_hash);
 CREATE INDEX IF NOT EXISTS events_waiting ON events (ref, seq) WHERE state = 0;
--- Join state per payment: what payment:received said, and whether it has ended.
-CREATE TABLE IF NOT EXISTS payments (
-    payment_id TEXT PRIMARY KEY,
-    network TEXT NOT NULL,
-    payer TEXT,
-    payee TEXT,
-    amount_micro INTEGER,
-    received INTEGER NOT NULL,
-    terminal INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS batches (
     batch_id TEXT PRIMARY KEY,
     network TEXT NOT NULL,
@@ -124,6 +160,31 @@ CREATE TABLE IF NOT EXISTS websocket_latest (
     count INTEGER NOT NULL
 );
 """
+    + _PAYMENTS_DDL
+    + _KEY_INDEX_DDL
+)
+# Schema 1 kept payments in a table keyed by payment_id (WITHOUT ROWID) and the dedup
+# key hashes in an index on events; both move to their schema 2 tables in one
+# transaction.
+_MIGRATE_1_TO_2 = (
+    "BEGIN IMMEDIATE;\n"
+    "ALTER TABLE payments RENAME TO payments_schema1;\n"
+    + _PAYMENTS_DDL
+    + _KEY_INDEX_DDL
+    + """
+INSERT INTO key_index (key_hash, seq) SELECT key_hash, seq FROM events ORDER BY key_hash, seq;
+DROP INDEX events_key_hash;
+INSERT INTO meta (key, value) SELECT 'key_index_upto', coalesce(max(seq), 0) FROM events;
+INSERT INTO payments (id_hash, payment_id, network, payer, payee, amount_micro, received,
+    terminal, updated_at)
+SELECT payment_id_hash(payment_id), payment_id, network, payer, payee, amount_micro,
+    received, terminal, updated_at
+FROM payments_schema1 ORDER BY updated_at;
+DROP TABLE payments_schema1;
+UPDATE meta SET value = '2' WHERE key = 'schema';
+COMMIT;
+"""
+)
 
 _WAITING, _EMITTED = 0, 1
 _T = TypeVar("_T")
@@ -444,6 +505,9 @@ class Ledger:
         self._write_lock = threading.Lock()
         self._quick_check()
         self._init_schema()
+        self._key_index_upto, self._recent_keys = self._load_recent_keys()
+        # While recent_keys moves to key_index: the last seq moving and the next part.
+        self._merging: tuple[int, int] | None = None
         self._backlog = self._scalar("SELECT count(*) FROM outbox")
         # The records of the outbox, kept in memory too while they are few, so that the
         # forwarder need not read back and decode what was just written. ``_handoff``
@@ -459,6 +523,22 @@ class Ledger:
         self._write.execute("PRAGMA wal_autocheckpoint=0")
         self._write.execute(f"PRAGMA cache_size=-{_WRITE_CACHE_KIB}")
         self._checkpointer = _Checkpointer(self._connect(durability), self._write_lock)
+
+    def _load_recent_keys(self) -> tuple[int, int]:
+        """Fill recent_keys with the events key_index does not hold; returns the last
+        seq key_index holds and how many were filled in."""
+        self._write.execute("PRAGMA temp_store=MEMORY")
+        self._write.executescript(_RECENT_KEYS_DDL)
+        (upto,) = self._write.execute(
+            "SELECT value FROM meta WHERE key = 'key_index_upto'"
+        ).fetchone()
+        self._write.execute("DELETE FROM temp.recent_keys")
+        filled = self._write.execute(
+            "INSERT INTO temp.recent_keys (key_hash, seq) SELECT key_hash, seq FROM events "
+            "WHERE seq > ?",
+            (int(upto),),
+        ).rowcount
+        return int(upto), filled
 
     def _load_waiting_refs(self) -> set[str]:
         # Join partners that wait; a received event only looks for waiting rows when its
@@ -498,19 +578,59 @@ class Ledger:
 
     def _init_schema(self) -> None:
         try:
+            version = self._stored_schema_version()
+            if version == 1:
+                self._migrate_from_schema_1()
+            elif version is not None and version != _SCHEMA_VERSION:
+                raise LedgerError(
+                    f"ledger file {self.path} has schema {version}, this exporter reads "
+                    f"{_SCHEMA_VERSION}"
+                )
             self._write.executescript(_SCHEMA)
-            row = self._write.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if version is None:
+                self._write.execute(
+                    "INSERT INTO meta(key, value) VALUES ('schema', ?), ('key_index_upto', '0')",
+                    (str(_SCHEMA_VERSION),),
+                )
         except sqlite3.DatabaseError as error:
             raise LedgerCorruptError(damaged_ledger_message(self.path, str(error))) from error
-        if row is None:
-            self._write.execute(
-                "INSERT INTO meta(key, value) VALUES ('schema', ?)", (str(_SCHEMA_VERSION),)
-            )
-        elif int(row[0]) != _SCHEMA_VERSION:
+
+    def _stored_schema_version(self) -> int | None:
+        """The file's schema version; None for a new file."""
+        has_meta = self._write.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ).fetchone()
+        if has_meta is None:
+            return None
+        row = self._write.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        return None if row is None else int(row[0])
+
+    def _migrate_from_schema_1(self) -> None:
+        """Move a schema 1 ledger's payments and key hashes to the schema 2 tables.
+
+        One transaction: a failure (disk full) leaves the file as schema 1.
+        """
+        started = time.monotonic()
+        self._write.create_function("payment_id_hash", 1, _id_hash, deterministic=True)
+        try:
+            self._write.executescript(_MIGRATE_1_TO_2)
+        except sqlite3.Error as error:
+            with contextlib.suppress(sqlite3.Error):
+                self._write.execute("ROLLBACK")
             raise LedgerError(
-                f"ledger file {self.path} has schema {row[0]}, this exporter reads "
-                f"{_SCHEMA_VERSION}"
-            )
+                f"ledger file {self.path} could not be upgraded from schema 1 to "
+                f"{_SCHEMA_VERSION} ({error}); it is unchanged. The upgrade copies the "
+                "payments table and the dedup key index: free that much disk space and restart"
+            ) from error
+        log.info(
+            "ledger schema upgraded",
+            extra={
+                "path": str(self.path),
+                "from_schema": 1,
+                "to_schema": _SCHEMA_VERSION,
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        )
 
     def _scalar(self, sql: str, params: tuple[object, ...] = ()) -> int:
         with self._read_lock:
@@ -534,7 +654,10 @@ class Ledger:
         with self._transaction() as cur:
             # One writer for the whole group: its lookups and bulk writes are per
             # transaction, which single-event requests share.
-            writer = _TransactionWriter(cur, now, self._waiting_refs)
+            # Numbered above every seq key_index holds or is taking: a seq it may still
+            # name (of an event retention deleted) is never given again.
+            first_seq = (self._merging[0] if self._merging else self._key_index_upto) + 1
+            writer = _TransactionWriter(cur, now, self._waiting_refs, first_seq)
             hashes = iter(writer.load([p for s in submissions for p in s.events]))
             for submission in submissions:
                 outcomes = [writer.add(prepared, next(hashes)) for prepared in submission.events]
@@ -542,8 +665,44 @@ class Ledger:
                     writer.dead_letter(letter)
                 results.append(SubmissionResult(outcomes, writer.take_effects()))
             writer.flush()
+            recent, upto, merging = self._merge_keys(cur, self._recent_keys + writer.added)
+        self._recent_keys, self._key_index_upto, self._merging = recent, upto, merging
         self._emitted(writer.emitted)
         return results
+
+    def _merge_keys(
+        self, cur: sqlite3.Cursor, recent: int
+    ) -> tuple[int, int, tuple[int, int] | None]:
+        """Move one part of recent_keys into key_index when a merge is due or under way.
+
+        Returns the new count of recent_keys, key_index_upto and merge state. Parts are
+        ranges of the hash, so each is inserted in key_index order; the stored
+        key_index_upto moves only with the last part (after a restart the merge starts
+        over, and INSERT OR IGNORE skips what is already there).
+        """
+        upto, merging = self._key_index_upto, self._merging
+        if merging is None:
+            if recent < _KEY_MERGE_EVENTS:
+                return recent, upto, None
+            (last,) = cur.execute(
+                "SELECT max(?, coalesce(max(seq), 0)) FROM events", (upto,)
+            ).fetchone()
+            merging = (int(last), 0)
+        last, part = merging
+        low = -(2**63) + part * _KEY_HASH_SLICE
+        bounds = (low, low + _KEY_HASH_SLICE - 1, last)
+        cur.execute(
+            "INSERT OR IGNORE INTO key_index (key_hash, seq) SELECT key_hash, seq "
+            "FROM temp.recent_keys WHERE key_hash BETWEEN ? AND ? AND seq <= ?",
+            bounds,
+        )
+        recent -= cur.execute(
+            "DELETE FROM temp.recent_keys WHERE key_hash BETWEEN ? AND ? AND seq <= ?", bounds
+        ).rowcount
+        if part + 1 < _KEY_MERGE_PARTS:
+            return recent, upto, (last, part + 1)
+        cur.execute("UPDATE meta SET value = ? WHERE key = 'key_index_upto'", (str(last),))
+        return recent, last, None
 
     def _emitted(self, rows: list[tuple[int, StoreRecord]]) -> None:
         """Count committed outbox rows and hand them to the forwarder in memory."""
@@ -655,17 +814,24 @@ class Ledger:
         cutoff_seq = self._first_seq_received_at_or_after(older_than_ms)
         # One transaction, so that a full disk fails it as a whole (LedgerUnavailableError).
         with self._transaction() as cur:
-            deleted = cur.execute(
+            removed = cur.execute(
                 "DELETE FROM events WHERE seq IN ("
                 " SELECT seq FROM events WHERE seq < ? AND state = 1"
                 " AND seq < (SELECT coalesce(min(event_seq), 9223372036854775807) FROM outbox)"
-                " LIMIT ?)",
+                " LIMIT ?) RETURNING key_hash, seq",
                 (cutoff_seq, limit),
+            ).fetchall()
+            # A key may be in either tier (or, mid-merge, both).
+            cur.executemany("DELETE FROM key_index WHERE key_hash = ? AND seq = ?", removed)
+            recent_removed = cur.executemany(
+                "DELETE FROM temp.recent_keys WHERE key_hash = ? AND seq = ?", removed
             ).rowcount
             cur.execute(
                 "DELETE FROM payments WHERE terminal = 1 AND updated_at < ?", (older_than_ms,)
             )
             cur.execute("DELETE FROM batches WHERE updated_at < ?", (older_than_ms,))
+        self._recent_keys -= recent_removed
+        deleted = len(removed)
         return deleted
 
     def check_writable(self) -> None:
@@ -755,7 +921,9 @@ class _TransactionWriter:
     spends on the rows.
     """
 
-    def __init__(self, cur: sqlite3.Cursor, now_ms: int, waiting_refs: set[str]) -> None:
+    def __init__(
+        self, cur: sqlite3.Cursor, now_ms: int, waiting_refs: set[str], first_seq: int = 1
+    ) -> None:
         self.cur = cur
         self.waiting_refs = waiting_refs
         self.now = now_ms
@@ -767,14 +935,19 @@ class _TransactionWriter:
         self._stored: dict[int, list[tuple[str, bytes]]] = {}
         # Rows for ``events``, inserted at flush; numbered here (one writer at a time).
         self._event_rows: list[tuple[object, ...]] = []
+        # Never below ``first_seq``: a seq key_index may still name is not given again.
         self._next_seq: int = cur.execute(
-            "SELECT coalesce(max(seq), 0) + 1 FROM events"
+            "SELECT max(?, coalesce(max(seq), 0) + 1) FROM events", (first_seq,)
         ).fetchone()[0]
+        self.added = 0
+        """Events written to ``events`` (and recent_keys) so far."""
         self._current_seq = 0
         self._current_waits = False
         # Join state by payment id (None: no row), as of this writer's own changes.
         self._payments: dict[str, _Payment | None] = {}
         self._changed_payments: dict[str, _Payment] = {}
+        # Row ids of the stored payments this writer read.
+        self._payment_rows: dict[str, int] = {}
 
     def load(self, events: Sequence[PreparedEvent]) -> list[int]:
         """Read what ``events`` will look up, in one query each; returns their key hashes."""
@@ -799,8 +972,11 @@ class _TransactionWriter:
         if not hashes:
             return
         rows = self.cur.execute(
-            "SELECT key_hash, key, body FROM events "
-            "WHERE key_hash IN (SELECT value FROM json_each(?))",
+            "SELECT key_hash, key, body FROM events WHERE seq IN ("
+            " SELECT seq FROM key_index WHERE key_hash IN (SELECT value FROM json_each(?1))"
+            " UNION ALL"
+            " SELECT seq FROM temp.recent_keys"
+            " WHERE key_hash IN (SELECT value FROM json_each(?1)))",
             (json.dumps(hashes),),
         )
         for key_hash, key, body in rows:
@@ -812,12 +988,14 @@ class _TransactionWriter:
             return
         self._payments.update(dict.fromkeys(wanted))
         rows = self.cur.execute(
-            "SELECT payment_id, network, payer, payee, amount_micro, received, terminal "
-            "FROM payments WHERE payment_id IN (SELECT value FROM json_each(?))",
-            (json.dumps(sorted(wanted)),),
+            "SELECT id, payment_id, network, payer, payee, amount_micro, received, terminal "
+            "FROM payments WHERE id_hash IN (SELECT value FROM json_each(?))",
+            (json.dumps(sorted({_id_hash(payment_id) for payment_id in wanted})),),
         )
-        for payment_id, *values in rows:
-            self._payments[payment_id] = _Payment(*values)
+        for row_id, payment_id, *values in rows:
+            if payment_id in wanted:  # not another id of the same hash
+                self._payments[payment_id] = _Payment(*values)
+                self._payment_rows[payment_id] = row_id
 
     def _payment(self, payment_id: str) -> _Payment | None:
         if payment_id not in self._payments:
@@ -873,6 +1051,11 @@ class _TransactionWriter:
                 "state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 self._event_rows,
             )
+            self.cur.executemany(
+                "INSERT INTO temp.recent_keys (key_hash, seq) VALUES (?, ?)",
+                [(row[2], row[0]) for row in self._event_rows],
+            )
+            self.added += len(self._event_rows)
             self._event_rows.clear()
 
     def dead_letter(self, letter: DeadLetter) -> None:
@@ -888,16 +1071,7 @@ class _TransactionWriter:
         """Write the events, join state and store records gathered so far, in order."""
         self._flush_events()
         if self._changed_payments:
-            self.cur.executemany(
-                "INSERT INTO payments (payment_id, network, payer, payee, amount_micro, "
-                "received, terminal, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (payment_id) DO UPDATE SET network = excluded.network, "
-                "payer = excluded.payer, payee = excluded.payee, "
-                "amount_micro = excluded.amount_micro, received = excluded.received, "
-                "terminal = excluded.terminal, updated_at = excluded.updated_at",
-                [(pid, *payment, self.now) for pid, payment in self._changed_payments.items()],
-            )
-            self._changed_payments.clear()
+            self._flush_payments()
         if self._outbox:
             self.cur.executemany(
                 "INSERT INTO outbox (event_seq, record) VALUES (?, ?)",
@@ -911,6 +1085,37 @@ class _TransactionWriter:
                 zip(range(first, last + 1), (record for _, record in self._outbox), strict=True)
             )
             self._outbox.clear()
+
+    def _flush_payments(self) -> None:
+        rows = self._payment_rows
+        inserts = [
+            (_id_hash(pid), pid, *payment, self.now)
+            for pid, payment in self._changed_payments.items()
+            if pid not in rows
+        ]
+        updates = [
+            (*payment, self.now, rows[pid])
+            for pid, payment in self._changed_payments.items()
+            if pid in rows
+        ]
+        if updates:
+            self.cur.executemany(
+                "UPDATE payments SET network = ?, payer = ?, payee = ?, amount_micro = ?, "
+                "received = ?, terminal = ?, updated_at = ? WHERE id = ?",
+                updates,
+            )
+        if inserts:
+            self.cur.executemany(
+                "INSERT INTO payments (id_hash, payment_id, network, payer, payee, "
+                "amount_micro, received, terminal, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                inserts,
+            )
+            # One writer, and each row takes the largest id plus one: the rows just
+            # written are numbered consecutively up to the last one.
+            (last,) = self.cur.execute("SELECT last_insert_rowid()").fetchone()
+            first = last - len(inserts) + 1
+            rows.update(zip((i[1] for i in inserts), range(first, last + 1), strict=True))
+        self._changed_payments.clear()
 
     def _wait(self, seq: int, ref: str) -> None:
         if seq == self._current_seq:
@@ -1068,9 +1273,7 @@ class _TransactionWriter:
             self._set_payment(d["paymentId"], _Payment(network, None, None, None, 0, 1))
         self._emit(
             seq,
-            PaymentRecord(
-                key, d["timestamp"], network, "failed", d["paymentId"], error=d["error"]
-            ),
+            PaymentRecord(key, d["timestamp"], network, "failed", d["paymentId"], error=d["error"]),
         )
         self.effects.append(TerminalPayment(network, "failed"))
 
@@ -1164,6 +1367,11 @@ class _Payment(NamedTuple):
 
 def _key_hash(key: str) -> int:
     return int.from_bytes(blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def _id_hash(text: str) -> int:
+    """A 32-bit hash of a payment id, signed so that SQLite stores it in 4 bytes."""
+    return zlib.crc32(text.encode()) - 0x8000_0000
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,8 @@ from exporter.ledger import (
     GroupCommitter,
     Ledger,
     LedgerCorruptError,
+    LedgerError,
+    LedgerStats,
     LedgerUnavailableError,
     NewEvent,
     Outcome,
@@ -289,6 +291,106 @@ async def test_retention_drops_only_delivered_events(committer: GroupCommitter) 
     assert [key for _, key, _ in ledger.iter_events()] == ["payment:settled:p2"]
 
 
+def key_index_seqs(path: Path) -> list[int]:
+    """Seqs the ledger file's merged key index names, in order."""
+    with sqlite3.connect(path) as conn:
+        return sorted(seq for (seq,) in conn.execute("SELECT seq FROM key_index"))
+
+
+def negative_hash_seqs(*pids: str) -> list[int]:
+    """Seqs (1, 2, ... in the order given) of ``payment:received`` events of ``pids``
+    whose key hash is negative: the first half of the hash range a merge moves."""
+    return [
+        seq
+        for seq, pid in enumerate(pids, start=1)
+        if ledger_module._key_hash(f"payment:received:{pid}") < 0
+    ]
+
+
+async def test_keys_are_found_before_during_and_after_they_move_to_the_key_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Keys of the newest events live in a temp table and move to key_index every three
+    # events, half of the hash range per commit; dedup and conflicts must see every key
+    # at every step, across restarts too (one in the middle of a merge).
+    monkeypatch.setattr(ledger_module, "_KEY_MERGE_EVENTS", 3)
+    monkeypatch.setattr(ledger_module, "_KEY_MERGE_PARTS", 2)
+    monkeypatch.setattr(ledger_module, "_KEY_HASH_SLICE", 2**63)
+    # Ordered so that both merges have keys in both halves of the hash range.
+    a, b, c, d, e, f, g, h = pids = ["p1", "p5", "p2", "p3", "p6", "p4", "p7", "p8"]
+    first_half = negative_hash_seqs(*pids)
+    assert first_half == [2, 5, 7]
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path)
+    committer = GroupCommitter(ledger)
+    try:
+        await submit(committer, received(a), received(b))
+        assert key_index_seqs(path) == []  # two events: still recent
+        merging = await submit(committer, received(c), received(a))
+        assert merging.outcomes == [Outcome.ACCEPTED, Outcome.DUPLICATE]
+        assert key_index_seqs(path) == [2]  # the first half of the hash range
+        mid_merge = await submit(
+            committer, received(d), received(b, amount="9.99"), received(c, amount="9.99")
+        )
+        assert mid_merge.outcomes == [Outcome.ACCEPTED, Outcome.CONFLICT, Outcome.CONFLICT]
+        assert key_index_seqs(path) == [1, 2, 3]
+        await submit(committer, received(e), received(f))  # a merge of 4-6 starts
+        assert key_index_seqs(path) == [1, 2, 3, 5]
+    finally:
+        committer.close()
+        ledger.close()
+    reopened = Ledger(path)  # 4-6 are recent again, rebuilt from the events table
+    committer = GroupCommitter(reopened)
+    try:
+        after_restart = await submit(
+            committer,
+            *(received(pid) for pid in pids[:6]),
+            received(e, amount="9.99"),
+            received(d, amount="9.99"),
+            received(g),
+            received(h),
+        )
+        assert after_restart.outcomes == [Outcome.DUPLICATE] * 6 + [
+            Outcome.CONFLICT,
+            Outcome.CONFLICT,
+            Outcome.ACCEPTED,
+            Outcome.ACCEPTED,
+        ]
+        await submit(committer, received(a))  # the merge of 4-8 ends
+        assert key_index_seqs(path) == [1, 2, 3, 4, 5, 6, 7, 8]
+        assert reopened.stats().events == 8
+    finally:
+        committer.close()
+        reopened.close()
+
+
+async def test_retention_removes_the_keys_of_deleted_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ledger_module, "_KEY_MERGE_EVENTS", 2)
+    monkeypatch.setattr(ledger_module, "_KEY_MERGE_PARTS", 1)
+    monkeypatch.setattr(ledger_module, "_KEY_HASH_SLICE", 2**64)
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path)
+    committer = GroupCommitter(ledger)
+    try:
+        await submit(committer, received("p1"), received("p2"))  # merged into key_index
+        await submit(committer, received("p3"))  # recent
+        rows = ledger.read_outbox(10)
+        await committer.call(lambda: ledger.mark_delivered(rows[-1].seq))
+        assert await committer.call(lambda: ledger.apply_retention(2**62)) == 3
+        assert key_index_seqs(path) == []
+        # Past the dedup horizon an event is new again, numbered above every seq that
+        # key_index held (1 and 2).
+        resent = await submit(committer, received("p1"), received("p3"))
+        assert resent.outcomes == [Outcome.ACCEPTED, Outcome.ACCEPTED]
+        assert [seq for seq, _, _ in ledger.iter_events()] == [3, 4]
+        assert (await submit(committer, received("p1"))).outcomes == [Outcome.DUPLICATE]
+    finally:
+        committer.close()
+        ledger.close()
+
+
 def test_damaged_ledger_file_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
     path.write_bytes(b"this is not a database" * 100)
@@ -335,6 +437,102 @@ async def test_keys_whose_hashes_collide_stay_distinct(
     assert first.outcomes == [Outcome.ACCEPTED] * 3
     assert again.outcomes == [Outcome.DUPLICATE, Outcome.CONFLICT]
     assert committer.ledger.stats().events == 3
+
+
+async def test_payment_ids_whose_hashes_collide_keep_their_own_join_state(
+    committer: GroupCommitter,
+) -> None:
+    # Payments are found through a 32-bit hash of their id: these two ids share one.
+    first_id, second_id = "pay-629908", "pay-21000606"
+    assert ledger_module._id_hash(first_id) == ledger_module._id_hash(second_id)
+    await submit(committer, received(first_id, amount="1.00"))
+    await submit(committer, received(second_id, amount="2.00"))
+    result = await submit(committer, settled(second_id))
+    assert [e for e in result.effects if isinstance(e, TerminalPayment)] == [
+        TerminalPayment("eip155:8453", "success", 2_000_000, 10_000, 1500)
+    ]
+    assert committer.ledger.gauges().pending_by_network == {"eip155:8453": 1}
+    settled_record = payment_records(committer)[-1]
+    assert (settled_record.payment_id, settled_record.amount_micro) == (second_id, 2_000_000)
+
+
+SCHEMA_1_LEDGER = Path(__file__).parent / "fixtures" / "ledger-schema1.sqlite3"
+"""A ledger written by schema 1 (payments keyed by id in a WITHOUT ROWID table): a
+pending payment (received, verified), a settled one, a settlement waiting for its
+receipt, a failure released without its receipt, a dead letter and five undelivered
+store records."""
+
+
+async def test_a_schema_1_ledger_is_upgraded_with_its_join_state_and_outbox(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    path.write_bytes(SCHEMA_1_LEDGER.read_bytes())
+    ledger = Ledger(path)
+    committer = GroupCommitter(ledger)
+    try:
+        assert ledger.stats() == LedgerStats(
+            events=6, backlog=5, waiting_for_join=1, dead_letters=1
+        )
+        assert ledger.gauges().pending_by_network == {"eip155:8453": 1}
+        assert [r.record.key for r in ledger.read_outbox(10)] == [
+            "payment:received:pending-1",
+            "payment:verified:pending-1",
+            "payment:received:done-1",
+            "payment:settled:done-1",
+            "payment:failed:orphan-1",
+        ]
+        again = await submit(committer, received("done-1"), settled("done-1"))
+        assert again.outcomes == [Outcome.DUPLICATE, Outcome.DUPLICATE]
+        pending_settles = await submit(committer, settled("pending-1"))
+        assert PendingChange("eip155:8453", -1) in pending_settles.effects
+        waiting_joins = await submit(committer, received("waits-1"))
+        assert [e for e in waiting_joins.effects if isinstance(e, TerminalPayment)] == [
+            TerminalPayment("eip155:8453", "success", 1_500_000, 10_000, 1500)
+        ]
+        late_receipt = await submit(committer, received("orphan-1"))
+        assert not [e for e in late_receipt.effects if isinstance(e, PendingChange)]
+    finally:
+        committer.close()
+        ledger.close()
+    reopened = Ledger(path)
+    try:
+        assert reopened.gauges().pending_by_network == {}
+        assert reopened.stats().waiting_for_join == 0
+    finally:
+        reopened.close()
+    with sqlite3.connect(path) as conn:
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+        schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    assert schema == (str(ledger_module._SCHEMA_VERSION),)
+    assert "payments_schema1" not in tables and "payments_id_hash" in tables
+    assert "events_key_hash" not in tables
+    assert key_index_seqs(path) == [1, 2, 3, 4, 5, 6]  # the schema 1 events, merged
+
+
+def test_a_failed_upgrade_leaves_the_schema_1_ledger_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    path.write_bytes(SCHEMA_1_LEDGER.read_bytes())
+    with sqlite3.connect(path) as conn:  # the upgrade's scratch name is taken: it fails
+        conn.execute("CREATE TABLE payments_schema1 (x)")
+    with pytest.raises(LedgerError, match="could not be upgraded from schema 1") as caught:
+        Ledger(path)
+    assert str(path) in str(caught.value)
+    with sqlite3.connect(path) as conn:
+        schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        payments = conn.execute("SELECT count(*) FROM payments").fetchone()
+        indexes = {n for (n,) in conn.execute("SELECT name FROM sqlite_master")}
+    assert schema == ("1",) and payments == (3,)
+    assert "events_key_hash" in indexes and "key_index" not in indexes
+
+
+def test_a_ledger_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    Ledger(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+    with pytest.raises(LedgerError, match="has schema 99, this exporter reads 2"):
+        Ledger(path)
 
 
 class _ReaderUntilFirstCheckpoint:
