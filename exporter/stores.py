@@ -423,12 +423,7 @@ class Forwarder:
                 log.debug("store still refuses the credentials", extra=fields)
         else:
             log.warning("store write failed; retrying", extra=fields)
-        if self._stop_when_idle:
-            return
-        try:
-            await asyncio.wait_for(self._wait_for_stop(), delay)
-        except TimeoutError:
-            pass
+        await self._pause(delay)
 
     async def _ledger_back_off(self, action: str, error: Exception) -> None:
         """Wait before retrying after the ledger failed (a full disk, an I/O error)."""
@@ -439,6 +434,10 @@ class Forwarder:
             f"ledger cannot {action}; retrying",
             extra={"error": f"{type(error).__name__}: {error}", "retry_in_s": round(delay, 2)},
         )
+        await self._pause(delay)
+
+    async def _pause(self, delay: float) -> None:
+        """Wait ``delay`` seconds before a retry, or less when the forwarder is stopping."""
         if self._stop_when_idle:
             return
         try:
