@@ -191,7 +191,7 @@ async def test_a_gzip_bomb_is_a_quick_413_without_decoding_it_all(client: AppCli
     elapsed = time.monotonic() - started
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
     assert answer["error"] == f"gzip body decodes to more than the limit of {8 * MiB} bytes"
-    assert elapsed < 2.0, elapsed
+    assert elapsed < 10, elapsed  # decoding all 256 MiB and parsing it takes far longer
     assert grown_kib < 64 * 1024, f"peak RSS grew {grown_kib} KiB"  # 256 MiB if decoded
 
 
@@ -211,6 +211,18 @@ async def test_every_gzip_member_is_decoded(client: AppClient) -> None:
     response = await client.post("/v1/events", data=first + second, headers=headers)
     assert response.status == 202
     assert (await response.json())["accepted"] == 2
+
+
+async def test_thousands_of_gzip_members_are_a_413_without_decoding_them(
+    client: AppClient,
+) -> None:
+    """An 8 MiB body of empty gzip members would hold 400,000 of them, a decoder each."""
+    member = gzip.compress(b"", mtime=0)
+    body = member * (8 * MiB // len(member))
+    started = time.process_time()
+    answer = await _refused(client, body, 413, "too_large", {**JSON, "Content-Encoding": "gzip"})
+    assert answer["error"] == "gzip body holds more than 1000 members (concatenated gzip files)"
+    assert time.process_time() - started < 0.5  # the whole body would take about a second
 
 
 async def test_gzip_of_a_nested_bomb_within_the_limit_is_a_400(client: AppClient) -> None:
@@ -282,7 +294,7 @@ async def test_a_dribbled_body_is_cut_off_with_408_and_kept(
         status = await _status_line(reader, 5)
         elapsed = time.monotonic() - started
         assert status.startswith(b"HTTP/1.1 408"), status
-        assert 0.5 <= elapsed < 1.5, elapsed
+        assert 0.5 <= elapsed < 5, elapsed
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 1)
         assert b"Connection: close" in head
         if not chunked:  # the same for both: aiohttp reads on for its 10 s lingering time
@@ -306,7 +318,7 @@ async def test_headers_that_never_finish_are_closed_after_the_idle_timeout(
     started = time.monotonic()
     for reader, _writer in (silent, partial):
         assert await _closed_by_server(reader, 5)
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 8  # the idle timeout, not the 75 s default
     for _reader, writer in (silent, partial):
         writer.close()
 
@@ -376,7 +388,7 @@ async def _idle_connections_beside_a_request(data_dir: Path, idle: int) -> None:
                 server.make_url("/v1/events"), data=json.dumps(received("p-x")), headers=JSON
             ) as response:
                 assert response.status == 202
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 5  # a starved server takes 60 s
         await async_wait_until(all_closed, within=10, what="idle connections closed")
         for reader, _writer in connections:
             assert await _closed_by_server(reader, 1)
@@ -395,7 +407,10 @@ def test_serve_raises_the_open_file_limit_to_the_hard_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     lowered = max(_open_fds() + 64, 256)
     if hard != resource.RLIM_INFINITY and lowered >= hard:
-        pytest.skip(f"the hard fd limit {hard} leaves nothing to raise")
+        message = f"the hard fd limit {hard} leaves nothing to raise"
+        if in_ci():
+            pytest.fail(f"{message}; CI must run this test")
+        pytest.skip(message)
     resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
     try:
         before, after = raise_open_file_limit()
@@ -423,3 +438,17 @@ async def test_analytics_at_outside_the_range_is_a_400(client: AppClient, at: st
         body = await response.json()
         assert response.status == 400, (name, body)
         assert body["error"].startswith("at: must be from 1970-01-01 to 9999-12-31")
+
+
+@pytest.mark.parametrize(
+    ("parameter", "value"),
+    [("at", "²"), ("at", "1²"), ("at", "١٢٣"), ("limit", "²"), ("limit", "9" * 5000)],
+)
+async def test_analytics_numbers_beyond_ascii_digits_are_a_400(
+    client: AppClient, parameter: str, value: str
+) -> None:
+    """str.isdigit() admits "²" and Arabic-Indic digits, which int() refuses or reads."""
+    response = await client.get("/v1/analytics/top/payers", params={parameter: value})
+    body = await response.json()
+    assert response.status == 400, body
+    assert body["error"].startswith(f"{parameter}: ")
