@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -255,8 +256,12 @@ _MAX_AT_MS = 253_402_300_799_999
 """9999-12-31T23:59:59.999Z: the last instant whose UTC date Python can name."""
 
 
+_INTEGER = re.compile(r"-?[0-9]+")
+"""ASCII digits only: str.isdigit() also admits characters such as "²" that int() refuses."""
+
+
 def _parse_at(text: str) -> int:
-    if text.lstrip("-").isdigit():
+    if _INTEGER.fullmatch(text):
         at_ms = int(text) if len(text) <= 20 else -1
     else:
         try:
@@ -279,7 +284,7 @@ def _parse_at(text: str) -> int:
 def _parse_limit(text: str | None) -> int:
     if text is None:
         return DEFAULT_LIMIT
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    if not _INTEGER.fullmatch(text) or len(text) > 12 or not 1 <= int(text) <= MAX_LIMIT:
         raise AnalyticsRequestError(f"limit: must be an integer from 1 to {MAX_LIMIT}")
     return int(text)
 
