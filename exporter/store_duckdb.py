@@ -305,13 +305,16 @@ _HEADERS_BYTES = 3 * _MAIN_HEADER_BYTES  # the main header, then two database he
 
 
 def _store_file_problem(path: pathlib.Path) -> str | None:
-    """What is wrong with the store file's size, or None when it matches its header.
+    """What is wrong with the store file's size, or None when it may match its header.
 
     The file is three 4 KiB headers and then ``block_count`` blocks of
     ``block_alloc_size`` bytes, as recorded in the newer (higher ``iteration``) of the
     two database headers. A checkpoint writes its blocks before the header that counts
     them, so a crash may leave the file longer than its header says, but only while the
-    WAL still holds what the checkpoint was writing; it never leaves it shorter.
+    WAL still holds what the checkpoint was writing. A file shorter than its header
+    says is not damage by itself: the blocks counted last may be free (a checkpoint
+    writes the header and then cuts free blocks off the end), and a lost used block is
+    found by reading every table (:func:`_read_every_block`), which DuckDB does at open.
     Header layouts this check does not recognise are left to DuckDB.
     """
     size = path.stat().st_size
@@ -330,11 +333,6 @@ def _store_file_problem(path: pathlib.Path) -> str | None:
     if block_size < 4096 or block_size & (block_size - 1) or block_count > size:
         return None
     expected = _HEADERS_BYTES + block_count * block_size
-    if size < expected:
-        return (
-            f"it is {size} bytes long but its header counts {block_count} blocks "
-            f"({expected} bytes): the file was truncated"
-        )
     wal = path.with_name(path.name + ".wal")
     if size > expected and not (wal.exists() and wal.stat().st_size > 0):
         return (
