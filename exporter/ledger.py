@@ -22,6 +22,7 @@ import queue
 import sqlite3
 import threading
 import time
+import urllib.parse
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -198,9 +199,48 @@ class LedgerCorruptError(LedgerError):
     """The ledger file is damaged; the message names the file and what to do."""
 
 
+class LedgerUnavailableError(LedgerError):
+    """The ledger cannot be read or written now (disk full, I/O error, locked file,
+    permissions); the file is not damaged. A failed commit stored nothing."""
+
+
 def recovery_command(data_dir: Path) -> str:
     """The command that moves a damaged ledger or store aside and rebuilds it."""
     return f"facilitator-exporter recover --data-dir {data_dir}"
+
+
+# SQLite's primary result codes that mean the file's bytes are not a sound database.
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+_OPEN_ERROR_HINTS = {
+    3: "permission denied: the exporter's user must be able to read and write the file",
+    5: "another process holds the file's lock: stop it and start again",
+    6: "another connection holds the file's lock: stop it and start again",
+    8: "the file or its directory is read-only: the exporter must be able to write both",
+    10: "an I/O error: check the disk and the kernel log",
+    13: "the disk is full: free space and start again",
+    14: "the file, its -wal/-shm or its directory cannot be opened: check that they exist "
+    "and that the exporter's user may read and write them",
+    23: "access denied: check the file's permissions",
+}
+
+
+def is_damage(error: sqlite3.Error) -> bool:
+    """Whether an SQLite error says the file is damaged (not full, locked or unreadable)."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+
+
+def _open_error(path: Path, error: sqlite3.Error) -> LedgerError:
+    """The ledger error for an SQLite error met while opening ``path``."""
+    if is_damage(error):
+        return LedgerCorruptError(damaged_ledger_message(path, str(error)))
+    code = getattr(error, "sqlite_errorcode", None)
+    hint = _OPEN_ERROR_HINTS.get(code & 0xFF) if code is not None else None
+    return LedgerUnavailableError(
+        f"cannot open ledger file {path}: {error}"
+        + (f" ({hint})" if hint else "")
+        + ". The file is not damaged: `recover` does not apply"
+    )
 
 
 def damaged_ledger_message(path: Path, problem: str) -> str:
@@ -262,16 +302,21 @@ def _ledger_file_problem(path: Path) -> str | None:
 
 
 def check_ledger_file(path: Path) -> None:
-    """Raise :class:`LedgerCorruptError` when an existing ledger file is cut or extended."""
+    """Raise :class:`LedgerCorruptError` when an existing ledger file is cut or extended.
+
+    Raises :class:`LedgerUnavailableError` when the file cannot be read.
+    """
     if not path.exists():
         return
-    problem = _ledger_file_problem(path)
+    try:
+        problem = _ledger_file_problem(path)
+    except OSError as error:
+        raise LedgerUnavailableError(
+            f"cannot read ledger file {path}: {error}. The file is not damaged: "
+            "`recover` does not apply"
+        ) from error
     if problem is not None:
         raise LedgerCorruptError(damaged_ledger_message(path, problem))
-
-
-class LedgerUnavailableError(LedgerError):
-    """A commit failed (disk full, I/O error): nothing of the submission was stored."""
 
 
 class Outcome(Enum):
@@ -482,6 +527,33 @@ class _Checkpointer:
         self._conn.close()
 
 
+def _close_without_checkpoint(path: Path, conns: list[sqlite3.Connection]) -> None:
+    """Close ``conns`` without letting the last close checkpoint the WAL into ``path``.
+
+    Closing the last connection to a WAL database copies the WAL into the file and
+    deletes it; a ledger that failed to open may be damaged, and is never written in
+    place. A read-only connection that stays open across the closes keeps its shared
+    lock, so no close is the last one, and a read-only connection never checkpoints.
+    """
+    if not conns:
+        return
+    guard: sqlite3.Connection | None = None
+    with contextlib.suppress(sqlite3.Error):
+        guard = sqlite3.connect(read_only_uri(path), uri=True, isolation_level=None)
+        guard.execute("PRAGMA schema_version").fetchone()
+    try:
+        for conn in reversed(conns):
+            conn.close()
+    finally:
+        if guard is not None:
+            guard.close()
+
+
+def read_only_uri(path: Path) -> str:
+    """An SQLite URI that opens ``path`` read-only (it still reads the file's WAL)."""
+    return f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro"
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -497,6 +569,16 @@ class Ledger:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         check_ledger_file(path)
+        # Every connection opened so far, closed again if opening fails (``recover``
+        # opens ledgers in its own process and goes on).
+        self._opened: list[sqlite3.Connection] = []
+        try:
+            self._open(durability)
+        except BaseException:
+            _close_without_checkpoint(path, self._opened)
+            raise
+
+    def _open(self, durability: Durability) -> None:
         self._write = self._connect(durability)
         self._read = self._connect(durability)
         self._read_lock = threading.Lock()
@@ -505,23 +587,27 @@ class Ledger:
         self._write_lock = threading.Lock()
         self._quick_check()
         self._init_schema()
-        self._key_index_upto, self._recent_keys = self._load_recent_keys()
-        # While recent_keys moves to key_index: the last seq moving and the next part.
-        self._merging: tuple[int, int] | None = None
-        self._backlog = self._scalar("SELECT count(*) FROM outbox")
-        # The records of the outbox, kept in memory too while they are few, so that the
-        # forwarder need not read back and decode what was just written. ``_handoff``
-        # is None while the outbox holds rows that are not in it (after a restart or a
-        # long store outage); the forwarder then reads the table until it is empty.
-        self._handoff_lock = threading.Lock()
-        self._handoff: deque[tuple[int, StoreRecord]] | None = (
-            deque() if self._backlog == 0 else None
-        )
-        self._waiting_refs = self._load_waiting_refs()
-        # Checkpoints copy the WAL back into the database file and sync it; done in the
-        # committing thread they stall ingest, so a thread of their own does them.
-        self._write.execute("PRAGMA wal_autocheckpoint=0")
-        self._write.execute(f"PRAGMA cache_size=-{_WRITE_CACHE_KIB}")
+        try:
+            self._key_index_upto, self._recent_keys = self._load_recent_keys()
+            # While recent_keys moves to key_index: the last seq moving and the next part.
+            self._merging: tuple[int, int] | None = None
+            self._backlog = self._scalar("SELECT count(*) FROM outbox")
+            # The records of the outbox, kept in memory too while they are few, so that
+            # the forwarder need not read back and decode what was just written.
+            # ``_handoff`` is None while the outbox holds rows that are not in it (after
+            # a restart or a long store outage); the forwarder then reads the table
+            # until it is empty.
+            self._handoff_lock = threading.Lock()
+            self._handoff: deque[tuple[int, StoreRecord]] | None = (
+                deque() if self._backlog == 0 else None
+            )
+            self._waiting_refs = self._load_waiting_refs()
+            # Checkpoints copy the WAL back into the database file and sync it; done in
+            # the committing thread they stall ingest, so a thread of their own does them.
+            self._write.execute("PRAGMA wal_autocheckpoint=0")
+            self._write.execute(f"PRAGMA cache_size=-{_WRITE_CACHE_KIB}")
+        except sqlite3.DatabaseError as error:
+            raise _open_error(self.path, error) from error
         self._checkpointer = _Checkpointer(self._connect(durability), self._write_lock)
 
     def _load_recent_keys(self) -> tuple[int, int]:
@@ -552,13 +638,17 @@ class Ledger:
             conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=30.0
             )
+        except sqlite3.DatabaseError as error:
+            raise _open_error(self.path, error) from error
+        self._opened.append(conn)
+        try:
             conn.execute("PRAGMA journal_mode=WAL")
             sync = "FULL" if durability is Durability.POWER else "NORMAL"
             conn.execute(f"PRAGMA synchronous={sync}")
             conn.execute("PRAGMA foreign_keys=OFF")
             conn.execute("PRAGMA schema_version").fetchone()
         except sqlite3.DatabaseError as error:
-            raise LedgerCorruptError(damaged_ledger_message(self.path, str(error))) from error
+            raise _open_error(self.path, error) from error
         return conn
 
     def _quick_check(self) -> None:
@@ -568,7 +658,7 @@ class Ledger:
         try:
             rows = self._write.execute("PRAGMA quick_check").fetchall()
         except sqlite3.DatabaseError as error:
-            raise LedgerCorruptError(damaged_ledger_message(self.path, str(error))) from error
+            raise _open_error(self.path, error) from error
         if rows != [("ok",)]:
             found = " ".join("; ".join(str(row[0]) for row in rows).split())
             found = found if len(found) <= 200 else found[:197] + "..."
@@ -593,7 +683,7 @@ class Ledger:
                     (str(_SCHEMA_VERSION),),
                 )
         except sqlite3.DatabaseError as error:
-            raise LedgerCorruptError(damaged_ledger_message(self.path, str(error))) from error
+            raise _open_error(self.path, error) from error
 
     def _stored_schema_version(self) -> int | None:
         """The file's schema version; None for a new file."""

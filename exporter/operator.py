@@ -48,6 +48,7 @@ from .ledger import (
     GroupCommitter,
     Ledger,
     LedgerCorruptError,
+    LedgerError,
     Outcome,
     PreparedEvent,
     Submission,
@@ -906,6 +907,9 @@ def _ledger_problem(settings: Settings) -> str | None:
         Ledger(settings.ledger_path, settings.durability).close()
     except LedgerCorruptError as error:
         return str(error)
+    except LedgerError as error:
+        # Not damage (disk full, locked, permissions): moving it aside would not help.
+        raise OperatorError(f"recover: {error}; the ledger is left in place") from None
     return None
 
 

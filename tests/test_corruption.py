@@ -20,6 +20,7 @@ import sqlite3
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -27,7 +28,14 @@ from _exporter_process import run_cli
 from conftest import BASE_MS, batch_created, batch_settled, received, settled
 
 from exporter.events import canonical_json, dedup_key, parse_event_json
-from exporter.ledger import Ledger, LedgerCorruptError, PreparedEvent, Submission
+from exporter.ledger import (
+    Ledger,
+    LedgerCorruptError,
+    LedgerUnavailableError,
+    PreparedEvent,
+    Submission,
+    is_damage,
+)
 from exporter.store_duckdb import DuckDBStore, StoreCorruptError
 
 PAYMENTS = 3000
@@ -93,7 +101,7 @@ def _overwrite(path: Path, offset: int, count: int = 4096) -> None:
 
 def _events_leaf_in_the_middle(path: Path) -> int:
     """The byte offset of the middle one of the ``events`` table's leaf pages."""
-    conn = sqlite3.connect(path)
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)  # leaves a WAL as it is
     try:
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         pages = [
@@ -408,3 +416,67 @@ def test_a_store_shorter_than_its_header_but_readable_is_accepted(data_dir: Path
     store = DuckDBStore.open(path)
     asyncio.run(store.close())
     assert _store_rows(path) == before
+
+
+def test_is_damage_counts_only_corrupt_and_not_a_database() -> None:
+    def error(code: int) -> sqlite3.DatabaseError:
+        made = sqlite3.DatabaseError("x")
+        made.sqlite_errorcode = code
+        return made
+
+    assert is_damage(error(11)) and is_damage(error(26))
+    assert is_damage(error(11 | 3 << 8))  # SQLITE_CORRUPT_INDEX, an extended code
+    # full, I/O error, cannot open, busy, read-only
+    assert not any(is_damage(error(code)) for code in (13, 10, 10 | 12 << 8, 14, 5, 8))
+
+
+@pytest.mark.slow
+def test_a_ledger_that_cannot_be_opened_is_not_damage_and_recover_leaves_it(
+    data_dir: Path,
+) -> None:
+    path = _ledger(data_dir)
+    original = path.read_bytes()
+    # SQLite cannot open a WAL where a directory stands: "unable to open database file".
+    path.with_name(path.name + "-wal").mkdir()
+    with pytest.raises(LedgerUnavailableError) as caught:
+        Ledger(path)
+    message = str(caught.value)
+    assert not isinstance(caught.value, LedgerCorruptError)
+    assert f"cannot open ledger file {path}: unable to open database file" in message
+    assert "is damaged" not in message and "not damaged" in message
+
+    result = run_cli("recover", "--data-dir", str(data_dir))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "left in place" in result.stderr
+    assert path.read_bytes() == original
+    assert not [p for p in data_dir.iterdir() if ".damaged-" in p.name]
+
+
+def test_a_ledger_path_that_is_a_directory_is_not_damage(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    path.mkdir()
+    with pytest.raises(LedgerUnavailableError, match="cannot read ledger file") as caught:
+        Ledger(path)
+    assert not isinstance(caught.value, LedgerCorruptError)
+
+
+def test_a_failed_open_closes_its_connections(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _ledger(data_dir)
+    _overwrite_events_page(path)
+    opened: list[sqlite3.Connection] = []
+    connect = sqlite3.connect
+
+    def tracking(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn: sqlite3.Connection = connect(*args, **kwargs)
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", tracking)
+    with pytest.raises(LedgerCorruptError):
+        Ledger(path)
+    assert len(opened) >= 2
+    for conn in opened:
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            conn.execute("SELECT 1")
