@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import sqlite3
+import struct
 import tempfile
 import time
 import urllib.error
@@ -52,6 +53,7 @@ from .ledger import (
     Outcome,
     PreparedEvent,
     Submission,
+    read_only_uri,
 )
 from .metrics import Metrics
 from .records import Store
@@ -391,7 +393,7 @@ def export(
 def dead_letters(settings: Settings, reason: str | None, limit: int) -> list[dict[str, Any]]:
     """Stored dead letters, newest first, read without disturbing a running exporter."""
     _existing_ledger(settings, "dead-letters")
-    uri = f"file:{urllib.parse.quote(str(settings.ledger_path.resolve()))}?mode=ro"
+    uri = read_only_uri(settings.ledger_path)
     sql = "SELECT id, received_at, reason, error, key, raw FROM dead_letters"
     params: list[object] = []
     if reason is not None:
@@ -996,7 +998,9 @@ def _salvage_rows(path: Path, summary: RecoverySummary, seen: set[int]) -> Itera
     in ``summary.unreadable_ranges`` and reading resumes after them. The sequence
     number of every row read is added to ``seen``.
     """
-    conn = sqlite3.connect(path, check_same_thread=False)
+    # Read-only, SQLite still reads the WAL beside the file but never checkpoints it
+    # into the file nor deletes it: the damaged file and its WAL stay as they were.
+    conn = sqlite3.connect(read_only_uri(path), uri=True, check_same_thread=False)
     try:
         after = 0
         while True:
@@ -1083,13 +1087,66 @@ def _leaf_rows(page: bytes, header_at: int) -> Iterator[tuple[int, bytes]]:
             yield rowid, body
 
 
+_WAL_HEADER_BYTES = 32
+_WAL_MAGIC = (0x377F0682, 0x377F0683)  # checksums little-endian, big-endian
+_WAL_FRAME_HEADER = 24
+
+
+def _wal_checksum(data: bytes, big_endian: bool, s0: int, s1: int) -> tuple[int, int]:
+    """SQLite's WAL checksum of ``data`` (a multiple of 8 bytes) continuing from (s0, s1)."""
+    words = struct.unpack(f"{'>' if big_endian else '<'}{len(data) // 4}I", data)
+    for k in range(0, len(words), 2):
+        s0 = (s0 + words[k] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[k + 1] + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+def _committed_wal_pages(wal: Path, page_size: int) -> list[bytes]:
+    """The pages of the WAL's committed transactions, in the order they were written.
+
+    Only frames that a reader of the WAL would use count: those carrying the header's
+    salts with a valid running checksum, up to the last commit frame. Frames of a
+    transaction that never committed (its request was refused) and those of earlier
+    WAL generations (a rewound WAL keeps their bytes past its new end) are left out.
+    """
+    with open(wal, "rb") as handle:
+        data = handle.read()
+    if len(data) < _WAL_HEADER_BYTES:
+        return []
+    magic, _, wal_page_size = struct.unpack(">III", data[:12])
+    if magic not in _WAL_MAGIC or wal_page_size != page_size:
+        return []
+    big_endian = magic == _WAL_MAGIC[1]
+    salts = data[16:24]
+    sums = _wal_checksum(data[:24], big_endian, 0, 0)
+    if sums != struct.unpack(">II", data[24:32]):
+        return []
+    pages: list[bytes] = []
+    committed = 0
+    at = _WAL_HEADER_BYTES
+    stride = _WAL_FRAME_HEADER + page_size
+    while at + stride <= len(data):
+        header = data[at : at + _WAL_FRAME_HEADER]
+        page = data[at + _WAL_FRAME_HEADER : at + stride]
+        if header[8:16] != salts:
+            break
+        sums = _wal_checksum(header[:8] + page, big_endian, *sums)
+        if sums != struct.unpack(">II", header[16:24]):
+            break
+        pages.append(page)
+        if int.from_bytes(header[4:8], "big"):  # a commit frame: the database size
+            committed = len(pages)
+        at += stride
+    return pages[:committed]
+
+
 def _scan_pages(path: Path) -> Iterator[tuple[int, bytes]]:
     """(rowid, body) of ``events`` rows found by reading the file and its WAL page by page.
 
     SQLite reaches a row only through the b-tree pages above it; when those are lost (a
     truncated file loses the pages allocated last, often the upper levels) the leaves
     may still be there. Rows may repeat (older copies of a page): the new ledger
-    deduplicates them by key.
+    deduplicates them by key. Of the WAL only committed transactions are read.
     """
     with open(path, "rb") as handle:
         header = handle.read(100)
@@ -1097,18 +1154,15 @@ def _scan_pages(path: Path) -> Iterator[tuple[int, bytes]]:
     page_size = 65536 if page_size == 1 else page_size
     if page_size < 512 or page_size & (page_size - 1):
         page_size = 4096  # the header is lost: SQLite's default
-    sources = [(path, 0, page_size, 0)]
+    with open(path, "rb") as handle:
+        number = 0
+        while len(page := handle.read(page_size)) == page_size:
+            number += 1
+            yield from _leaf_rows(page, 100 if number == 1 else 0)
     wal = path.with_name(path.name + "-wal")
     if wal.exists():
-        sources.append((wal, 32, 24 + page_size, 24))  # each frame: header, then a page
-    for source, start, stride, skip in sources:
-        with open(source, "rb") as handle:
-            handle.seek(start)
-            number = 0
-            while len(frame := handle.read(stride)) == stride:
-                number += 1
-                first = number == 1 and source == path
-                yield from _leaf_rows(frame[skip:], 100 if first else 0)
+        for page in _committed_wal_pages(wal, page_size):
+            yield from _leaf_rows(page, 0)
 
 
 async def _salvage_ledger(

@@ -12,6 +12,7 @@ message naming the file and the recovery command, and that the command recovers.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import random
@@ -27,6 +28,7 @@ import pytest
 from _exporter_process import run_cli
 from conftest import BASE_MS, batch_created, batch_settled, received, settled
 
+from exporter.config import Settings
 from exporter.events import canonical_json, dedup_key, parse_event_json
 from exporter.ledger import (
     Ledger,
@@ -36,6 +38,7 @@ from exporter.ledger import (
     Submission,
     is_damage,
 )
+from exporter.operator import RecoverySummary, _scan_pages, recover
 from exporter.store_duckdb import DuckDBStore, StoreCorruptError
 
 PAYMENTS = 3000
@@ -480,3 +483,94 @@ def test_a_failed_open_closes_its_connections(
     for conn in opened:
         with pytest.raises(sqlite3.ProgrammingError, match="closed"):
             conn.execute("SELECT 1")
+
+
+def _settings(data_dir: Path) -> Settings:
+    return Settings(data_dir=data_dir, listen="127.0.0.1:0")
+
+
+def _recover(data_dir: Path, drain_seconds: float = 60.0) -> RecoverySummary:
+    return asyncio.run(recover(_settings(data_dir), err=io.StringIO(), drain_seconds=drain_seconds))
+
+
+def _prepared(raw: bytes) -> PreparedEvent:
+    event = parse_event_json(raw)
+    body = canonical_json(event)
+    return PreparedEvent(event, dedup_key(event, body), body, raw)
+
+
+def _ledger_with_a_hot_wal(tmp_path: Path, checkpointed: int, in_wal: int) -> Path:
+    """A ledger as a crash leaves it: ``checkpointed`` events in the file and ``in_wal``
+    more, in a second transaction, only in its WAL."""
+    live = tmp_path / "live"
+    ledger = Ledger(live / "ledger.sqlite3")
+    ledger.commit(
+        [
+            Submission(
+                [
+                    _prepared(json.dumps(received(f"old-{n}", BASE_MS + n)).encode())
+                    for n in range(checkpointed)
+                ]
+            )
+        ]
+    )
+    ledger.close()
+    ledger = Ledger(live / "ledger.sqlite3")
+    try:
+        ledger.commit(
+            [
+                Submission(
+                    [
+                        _prepared(json.dumps(received(f"new-{n}", BASE_MS + n)).encode())
+                        for n in range(in_wal)
+                    ]
+                )
+            ]
+        )
+        crashed = tmp_path / "data"
+        crashed.mkdir()
+        for name in ("ledger.sqlite3", "ledger.sqlite3-wal"):
+            shutil.copy(live / name, crashed / name)
+    finally:
+        ledger.close()
+    return crashed / "ledger.sqlite3"
+
+
+def test_recover_reads_the_damaged_ledger_and_its_wal_without_writing_them(
+    tmp_path: Path,
+) -> None:
+    path = _ledger_with_a_hot_wal(tmp_path, 3000, 500)
+    wal = path.with_name(path.name + "-wal")
+    assert wal.stat().st_size > 32
+    _overwrite_events_page(path)
+    damaged, damaged_wal = path.read_bytes(), wal.read_bytes()
+    with pytest.raises(LedgerCorruptError):
+        Ledger(path)  # closing what it opened does not checkpoint the WAL into the file
+    assert (path.read_bytes(), wal.read_bytes()) == (damaged, damaged_wal)
+
+    summary = _recover(path.parent)
+    aside = Path(summary.moved_aside[0])
+    assert aside.read_bytes() == damaged
+    assert aside.with_name(aside.name + "-wal").read_bytes() == damaged_wal
+    # The WAL's events were read too: only the overwritten page's rows are missing.
+    assert summary.unreadable_ranges
+    assert 3500 - 40 <= summary.salvaged_events < 3500
+    ledger = Ledger(path)
+    try:
+        keys = {key for _, key, _ in ledger.iter_events()}
+    finally:
+        ledger.close()
+    assert sum(1 for key in keys if "new-" in key) == 500
+
+
+def test_the_page_scan_skips_wal_frames_of_a_transaction_that_never_committed(
+    tmp_path: Path,
+) -> None:
+    path = _ledger_with_a_hot_wal(tmp_path, 0, 400)
+    wal = path.with_name(path.name + "-wal")
+    everything = {bytes(body) for _, body in _scan_pages(path)}
+    assert sum(b'"new-' in body for body in everything) == 400
+    # A crash while the transaction was written: its commit frame (the last) is missing.
+    page_size = int.from_bytes(path.read_bytes()[16:18], "big")
+    os.truncate(wal, wal.stat().st_size - (24 + page_size))
+    assert not any(b'"new-' in bytes(body) for _, body in _scan_pages(path))
