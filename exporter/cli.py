@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from ._logging import configure_logging
 from .app import SETTINGS, create_app
 from .config import Settings, StoreKind
-from .ledger import LedgerError
+from .ledger import LedgerError, RecoveryPendingError
 from .operator import OperatorError
 from .signing import check_secret
 
@@ -456,20 +456,26 @@ def _recover(args: argparse.Namespace) -> int:
         return 0
     if not summary.store_complete and settings.ledger_path.exists():
         sys.stderr.write(
-            "recover: the store is not fully rebuilt; run `facilitator-exporter backfill "
-            f"--to duckdb --data-dir {settings.data_dir}` to finish\n"
+            "recover: the store is not fully rebuilt (the exporter does not start until it "
+            f"is); run `facilitator-exporter recover --data-dir {settings.data_dir}` again\n"
         )
     elif not summary.store_complete:
         sys.stderr.write("recover: there is no ledger to rebuild the store from\n")
-    if summary.unreadable_ranges or summary.unreadable_events:
+    if (
+        summary.unreadable_ranges
+        or summary.unreadable_events
+        or summary.unreadable_dead_letters
+        or summary.unreadable_dead_letter_ranges
+    ):
         sys.stderr.write(
             f"recover: {summary.salvaged_events} events salvaged, but the damaged ledger "
-            "could not be read in full (see unreadableSeqRanges), so some may be lost; "
+            "could not be read in full (see unreadableSeqRanges, "
+            "unreadableDeadLetterIdRanges), so some may be lost; "
             f"the damaged file is kept as {summary.moved_aside[0]}\n"
         )
     if summary.retention_removed_before_seq is not None:
         sys.stderr.write(
-            "recover: retention had deleted the ledger's events before "
+            "recover: retention had deleted the ledger's events before sequence number "
             f"{summary.retention_removed_before_seq}; their records are not in the "
             "rebuilt store\n"
         )
@@ -657,8 +663,12 @@ def _add_operator_commands(
         description="Check the ledger (its size against its header, then SQLite's "
         "quick_check) and the embedded DuckDB store (size against header, every block's "
         "checksum). A damaged file is renamed NAME.damaged-<UTC time> (never deleted): "
-        "every readable event of a damaged ledger is committed to a new ledger, and a "
-        "damaged store is rebuilt from the ledger's events. Intact files are left alone. "
+        "every readable event and dead letter of a damaged ledger is committed to a new "
+        "ledger, and a damaged store is rebuilt from the ledger's events. Each is built as "
+        "NAME.recovering and renamed into place when complete; NAME.recover-pending keeps "
+        "the exporter from starting until then, and a rerun finishes an interrupted run. "
+        "A file that cannot be opened for another reason (disk full, locked, permissions) "
+        "is left in place. Intact files are left alone. "
         "Needs the data directory to itself. The summary goes to stdout as JSON; exit 1 "
         "when something could not be salvaged or rebuilt.",
     )
@@ -765,6 +775,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OperatorError as error:
         sys.stderr.write(f"facilitator-exporter: {error}\n")
         return error.exit_code
+    except (LedgerError, RecoveryPendingError) as error:  # an operator command's ledger
+        sys.stderr.write(f"facilitator-exporter: {error}\n")
+        return 1
     except KeyboardInterrupt:
         return 130
     return code

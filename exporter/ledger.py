@@ -204,9 +204,34 @@ class LedgerUnavailableError(LedgerError):
     permissions); the file is not damaged. A failed commit stored nothing."""
 
 
+class RecoveryPendingError(RuntimeError):
+    """A ``recover`` of a ledger or store file was interrupted; the file must not be used
+    until a ``recover`` finishes it."""
+
+
 def recovery_command(data_dir: Path) -> str:
     """The command that moves a damaged ledger or store aside and rebuilds it."""
     return f"facilitator-exporter recover --data-dir {data_dir}"
+
+
+def recovery_marker(path: Path) -> Path:
+    """The file ``recover`` keeps beside ``path`` while it rebuilds it.
+
+    It exists from before the damaged file is moved aside until the rebuilt file is in
+    place; while it does, the exporter and the other commands refuse to open ``path``.
+    """
+    return path.with_name(path.name + ".recover-pending")
+
+
+def check_no_pending_recovery(path: Path) -> None:
+    """Raise :class:`RecoveryPendingError` while a recovery of ``path`` is unfinished."""
+    marker = recovery_marker(path)
+    if marker.exists():
+        raise RecoveryPendingError(
+            f"a recovery of {path} was interrupted before it finished ({marker} exists): "
+            "what is there may be only part of what the damaged file held. Run "
+            f"`{recovery_command(path.parent)}` again to finish it"
+        )
 
 
 # SQLite's primary result codes that mean the file's bytes are not a sound database.
@@ -304,8 +329,10 @@ def _ledger_file_problem(path: Path) -> str | None:
 def check_ledger_file(path: Path) -> None:
     """Raise :class:`LedgerCorruptError` when an existing ledger file is cut or extended.
 
-    Raises :class:`LedgerUnavailableError` when the file cannot be read.
+    Also raises :class:`RecoveryPendingError` while an interrupted ``recover`` of it is
+    unfinished, and :class:`LedgerUnavailableError` when the file cannot be read.
     """
+    check_no_pending_recovery(path)
     if not path.exists():
         return
     try:
@@ -345,6 +372,8 @@ class DeadLetter:
     error: str
     raw: bytes
     key: str | None = None
+    received_at: int | None = None
+    """Epoch ms it was first received (None: now); ``recover`` keeps the original."""
 
 
 @dataclass(slots=True)
@@ -1151,7 +1180,13 @@ class _TransactionWriter:
     def dead_letter(self, letter: DeadLetter) -> None:
         self.cur.execute(
             "INSERT INTO dead_letters (received_at, reason, error, key, raw) VALUES (?,?,?,?,?)",
-            (self.now, letter.reason, letter.error, letter.key, letter.raw),
+            (
+                self.now if letter.received_at is None else letter.received_at,
+                letter.reason,
+                letter.error,
+                letter.key,
+                letter.raw,
+            ),
         )
 
     def _emit(self, event_seq: int, record: StoreRecord) -> None:

@@ -46,6 +46,7 @@ from .events import EventError, MalformedJSONError, canonical_json, dedup_key, p
 from .ledger import (
     DataDirLock,
     DataDirLockedError,
+    DeadLetter,
     GroupCommitter,
     Ledger,
     LedgerCorruptError,
@@ -54,6 +55,7 @@ from .ledger import (
     PreparedEvent,
     Submission,
     read_only_uri,
+    recovery_marker,
 )
 from .metrics import Metrics
 from .records import Store
@@ -859,6 +861,8 @@ class RecoverySummary:
     ledger_problem: str | None = None
     store_problem: str | None = None
     moved_aside: list[str] = field(default_factory=list)
+    resumed: bool = False
+    """An interrupted earlier run was found and started over from its damaged file."""
     salvaged_events: int = 0
     unreadable_events: int = 0
     """Rows whose body could not be parsed as an event."""
@@ -867,6 +871,11 @@ class RecoverySummary:
     to; a last of 2**62 or more means "to the end"."""
     page_scan_events: int = 0
     """Events of the unreadable ranges found by reading the file page by page."""
+    salvaged_dead_letters: int = 0
+    unreadable_dead_letters: int = 0
+    """Dead letter rows read whose columns are not what the ledger writes."""
+    unreadable_dead_letter_ranges: list[tuple[int, int]] = field(default_factory=list)
+    """Dead letter ids (first, last) the damaged ledger's b-tree could not lead to."""
     store_records_written: int = 0
     store_complete: bool = True
     retention_removed_before_seq: int | None = None
@@ -879,22 +888,30 @@ class RecoverySummary:
         return (
             not self.unreadable_events
             and not self.unreadable_ranges
+            and not self.unreadable_dead_letters
+            and not self.unreadable_dead_letter_ranges
             and self.store_complete
             and self.retention_removed_before_seq is None
         )
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
+
+        def ranges(found: list[tuple[int, int]]) -> list[list[int | None]]:
+            return [[first, last if last < 2**62 else None] for first, last in found]
+
         return {
             "ledgerProblem": self.ledger_problem,
             "storeProblem": self.store_problem,
             "movedAside": self.moved_aside,
+            "resumed": self.resumed,
             "salvagedEvents": self.salvaged_events,
             "unreadableEvents": self.unreadable_events,
-            "unreadableSeqRanges": [
-                [first, last if last < 2**62 else None] for first, last in self.unreadable_ranges
-            ],
+            "unreadableSeqRanges": ranges(self.unreadable_ranges),
             "pageScanEvents": self.page_scan_events,
+            "salvagedDeadLetters": self.salvaged_dead_letters,
+            "unreadableDeadLetters": self.unreadable_dead_letters,
+            "unreadableDeadLetterIdRanges": ranges(self.unreadable_dead_letter_ranges),
             "storeRecordsWritten": self.store_records_written,
             "storeComplete": self.store_complete,
             "retentionRemovedBeforeSeq": self.retention_removed_before_seq,
@@ -902,7 +919,16 @@ class RecoverySummary:
         }
 
 
+_LEDGER_COMPANIONS = ("-wal", "-shm")
+_STORE_COMPANIONS = (".wal",)
+
+
 def _ledger_problem(settings: Settings) -> str | None:
+    """Why the ledger is damaged, or None; other failures to open it stop the command.
+
+    A ledger that cannot be opened for another reason (disk full, locked, permissions)
+    is not damaged, and moving it aside would not help: it stays where it is.
+    """
     if not settings.ledger_path.exists():
         return None
     try:
@@ -910,7 +936,6 @@ def _ledger_problem(settings: Settings) -> str | None:
     except LedgerCorruptError as error:
         return str(error)
     except LedgerError as error:
-        # Not damage (disk full, locked, permissions): moving it aside would not help.
         raise OperatorError(f"recover: {error}; the ledger is left in place") from None
     return None
 
@@ -929,50 +954,135 @@ async def _store_problem(settings: Settings) -> str | None:
         )
     except StoreCorruptError as error:
         return str(error)
+    except Exception as error:  # locked, permissions, I/O: not damage
+        raise OperatorError(
+            f"recover: cannot check the DuckDB store {settings.duckdb_path}: {error}; "
+            "it is left in place"
+        ) from None
     await store.close()
     return None
 
 
-def _move_aside(path: Path, stamp: str, companions: Sequence[str]) -> list[Path]:
-    """Rename ``path`` and its companion files (``-wal``...) to ``NAME.damaged-STAMP...``.
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_aside(path: Path, target: Path, companions: Sequence[str]) -> list[Path]:
+    """Rename ``path`` and its companion files (``-wal``...) to ``target``.
 
     The companions keep their suffix after the new name, so SQLite and DuckDB still find
-    a WAL beside the moved file when it is opened for salvage.
+    a WAL beside the moved file when it is opened for salvage. They move first: once the
+    main file is at ``target``, everything is (a rerun after a kill finishes the rest).
     """
-    target = path.with_name(f"{path.name}.damaged-{stamp}")
     moved = []
-    for suffix in ("", *companions):
+    for suffix in (*companions, ""):
         source = path.with_name(path.name + suffix)
         if source.exists():
             destination = target.with_name(target.name + suffix)
             os.replace(source, destination)
             moved.append(destination)
-    return moved
+    _fsync_dir(path.parent)
+    return moved[-1:] + moved[:-1]
 
 
-def _probe(conn: sqlite3.Connection, at: int) -> int | None:
-    """The first event sequence number at or after ``at`` (None: there is none).
+def _begin_recovery(
+    path: Path, companions: Sequence[str], summary: RecoverySummary, err: IO[str]
+) -> Path:
+    """Mark ``path`` as being recovered and move it aside; returns the damaged file.
 
-    Reads only the table's b-tree, not the bodies; raises where that is damaged.
+    The marker (:func:`~exporter.ledger.recovery_marker`) is written before the rename
+    and names the damaged file, so a run that stops anywhere after it leaves the
+    exporter refusing to start and the next ``recover`` starting over from that file.
+    """
+    marker = recovery_marker(path)
+    if marker.exists():
+        target = path.with_name(json.loads(marker.read_text())["damaged"])
+        summary.resumed = True
+        err.write(f"recover: an earlier recovery of {path} was interrupted; starting it over\n")
+    else:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = path.with_name(f"{path.name}.damaged-{stamp}")
+        for n in itertools.count(2):
+            if not target.exists():
+                break
+            target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+        _write_progress_file(marker, {"damaged": target.name})
+    if not target.exists():
+        if not path.exists():
+            raise OperatorError(f"recover: neither {path} nor {target} exists")
+        moved = _move_aside(path, target, companions)
+        err.write(f"recover: moved aside to {moved[0]}\n")
+    summary.moved_aside += [
+        str(p)
+        for p in (target, *(target.with_name(target.name + s) for s in companions))
+        if p.exists()
+    ]
+    return target
+
+
+def _end_recovery(built: Path, path: Path, companions: Sequence[str]) -> None:
+    """Put the complete rebuilt file ``built`` in place of ``path``; drop the marker."""
+    for suffix in companions:
+        left = built.with_name(built.name + suffix)
+        if left.exists():
+            if left.stat().st_size > 0 and suffix != "-shm":
+                raise OperatorError(
+                    f"recover: {left} still holds data after closing {built}; run recover again"
+                )
+            left.unlink()
+    with open(built, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(built, path)
+    _fsync_dir(path.parent)
+    recovery_marker(path).unlink()
+    _fsync_dir(path.parent)
+
+
+def _write_progress_file(path: Path, content: dict[str, Any]) -> None:
+    """Write ``content`` as JSON to ``path`` atomically and durably."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(content, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _remove_sqlite_files(path: Path) -> None:
+    for stale in _sqlite_files(path):
+        stale.unlink(missing_ok=True)
+
+
+def _probe(conn: sqlite3.Connection, table: str, key: str, at: int) -> int | None:
+    """The first row id of ``table`` at or after ``at`` (None: there is none).
+
+    Reads only the table's b-tree, not the rows' columns; raises where that is damaged.
     """
     row = conn.execute(
-        "SELECT seq FROM events WHERE seq >= ? ORDER BY seq LIMIT 1", (at,)
+        f"SELECT {key} FROM {table} WHERE {key} >= ? ORDER BY {key} LIMIT 1", (at,)
     ).fetchone()
     return None if row is None else int(row[0])
 
 
-def _past_damage(conn: sqlite3.Connection, after: int) -> tuple[int | None, int]:
+def _past_damage(
+    conn: sqlite3.Connection, table: str, key: str, after: int
+) -> tuple[int | None, int]:
     """Where reading can resume after a damaged stretch that follows ``after``.
 
-    Returns (the first sequence number that can be found past it, or None when nothing
-    can; the last sequence number given up). Probes ``after`` + 1, 2, 4, ... and then
-    bisects the last step, so a damaged stretch costs a few dozen queries.
+    Returns (the first row id that can be found past it, or None when nothing can; the
+    last row id given up). Probes ``after`` + 1, 2, 4, ... and then bisects the last
+    step, so a damaged stretch costs a few dozen queries.
     """
     failed, step = after + 1, 1
     while True:
         at = after + step
         try:
-            found = _probe(conn, at)
+            found = _probe(conn, table, key, at)
             break
         except sqlite3.DatabaseError:
             failed = at
@@ -983,7 +1093,7 @@ def _past_damage(conn: sqlite3.Connection, after: int) -> tuple[int | None, int]
     while high - low > 1:
         middle = (low + high) // 2
         try:
-            result = _probe(conn, middle)
+            result = _probe(conn, table, key, middle)
         except sqlite3.DatabaseError:
             low = middle
             continue
@@ -991,46 +1101,53 @@ def _past_damage(conn: sqlite3.Connection, after: int) -> tuple[int | None, int]
     return found, low
 
 
-def _salvage_rows(path: Path, summary: RecoverySummary, seen: set[int]) -> Iterator[bytes]:
-    """The body of every event row of the damaged ledger at ``path`` that can be read.
+def _read_rows(
+    conn: sqlite3.Connection,
+    table: str,
+    key: str,
+    columns: str,
+    unreadable: list[tuple[int, int]],
+) -> Iterator[tuple[Any, ...]]:
+    """(row id, *columns) of every row of ``table`` of a damaged ledger that can be read.
 
-    Rows come in sequence order; where a page is damaged the rows on it are recorded
-    in ``summary.unreadable_ranges`` and reading resumes after them. The sequence
-    number of every row read is added to ``seen``.
+    Rows come in row id order; where a page is damaged the ids on it are recorded in
+    ``unreadable`` and reading resumes after them.
     """
-    # Read-only, SQLite still reads the WAL beside the file but never checkpoints it
-    # into the file nor deletes it: the damaged file and its WAL stay as they were.
-    conn = sqlite3.connect(read_only_uri(path), uri=True, check_same_thread=False)
-    try:
-        after = 0
-        while True:
-            try:
-                rows = conn.execute(
-                    "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq", (after,)
-                )
-                for seq, body in rows:
-                    after = max(after, int(seq))
-                    seen.add(int(seq))
-                    yield bytes(body)
+    after = 0
+    while True:
+        try:
+            rows = conn.execute(
+                f"SELECT {key}, {columns} FROM {table} WHERE {key} > ? ORDER BY {key}", (after,)
+            )
+            for row in rows:
+                after = max(after, int(row[0]))
+                yield tuple(row)
+            return
+        except sqlite3.DatabaseError:
+            pass
+        # The row after ``after`` (or the page leading to it) cannot be read.
+        try:
+            first = _probe(conn, table, key, after + 1)
+        except sqlite3.DatabaseError:
+            found, given_up = _past_damage(conn, table, key, after)
+            unreadable.append((after + 1, given_up))
+            if found is None:
                 return
-            except sqlite3.DatabaseError:
-                pass
-            # The row after ``after`` (or the page leading to it) cannot be read.
-            try:
-                first = _probe(conn, after + 1)
-            except sqlite3.DatabaseError:
-                found, given_up = _past_damage(conn, after)
-                summary.unreadable_ranges.append((after + 1, given_up))
-                if found is None:
-                    return
-                after = max(found - 1, given_up)
-                continue
-            if first is None:
-                return
-            summary.unreadable_ranges.append((first, first))  # its body is unreadable
-            after = first
-    finally:
-        conn.close()
+            after = max(found - 1, given_up)
+            continue
+        if first is None:
+            return
+        unreadable.append((first, first))  # its columns are unreadable
+        after = first
+
+
+def _open_damaged(path: Path) -> sqlite3.Connection:
+    """A read-only connection to the damaged ledger at ``path``.
+
+    Read-only, SQLite still reads the WAL beside it but never checkpoints it into the
+    file nor deletes it: the damaged file and its WAL stay as they were.
+    """
+    return sqlite3.connect(read_only_uri(path), uri=True, check_same_thread=False)
 
 
 def _varint(buf: bytes, at: int) -> tuple[int, int]:
@@ -1165,66 +1282,146 @@ def _scan_pages(path: Path) -> Iterator[tuple[int, bytes]]:
             yield from _leaf_rows(page, 0)
 
 
+def _dead_letter(row: tuple[Any, ...]) -> DeadLetter | None:
+    """A dead letter from a (id, received_at, reason, error, key, raw) row, if sound."""
+    _, received_at, reason, error, key, raw = row
+    if not (
+        isinstance(received_at, int)
+        and isinstance(reason, str)
+        and isinstance(error, str)
+        and (key is None or isinstance(key, str))
+        and isinstance(raw, bytes)
+    ):
+        return None
+    return DeadLetter(reason, error, raw, key, received_at)
+
+
 async def _salvage_ledger(
-    settings: Settings, damaged: Path, summary: RecoverySummary, err: IO[str]
-) -> None:
-    """Commit every readable event of ``damaged`` to a new ledger, in their old order.
+    damaged: Path, target: Path, settings: Settings, summary: RecoverySummary, err: IO[str]
+) -> int | None:
+    """Commit every readable event and dead letter of ``damaged`` to a new ledger at
+    ``target``, in their old order; returns the first event sequence number read.
 
-    Joins, dead letters of conflicts and store records are derived again as the events
-    are committed; the new outbox reaches the store when the exporter next starts (the
-    store skips records it already holds).
+    Joins and store records are derived again as the events are committed; the new
+    outbox reaches the store when the exporter next starts (the store skips records it
+    already holds). Dead letters (refused input, the losing body of a conflict, store
+    refusals) are copied with their original time.
     """
-    seen: set[int] = set()
-    rows = _salvage_rows(damaged, summary, seen)
-    ledger = await asyncio.to_thread(Ledger, settings.ledger_path, settings.durability)
-    committer = GroupCommitter(ledger)
-    progress = Progress(err, "events")
-
-    async def submit(bodies: list[bytes]) -> None:
-        prepared = []
-        for body in bodies:
-            try:
-                event = parse_event_json(body)
-            except (EventError, MalformedJSONError):
-                summary.unreadable_events += 1
-                continue
-            canonical = canonical_json(event)
-            prepared.append(PreparedEvent(event, dedup_key(event, canonical), canonical, body))
-        result = await committer.submit(Submission(prepared))
-        summary.salvaged_events += result.outcomes.count(Outcome.ACCEPTED)
-        progress.update(summary.salvaged_events)
-
+    conn = _open_damaged(damaged)
+    ledger: Ledger | None = None
     try:
-        while chunk := await asyncio.to_thread(
-            lambda: list(itertools.islice(rows, REPLAY_BATCH_EVENTS))
-        ):
-            await submit(chunk)
-        if summary.unreadable_ranges:
-            # Pages the b-tree no longer leads to may still hold rows it did not reach
-            # (a damaged page can also hold rowids that send the b-tree scan past them).
-            scanned = sorted(
-                (rowid, body)
-                for rowid, body in await asyncio.to_thread(lambda: list(_scan_pages(damaged)))
-                if rowid not in seen
+        ledger = await asyncio.to_thread(Ledger, target, settings.durability)
+        committer = GroupCommitter(ledger)
+        progress = Progress(err, "events")
+        first_seq: int | None = None
+
+        async def submit(bodies: list[bytes]) -> None:
+            prepared = []
+            for body in bodies:
+                try:
+                    event = parse_event_json(body)
+                except (EventError, MalformedJSONError):
+                    summary.unreadable_events += 1
+                    continue
+                canonical = canonical_json(event)
+                prepared.append(PreparedEvent(event, dedup_key(event, canonical), canonical, body))
+            result = await committer.submit(Submission(prepared))
+            summary.salvaged_events += result.outcomes.count(Outcome.ACCEPTED)
+            progress.update(summary.salvaged_events)
+
+        seen: set[int] = set()
+        rows = _read_rows(conn, "events", "seq", "body", summary.unreadable_ranges)
+        try:
+            while chunk := await asyncio.to_thread(
+                lambda: list(itertools.islice(rows, REPLAY_BATCH_EVENTS))
+            ):
+                seen.update(int(seq) for seq, _ in chunk)
+                await submit([bytes(body) for _, body in chunk])
+            if summary.unreadable_ranges:
+                # Pages the b-tree no longer leads to may still hold rows it did not
+                # reach (a damaged page can also hold rowids that send the b-tree scan
+                # past them).
+                scanned = sorted(
+                    (rowid, body)
+                    for rowid, body in await asyncio.to_thread(lambda: list(_scan_pages(damaged)))
+                    if rowid not in seen
+                )
+                before = summary.salvaged_events
+                for start in range(0, len(scanned), REPLAY_BATCH_EVENTS):
+                    chunk_rows = scanned[start : start + REPLAY_BATCH_EVENTS]
+                    seen.update(rowid for rowid, _ in chunk_rows)
+                    await submit([body for _, body in chunk_rows])
+                summary.page_scan_events = summary.salvaged_events - before
+            first_seq = min(seen, default=None)
+            letters = _read_rows(
+                conn,
+                "dead_letters",
+                "id",
+                "received_at, reason, error, key, raw",
+                summary.unreadable_dead_letter_ranges,
             )
-            before = summary.salvaged_events
-            for start in range(0, len(scanned), REPLAY_BATCH_EVENTS):
-                await submit([body for _, body in scanned[start : start + REPLAY_BATCH_EVENTS]])
-            summary.page_scan_events = summary.salvaged_events - before
+            while chunk := await asyncio.to_thread(
+                lambda: list(itertools.islice(letters, REPLAY_BATCH_EVENTS))
+            ):
+                sound = [letter for row in chunk if (letter := _dead_letter(row)) is not None]
+                summary.unreadable_dead_letters += len(chunk) - len(sound)
+                await committer.submit(Submission(dead_letters=sound))
+                summary.salvaged_dead_letters += len(sound)
+        finally:
+            progress.finish()
+            await asyncio.to_thread(committer.close)
     finally:
-        progress.finish()
-        await asyncio.to_thread(committer.close)
-        await asyncio.to_thread(ledger.close)
+        if ledger is not None:
+            await asyncio.to_thread(ledger.close)
+        conn.close()
+    return first_seq
 
 
-def _retention_gap(settings: Settings) -> int | None:
-    """The first event sequence number kept, when retention deleted those before it."""
-    conn = sqlite3.connect(settings.ledger_path)
+def _first_seq(path: Path) -> int | None:
+    """The ledger's first event sequence number (None: it holds no event)."""
+    conn = sqlite3.connect(read_only_uri(path), uri=True)
     try:
         (first,) = conn.execute("SELECT min(seq) FROM events").fetchone()
     finally:
         conn.close()
-    return int(first) if first is not None and first > 1 else None
+    return None if first is None else int(first)
+
+
+def _retention_gap(first_seq: int | None, unreadable: list[tuple[int, int]]) -> int | None:
+    """The first event sequence number kept, when retention deleted those before it.
+
+    ``first_seq`` is the first one the ledger held (the damaged ledger's, when it was
+    salvaged: the new ledger numbers its events from 1 again). Sequence numbers lost to
+    damage from the very first on are reported as unreadable, not as retention.
+    """
+    if first_seq is None or first_seq <= 1 or (unreadable and unreadable[0][0] == 1):
+        return None
+    return first_seq
+
+
+async def _rebuild_store(
+    settings: Settings, summary: RecoverySummary, err: IO[str], drain_seconds: float
+) -> bool:
+    """Rebuild the DuckDB store from the ledger into a file beside it; True when complete.
+
+    The rebuilt file replaces the store only once every record is in it.
+    """
+    from .store_duckdb import DuckDBStore
+
+    building = settings.duckdb_path.with_name(settings.duckdb_path.name + ".recovering")
+    for stale in (building, *(building.with_name(building.name + s) for s in _STORE_COMPANIONS)):
+        stale.unlink(missing_ok=True)
+
+    def open_building(target: Settings) -> Store:
+        return DuckDBStore.open(building, target.duckdb_memory_limit, target.duckdb_threads)
+
+    rebuilt = await _backfill_locked(
+        settings, StoreKind.DUCKDB, err, True, drain_seconds, REPLAY_BATCH_EVENTS, open_building
+    )
+    summary.store_records_written = rebuilt.records_written
+    if rebuilt.complete:
+        _end_recovery(building, settings.duckdb_path, _STORE_COMPANIONS)
+    return rebuilt.complete
 
 
 async def recover(
@@ -1233,41 +1430,46 @@ async def recover(
     """Check the ledger and the embedded store; move a damaged one aside and rebuild it.
 
     A damaged ledger is renamed ``ledger.sqlite3.damaged-<UTC time>`` and every event
-    that can still be read from it is committed to a new ledger. A damaged DuckDB store
-    is renamed likewise and rebuilt from the ledger's events by :func:`backfill`. Files
-    that pass the checks are left alone, so running it twice is harmless.
+    and dead letter that can still be read from it is committed to a new ledger. A
+    damaged DuckDB store is renamed likewise and rebuilt from the ledger's events by
+    :func:`backfill`. Each is rebuilt in a ``.recovering`` file that replaces the old
+    name only when complete, and a marker beside it (written before the rename) keeps
+    the exporter from starting until then: a run that stops midway is started over by
+    the next one. Files that pass the checks are left alone, so running it twice is
+    harmless.
     """
     summary = RecoverySummary()
+    ledger, store = settings.ledger_path, settings.duckdb_path
     with locked_data_dir(settings, "recover"):
-        summary.ledger_problem = await asyncio.to_thread(_ledger_problem, settings)
-        summary.store_problem = await _store_problem(settings)
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        if recovery_marker(ledger).exists():
+            summary.ledger_problem = f"the recovery of {ledger} was interrupted"
+        else:
+            summary.ledger_problem = await asyncio.to_thread(_ledger_problem, settings)
+        if recovery_marker(store).exists():
+            summary.store_problem = f"the recovery of {store} was interrupted"
+        else:
+            summary.store_problem = await _store_problem(settings)
+        first_seq: int | None = None
         if summary.ledger_problem is not None:
             err.write(f"recover: {summary.ledger_problem.split('. ', 1)[0]}\n")
-            moved = _move_aside(settings.ledger_path, stamp, ("-wal", "-shm"))
-            summary.moved_aside += [str(p) for p in moved]
-            err.write(f"recover: moved aside to {moved[0]}; salvaging its events\n")
-            await _salvage_ledger(settings, moved[0], summary, err)
+            damaged = _begin_recovery(ledger, _LEDGER_COMPANIONS, summary, err)
+            building = ledger.with_name(ledger.name + ".recovering")
+            _remove_sqlite_files(building)
+            err.write(f"recover: salvaging the events of {damaged}\n")
+            first_seq = await _salvage_ledger(damaged, building, settings, summary, err)
+            _end_recovery(building, ledger, _LEDGER_COMPANIONS)
         if summary.store_problem is not None:
             err.write(f"recover: {summary.store_problem.split('. ', 1)[0]}\n")
-            moved = _move_aside(settings.duckdb_path, stamp, (".wal",))
-            summary.moved_aside += [str(p) for p in moved]
-            err.write(f"recover: moved aside to {moved[0]}; rebuilding from the ledger\n")
-            if not settings.ledger_path.exists():
+            _begin_recovery(store, _STORE_COMPANIONS, summary, err)
+            if not ledger.exists():
                 summary.store_complete = False  # nothing to rebuild it from
+                recovery_marker(store).unlink()
             else:
-                rebuilt = await _backfill_locked(
-                    settings,
-                    StoreKind.DUCKDB,
-                    err,
-                    True,
-                    drain_seconds,
-                    REPLAY_BATCH_EVENTS,
-                    open_store,
-                )
-                summary.store_records_written = rebuilt.records_written
-                summary.store_complete = rebuilt.complete
-                summary.retention_removed_before_seq = await asyncio.to_thread(
-                    _retention_gap, settings
+                err.write("recover: rebuilding the store from the ledger\n")
+                summary.store_complete = await _rebuild_store(settings, summary, err, drain_seconds)
+                if summary.ledger_problem is None:
+                    first_seq = await asyncio.to_thread(_first_seq, ledger)
+                summary.retention_removed_before_seq = _retention_gap(
+                    first_seq, summary.unreadable_ranges
                 )
     return summary

@@ -51,6 +51,7 @@ from typing import Any, TypeVar, cast
 
 import duckdb
 
+from .ledger import check_no_pending_recovery
 from .records import (
     BatchRecord,
     PaymentRecord,
@@ -389,9 +390,11 @@ class DuckDBStore:
         """Open (or create) the store file and its schema; blocking, call before serving.
 
         ``memory_limit`` and ``threads`` bound DuckDB's buffer pool and worker threads,
-        which otherwise default to 80 % of the machine's memory and every core.
+        which otherwise default to 80 % of the machine's memory and every core. Refused
+        while an interrupted ``recover`` of the file is unfinished.
         """
         path = pathlib.Path(path)
+        check_no_pending_recovery(path)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         existed = path.exists()
         if existed:

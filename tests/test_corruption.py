@@ -31,14 +31,18 @@ from conftest import BASE_MS, batch_created, batch_settled, received, settled
 from exporter.config import Settings
 from exporter.events import canonical_json, dedup_key, parse_event_json
 from exporter.ledger import (
+    DeadLetter,
     Ledger,
     LedgerCorruptError,
     LedgerUnavailableError,
     PreparedEvent,
+    RecoveryPendingError,
     Submission,
     is_damage,
+    recovery_marker,
 )
 from exporter.operator import RecoverySummary, _scan_pages, recover
+from exporter.records import StoreError, StoreRecord, StoreRejection
 from exporter.store_duckdb import DuckDBStore, StoreCorruptError
 
 PAYMENTS = 3000
@@ -391,33 +395,84 @@ def test_recover_leaves_intact_files_alone(data_dir: Path) -> None:
     assert not [p for p in data_dir.iterdir() if ".damaged-" in p.name]
 
 
-def _set_block_count(path: Path, extra: int) -> None:
-    """Make the newer database header count ``extra`` more blocks than before, with its
-    checksum recomputed (DuckDB's: 5381 xor each 64-bit word times a constant)."""
-    with open(path, "r+b") as handle:
-        head = handle.read(3 * 4096)
-        offsets = (4096, 8192)
-        iterations = [int.from_bytes(head[o + 8 : o + 16], "little") for o in offsets]
-        at = offsets[iterations.index(max(iterations))]
-        block = bytearray(head[at : at + 4096])
-        count = int.from_bytes(block[32:40], "little") + extra
-        block[32:40] = count.to_bytes(8, "little")
-        checksum = 5381
-        for (word,) in struct.iter_unpack("<Q", block[8:]):
-            checksum ^= (word * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        block[0:8] = checksum.to_bytes(8, "little")
-        handle.seek(at)
-        handle.write(block)
+# --------------------------------------------------------------------------- recover's own faults
 
 
-def test_a_store_shorter_than_its_header_but_readable_is_accepted(data_dir: Path) -> None:
-    """A checkpoint writes the header and then cuts free blocks off the file's end: the
-    header may count blocks the file no longer has. Only reading every table decides."""
+def _settings(data_dir: Path) -> Settings:
+    return Settings(data_dir=data_dir, listen="127.0.0.1:0")
+
+
+def _recover(data_dir: Path, drain_seconds: float = 60.0) -> RecoverySummary:
+    return asyncio.run(recover(_settings(data_dir), err=io.StringIO(), drain_seconds=drain_seconds))
+
+
+def _prepared(raw: bytes) -> PreparedEvent:
+    event = parse_event_json(raw)
+    body = canonical_json(event)
+    return PreparedEvent(event, dedup_key(event, body), body, raw)
+
+
+def test_an_interrupted_ledger_recovery_blocks_startup_and_the_next_run_finishes_it(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _ledger(data_dir)
+    _append(1000)(path)
+    commit = Ledger.commit
+    commits = 0
+
+    def disk_full_on_the_second_commit(self: Ledger, submissions: list[Submission]) -> Any:
+        nonlocal commits
+        if self.path != path:
+            commits += 1
+            if commits == 2:
+                raise LedgerUnavailableError("ledger commit failed: database or disk is full")
+        return commit(self, submissions)
+
+    monkeypatch.setattr(Ledger, "commit", disk_full_on_the_second_commit)
+    with pytest.raises(LedgerUnavailableError):
+        _recover(data_dir)
+    monkeypatch.undo()
+    # Part of the events are salvaged, in a file that is not the ledger; nothing may
+    # start on the data directory until a recover finishes.
+    assert recovery_marker(path).exists() and not path.exists()
+    with pytest.raises(RecoveryPendingError) as caught:
+        Ledger(path)
+    assert _recovery_hint(data_dir) in str(caught.value)
+    _serve_refuses(data_dir, path)
+
+    summary = _recover(data_dir)
+    assert summary.resumed and summary.lossless
+    assert summary.salvaged_events == EVENTS
+    assert not recovery_marker(path).exists()
+    assert not [p for p in data_dir.iterdir() if p.name.startswith("ledger.sqlite3.recovering")]
+    ledger = Ledger(path)
+    try:
+        assert ledger.stats().events == EVENTS
+    finally:
+        ledger.close()
+
+
+def test_an_interrupted_store_rebuild_blocks_startup_and_the_next_run_finishes_it(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = _store(data_dir)
     before = _store_rows(path)
-    _set_block_count(path, 2)
-    store = DuckDBStore.open(path)
-    asyncio.run(store.close())
+    _truncate(0.5)(path)
+
+    async def disk_full(self: DuckDBStore, records: list[StoreRecord]) -> list[StoreRejection]:
+        raise StoreError("IO Error: could not write: no space left on device")
+
+    monkeypatch.setattr(DuckDBStore, "write", disk_full)
+    summary = _recover(data_dir, drain_seconds=0.5)
+    monkeypatch.undo()
+    assert not summary.store_complete and not summary.lossless
+    assert recovery_marker(path).exists() and not path.exists()
+    with pytest.raises(RecoveryPendingError):
+        DuckDBStore.open(path)
+
+    summary = _recover(data_dir)
+    assert summary.resumed and summary.store_complete and summary.lossless
+    assert not recovery_marker(path).exists()
     assert _store_rows(path) == before
 
 
@@ -483,20 +538,6 @@ def test_a_failed_open_closes_its_connections(
     for conn in opened:
         with pytest.raises(sqlite3.ProgrammingError, match="closed"):
             conn.execute("SELECT 1")
-
-
-def _settings(data_dir: Path) -> Settings:
-    return Settings(data_dir=data_dir, listen="127.0.0.1:0")
-
-
-def _recover(data_dir: Path, drain_seconds: float = 60.0) -> RecoverySummary:
-    return asyncio.run(recover(_settings(data_dir), err=io.StringIO(), drain_seconds=drain_seconds))
-
-
-def _prepared(raw: bytes) -> PreparedEvent:
-    event = parse_event_json(raw)
-    body = canonical_json(event)
-    return PreparedEvent(event, dedup_key(event, body), body, raw)
 
 
 def _ledger_with_a_hot_wal(tmp_path: Path, checkpointed: int, in_wal: int) -> Path:
@@ -574,3 +615,84 @@ def test_the_page_scan_skips_wal_frames_of_a_transaction_that_never_committed(
     page_size = int.from_bytes(path.read_bytes()[16:18], "big")
     os.truncate(wal, wal.stat().st_size - (24 + page_size))
     assert not any(b'"new-' in bytes(body) for _, body in _scan_pages(path))
+
+
+def test_salvage_keeps_dead_letters_with_their_time(data_dir: Path) -> None:
+    path = _ledger(data_dir)
+    ledger = Ledger(path)
+    try:
+        first = json.dumps(received("dl-1", BASE_MS)).encode()
+        conflicting = json.dumps(received("dl-1", BASE_MS, amount="9.99")).encode()
+        ledger.commit([Submission([_prepared(first)])])
+        ledger.commit(
+            [
+                Submission(
+                    [_prepared(conflicting)],
+                    [DeadLetter("malformed", "not valid JSON", b"{nope", None, 1_700_000_000_000)],
+                )
+            ]
+        )
+        letters = ledger.dead_letters()
+    finally:
+        ledger.close()
+    assert {letter.reason for letter in letters} == {"conflict", "malformed"}
+    _append(1000)(path)
+
+    summary = _recover(data_dir)
+    assert summary.salvaged_dead_letters == len(letters) and summary.lossless
+    ledger = Ledger(path)
+    try:
+        salvaged = ledger.dead_letters()
+    finally:
+        ledger.close()
+    assert [(d.received_at, d.reason, d.error, d.key, d.raw) for d in salvaged] == [
+        (d.received_at, d.reason, d.error, d.key, d.raw) for d in letters
+    ]
+
+
+@pytest.mark.slow
+def test_recover_reports_retention_when_both_files_are_damaged(data_dir: Path) -> None:
+    conn = sqlite3.connect(_ledger(data_dir))
+    try:
+        conn.execute("DELETE FROM events WHERE seq <= 10")  # as retention deletes
+        conn.commit()
+    finally:
+        conn.close()
+    _append(1000)(_ledger(data_dir))
+    _truncate(0.5)(_store(data_dir))
+    result = run_cli("recover", "--data-dir", str(data_dir))
+    assert result.returncode == 1
+    summary = json.loads(result.stdout)
+    assert summary["salvagedEvents"] == EVENTS - 10 and summary["storeComplete"]
+    assert summary["retentionRemovedBeforeSeq"] == 11
+    assert "before sequence number 11" in result.stderr
+
+
+def _set_block_count(path: Path, extra: int) -> None:
+    """Make the newer database header count ``extra`` more blocks than before, with its
+    checksum recomputed (DuckDB's: 5381 xor each 64-bit word times a constant)."""
+    with open(path, "r+b") as handle:
+        head = handle.read(3 * 4096)
+        offsets = (4096, 8192)
+        iterations = [int.from_bytes(head[o + 8 : o + 16], "little") for o in offsets]
+        at = offsets[iterations.index(max(iterations))]
+        block = bytearray(head[at : at + 4096])
+        count = int.from_bytes(block[32:40], "little") + extra
+        block[32:40] = count.to_bytes(8, "little")
+        checksum = 5381
+        for (word,) in struct.iter_unpack("<Q", block[8:]):
+            checksum ^= (word * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        block[0:8] = checksum.to_bytes(8, "little")
+        handle.seek(at)
+        handle.write(block)
+
+
+def test_a_store_shorter_than_its_header_but_readable_is_accepted(data_dir: Path) -> None:
+    """A checkpoint writes the header and then cuts free blocks off the file's end: the
+    header may count blocks the file no longer has. Only reading every table decides."""
+    path = _store(data_dir)
+    before = _store_rows(path)
+    _set_block_count(path, 2)
+    store = DuckDBStore.open(path)
+    asyncio.run(store.close())
+    assert _store_rows(path) == before
