@@ -291,6 +291,32 @@ async def test_retention_drops_only_delivered_events(committer: GroupCommitter) 
     assert [key for _, key, _ in ledger.iter_events()] == ["payment:settled:p2"]
 
 
+async def test_the_event_count_follows_commits_duplicates_and_retention(
+    committer: GroupCommitter,
+) -> None:
+    # /readyz shows it; the ledger keeps it rather than count a table with no narrow index.
+    ledger = committer.ledger
+
+    def counted() -> int:
+        with sqlite3.connect(ledger.path) as conn:
+            return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+
+    await submit(committer, received("p1"), received("p2"), settled("p3"))
+    await submit(committer, received("p1"), received("p4"))  # one duplicate
+    assert ledger.stats().events == counted() == 4
+    await committer.call(lambda: ledger.mark_delivered(ledger.read_outbox(10)[-1].seq))
+    assert await committer.call(lambda: ledger.apply_retention(2**62)) == 3  # p3 waits
+    assert ledger.stats().events == counted() == 1
+    path = ledger.path
+    committer.close()
+    ledger.close()
+    reopened = Ledger(path)
+    try:
+        assert reopened.stats().events == 1
+    finally:
+        reopened.close()
+
+
 def key_index_seqs(path: Path) -> list[int]:
     """Seqs the ledger file's merged key index names, in order."""
     with sqlite3.connect(path) as conn:
