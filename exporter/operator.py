@@ -83,7 +83,7 @@ class OperatorError(Exception):
 
 def parse_instant(text: str, option: str) -> int:
     """Epoch milliseconds from ``text``: an integer (ms) or an RFC 3339 time with offset."""
-    if text.lstrip("-").isdigit():
+    if re.fullmatch(r"-?[0-9]{1,19}", text):  # ASCII: isdigit() also admits "²"
         return int(text)
     try:
         moment = datetime.datetime.fromisoformat(text)
