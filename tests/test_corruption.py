@@ -370,14 +370,19 @@ def test_serve_refuses_a_damaged_store_and_recover_rebuilds_it(data_dir: Path) -
     assert _store_rows(path) == before  # every record, once, as it was
 
 
-@pytest.mark.slow
-def test_recover_says_what_retention_kept_it_from_rebuilding(data_dir: Path) -> None:
+def _delete_events_up_to(data_dir: Path, seq: int) -> None:
+    """Delete the ledger's first events, as retention does."""
     conn = sqlite3.connect(_ledger(data_dir))
     try:
-        conn.execute("DELETE FROM events WHERE seq <= 10")  # as retention deletes
+        conn.execute("DELETE FROM events WHERE seq <= ?", (seq,))
         conn.commit()
     finally:
         conn.close()
+
+
+@pytest.mark.slow
+def test_recover_says_what_retention_kept_it_from_rebuilding(data_dir: Path) -> None:
+    _delete_events_up_to(data_dir, 10)
     _truncate(0.5)(_store(data_dir))
     result = run_cli("recover", "--data-dir", str(data_dir))
     assert result.returncode == 1
@@ -652,12 +657,7 @@ def test_salvage_keeps_dead_letters_with_their_time(data_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_recover_reports_retention_when_both_files_are_damaged(data_dir: Path) -> None:
-    conn = sqlite3.connect(_ledger(data_dir))
-    try:
-        conn.execute("DELETE FROM events WHERE seq <= 10")  # as retention deletes
-        conn.commit()
-    finally:
-        conn.close()
+    _delete_events_up_to(data_dir, 10)
     _append(1000)(_ledger(data_dir))
     _truncate(0.5)(_store(data_dir))
     result = run_cli("recover", "--data-dir", str(data_dir))
