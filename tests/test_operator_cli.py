@@ -1,4 +1,4 @@
-"""The operator commands (issue 7): replay, export, dead-letters, query, flux, backfill.
+"""The operator commands: replay, export, dead-letters, query, flux, backfill.
 
 Most run the command line as a subprocess, as an operator would; the resumable backfill
 is also driven in-process with a store that fails part-way.
