@@ -113,7 +113,6 @@ CREATE TEMP TABLE IF NOT EXISTS recent_keys (
 # spread over _KEY_MERGE_PARTS commits so that none writes more than a few MiB.
 _KEY_MERGE_EVENTS = 32_768
 _KEY_MERGE_PARTS = 8
-_KEY_HASH_SLICE = 2**64 // _KEY_MERGE_PARTS
 _SCHEMA = (
     """
 CREATE TABLE IF NOT EXISTS meta (
@@ -813,8 +812,9 @@ class Ledger:
             ).fetchone()
             merging = (int(last), 0)
         last, part = merging
-        low = -(2**63) + part * _KEY_HASH_SLICE
-        bounds = (low, low + _KEY_HASH_SLICE - 1, last)
+        width = 2**64 // _KEY_MERGE_PARTS
+        low = -(2**63) + part * width
+        bounds = (low, low + width - 1, last)
         cur.execute(
             "INSERT OR IGNORE INTO key_index (key_hash, seq) SELECT key_hash, seq "
             "FROM temp.recent_keys WHERE key_hash BETWEEN ? AND ? AND seq <= ?",

@@ -341,7 +341,6 @@ async def test_keys_are_found_before_during_and_after_they_move_to_the_key_index
     # at every step, across restarts too (one in the middle of a merge).
     monkeypatch.setattr(ledger_module, "_KEY_MERGE_EVENTS", 3)
     monkeypatch.setattr(ledger_module, "_KEY_MERGE_PARTS", 2)
-    monkeypatch.setattr(ledger_module, "_KEY_HASH_SLICE", 2**63)
     # Ordered so that both merges have keys in both halves of the hash range.
     a, b, c, d, e, f, g, h = pids = ["p1", "p5", "p2", "p3", "p6", "p4", "p7", "p8"]
     first_half = negative_hash_seqs(*pids)
@@ -395,7 +394,6 @@ async def test_retention_removes_the_keys_of_deleted_events(
 ) -> None:
     monkeypatch.setattr(ledger_module, "_KEY_MERGE_EVENTS", 2)
     monkeypatch.setattr(ledger_module, "_KEY_MERGE_PARTS", 1)
-    monkeypatch.setattr(ledger_module, "_KEY_HASH_SLICE", 2**64)
     path = tmp_path / "ledger.sqlite3"
     ledger = Ledger(path)
     committer = GroupCommitter(ledger)
