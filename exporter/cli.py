@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from ._logging import configure_logging
 from .app import SETTINGS, create_app
@@ -56,10 +56,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _describe_settings(settings: Settings) -> dict[str, Any]:
     described = settings.model_dump(mode="json")
-    described["ingest_token"] = "(set)" if settings.ingest_token else None
-    described["influx_token"] = "(set)" if settings.influx_token else None
-    for name in ("ingest_signing_secret", "ingest_signing_secret_previous"):
-        described[name] = "(set)" if getattr(settings, name) is not None else None
+    for name, value in settings:  # every secret, so that a new one cannot be printed
+        if isinstance(value, SecretStr):
+            described[name] = "(set)"
     described["ingest_signing"] = "on" if settings.ingest_signing_secret is not None else "off"
     described["resolved_store"] = settings.resolved_store.value
     described["ledger_path"] = str(settings.ledger_path)
