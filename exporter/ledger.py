@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -28,8 +29,9 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import lru_cache
 from hashlib import blake2b
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -586,6 +588,56 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+_EventRow = tuple[int, str, int, str, str | None, int, int, bytes, int]
+"""A row of ``events``: seq, key, key_hash, type, ref, ts, received_at, body, state."""
+
+
+@dataclass(slots=True)
+class _RowNumbers:
+    """The next seq of ``events`` and ``outbox`` and the next ``payments`` id.
+
+    The one writer numbers the rows it appends itself, so that a commit needs no query
+    to learn them (each SQLite call hands the GIL away and must wait to get it back).
+    A rolled-back transaction leaves them as they were: numbers are taken for good
+    only when a commit succeeds.
+    """
+
+    event_seq: int
+    outbox_seq: int
+    payment_id: int
+
+
+# Rows per multi-row INSERT, largest first; a fixed ladder keeps the statements few
+# enough for the connection's statement cache.
+_INSERT_CHUNKS = (512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
+
+
+@lru_cache(maxsize=64)
+def _multi_row_sql(head: str, width: int, rows: int, tail: str) -> str:
+    row = "(" + ",".join("?" * width) + ")"
+    return f"{head} VALUES {','.join([row] * rows)}{tail}"
+
+
+def _insert_rows(
+    cur: sqlite3.Cursor, head: str, rows: Sequence[Sequence[object]], tail: str = ""
+) -> None:
+    """``head VALUES (...), (...) tail`` for ``rows``, a few hundred rows per statement.
+
+    ``executemany`` steps SQLite once per row, and every step releases the GIL: while
+    the event loop parses the next request, each release can keep this thread waiting
+    for a whole switch interval (5 ms). One statement per chunk keeps the inserts a
+    handful of steps that run without the GIL, beside the event loop.
+    """
+    if not rows:
+        return
+    width, done = len(rows[0]), 0
+    for size in _INSERT_CHUNKS:
+        while len(rows) - done >= size:
+            sql = _multi_row_sql(head, width, size, tail)
+            cur.execute(sql, list(chain.from_iterable(rows[done : done + size])))
+            done += size
+
+
 class Ledger:
     """The SQLite ledger. Not thread-safe for writes: use it through :class:`GroupCommitter`.
 
@@ -624,16 +676,18 @@ class Ledger:
             # left, count(*) reads the whole table (a quarter second per million events),
             # too slow for every /readyz.
             self._event_count = self._scalar("SELECT count(*) FROM events")
-            # The records of the outbox, kept in memory too while they are few, so that
-            # the forwarder need not read back and decode what was just written.
-            # ``_handoff`` is None while the outbox holds rows that are not in it (after
-            # a restart or a long store outage); the forwarder then reads the table
-            # until it is empty.
-            self._handoff_lock = threading.Lock()
-            self._handoff: deque[tuple[int, StoreRecord]] | None = (
-                deque() if self._backlog == 0 else None
-            )
             self._waiting_refs = self._load_waiting_refs()
+            self._numbers = self._load_row_numbers()
+            # The newest outbox records, kept in memory too (at most
+            # _HANDOFF_MAX_RECORDS), so that the forwarder need not read back and decode
+            # what was just written. The handoff holds every row from seq
+            # ``_handoff_start`` on; older undelivered rows (after a restart, or dropped
+            # from memory while the store was behind) are read from the table first,
+            # while ``_table_first`` is set.
+            self._handoff_lock = threading.Lock()
+            self._handoff: deque[tuple[int, StoreRecord]] = deque()
+            self._handoff_start = self._numbers.outbox_seq
+            self._table_first = self._backlog > 0
             # Checkpoints copy the WAL back into the database file and sync it; done in
             # the committing thread they stall ingest, so a thread of their own does them.
             self._write.execute("PRAGMA wal_autocheckpoint=0")
@@ -657,6 +711,14 @@ class Ledger:
             (int(upto),),
         ).rowcount
         return int(upto), filled
+
+    def _load_row_numbers(self) -> _RowNumbers:
+        row = self._write.execute(
+            "SELECT (SELECT coalesce(max(seq), 0) + 1 FROM events),"
+            " (SELECT coalesce(max(seq), 0) + 1 FROM outbox),"
+            " (SELECT coalesce(max(id), 0) + 1 FROM payments)"
+        ).fetchone()
+        return _RowNumbers(*row)
 
     def _load_waiting_refs(self) -> set[str]:
         # Join partners that wait; a received event only looks for waiting rows when its
@@ -779,7 +841,10 @@ class Ledger:
             # Numbered above every seq key_index holds or is taking: a seq it may still
             # name (of an event retention deleted) is never given again.
             first_seq = (self._merging[0] if self._merging else self._key_index_upto) + 1
-            writer = _TransactionWriter(cur, now, self._waiting_refs, first_seq)
+            numbers = dataclasses.replace(
+                self._numbers, event_seq=max(self._numbers.event_seq, first_seq)
+            )
+            writer = _TransactionWriter(cur, now, self._waiting_refs, numbers)
             hashes = iter(writer.load([p for s in submissions for p in s.events]))
             for submission in submissions:
                 outcomes = [writer.add(prepared, next(hashes)) for prepared in submission.events]
@@ -789,6 +854,7 @@ class Ledger:
             writer.flush()
             recent, upto, merging = self._merge_keys(cur, self._recent_keys + writer.added)
         self._recent_keys, self._key_index_upto, self._merging = recent, upto, merging
+        self._numbers = numbers
         self._event_count += writer.added
         self._emitted(writer.emitted)
         return results
@@ -831,13 +897,21 @@ class Ledger:
     def _emitted(self, rows: list[tuple[int, StoreRecord]]) -> None:
         """Count committed outbox rows and hand them to the forwarder in memory."""
         self._backlog += len(rows)
+        if not rows:
+            return
         with self._handoff_lock:
-            if self._handoff is None or not rows:
-                return
-            if len(self._handoff) + len(rows) > _HANDOFF_MAX_RECORDS:
-                self._handoff = None  # the store is behind: read the table until it drains
-            else:
-                self._handoff.extend(rows)
+            handoff = self._handoff
+            if not handoff:
+                self._handoff_start = rows[0][0]
+            handoff.extend(rows)
+            excess = len(handoff) - _HANDOFF_MAX_RECORDS
+            if excess > 0:
+                # The store is behind: its oldest records in memory go (they are in the
+                # table), the newest stay.
+                for _ in range(excess):
+                    handoff.popleft()
+                self._handoff_start = handoff[0][0]
+                self._table_first = True
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Cursor]:
@@ -873,10 +947,12 @@ class Ledger:
                 "AND received_at < ? ORDER BY seq",
                 (older_than_ms,),
             ).fetchall()
-            writer = _TransactionWriter(cur, _now_ms(), self._waiting_refs)
+            numbers = dataclasses.replace(self._numbers)
+            writer = _TransactionWriter(cur, _now_ms(), self._waiting_refs, numbers)
             for seq, key, body in rows:
                 writer.release_orphan_failure(seq, key, parse_event(json.loads(body)))
             writer.flush()
+        self._numbers = numbers
         self._emitted(writer.emitted)
         return writer.effects
 
@@ -901,11 +977,11 @@ class Ledger:
             removed = cur.execute("DELETE FROM outbox WHERE seq <= ?", (up_to_seq,)).rowcount
         self._backlog -= removed
         with self._handoff_lock:
-            if self._handoff is not None:
-                while self._handoff and self._handoff[0][0] <= up_to_seq:
-                    self._handoff.popleft()
-            elif self._backlog == 0:
-                self._handoff = deque()  # drained: from now on every row passes in memory
+            handoff = self._handoff
+            while handoff and handoff[0][0] <= up_to_seq:
+                handoff.popleft()
+            if up_to_seq >= self._handoff_start - 1:
+                self._table_first = False  # every row behind the handoff is delivered
         return removed
 
     def _first_seq_received_at_or_after(self, at_ms: int) -> int:
@@ -983,13 +1059,23 @@ class Ledger:
     def read_outbox(self, limit: int) -> list[OutboxRow]:
         """The oldest undelivered store records, at most ``limit``."""
         with self._handoff_lock:
-            if self._handoff is not None:
+            if not self._table_first:
                 return [OutboxRow(seq, record) for seq, record in islice(self._handoff, limit)]
+            start = self._handoff_start
         with self._read_lock:
             rows = self._read.execute(
-                "SELECT seq, record FROM outbox ORDER BY seq LIMIT ?", (limit,)
+                "SELECT seq, record FROM outbox WHERE seq < ? ORDER BY seq LIMIT ?",
+                (start, limit),
             ).fetchall()
-        return [OutboxRow(seq, decode_record(blob)) for seq, blob in rows]
+        read = [OutboxRow(seq, decode_record(blob)) for seq, blob in rows]
+        if len(read) < limit:
+            # Every row behind the handoff is read: the rest comes from memory, unless
+            # more rows left the handoff meanwhile (the next read finds those).
+            with self._handoff_lock:
+                if self._handoff_start == start:
+                    more = islice(self._handoff, limit - len(read))
+                    read.extend(OutboxRow(seq, record) for seq, record in more)
+        return read
 
     def stats(self) -> LedgerStats:
         """Row counts for readiness and debugging."""
@@ -1047,7 +1133,7 @@ class _TransactionWriter:
     """
 
     def __init__(
-        self, cur: sqlite3.Cursor, now_ms: int, waiting_refs: set[str], first_seq: int = 1
+        self, cur: sqlite3.Cursor, now_ms: int, waiting_refs: set[str], numbers: _RowNumbers
     ) -> None:
         self.cur = cur
         self.waiting_refs = waiting_refs
@@ -1058,20 +1144,23 @@ class _TransactionWriter:
         self._outbox: list[tuple[int, StoreRecord]] = []  # (event seq, record)
         # Keys already stored, by key hash: those loaded up front plus the writer's own.
         self._stored: dict[int, list[tuple[str, bytes]]] = {}
-        # Rows for ``events``, inserted at flush; numbered here (one writer at a time).
-        self._event_rows: list[tuple[object, ...]] = []
-        # Never below ``first_seq``: a seq key_index may still name is not given again.
-        self._next_seq: int = cur.execute(
-            "SELECT max(?, coalesce(max(seq), 0) + 1) FROM events", (first_seq,)
-        ).fetchone()[0]
+        # Rows for ``events``, inserted at flush; numbered here (one writer at a time),
+        # consecutively from ``_rows_from_seq``.
+        self._event_rows: list[_EventRow] = []
+        self._numbers = numbers
+        self._rows_from_seq = numbers.event_seq
         self.added = 0
         """Events written to ``events`` (and recent_keys) so far."""
         self._current_seq = 0
         self._current_waits = False
+        # Seqs of the rows in ``_event_rows`` written as waiting, by the ref they wait for.
+        self._waits_in_rows: dict[str, list[int]] = {}
+        # Refs no stored row waits for: they began waiting in this transaction.
+        self._refs_new_here: set[str] = set()
         # Join state by payment id (None: no row), as of this writer's own changes.
         self._payments: dict[str, _Payment | None] = {}
         self._changed_payments: dict[str, _Payment] = {}
-        # Row ids of the stored payments this writer read.
+        # Row ids of the payments this writer read or numbered.
         self._payment_rows: dict[str, int] = {}
 
     def load(self, events: Sequence[PreparedEvent]) -> list[int]:
@@ -1096,28 +1185,31 @@ class _TransactionWriter:
     def _load_keys(self, hashes: list[int]) -> None:
         if not hashes:
             return
-        rows = self.cur.execute(
-            "SELECT key_hash, key, body FROM events WHERE seq IN ("
+        # One row of JSON rather than a row per match: each row is a step of SQLite.
+        (found,) = self.cur.execute(
+            "SELECT json_group_array(json_array(key_hash, key, CAST(body AS TEXT)))"
+            " FROM events WHERE seq IN ("
             " SELECT seq FROM key_index WHERE key_hash IN (SELECT value FROM json_each(?1))"
             " UNION ALL"
             " SELECT seq FROM temp.recent_keys"
             " WHERE key_hash IN (SELECT value FROM json_each(?1)))",
             (json.dumps(hashes),),
-        )
-        for key_hash, key, body in rows:
-            self._stored.setdefault(key_hash, []).append((key, bytes(body)))
+        ).fetchone()
+        for key_hash, key, body in json.loads(found):
+            self._stored.setdefault(key_hash, []).append((key, body.encode()))
 
     def _load_payments(self, payment_ids: set[str]) -> None:
         wanted = payment_ids.difference(self._payments)
         if not wanted:
             return
         self._payments.update(dict.fromkeys(wanted))
-        rows = self.cur.execute(
-            "SELECT id, payment_id, network, payer, payee, amount_micro, received, terminal "
-            "FROM payments WHERE id_hash IN (SELECT value FROM json_each(?))",
+        (found,) = self.cur.execute(
+            "SELECT json_group_array(json_array(id, payment_id, network, payer, payee,"
+            " amount_micro, received, terminal))"
+            " FROM payments WHERE id_hash IN (SELECT value FROM json_each(?))",
             (json.dumps(sorted({_id_hash(payment_id) for payment_id in wanted})),),
-        )
-        for row_id, payment_id, *values in rows:
+        ).fetchone()
+        for row_id, payment_id, *values in json.loads(found):
             if payment_id in wanted:  # not another id of the same hash
                 self._payments[payment_id] = _Payment(*values)
                 self._payment_rows[payment_id] = row_id
@@ -1149,18 +1241,22 @@ class _TransactionWriter:
             )
             return Outcome.CONFLICT
         self._stored.setdefault(key_hash, []).append((prepared.key, prepared.body))
-        seq = self._current_seq = self._next_seq
-        self._next_seq += 1
+        seq = self._current_seq = self._numbers.event_seq
+        self._numbers.event_seq += 1
         self._current_waits = False
         self.effects.append(NewEvent(event["type"]))
         self._apply(seq, prepared.key, event)
+        ref = join_ref(event)
+        if self._current_waits:
+            assert ref is not None  # only joined events wait
+            self._waits_in_rows.setdefault(ref, []).append(seq)
         self._event_rows.append(
             (
                 seq,
                 prepared.key,
                 key_hash,
                 event["type"],
-                join_ref(event),
+                ref,
                 event["data"]["timestamp"],
                 self.now,
                 prepared.body,
@@ -1171,17 +1267,20 @@ class _TransactionWriter:
 
     def _flush_events(self) -> None:
         if self._event_rows:
-            self.cur.executemany(
-                "INSERT INTO events (seq, key, key_hash, type, ref, ts, received_at, body, "
-                "state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            _insert_rows(
+                self.cur,
+                "INSERT INTO events (seq, key, key_hash, type, ref, ts, received_at, body, state)",
                 self._event_rows,
             )
-            self.cur.executemany(
-                "INSERT INTO temp.recent_keys (key_hash, seq) VALUES (?, ?)",
+            _insert_rows(
+                self.cur,
+                "INSERT INTO temp.recent_keys (key_hash, seq)",
                 [(row[2], row[0]) for row in self._event_rows],
             )
             self.added += len(self._event_rows)
             self._event_rows.clear()
+            self._rows_from_seq = self._numbers.event_seq
+            self._waits_in_rows.clear()
 
     def dead_letter(self, letter: DeadLetter) -> None:
         self.cur.execute(
@@ -1204,56 +1303,63 @@ class _TransactionWriter:
         if self._changed_payments:
             self._flush_payments()
         if self._outbox:
-            self.cur.executemany(
-                "INSERT INTO outbox (event_seq, record) VALUES (?, ?)",
-                [(event_seq, encode_record(record)) for event_seq, record in self._outbox],
+            first = self._numbers.outbox_seq
+            self._numbers.outbox_seq += len(self._outbox)
+            _insert_rows(
+                self.cur,
+                "INSERT INTO outbox (seq, event_seq, record)",
+                [
+                    (seq, event_seq, encode_record(record))
+                    for seq, (event_seq, record) in enumerate(self._outbox, start=first)
+                ],
             )
-            # One writer, and each row takes the largest seq plus one: the rows just
-            # written are numbered consecutively up to the last one.
-            (last,) = self.cur.execute("SELECT last_insert_rowid()").fetchone()
-            first = last - len(self._outbox) + 1
             self.emitted.extend(
-                zip(range(first, last + 1), (record for _, record in self._outbox), strict=True)
+                zip(
+                    range(first, self._numbers.outbox_seq),
+                    (record for _, record in self._outbox),
+                    strict=True,
+                )
             )
             self._outbox.clear()
 
     def _flush_payments(self) -> None:
-        rows = self._payment_rows
-        inserts = [
-            (_id_hash(pid), pid, *payment, self.now)
-            for pid, payment in self._changed_payments.items()
-            if pid not in rows
-        ]
-        updates = [
-            (*payment, self.now, rows[pid])
-            for pid, payment in self._changed_payments.items()
-            if pid in rows
-        ]
-        if updates:
-            self.cur.executemany(
-                "UPDATE payments SET network = ?, payer = ?, payee = ?, amount_micro = ?, "
-                "received = ?, terminal = ?, updated_at = ? WHERE id = ?",
-                updates,
-            )
-        if inserts:
-            self.cur.executemany(
-                "INSERT INTO payments (id_hash, payment_id, network, payer, payee, "
-                "amount_micro, received, terminal, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                inserts,
-            )
-            # One writer, and each row takes the largest id plus one: the rows just
-            # written are numbered consecutively up to the last one.
-            (last,) = self.cur.execute("SELECT last_insert_rowid()").fetchone()
-            first = last - len(inserts) + 1
-            rows.update(zip((i[1] for i in inserts), range(first, last + 1), strict=True))
+        ids = self._payment_rows
+        rows = []
+        for payment_id, payment in self._changed_payments.items():
+            row_id = ids.get(payment_id)
+            if row_id is None:
+                row_id = ids[payment_id] = self._numbers.payment_id
+                self._numbers.payment_id += 1
+            rows.append((row_id, _id_hash(payment_id), payment_id, *payment, self.now))
+        _insert_rows(
+            self.cur,
+            "INSERT INTO payments (id, id_hash, payment_id, network, payer, payee, "
+            "amount_micro, received, terminal, updated_at)",
+            rows,
+            " ON CONFLICT (id) DO UPDATE SET network = excluded.network, "
+            "payer = excluded.payer, payee = excluded.payee, "
+            "amount_micro = excluded.amount_micro, received = excluded.received, "
+            "terminal = excluded.terminal, updated_at = excluded.updated_at",
+        )
         self._changed_payments.clear()
 
     def _wait(self, seq: int, ref: str) -> None:
+        if ref not in self.waiting_refs:
+            self.waiting_refs.add(ref)
+            self._refs_new_here.add(ref)
         if seq == self._current_seq:
-            self._current_waits = True  # its row is not written yet
+            self._current_waits = True  # add() writes its row so, and notes it
+        elif seq >= self._rows_from_seq:
+            self._set_row_state(seq, _WAITING)
+            self._waits_in_rows.setdefault(ref, []).append(seq)
         else:
             self.cur.execute("UPDATE events SET state = ? WHERE seq = ?", (_WAITING, seq))
-        self.waiting_refs.add(ref)
+            self._refs_new_here.discard(ref)
+
+    def _set_row_state(self, seq: int, state: int) -> None:
+        index = seq - self._rows_from_seq
+        _, key, key_hash, kind, ref, ts, received_at, body, _ = self._event_rows[index]
+        self._event_rows[index] = (seq, key, key_hash, kind, ref, ts, received_at, body, state)
 
     def _apply(self, seq: int, key: str, event: Event) -> None:
         match event["type"]:
@@ -1430,18 +1536,35 @@ class _TransactionWriter:
         """Events of ``types`` waiting for ``ref``, marked as no longer waiting."""
         if ref not in self.waiting_refs:
             return []
-        self._flush_events()  # events of this transaction may be among those waiting
-        rows: list[tuple[int, str, bytes, str]] = self.cur.execute(
-            "SELECT seq, key, body, type FROM events WHERE ref = ? AND state = 0 ORDER BY seq",
-            (ref,),
-        ).fetchall()
+        # Stored rows first (they are older), then this transaction's own, which are
+        # looked at in memory: writing them out first would split the bulk inserts.
+        rows: list[tuple[int, str, bytes, str]] = []
+        if ref not in self._refs_new_here:
+            (found,) = self.cur.execute(
+                "SELECT json_group_array(json_array(seq, key, CAST(body AS TEXT), type))"
+                " FROM (SELECT seq, key, body, type FROM events"
+                " WHERE ref = ? AND state = 0 ORDER BY seq)",
+                (ref,),
+            ).fetchone()
+            rows = [(seq, key, body.encode(), kind) for seq, key, body, kind in json.loads(found)]
+        stored = len(rows)
+        for seq in self._waits_in_rows.get(ref, ()):
+            row = self._event_rows[seq - self._rows_from_seq]
+            if row[-1] == _WAITING:
+                rows.append((seq, row[1], row[7], row[3]))
         taken = [(seq, key, body) for seq, key, body, kind in rows if kind in types]
         if len(taken) == len(rows):
             self.waiting_refs.discard(ref)  # nothing else waits for it
-        if taken:
-            self.cur.executemany(
-                "UPDATE events SET state = ? WHERE seq = ?", [(_EMITTED, r[0]) for r in taken]
+            self._refs_new_here.discard(ref)
+        taken_stored = [seq for seq, _, _, kind in rows[:stored] if kind in types]
+        if taken_stored:
+            self.cur.execute(
+                "UPDATE events SET state = ? WHERE seq IN (SELECT value FROM json_each(?))",
+                (_EMITTED, json.dumps(taken_stored)),
             )
+        for seq, _, _, kind in rows[stored:]:
+            if kind in types:
+                self._set_row_state(seq, _EMITTED)
         return taken
 
     def _batch_settled(self, seq: int, key: str, event: BatchSettled) -> None:
