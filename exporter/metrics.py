@@ -21,7 +21,6 @@ from .ledger import (
     NewEvent,
     PendingChange,
     TerminalPayment,
-    WebsocketCount,
 )
 
 _Labelled = Counter | Gauge | Histogram
@@ -160,25 +159,54 @@ class Metrics:
             self.websocket_clients.set(snapshot.websocket_clients)
 
     def apply(self, effects: Iterable[Effect]) -> None:
-        """Move the payment metrics by what a ledger commit did."""
-        child = self._child
+        """Move the payment metrics by what a ledger commit did.
+
+        Counter and gauge moves are summed per series first and applied once each: a
+        request of a thousand events makes thousands of effects but touches a few
+        series, and every update takes the metric's lock. Money is summed in integer
+        micro-units before it becomes a float.
+        """
+        events: dict[str, int] = {}
+        payments: dict[tuple[str, str], int] = {}
+        volume: dict[str, int] = {}
+        fees: dict[str, int] = {}
+        pending: dict[str, int] = {}
+        observations: list[tuple[Histogram, str, float]] = []
+        websocket_clients: int | None = None
         for effect in effects:
-            match effect:
-                case NewEvent(event_type):
-                    child(self.events_received, event_type).inc()
-                case TerminalPayment(network, status, amount, fee, settlement_ms):
-                    child(self.payments, network, status).inc()
-                    if status == "success":
-                        child(self.volume, network).inc(amount / MICRO)
-                        child(self.fees, network).inc(fee / MICRO)
-                        if settlement_ms is not None:
-                            child(self.settlement, network).observe(settlement_ms / 1000)
-                case PendingChange(network, delta):
-                    child(self.pending, network).inc(delta)
-                case BatchGas(network, gas_used):
-                    child(self.gas, network).observe(gas_used)
-                case WebsocketCount(count):
-                    self.websocket_clients.set(count)
+            if isinstance(effect, NewEvent):
+                events[effect.type] = events.get(effect.type, 0) + 1
+            elif isinstance(effect, PendingChange):
+                pending[effect.network] = pending.get(effect.network, 0) + effect.delta
+            elif isinstance(effect, TerminalPayment):
+                network, status = effect.network, effect.status
+                payments[network, status] = payments.get((network, status), 0) + 1
+                if status == "success":
+                    volume[network] = volume.get(network, 0) + effect.amount_micro
+                    fees[network] = fees.get(network, 0) + effect.fee_micro
+                    if effect.settlement_ms is not None:
+                        observations.append(
+                            (self.settlement, network, effect.settlement_ms / 1000)
+                        )
+            elif isinstance(effect, BatchGas):
+                observations.append((self.gas, effect.network, effect.gas_used))
+            else:
+                websocket_clients = effect.count
+        child = self._child
+        for event_type, count in events.items():
+            child(self.events_received, event_type).inc(count)
+        for (network, status), count in payments.items():
+            child(self.payments, network, status).inc(count)
+        for network, micro in volume.items():
+            child(self.volume, network).inc(micro / MICRO)
+        for network, micro in fees.items():
+            child(self.fees, network).inc(micro / MICRO)
+        for network, delta in pending.items():
+            child(self.pending, network).inc(delta)
+        for histogram, network, value in observations:
+            child(histogram, network).observe(value)
+        if websocket_clients is not None:
+            self.websocket_clients.set(websocket_clients)
 
     def _child(self, metric: _Labelled, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered: the lookup costs more than the update,
