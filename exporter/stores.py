@@ -221,6 +221,10 @@ class Forwarder:
         self.auth_failed = False
         self._oldest_pending_ms: int | None = None
         self._wake = asyncio.Event()
+        # What the forwarder waits for now: new rows at all (idle), or a full batch
+        # (lingering). A commit wakes it only then.
+        self._idle = False
+        self._lingering = False
         self._stop_when_idle = False
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
@@ -232,8 +236,15 @@ class Forwarder:
         self._task = asyncio.create_task(self._run(), name="store-forwarder")
 
     def wake(self) -> None:
-        """Tell the forwarder new rows are committed; safe from any thread."""
-        self._loop.call_soon_threadsafe(self._wake.set)
+        """Tell the forwarder new rows are committed; safe from any thread.
+
+        Only a forwarder that waits for them is woken (a lingering one once a full batch
+        is there): otherwise every commit would cost the event loop a wake-up for nothing.
+        """
+        if self._idle or (
+            self._lingering and self.committer.ledger.backlog >= self.batch_size
+        ):
+            self._loop.call_soon_threadsafe(self._wake.set)
 
     @property
     def ready(self) -> bool:
@@ -292,6 +303,7 @@ class Forwarder:
         ledger = self.committer.ledger
         while True:
             self._wake.clear()
+            self._idle = True  # before the read: a commit during it must wake the wait below
             try:
                 rows = await asyncio.to_thread(ledger.read_outbox, self.batch_size)
             except sqlite3.Error as error:
@@ -310,6 +322,7 @@ class Forwarder:
                 except TimeoutError:
                     pass
                 continue
+            self._idle = False
             self._oldest_pending_ms = rows[0].record.time_ms
             records = [row.record for row in rows]
             started = time.perf_counter()
@@ -359,15 +372,19 @@ class Forwarder:
         more on that cost than on the records.
         """
         ledger = self.committer.ledger
-        while not self._stop_when_idle and ledger.backlog < self.batch_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
-                return
+        self._lingering = True
+        try:
+            while not self._stop_when_idle:
+                self._wake.clear()  # before the check: a commit after it must wake the wait
+                remaining = deadline - time.monotonic()
+                if ledger.backlog >= self.batch_size or remaining <= 0:
+                    return
+                try:
+                    await asyncio.wait_for(self._wake.wait(), remaining)
+                except TimeoutError:
+                    return
+        finally:
+            self._lingering = False
 
     def _succeeded(self, delivered: int) -> None:
         if self.auth_failed:
