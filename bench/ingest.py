@@ -18,16 +18,22 @@ the peak-RSS figure under sustained load.
 The load generator, both servers and the exporter's background work share this
 machine's cores, so the figures are a floor and the ratio is the useful number.
 
-Run: ``.venv/bin/python bench/ingest.py [--requests N] [--batches N] [--events [N]]``
+Both phases run ``--rounds`` times (3), each time against both servers back to back with
+fresh events; the ratio and throughput are reported per round and as the median, since
+one round on a shared machine can be off by a fifth.
+
+Run: ``.venv/bin/python bench/ingest.py [--rounds N] [--requests N] [--batches N] [--events [N]]``
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -109,6 +115,7 @@ class _Result:
 
     target: str
     phase: str
+    round: int = 1
     seconds: float = 0.0
     requests: int = 0
     events: int = 0
@@ -129,6 +136,16 @@ class _Result:
         ordered = sorted(self.latencies)
         rank = max(1, -(-int(p * len(ordered)) // 100))
         return ordered[min(rank, len(ordered)) - 1] * 1000
+
+
+@dataclass
+class _Phase:
+    """One load phase: its bodies (with their event counts) and how they are sent."""
+
+    label: str
+    bodies: list[tuple[bytes, int]]
+    content_type: str
+    connections: int
 
 
 def _retry_after(value: str | None) -> float:
@@ -209,8 +226,8 @@ async def _load(
 def _table(results: list[_Result]) -> None:
     wide = max([len(r.phase) for r in results] + [5])
     header = (
-        f"{'target':<9} {'phase':<{wide}} {'requests':>9} {'events':>9} {'seconds':>8} "
-        f"{'req/s':>9} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7} "
+        f"{'round':>5} {'target':<9} {'phase':<{wide}} {'requests':>9} {'events':>9} "
+        f"{'seconds':>8} {'req/s':>9} {'events/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'failed':>7} "
         f"{'retries':>7} {'cpu us/ev':>9}"
     )
     write(header)
@@ -218,8 +235,8 @@ def _table(results: list[_Result]) -> None:
     for r in results:
         seconds = r.seconds or float("inf")
         write(
-            f"{r.target:<9} {r.phase:<{wide}} {r.requests:>9,} {r.events:>9,} {r.seconds:>8.2f} "
-            f"{r.requests / seconds:>9,.0f} {r.acknowledged / seconds:>10,.0f} "
+            f"{r.round:>5} {r.target:<9} {r.phase:<{wide}} {r.requests:>9,} {r.events:>9,} "
+            f"{r.seconds:>8.2f} {r.requests / seconds:>9,.0f} {r.acknowledged / seconds:>10,.0f} "
             f"{r.percentile(50):>8.2f} {r.percentile(99):>8.2f} {r.failures:>7,} "
             f"{r.retries:>7,} {_cpu_per_event(r):>9}"
         )
@@ -244,15 +261,45 @@ def _cpu_per_event(result: _Result) -> str:
 
 
 def _ratios(results: list[_Result]) -> None:
-    by_key = {(r.target, r.phase): r for r in results}
+    """Per phase, the exporter/no-op ratio of each round (both ran back to back) and the
+    median over the rounds: on a shared machine one round can be off by a fifth."""
+    by_key = {(r.round, r.target, r.phase): r for r in results}
     for phase in dict.fromkeys(r.phase for r in results):
-        exporter, noop = by_key.get(("exporter", phase)), by_key.get(("no-op", phase))
-        if exporter is None or noop is None or not exporter.seconds or not noop.seconds:
-            continue
-        ratio = (exporter.acknowledged / exporter.seconds) / max(
-            noop.acknowledged / noop.seconds, 1e-9
-        )
-        write(f"ratio exporter/no-op, {phase}: {ratio:.3g} (acknowledged events/s)")
+        ratios = []
+        for round_ in sorted({r.round for r in results}):
+            exporter = by_key.get((round_, "exporter", phase))
+            noop = by_key.get((round_, "no-op", phase))
+            if exporter is None or noop is None or not exporter.seconds or not noop.seconds:
+                continue
+            ratios.append(
+                (exporter.acknowledged / exporter.seconds)
+                / max(noop.acknowledged / noop.seconds, 1e-9)
+            )
+        if ratios:
+            rounds = ", ".join(f"{ratio:.3g}" for ratio in ratios)
+            write(
+                f"ratio exporter/no-op, {phase}: median {statistics.median(ratios):.3g} "
+                f"(acknowledged events/s; rounds: {rounds})"
+            )
+
+
+def _throughputs(results: list[_Result]) -> None:
+    """Per phase, the exporter's median acknowledged events/s over the rounds."""
+    rounds = {r.round for r in results}
+    if len(rounds) < 2:
+        return
+    for phase in dict.fromkeys(r.phase for r in results):
+        rates = [
+            r.acknowledged / r.seconds
+            for r in results
+            if r.target == "exporter" and r.phase == phase and r.seconds
+        ]
+        if rates:
+            write(
+                f"exporter, {phase}: median {statistics.median(rates):,.0f} acknowledged "
+                f"events/s over {len(rates)} rounds (min {min(rates):,.0f}, "
+                f"max {max(rates):,.0f})"
+            )
 
 
 def _drains(results: list[_Result]) -> None:
@@ -260,8 +307,9 @@ def _drains(results: list[_Result]) -> None:
         if r.drain_seconds is not None and r.seconds:
             delivered = r.acknowledged / (r.seconds + r.drain_seconds)
             write(
-                f"{r.phase}: the exporter's store caught up {r.drain_seconds:.2f}s after the "
-                f"last answer: {delivered:,.0f} events/s acknowledged and stored"
+                f"round {r.round}, {r.phase}: the exporter's store caught up "
+                f"{r.drain_seconds:.2f}s after the last answer: {delivered:,.0f} events/s "
+                "acknowledged and stored"
             )
 
 
@@ -301,6 +349,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default="both",
         help="which servers to measure (default both)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="repeat both phases against both servers this often (fresh events each round)",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--noop-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -311,34 +365,46 @@ def _run(args: argparse.Namespace, workdir: Path) -> None:
     if args.events is not None:
         targets = ["exporter"]
     seed_ns = f"bench{int(time.time()):x}"
-    began = time.perf_counter()
-    phases: list[tuple[str, list[tuple[bytes, int]], str, int]] = []
-    if args.events is not None:
-        lines = _events(args.events, f"{seed_ns}-n-", args.seed)
-        bodies = _batches(lines, args.batch_events)
-        del lines
-        label = f"{args.events:,} ev, NDJSON x{args.batch_events}"
-        phases.append((label, bodies, "application/x-ndjson", args.batch_connections))
-    else:
-        single = [(line, 1) for line in _events(args.requests, f"{seed_ns}-a-", args.seed)]
-        phases.append(
-            (f"single x{args.connections} conn", single, "application/json", args.connections)
-        )
-        lines = _events(args.batches * args.batch_events, f"{seed_ns}-b-", args.seed + 1)
-        batched = _batches(lines, args.batch_events)
-        phases.append(
-            (
-                f"NDJSON {args.batch_events} x{args.batch_connections} conn",
-                batched,
-                "application/x-ndjson",
-                args.batch_connections,
+
+    def round_phases(round_: int) -> list[_Phase]:
+        """The bodies of one round, fresh events each round (generated, not timed)."""
+        began = time.perf_counter()
+        phases: list[_Phase] = []
+        if args.events is not None:
+            lines = _events(args.events, f"{seed_ns}-n-", args.seed)
+            label = f"{args.events:,} ev, NDJSON x{args.batch_events}"
+            bodies = _batches(lines, args.batch_events)
+            del lines
+            phases.append(_Phase(label, bodies, "application/x-ndjson", args.batch_connections))
+        else:
+            seed, namespace = args.seed + 2 * (round_ - 1), f"{seed_ns}-r{round_}"
+            single = [(line, 1) for line in _events(args.requests, f"{namespace}-a-", seed)]
+            phases.append(
+                _Phase(
+                    f"single x{args.connections} conn",
+                    single,
+                    "application/json",
+                    args.connections,
+                )
             )
+            lines = _events(args.batches * args.batch_events, f"{namespace}-b-", seed + 1)
+            batched = _batches(lines, args.batch_events)
+            del lines
+            phases.append(
+                _Phase(
+                    f"NDJSON {args.batch_events} x{args.batch_connections} conn",
+                    batched,
+                    "application/x-ndjson",
+                    args.batch_connections,
+                )
+            )
+        generated = sum(count for phase in phases for _, count in phase.bodies)
+        write(
+            f"round {round_}: generated {generated:,} events in "
+            f"{time.perf_counter() - began:.1f}s (not timed); cpus: {os.cpu_count()}, "
+            "client and servers share them"
         )
-    generated = sum(count for _, bodies, _, _ in phases for _, count in bodies)
-    write(
-        f"generated {generated:,} events in {time.perf_counter() - began:.1f}s (not timed); "
-        f"cpus: {os.cpu_count()}, client and servers share them"
-    )
+        return phases
 
     servers: dict[str, _servers.Server] = {}
     results: list[_Result] = []
@@ -351,22 +417,32 @@ def _run(args: argparse.Namespace, workdir: Path) -> None:
             port = _servers.free_port()
             argv = [sys.executable, str(Path(__file__).resolve()), "--noop-server", str(port)]
             servers["no-op"] = _servers.start("no-op", argv, port, workdir)
-        for phase, bodies, content_type, connections in phases:
-            for name in targets:
-                server = servers[name]
-                write(f"running {name}: {phase} ...")
-                result = _Result(target=name, phase=phase)
-                cpu_before = server.cpu_seconds()
-                asyncio.run(_load(server.url, bodies, content_type, connections, result))
-                if name == "exporter":
-                    result.drain_seconds = _wait_for_store(server.url)
-                cpu_after = server.cpu_seconds()
-                if cpu_before is not None and cpu_after is not None:
-                    result.cpu_seconds = cpu_after - cpu_before
-                results.append(result)
+        rounds = 1 if args.events is not None else max(1, args.rounds)
+        for round_ in range(1, rounds + 1):
+            phases = round_phases(round_)
+            gc.collect()  # the generator's garbage, before anything is timed
+            for phase in phases:
+                for name in targets:
+                    server = servers[name]
+                    write(f"round {round_}, running {name}: {phase.label} ...")
+                    result = _Result(target=name, phase=phase.label, round=round_)
+                    cpu_before = server.cpu_seconds()
+                    asyncio.run(
+                        _load(
+                            server.url, phase.bodies, phase.content_type, phase.connections, result
+                        )
+                    )
+                    if name == "exporter":
+                        result.drain_seconds = _wait_for_store(server.url)
+                    cpu_after = server.cpu_seconds()
+                    if cpu_before is not None and cpu_after is not None:
+                        result.cpu_seconds = cpu_after - cpu_before
+                    results.append(result)
+            del phases
         write("")
         _table(results)
         _ratios(results)
+        _throughputs(results)
         _drains(results)
         _check_exporter(results)
         for name, server in servers.items():
