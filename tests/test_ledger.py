@@ -115,6 +115,51 @@ async def test_settled_before_received_joins_when_received_arrives(
     assert committer.ledger.stats().waiting_for_join == 0
 
 
+async def test_partners_waiting_in_the_table_and_in_the_same_commit_join_together(
+    tmp_path: Path,
+) -> None:
+    # p1's verification waits from an earlier commit; its settlement, and a whole batch
+    # in reverse order, wait within the commit that brings their partners.
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path)
+    committer = GroupCommitter(ledger)
+    try:
+        await submit(committer, verified("p1"))
+        result = await submit(
+            committer,
+            settled("p1"),
+            batch_settled("b1"),
+            received("p1", network="eip155:10"),
+            batch_created("b1", network="eip155:10"),
+            settled("p2"),  # no partner: still waits
+        )
+        assert result.outcomes == [Outcome.ACCEPTED] * 5
+        assert TerminalPayment("eip155:10", "success", 1_500_000, 10_000, 1500) in result.effects
+        assert BatchGas("eip155:10", 84_000) in result.effects
+        assert [(r.status, r.network) for r in payment_records(committer)] == [
+            ("received", "eip155:10"),
+            ("verified", "eip155:10"),
+            ("settled", "eip155:10"),
+        ]
+        batches = [r.record for r in ledger.read_outbox(100) if isinstance(r.record, BatchRecord)]
+        assert [(b.status, b.network) for b in batches] == [
+            ("created", "eip155:10"),
+            ("settled", "eip155:10"),
+        ]
+        assert ledger.stats().waiting_for_join == 1
+        assert await submit(committer, settled("p1")) == SubmissionResult(
+            [Outcome.DUPLICATE], []
+        )
+    finally:
+        committer.close()
+        ledger.close()
+    reopened = Ledger(path)
+    try:
+        assert reopened.stats().waiting_for_join == 1  # p2's settlement, stored as waiting
+    finally:
+        reopened.close()
+
+
 async def test_in_order_lifecycle_carries_network_to_every_record(
     committer: GroupCommitter,
 ) -> None:
