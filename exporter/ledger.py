@@ -625,17 +625,21 @@ def _multi_row_sql(head: str, width: int, rows: int, tail: str) -> str:
 def _insert_rows(
     cur: sqlite3.Cursor, head: str, rows: Sequence[Sequence[object]], tail: str = ""
 ) -> None:
-    """``head VALUES (...), (...) tail`` for ``rows``, a few hundred rows per statement.
+    """``head VALUES (...), (...) tail`` for ``rows``, up to 128 rows per statement.
 
     ``executemany`` steps SQLite once per row, and every step releases the GIL: while
     the event loop parses the next request, each release can keep this thread waiting
     for a whole switch interval (5 ms). One statement per chunk keeps the inserts a
-    handful of steps that run without the GIL, beside the event loop.
+    handful of steps that run without the GIL, beside the event loop. Chunks stay
+    within the connection's limit on bound parameters (999 in SQLite before 3.32).
     """
     if not rows:
         return
     width, done = len(rows[0]), 0
+    most = cur.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width
     for size in _INSERT_CHUNKS:
+        if size > most:
+            continue
         while len(rows) - done >= size:
             sql = _multi_row_sql(head, width, size, tail)
             cur.execute(sql, list(chain.from_iterable(rows[done : done + size])))

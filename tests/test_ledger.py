@@ -160,6 +160,20 @@ async def test_partners_waiting_in_the_table_and_in_the_same_commit_join_togethe
         reopened.close()
 
 
+def test_bulk_inserts_keep_within_the_bound_parameter_limit(tmp_path: Path) -> None:
+    # SQLite before 3.32 allows 999 bound parameters per statement; events take 9 each.
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    try:
+        ledger._write.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+        events = [received(f"p{i}") for i in range(300)] + [settled(f"p{i}") for i in range(300)]
+        [result] = ledger.commit([Submission([prepare(e) for e in events])])
+        assert result.outcomes == [Outcome.ACCEPTED] * 600
+        assert ledger.stats().events == 600
+        assert len(ledger.read_outbox(1000)) == 600
+    finally:
+        ledger.close()
+
+
 async def test_in_order_lifecycle_carries_network_to_every_record(
     committer: GroupCommitter,
 ) -> None:
