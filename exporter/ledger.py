@@ -1550,11 +1550,13 @@ class _TransactionWriter:
         if ref not in self._refs_new_here:
             (found,) = self.cur.execute(
                 "SELECT json_group_array(json_array(seq, key, CAST(body AS TEXT), type))"
-                " FROM (SELECT seq, key, body, type FROM events"
-                " WHERE ref = ? AND state = 0 ORDER BY seq)",
+                " FROM events WHERE ref = ? AND state = 0",
                 (ref,),
             ).fetchone()
-            rows = [(seq, key, body.encode(), kind) for seq, key, body, kind in json.loads(found)]
+            rows = [
+                (seq, key, body.encode(), kind)
+                for seq, key, body, kind in sorted(json.loads(found))  # in commit order
+            ]
         stored = len(rows)
         for seq in self._waits_in_rows.get(ref, ()):
             row = self._event_rows[seq - self._rows_from_seq]
