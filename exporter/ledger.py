@@ -1289,6 +1289,7 @@ class _TransactionWriter:
             self._event_rows.clear()
             self._rows_from_seq = self._numbers.event_seq
             self._waits_in_rows.clear()
+            self._refs_new_here.clear()  # their rows are stored now
 
     def dead_letter(self, letter: DeadLetter) -> None:
         self.cur.execute(
