@@ -129,6 +129,11 @@ class _Result:
     statuses: dict[int, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
 
+    @property
+    def rate(self) -> float:
+        """Acknowledged events per second (0 before the phase ran)."""
+        return self.acknowledged / self.seconds if self.seconds else 0.0
+
     def percentile(self, p: float) -> float:
         """Nearest-rank percentile of the request latencies, in ms."""
         if not self.latencies:
@@ -236,7 +241,7 @@ def _table(results: list[_Result]) -> None:
         seconds = r.seconds or float("inf")
         write(
             f"{r.round:>5} {r.target:<9} {r.phase:<{wide}} {r.requests:>9,} {r.events:>9,} "
-            f"{r.seconds:>8.2f} {r.requests / seconds:>9,.0f} {r.acknowledged / seconds:>10,.0f} "
+            f"{r.seconds:>8.2f} {r.requests / seconds:>9,.0f} {r.rate:>10,.0f} "
             f"{r.percentile(50):>8.2f} {r.percentile(99):>8.2f} {r.failures:>7,} "
             f"{r.retries:>7,} {_cpu_per_event(r):>9}"
         )
@@ -271,10 +276,7 @@ def _ratios(results: list[_Result]) -> None:
             noop = by_key.get((round_, "no-op", phase))
             if exporter is None or noop is None or not exporter.seconds or not noop.seconds:
                 continue
-            ratios.append(
-                (exporter.acknowledged / exporter.seconds)
-                / max(noop.acknowledged / noop.seconds, 1e-9)
-            )
+            ratios.append(exporter.rate / max(noop.rate, 1e-9))
         if ratios:
             rounds = ", ".join(f"{ratio:.3g}" for ratio in ratios)
             write(
@@ -290,9 +292,7 @@ def _throughputs(results: list[_Result]) -> None:
         return
     for phase in dict.fromkeys(r.phase for r in results):
         rates = [
-            r.acknowledged / r.seconds
-            for r in results
-            if r.target == "exporter" and r.phase == phase and r.seconds
+            r.rate for r in results if r.target == "exporter" and r.phase == phase and r.seconds
         ]
         if rates:
             write(
