@@ -50,6 +50,7 @@ from operator import attrgetter
 from typing import Any, TypeVar, cast
 
 import duckdb
+import orjson
 
 from .ledger import check_no_pending_recovery
 from .records import (
@@ -223,7 +224,13 @@ def _columnar_json(cls: type[StoreRecord], records: list[StoreRecord]) -> str:
             payload[name] = [None if (v := get(r)) is None else str(v) for r in records]
         else:
             payload[name] = [get(r) for r in records]
-    return json.dumps(payload, separators=(",", ":"))
+    try:
+        # A quarter of the json module's time; this runs under the GIL, per record.
+        return orjson.dumps(payload).decode()
+    except orjson.JSONEncodeError:
+        # An integer past 64 bits: the json module writes it, and DuckDB refuses the
+        # batch with a conversion error like any other value that does not fit.
+        return json.dumps(payload, separators=(",", ":"))
 
 
 def _time_runs(records: list[StoreRecord]) -> list[list[StoreRecord]]:

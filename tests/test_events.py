@@ -9,8 +9,12 @@ from typing import Any
 
 import pytest
 from conftest import BASE_MS, batch_created, batch_settled, failed, received, settled, verified
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import TypeAdapter
 
 from exporter.events import (
+    Event,
     EventError,
     canonical_json,
     dedup_key,
@@ -186,6 +190,41 @@ def test_canonical_form_does_not_depend_on_field_order() -> None:
     reordered = {"data": dict(reversed(event["data"].items())), "type": event["type"]}
     assert canonical_json(parse_event(reordered)) == canonical_json(parse_event(event))
     assert canonical_json(parse_event(event)).startswith(b'{"type":"payment:received","data":')
+
+
+# Text the validators accept: anything but C0 controls, DEL and lone surrogates.
+_TEXT = st.text(
+    st.characters(exclude_categories=["Cs"], exclude_characters=[*map(chr, range(32)), "\x7f"]),
+    min_size=1,
+    max_size=40,
+)
+_DURATION = st.floats(min_value=0, allow_nan=False, allow_infinity=False)
+# pydantic's serializer wrote the canonical bodies that ledgers already hold.
+_PYDANTIC_CANONICAL = TypeAdapter(Event)
+
+
+@given(
+    payment_id=_TEXT,
+    error=st.text(st.characters(exclude_categories=["Cs"]), max_size=60),
+    duration=_DURATION,
+    event_id=st.none() | _TEXT,
+    network=st.none() | st.just("eip155:8453"),
+)
+def test_canonical_form_is_byte_for_byte_what_ledgers_already_hold(
+    payment_id: str, error: str, duration: float, event_id: str | None, network: str | None
+) -> None:
+    # Stored bodies tell a redelivery (a duplicate) from a changed event (a conflict),
+    # so the bytes must not differ from those earlier versions wrote, for any text,
+    # float or null field.
+    raw_events = [
+        verified(payment_id, ms=duration),
+        settled(payment_id, settlement_ms=duration),
+        {**failed(payment_id, error=error), "id": event_id},
+        _with(failed(payment_id, error=error), network=network),
+    ]
+    for raw in raw_events:
+        event = parse_event(raw)
+        assert canonical_json(event) == _PYDANTIC_CANONICAL.dump_json(event, exclude_none=True)
 
 
 def test_decimal_strings_are_normalised_so_equal_amounts_compare_equal() -> None:
