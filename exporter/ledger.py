@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
-import json
 import logging
 import os
 import queue
@@ -34,6 +33,8 @@ from hashlib import blake2b
 from itertools import chain, islice
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
+
+import orjson
 
 from .config import Durability
 from .events import (
@@ -958,7 +959,7 @@ class Ledger:
             numbers = dataclasses.replace(self._numbers)
             writer = _TransactionWriter(cur, _now_ms(), self._waiting_refs, numbers)
             for seq, key, body in rows:
-                writer.release_orphan_failure(seq, key, parse_event(json.loads(body)))
+                writer.release_orphan_failure(seq, key, parse_event(orjson.loads(body)))
             writer.flush()
         self._numbers = numbers
         self._emitted(writer.emitted)
@@ -1170,6 +1171,10 @@ class _TransactionWriter:
         self._changed_payments: dict[str, _Payment] = {}
         # Row ids of the payments this writer read or numbered.
         self._payment_rows: dict[str, int] = {}
+        # Batches by id (None: no row), as of this writer's own changes, and the rows of
+        # the batches it created, inserted at flush.
+        self._batches: dict[str, _Batch | None] = {}
+        self._batch_rows: list[tuple[str, str, int, int, int]] = []
 
     def load(self, events: Sequence[PreparedEvent]) -> list[int]:
         """Read what ``events`` will look up, in one query each; returns their key hashes."""
@@ -1180,6 +1185,14 @@ class _TransactionWriter:
                 ref
                 for prepared in events
                 if prepared.event["type"].startswith("payment:")
+                and (ref := join_ref(prepared.event)) is not None
+            }
+        )
+        self._load_batches(
+            {
+                ref
+                for prepared in events
+                if prepared.event["type"].startswith("batch:")
                 and (ref := join_ref(prepared.event)) is not None
             }
         )
@@ -1201,9 +1214,9 @@ class _TransactionWriter:
             " UNION ALL"
             " SELECT seq FROM temp.recent_keys"
             " WHERE key_hash IN (SELECT value FROM json_each(?1)))",
-            (json.dumps(hashes),),
+            (orjson.dumps(hashes).decode(),),
         ).fetchone()
-        for key_hash, key, body in json.loads(found):
+        for key_hash, key, body in orjson.loads(found):
             self._stored.setdefault(key_hash, []).append((key, body.encode()))
 
     def _load_payments(self, payment_ids: set[str]) -> None:
@@ -1215,12 +1228,30 @@ class _TransactionWriter:
             "SELECT json_group_array(json_array(id, payment_id, network, payer, payee,"
             " amount_micro, received, terminal))"
             " FROM payments WHERE id_hash IN (SELECT value FROM json_each(?))",
-            (json.dumps(sorted({_id_hash(payment_id) for payment_id in wanted})),),
+            (orjson.dumps(sorted({_id_hash(payment_id) for payment_id in wanted})).decode(),),
         ).fetchone()
-        for row_id, payment_id, *values in json.loads(found):
+        for row_id, payment_id, *values in orjson.loads(found):
             if payment_id in wanted:  # not another id of the same hash
                 self._payments[payment_id] = _Payment(*values)
                 self._payment_rows[payment_id] = row_id
+
+    def _load_batches(self, batch_ids: set[str]) -> None:
+        wanted = batch_ids.difference(self._batches)
+        if not wanted:
+            return
+        self._batches.update(dict.fromkeys(wanted))
+        (found,) = self.cur.execute(
+            "SELECT json_group_array(json_array(batch_id, network, payment_count,"
+            " total_amount_micro)) FROM batches WHERE batch_id IN (SELECT value FROM json_each(?))",
+            (orjson.dumps(sorted(wanted)).decode(),),
+        ).fetchone()
+        for batch_id, *values in orjson.loads(found):
+            self._batches[batch_id] = _Batch(*values)
+
+    def _batch(self, batch_id: str) -> _Batch | None:
+        if batch_id not in self._batches:
+            self._load_batches({batch_id})
+        return self._batches[batch_id]
 
     def _payment(self, payment_id: str) -> _Payment | None:
         if payment_id not in self._payments:
@@ -1280,10 +1311,12 @@ class _TransactionWriter:
                 "INSERT INTO events (seq, key, key_hash, type, ref, ts, received_at, body, state)",
                 self._event_rows,
             )
-            _insert_rows(
-                self.cur,
-                "INSERT INTO temp.recent_keys (key_hash, seq)",
-                [(row[2], row[0]) for row in self._event_rows],
+            # Copied from the rows just written: one statement that SQLite runs without
+            # the GIL, rather than binding each key hash again.
+            self.cur.execute(
+                "INSERT INTO temp.recent_keys (key_hash, seq) "
+                "SELECT key_hash, seq FROM events WHERE seq BETWEEN ? AND ?",
+                (self._event_rows[0][0], self._event_rows[-1][0]),
             )
             self.added += len(self._event_rows)
             self._event_rows.clear()
@@ -1311,6 +1344,14 @@ class _TransactionWriter:
         self._flush_events()
         if self._changed_payments:
             self._flush_payments()
+        if self._batch_rows:
+            _insert_rows(
+                self.cur,
+                "INSERT INTO batches (batch_id, network, payment_count, total_amount_micro, "
+                "updated_at)",
+                self._batch_rows,
+            )
+            self._batch_rows.clear()
         if self._outbox:
             first = self._numbers.outbox_seq
             self._numbers.outbox_seq += len(self._outbox)
@@ -1428,7 +1469,7 @@ class _TransactionWriter:
         for waiting_seq, waiting_key, body in self._take_waiting(
             payment_id, ("payment:verified", "payment:settled", "payment:failed")
         ):
-            waiting = parse_event(json.loads(body))
+            waiting = parse_event(orjson.loads(body))
             assert waiting["type"] in ("payment:verified", "payment:settled", "payment:failed")
             self._payment_update(waiting_seq, waiting_key, waiting)
 
@@ -1527,17 +1568,15 @@ class _TransactionWriter:
         d = event["data"]
         batch_id, network, count = d["batchId"], d["network"], d["paymentCount"]
         total = to_micro(d["totalAmount"])
-        self.cur.execute(
-            "INSERT INTO batches (batch_id, network, payment_count, total_amount_micro, "
-            "updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (batch_id) DO NOTHING",
-            (batch_id, network, count, total, self.now),
-        )
+        if self._batch(batch_id) is None:  # the first batch:created of an id defines it
+            self._batches[batch_id] = _Batch(network, count, total)
+            self._batch_rows.append((batch_id, network, count, total, self.now))
         self._emit(
             seq,
             BatchRecord(key, d["timestamp"], network, "created", batch_id, count, total),
         )
         for waiting_seq, waiting_key, body in self._take_waiting(batch_id, ("batch:settled",)):
-            waiting = parse_event(json.loads(body))
+            waiting = parse_event(orjson.loads(body))
             assert waiting["type"] == "batch:settled"
             self._batch_settled(waiting_seq, waiting_key, waiting)
 
@@ -1556,7 +1595,7 @@ class _TransactionWriter:
             ).fetchone()
             rows = [
                 (seq, key, body.encode(), kind)
-                for seq, key, body, kind in sorted(json.loads(found))  # in commit order
+                for seq, key, body, kind in sorted(orjson.loads(found))  # in commit order
             ]
         stored = len(rows)
         for seq in self._waits_in_rows.get(ref, ()):
@@ -1571,7 +1610,7 @@ class _TransactionWriter:
         if taken_stored:
             self.cur.execute(
                 "UPDATE events SET state = ? WHERE seq IN (SELECT value FROM json_each(?))",
-                (_EMITTED, json.dumps(taken_stored)),
+                (_EMITTED, orjson.dumps(taken_stored).decode()),
             )
         for seq, _, _, kind in rows[stored:]:
             if kind in types:
@@ -1580,14 +1619,11 @@ class _TransactionWriter:
 
     def _batch_settled(self, seq: int, key: str, event: BatchSettled) -> None:
         d = event["data"]
-        row = self.cur.execute(
-            "SELECT network, payment_count, total_amount_micro FROM batches WHERE batch_id = ?",
-            (d["batchId"],),
-        ).fetchone()
-        if row is None:
+        batch = self._batch(d["batchId"])
+        if batch is None:
             self._wait(seq, d["batchId"])
             return
-        network, count, total = row
+        network, count, total = batch
         gas = int(d["gasUsed"])
         self._emit(
             seq,
@@ -1628,6 +1664,14 @@ class _Payment(NamedTuple):
     amount_micro: int | None
     received: int
     terminal: int
+
+
+class _Batch(NamedTuple):
+    """A ``batches`` row: what ``batch:created`` said."""
+
+    network: str
+    payment_count: int
+    total_amount_micro: int
 
 
 def _key_hash(key: str) -> int:
