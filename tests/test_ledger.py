@@ -226,6 +226,41 @@ async def test_batch_settled_before_created_takes_the_created_network(
     ]
 
 
+async def test_a_batch_keeps_its_first_definition_across_commits_and_restarts(
+    tmp_path: Path,
+) -> None:
+    # The second batch:created of b1 (another event id) neither redefines the batch nor
+    # fails; a settlement in a later commit, after a restart, finds the first one.
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path)
+    committer = GroupCommitter(ledger)
+    try:
+        first = batch_created("b1", network="eip155:10", count=4)
+        again = {**batch_created("b1", network="eip155:1", count=9), "id": "created-again"}
+        result = await submit(committer, first, again, batch_created("b2", count=2))
+        assert result.outcomes == [Outcome.ACCEPTED] * 3
+    finally:
+        committer.close()
+        ledger.close()
+    ledger = Ledger(path)
+    committer = GroupCommitter(ledger)
+    try:
+        result = await submit(committer, batch_settled("b1", gas="21000"), batch_settled("b3"))
+        assert BatchGas("eip155:10", 21_000) in result.effects
+        settled_batches = [
+            r.record
+            for r in ledger.read_outbox(100)
+            if isinstance(r.record, BatchRecord) and r.record.status == "settled"
+        ]
+        assert [(b.batch_id, b.network, b.payment_count) for b in settled_batches] == [
+            ("b1", "eip155:10", 4)
+        ]
+        assert ledger.stats().waiting_for_join == 1  # b3 has no batch:created yet
+    finally:
+        committer.close()
+        ledger.close()
+
+
 async def test_second_terminal_event_counts_but_does_not_decrement_pending_twice(
     committer: GroupCommitter,
 ) -> None:
