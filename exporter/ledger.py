@@ -613,11 +613,14 @@ class _RowNumbers:
 
 # Rows per multi-row INSERT, largest first; a fixed ladder keeps the statements few
 # enough for the connection's statement cache. Each cached statement holds memory in
-# proportion to its parameters: a ladder from 512 rows held about 2.5 MB.
-_INSERT_CHUNKS = (128, 64, 32, 16, 8, 4, 2, 1)
+# proportion to its parameters: a ladder from 512 rows held about 2.5 MB. The last
+# fewer than _INSERT_EXACT_BELOW rows go in one statement of their exact size, so that
+# a small commit (single-event requests) writes each table in one statement.
+_INSERT_CHUNKS = (128, 64, 32, 16)
+_INSERT_EXACT_BELOW = 16
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=128)
 def _multi_row_sql(head: str, width: int, rows: int, tail: str) -> str:
     row = "(" + ",".join("?" * width) + ")"
     return f"{head} VALUES {','.join([row] * rows)}{tail}"
@@ -642,9 +645,19 @@ def _insert_rows(
         if size > most:
             continue
         while len(rows) - done >= size:
-            sql = _multi_row_sql(head, width, size, tail)
-            cur.execute(sql, list(chain.from_iterable(rows[done : done + size])))
+            _insert_chunk(cur, head, rows[done : done + size], tail)
             done += size
+    while done < len(rows):  # fewer than 16 rows left (or than ``most``)
+        chunk = rows[done : done + min(_INSERT_EXACT_BELOW - 1, most)]
+        _insert_chunk(cur, head, chunk, tail)
+        done += len(chunk)
+
+
+def _insert_chunk(
+    cur: sqlite3.Cursor, head: str, rows: Sequence[Sequence[object]], tail: str
+) -> None:
+    sql = _multi_row_sql(head, len(rows[0]), len(rows), tail)
+    cur.execute(sql, list(chain.from_iterable(rows)))
 
 
 class Ledger:
