@@ -369,6 +369,13 @@ class Receiver:
     async def _read_within_timeout(self, request: web.Request, limit: int) -> bytes:
         # aiohttp has no timeout on a body once the handler runs: a sender that dribbles
         # (or stops) would hold the connection and its buffers for as long as it likes.
+        if request.content.is_eof():
+            # The whole body came with the headers (a small request): reading it cannot
+            # block, so it needs no timer.
+            raw = request.content.read_nowait()
+            if len(raw) > limit:
+                raise _body_over_limit(limit, raw)
+            return raw
         chunks: list[bytes] = []
         size = 0
         timeout = self.limits.body_read_timeout_seconds
@@ -378,12 +385,7 @@ class Receiver:
                     size += len(chunk)
                     chunks.append(chunk)
                     if size > limit:
-                        raise _Refused(
-                            413,
-                            f"body is over the limit of {limit} bytes",
-                            "too_large",
-                            b"".join(chunks)[:_DEAD_LETTER_HEAD],
-                        )
+                        raise _body_over_limit(limit, b"".join(chunks))
         except TimeoutError:
             raise _Refused(
                 408,
@@ -393,6 +395,12 @@ class Receiver:
                 headers={"Connection": "close"},
             ) from None
         return b"".join(chunks)
+
+
+def _body_over_limit(limit: int, received: bytes) -> _Refused:
+    return _Refused(
+        413, f"body is over the limit of {limit} bytes", "too_large", received[:_DEAD_LETTER_HEAD]
+    )
 
 
 def _gunzip(raw: bytes, limit: int) -> bytes:

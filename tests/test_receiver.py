@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -194,6 +195,29 @@ async def test_limits(
     assert response.status == 413
     assert "decodes to more than the limit" in (await response.json())["error"]
     assert rejected_count(registry, "too_large") == 3
+
+
+async def test_a_chunked_body_is_refused_at_the_limit_while_it_still_arrives(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    small_limits: Settings,
+    registry: CollectorRegistry,
+) -> None:
+    # The body never ends (no last chunk), so the receiver reads it as it arrives and
+    # must refuse it once it passes the limit rather than wait for the rest.
+    client = await aiohttp_client(create_app(small_limits, registry))
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        piece = b"[" + b" " * 2999
+        writer.write(
+            b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(piece) + piece + b"\r\n"
+        )
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 5)
+        assert status.startswith(b"HTTP/1.1 413"), status
+    finally:
+        writer.close()
+    assert rejected_count(registry, "too_large") == 1
 
 
 async def test_backlog_over_limit_is_503_with_retry_after(
