@@ -616,7 +616,7 @@ class _RowNumbers:
 # proportion to its parameters: a ladder from 512 rows held about 2.5 MB. The last
 # fewer than _INSERT_EXACT_BELOW rows go in one statement of their exact size, so that
 # a small commit (single-event requests) writes each table in one statement.
-_INSERT_CHUNKS = (128, 64, 32, 16)
+_INSERT_CHUNKS = (256, 64, 16)
 _INSERT_EXACT_BELOW = 16
 
 
@@ -629,7 +629,7 @@ def _multi_row_sql(head: str, width: int, rows: int, tail: str) -> str:
 def _insert_rows(
     cur: sqlite3.Cursor, head: str, rows: Sequence[Sequence[object]], tail: str = ""
 ) -> None:
-    """``head VALUES (...), (...) tail`` for ``rows``, up to 128 rows per statement.
+    """``head VALUES (...), (...) tail`` for ``rows``, up to 256 rows per statement.
 
     ``executemany`` steps SQLite once per row, and every step releases the GIL: while
     the event loop parses the next request, each release can keep this thread waiting
@@ -1145,6 +1145,44 @@ class Ledger:
             after = rows[-1][0]
 
 
+# What a commit looks up, each as one row of JSON rather than a row per match (each
+# row is a step of SQLite, and each step gives the GIL away). ``_LOOKUP_ALL`` reads all
+# three in one statement.
+def _found_keys(param: str) -> str:
+    return (
+        "(SELECT json_group_array(json_array(key_hash, key, CAST(body AS TEXT)))"
+        " FROM events WHERE seq IN ("
+        f" SELECT seq FROM key_index WHERE key_hash IN (SELECT value FROM json_each({param}))"
+        " UNION ALL SELECT seq FROM temp.recent_keys"
+        f" WHERE key_hash IN (SELECT value FROM json_each({param}))))"
+    )
+
+
+def _found_payments(param: str) -> str:
+    return (
+        "(SELECT json_group_array(json_array(id, payment_id, network, payer, payee,"
+        " amount_micro, received, terminal))"
+        f" FROM payments WHERE id_hash IN (SELECT value FROM json_each({param})))"
+    )
+
+
+def _found_batches(param: str) -> str:
+    return (
+        "(SELECT json_group_array(json_array(batch_id, network, payment_count,"
+        " total_amount_micro))"
+        f" FROM batches WHERE batch_id IN (SELECT value FROM json_each({param})))"
+    )
+
+
+_LOOKUP_ALL = f"SELECT {_found_keys('?1')}, {_found_payments('?2')}, {_found_batches('?3')}"
+_LOOKUP_PAYMENTS = f"SELECT {_found_payments('?')}"
+_LOOKUP_BATCHES = f"SELECT {_found_batches('?')}"
+
+
+def _payment_id_hashes(payment_ids: set[str]) -> str:
+    return orjson.dumps(sorted({_id_hash(payment_id) for payment_id in payment_ids})).decode()
+
+
 class _TransactionWriter:
     """Applies events inside an open transaction, collecting outcomes and metric effects.
 
@@ -1190,25 +1228,30 @@ class _TransactionWriter:
         self._batch_rows: list[tuple[str, str, int, int, int]] = []
 
     def load(self, events: Sequence[PreparedEvent]) -> list[int]:
-        """Read what ``events`` will look up, in one query each; returns their key hashes."""
+        """Read what ``events`` will look up, in one query; returns their key hashes."""
         hashes = [_key_hash(prepared.key) for prepared in events]
-        self._load_keys(hashes)
-        self._load_payments(
-            {
-                ref
-                for prepared in events
-                if prepared.event["type"].startswith("payment:")
-                and (ref := join_ref(prepared.event)) is not None
-            }
-        )
-        self._load_batches(
-            {
-                ref
-                for prepared in events
-                if prepared.event["type"].startswith("batch:")
-                and (ref := join_ref(prepared.event)) is not None
-            }
-        )
+        if not events:
+            return hashes
+        payment_ids: set[str] = set()
+        batch_ids: set[str] = set()
+        for prepared in events:
+            if (ref := join_ref(prepared.event)) is not None:
+                kind = prepared.event["type"]
+                (batch_ids if kind.startswith("batch:") else payment_ids).add(ref)
+        payment_ids.difference_update(self._payments)
+        batch_ids.difference_update(self._batches)
+        keys, payments, batches = self.cur.execute(
+            _LOOKUP_ALL,
+            (
+                orjson.dumps(hashes).decode(),
+                _payment_id_hashes(payment_ids),
+                orjson.dumps(sorted(batch_ids)).decode(),
+            ),
+        ).fetchone()
+        for key_hash, key, body in orjson.loads(keys):
+            self._stored.setdefault(key_hash, []).append((key, body.encode()))
+        self._take_payments(payment_ids, payments)
+        self._take_batches(batch_ids, batches)
         return hashes
 
     def take_effects(self) -> list[Effect]:
@@ -1216,33 +1259,14 @@ class _TransactionWriter:
         effects, self.effects = self.effects, []
         return effects
 
-    def _load_keys(self, hashes: list[int]) -> None:
-        if not hashes:
-            return
-        # One row of JSON rather than a row per match: each row is a step of SQLite.
-        (found,) = self.cur.execute(
-            "SELECT json_group_array(json_array(key_hash, key, CAST(body AS TEXT)))"
-            " FROM events WHERE seq IN ("
-            " SELECT seq FROM key_index WHERE key_hash IN (SELECT value FROM json_each(?1))"
-            " UNION ALL"
-            " SELECT seq FROM temp.recent_keys"
-            " WHERE key_hash IN (SELECT value FROM json_each(?1)))",
-            (orjson.dumps(hashes).decode(),),
-        ).fetchone()
-        for key_hash, key, body in orjson.loads(found):
-            self._stored.setdefault(key_hash, []).append((key, body.encode()))
-
     def _load_payments(self, payment_ids: set[str]) -> None:
         wanted = payment_ids.difference(self._payments)
-        if not wanted:
-            return
+        if wanted:
+            (found,) = self.cur.execute(_LOOKUP_PAYMENTS, (_payment_id_hashes(wanted),)).fetchone()
+            self._take_payments(wanted, found)
+
+    def _take_payments(self, wanted: set[str], found: str) -> None:
         self._payments.update(dict.fromkeys(wanted))
-        (found,) = self.cur.execute(
-            "SELECT json_group_array(json_array(id, payment_id, network, payer, payee,"
-            " amount_micro, received, terminal))"
-            " FROM payments WHERE id_hash IN (SELECT value FROM json_each(?))",
-            (orjson.dumps(sorted({_id_hash(payment_id) for payment_id in wanted})).decode(),),
-        ).fetchone()
         for row_id, payment_id, *values in orjson.loads(found):
             if payment_id in wanted:  # not another id of the same hash
                 self._payments[payment_id] = _Payment(*values)
@@ -1250,14 +1274,14 @@ class _TransactionWriter:
 
     def _load_batches(self, batch_ids: set[str]) -> None:
         wanted = batch_ids.difference(self._batches)
-        if not wanted:
-            return
+        if wanted:
+            (found,) = self.cur.execute(
+                _LOOKUP_BATCHES, (orjson.dumps(sorted(wanted)).decode(),)
+            ).fetchone()
+            self._take_batches(wanted, found)
+
+    def _take_batches(self, wanted: set[str], found: str) -> None:
         self._batches.update(dict.fromkeys(wanted))
-        (found,) = self.cur.execute(
-            "SELECT json_group_array(json_array(batch_id, network, payment_count,"
-            " total_amount_micro)) FROM batches WHERE batch_id IN (SELECT value FROM json_each(?))",
-            (orjson.dumps(sorted(wanted)).decode(),),
-        ).fetchone()
         for batch_id, *values in orjson.loads(found):
             self._batches[batch_id] = _Batch(*values)
 
