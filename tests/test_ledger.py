@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,18 @@ async def committer(tmp_path: Path) -> AsyncIterator[GroupCommitter]:
     yield committer
     committer.close()
     ledger.close()
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[GroupCommitter]:
+    """The ledger at ``path`` behind its writer thread, closed on exit (to test a restart)."""
+    ledger = Ledger(path)
+    committer = GroupCommitter(ledger)
+    try:
+        yield committer
+    finally:
+        committer.close()
+        ledger.close()
 
 
 async def submit(committer: GroupCommitter, *events: dict[str, Any]) -> SubmissionResult:
@@ -121,9 +134,8 @@ async def test_partners_waiting_in_the_table_and_in_the_same_commit_join_togethe
     # p1's verification waits from an earlier commit; its settlement, and a whole batch
     # in reverse order, wait within the commit that brings their partners.
     path = tmp_path / "ledger.sqlite3"
-    ledger = Ledger(path)
-    committer = GroupCommitter(ledger)
-    try:
+    with writing(path) as committer:
+        ledger = committer.ledger
         await submit(committer, verified("p1"))
         result = await submit(
             committer,
@@ -150,14 +162,9 @@ async def test_partners_waiting_in_the_table_and_in_the_same_commit_join_togethe
         assert await submit(committer, settled("p1")) == SubmissionResult(
             [Outcome.DUPLICATE], []
         )
-    finally:
-        committer.close()
-        ledger.close()
-    reopened = Ledger(path)
-    try:
-        assert reopened.stats().waiting_for_join == 1  # p2's settlement, stored as waiting
-    finally:
-        reopened.close()
+    with writing(path) as reopened:
+        # p2's settlement, stored as waiting
+        assert reopened.ledger.stats().waiting_for_join == 1
 
 
 def test_bulk_inserts_keep_within_the_bound_parameter_limit(tmp_path: Path) -> None:
@@ -232,33 +239,23 @@ async def test_a_batch_keeps_its_first_definition_across_commits_and_restarts(
     # The second batch:created of b1 (another event id) neither redefines the batch nor
     # fails; a settlement in a later commit, after a restart, finds the first one.
     path = tmp_path / "ledger.sqlite3"
-    ledger = Ledger(path)
-    committer = GroupCommitter(ledger)
-    try:
+    with writing(path) as committer:
         first = batch_created("b1", network="eip155:10", count=4)
         again = {**batch_created("b1", network="eip155:1", count=9), "id": "created-again"}
         result = await submit(committer, first, again, batch_created("b2", count=2))
         assert result.outcomes == [Outcome.ACCEPTED] * 3
-    finally:
-        committer.close()
-        ledger.close()
-    ledger = Ledger(path)
-    committer = GroupCommitter(ledger)
-    try:
+    with writing(path) as committer:
         result = await submit(committer, batch_settled("b1", gas="21000"), batch_settled("b3"))
         assert BatchGas("eip155:10", 21_000) in result.effects
         settled_batches = [
             r.record
-            for r in ledger.read_outbox(100)
+            for r in committer.ledger.read_outbox(100)
             if isinstance(r.record, BatchRecord) and r.record.status == "settled"
         ]
         assert [(b.batch_id, b.network, b.payment_count) for b in settled_batches] == [
             ("b1", "eip155:10", 4)
         ]
-        assert ledger.stats().waiting_for_join == 1  # b3 has no batch:created yet
-    finally:
-        committer.close()
-        ledger.close()
+        assert committer.ledger.stats().waiting_for_join == 1  # b3 has no batch:created yet
 
 
 async def test_second_terminal_event_counts_but_does_not_decrement_pending_twice(
