@@ -172,12 +172,15 @@ class StoreState:
 def analytics_source(store: Store, settings: Settings) -> AnalyticsSource | None:
     """The analytics queries for ``store``: SQL on DuckDB, Flux on InfluxDB."""
     from .store_duckdb import DuckDBStore
-    from .store_influx import InfluxStore
 
     if isinstance(store, DuckDBStore):
         from .analytics_duckdb import DuckDBAnalyticsSource
 
         return DuckDBAnalyticsSource(store)
+    # Imported only here: the InfluxDB client and its dependencies hold about 20 MiB
+    # that an exporter on the embedded store never uses.
+    from .store_influx import InfluxStore
+
     if isinstance(store, InfluxStore):
         from .analytics_flux import FluxAnalyticsSource
 

@@ -7,6 +7,8 @@ the test sets.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import duckdb
 import pytest
 from _exporter_process import (
+    clean_env,
     post_json,
     run_cli,
     running_exporter,
@@ -184,3 +187,29 @@ def test_sigterm_exits_zero_after_draining(tmp_path: Path) -> None:
     finally:
         conn.close()
     assert rows == [("payment:received:p-term", "received")]
+
+
+# Starts the app as ``serve`` does and lists the InfluxDB client's modules it loaded.
+_LOADED_INFLUX_MODULES = """
+import asyncio, sys
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry
+from exporter import Settings, create_app
+
+async def main() -> None:
+    server = TestServer(create_app(Settings(data_dir=sys.argv[1]), CollectorRegistry()))
+    await server.start_server()
+    print([m for m in sys.modules if m.split(".")[0] in ("influxdb_client", "reactivex")])
+    await server.close()
+
+asyncio.run(main())
+"""
+
+
+def test_the_embedded_store_leaves_the_influxdb_client_unloaded(tmp_path: Path) -> None:
+    """The InfluxDB client and its dependencies (about 13 MiB of RSS) load only for InfluxDB."""
+    result = subprocess.run(
+        [sys.executable, "-c", _LOADED_INFLUX_MODULES, str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=60, env=clean_env(), check=True,
+    )
+    assert result.stdout.strip() == "[]", result.stdout
