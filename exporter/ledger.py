@@ -647,7 +647,7 @@ def _insert_rows(
         while len(rows) - done >= size:
             _insert_chunk(cur, head, rows[done : done + size], tail)
             done += size
-    while done < len(rows):  # fewer than 16 rows left (or than ``most``)
+    while done < len(rows):  # fewer than _INSERT_EXACT_BELOW rows left (or than ``most``)
         chunk = rows[done : done + min(_INSERT_EXACT_BELOW - 1, most)]
         _insert_chunk(cur, head, chunk, tail)
         done += len(chunk)
@@ -1222,10 +1222,10 @@ class _TransactionWriter:
         self._changed_payments: dict[str, _Payment] = {}
         # Row ids of the payments this writer read or numbered.
         self._payment_rows: dict[str, int] = {}
-        # Batches by id (None: no row), as of this writer's own changes, and the rows of
-        # the batches it created, inserted at flush.
+        # Batches by id (None: no row), as of this writer's own changes, and those it
+        # created, inserted at flush.
         self._batches: dict[str, _Batch | None] = {}
-        self._batch_rows: list[tuple[str, str, int, int, int]] = []
+        self._created_batches: dict[str, _Batch] = {}
 
     def load(self, events: Sequence[PreparedEvent]) -> list[int]:
         """Read what ``events`` will look up, in one query; returns their key hashes."""
@@ -1238,8 +1238,6 @@ class _TransactionWriter:
             if (ref := join_ref(prepared.event)) is not None:
                 kind = prepared.event["type"]
                 (batch_ids if kind.startswith("batch:") else payment_ids).add(ref)
-        payment_ids.difference_update(self._payments)
-        batch_ids.difference_update(self._batches)
         keys, payments, batches = self.cur.execute(
             _LOOKUP_ALL,
             (
@@ -1381,14 +1379,14 @@ class _TransactionWriter:
         self._flush_events()
         if self._changed_payments:
             self._flush_payments()
-        if self._batch_rows:
+        if self._created_batches:
             _insert_rows(
                 self.cur,
                 "INSERT INTO batches (batch_id, network, payment_count, total_amount_micro, "
                 "updated_at)",
-                self._batch_rows,
+                [(bid, *batch, self.now) for bid, batch in self._created_batches.items()],
             )
-            self._batch_rows.clear()
+            self._created_batches.clear()
         if self._outbox:
             first = self._numbers.outbox_seq
             self._numbers.outbox_seq += len(self._outbox)
@@ -1606,8 +1604,8 @@ class _TransactionWriter:
         batch_id, network, count = d["batchId"], d["network"], d["paymentCount"]
         total = to_micro(d["totalAmount"])
         if self._batch(batch_id) is None:  # the first batch:created of an id defines it
-            self._batches[batch_id] = _Batch(network, count, total)
-            self._batch_rows.append((batch_id, network, count, total, self.now))
+            batch = self._batches[batch_id] = _Batch(network, count, total)
+            self._created_batches[batch_id] = batch
         self._emit(
             seq,
             BatchRecord(key, d["timestamp"], network, "created", batch_id, count, total),

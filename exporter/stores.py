@@ -177,7 +177,7 @@ def analytics_source(store: Store, settings: Settings) -> AnalyticsSource | None
         from .analytics_duckdb import DuckDBAnalyticsSource
 
         return DuckDBAnalyticsSource(store)
-    # Imported only here: the InfluxDB client and its dependencies hold about 20 MiB
+    # Imported only here: the InfluxDB client and its dependencies hold about 13 MiB
     # that an exporter on the embedded store never uses.
     from .store_influx import InfluxStore
 
@@ -244,9 +244,7 @@ class Forwarder:
         Only a forwarder that waits for them is woken (a lingering one once a full batch
         is there): otherwise every commit would cost the event loop a wake-up for nothing.
         """
-        if self._idle or (
-            self._lingering and self.committer.ledger.backlog >= self.batch_size
-        ):
+        if self._idle or (self._lingering and self.committer.ledger.backlog >= self.batch_size):
             self._loop.call_soon_threadsafe(self._wake.set)
 
     @property
