@@ -55,6 +55,7 @@ class Scheduler:
         self._cache: dict[str, Cached[object]] = {}
         self._scheduler: AsyncIOScheduler | None = None
         self._running: set[asyncio.Task[object]] = set()
+        self._stopping = False
         self.duration = Histogram(
             "exporter_analytics_query_duration_seconds",
             "Duration of scheduled analytics queries.",
@@ -101,6 +102,7 @@ class Scheduler:
 
     async def stop(self) -> None:
         """Stop scheduling and cancel refreshes in flight; the cache stays readable."""
+        self._stopping = True
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
@@ -123,6 +125,13 @@ class Scheduler:
             self._running.add(task)
         try:
             value = await asyncio.wait_for(job.run(), job.timeout_seconds)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            # Ended by stop(): not a failure, and APScheduler would log any exception
+            # that left the job as an error with its traceback.
+            log.debug("analytics refresh cancelled at shutdown", extra={"job": key})
+            return False
         except Exception as error:  # one failing query never stops the others
             message = (
                 f"timed out after {job.timeout_seconds:g}s"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections.abc import Awaitable, Callable
 
+import pytest
 from conftest import async_wait_until
 from prometheus_client import CollectorRegistry
 
@@ -124,3 +126,25 @@ async def test_a_job_never_overlaps_itself(registry: CollectorRegistry) -> None:
     finally:
         await scheduler.stop()
     assert most == 1
+
+
+async def test_stop_cancels_a_running_refresh_quietly(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    started = asyncio.Event()
+
+    async def hangs() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    scheduler = Scheduler(registry, [_job("payments:30d", hangs)])
+    scheduler.start()
+    await asyncio.wait_for(started.wait(), 5)
+    with caplog.at_level(logging.INFO):
+        await scheduler.stop()
+        # The scheduler's executor reports a job's end on a later turn of the loop.
+        await asyncio.sleep(0)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert scheduler.get("payments:30d") is None
+    labels = {"query": "payments", "window": "30d"}
+    assert registry.get_sample_value("exporter_analytics_failures_total", labels) in (None, 0)
