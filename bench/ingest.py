@@ -447,7 +447,12 @@ def _run(args: argparse.Namespace, workdir: Path) -> None:
         _check_exporter(results)
         for name, server in servers.items():
             rss = server.peak_rss_mib()
-            shown = f"{rss:,.1f} MiB" if rss is not None else "unavailable"
+            # The target is in MB (10**6 bytes); 250 MB is 238.4 MiB.
+            shown = (
+                f"{rss:,.1f} MiB ({rss * 2**20 / 1e6:,.1f} MB)"
+                if rss is not None
+                else "unavailable"
+            )
             write(f"peak RSS (VmHWM) {name}: {shown}")
     finally:
         for server in servers.values():
