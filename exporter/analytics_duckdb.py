@@ -16,10 +16,9 @@ exactly as many settled records as the next narrower one holds the same records 
 nested) and reuses its answer: the 90-day window of a store with 30 days of history costs
 nothing more than the 30-day one.
 
-Order statistics use ``quantile_disc``, which selects nearest-rank
-(``sorted[ceil(q * n) - 1]``); rank ``k`` of ``n`` is asked for as ``q = (k - 0.5) / n``,
-which selects exactly index ``k - 1`` whatever the floating-point rounding of ``q * n``.
-The contract tests check this against the brute-force oracle for every rank of small ``n``.
+Order statistics are selected by rank exactly, in passes of binned counts that need
+little memory whatever the window holds (see ``_select_ranks``). The contract tests check
+them against the brute-force oracle for every rank of small ``n``.
 
 Queries run one at a time per source (DuckDB already uses all its threads for one query,
 and the store's buffer pool is small: concurrent scans only compete for it).
@@ -31,7 +30,7 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .analytics import (
     BucketTotals,
@@ -134,10 +133,95 @@ FROM (SELECT bucket, payee, min(ring) AS r FROM s GROUP BY ALL) GROUP BY ALL
 
 _SETTLED_IN_WINDOW = "status = 'settled' AND time_ms > $1 - $2 AND time_ms <= $1"
 
-_ORDER_VALUES_SQL = f"""
-SELECT quantile_disc(amount_micro, $3::DOUBLE[]), quantile_disc(settlement_ms, $4::DOUBLE[])
-FROM payment WHERE {_SETTLED_IN_WINDOW}
-"""
+# Order statistics are selected by narrowing, not with quantile_disc: that aggregate
+# holds every value of the window in one allocation, and 2,000,000 settled payments in
+# the 90-day window asked more of it than the default 64MB buffer pool has. A pass
+# counts the values of a range in at most _RANK_BINS equal-width bins (a hash aggregate
+# of few groups, in little memory) and keeps the bin holding each wanted rank; a range
+# of at most _RANK_READ_AT_MOST values is read in order. Binning is monotone in the
+# value, so a bin's values are exactly those between its least and greatest.
+_RANK_BINS = 16_384
+_RANK_READ_AT_MOST = 16_384
+_RANK_COLUMNS = {"amount_micro": True, "settlement_ms": False}  # column: integer values
+
+
+def _rank_range_sql(column: str) -> str:
+    return (
+        f"SELECT count({column}), min({column}), max({column}) "
+        f"FROM payment WHERE {_SETTLED_IN_WINDOW}"
+    )
+
+
+def _rank_bins_sql(column: str, integer: bool) -> str:
+    # $3, $4: the range; $5: the bin width.
+    bin_of = f"({column} - $3) // $5" if integer else f"floor(({column} - $3) / $5)"
+    return (
+        f"SELECT {bin_of} AS bin, count(*), min({column}), max({column}) FROM payment "
+        f"WHERE {_SETTLED_IN_WINDOW} AND {column} BETWEEN $3 AND $4 GROUP BY bin ORDER BY bin"
+    )
+
+
+def _rank_read_sql(column: str) -> str:
+    return (
+        f"SELECT {column} FROM payment "
+        f"WHERE {_SETTLED_IN_WINDOW} AND {column} BETWEEN $3 AND $4 ORDER BY {column}"
+    )
+
+
+@dataclass(slots=True)
+class _RankRange:
+    """Values ``low..high`` of one column, preceded by ``below`` smaller ones."""
+
+    ranks: list[int]
+    low: Any
+    high: Any
+    below: int
+    count: int
+
+
+def _select_ranks(
+    query: Callable[[str, list[object]], list[_Row]],
+    column: str,
+    window: list[object],
+    ranks: tuple[int, ...],
+    settled: int,
+) -> dict[int, object]:
+    """The values of ``column`` at 1-based ``ranks`` among the window's settled records."""
+    if not ranks:
+        return {}
+    integer = _RANK_COLUMNS[column]
+    [(count, low, high)] = query(_rank_range_sql(column), window)
+    if count != settled or not all(1 <= k <= settled for k in ranks):
+        raise RuntimeError(
+            f"{column}: ranks {ranks} of {settled} asked of a window holding {count} values: "
+            "the window changed between the count and the ranks, or holds NULL values"
+        )
+    found: dict[int, object] = {}
+    pending = [_RankRange(sorted(set(ranks)), low, high, 0, _int(count))]
+    while pending:
+        part = pending.pop()
+        bounds = [*window, part.low, part.high]
+        if part.low == part.high:
+            found.update(dict.fromkeys(part.ranks, part.low))
+        elif part.count <= _RANK_READ_AT_MOST:
+            values = [value for (value,) in query(_rank_read_sql(column), bounds)]
+            found.update({k: values[k - part.below - 1] for k in part.ranks})
+        else:
+            if integer:
+                width: object = -(-(part.high - part.low + 1) // _RANK_BINS)
+            else:
+                width = (part.high - part.low) / _RANK_BINS or (part.high - part.low)
+            before = part.below
+            for _, in_bin, least, greatest in query(
+                _rank_bins_sql(column, integer), [*bounds, width]
+            ):
+                in_bin = _int(in_bin)
+                wanted = [k for k in part.ranks if before < k <= before + in_bin]
+                if wanted:
+                    pending.append(_RankRange(wanted, least, greatest, before, in_bin))
+                before += in_bin
+    return found
+
 
 # One aggregation by (payer, payee) feeds the three lists: routes directly, payers and
 # payees by summing it again (a payee's distinct payers are its pairs).
@@ -176,13 +260,6 @@ def _settled_counts_sql(spans: int) -> str:
         f"SELECT {counts} FROM payment "
         f"WHERE status = 'settled' AND time_ms > $1 - ${spans + 1} AND time_ms <= $1"
     )
-
-
-def _quantile(rank: int, n: int) -> float:
-    """The ``quantile_disc`` fraction that selects exactly the 1-based ``rank`` of ``n``."""
-    if not 1 <= rank <= n:
-        raise ValueError(f"rank {rank} is outside 1..{n}")
-    return (rank - 0.5) / n
 
 
 class DuckDBAnalyticsSource:
@@ -239,17 +316,13 @@ class DuckDBAnalyticsSource:
                     # Nested windows with as many settled records hold the same records.
                     out[span] = previous[1]
                     continue
-                n = request.settled
-                params: list[object] = [
-                    at_ms,
-                    span,
-                    [_quantile(k, n) for k in request.amount],
-                    [_quantile(k, n) for k in request.settlement],
-                ]
-                [(amounts, times)] = self.store.query(_ORDER_VALUES_SQL, params)
+                window: list[object] = [at_ms, span]
+                query, n = self.store.query, request.settled
+                amounts = _select_ranks(query, "amount_micro", window, request.amount, n)
+                times = _select_ranks(query, "settlement_ms", window, request.settlement, n)
                 out[span] = RankValues(
-                    amount=_by_rank(request.amount, amounts, _int),
-                    settlement=_by_rank(request.settlement, times, _float),
+                    amount={k: _int(v) for k, v in amounts.items()},
+                    settlement={k: _float(v) for k, v in times.items()},
                 )
                 previous = (request, out[span])
             return out
@@ -285,19 +358,6 @@ class DuckDBAnalyticsSource:
             lambda: self.store.query(_POINT_IN_TIME_SQL, [at_ms])
         )
         return PointInTime(pending_payments=_int(pending), websocket_clients=_int(clients))
-
-
-def _by_rank(
-    ranks: tuple[int, ...], values: object, convert: Callable[[object], _T]
-) -> dict[int, _T]:
-    if not ranks:
-        return {}
-    if not isinstance(values, list) or len(values) != len(ranks):
-        raise RuntimeError(
-            f"quantile_disc answered {values!r} for {len(ranks)} ranks: the window changed "
-            "between the count and the ranks, or holds NULL values"
-        )
-    return {k: convert(v) for k, v in zip(ranks, values, strict=True)}
 
 
 _PaymentSums = tuple[int, int, int, int, int, int, float]

@@ -16,11 +16,12 @@ import asyncio
 import itertools
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pytest
 from analytics_oracle import WINDOWS_MS, Oracle, OracleKey, facts_from_events
 from conftest import (
@@ -38,6 +39,7 @@ from test_analytics_flux import influxdb_source
 from test_influx_integration import TARGET as INFLUX_TARGET
 from test_ledger import prepare
 
+from exporter import analytics_duckdb
 from exporter.analytics import (
     ANALYTIC_NAMES,
     DAY_MS,
@@ -399,6 +401,75 @@ async def test_rank_values_are_nearest_rank_for_every_rank(tmp_path: Path) -> No
             ordered = sorted(values)
             assert answer[HOUR_MS].amount == {k: ordered[k - 1] for k in ranks}
             assert answer[HOUR_MS].settlement == {k: ordered[k - 1] / 4 for k in ranks}
+
+
+@pytest.fixture(scope="module")
+def rank_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DuckDBStore]:
+    """One store for many examples, each in its own hour (see ``_rank_instants``)."""
+    store = DuckDBStore.open(tmp_path_factory.mktemp("ranks") / "store.duckdb")
+    yield store
+    asyncio.run(store.close())
+
+
+_rank_instants = itertools.count(AT, 2 * HOUR_MS)
+
+
+@settings(max_examples=EXAMPLES, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(
+    amounts=st.lists(st.integers(0, 10**15) | st.sampled_from([0, 7, 10**6]), min_size=1,
+                     max_size=60),
+    data=st.data(),
+)
+def test_duckdb_ranks_stay_exact_when_selected_in_many_passes(
+    rank_store: DuckDBStore, amounts: list[int], data: st.DataObject
+) -> None:
+    # Two values read at most and three bins a pass: every range is narrowed several
+    # times, through ties, huge integers and subnormal floats.
+    n = len(amounts)
+    times = data.draw(st.lists(st.floats(0, 1e7) | st.sampled_from([0.0, 1.5, 5e-324]),
+                               min_size=n, max_size=n))
+    ranks = tuple(data.draw(st.lists(st.integers(1, n), min_size=1, max_size=5, unique=True)))
+    at = next(_rank_instants)
+    payer, payee = "0x" + "a" * 40, "0x" + "b" * 40
+    records: list[StoreRecord] = [
+        PaymentRecord(f"r{at}-{i}", at - i, "eip155:8453", "settled", f"p{i}", payer, payee,
+                      amount, 0, time)
+        for i, (amount, time) in enumerate(zip(amounts, times, strict=True))
+    ]
+    asyncio.run(rank_store.write(records))
+    source = DuckDBAnalyticsSource(rank_store)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(analytics_duckdb, "_RANK_BINS", 3)
+        patch.setattr(analytics_duckdb, "_RANK_READ_AT_MOST", 2)
+        answer = asyncio.run(
+            source.settled_order_values(at, {HOUR_MS: RankRequest(n, ranks, ranks)})
+        )
+    assert answer[HOUR_MS].amount == {k: sorted(amounts)[k - 1] for k in ranks}
+    assert answer[HOUR_MS].settlement == {k: sorted(times)[k - 1] for k in ranks}
+
+
+async def test_duckdb_ranks_of_a_million_values_fit_a_small_buffer_pool(tmp_path: Path) -> None:
+    # Holding a million values at once (what quantile_disc does) does not fit in 8MB.
+    n, path = 1_000_000, tmp_path / "store.duckdb"
+    await DuckDBStore.open(path).close()
+    with duckdb.connect(str(path)) as conn:
+        conn.execute(
+            "INSERT INTO payment (key, time_ms, network, status, payment_id, amount_micro, "
+            "settlement_ms) SELECT 'k' || i, $1 - i % 3600000, 'eip155:8453', 'settled', "
+            "'p' || i, (i * 7919) % $2, ((i * 104729) % $2) / 4 FROM range($2) AS t(i)",
+            [AT, n],
+        )  # both columns a permutation of 0..n-1 (7919 and 104729 are primes)
+    store = DuckDBStore.open(path, memory_limit="8MB")
+    try:
+        ranks = (1, n // 2, n // 2 + 1, n * 95 // 100, n)
+        answer = await DuckDBAnalyticsSource(store).settled_order_values(
+            AT, {HOUR_MS: RankRequest(n, ranks, ranks)}
+        )
+    finally:
+        await store.close()
+    assert answer[HOUR_MS].amount == {k: k - 1 for k in ranks}
+    assert answer[HOUR_MS].settlement == {k: (k - 1) / 4 for k in ranks}
 
 
 def test_windows_parse_and_refuse_with_the_allowed_list() -> None:
