@@ -44,7 +44,7 @@ import json
 import logging
 import pathlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, TypeVar, cast
@@ -197,6 +197,9 @@ _INSERT_SQL: dict[type[StoreRecord], str] = {cls: t.insert_sql() for cls, t in _
 # this: one late record (a join released after its timeout) must not widen the span
 # that every other record of the batch is checked against.
 _SPAN_GAP_MS = 60_000
+# Records per INSERT (a batch's statements share one transaction). DuckDB parses each
+# statement's document in one allocation: 20,000 records took 16 MiB of a 48MB pool.
+_STATEMENT_RECORDS = 5_000
 _TIME = attrgetter("time_ms")
 _GETTERS: dict[type[StoreRecord], tuple[tuple[str, attrgetter[Any], bool], ...]] = {
     cls: tuple((c.name, attrgetter(c.name), c.as_text) for c in t.all_columns())
@@ -231,6 +234,19 @@ def _columnar_json(cls: type[StoreRecord], records: list[StoreRecord]) -> str:
         # An integer past 64 bits: the json module writes it, and DuckDB refuses the
         # batch with a conversion error like any other value that does not fit.
         return json.dumps(payload, separators=(",", ":"))
+
+
+def _statements(records: list[StoreRecord]) -> Iterator[tuple[str, list[object]]]:
+    """The INSERTs of one batch, each document built only when its statement runs."""
+    by_class: dict[type[StoreRecord], dict[str, StoreRecord]] = {cls: {} for cls in _TABLES}
+    for record in records:
+        by_class[type(record)].setdefault(record.key, record)  # a key once per batch too
+    for cls, rows in by_class.items():
+        for run in _time_runs(list(rows.values())):
+            for start in range(0, len(run), _STATEMENT_RECORDS):
+                part = run[start : start + _STATEMENT_RECORDS]
+                bounds = [part[0].time_ms, part[-1].time_ms]
+                yield _INSERT_SQL[cls], [_columnar_json(cls, part), *bounds]
 
 
 def _time_runs(records: list[StoreRecord]) -> list[list[StoreRecord]]:
@@ -397,7 +413,8 @@ class DuckDBStore:
         """Open (or create) the store file and its schema; blocking, call before serving.
 
         ``memory_limit`` and ``threads`` bound DuckDB's buffer pool and worker threads,
-        which otherwise default to 80 % of the machine's memory and every core. Refused
+        which otherwise default to 80 % of the machine's memory and every core. The
+        defaults are the exporter's (``EXPORTER_DUCKDB_MEMORY_LIMIT``, ``_THREADS``). Refused
         while an interrupted ``recover`` of the file is unfinished.
         """
         path = pathlib.Path(path)
@@ -425,20 +442,12 @@ class DuckDBStore:
         return []
 
     def _write_sync(self, records: list[StoreRecord]) -> None:
-        by_class: dict[type[StoreRecord], dict[str, StoreRecord]] = {cls: {} for cls in _TABLES}
-        for record in records:
-            by_class[type(record)].setdefault(record.key, record)  # a key once per batch too
-        statements: list[tuple[str, list[object]]] = []
-        for cls, rows in by_class.items():
-            for run in _time_runs(list(rows.values())):
-                payload = _columnar_json(cls, run)
-                statements.append((_INSERT_SQL[cls], [payload, run[0].time_ms, run[-1].time_ms]))
         with self._write_lock:
             self._check_open()
             self._reopen_if_invalidated()
-            self._guarded(self._insert, statements)
+            self._guarded(self._insert, _statements(records))
 
-    def _insert(self, statements: list[tuple[str, list[object]]]) -> None:
+    def _insert(self, statements: Iterable[tuple[str, list[object]]]) -> None:
         cur = self._writer
         cur.execute("BEGIN")
         try:

@@ -147,6 +147,24 @@ async def test_a_key_repeated_within_one_batch_is_stored_once(store: DuckDBStore
     assert _rows(store, "websocket") == [("websocket:1", 1_700_000_000_000, 1)]
 
 
+async def test_a_batch_larger_than_one_statement_fits_a_small_pool(db_path: pathlib.Path) -> None:
+    # One document of 40,000 records is a single 32 MiB allocation: more than the pool.
+    payer, payee = "0x" + "ab" * 20, "0x" + "cd" * 20
+    records: list[StoreRecord] = [
+        PaymentRecord(f"payment:settled:p{i}", 1_700_000_000_000 + i, "eip155:8453", "settled",
+                      f"p{i}", payer, payee, i, 1, 1_000.0)
+        for i in range(40_000)
+    ]
+    store = DuckDBStore.open(db_path, memory_limit="24MB")
+    try:
+        await store.write(records)
+        assert store.query("SELECT count(*), sum(amount_micro) FROM payment") == [
+            (40_000, sum(range(40_000)))
+        ]
+    finally:
+        await store.close()
+
+
 async def test_a_failing_record_leaves_nothing_of_its_batch(store: DuckDBStore) -> None:
     good = _sample()
     too_big = RevenueRecord("revenue:huge", 1_700_000_000_000, "eip155:8453", "premium", 2**70)
