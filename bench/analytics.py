@@ -5,10 +5,11 @@ into a DuckDB store, building the store records directly from the simulator's ev
 an in-memory join (the records the ledger would emit: settled and failed events carry
 their ``payment:received`` fields, ``batch:settled`` its ``batch:created`` network),
 written through :meth:`DuckDBStore.write` in batches of 100,000 with a 1GB buffer pool
-(loading is not timed; the exporter's own 64MB pool takes batches of about 20,000).
+(loading is not timed).
 
-Then reopens the store as the exporter does (64MB buffer pool, 2 threads, unless
-``--memory-limit`` / ``--threads`` say otherwise), times :meth:`Analytics.compute_all`
+Then reopens the store as the exporter does (its default buffer pool and threads,
+``EXPORTER_DUCKDB_MEMORY_LIMIT`` and ``_THREADS``, unless ``--memory-limit`` /
+``--threads`` say otherwise), times :meth:`Analytics.compute_all`
 (every analytic of DESIGN section 5, every window) ``--runs`` times at successive
 instants a minute apart, and prints the median and the maximum against the 2 s target,
 then the seconds each store query took in one more refresh.
@@ -49,6 +50,7 @@ from exporter.analytics import (  # noqa: E402
     WindowTotals,
 )
 from exporter.analytics_duckdb import DuckDBAnalyticsSource  # noqa: E402
+from exporter.config import Settings  # noqa: E402
 from exporter.events import to_micro  # noqa: E402
 from exporter.records import (  # noqa: E402
     BatchRecord,
@@ -65,6 +67,10 @@ TARGET_S = 2.0
 _T = TypeVar("_T")
 _WRITE_BATCH = 100_000
 _LOAD_MEMORY_LIMIT = "1GB"  # large batches load faster; the timed store is reopened
+_EXPORTER_DEFAULTS = (
+    str(Settings.model_fields["duckdb_memory_limit"].default),
+    int(Settings.model_fields["duckdb_threads"].default),
+)
 
 
 def _write(text: str) -> None:
@@ -324,8 +330,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--db", help="store file to keep and reuse (default: a temporary one)")
-    parser.add_argument("--memory-limit", default="64MB", help="DuckDB buffer pool (default 64MB)")
-    parser.add_argument("--threads", type=int, default=2, help="DuckDB threads (default 2)")
+    memory, threads = _EXPORTER_DEFAULTS
+    parser.add_argument("--memory-limit", default=memory, help=f"DuckDB buffer pool ({memory})")
+    parser.add_argument("--threads", type=int, default=threads, help=f"DuckDB threads ({threads})")
     asyncio.run(_main(parser.parse_args()))
 
 
