@@ -186,18 +186,24 @@ def _select_ranks(
     ranks: tuple[int, ...],
     settled: int,
 ) -> dict[int, object]:
-    """The values of ``column`` at 1-based ``ranks`` among the window's settled records."""
+    """The values of ``column`` at 1-based ``ranks`` of ``settled`` among the window's records.
+
+    Records committed since ``settled`` was counted make the window hold ``count`` values:
+    rank ``k`` then selects the same fraction of them, ``ceil((k - 0.5) / settled * count)``,
+    as nearest-rank selection does (and exactly ``k`` when nothing changed).
+    """
     if not ranks:
         return {}
+    if not all(1 <= k <= settled for k in ranks):
+        raise ValueError(f"{column}: ranks {ranks} are outside 1..{settled}")
     integer = _RANK_COLUMNS[column]
-    [(count, low, high)] = query(_rank_range_sql(column), window)
-    if count != settled or not all(1 <= k <= settled for k in ranks):
-        raise RuntimeError(
-            f"{column}: ranks {ranks} of {settled} asked of a window holding {count} values: "
-            "the window changed between the count and the ranks, or holds NULL values"
-        )
+    [(counted, low, high)] = query(_rank_range_sql(column), window)
+    count = _int(counted)
+    if count == 0:
+        raise RuntimeError(f"{column}: the window lost its {settled} settled records")
+    at = {k: ((2 * k - 1) * count + 2 * settled - 1) // (2 * settled) for k in ranks}
     found: dict[int, object] = {}
-    pending = [_RankRange(sorted(set(ranks)), low, high, 0, _int(count))]
+    pending = [_RankRange(sorted(set(at.values())), low, high, 0, count)]
     while pending:
         part = pending.pop()
         bounds = [*window, part.low, part.high]
@@ -220,7 +226,7 @@ def _select_ranks(
                 if wanted:
                     pending.append(_RankRange(wanted, least, greatest, before, in_bin))
                 before += in_bin
-    return found
+    return {k: found[position] for k, position in at.items()}
 
 
 # One aggregation by (payer, payee) feeds the three lists: routes directly, payers and

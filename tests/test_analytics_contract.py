@@ -449,6 +449,33 @@ def test_duckdb_ranks_stay_exact_when_selected_in_many_passes(
     assert answer[HOUR_MS].settlement == {k: sorted(times)[k - 1] for k in ranks}
 
 
+async def test_duckdb_ranks_of_a_grown_window_pick_the_same_fraction(tmp_path: Path) -> None:
+    # Records committed after the totals were counted: rank k of n selects what
+    # quantile_disc((k - 0.5) / n) selects among the values the window holds now.
+    payer, payee = "0x" + "a" * 40, "0x" + "b" * 40
+    values = [(i * 7) % 23 for i in range(23)]
+    records: list[StoreRecord] = [
+        PaymentRecord(f"g{i}", AT - i, "eip155:8453", "settled", f"p{i}", payer, payee, v, 0,
+                      float(v))
+        for i, v in enumerate(values)
+    ]
+    async with _duckdb(tmp_path, records) as source:
+        assert isinstance(source, DuckDBAnalyticsSource)
+        for n in (1, 5, 22, 23):
+            ranks = tuple(range(1, n + 1))
+            answer = await source.settled_order_values(
+                AT, {HOUR_MS: RankRequest(n, ranks, ranks)}
+            )
+            [(expected,)] = source.store.query(
+                "SELECT quantile_disc(amount_micro, $1::DOUBLE[]) FROM payment",
+                [[(k - 0.5) / n for k in ranks]],
+            )
+            assert isinstance(expected, list)
+            chosen = dict(zip(ranks, expected, strict=True))
+            assert answer[HOUR_MS].amount == chosen
+            assert answer[HOUR_MS].settlement == {k: float(v) for k, v in chosen.items()}
+
+
 async def test_duckdb_ranks_of_a_million_values_fit_a_small_buffer_pool(tmp_path: Path) -> None:
     # Holding a million values at once (what quantile_disc does) does not fit in 8MB.
     n, path = 1_000_000, tmp_path / "store.duckdb"
