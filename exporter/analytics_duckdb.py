@@ -16,6 +16,10 @@ exactly as many settled records as the next narrower one holds the same records 
 nested) and reuses its answer: the 90-day window of a store with 30 days of history costs
 nothing more than the 30-day one.
 
+Payers and payees are grouped by a 64-bit hash of the address, far smaller than the
+address, once the window is known to hold no two parties with the same hash (see
+``_PARTY_KEY``); addresses are read back only for the parties that rank.
+
 Order statistics are selected by rank exactly, in passes of binned counts that need
 little memory whatever the window holds (see ``_select_ranks``). The contract tests check
 them against the brute-force oracle for every rank of small ``n``.
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -113,12 +117,13 @@ FROM revenue WHERE {where} GROUP BY ALL
 """
 
 
-def _buckets_sql(edge_count: int) -> str:
+def _buckets_sql(edge_count: int, by_key: bool) -> str:
     ring = _ring_sql(4, edge_count)
+    payer, payee = (_party_key(c) if by_key else c for c in ("payer", "payee"))
     return f"""
 WITH s AS MATERIALIZED (
-    SELECT time_ms - time_ms % $2 AS bucket, {ring} AS ring, payer, payee,
-           amount_micro, fee_micro
+    SELECT time_ms - time_ms % $2 AS bucket, {ring} AS ring, {payer} AS payer,
+           {payee} AS payee, amount_micro, fee_micro
     FROM payment WHERE status = 'settled' AND time_ms > $1 - $3 AND time_ms <= $1
 )
 SELECT 0, bucket, ring, count(*), sum(amount_micro), sum(fee_micro) FROM s GROUP BY ALL
@@ -132,6 +137,36 @@ FROM (SELECT bucket, payee, min(ring) AS r FROM s GROUP BY ALL) GROUP BY ALL
 
 
 _SETTLED_IN_WINDOW = "status = 'settled' AND time_ms > $1 - $2 AND time_ms <= $1"
+
+# Parties (payers, payees) are grouped by a 64-bit hash of the address, not by the address:
+# a fixed-width key takes a fraction of the memory and time of a 42-character string, and
+# the aggregations over every (payer, payee) pair of a window are what outgrew the buffer
+# pool (217,000 pairs of a million payments needed more than 48MB). The answers stay exact:
+# _parties_distinct_sql first checks that the window has as many distinct keys as
+# addresses, so no two parties share one; addresses are then read back only for the keys
+# that rank. Were two parties ever to collide, the address-keyed queries run instead.
+_PARTY_KEY = "hash({})"
+
+
+def _party_key(column: str) -> str:
+    return _PARTY_KEY.format(column)
+
+
+def _parties_distinct_sql() -> str:
+    """Whether the window's payers, and its payees, have as many distinct keys as addresses."""
+    return "SELECT " + " AND ".join(
+        f"(SELECT count(*) = count(DISTINCT {_party_key(column)}) FROM "
+        f"(SELECT DISTINCT {column} FROM payment WHERE {_SETTLED_IN_WINDOW}))"
+        for column in ("payer", "payee")
+    )
+
+
+def _parties_distinct(
+    query: Callable[[str, list[object]], list[_Row]], at_ms: int, span: int
+) -> bool:
+    [(distinct,)] = query(_parties_distinct_sql(), [at_ms, span])
+    return distinct is True
+
 
 # Order statistics are selected by narrowing, not with quantile_disc: that aggregate
 # holds every value of the window in one allocation, and 2,000,000 settled payments in
@@ -229,8 +264,108 @@ def _select_ranks(
     return {k: found[position] for k, position in at.items()}
 
 
-# One aggregation by (payer, payee) feeds the three lists: routes directly, payers and
-# payees by summing it again (a payee's distinct payers are its pairs).
+# By party keys, each list is its own query (one hash aggregate each: three scans of the
+# window need less memory at once than one scan feeding three aggregates) and is cut after
+# its first limit + _TIED_AT_MOST rows by amount; the rows tied with the limit-th are
+# ordered by address in Python, once addresses are read back.
+_TIED_AT_MOST = 1_000
+
+
+def _top_keys_sql() -> tuple[str, str, str]:
+    """Routes, payers and payees by party key: (list, payer, payee, amount, count, extra)."""
+    payer, payee = _party_key("payer"), _party_key("payee")
+    ranked = f"FROM payment WHERE {_SETTLED_IN_WINDOW} GROUP BY {{}} ORDER BY 4 DESC LIMIT $3"
+    return (
+        f"SELECT 0, {payer}, {payee}, sum(amount_micro), count(*), NULL {ranked.format('2, 3')}",
+        f"SELECT 1, {payer}, NULL, sum(amount_micro), count(*), max(time_ms) {ranked.format(2)}",
+        f"SELECT 2, NULL, {payee}, sum(amount_micro), count(*), count(DISTINCT {payer}) "
+        + ranked.format(3),
+    )
+
+
+def _party_names_sql() -> str:
+    """(0 payer | 1 payee, key, address) of the window's parties whose key is in $3 | $4."""
+    return " UNION ALL ".join(
+        f"SELECT DISTINCT {i}, {_party_key(column)}, {column} FROM payment "
+        f"WHERE {_SETTLED_IN_WINDOW} AND {_party_key(column)} IN "
+        f"(SELECT unnest(${i + 3}::UBIGINT[]))"
+        for i, column in enumerate(("payer", "payee"))
+    )
+
+
+_KeyedLists = tuple[list[_Row], list[_Row], list[_Row]]
+"""Routes, payers and payees rows of :func:`_top_keys_sql`: the first ``limit`` and their ties."""
+
+
+def _top_keys(
+    query: Callable[[str, list[object]], list[_Row]], window: list[object], limit: int
+) -> _KeyedLists | None:
+    """The rows that may make ``window``'s top lists, by party key; None when more rows tie
+    with the limit-th of a list than were fetched (the address-keyed query must decide)."""
+    fetched = limit + _TIED_AT_MOST
+    routes, payers, payees = (query(sql, [*window, fetched]) for sql in _top_keys_sql())
+    lists: _KeyedLists = (routes, payers, payees)
+    for rows in lists:  # each by amount, descending
+        if len(rows) >= limit:
+            last = _int(rows[limit - 1][3])
+            if len(rows) == fetched and _int(rows[-1][3]) == last:
+                return None
+            del rows[sum(1 for row in rows if _int(row[3]) >= last) :]
+    return lists
+
+
+def _party_names(
+    query: Callable[[str, list[object]], list[_Row]],
+    window: list[object],
+    keyed: Iterable[_KeyedLists],
+) -> tuple[dict[object, str], dict[object, str]]:
+    """Payer and payee addresses by key, for every key in ``keyed`` (all in ``window``)."""
+    wanted: tuple[set[object], set[object]] = (set(), set())
+    for routes, payers, payees in keyed:
+        for kind, payer, payee, *_ in routes + payers + payees:
+            if kind != 2:
+                wanted[0].add(payer)
+            if kind != 1:
+                wanted[1].add(payee)
+    names: tuple[dict[object, str], dict[object, str]] = ({}, {})
+    for side, key, name in query(_party_names_sql(), [*window, *map(list, wanted)]):
+        names[_int(side)][key] = _str(name)
+    return names
+
+
+def _named_top_lists(
+    keyed: _KeyedLists, names: tuple[dict[object, str], dict[object, str]], limit: int
+) -> TopLists:
+    """The first ``limit`` of each keyed list, ties ordered by address."""
+    routes, payers, payees = keyed
+    payer_of, payee_of = names
+    return TopLists(
+        payers=sorted(
+            (
+                PayerTotals(payer_of[p], _int(a), _int(n), _int(last))
+                for _, p, _, a, n, last in payers
+            ),
+            key=lambda t: (-t.amount_micro, t.address),
+        )[:limit],
+        payees=sorted(
+            (
+                PayeeTotals(payee_of[q], _int(a), _int(n), _int(distinct))
+                for _, _, q, a, n, distinct in payees
+            ),
+            key=lambda t: (-t.amount_micro, t.address),
+        )[:limit],
+        routes=sorted(
+            (
+                RouteTotals(payer_of[p], payee_of[q], _int(a), _int(n))
+                for _, p, q, a, n, _ in routes
+            ),
+            key=lambda t: (-t.amount_micro, t.payer, t.payee),
+        )[:limit],
+    )
+
+
+# Address-keyed: one aggregation by (payer, payee) feeds the three lists, routes directly,
+# payers and payees by summing it again (a payee's distinct payers are its pairs).
 _TOP_LISTS_SQL = f"""
 WITH pairs AS MATERIALIZED (
     SELECT payer, payee, sum(amount_micro) AS amount, count(*) AS n, max(time_ms) AS last
@@ -298,11 +433,13 @@ class DuckDBAnalyticsSource:
         if bucket_ms <= 0:
             raise ValueError(f"bucket_ms must be positive, got {bucket_ms}")
         edges = _edges(spans_ms)
-        sql = _buckets_sql(len(edges))
-        rows = await self._run(
-            lambda: self.store.query(sql, [at_ms, bucket_ms, edges[-1], *edges[:-1]])
-        )
-        return _buckets(rows, edges, spans_ms)
+
+        def work() -> list[_Row]:
+            by_key = _parties_distinct(self.store.query, at_ms, edges[-1])
+            sql = _buckets_sql(len(edges), by_key)
+            return self.store.query(sql, [at_ms, bucket_ms, edges[-1], *edges[:-1]])
+
+        return _buckets(await self._run(work), edges, spans_ms)
 
     async def settled_order_values(
         self, at_ms: int, ranks: Mapping[int, RankRequest]
@@ -345,16 +482,30 @@ class DuckDBAnalyticsSource:
         counts_sql = _settled_counts_sql(len(spans))
 
         def work() -> dict[int, TopLists]:
-            [counts] = self.store.query(counts_sql, [at_ms, *spans])
-            out: dict[int, TopLists] = {}
-            previous_count, previous = 0, TopLists([], [], [])
+            query = self.store.query
+            [counts] = query(counts_sql, [at_ms, *spans])
+            by_key: bool | None = None  # checked over the widest window, when first needed
+            answered: dict[int, TopLists] = {}
+            keyed: dict[int, _KeyedLists] = {}
+            answered_by: dict[int, int] = {}  # span -> the span whose lists it has
+            previous_count, previous = 0, 0
             for span, count in zip(spans, counts, strict=True):  # narrowest first
                 # Nested windows with as many settled records hold the same records.
                 if _int(count) != previous_count:
-                    previous = _top_lists(self.store.query(_TOP_LISTS_SQL, [at_ms, span, limit]))
-                    previous_count = _int(count)
-                out[span] = previous
-            return out
+                    if by_key is None:
+                        by_key = _parties_distinct(query, at_ms, spans[-1])
+                    keys = _top_keys(query, [at_ms, span], limit) if by_key else None
+                    if keys is not None:
+                        keyed[span] = keys
+                    else:
+                        answered[span] = _top_lists(query(_TOP_LISTS_SQL, [at_ms, span, limit]))
+                    previous, previous_count = span, _int(count)
+                answered_by[span] = previous
+            if keyed:
+                names = _party_names(query, [at_ms, max(keyed)], keyed.values())
+                answered.update({s: _named_top_lists(k, names, limit) for s, k in keyed.items()})
+            empty = TopLists([], [], [])
+            return {span: answered.get(answered_by[span], empty) for span in spans}
 
         return await self._run(work)
 

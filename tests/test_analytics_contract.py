@@ -499,6 +499,95 @@ async def test_duckdb_ranks_of_a_million_values_fit_a_small_buffer_pool(tmp_path
     assert answer[HOUR_MS].settlement == {k: (k - 1) / 4 for k in ranks}
 
 
+async def test_duckdb_parties_sharing_a_key_are_told_apart(
+    simulated_events: list[Event], tmp_path: Path
+) -> None:
+    # A party key that collides all the time: the answers come from the addresses.
+    oracle = Oracle(facts_from_events(simulated_events))
+    top_payers = ("top/payers", "7d", None)
+    async with delivered(simulated_events, tmp_path, "duckdb") as analytics:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(analytics_duckdb, "_PARTY_KEY", "hash({}) % 3")
+            await assert_everything_matches(analytics, oracle, SIM_END)
+            # ... which the check decided: trusted, these keys merge parties.
+            patch.setattr(analytics_duckdb, "_parties_distinct", lambda *_: True)
+            merged = _snapshot_data(await analytics.compute_all(SIM_END))
+    assert merged[top_payers] != oracle.everything(SIM_END)[top_payers]
+
+
+@pytest.mark.parametrize("tied_at_most", [0, 1, analytics_duckdb._TIED_AT_MOST])
+async def test_duckdb_top_lists_cut_ties_by_address(tied_at_most: int, tmp_path: Path) -> None:
+    # Twenty payers, payees and routes tie: a top 3 takes the first by address, whether
+    # every tied row was fetched by key or too many tied and the addresses decided.
+    parties = [f"0x{(i * 7) % 20:040x}" for i in range(20)]
+    events: list[Event] = []
+    for i, party in enumerate(parties):
+        payee = "0xf" + party[3:]
+        events += [received(f"t{i}", AT - 100, payer=party, payee=payee, amount="2"),
+                   settled(f"t{i}", AT - 50)]
+    first = sorted(parties)[:3]
+    async with delivered(events, tmp_path, "duckdb") as analytics:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(analytics_duckdb, "_TIED_AT_MOST", tied_at_most)
+            payers = await analytics.top_payers(Window.H1, AT, limit=3)
+            payees = await analytics.top_payees(Window.H1, AT, limit=3)
+            routes = await analytics.top_routes(Window.H1, AT, limit=3)
+    assert [p.address for p in payers] == first
+    assert [p.address for p in payees] == ["0xf" + p[3:] for p in first]
+    assert [(r.payer, r.payee) for r in routes] == [(p, "0xf" + p[3:]) for p in first]
+
+
+@pytest.fixture(scope="module")
+def many_parties(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store file: 200,000 settled payments in an hour, each from its own payer, to 997
+    payees; payment ``i`` from payer ``i`` pays ``(i * 7919) % 1000003``."""
+    path = tmp_path_factory.mktemp("parties") / "store.duckdb"
+    asyncio.run(DuckDBStore.open(path).close())
+    with duckdb.connect(str(path)) as conn:
+        conn.execute(
+            "INSERT INTO payment (key, time_ms, network, status, payment_id, payer, payee, "
+            "amount_micro, fee_micro, settlement_ms) SELECT 'k' || i, $1 - i % 3600000, "
+            "'eip155:8453', 'settled', 'p' || i, printf('0x%040x', i), "
+            "printf('0xe%039x', i % 997), (i * 7919) % 1000003, 0, 1.0 FROM range($2) AS t(i)",
+            [AT, _MANY_PARTIES],
+        )
+    return path
+
+
+_MANY_PARTIES = 200_000
+
+
+async def test_duckdb_top_lists_and_buckets_of_many_parties_fit_a_small_buffer_pool(
+    many_parties: Path,
+) -> None:
+    # Aggregated by address, 200,000 payers and pairs do not fit in 32MB.
+    amounts = [(i * 7919) % 1000003 for i in range(_MANY_PARTIES)]
+    payees: dict[int, list[int]] = {}
+    for i, amount in enumerate(amounts):
+        payees.setdefault(i % 997, []).append(amount)
+    store = DuckDBStore.open(many_parties, memory_limit="32MB")
+    try:
+        source = DuckDBAnalyticsSource(store)
+        [lists] = (await source.top_lists(AT, [HOUR_MS], 3)).values()
+        [buckets] = (await source.settled_buckets(AT, [HOUR_MS], HOUR_MS)).values()
+    finally:
+        await store.close()
+    top = sorted(range(_MANY_PARTIES), key=lambda i: (-amounts[i], i))[:3]
+    assert [(p.address, p.amount_micro) for p in lists.payers] == [
+        (f"0x{i:040x}", amounts[i]) for i in top]
+    assert [(r.payer, r.amount_micro) for r in lists.routes] == [
+        (f"0x{i:040x}", amounts[i]) for i in top]
+    top_payees = sorted(payees, key=lambda q: (-sum(payees[q]), q))[:3]
+    assert [(p.address, p.amount_micro, p.unique_payers) for p in lists.payees] == [
+        (f"0xe{q:039x}", sum(payees[q]), len(payees[q])) for q in top_payees]
+    by_hour: dict[int, list[int]] = {}
+    for i in range(_MANY_PARTIES):
+        by_hour.setdefault((AT - i) - (AT - i) % HOUR_MS, []).append(i)
+    assert sorted((b.start_ms, b.settled, b.unique_payers, b.unique_payees) for b in buckets) == [
+        (hour, len(ids), len(ids), len({i % 997 for i in ids}))
+        for hour, ids in sorted(by_hour.items())]
+
+
 def test_windows_parse_and_refuse_with_the_allowed_list() -> None:
     assert Window.parse("7d").ms == 7 * DAY_MS
     assert [w.bucket_ms for w in Window] == [HOUR_MS] * 3 + [DAY_MS] * 3
