@@ -170,7 +170,7 @@ def _parties_distinct(
 
 # Order statistics are selected by narrowing, not with quantile_disc: that aggregate
 # holds every value of the window in one allocation, and 2,000,000 settled payments in
-# the 90-day window asked more of it than the default 64MB buffer pool has. A pass
+# the 90-day window asked more of it than a 64MB buffer pool has. A pass
 # counts the values of a range in at most _RANK_BINS equal-width bins (a hash aggregate
 # of few groups, in little memory) and keeps the bin holding each wanted rank; a range
 # of at most _RANK_READ_AT_MOST values is read in order. Binning is monotone in the

@@ -172,7 +172,7 @@ class Settings(BaseSettings):
         10.0, description="InfluxDB request timeout (a write not answered by then is retried)"
     )
     duckdb_memory_limit: str = Field(
-        "64MB", description="DuckDB buffer pool limit (DuckDB size syntax, e.g. 512MB, 2GB)"
+        "48MB", description="DuckDB buffer pool limit (DuckDB size syntax, e.g. 512MB, 2GB)"
     )
     duckdb_threads: PositiveInt = Field(2, description="DuckDB worker threads")
     log_level: str = Field("info", description="debug, info, warning or error")

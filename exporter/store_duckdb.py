@@ -409,7 +409,7 @@ class DuckDBStore:
         self._closed = False
 
     @classmethod
-    def open(cls, path: pathlib.Path, memory_limit: str = "64MB", threads: int = 2) -> DuckDBStore:
+    def open(cls, path: pathlib.Path, memory_limit: str = "48MB", threads: int = 2) -> DuckDBStore:
         """Open (or create) the store file and its schema; blocking, call before serving.
 
         ``memory_limit`` and ``threads`` bound DuckDB's buffer pool and worker threads,
