@@ -537,6 +537,9 @@ async def test_duckdb_top_lists_cut_ties_by_address(tied_at_most: int, tmp_path:
     assert [(r.payer, r.payee) for r in routes] == [(p, "0xf" + p[3:]) for p in first]
 
 
+_MANY_PARTIES = 200_000
+
+
 @pytest.fixture(scope="module")
 def many_parties(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A store file: 200,000 settled payments in an hour, each from its own payer, to 997
@@ -552,9 +555,6 @@ def many_parties(tmp_path_factory: pytest.TempPathFactory) -> Path:
             [AT, _MANY_PARTIES],
         )
     return path
-
-
-_MANY_PARTIES = 200_000
 
 
 async def test_duckdb_top_lists_and_buckets_of_many_parties_fit_a_small_buffer_pool(
