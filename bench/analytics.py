@@ -50,7 +50,7 @@ from exporter.analytics import (  # noqa: E402
     WindowTotals,
 )
 from exporter.analytics_duckdb import DuckDBAnalyticsSource  # noqa: E402
-from exporter.config import Settings  # noqa: E402
+from exporter.config import DUCKDB_MEMORY_LIMIT, DUCKDB_THREADS  # noqa: E402
 from exporter.events import to_micro  # noqa: E402
 from exporter.records import (  # noqa: E402
     BatchRecord,
@@ -67,10 +67,6 @@ TARGET_S = 2.0
 _T = TypeVar("_T")
 _WRITE_BATCH = 100_000
 _LOAD_MEMORY_LIMIT = "1GB"  # large batches load faster; the timed store is reopened
-_EXPORTER_DEFAULTS = (
-    str(Settings.model_fields["duckdb_memory_limit"].default),
-    int(Settings.model_fields["duckdb_threads"].default),
-)
 
 
 def _write(text: str) -> None:
@@ -330,7 +326,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--db", help="store file to keep and reuse (default: a temporary one)")
-    memory, threads = _EXPORTER_DEFAULTS
+    memory, threads = DUCKDB_MEMORY_LIMIT, DUCKDB_THREADS
     parser.add_argument("--memory-limit", default=memory, help=f"DuckDB buffer pool ({memory})")
     parser.add_argument("--threads", type=int, default=threads, help=f"DuckDB threads ({threads})")
     asyncio.run(_main(parser.parse_args()))

@@ -15,6 +15,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .signing import DEFAULT_TOLERANCE_SECONDS, check_secret
 
+DUCKDB_MEMORY_LIMIT = "48MB"
+"""The embedded store's default buffer pool (``EXPORTER_DUCKDB_MEMORY_LIMIT``)."""
+DUCKDB_THREADS = 2
+"""The embedded store's default worker threads (``EXPORTER_DUCKDB_THREADS``)."""
+
 
 class Durability(StrEnum):
     """How hard a ledger commit is pushed to disk before a 202 is sent."""
@@ -172,9 +177,10 @@ class Settings(BaseSettings):
         10.0, description="InfluxDB request timeout (a write not answered by then is retried)"
     )
     duckdb_memory_limit: str = Field(
-        "48MB", description="DuckDB buffer pool limit (DuckDB size syntax, e.g. 512MB, 2GB)"
+        DUCKDB_MEMORY_LIMIT,
+        description="DuckDB buffer pool limit (DuckDB size syntax, e.g. 512MB, 2GB)",
     )
-    duckdb_threads: PositiveInt = Field(2, description="DuckDB worker threads")
+    duckdb_threads: PositiveInt = Field(DUCKDB_THREADS, description="DuckDB worker threads")
     log_level: str = Field("info", description="debug, info, warning or error")
     log_format: LogFormat = Field(LogFormat.LOGFMT, description="logfmt or json")
     upstream_facilitator: str | None = Field(

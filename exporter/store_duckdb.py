@@ -52,6 +52,7 @@ from typing import Any, TypeVar, cast
 import duckdb
 import orjson
 
+from .config import DUCKDB_MEMORY_LIMIT, DUCKDB_THREADS
 from .ledger import check_no_pending_recovery
 from .records import (
     BatchRecord,
@@ -409,7 +410,12 @@ class DuckDBStore:
         self._closed = False
 
     @classmethod
-    def open(cls, path: pathlib.Path, memory_limit: str = "48MB", threads: int = 2) -> DuckDBStore:
+    def open(
+        cls,
+        path: pathlib.Path,
+        memory_limit: str = DUCKDB_MEMORY_LIMIT,
+        threads: int = DUCKDB_THREADS,
+    ) -> DuckDBStore:
         """Open (or create) the store file and its schema; blocking, call before serving.
 
         ``memory_limit`` and ``threads`` bound DuckDB's buffer pool and worker threads,
