@@ -143,7 +143,9 @@ def post(port: int, events: list[Sent]) -> Post:
     try:
         try:
             conn.connect()
-        except ConnectionRefusedError:
+        except OSError:
+            # Refused, or reset while the dying listener still held the handshake:
+            # either way not one byte of the request was sent.
             return Post(events, Outcome.REFUSED)
         try:
             conn.request("POST", "/v1/events", body, {"Content-Type": content_type})
