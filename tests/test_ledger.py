@@ -38,7 +38,7 @@ from exporter.ledger import (
     SubmissionResult,
     TerminalPayment,
 )
-from exporter.records import BatchRecord, PaymentRecord, StoreRecord, decode_record
+from exporter.records import BatchRecord, PaymentRecord, StoreRecord, decode_records
 
 
 def prepare(event: dict[str, Any]) -> PreparedEvent:
@@ -293,10 +293,15 @@ async def test_outbox_delivery_and_backlog(committer: GroupCommitter) -> None:
 
 
 def table_outbox(ledger: Ledger) -> list[tuple[int, StoreRecord]]:
-    """The outbox as stored in the file, decoded."""
+    """The outbox as stored in the file, decoded: each record with its seq."""
     with sqlite3.connect(ledger.path) as conn:
-        rows = conn.execute("SELECT seq, record FROM outbox ORDER BY seq").fetchall()
-    return [(seq, decode_record(blob)) for seq, blob in rows]
+        rows = conn.execute("SELECT seq, last_seq, records FROM outbox ORDER BY seq").fetchall()
+    found: list[tuple[int, StoreRecord]] = []
+    for first, last, blob in rows:
+        records = decode_records(blob)
+        assert len(records) == last - first + 1
+        found.extend(enumerate(records, start=first))
+    return found
 
 
 async def test_outbox_read_in_memory_matches_the_table_through_overflow_and_restart(
@@ -342,6 +347,53 @@ async def test_outbox_read_in_memory_matches_the_table_through_overflow_and_rest
         ]
         await drain()
         assert table_outbox(reopened) == [] and reopened.backlog == 0
+    finally:
+        committer.close()
+        reopened.close()
+
+
+async def test_a_commit_fills_outbox_rows_that_deliver_record_by_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One commit's records share rows of at most _OUTBOX_ROW_RECORDS; a row delivered in
+    # part stays, its delivered records are not read again, and after a restart the
+    # whole row is delivered again (at least once: the stores skip what they hold).
+    monkeypatch.setattr(ledger_module, "_OUTBOX_ROW_RECORDS", 2)
+    monkeypatch.setattr(ledger_module, "_HANDOFF_MAX_RECORDS", 1)
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path)
+    committer = GroupCommitter(ledger)
+    keys = [f"payment:received:p{n}" for n in range(1, 6)]
+    try:
+        await submit(committer, *(received(f"p{n}") for n in range(1, 6)))
+        with sqlite3.connect(path) as conn:
+            rows = conn.execute("SELECT seq, last_seq FROM outbox ORDER BY seq").fetchall()
+        assert rows == [(1, 2), (3, 4), (5, 5)]
+        assert [(seq, r.key) for seq, r in table_outbox(ledger)] == list(enumerate(keys, start=1))
+        first = ledger.read_outbox(3)  # two rows from the table
+        assert [(r.seq, r.record.key) for r in first] == list(enumerate(keys[:3], start=1))
+        assert await committer.call(functools.partial(ledger.mark_delivered, 3)) == 3
+        assert ledger.backlog == 2
+        assert [seq for seq, _ in table_outbox(ledger)] == [3, 4, 5]  # row 3-4 stays
+        assert [(r.seq, r.record.key) for r in ledger.read_outbox(10)] == [
+            (4, keys[3]),
+            (5, keys[4]),
+        ]
+    finally:
+        committer.close()
+        ledger.close()
+
+    reopened = Ledger(path)
+    committer = GroupCommitter(reopened)
+    try:
+        assert reopened.backlog == 3
+        assert [(r.seq, r.record.key) for r in reopened.read_outbox(10)] == list(
+            enumerate(keys[2:], start=3)
+        )
+        await submit(committer, received("p6"))
+        assert [r.seq for r in reopened.read_outbox(10)] == [3, 4, 5, 6]
+        assert await committer.call(functools.partial(reopened.mark_delivered, 6)) == 4
+        assert reopened.backlog == 0 and table_outbox(reopened) == []
     finally:
         committer.close()
         reopened.close()
@@ -576,13 +628,21 @@ SCHEMA_1_LEDGER = Path(__file__).parent / "fixtures" / "ledger-schema1.sqlite3"
 pending payment (received, verified), a settled one, a settlement waiting for its
 receipt, a failure released without its receipt, a dead letter and five undelivered
 store records."""
+SCHEMA_2_LEDGER = Path(__file__).parent / "fixtures" / "ledger-schema2.sqlite3"
+"""The schema 1 ledger as schema 2 left it after its upgrade (an outbox row per
+record)."""
 
 
-async def test_a_schema_1_ledger_is_upgraded_with_its_join_state_and_outbox(
-    tmp_path: Path,
-) -> None:
+@pytest.fixture(params=[SCHEMA_1_LEDGER, SCHEMA_2_LEDGER], ids=["schema1", "schema2"])
+def old_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A copy of a ledger file written by each older schema."""
     path = tmp_path / "ledger.sqlite3"
-    path.write_bytes(SCHEMA_1_LEDGER.read_bytes())
+    path.write_bytes(request.param.read_bytes())
+    return path
+
+
+async def test_an_old_ledger_is_upgraded_with_its_join_state_and_outbox(old_ledger: Path) -> None:
+    path = old_ledger
     ledger = Ledger(path)
     committer = GroupCommitter(ledger)
     try:
@@ -621,7 +681,7 @@ async def test_a_schema_1_ledger_is_upgraded_with_its_join_state_and_outbox(
         schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
     assert schema == (str(ledger_module._SCHEMA_VERSION),)
     assert "payments_schema1" not in tables and "payments_id_hash" in tables
-    assert "events_key_hash" not in tables
+    assert "events_key_hash" not in tables and "outbox_schema2" not in tables
     assert key_index_seqs(path) == [1, 2, 3, 4, 5, 6]  # the schema 1 events, merged
 
 
@@ -641,12 +701,29 @@ def test_a_failed_upgrade_leaves_the_schema_1_ledger_as_it_was(tmp_path: Path) -
     assert "events_key_hash" in indexes and "key_index" not in indexes
 
 
+def test_a_failed_outbox_upgrade_leaves_the_ledger_at_schema_2(old_ledger: Path) -> None:
+    path = old_ledger
+    with sqlite3.connect(path) as conn:  # the outbox upgrade's scratch name is taken
+        conn.execute("CREATE TABLE outbox_schema2 (x)")
+    left = "from schema 2 to 3 .*; it is left at schema 2. The upgrade copies the outbox"
+    with pytest.raises(LedgerError, match=left):
+        Ledger(path)
+    with sqlite3.connect(path) as conn:
+        schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(outbox)")]
+        outbox = conn.execute("SELECT seq FROM outbox ORDER BY seq").fetchall()
+        tables = {n for (n,) in conn.execute("SELECT name FROM sqlite_master")}
+    assert schema == ("2",) and columns == ["seq", "event_seq", "record"]
+    assert outbox == [(1,), (2,), (3,), (4,), (5,)]
+    assert "key_index" in tables and "payments_schema1" not in tables
+
+
 def test_a_ledger_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
     Ledger(path).close()
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
-    with pytest.raises(LedgerError, match="has schema 99, this exporter reads 2"):
+    with pytest.raises(LedgerError, match="has schema 99, this exporter reads 3"):
         Ledger(path)
 
 
