@@ -957,7 +957,7 @@ class Ledger:
         return recent, last, None
 
     def _emitted(self, rows: list[tuple[int, StoreRecord]]) -> None:
-        """Count committed outbox rows and hand them to the forwarder in memory."""
+        """Count committed outbox records and hand them to the forwarder in memory."""
         self._backlog += len(rows)
         if not rows:
             return

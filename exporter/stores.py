@@ -1,6 +1,6 @@
 """Store selection and the forwarder that drains the ledger outbox into the store.
 
-Delivery is at-least-once: outbox rows are removed only after the store accepted them,
+Delivery is at-least-once: outbox records are removed only after the store accepted them,
 and stores write idempotently per event key, so a crash between the two repeats a
 write without duplicating data. Store failures back off (exponentially, with jitter)
 and retry; a store that names its own pause (``Retry-After``) gets exactly that pause;
