@@ -119,6 +119,8 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 """
 _OUTBOX_ROW_RECORDS = 1_000
+# The meta key of the last outbox seq delivered.
+_DELIVERED_UPTO = "outbox_delivered_upto"
 _RECENT_KEYS_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS recent_keys (
     key_hash INTEGER NOT NULL,
@@ -722,7 +724,6 @@ class Ledger:
             self._key_index_upto, self._recent_keys = self._load_recent_keys()
             # While recent_keys moves to key_index: the last seq moving and the next part.
             self._merging: tuple[int, int] | None = None
-            self._backlog = self._scalar("SELECT coalesce(sum(last_seq - seq + 1), 0) FROM outbox")
             # Kept up to date by commits and retention: with no narrow index on events
             # left, count(*) reads the whole table (a quarter second per million events),
             # too slow for every /readyz.
@@ -738,13 +739,19 @@ class Ledger:
             self._handoff_lock = threading.Lock()
             self._handoff: deque[tuple[int, StoreRecord]] = deque()
             self._handoff_start = self._numbers.outbox_seq
-            self._table_first = self._backlog > 0
             # Records up to this seq are delivered: a row's first records may be, while
-            # the row stays until its last one is. After a restart the whole first row is
-            # delivered again (the stores skip what they hold).
-            self._delivered_upto = (
-                self._scalar("SELECT min(seq) FROM outbox") or self._numbers.outbox_seq
-            ) - 1
+            # the row stays until its last one is. Each delivery stores it, and records
+            # are never numbered at or below it, so a restart resumes mid-row.
+            self._delivered_upto = max(
+                self._scalar(f"SELECT value FROM meta WHERE key = '{_DELIVERED_UPTO}'"),
+                (self._scalar("SELECT min(seq) FROM outbox") or self._numbers.outbox_seq) - 1,
+            )
+            self._backlog = self._scalar(
+                "SELECT coalesce(sum(last_seq - max(seq - 1, ?1)), 0) FROM outbox"
+                " WHERE last_seq > ?1",
+                (self._delivered_upto,),
+            )
+            self._table_first = self._backlog > 0
             # Checkpoints copy the WAL back into the database file and sync it; done in
             # the committing thread they stall ingest, so a thread of their own does them.
             self._write.execute("PRAGMA wal_autocheckpoint=0")
@@ -772,7 +779,8 @@ class Ledger:
     def _load_row_numbers(self) -> _RowNumbers:
         row = self._write.execute(
             "SELECT (SELECT coalesce(max(seq), 0) + 1 FROM events),"
-            " (SELECT coalesce(max(last_seq), 0) + 1 FROM outbox),"
+            " (SELECT max(coalesce(max(last_seq), 0), coalesce((SELECT CAST(value AS INTEGER)"
+            f" FROM meta WHERE key = '{_DELIVERED_UPTO}'), 0)) + 1 FROM outbox),"
             " (SELECT coalesce(max(id), 0) + 1 FROM payments)"
         ).fetchone()
         return _RowNumbers(*row)
@@ -1030,6 +1038,7 @@ class Ledger:
         in the same transaction, so a poison record is never retried and never lost.
         """
         now = _now_ms()
+        delivered = max(self._delivered_upto, up_to_seq)
         with self._transaction() as cur:
             cur.executemany(
                 "INSERT INTO dead_letters (received_at, reason, error, key, raw) "
@@ -1037,11 +1046,16 @@ class Ledger:
                 [(now, r.reason, r.record.key, record_to_json(r.record).encode()) for r in refused],
             )
             cur.execute("DELETE FROM outbox WHERE last_seq <= ?", (up_to_seq,))
+            cur.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (_DELIVERED_UPTO, str(delivered)),
+            )
         with self._handoff_lock:
             # Records are numbered without gaps: those newly delivered are the seqs
             # after the last delivered one.
-            removed = max(0, up_to_seq - self._delivered_upto)
-            self._delivered_upto += removed
+            removed = delivered - self._delivered_upto
+            self._delivered_upto = delivered
             self._backlog -= removed
             handoff = self._handoff
             while handoff and handoff[0][0] <= up_to_seq:
