@@ -360,57 +360,38 @@ async def test_a_commit_fills_outbox_rows_that_deliver_record_by_record(
     monkeypatch.setattr(ledger_module, "_OUTBOX_ROW_RECORDS", 2)
     monkeypatch.setattr(ledger_module, "_HANDOFF_MAX_RECORDS", 1)
     path = tmp_path / "ledger.sqlite3"
-    ledger = Ledger(path)
-    committer = GroupCommitter(ledger)
-    keys = [f"payment:received:p{n}" for n in range(1, 6)]
-    try:
+    keys = [f"payment:received:p{n}" for n in range(1, 8)]
+
+    def unread(ledger: Ledger) -> list[tuple[int, str]]:
+        return [(r.seq, r.record.key) for r in ledger.read_outbox(10)]
+
+    with writing(path) as committer:
+        ledger = committer.ledger
         await submit(committer, *(received(f"p{n}") for n in range(1, 6)))
         with sqlite3.connect(path) as conn:
             rows = conn.execute("SELECT seq, last_seq FROM outbox ORDER BY seq").fetchall()
         assert rows == [(1, 2), (3, 4), (5, 5)]
-        assert [(seq, r.key) for seq, r in table_outbox(ledger)] == list(enumerate(keys, start=1))
+        assert [(seq, r.key) for seq, r in table_outbox(ledger)] == list(enumerate(keys[:5], 1))
         first = ledger.read_outbox(3)  # two rows from the table
-        assert [(r.seq, r.record.key) for r in first] == list(enumerate(keys[:3], start=1))
+        assert [(r.seq, r.record.key) for r in first] == list(enumerate(keys[:3], 1))
         assert await committer.call(functools.partial(ledger.mark_delivered, 3)) == 3
         assert ledger.backlog == 2
         assert [seq for seq, _ in table_outbox(ledger)] == [3, 4, 5]  # row 3-4 stays
-        assert [(r.seq, r.record.key) for r in ledger.read_outbox(10)] == [
-            (4, keys[3]),
-            (5, keys[4]),
-        ]
-    finally:
-        committer.close()
-        ledger.close()
+        assert unread(ledger) == [(4, keys[3]), (5, keys[4])]
 
-    reopened = Ledger(path)
-    committer = GroupCommitter(reopened)
-    try:
-        assert reopened.backlog == 2
-        assert [(r.seq, r.record.key) for r in reopened.read_outbox(10)] == [
-            (4, keys[3]),
-            (5, keys[4]),
-        ]
+    with writing(path) as committer:
+        ledger = committer.ledger
+        assert ledger.backlog == 2 and unread(ledger) == [(4, keys[3]), (5, keys[4])]
         await submit(committer, received("p6"))
-        assert [r.seq for r in reopened.read_outbox(10)] == [4, 5, 6]
-        assert await committer.call(functools.partial(reopened.mark_delivered, 6)) == 3
-        assert reopened.backlog == 0 and table_outbox(reopened) == []
-    finally:
-        committer.close()
-        reopened.close()
+        assert [seq for seq, _ in unread(ledger)] == [4, 5, 6]
+        assert await committer.call(functools.partial(ledger.mark_delivered, 6)) == 3
+        assert ledger.backlog == 0 and table_outbox(ledger) == []
 
     # The outbox is empty, and numbering goes on above the delivered mark: a record
     # numbered again from 1 would pass for delivered.
-    again = Ledger(path)
-    committer = GroupCommitter(again)
-    try:
+    with writing(path) as committer:
         await submit(committer, received("p7"))
-        assert [(r.seq, r.record.key) for r in again.read_outbox(10)] == [
-            (7, "payment:received:p7")
-        ]
-        assert again.backlog == 1
-    finally:
-        committer.close()
-        again.close()
+        assert unread(committer.ledger) == [(7, keys[6])] and committer.ledger.backlog == 1
 
 
 async def test_restart_restores_pending_websocket_and_backlog(tmp_path: Path) -> None:
