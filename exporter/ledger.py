@@ -743,7 +743,7 @@ class Ledger:
             # the row stays until its last one is. Each delivery stores it, and records
             # are never numbered at or below it, so a restart resumes mid-row.
             self._delivered_upto = max(
-                self._scalar(f"SELECT value FROM meta WHERE key = '{_DELIVERED_UPTO}'"),
+                self._scalar("SELECT value FROM meta WHERE key = ?", (_DELIVERED_UPTO,)),
                 (self._scalar("SELECT min(seq) FROM outbox") or self._numbers.outbox_seq) - 1,
             )
             self._backlog = self._scalar(
@@ -780,8 +780,9 @@ class Ledger:
         row = self._write.execute(
             "SELECT (SELECT coalesce(max(seq), 0) + 1 FROM events),"
             " (SELECT max(coalesce(max(last_seq), 0), coalesce((SELECT CAST(value AS INTEGER)"
-            f" FROM meta WHERE key = '{_DELIVERED_UPTO}'), 0)) + 1 FROM outbox),"
-            " (SELECT coalesce(max(id), 0) + 1 FROM payments)"
+            " FROM meta WHERE key = ?), 0)) + 1 FROM outbox),"
+            " (SELECT coalesce(max(id), 0) + 1 FROM payments)",
+            (_DELIVERED_UPTO,),
         ).fetchone()
         return _RowNumbers(*row)
 
