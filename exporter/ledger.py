@@ -389,12 +389,24 @@ class Outcome(Enum):
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass costs 3x more to build
 class PreparedEvent:
-    """A validated event with its dedup key, canonical body and the bytes it arrived as."""
+    """A validated event with its dedup key, canonical body and the bytes it arrived as.
+
+    The key's hash and the join reference are worked out where the event is prepared
+    (the receiver's event loop), not in the commit: the one ledger writer is what every
+    acknowledgement waits for.
+    """
 
     event: Event
     key: str
     body: bytes
     raw: bytes
+    key_hash: int = field(init=False)
+    ref: str | None = field(init=False)
+    """The payment or batch id the event joins on (:func:`join_ref`)."""
+
+    def __post_init__(self) -> None:
+        self.key_hash = _key_hash(self.key)
+        self.ref = join_ref(self.event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -916,9 +928,9 @@ class Ledger:
                 self._numbers, event_seq=max(self._numbers.event_seq, first_seq)
             )
             writer = _TransactionWriter(cur, now, self._waiting_refs, numbers)
-            hashes = iter(writer.load([p for s in submissions for p in s.events]))
+            writer.load([p for s in submissions for p in s.events])
             for submission in submissions:
-                outcomes = [writer.add(prepared, next(hashes)) for prepared in submission.events]
+                outcomes = [writer.add(prepared) for prepared in submission.events]
                 for letter in submission.dead_letters:
                     writer.dead_letter(letter)
                 results.append(SubmissionResult(outcomes, writer.take_effects()))
@@ -1296,15 +1308,15 @@ class _TransactionWriter:
         self._batches: dict[str, _Batch | None] = {}
         self._created_batches: dict[str, _Batch] = {}
 
-    def load(self, events: Sequence[PreparedEvent]) -> list[int]:
-        """Read what ``events`` will look up, in one query; returns their key hashes."""
-        hashes = [_key_hash(prepared.key) for prepared in events]
+    def load(self, events: Sequence[PreparedEvent]) -> None:
+        """Read what ``events`` will look up, in one query."""
         if not events:
-            return hashes
+            return
+        hashes = [prepared.key_hash for prepared in events]
         payment_ids: set[str] = set()
         batch_ids: set[str] = set()
         for prepared in events:
-            if (ref := join_ref(prepared.event)) is not None:
+            if (ref := prepared.ref) is not None:
                 kind = prepared.event["type"]
                 (batch_ids if kind.startswith("batch:") else payment_ids).add(ref)
         keys, payments, batches = self.cur.execute(
@@ -1319,7 +1331,6 @@ class _TransactionWriter:
             self._stored.setdefault(key_hash, []).append((key, body.encode()))
         self._take_payments(payment_ids, payments)
         self._take_batches(batch_ids, batches)
-        return hashes
 
     def take_effects(self) -> list[Effect]:
         """The metric effects gathered since the last call."""
@@ -1366,9 +1377,9 @@ class _TransactionWriter:
         self._payments[payment_id] = payment
         self._changed_payments[payment_id] = payment
 
-    def add(self, prepared: PreparedEvent, key_hash: int) -> Outcome:
+    def add(self, prepared: PreparedEvent) -> Outcome:
         """Apply one event (after :meth:`load`): accepted, a duplicate or a conflict."""
-        event = prepared.event
+        event, key_hash = prepared.event, prepared.key_hash
         for stored_key, stored_body in self._stored.get(key_hash, ()):
             if stored_key != prepared.key:
                 continue  # a hash collision: another key
@@ -1389,7 +1400,7 @@ class _TransactionWriter:
         self._current_waits = False
         self.effects.append(NewEvent(event["type"]))
         self._apply(seq, prepared.key, event)
-        ref = join_ref(event)
+        ref = prepared.ref
         if self._current_waits:
             assert ref is not None  # only joined events wait
             self._waits_in_rows.setdefault(ref, []).append(seq)
