@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import time
 from typing import Any
 
 import pytest
 from conftest import BASE_MS, batch_created, batch_settled, failed, received, settled, verified
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
+from exporter import events as events_module
 from exporter.events import (
     Event,
     EventError,
+    MalformedJSONError,
     canonical_json,
     dedup_key,
     format_micro,
     parse_event,
+    parse_event_array_json,
+    parse_event_json,
     to_micro,
 )
 
@@ -139,6 +144,21 @@ def test_bad_input_is_rejected_naming_the_field(case: str, event: Any, expected:
     with pytest.raises(EventError) as caught:
         parse_event(event)
     assert expected in str(caught.value)
+
+
+_BAD_OBJECTS = [case for case in BAD_INPUTS if isinstance(case[1], dict)]
+
+
+@pytest.mark.parametrize(
+    ("case", "event", "expected"), _BAD_OBJECTS, ids=[c[0] for c in _BAD_OBJECTS]
+)
+def test_bad_json_input_gets_the_same_error(case: str, event: Any, expected: str) -> None:
+    # The JSON paths validate natively first and fall back to the worded checks.
+    raw = json.dumps(event).encode()
+    with pytest.raises(EventError) as caught:
+        parse_event_json(raw)
+    assert expected in str(caught.value)
+    assert parse_event_array_json(b"[" + raw + b"]") is None
 
 
 def test_two_bad_fields_are_both_named() -> None:
@@ -269,3 +289,121 @@ def test_dedup_keys_follow_the_contract() -> None:
     assert unknown_a.startswith(f"payment:failed:{BASE_MS + 2000}:")
     assert unknown_a != unknown_b
     assert key(failed("unknown", error="a")) == unknown_a
+
+
+# Values around what each field's check accepts, normalises or refuses.
+_DECIMALISH = st.from_regex(r"0*[0-9]{1,13}(\.[0-9]{1,19}0*)?", fullmatch=True) | st.from_regex(
+    r"-?[0-9]{0,14}(\.[0-9]{0,20})?(e[0-9])?", fullmatch=True
+)
+_HEXISH = st.from_regex(r" ?0[xX][0-9a-fA-FgG]{38,66} ?", fullmatch=True)
+_EVM_ADDRESSES = st.from_regex(r"0x[0-9a-fA-F]{40}", fullmatch=True)
+_EVM_TRANSACTIONS = st.from_regex(r"0x[0-9a-fA-F]{64}", fullmatch=True)
+_ANY_TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=300) | st.text(
+    st.sampled_from([*" aZ09:-_.x", "\x00", "\t", "\n", "\x1f", "\x7f", "\xa0", "\u2028", "é"]),
+    max_size=12,
+)
+_TIMESTAMPS = st.integers(min_value=events_module.MIN_TIMESTAMP_MS - 2, max_value=2**53) | st.just(
+    int(time.time() * 1000) + events_module.MAX_FUTURE_SKEW_MS - 60_000
+)
+# Each checked field, in an event that is valid but for it, and values to try there.
+_VARIED_FIELDS: dict[tuple[str, str], tuple[dict[str, Any], st.SearchStrategy[Any]]] = {
+    ("received", "amount"): (received("p"), _DECIMALISH | _ANY_TEXT),
+    ("received", "payer"): (received("p"), _EVM_ADDRESSES | _HEXISH | _ANY_TEXT),
+    ("received", "network"): (
+        received("p"),
+        st.from_regex(r"[-a-zA-Z0-9_ ]{2,9}:[-_a-zA-Z0-9 ]{0,33}", fullmatch=True) | _ANY_TEXT,
+    ),
+    ("received", "paymentId"): (received("p"), _ANY_TEXT),
+    ("received", "timestamp"): (received("p"), _TIMESTAMPS),
+    ("settled", "transaction"): (settled("p"), _EVM_TRANSACTIONS | _HEXISH | _ANY_TEXT),
+    ("settled", "fee"): (settled("p"), _DECIMALISH),
+    ("batch_settled", "gasUsed"): (
+        batch_settled("b"),
+        st.from_regex(r"0*[0-9]{0,31}", fullmatch=True) | _ANY_TEXT,
+    ),
+    ("failed", "error"): (failed("p"), _ANY_TEXT),
+}
+_FULL_VALIDATOR = TypeAdapter(Event)
+
+
+def _outcome(raw: bytes) -> Any:
+    try:
+        return parse_event_json(raw)
+    except (EventError, MalformedJSONError):
+        return "refused"
+
+
+def _full_outcome(raw: bytes) -> Any:
+    try:
+        return _FULL_VALIDATOR.validate_json(raw)
+    except ValueError:
+        return "refused"
+
+
+def _assert_native_path_agrees(event: dict[str, Any], field: str, value: Any) -> None:
+    # The fast path may only accept what the full checks accept, and must return what
+    # they return (normalised amounts, lower-cased EVM addresses and transactions).
+    raw = json.dumps(_with(event, **{field: value})).encode()
+    expected = _full_outcome(raw)
+    assert _outcome(raw) == expected
+    valid = json.dumps(event).encode()
+    listed = parse_event_array_json(b"[" + valid + b"," + raw + b"]")
+    if isinstance(expected, dict):
+        assert listed == [_FULL_VALIDATOR.validate_json(valid), expected]
+    else:
+        assert listed is None
+
+
+_NOW_MS = int(time.time() * 1000)
+_EDGE_VALUES: list[tuple[str, str, Any]] = [
+    *(
+        ("received", "amount", v)
+        for v in ("1.50", "001.5", "0", "0.0", "00", "1.", ".5", "0." + "0" * 17 + "1", "1e3")
+    ),
+    *(("received", "amount", v) for v in ("1." + "0" * 18, "9" * 12, "9" * 13, "0.5")),
+    *(
+        ("received", "payer", v)
+        for v in ("0x" + "Ab" * 20, " 0x" + "ab" * 20, "0x" + "ab" * 20 + " ", "0x" + "ab" * 19)
+    ),
+    *(("received", "payer", v) for v in ("So1ana", " So1ana", "So1ana ", "a\x00b", "é", "a b")),
+    *(("received", "network", v) for v in ("eip155:8453", "EIP155:1", "ab:c", "eip155:", "a b:c")),
+    *(("received", "paymentId", v) for v in ("", " ", "a\x00", "a\tb", "é", "\x7f", "x" * 257)),
+    *(("settled", "transaction", v) for v in ("0x" + "AB" * 32, "a\x00b", "a b", " x", "é", "")),
+    *(("batch_settled", "gasUsed", v) for v in ("0", "00", "0021000", "1" * 30, "1" * 31, "1.0")),
+    *(("failed", "error", v) for v in ("", "x" * 2048, "x" * 2049, "a\x00b", "é")),
+    *(
+        ("received", "timestamp", v)
+        for v in (
+            events_module.MIN_TIMESTAMP_MS - 1,
+            events_module.MIN_TIMESTAMP_MS,
+            _NOW_MS + events_module.MAX_FUTURE_SKEW_MS - 60_000,
+            _NOW_MS + events_module.MAX_FUTURE_SKEW_MS + 60_000,
+        )
+    ),
+]
+
+
+@pytest.mark.parametrize(("kind", "field", "value"), _EDGE_VALUES)
+def test_native_validation_agrees_with_the_full_checks_at_the_edges(
+    kind: str, field: str, value: Any
+) -> None:
+    _assert_native_path_agrees(_VARIED_FIELDS[kind, field][0], field, value)
+
+
+@settings(max_examples=400)
+@given(data=st.data())
+def test_native_validation_agrees_with_the_full_checks(data: st.DataObject) -> None:
+    kind, field = data.draw(st.sampled_from(sorted(_VARIED_FIELDS)))
+    event, values = _VARIED_FIELDS[kind, field]
+    _assert_native_path_agrees(event, field, data.draw(values))
+
+
+def test_the_simulators_traffic_takes_the_native_path() -> None:
+    # Canonical amounts, EVM addresses and CAIP-2 networks need no Python check: if
+    # this stops holding, ingest silently validates everything twice.
+    from exporter.simulate import SimulationConfig, Simulator, encode_event
+
+    simulator = Simulator(SimulationConfig(seed=3, duplicate_fraction=0.0))
+    lines = [encode_event(e) for e in itertools.islice(simulator.events(BASE_MS, None, 50.0), 2000)]
+    for line in lines:
+        assert events_module._FAST_EVENT.validate_json(line) == parse_event_json(line)
