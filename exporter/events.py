@@ -24,7 +24,7 @@ from pydantic import (
     ValidationError,
     with_config,
 )
-from pydantic_core import CoreSchema, PydanticCustomError, SchemaValidator, core_schema
+from pydantic_core import PydanticCustomError, SchemaValidator, core_schema
 from typing_extensions import TypedDict  # pydantic validates typing's only from 3.12
 
 MICRO = 1_000_000
@@ -358,60 +358,45 @@ _EVENT_LIST_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 
 # The fast path. Every check above runs as a Python call per field, which is half the
 # cost of validating an event. For the usual shape of each value the same check can run
-# inside pydantic-core: a pattern that admits only values the Python check accepts *and
-# leaves unchanged* (or lowers, as it does). Anything else fails the fast validator and
-# takes the full one, which also words the errors. The future bound on timestamps moves
-# with the clock, so the fast path checks it after validation.
+# inside pydantic-core: constraints on the field's own schema (a pattern, lower-casing
+# where the check lowers) that admit only values the Python check accepts *and returns
+# unchanged*. Anything else fails the fast validator and takes the full one, which also
+# words the errors. The future bound on timestamps moves with the clock, so the fast
+# path checks it after validation.
 _CANONICAL_DECIMAL = r"^(?:0|[1-9][0-9]{0,11})(?:\.[0-9]{0,17}[1-9])?$"
 _CANONICAL_INTEGER = r"^(?:0|[1-9][0-9]{0,29})$"
 _ASCII_VISIBLE_ENDS = r"^[!-~](?:[ -~]*[!-~])?$"  # printable ASCII, no outer spaces
-
-
-def _native_str(max_length: int = 256, **constraints: Any) -> CoreSchema:
-    return core_schema.str_schema(strict=True, max_length=max_length, **constraints)
-
-
-def _first_match(*choices: CoreSchema) -> CoreSchema:
-    return core_schema.union_schema(list(choices), mode="left_to_right")
-
-
-def _normalised_by(function: Any) -> CoreSchema:
-    return core_schema.no_info_after_validator_function(function, _native_str())
-
-
-_NATIVE_CHECKS: dict[Any, CoreSchema] = {
-    _identifier: _native_str(pattern=r"^[^\x00-\x1f\x7f]+$"),
-    _network: _native_str(pattern="^" + _CAIP2.pattern + "$"),
-    _address: _first_match(
-        _native_str(pattern="^" + _EVM_ADDRESS.pattern + "$", to_lower=True),
-        _native_str(pattern=_ASCII_VISIBLE_ENDS),
+_THE_CHECK_ITSELF = None
+# Per Python check, the constraints of each native choice, tried in order.
+_NATIVE_FORMS: dict[Any, tuple[dict[str, Any] | None, ...]] = {
+    _identifier: ({"pattern": r"^[^\x00-\x1f\x7f]+$"},),
+    _network: ({"pattern": f"^{_CAIP2.pattern}$"},),
+    _address: (
+        {"pattern": f"^{_EVM_ADDRESS.pattern}$", "to_lower": True},
+        {"pattern": _ASCII_VISIBLE_ENDS},
     ),
-    _transaction: _first_match(
-        _native_str(pattern="^" + _EVM_TX.pattern + "$", to_lower=True),
-        _native_str(pattern=r"^[ -~]+$"),
-    ),
+    _transaction: ({"pattern": f"^{_EVM_TX.pattern}$", "to_lower": True}, {"pattern": r"^[ -~]+$"}),
     # Values that need normalising still get it, from the Python check.
-    _decimal_string: _first_match(
-        _native_str(pattern=_CANONICAL_DECIMAL), _normalised_by(_decimal_string)
-    ),
-    _integer_string: _first_match(
-        _native_str(pattern=_CANONICAL_INTEGER), _normalised_by(_integer_string)
-    ),
-    _timestamp: core_schema.int_schema(strict=True, ge=MIN_TIMESTAMP_MS),
-    _encodable: _native_str(max_length=2048),  # lone surrogates are invalid JSON already
+    _decimal_string: ({"pattern": _CANONICAL_DECIMAL}, _THE_CHECK_ITSELF),
+    _integer_string: ({"pattern": _CANONICAL_INTEGER}, _THE_CHECK_ITSELF),
+    _timestamp: ({"ge": MIN_TIMESTAMP_MS},),
+    _encodable: ({},),  # a lone surrogate is invalid JSON before any check sees it
 }
 
 
 def _natively_checked(schema: Any) -> Any:
-    """``schema`` with each Python check in ``_NATIVE_CHECKS`` replaced by its native form."""
+    """``schema`` with each Python check in ``_NATIVE_FORMS`` replaced by its native form."""
     if isinstance(schema, list):
         return [_natively_checked(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
     if schema.get("type") == "function-after":
-        native = _NATIVE_CHECKS.get(schema["function"]["function"])
-        if native is not None:
-            return native
+        forms = _NATIVE_FORMS.get(schema["function"]["function"])
+        if forms is not None:
+            choices: list[Any] = [schema if c is None else {**schema["schema"], **c} for c in forms]
+            if len(choices) == 1:
+                return choices[0]
+            return core_schema.union_schema(choices, mode="left_to_right")
     return {key: _natively_checked(value) for key, value in schema.items()}
 
 
