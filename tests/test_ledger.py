@@ -10,12 +10,22 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BASE_MS, batch_created, batch_settled, failed, received, settled, verified
+from conftest import (
+    BASE_MS,
+    async_wait_until,
+    batch_created,
+    batch_settled,
+    failed,
+    received,
+    settled,
+    verified,
+)
 
 import exporter.ledger as ledger_module
 from exporter.config import Durability
@@ -159,9 +169,7 @@ async def test_partners_waiting_in_the_table_and_in_the_same_commit_join_togethe
             ("settled", "eip155:10"),
         ]
         assert ledger.stats().waiting_for_join == 1
-        assert await submit(committer, settled("p1")) == SubmissionResult(
-            [Outcome.DUPLICATE], []
-        )
+        assert await submit(committer, settled("p1")) == SubmissionResult([Outcome.DUPLICATE], [])
     with writing(path) as reopened:
         # p2's settlement, stored as waiting
         assert reopened.ledger.stats().waiting_for_join == 1
@@ -272,6 +280,107 @@ async def test_concurrent_submissions_share_commits(committer: GroupCommitter) -
     assert all(r.outcomes == [Outcome.ACCEPTED] for r in results)
     assert committer.ledger.stats().events == 200
     assert committer.commits < 200
+
+
+def _committing_threads(committer: GroupCommitter) -> list[str]:
+    names: list[str] = []
+    committer.on_commit_hooks.append(lambda: names.append(threading.current_thread().name))
+    return names
+
+
+async def test_small_requests_commit_on_the_event_loop_and_large_ones_on_the_writer(
+    committer: GroupCommitter,
+) -> None:
+    threads = _committing_threads(committer)
+    await submit(committer, received("p1"))
+    await submit(committer, *(received(f"q{i}") for i in range(100)))
+    assert threads == [threading.current_thread().name, "ledger-writer"]
+    assert committer.ledger.stats().events == 101
+
+
+async def test_with_power_durability_every_commit_runs_on_the_writer(tmp_path: Path) -> None:
+    # Each of its commits syncs the disk: never on the event loop.
+    ledger = Ledger(tmp_path / "ledger.sqlite3", Durability.POWER)
+    committer = GroupCommitter(ledger)
+    try:
+        threads = _committing_threads(committer)
+        await submit(committer, received("p1"))
+        assert threads == ["ledger-writer"]
+    finally:
+        committer.close()
+        ledger.close()
+
+
+async def test_a_busy_writer_takes_the_event_loops_requests_without_blocking_it(
+    committer: GroupCommitter,
+) -> None:
+    threads = _committing_threads(committer)
+    started, release = threading.Event(), threading.Event()
+
+    def hold_the_writer() -> bool:
+        started.set()
+        return release.wait(10)
+
+    async def writer_is_held() -> bool:
+        return started.is_set()
+
+    job = asyncio.ensure_future(committer.call(hold_the_writer))
+    await async_wait_until(writer_is_held, what="the writer to run the job")
+    pending = asyncio.ensure_future(submit(committer, received("p1")))
+    for _ in range(50):  # the loop keeps running; the request waits for the writer
+        await asyncio.sleep(0)
+    assert not pending.done()
+    release.set()
+    result = await pending
+    assert await job is True
+    assert result.outcomes == [Outcome.ACCEPTED]
+    assert threads == ["ledger-writer"]
+
+
+async def test_a_checkpoint_holding_the_ledger_sends_the_loops_requests_to_the_writer(
+    committer: GroupCommitter,
+) -> None:
+    # The WAL checkpoint takes the ledger's write lock (rarely, and while it syncs the
+    # file): a commit on the event loop must not wait for it there.
+    threads = _committing_threads(committer)
+    held, release = threading.Event(), threading.Event()
+
+    def checkpoint() -> None:
+        with committer.ledger._write_lock:
+            held.set()
+            release.wait(10)
+
+    checkpointer = threading.Thread(target=checkpoint)
+    checkpointer.start()
+    try:
+        held.wait(10)
+        pending = asyncio.ensure_future(submit(committer, received("p1")))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert not pending.done()
+    finally:
+        release.set()
+        checkpointer.join()
+    assert (await pending).outcomes == [Outcome.ACCEPTED]
+    assert threads == ["ledger-writer"]
+
+
+async def test_loop_and_writer_commits_interleave_without_losing_or_renumbering(
+    committer: GroupCommitter,
+) -> None:
+    ledger = committer.ledger
+    small = [submit(committer, received(f"s{i}")) for i in range(300)]
+    large = [submit(committer, *(received(f"l{j}-{i}") for i in range(80))) for j in range(10)]
+    delivered = [committer.call(lambda: ledger.mark_delivered(0)) for _ in range(5)]
+    small_results, large_results, _ = await asyncio.gather(
+        asyncio.gather(*small), asyncio.gather(*large), asyncio.gather(*delivered)
+    )
+    outcomes = [o for r in [*small_results, *large_results] for o in r.outcomes]
+    assert outcomes == [Outcome.ACCEPTED] * 1100
+    assert ledger.stats().events == 1100
+    seqs = [row.seq for row in ledger.read_outbox(5000)]
+    assert seqs == list(range(seqs[0], seqs[0] + 1100))
+    assert committer.commits < 310
 
 
 async def test_dead_letters_are_stored_with_raw_bytes(committer: GroupCommitter) -> None:
