@@ -1836,10 +1836,11 @@ class _JobRequest:
 
 
 # Requests of at most this many events (and dead letters) may commit on the event loop
-# that submitted them; such a commit holds the loop for well under a millisecond.
+# that submitted them. The loop stops for the commit (some 20 us per event, 0.3 ms per
+# commit), so larger ones go to the writer thread.
 _LOOP_COMMIT_MAX_REQUEST = 64
 # An event loop's gathered requests commit once they hold this many events, however
-# many more are arriving.
+# many more are arriving: the loop stops for about 10 ms at most.
 _LOOP_COMMIT_MAX_EVENTS = 512
 # Passes of the event loop a commit waits at most while each pass brings more requests.
 _LOOP_COMMIT_MAX_PASSES = 16
