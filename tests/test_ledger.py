@@ -288,6 +288,13 @@ def _committing_threads(committer: GroupCommitter) -> list[str]:
     return names
 
 
+async def _still_waiting_while_the_loop_runs(request: asyncio.Future[Any]) -> None:
+    """Let the event loop run many passes: it must not be held, and ``request`` must wait."""
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert not request.done()
+
+
 async def test_small_requests_commit_on_the_event_loop_and_large_ones_on_the_writer(
     committer: GroupCommitter,
 ) -> None:
@@ -327,9 +334,7 @@ async def test_a_busy_writer_takes_the_event_loops_requests_without_blocking_it(
     job = asyncio.ensure_future(committer.call(hold_the_writer))
     await async_wait_until(writer_is_held, what="the writer to run the job")
     pending = asyncio.ensure_future(submit(committer, received("p1")))
-    for _ in range(50):  # the loop keeps running; the request waits for the writer
-        await asyncio.sleep(0)
-    assert not pending.done()
+    await _still_waiting_while_the_loop_runs(pending)
     release.set()
     result = await pending
     assert await job is True
@@ -355,9 +360,7 @@ async def test_a_checkpoint_holding_the_ledger_sends_the_loops_requests_to_the_w
     try:
         held.wait(10)
         pending = asyncio.ensure_future(submit(committer, received("p1")))
-        for _ in range(50):
-            await asyncio.sleep(0)
-        assert not pending.done()
+        await _still_waiting_while_the_loop_runs(pending)
     finally:
         release.set()
         checkpointer.join()
