@@ -2052,14 +2052,12 @@ def _resolve(
 def _fail_all(failures: list[tuple[asyncio.Future[Any], object]]) -> None:
     for future, error in failures:
         assert isinstance(error, BaseException)
-        if not future.done():
-            future.set_exception(error)
+        _set_exception(future, error)
 
 
 def _resolve_all(resolutions: list[tuple[asyncio.Future[Any], object]]) -> None:
     for future, value in resolutions:
-        if not future.done():
-            future.set_result(value)
+        _set_result(future, value)
 
 
 def _set_result(future: asyncio.Future[Any], value: object) -> None:
