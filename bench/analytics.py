@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from exporter.analytics import (  # noqa: E402
+from exporter.analytics.duckdb import DuckDBAnalyticsSource  # noqa: E402
+from exporter.analytics.models import (  # noqa: E402
     HOUR_MS,
     Analytics,
     BucketTotals,
@@ -49,7 +50,7 @@ from exporter.analytics import (  # noqa: E402
     TopLists,
     WindowTotals,
 )
-from exporter.analytics_duckdb import DuckDBAnalyticsSource  # noqa: E402
+from exporter.cli.simulate import SimulationConfig, Simulator  # noqa: E402
 from exporter.config import DUCKDB_MEMORY_LIMIT, DUCKDB_THREADS  # noqa: E402
 from exporter.events import to_micro  # noqa: E402
 from exporter.records import (  # noqa: E402
@@ -59,8 +60,7 @@ from exporter.records import (  # noqa: E402
     StoreRecord,
     WebsocketRecord,
 )
-from exporter.simulate import SimulationConfig, Simulator  # noqa: E402
-from exporter.store_duckdb import DuckDBStore  # noqa: E402
+from exporter.store.duckdb import DuckDBStore  # noqa: E402
 
 END_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
 TARGET_S = 2.0

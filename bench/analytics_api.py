@@ -32,8 +32,8 @@ if str(ROOT) not in sys.path:
 
 import _servers  # noqa: E402
 
-from exporter.analytics import Window  # noqa: E402
-from exporter.store_duckdb import DuckDBStore  # noqa: E402
+from exporter.analytics.models import Window  # noqa: E402
+from exporter.store.duckdb import DuckDBStore  # noqa: E402
 
 NAMES = ("payments", "networks", "revenue", "revenue/breakdown", "top/payers", "health")
 

@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from exporter.simulate import SimulationConfig, Simulator, encode_event  # noqa: E402
+from exporter.cli.simulate import SimulationConfig, Simulator, encode_event  # noqa: E402
 
 log = logging.getLogger("bench.ingest")
 

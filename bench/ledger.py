@@ -63,7 +63,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _lines(count: int, seed: int) -> list[bytes]:
-    from exporter.simulate import SimulationConfig, Simulator, encode_event
+    from exporter.cli.simulate import SimulationConfig, Simulator, encode_event
 
     config = SimulationConfig(seed=seed, duplicate_fraction=0.0, id_namespace=f"bench{seed}")
     start_ms = int(time.time() * 1000) - 3_600_000
@@ -93,14 +93,14 @@ class _Stages:
     """The exporter's ingest stages, bound to one ledger (and store)."""
 
     def __init__(self, data_dir: Path, with_store: bool) -> None:
-        ledger_mod = importlib.import_module("exporter.ledger")
+        ledger_mod = importlib.import_module("exporter.ledger.storage")
         events_mod = importlib.import_module("exporter.events")
         self._ledger_mod = ledger_mod
         self._events = events_mod
         self.ledger = ledger_mod.Ledger(data_dir / "ledger.db")
         self.store: Any = None
         if with_store:
-            store_mod = importlib.import_module("exporter.store_duckdb")
+            store_mod = importlib.import_module("exporter.store.duckdb")
             self.store = store_mod.DuckDBStore.open(data_dir / "store.duckdb")
 
     def parse(self, lines: list[bytes]) -> list[Any]:

@@ -48,7 +48,7 @@ from exporter.records import (  # noqa: E402
     StoreRecord,
     WebsocketRecord,
 )
-from exporter.store_influx import (  # noqa: E402
+from exporter.store.influx.store import (  # noqa: E402
     GZIP_LEVEL,
     MAX_LINES_PER_WRITE,
     Encoder,

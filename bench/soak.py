@@ -4,7 +4,7 @@ The exporter runs as a subprocess (``python -m exporter serve``, SQLite ledger i
 temporary data dir) shipping to the InfluxDB stand-in of ``tests/influx_fault_server.py``,
 which runs in a child process of its own (so that parsing the points it receives does
 not stall the load generator) and keys every point as InfluxDB does. This process
-POSTs realistic simulated events (:mod:`exporter.simulate`: payments with their
+POSTs realistic simulated events (:mod:`exporter.cli.simulate`: payments with their
 verifications, settlements and failures, batches, revenue, WebSocket counts, re-deliveries
 and out-of-order settlements), one event per request, at ``--rate`` events/s for
 ``--duration`` seconds, in phases (fractions of the duration):
@@ -97,6 +97,7 @@ from influx_fault_server import (  # noqa: E402
     split_point,
 )
 
+from exporter.cli.simulate import EventDict, SimulationConfig, Simulator, encode_event  # noqa: E402
 from exporter.events import canonical_json, dedup_key, join_ref, parse_event  # noqa: E402
 from exporter.records import (  # noqa: E402
     BatchRecord,
@@ -105,8 +106,7 @@ from exporter.records import (  # noqa: E402
     StoreRecord,
     WebsocketRecord,
 )
-from exporter.simulate import EventDict, SimulationConfig, Simulator, encode_event  # noqa: E402
-from exporter.store_influx import to_line  # noqa: E402
+from exporter.store.influx.store import to_line  # noqa: E402
 
 TOKEN, ORG, BUCKET = "soak-token", "soak-org", "payments"
 INFLUX_TIMEOUT_S = 2.0

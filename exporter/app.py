@@ -18,17 +18,17 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from .analytics import Analytics
-from .analytics_service import AnalyticsAPI, AnalyticsService, AnalyticsSink
+from .analytics.models import Analytics
+from .analytics.service import AnalyticsAPI, AnalyticsService, AnalyticsSink
 from .config import Settings
-from .ledger import DataDirLock, GroupCommitter, Ledger, LedgerUnavailableError
+from .ingest.proxy import PROXY, FacilitatorProxy
+from .ingest.receiver import IngestLimits, Receiver
+from .ingest.signing import verifier_from_settings
+from .ledger.storage import DataDirLock, GroupCommitter, Ledger, LedgerUnavailableError
 from .metrics import Metrics
 from .openapi import OPENAPI_PATH, openapi_json
-from .proxy import PROXY, FacilitatorProxy
-from .receiver import IngestLimits, Receiver
 from .records import Store
-from .signing import verifier_from_settings
-from .stores import Forwarder, analytics_source, open_store
+from .store.forwarder import Forwarder, analytics_source, open_store
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .signing import DEFAULT_TOLERANCE_SECONDS, check_secret
+from .ingest.signing import DEFAULT_TOLERANCE_SECONDS, check_secret
 
 DUCKDB_MEMORY_LIMIT = "48MB"
 """The embedded store's default buffer pool (``EXPORTER_DUCKDB_MEMORY_LIMIT``)."""

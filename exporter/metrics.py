@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .events import EVENT_TYPES, MICRO
-from .ledger import (
+from .ledger.storage import (
     BatchGas,
     Effect,
     GaugeSnapshot,

@@ -3,7 +3,7 @@
 The document is built from the code it describes: event schemas come from the event
 TypedDicts of :mod:`exporter.events` (with the string formats their validators enforce
 written in as patterns) and analytics answers from the result models of
-:mod:`exporter.analytics`, so a field added there appears here without a second list.
+:mod:`exporter.analytics.models`, so a field added there appears here without a second list.
 It describes one running instance: the bearer scheme is required only when a token is
 configured, the signature header only when signed deliveries are, and the proxy routes
 appear only in proxy mode. The proxy's pass-through of every other path cannot be a path
@@ -21,7 +21,7 @@ from typing import Annotated, Any, Final, get_args, get_origin, get_type_hints
 
 from pydantic import TypeAdapter
 
-from .analytics import (
+from .analytics.models import (
     ANALYTIC_NAMES,
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -50,7 +50,7 @@ from .events import (
     Timestamp,
     Transaction,
 )
-from .signing import SIGNATURE_HEADER
+from .ingest.signing import SIGNATURE_HEADER
 
 OPENAPI_PATH: Final = "/openapi.json"
 """Where the document is served."""

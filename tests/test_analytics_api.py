@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from exporter import Settings, create_app
 from exporter.app import ANALYTICS, COMMITTER, STORE
-from exporter.store_duckdb import DuckDBStore
+from exporter.store.duckdb import DuckDBStore
 
 HOUR = 3_600_000
 

@@ -39,8 +39,9 @@ from test_analytics_flux import influxdb_source
 from test_influx_integration import TARGET as INFLUX_TARGET
 from test_ledger import prepare
 
-from exporter import analytics_duckdb
-from exporter.analytics import (
+from exporter.analytics import duckdb as analytics_duckdb
+from exporter.analytics.duckdb import DuckDBAnalyticsSource
+from exporter.analytics.models import (
     ANALYTIC_NAMES,
     DAY_MS,
     HOUR_MS,
@@ -58,11 +59,10 @@ from exporter.analytics import (
     result_data,
     result_json,
 )
-from exporter.analytics_duckdb import DuckDBAnalyticsSource
-from exporter.ledger import GroupCommitter, Ledger, Submission
+from exporter.cli.simulate import SimulationConfig, Simulator
+from exporter.ledger.storage import GroupCommitter, Ledger, Submission
 from exporter.records import PaymentRecord, StoreRecord
-from exporter.simulate import SimulationConfig, Simulator
-from exporter.store_duckdb import DuckDBStore
+from exporter.store.duckdb import DuckDBStore
 
 EXAMPLES = int(os.environ.get("EXPORTER_TEST_ANALYTICS_EXAMPLES", "75"))
 

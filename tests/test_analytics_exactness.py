@@ -14,7 +14,8 @@ from pathlib import Path
 from conftest import BASE_MS, batch_created, batch_settled, received, settled
 from test_analytics_contract import delivered
 
-from exporter.analytics import (
+from exporter.analytics.duckdb import DuckDBAnalyticsSource
+from exporter.analytics.models import (
     DAY_MS,
     HOUR_MS,
     AnalyticKey,
@@ -23,9 +24,8 @@ from exporter.analytics import (
     Window,
     result_data,
 )
-from exporter.analytics_duckdb import DuckDBAnalyticsSource
 from exporter.records import PaymentRecord, StoreRecord
-from exporter.store_duckdb import DuckDBStore
+from exporter.store.duckdb import DuckDBStore
 
 AT = BASE_MS + 100 * DAY_MS + 13 * HOUR_MS + 1_234
 PAYER, PAYEE = "0x" + "1" * 40, "0x" + "2" * 40

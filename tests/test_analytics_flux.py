@@ -1,14 +1,14 @@
 """The Flux analytics source: queries type-checked, bounds, parameters and result mapping offline,
 and the same answers as DuckDB against a real InfluxDB 2.x when one is configured.
 
-Without a server: every shipped ``exporter/flux/*.flux`` passes the official Flux type-checker
-(``fluxcheck``, which fails under CI when Node is missing) and broken copies fail it; the window
-bounds are checked as arithmetic; the parameters the real ``influxdb-client`` sends are captured
-by a local HTTP server, re-parsed by the official Flux parser and used as the type-checker's
-preamble; hand-written annotated CSV goes through influxdb-client's own parser into the
-protocol's dataclasses. With ``EXPORTER_TEST_INFLUX_URL`` (+ ``_TOKEN``, ``_ORG``, ``_BUCKET``):
-a scenario written with :class:`InfluxStore` into a bucket of its own gives, for every analytic
-and window, the answers DuckDB gives for the same records.
+Without a server: every shipped ``exporter/analytics/queries/*.flux`` passes the official Flux
+type-checker (``fluxcheck``, which fails under CI when Node is missing) and broken copies fail it;
+the window bounds are checked as arithmetic; the parameters the real ``influxdb-client`` sends are
+captured by a local HTTP server, re-parsed by the official Flux parser and used as the type-
+checker's preamble; hand-written annotated CSV goes through influxdb-client's own parser into the
+protocol's dataclasses. With ``EXPORTER_TEST_INFLUX_URL`` (+ ``_TOKEN``, ``_ORG``, ``_BUCKET``): a
+scenario written with :class:`InfluxStore` into a bucket of its own gives, for every analytic and
+window, the answers DuckDB gives for the same records.
 """
 
 from __future__ import annotations
@@ -45,7 +45,24 @@ from influxdb_client.service.buckets_service import BucketsService
 from influxdb_client.service.organizations_service import OrganizationsService
 from test_influx_integration import SKIP_REASON, TARGET
 
-from exporter.analytics import (
+from exporter.analytics.duckdb import DuckDBAnalyticsSource
+from exporter.analytics.flux import (
+    NO_RANK,
+    NS_PER_MS,
+    QUERY_NAMES,
+    FluxAnalyticsSource,
+    FluxTime,
+    Params,
+    buckets_from_tables,
+    flux_query,
+    history_range,
+    point_in_time_from_tables,
+    rank_values_from_tables,
+    top_lists_from_tables,
+    window_range,
+    window_totals_from_tables,
+)
+from exporter.analytics.models import (
     DAY_MS,
     HOUR_MS,
     MINUTE_MS,
@@ -64,23 +81,6 @@ from exporter.analytics import (
     WindowTotals,
     result_data,
 )
-from exporter.analytics_duckdb import DuckDBAnalyticsSource
-from exporter.analytics_flux import (
-    NO_RANK,
-    NS_PER_MS,
-    QUERY_NAMES,
-    FluxAnalyticsSource,
-    FluxTime,
-    Params,
-    buckets_from_tables,
-    flux_query,
-    history_range,
-    point_in_time_from_tables,
-    rank_values_from_tables,
-    top_lists_from_tables,
-    window_range,
-    window_totals_from_tables,
-)
 from exporter.records import (
     BatchRecord,
     PaymentRecord,
@@ -89,11 +89,11 @@ from exporter.records import (
     WebsocketRecord,
     unique_time_ns,
 )
-from exporter.store_duckdb import DuckDBStore
-from exporter.store_influx import InfluxStore
+from exporter.store.duckdb import DuckDBStore
+from exporter.store.influx.store import InfluxStore
 
 ROOT = Path(__file__).resolve().parent.parent
-FLUX_QUERIES = ROOT / "exporter" / "flux"
+FLUX_QUERIES = ROOT / "exporter" / "analytics" / "queries"
 
 PREAMBLE = """\
 params = {

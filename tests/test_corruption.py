@@ -28,9 +28,10 @@ import pytest
 from _exporter_process import run_cli
 from conftest import BASE_MS, batch_created, batch_settled, received, settled
 
+from exporter.cli.operator import RecoverySummary, _scan_pages, recover
 from exporter.config import Settings
 from exporter.events import canonical_json, dedup_key, parse_event_json
-from exporter.ledger import (
+from exporter.ledger.storage import (
     DeadLetter,
     Ledger,
     LedgerCorruptError,
@@ -41,9 +42,8 @@ from exporter.ledger import (
     is_damage,
     recovery_marker,
 )
-from exporter.operator import RecoverySummary, _scan_pages, recover
 from exporter.records import StoreError, StoreRecord, StoreRejection
-from exporter.store_duckdb import DuckDBStore, StoreCorruptError
+from exporter.store.duckdb import DuckDBStore, StoreCorruptError
 
 PAYMENTS = 3000
 BATCHES = 50

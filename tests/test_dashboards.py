@@ -27,6 +27,7 @@ from fluxcheck import GRAFANA_PREAMBLE, PARAMS_PREAMBLE, assert_flux_valid
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
+from exporter.analytics.scheduler import Scheduler
 from exporter.metrics import Metrics
 from exporter.records import (
     BatchRecord,
@@ -35,9 +36,8 @@ from exporter.records import (
     StoreRecord,
     WebsocketRecord,
 )
-from exporter.scheduler import Scheduler
-from exporter.store_influx import point_line
-from exporter.stores import StoreMetrics
+from exporter.store.forwarder import StoreMetrics
+from exporter.store.influx.store import point_line
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_DIR = ROOT / "grafana" / "dashboards"
@@ -160,7 +160,7 @@ def exported_metrics() -> dict[str, frozenset[str]]:
                 names[metric._name + suffix] = labels | extra
     # The analytics gauges come from a custom collector that emits a family only once a result
     # is cached: read their names and labels from its source.
-    source = (ROOT / "exporter" / "analytics_service.py").read_text(encoding="utf-8")
+    source = (ROOT / "exporter" / "analytics" / "service.py").read_text(encoding="utf-8")
     families = re.findall(r'GaugeMetricFamily\(\s*"(\w+)",.*?labels=\[([^\]]*)\]', source, re.S)
     assert len(families) >= 5, "the analytics collector's families were not found"
     for name, labels in families:

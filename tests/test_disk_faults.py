@@ -23,7 +23,7 @@ from _exporter_process import ExporterProcess, http_request, running_exporter
 from conftest import BASE_MS, in_ci, received, settled, wait_until
 
 from exporter.records import PaymentRecord, StoreRecord
-from exporter.store_duckdb import DuckDBStore, StoreInvalidatedError
+from exporter.store.duckdb import DuckDBStore, StoreInvalidatedError
 
 pytestmark = pytest.mark.slow
 

@@ -401,7 +401,7 @@ def test_native_validation_agrees_with_the_full_checks(data: st.DataObject) -> N
 def test_the_simulators_traffic_takes_the_native_path() -> None:
     # Canonical amounts, EVM addresses and CAIP-2 networks need no Python check: if
     # this stops holding, ingest silently validates everything twice.
-    from exporter.simulate import SimulationConfig, Simulator, encode_event
+    from exporter.cli.simulate import SimulationConfig, Simulator, encode_event
 
     simulator = Simulator(SimulationConfig(seed=3, duplicate_fraction=0.0))
     lines = [encode_event(e) for e in itertools.islice(simulator.events(BASE_MS, None, 50.0), 2000)]

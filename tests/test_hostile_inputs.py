@@ -26,10 +26,10 @@ from aiohttp.test_utils import TestServer
 from conftest import AppClient, async_wait_until, in_ci, received
 
 from exporter import Settings, create_app
-from exporter.analytics import ANALYTIC_NAMES
+from exporter.analytics.models import ANALYTIC_NAMES
 from exporter.app import COMMITTER
-from exporter.cli import raise_open_file_limit
-from exporter.ledger import DeadLetterRow
+from exporter.cli.main import raise_open_file_limit
+from exporter.ledger.storage import DeadLetterRow
 
 JSON = {"Content-Type": "application/json"}
 MiB = 1024 * 1024

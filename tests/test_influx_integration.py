@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from exporter import Settings, create_app
 from exporter.app import COMMITTER
 from exporter.records import BatchRecord, StoreRecord
-from exporter.store_influx import InfluxStore
+from exporter.store.influx.store import InfluxStore
 
 pytestmark = pytest.mark.needs_influxdb
 

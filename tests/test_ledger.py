@@ -27,10 +27,10 @@ from conftest import (
     verified,
 )
 
-import exporter.ledger as ledger_module
+import exporter.ledger.storage as ledger_module
 from exporter.config import Durability
 from exporter.events import canonical_json, dedup_key, parse_event
-from exporter.ledger import (
+from exporter.ledger.storage import (
     BatchGas,
     DataDirLock,
     DeadLetter,
@@ -688,7 +688,7 @@ async def test_a_failing_submission_does_not_fail_those_sharing_its_commit(
 def test_second_holder_of_a_data_dir_is_refused(tmp_path: Path) -> None:
     first = DataDirLock(tmp_path)
     script = (
-        "import sys; from pathlib import Path; from exporter.ledger import DataDirLock;"
+        "import sys; from pathlib import Path; from exporter.ledger.storage import DataDirLock;"
         "DataDirLock(Path(sys.argv[1]))"
     )
     other = subprocess.run(
@@ -705,7 +705,7 @@ def test_second_holder_of_a_data_dir_is_refused(tmp_path: Path) -> None:
 async def test_keys_whose_hashes_collide_stay_distinct(
     committer: GroupCommitter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("exporter.ledger._key_hash", lambda key: 7)
+    monkeypatch.setattr("exporter.ledger.storage._key_hash", lambda key: 7)
     first = await submit(committer, received("p1"), received("p2"), settled("p1"))
     again = await submit(committer, received("p2"), settled("p1", fee="0.99"))
     assert first.outcomes == [Outcome.ACCEPTED] * 3

@@ -16,10 +16,10 @@ from conftest import AppClient, batch_created, batch_settled, failed, received, 
 from openapi_spec_validator import OpenAPIV31SpecValidator
 
 from exporter import Settings, create_app
-from exporter.analytics import ANALYTIC_NAMES
+from exporter.analytics.models import ANALYTIC_NAMES
 from exporter.events import EventError, parse_event
+from exporter.ingest.signing import SIGNATURE_HEADER, signature_header
 from exporter.openapi import OPENAPI_PATH, PROXY_PASS_THROUGH, build_openapi
-from exporter.signing import SIGNATURE_HEADER, signature_header
 
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 UPSTREAM = "http://127.0.0.1:9"

@@ -31,11 +31,11 @@ from conftest import (
 )
 
 from exporter import Settings
-from exporter.analytics import ANALYTIC_NAMES
+from exporter.analytics.models import ANALYTIC_NAMES
+from exporter.cli.operator import backfill, render_table
 from exporter.config import StoreKind
-from exporter.operator import backfill, render_table
 from exporter.records import Store, StoreRecord, StoreRejection
-from exporter.stores import open_store
+from exporter.store.forwarder import open_store
 
 AT = str(BASE_MS + 3_600_000)
 """The instant analytics are computed as of: an hour after the test events."""

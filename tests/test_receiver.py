@@ -17,9 +17,9 @@ from pydantic import ValidationError
 
 from exporter import Settings, create_app
 from exporter.app import COMMITTER
-from exporter.ledger import GroupCommitter, Ledger
+from exporter.ingest.receiver import IngestLimits, Receiver
+from exporter.ledger.storage import GroupCommitter, Ledger
 from exporter.metrics import Metrics
-from exporter.receiver import IngestLimits, Receiver
 
 JSON = {"Content-Type": "application/json"}
 NDJSON = {"Content-Type": "application/x-ndjson"}

@@ -11,7 +11,7 @@ import pytest
 from conftest import async_wait_until
 from prometheus_client import CollectorRegistry
 
-from exporter.scheduler import Job, Scheduler
+from exporter.analytics.scheduler import Job, Scheduler
 
 
 def _job(

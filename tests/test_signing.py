@@ -19,7 +19,8 @@ from pydantic import ValidationError
 
 from exporter import Settings, create_app
 from exporter.app import COMMITTER
-from exporter.signing import (
+from exporter.cli.simulate import run_simulation
+from exporter.ingest.signing import (
     SIGNATURE_HEADER,
     SignatureError,
     SignatureVerifier,
@@ -27,7 +28,6 @@ from exporter.signing import (
     sign,
     signature_header,
 )
-from exporter.simulate import run_simulation
 
 SECRET = "whsec_current-7f3a9c1e5b"
 PREVIOUS = "whsec_previous-2d8e4b6a0c"

@@ -16,8 +16,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from exporter.events import EVENT_TYPES, parse_event, to_micro
-from exporter.simulate import (
+from exporter.cli.simulate import (
     DAY_MS,
     EventDict,
     SimulationConfig,
@@ -28,6 +27,7 @@ from exporter.simulate import (
     render_progress,
     run_simulation,
 )
+from exporter.events import EVENT_TYPES, parse_event, to_micro
 
 START_MS = 1_750_000_000_000  # 2025-06-15, comfortably inside parse_event's range
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]

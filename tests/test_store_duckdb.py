@@ -20,7 +20,7 @@ from exporter.records import (
     StoreRecord,
     WebsocketRecord,
 )
-from exporter.store_duckdb import DuckDBStore, StoreCorruptError, StoreLockedError
+from exporter.store.duckdb import DuckDBStore, StoreCorruptError, StoreLockedError
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -239,7 +239,7 @@ def _open_in_subprocess(path: pathlib.Path) -> subprocess.CompletedProcess[str]:
     code = textwrap.dedent(
         """
         import asyncio, pathlib, sys
-        from exporter.store_duckdb import DuckDBStore, StoreLockedError
+        from exporter.store.duckdb import DuckDBStore, StoreLockedError
         try:
             store = DuckDBStore.open(pathlib.Path(sys.argv[1]))
         except StoreLockedError as error:

@@ -41,7 +41,7 @@ from test_ledger import prepare
 
 from exporter import Settings, create_app
 from exporter.app import COMMITTER, FORWARDER
-from exporter.ledger import GroupCommitter, Ledger, Submission
+from exporter.ledger.storage import GroupCommitter, Ledger, Submission
 from exporter.metrics import Metrics
 from exporter.records import (
     BatchRecord,
@@ -54,14 +54,19 @@ from exporter.records import (
     WebsocketRecord,
     unique_time_ns,
 )
-from exporter.store_influx import (
+from exporter.store.forwarder import (
+    Forwarder,
+    StoreClientError,
+    StoreServerError,
+    StoreTimeoutError,
+)
+from exporter.store.influx.store import (
     DEFAULT_RETRY_AFTER_SECONDS,
     InfluxStore,
     parse_retry_after,
     point_line,
     to_line,
 )
-from exporter.stores import Forwarder, StoreClientError, StoreServerError, StoreTimeoutError
 
 ADDR_A = "0x" + "a" * 40
 ADDR_B = "0x" + "b" * 40

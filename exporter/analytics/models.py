@@ -10,7 +10,7 @@ The work is split in two so that each store is queried for little and every rule
 applied once:
 
 * an :class:`AnalyticsSource` (one per store: DuckDB SQL in
-  :mod:`exporter.analytics_duckdb`, Flux for InfluxDB) answers a handful of *raw*
+  :mod:`exporter.analytics.duckdb`, Flux for InfluxDB) answers a handful of *raw*
   aggregate queries: integer micro-unit sums, counts, per-bucket and per-party totals,
   and the values at given ranks of the settled amounts and settlement times;
 * :class:`Analytics` derives every result model from those, in Python: averages and
@@ -35,7 +35,7 @@ from typing import Annotated, Any, Final, Literal, Protocol
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, TypeAdapter
 
-from .events import MICRO, format_micro, to_micro
+from ..events import MICRO, format_micro, to_micro
 
 MINUTE_MS: Final = 60_000
 HOUR_MS: Final = 3_600_000

@@ -36,8 +36,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
-from .config import Durability
-from .events import (
+from ..config import Durability
+from ..events import (
     UNKNOWN_PAYMENT_ID,
     BatchCreated,
     BatchSettled,
@@ -51,7 +51,7 @@ from .events import (
     parse_event,
     to_micro,
 )
-from .records import (
+from ..records import (
     BatchRecord,
     OutboxRow,
     PaymentRecord,

@@ -22,7 +22,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .analytics import (
+from ..ingest.receiver import bearer_token_matches
+from .models import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     AnalyticKey,
@@ -37,7 +38,6 @@ from .analytics import (
     analytic_key,
     result_json,
 )
-from .receiver import bearer_token_matches
 from .scheduler import Job, Scheduler
 
 log = logging.getLogger(__name__)

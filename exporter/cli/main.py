@@ -1,6 +1,6 @@
 """The ``facilitator-exporter`` command: serve, check-config, simulate, and the operator
 commands (replay, export, dead-letters, query, flux, backfill, recover) of
-:mod:`exporter.operator`."""
+:mod:`exporter.cli.operator`."""
 
 from __future__ import annotations
 
@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from pydantic import SecretStr, ValidationError
 
-from ._logging import configure_logging
-from .app import SETTINGS, create_app
-from .config import Settings, StoreKind
-from .ledger import LedgerError, RecoveryPendingError
+from .._logging import configure_logging
+from ..app import SETTINGS, create_app
+from ..config import Settings, StoreKind
+from ..ingest.signing import check_secret
+from ..ledger.storage import LedgerError, RecoveryPendingError
 from .operator import OperatorError
-from .signing import check_secret
 
 if TYPE_CHECKING:
-    from .store_influx import InfluxCheck
+    from ..store.influx.store import InfluxCheck
 
 log = logging.getLogger("exporter")
 
@@ -109,8 +109,8 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 async def _ping_influx(settings: Settings) -> InfluxCheck:
-    from .store_influx import InfluxStore
-    from .stores import open_store
+    from ..store.forwarder import open_store
+    from ..store.influx.store import InfluxStore
 
     store = open_store(settings)
     assert isinstance(store, InfluxStore)
@@ -496,7 +496,13 @@ def _recover(args: argparse.Namespace) -> int:
 def _add_operator_commands(
     commands: argparse._SubParsersAction[argparse.ArgumentParser],
 ) -> None:
-    from .analytics import ANALYTIC_NAMES, DEFAULT_LIMIT, MAX_LIMIT, TIME_SERIES_METRICS, Window
+    from ..analytics.models import (
+        ANALYTIC_NAMES,
+        DEFAULT_LIMIT,
+        MAX_LIMIT,
+        TIME_SERIES_METRICS,
+        Window,
+    )
 
     data_dir_help = "data directory holding the ledger and store (EXPORTER_DATA_DIR, data)"
     replay = commands.add_parser(

@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from .signing import SIGNATURE_HEADER, check_secret, signature_header
+from ..ingest.signing import SIGNATURE_HEADER, check_secret, signature_header
 
 EventDict = dict[str, object]
 """One event as a JSON-ready dict: ``{"type": ..., "data": {...}}`` (plus ``id`` if enabled)."""
@@ -827,7 +827,7 @@ async def run_simulation(
     batches (a partial batch waits at most 0.2 s). 503 and 429 are retried honouring
     Retry-After, transport errors with a backoff, up to ``max_retries`` times; a request
     that still fails is counted, never raised. With ``signing_secret`` every attempt carries
-    a fresh ``X-Exporter-Signature`` (see :mod:`exporter.signing`). ``config`` (its seed wins
+    a fresh ``X-Exporter-Signature`` (see :mod:`exporter.ingest.signing`). ``config`` (its seed wins
     over ``seed``) tunes the traffic; its daily cycle and trend do not apply to live
     traffic, and an empty ``id_namespace`` is replaced by one derived from the start time so
     repeated runs against one exporter do not collide.

@@ -3,7 +3,7 @@
 Accepts one event object, a JSON array of events or NDJSON, optionally gzip-encoded;
 answers 202 only after the ledger committed the events. Every refusal is answered with
 the same JSON shape, counted by reason and kept as a dead letter with its raw bytes;
-when signed deliveries are on (:mod:`exporter.signing`), only once the signature is verified.
+when signed deliveries are on (:mod:`exporter.ingest.signing`), only once the signature is verified.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .events import (
+from ..events import (
     Event,
     EventError,
     MalformedJSONError,
@@ -28,7 +28,7 @@ from .events import (
     parse_event_array_json,
     parse_event_json,
 )
-from .ledger import (
+from ..ledger.storage import (
     DeadLetter,
     GroupCommitter,
     LedgerUnavailableError,
@@ -36,7 +36,7 @@ from .ledger import (
     PreparedEvent,
     Submission,
 )
-from .metrics import Metrics
+from ..metrics import Metrics
 from .signing import SIGNATURE_HEADER, SignatureError, SignatureHeader, SignatureVerifier
 
 log = logging.getLogger(__name__)

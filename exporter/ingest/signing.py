@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from ..config import Settings
 
 SIGNATURE_HEADER = "X-Exporter-Signature"
 """The request header carrying the timestamp and signatures."""

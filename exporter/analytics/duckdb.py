@@ -36,7 +36,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .analytics import (
+from ..store.duckdb import DuckDBStore
+from .models import (
     BucketTotals,
     NetworkTotals,
     PayeeTotals,
@@ -48,7 +49,6 @@ from .analytics import (
     TopLists,
     WindowTotals,
 )
-from .store_duckdb import DuckDBStore
 
 _T = TypeVar("_T")
 
@@ -404,7 +404,7 @@ def _settled_counts_sql(spans: int) -> str:
 
 
 class DuckDBAnalyticsSource:
-    """:class:`exporter.analytics.AnalyticsSource` over a :class:`DuckDBStore`."""
+    """:class:`exporter.analytics.models.AnalyticsSource` over a :class:`DuckDBStore`."""
 
     def __init__(self, store: DuckDBStore) -> None:
         """Query ``store`` (its ``payment``, ``batch``, ``revenue`` and ``websocket`` tables)."""

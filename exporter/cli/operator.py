@@ -4,7 +4,7 @@ backfill, recover.
 Commands that open the ledger (replay, export, backfill) take the data directory's lock
 first, so they refuse to run beside an exporter on the same data directory. Replay
 commits through the same validation and ledger path as ``POST /v1/events`` and then runs
-the exporter's own :class:`~exporter.stores.Forwarder` until the outbox is drained, so
+the exporter's own :class:`~exporter.store.forwarder.Forwarder` until the outbox is drained, so
 the store holds the replayed events when the command returns. ``query`` asks a running
 exporter over HTTP (``--url``) or, when no exporter holds the data directory, opens the
 store itself; it says on stderr which one it did. ``dead-letters`` reads the ledger
@@ -40,10 +40,10 @@ from typing import IO, Any, cast
 
 from prometheus_client import CollectorRegistry
 
-from .analytics import Analytics, AnalyticsRequestError, Window, WindowError, result_data
-from .config import Settings, StoreKind
-from .events import EventError, MalformedJSONError, canonical_json, dedup_key, parse_event_json
-from .ledger import (
+from ..analytics.models import Analytics, AnalyticsRequestError, Window, WindowError, result_data
+from ..config import Settings, StoreKind
+from ..events import EventError, MalformedJSONError, canonical_json, dedup_key, parse_event_json
+from ..ledger.storage import (
     DataDirLock,
     DataDirLockedError,
     DeadLetter,
@@ -57,9 +57,9 @@ from .ledger import (
     read_only_uri,
     recovery_marker,
 )
-from .metrics import Metrics
-from .records import Store
-from .stores import Forwarder, analytics_source, open_store
+from ..metrics import Metrics
+from ..records import Store
+from ..store.forwarder import Forwarder, analytics_source, open_store
 
 log = logging.getLogger(__name__)
 
@@ -941,7 +941,7 @@ def _ledger_problem(settings: Settings) -> str | None:
 
 
 async def _store_problem(settings: Settings) -> str | None:
-    from .store_duckdb import DuckDBStore, StoreCorruptError
+    from ..store.duckdb import DuckDBStore, StoreCorruptError
 
     if settings.resolved_store is not StoreKind.DUCKDB or not settings.duckdb_path.exists():
         return None
@@ -994,7 +994,7 @@ def _begin_recovery(
 ) -> Path:
     """Mark ``path`` as being recovered and move it aside; returns the damaged file.
 
-    The marker (:func:`~exporter.ledger.recovery_marker`) is written before the rename
+    The marker (:func:`~exporter.ledger.storage.recovery_marker`) is written before the rename
     and names the damaged file, so a run that stops anywhere after it leaves the
     exporter refusing to start and the next ``recover`` starting over from that file.
     """
@@ -1406,7 +1406,7 @@ async def _rebuild_store(
 
     The rebuilt file replaces the store only once every record is in it.
     """
-    from .store_duckdb import DuckDBStore
+    from ..store.duckdb import DuckDBStore
 
     building = settings.duckdb_path.with_name(settings.duckdb_path.name + ".recovering")
     for stale in (building, *(building.with_name(building.name + s) for s in _STORE_COMPANIONS)):

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from .analytics import AnalyticsSource
-from .config import Settings, StoreKind
-from .ledger import GroupCommitter, LedgerError
-from .metrics import Metrics
-from .records import Store, StoreAuthError, StoreError, StoreRetryAfterError
+from ..analytics.models import AnalyticsSource
+from ..config import Settings, StoreKind
+from ..ledger.storage import GroupCommitter, LedgerError
+from ..metrics import Metrics
+from ..records import Store, StoreAuthError, StoreError, StoreRetryAfterError
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,13 @@ def open_store(settings: Settings) -> Store:
     """Open the store the settings select (blocking; call before serving)."""
     kind = settings.resolved_store
     if kind is StoreKind.DUCKDB:
-        from .store_duckdb import DuckDBStore
+        from .duckdb import DuckDBStore
 
         return DuckDBStore.open(
             settings.duckdb_path, settings.duckdb_memory_limit, settings.duckdb_threads
         )
     if kind is StoreKind.INFLUXDB:
-        from .store_influx import InfluxStore
+        from .influx.store import InfluxStore
 
         assert settings.influx_url and settings.influx_token and settings.influx_org
         return InfluxStore(
@@ -171,18 +171,18 @@ class StoreState:
 
 def analytics_source(store: Store, settings: Settings) -> AnalyticsSource | None:
     """The analytics queries for ``store``: SQL on DuckDB, Flux on InfluxDB."""
-    from .store_duckdb import DuckDBStore
+    from .duckdb import DuckDBStore
 
     if isinstance(store, DuckDBStore):
-        from .analytics_duckdb import DuckDBAnalyticsSource
+        from ..analytics.duckdb import DuckDBAnalyticsSource
 
         return DuckDBAnalyticsSource(store)
     # Imported only here: the InfluxDB client and its dependencies hold about 13 MiB
     # that an exporter on the embedded store never uses.
-    from .store_influx import InfluxStore
+    from .influx.store import InfluxStore
 
     if isinstance(store, InfluxStore):
-        from .analytics_flux import FluxAnalyticsSource
+        from ..analytics.flux import FluxAnalyticsSource
 
         assert settings.influx_url and settings.influx_token and settings.influx_org
         return FluxAnalyticsSource.connect(

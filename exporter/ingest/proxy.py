@@ -35,9 +35,15 @@ from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from yarl import URL
 
-from .events import EventError, canonical_json, dedup_key, parse_event
-from .ledger import GroupCommitter, LedgerUnavailableError, Outcome, PreparedEvent, Submission
-from .metrics import Metrics
+from ..events import EventError, canonical_json, dedup_key, parse_event
+from ..ledger.storage import (
+    GroupCommitter,
+    LedgerUnavailableError,
+    Outcome,
+    PreparedEvent,
+    Submission,
+)
+from ..metrics import Metrics
 
 log = logging.getLogger(__name__)
 

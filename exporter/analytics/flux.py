@@ -1,8 +1,8 @@
 """The InfluxDB side of the analytics: :class:`AnalyticsSource` as Flux over the enriched points.
 
-Each protocol method runs one Flux file shipped in ``exporter/flux/`` (package data, read
-with :mod:`importlib.resources`), once per span, through ``influxdb-client``'s async query
-API. The files hold no value: every value reaches them through the client's query
+Each protocol method runs one Flux file shipped in ``exporter/analytics/queries/`` (package
+data, read with :mod:`importlib.resources`), once per span, through ``influxdb-client``'s
+async query API. The files hold no value: every value reaches them through the client's query
 ``params``, which it sends as the request's ``extern`` (an AST prepended to the query). The
 exporter passes one parameter, a record named ``params``, so the queries read
 ``params.start``, ``params.bucket``, ... (the record type-checks against the preamble of
@@ -57,7 +57,7 @@ from influxdb_client.domain.object_expression import ObjectExpression
 from influxdb_client.domain.string_literal import StringLiteral
 from influxdb_client.domain.unary_expression import UnaryExpression
 
-from .analytics import (
+from .models import (
     BucketTotals,
     NetworkTotals,
     PayeeTotals,
@@ -81,7 +81,7 @@ QUERY_NAMES: Final[tuple[str, ...]] = (
     "top_lists",
     "point_in_time",
 )
-"""The shipped Flux files (``exporter/flux/<name>.flux``), one per protocol method."""
+"""The shipped Flux files (``exporter/analytics/queries/<name>.flux``), one per protocol method."""
 
 PARAMS_NAME: Final = "params"
 """The one query parameter: a record holding every value a query reads."""
@@ -101,7 +101,7 @@ def flux_query(name: str) -> str:
     """The text of the shipped Flux file ``name`` (from the package data, read once)."""
     if name not in QUERY_NAMES:
         raise ValueError(f"unknown Flux query {name!r}; shipped: {', '.join(QUERY_NAMES)}")
-    return resources.files(__package__).joinpath("flux", f"{name}.flux").read_text("utf-8")
+    return resources.files(__package__).joinpath("queries", f"{name}.flux").read_text("utf-8")
 
 
 # --------------------------------------------------------------------------- parameters
@@ -262,7 +262,7 @@ class InfluxQueryClient:
 
 
 class FluxAnalyticsSource:
-    """:class:`exporter.analytics.AnalyticsSource` over InfluxDB 2.x, in Flux."""
+    """:class:`exporter.analytics.models.AnalyticsSource` over InfluxDB 2.x, in Flux."""
 
     def __init__(
         self,

@@ -25,7 +25,7 @@ against ~2.1 us for level 1 (for bodies 35 % against 38 % of the raw size), and 
 pre-rendered lines reached ~71k lines/s through ``WriteApiAsync`` against ~200k through
 the service call.
 
-Answers and what they become (the :class:`~exporter.stores.Forwarder` retries errors):
+Answers and what they become (the :class:`~exporter.store.forwarder.Forwarder` retries errors):
 
 - 2xx: delivered.
 - 429 / 503: :class:`StoreRetryAfterError` carrying ``Retry-After`` (seconds or an
@@ -68,7 +68,7 @@ from influxdb_client.domain.write_precision import WritePrecision
 from influxdb_client.rest import ApiException
 from influxdb_client.service.write_service import WriteService
 
-from .records import (
+from ...records import (
     BatchRecord,
     PaymentRecord,
     RevenueRecord,
@@ -79,7 +79,7 @@ from .records import (
     StoreRetryAfterError,
     unique_time_ns,
 )
-from .stores import StoreClientError, StoreServerError, StoreTimeoutError
+from ..forwarder import StoreClientError, StoreServerError, StoreTimeoutError
 
 log = logging.getLogger(__name__)
 

@@ -52,9 +52,9 @@ from typing import Any, TypeVar, cast
 import duckdb
 import orjson
 
-from .config import DUCKDB_MEMORY_LIMIT, DUCKDB_THREADS
-from .ledger import check_no_pending_recovery
-from .records import (
+from ..config import DUCKDB_MEMORY_LIMIT, DUCKDB_THREADS
+from ..ledger.storage import check_no_pending_recovery
+from ..records import (
     BatchRecord,
     PaymentRecord,
     RevenueRecord,
