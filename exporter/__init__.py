@@ -7,7 +7,7 @@ Prometheus metrics and forwarded to a time-series store (InfluxDB or embedded Du
 from .app import create_app
 from .config import Settings
 from .events import Event, EventError, parse_event
-from .ledger.storage import GroupCommitter, Ledger
+from .ledger import GroupCommitter, Ledger
 from .metrics import Metrics
 
 __all__ = [

@@ -20,15 +20,17 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from .analytics.models import Analytics
 from .analytics.service import AnalyticsAPI, AnalyticsService, AnalyticsSink
+from .analytics.source import analytics_source
 from .config import Settings
+from .errors import LedgerUnavailableError
 from .ingest.proxy import PROXY, FacilitatorProxy
 from .ingest.receiver import IngestLimits, Receiver
 from .ingest.signing import verifier_from_settings
-from .ledger.storage import DataDirLock, GroupCommitter, Ledger, LedgerUnavailableError
+from .ledger import DataDirLock, GroupCommitter, Ledger
 from .metrics import Metrics
 from .openapi import OPENAPI_PATH, openapi_json
 from .records import Store
-from .store.forwarder import Forwarder, analytics_source, open_store
+from .store import Forwarder, open_store
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,27 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .ingest.signing import DEFAULT_TOLERANCE_SECONDS, check_secret
-
 DUCKDB_MEMORY_LIMIT = "48MB"
 """The embedded store's default buffer pool (``EXPORTER_DUCKDB_MEMORY_LIMIT``)."""
 DUCKDB_THREADS = 2
 """The embedded store's default worker threads (``EXPORTER_DUCKDB_THREADS``)."""
+
+
+DEFAULT_TOLERANCE_SECONDS = 300
+"""How far the signed timestamp may be from the receiver's clock, either way."""
+
+
+def check_secret(value: str) -> str:
+    """``value`` as a signing secret, or ValueError saying why it cannot be one.
+
+    An empty secret would make every signature forgeable, and whitespace around a secret
+    is almost always a stray newline from a file, which the sender would not sign with.
+    """
+    if not value.strip():
+        raise ValueError("must not be empty: unset it to turn signing off")
+    if value != value.strip():
+        raise ValueError("must not start or end with whitespace (a stray newline?)")
+    return value
 
 
 class Durability(StrEnum):

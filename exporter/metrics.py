@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .events import EVENT_TYPES, MICRO
-from .ledger.storage import (
+from .ledger import (
     BatchGas,
     Effect,
     GaugeSnapshot,

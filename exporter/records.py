@@ -151,22 +151,6 @@ class StoreRejection:
     reason: str
 
 
-class StoreError(Exception):
-    """A store write failed; the records stay in the outbox and are retried."""
-
-
-class StoreRetryAfterError(StoreError):
-    """The store asked to be left alone for ``retry_after`` seconds (429/503)."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class StoreAuthError(StoreError):
-    """The store refused the exporter's credentials; retrying cannot help until fixed."""
-
-
 class Store(Protocol):
     """A time-series sink fed from the ledger outbox.
 

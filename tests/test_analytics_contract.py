@@ -60,7 +60,7 @@ from exporter.analytics.models import (
     result_json,
 )
 from exporter.cli.simulate import SimulationConfig, Simulator
-from exporter.ledger.storage import GroupCommitter, Ledger, Submission
+from exporter.ledger import GroupCommitter, Ledger, Submission
 from exporter.records import PaymentRecord, StoreRecord
 from exporter.store.duckdb import DuckDBStore
 

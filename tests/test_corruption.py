@@ -30,20 +30,24 @@ from conftest import BASE_MS, batch_created, batch_settled, received, settled
 
 from exporter.cli.operator import RecoverySummary, _scan_pages, recover
 from exporter.config import Settings
-from exporter.events import canonical_json, dedup_key, parse_event_json
-from exporter.ledger.storage import (
-    DeadLetter,
-    Ledger,
+from exporter.errors import (
     LedgerCorruptError,
     LedgerUnavailableError,
-    PreparedEvent,
     RecoveryPendingError,
+    StoreCorruptError,
+    StoreError,
+)
+from exporter.events import canonical_json, dedup_key, parse_event_json
+from exporter.ledger import (
+    DeadLetter,
+    Ledger,
+    PreparedEvent,
     Submission,
     is_damage,
     recovery_marker,
 )
-from exporter.records import StoreError, StoreRecord, StoreRejection
-from exporter.store.duckdb import DuckDBStore, StoreCorruptError
+from exporter.records import StoreRecord, StoreRejection
+from exporter.store.duckdb import DuckDBStore
 
 PAYMENTS = 3000
 BATCHES = 50

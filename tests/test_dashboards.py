@@ -36,7 +36,7 @@ from exporter.records import (
     StoreRecord,
     WebsocketRecord,
 )
-from exporter.store.forwarder import StoreMetrics
+from exporter.store import StoreMetrics
 from exporter.store.influx.store import point_line
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,8 +22,9 @@ import pytest
 from _exporter_process import ExporterProcess, http_request, running_exporter
 from conftest import BASE_MS, in_ci, received, settled, wait_until
 
+from exporter.errors import StoreInvalidatedError
 from exporter.records import PaymentRecord, StoreRecord
-from exporter.store.duckdb import DuckDBStore, StoreInvalidatedError
+from exporter.store.duckdb import DuckDBStore
 
 pytestmark = pytest.mark.slow
 

@@ -13,11 +13,11 @@ from prometheus_client import CollectorRegistry
 from test_ledger import prepare
 
 from exporter.app import COMMITTER, STORE
-from exporter.ledger.storage import GroupCommitter, Ledger, Submission
+from exporter.ledger import GroupCommitter, Ledger, Submission
 from exporter.metrics import Metrics
 from exporter.records import StoreRecord, StoreRejection
+from exporter.store import Forwarder
 from exporter.store.duckdb import DuckDBStore
-from exporter.store.forwarder import Forwarder
 
 
 @dataclass

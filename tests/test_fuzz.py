@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from exporter import Settings, create_app
 from exporter.app import COMMITTER
 from exporter.events import canonical_json, parse_event_json
-from exporter.ledger.storage import Ledger
+from exporter.ledger import Ledger
 from exporter.openapi import OPENAPI_PATH
 
 EXAMPLES = int(os.environ.get("EXPORTER_FUZZ_EXAMPLES", "15"))

@@ -29,7 +29,7 @@ from exporter import Settings, create_app
 from exporter.analytics.models import ANALYTIC_NAMES
 from exporter.app import COMMITTER
 from exporter.cli.main import raise_open_file_limit
-from exporter.ledger.storage import DeadLetterRow
+from exporter.ledger import DeadLetterRow
 
 JSON = {"Content-Type": "application/json"}
 MiB = 1024 * 1024

@@ -29,17 +29,15 @@ from conftest import (
 
 import exporter.ledger.storage as ledger_module
 from exporter.config import Durability
+from exporter.errors import LedgerCorruptError, LedgerError, LedgerUnavailableError
 from exporter.events import canonical_json, dedup_key, parse_event
-from exporter.ledger.storage import (
+from exporter.ledger import (
     BatchGas,
     DataDirLock,
     DeadLetter,
     GroupCommitter,
     Ledger,
-    LedgerCorruptError,
-    LedgerError,
     LedgerStats,
-    LedgerUnavailableError,
     NewEvent,
     Outcome,
     PendingChange,

@@ -35,7 +35,7 @@ from exporter.analytics.models import ANALYTIC_NAMES
 from exporter.cli.operator import backfill, render_table
 from exporter.config import StoreKind
 from exporter.records import Store, StoreRecord, StoreRejection
-from exporter.store.forwarder import open_store
+from exporter.store import open_store
 
 AT = str(BASE_MS + 3_600_000)
 """The instant analytics are computed as of: an hour after the test events."""

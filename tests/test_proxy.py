@@ -27,8 +27,9 @@ from pydantic import ValidationError
 from exporter import Settings, create_app
 from exporter.app import COMMITTER
 from exporter.cli.main import _settings, build_parser
+from exporter.errors import LedgerUnavailableError
 from exporter.ingest.proxy import PROXY, payment_id
-from exporter.ledger.storage import LedgerUnavailableError, Submission, SubmissionResult
+from exporter.ledger import Submission, SubmissionResult
 
 USDC_BASE_SEPOLIA = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
 USDC_BASE = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"

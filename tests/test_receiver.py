@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from exporter import Settings, create_app
 from exporter.app import COMMITTER
 from exporter.ingest.receiver import IngestLimits, Receiver
-from exporter.ledger.storage import GroupCommitter, Ledger
+from exporter.ledger import GroupCommitter, Ledger
 from exporter.metrics import Metrics
 
 JSON = {"Content-Type": "application/json"}

@@ -17,7 +17,7 @@ from conftest import BASE_MS, received, wait_until
 from influx_fault_server import threaded_fault_server
 
 from exporter.ingest.signing import SIGNATURE_HEADER, signature_header
-from exporter.ledger.storage import DataDirLock
+from exporter.ledger import DataDirLock
 
 INGEST_TOKEN = "ingest-token-5b1f0c9e"
 INFLUX_TOKEN = "influx-token-92d4a7e3"

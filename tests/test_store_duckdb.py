@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import duckdb
 import pytest
 
+from exporter.errors import ExporterError, StoreCorruptError, StoreLockedError
 from exporter.records import (
     BatchRecord,
     PaymentRecord,
@@ -20,7 +21,7 @@ from exporter.records import (
     StoreRecord,
     WebsocketRecord,
 )
-from exporter.store.duckdb import DuckDBStore, StoreCorruptError, StoreLockedError
+from exporter.store.duckdb import DuckDBStore
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -273,9 +274,10 @@ async def test_close_releases_the_file_for_another_process(db_path: pathlib.Path
     assert result.returncode == 0, result.stderr
 
 
-def test_locked_error_is_a_runtime_error() -> None:
-    assert issubclass(StoreLockedError, RuntimeError)
-    assert issubclass(StoreCorruptError, RuntimeError)
+def test_open_errors_belong_to_the_exporter_error_family() -> None:
+    """The CLI answers every ExporterError with one line; these two must be among them."""
+    assert issubclass(StoreLockedError, ExporterError)
+    assert issubclass(StoreCorruptError, ExporterError)
 
 
 @pytest.mark.parametrize(

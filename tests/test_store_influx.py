@@ -41,25 +41,25 @@ from test_ledger import prepare
 
 from exporter import Settings, create_app
 from exporter.app import COMMITTER, FORWARDER
-from exporter.ledger.storage import GroupCommitter, Ledger, Submission
+from exporter.errors import (
+    StoreAuthError,
+    StoreClientError,
+    StoreRetryAfterError,
+    StoreServerError,
+    StoreTimeoutError,
+)
+from exporter.ledger import GroupCommitter, Ledger, Submission
 from exporter.metrics import Metrics
 from exporter.records import (
     BatchRecord,
     PaymentRecord,
     RevenueRecord,
-    StoreAuthError,
     StoreRecord,
     StoreRejection,
-    StoreRetryAfterError,
     WebsocketRecord,
     unique_time_ns,
 )
-from exporter.store.forwarder import (
-    Forwarder,
-    StoreClientError,
-    StoreServerError,
-    StoreTimeoutError,
-)
+from exporter.store import Forwarder
 from exporter.store.influx.store import (
     DEFAULT_RETRY_AFTER_SECONDS,
     InfluxStore,

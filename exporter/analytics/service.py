@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ..ingest.receiver import bearer_token_matches
+from ..auth import bearer_token_matches
 from .models import (
     DEFAULT_LIMIT,
     MAX_LIMIT,

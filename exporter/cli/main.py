@@ -26,10 +26,8 @@ from pydantic import SecretStr, ValidationError
 
 from .._logging import configure_logging
 from ..app import SETTINGS, create_app
-from ..config import Settings, StoreKind
-from ..ingest.signing import check_secret
-from ..ledger.storage import LedgerError, RecoveryPendingError
-from .operator import OperatorError
+from ..config import Settings, StoreKind, check_secret
+from ..errors import ExporterError, OperatorError
 
 if TYPE_CHECKING:
     from ..store.influx.store import InfluxCheck
@@ -109,7 +107,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 async def _ping_influx(settings: Settings) -> InfluxCheck:
-    from ..store.forwarder import open_store
+    from ..store import open_store
     from ..store.influx.store import InfluxStore
 
     store = open_store(settings)
@@ -247,14 +245,10 @@ def _serve(args: argparse.Namespace) -> int:
             access_log=None,
             shutdown_timeout=15.0,
         )
-    except LedgerError as error:
+    except ExporterError as error:  # ledger, data dir or store: the message names which
         log.error("cannot start", extra={"error": str(error)})
         sys.stderr.write(f"facilitator-exporter: {error}\n")
-        return 1
-    except RuntimeError as error:  # store locked or corrupt: say which file and why
-        log.error("cannot start", extra={"error": str(error)})
-        sys.stderr.write(f"facilitator-exporter: {error}\n")
-        return 1
+        return error.exit_code
     except OSError as error:
         sys.stderr.write(f"facilitator-exporter: cannot listen on {settings.listen}: {error}\n")
         return 1
@@ -789,12 +783,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as error:
         sys.stderr.write(_config_error(error) + "\n")
         return 2
-    except OperatorError as error:
+    except ExporterError as error:
         sys.stderr.write(f"facilitator-exporter: {error}\n")
         return error.exit_code
-    except (LedgerError, RecoveryPendingError) as error:  # an operator command's ledger
-        sys.stderr.write(f"facilitator-exporter: {error}\n")
-        return 1
     except KeyboardInterrupt:
         return 130
     return code

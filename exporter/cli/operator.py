@@ -41,16 +41,21 @@ from typing import IO, Any, cast
 from prometheus_client import CollectorRegistry
 
 from ..analytics.models import Analytics, AnalyticsRequestError, Window, WindowError, result_data
+from ..analytics.source import analytics_source
 from ..config import Settings, StoreKind
-from ..events import EventError, MalformedJSONError, canonical_json, dedup_key, parse_event_json
-from ..ledger.storage import (
-    DataDirLock,
+from ..errors import (
     DataDirLockedError,
+    ExporterError,
+    LedgerCorruptError,
+    LedgerError,
+    OperatorError,
+)
+from ..events import EventError, MalformedJSONError, canonical_json, dedup_key, parse_event_json
+from ..ledger import (
+    DataDirLock,
     DeadLetter,
     GroupCommitter,
     Ledger,
-    LedgerCorruptError,
-    LedgerError,
     Outcome,
     PreparedEvent,
     Submission,
@@ -59,7 +64,7 @@ from ..ledger.storage import (
 )
 from ..metrics import Metrics
 from ..records import Store
-from ..store.forwarder import Forwarder, analytics_source, open_store
+from ..store import Forwarder, open_store
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +73,6 @@ REPLAY_BATCH_EVENTS = 5_000
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _NUMERIC = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
-
-
-class OperatorError(Exception):
-    """A command cannot do what was asked; ``str()`` tells the operator why."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -193,7 +190,7 @@ async def delivering(
         return
     try:
         store = await asyncio.to_thread(open_store, settings)
-    except RuntimeError as error:
+    except ExporterError as error:
         raise OperatorError(f"cannot open the store: {error}") from None
     forwarder = Forwarder(committer, store, Metrics(CollectorRegistry()), settings.store_batch_size)
     committer.on_commit_hooks.append(forwarder.wake)
@@ -585,7 +582,7 @@ async def query_store(settings: Settings, request: QueryRequest) -> object:
     with lock:
         try:
             store = await asyncio.to_thread(open_store, settings)
-        except RuntimeError as error:
+        except ExporterError as error:
             raise OperatorError(f"query: cannot open the store: {error}") from None
         try:
             source = analytics_source(store, settings)
@@ -791,7 +788,7 @@ async def _backfill_locked(
     summary.resumed_from_seq = after
     try:
         store = _CountingStore(await asyncio.to_thread(store_factory, target_settings))
-    except RuntimeError as error:
+    except ExporterError as error:
         raise OperatorError(f"backfill: cannot open the {target.value} store: {error}") from None
     source = await asyncio.to_thread(Ledger, settings.ledger_path, settings.durability)
     scratch = await asyncio.to_thread(Ledger, scratch_path, settings.durability)
@@ -941,7 +938,8 @@ def _ledger_problem(settings: Settings) -> str | None:
 
 
 async def _store_problem(settings: Settings) -> str | None:
-    from ..store.duckdb import DuckDBStore, StoreCorruptError
+    from ..errors import StoreCorruptError
+    from ..store.duckdb import DuckDBStore
 
     if settings.resolved_store is not StoreKind.DUCKDB or not settings.duckdb_path.exists():
         return None

@@ -30,7 +30,8 @@ from typing import Any
 
 import aiohttp
 
-from ..ingest.signing import SIGNATURE_HEADER, check_secret, signature_header
+from ..config import check_secret
+from ..ingest.signing import SIGNATURE_HEADER, signature_header
 
 EventDict = dict[str, object]
 """One event as a JSON-ready dict: ``{"type": ..., "data": {...}}`` (plus ``id`` if enabled)."""

@@ -35,14 +35,9 @@ from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from yarl import URL
 
+from ..errors import LedgerUnavailableError
 from ..events import EventError, canonical_json, dedup_key, parse_event
-from ..ledger.storage import (
-    GroupCommitter,
-    LedgerUnavailableError,
-    Outcome,
-    PreparedEvent,
-    Submission,
-)
+from ..ledger import GroupCommitter, Outcome, PreparedEvent, Submission
 from ..metrics import Metrics
 
 log = logging.getLogger(__name__)

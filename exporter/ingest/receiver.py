@@ -9,7 +9,6 @@ when signed deliveries are on (:mod:`exporter.ingest.signing`), only once the si
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import zlib
@@ -18,6 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
+from ..auth import bearer_token_matches
+from ..errors import LedgerUnavailableError
 from ..events import (
     Event,
     EventError,
@@ -28,14 +29,7 @@ from ..events import (
     parse_event_array_json,
     parse_event_json,
 )
-from ..ledger.storage import (
-    DeadLetter,
-    GroupCommitter,
-    LedgerUnavailableError,
-    Outcome,
-    PreparedEvent,
-    Submission,
-)
+from ..ledger import DeadLetter, GroupCommitter, Outcome, PreparedEvent, Submission
 from ..metrics import Metrics
 from .signing import SIGNATURE_HEADER, SignatureError, SignatureHeader, SignatureVerifier
 
@@ -139,16 +133,6 @@ def _signature_refusal(error: SignatureError) -> _Refused:
         "bad_signature",
         headers={"WWW-Authenticate": f'{SIGNATURE_HEADER} realm="facilitator-exporter"'},
     )
-
-
-def bearer_token_matches(header: str | None, token: str) -> bool:
-    """Constant-time check of an ``Authorization: Bearer`` header against ``token``."""
-    if header is None:
-        return False
-    scheme, _, presented = header.partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(presented.strip().encode(), token.encode())
 
 
 class Receiver:

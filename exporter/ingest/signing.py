@@ -21,16 +21,11 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ..config import Settings
+from ..config import DEFAULT_TOLERANCE_SECONDS, Settings, check_secret
 
 SIGNATURE_HEADER = "X-Exporter-Signature"
 """The request header carrying the timestamp and signatures."""
-
-DEFAULT_TOLERANCE_SECONDS = 300
-"""How far the signed timestamp may be from the receiver's clock, either way."""
 
 _HEX_DIGITS = 2 * hashlib.sha256().digest_size
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
@@ -47,19 +42,6 @@ class SignatureHeader:
 
     timestamp: int
     signatures: tuple[bytes, ...]
-
-
-def check_secret(value: str) -> str:
-    """``value`` as a signing secret, or ValueError saying why it cannot be one.
-
-    An empty secret would make every signature forgeable, and whitespace around a secret
-    is almost always a stray newline from a file, which the sender would not sign with.
-    """
-    if not value.strip():
-        raise ValueError("must not be empty: unset it to turn signing off")
-    if value != value.strip():
-        raise ValueError("must not start or end with whitespace (a stray newline?)")
-    return value
 
 
 def sign(secret: str, timestamp: int, body: bytes) -> str:

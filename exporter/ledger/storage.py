@@ -37,6 +37,13 @@ from typing import Any, NamedTuple, TypeVar
 import orjson
 
 from ..config import Durability
+from ..errors import (
+    DataDirLockedError,
+    LedgerCorruptError,
+    LedgerError,
+    LedgerUnavailableError,
+    RecoveryPendingError,
+)
 from ..events import (
     UNKNOWN_PAYMENT_ID,
     BatchCreated,
@@ -224,26 +231,8 @@ _WAITING, _EMITTED = 0, 1
 _T = TypeVar("_T")
 
 
-class LedgerError(RuntimeError):
-    """The ledger cannot be opened or written."""
-
-
-class LedgerCorruptError(LedgerError):
-    """The ledger file is damaged; the message names the file and what to do."""
-
-
-class LedgerUnavailableError(LedgerError):
-    """The ledger cannot be read or written now (disk full, I/O error, locked file,
-    permissions); the file is not damaged. A failed commit stored nothing."""
-
-
 class _WriteLockBusy(Exception):
     """A write that must not wait found the ledger's write lock taken."""
-
-
-class RecoveryPendingError(RuntimeError):
-    """A ``recover`` of a ledger or store file was interrupted; the file must not be used
-    until a ``recover`` finishes it."""
 
 
 def recovery_command(data_dir: Path) -> str:
@@ -518,10 +507,6 @@ class DeadLetterRow:
     error: str
     key: str | None
     raw: bytes
-
-
-class DataDirLockedError(LedgerError):
-    """Another exporter process is using the data directory."""
 
 
 class DataDirLock:

@@ -53,30 +53,18 @@ import duckdb
 import orjson
 
 from ..config import DUCKDB_MEMORY_LIMIT, DUCKDB_THREADS
-from ..ledger.storage import check_no_pending_recovery
+from ..errors import StoreCorruptError, StoreInvalidatedError, StoreLockedError
+from ..ledger import check_no_pending_recovery
 from ..records import (
     BatchRecord,
     PaymentRecord,
     RevenueRecord,
-    StoreError,
     StoreRecord,
     StoreRejection,
     WebsocketRecord,
 )
 
 log = logging.getLogger(__name__)
-
-
-class StoreLockedError(RuntimeError):
-    """The store file is held by another process (DuckDB allows one writer process)."""
-
-
-class StoreCorruptError(RuntimeError):
-    """The store file exists but is not a readable DuckDB database."""
-
-
-class StoreInvalidatedError(StoreError):
-    """DuckDB invalidated the database after a fatal error; retried by reopening the file."""
 
 
 @dataclass(frozen=True, slots=True)

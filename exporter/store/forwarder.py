@@ -25,25 +25,20 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..analytics.models import AnalyticsSource
 from ..config import Settings, StoreKind
-from ..ledger.storage import GroupCommitter, LedgerError
+from ..errors import (
+    LedgerError,
+    StoreAuthError,
+    StoreClientError,
+    StoreRetryAfterError,
+    StoreServerError,
+    StoreTimeoutError,
+)
+from ..ledger import GroupCommitter
 from ..metrics import Metrics
-from ..records import Store, StoreAuthError, StoreError, StoreRetryAfterError
+from ..records import Store
 
 log = logging.getLogger(__name__)
-
-
-class StoreTimeoutError(StoreError):
-    """The store did not answer in time; retried with backoff."""
-
-
-class StoreServerError(StoreError):
-    """The store failed on its side (5xx) or could not be reached; retried with backoff."""
-
-
-class StoreClientError(StoreError):
-    """The store refused the request for a reason other than credentials or bad records."""
 
 
 ERROR_CLASSES = ("retry_after", "auth", "timeout", "server", "client", "other")
@@ -167,32 +162,6 @@ class StoreState:
     error_class: str | None
     consecutive_failures: int
     lag_seconds: float
-
-
-def analytics_source(store: Store, settings: Settings) -> AnalyticsSource | None:
-    """The analytics queries for ``store``: SQL on DuckDB, Flux on InfluxDB."""
-    from .duckdb import DuckDBStore
-
-    if isinstance(store, DuckDBStore):
-        from ..analytics.duckdb import DuckDBAnalyticsSource
-
-        return DuckDBAnalyticsSource(store)
-    # Imported only here: the InfluxDB client and its dependencies hold about 13 MiB
-    # that an exporter on the embedded store never uses.
-    from .influx.store import InfluxStore
-
-    if isinstance(store, InfluxStore):
-        from ..analytics.flux import FluxAnalyticsSource
-
-        assert settings.influx_url and settings.influx_token and settings.influx_org
-        return FluxAnalyticsSource.connect(
-            settings.influx_url,
-            settings.influx_token.get_secret_value(),
-            settings.influx_org,
-            settings.influx_bucket,
-            timeout_seconds=settings.influx_timeout_seconds,
-        )
-    return None
 
 
 class Forwarder:

@@ -68,18 +68,22 @@ from influxdb_client.domain.write_precision import WritePrecision
 from influxdb_client.rest import ApiException
 from influxdb_client.service.write_service import WriteService
 
+from ...errors import (
+    StoreAuthError,
+    StoreClientError,
+    StoreError,
+    StoreRetryAfterError,
+    StoreServerError,
+    StoreTimeoutError,
+)
 from ...records import (
     BatchRecord,
     PaymentRecord,
     RevenueRecord,
-    StoreAuthError,
-    StoreError,
     StoreRecord,
     StoreRejection,
-    StoreRetryAfterError,
     unique_time_ns,
 )
-from ..forwarder import StoreClientError, StoreServerError, StoreTimeoutError
 
 log = logging.getLogger(__name__)
 
