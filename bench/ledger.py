@@ -93,7 +93,7 @@ class _Stages:
     """The exporter's ingest stages, bound to one ledger (and store)."""
 
     def __init__(self, data_dir: Path, with_store: bool) -> None:
-        ledger_mod = importlib.import_module("exporter.ledger.storage")
+        ledger_mod = importlib.import_module("exporter.ledger")
         events_mod = importlib.import_module("exporter.events")
         self._ledger_mod = ledger_mod
         self._events = events_mod

@@ -27,6 +27,9 @@ from conftest import (
     verified,
 )
 
+import exporter.ledger.checkpointer as checkpointer_module
+import exporter.ledger.joins as joins_module
+import exporter.ledger.schema as schema_module
 import exporter.ledger.storage as ledger_module
 from exporter.config import Durability
 from exporter.errors import LedgerCorruptError, LedgerError, LedgerUnavailableError
@@ -467,7 +470,7 @@ async def test_a_commit_fills_outbox_rows_that_deliver_record_by_record(
 ) -> None:
     # One commit's records share rows of at most _OUTBOX_ROW_RECORDS; a row delivered in
     # part stays, and its delivered records are not read again, after a restart either.
-    monkeypatch.setattr(ledger_module, "_OUTBOX_ROW_RECORDS", 2)
+    monkeypatch.setattr(joins_module, "_OUTBOX_ROW_RECORDS", 2)
     monkeypatch.setattr(ledger_module, "_HANDOFF_MAX_RECORDS", 1)
     path = tmp_path / "ledger.sqlite3"
     keys = [f"payment:received:p{n}" for n in range(1, 8)]
@@ -577,7 +580,7 @@ def negative_hash_seqs(*pids: str) -> list[int]:
     return [
         seq
         for seq, pid in enumerate(pids, start=1)
-        if ledger_module._key_hash(f"payment:received:{pid}") < 0
+        if schema_module._key_hash(f"payment:received:{pid}") < 0
     ]
 
 
@@ -686,7 +689,7 @@ async def test_a_failing_submission_does_not_fail_those_sharing_its_commit(
 def test_second_holder_of_a_data_dir_is_refused(tmp_path: Path) -> None:
     first = DataDirLock(tmp_path)
     script = (
-        "import sys; from pathlib import Path; from exporter.ledger.storage import DataDirLock;"
+        "import sys; from pathlib import Path; from exporter.ledger import DataDirLock;"
         "DataDirLock(Path(sys.argv[1]))"
     )
     other = subprocess.run(
@@ -703,7 +706,7 @@ def test_second_holder_of_a_data_dir_is_refused(tmp_path: Path) -> None:
 async def test_keys_whose_hashes_collide_stay_distinct(
     committer: GroupCommitter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("exporter.ledger.storage._key_hash", lambda key: 7)
+    monkeypatch.setattr("exporter.ledger.model._key_hash", lambda key: 7)
     first = await submit(committer, received("p1"), received("p2"), settled("p1"))
     again = await submit(committer, received("p2"), settled("p1", fee="0.99"))
     assert first.outcomes == [Outcome.ACCEPTED] * 3
@@ -716,7 +719,7 @@ async def test_payment_ids_whose_hashes_collide_keep_their_own_join_state(
 ) -> None:
     # Payments are found through a 32-bit hash of their id: these two ids share one.
     first_id, second_id = "pay-629908", "pay-21000606"
-    assert ledger_module._id_hash(first_id) == ledger_module._id_hash(second_id)
+    assert schema_module._id_hash(first_id) == schema_module._id_hash(second_id)
     await submit(committer, received(first_id, amount="1.00"))
     await submit(committer, received(second_id, amount="2.00"))
     result = await submit(committer, settled(second_id))
@@ -784,7 +787,7 @@ async def test_an_old_ledger_is_upgraded_with_its_join_state_and_outbox(old_ledg
     with sqlite3.connect(path) as conn:
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
         schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-    assert schema == (str(ledger_module._SCHEMA_VERSION),)
+    assert schema == (str(schema_module._SCHEMA_VERSION),)
     assert "payments_schema1" not in tables and "payments_id_hash" in tables
     assert "events_key_hash" not in tables and "outbox_schema2" not in tables
     assert key_index_seqs(path) == [1, 2, 3, 4, 5, 6]  # the schema 1 events, merged
@@ -875,8 +878,8 @@ def test_a_large_wal_is_rewound_although_the_first_checkpoint_falls_short(
     # and the file grows without bound (11-40 MB in a minute of writes). The
     # checkpointer's second pass under the write lock copies the rest, so the next
     # commit rewinds the WAL.
-    monkeypatch.setattr(ledger_module, "_CHECKPOINT_INTERVAL_SECONDS", 3600.0)
-    monkeypatch.setattr(ledger_module, "_WAL_RESTART_FRAMES", 16)
+    monkeypatch.setattr(checkpointer_module, "_CHECKPOINT_INTERVAL_SECONDS", 3600.0)
+    monkeypatch.setattr(checkpointer_module, "_WAL_RESTART_FRAMES", 16)
     path = tmp_path / "ledger.sqlite3"
     ledger = Ledger(path)
     wal = tmp_path / "ledger.sqlite3-wal"

@@ -3,15 +3,14 @@
 Other stages import from here; the modules inside are the ledger's own business.
 """
 
-from .storage import (
+from .committer import GroupCommitter
+from .files import DataDirLock, check_no_pending_recovery, is_damage, read_only_uri, recovery_marker
+from .model import (
     BatchGas,
-    DataDirLock,
     DeadLetter,
     DeadLetterRow,
     Effect,
     GaugeSnapshot,
-    GroupCommitter,
-    Ledger,
     LedgerStats,
     NewEvent,
     Outcome,
@@ -20,11 +19,8 @@ from .storage import (
     Submission,
     SubmissionResult,
     TerminalPayment,
-    check_no_pending_recovery,
-    is_damage,
-    read_only_uri,
-    recovery_marker,
 )
+from .storage import Ledger
 
 __all__ = [
     "BatchGas",
