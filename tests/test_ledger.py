@@ -27,10 +27,6 @@ from conftest import (
     verified,
 )
 
-import exporter.ledger.checkpointer as checkpointer_module
-import exporter.ledger.joins as joins_module
-import exporter.ledger.schema as schema_module
-import exporter.ledger.storage as ledger_module
 from exporter.config import Durability
 from exporter.errors import LedgerCorruptError, LedgerError, LedgerUnavailableError
 from exporter.events import canonical_json, dedup_key, parse_event
@@ -41,6 +37,7 @@ from exporter.ledger import (
     GroupCommitter,
     Ledger,
     LedgerStats,
+    LedgerTuning,
     NewEvent,
     Outcome,
     PendingChange,
@@ -49,14 +46,25 @@ from exporter.ledger import (
     SubmissionResult,
     TerminalPayment,
 )
+from exporter.ledger.schema import (
+    DEAD_LETTER_COLUMNS,
+    EVENTS_BODY_COLUMN,
+    EVENTS_COLUMNS,
+    EVENTS_TABLE,
+    SCHEMA_VERSION,
+    key_hash,
+    payment_id_hash,
+)
 from exporter.records import BatchRecord, PaymentRecord, StoreRecord, decode_records
 
 
-def prepare(event: dict[str, Any]) -> PreparedEvent:
-    """Validate an event dict the way the receiver does."""
+def prepare(event: dict[str, Any], known_key_hash: int | None = None) -> PreparedEvent:
+    """Validate an event dict the way the receiver does (``known_key_hash``: see
+    :class:`PreparedEvent`)."""
     parsed = parse_event(event)
     body = canonical_json(parsed)
-    return PreparedEvent(parsed, dedup_key(parsed, body), body, json.dumps(event).encode())
+    raw = json.dumps(event).encode()
+    return PreparedEvent(parsed, dedup_key(parsed, body), body, raw, known_key_hash)
 
 
 @pytest.fixture
@@ -70,9 +78,9 @@ async def committer(tmp_path: Path) -> AsyncIterator[GroupCommitter]:
 
 
 @contextlib.contextmanager
-def writing(path: Path) -> Iterator[GroupCommitter]:
+def writing(path: Path, tuning: LedgerTuning | None = None) -> Iterator[GroupCommitter]:
     """The ledger at ``path`` behind its writer thread, closed on exit (to test a restart)."""
-    ledger = Ledger(path)
+    ledger = Ledger(path, tuning=tuning)
     committer = GroupCommitter(ledger)
     try:
         yield committer
@@ -418,13 +426,13 @@ def table_outbox(ledger: Ledger) -> list[tuple[int, StoreRecord]]:
 
 
 async def test_outbox_read_in_memory_matches_the_table_through_overflow_and_restart(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     # Records pass to the forwarder in memory while few; past the cap (a store outage)
     # and after a restart they are read from the table, until it has drained.
-    monkeypatch.setattr(ledger_module, "_HANDOFF_MAX_RECORDS", 5)
+    tuning = LedgerTuning(handoff_max_records=5)
     path = tmp_path / "ledger.sqlite3"
-    ledger = Ledger(path)
+    ledger = Ledger(path, tuning=tuning)
     committer = GroupCommitter(ledger)
 
     def outbox() -> list[tuple[int, StoreRecord]]:
@@ -447,7 +455,7 @@ async def test_outbox_read_in_memory_matches_the_table_through_overflow_and_rest
         committer.close()
         ledger.close()
 
-    reopened = Ledger(path)
+    reopened = Ledger(path, tuning=tuning)
     committer = GroupCommitter(reopened)
     try:
         ledger = reopened
@@ -465,20 +473,17 @@ async def test_outbox_read_in_memory_matches_the_table_through_overflow_and_rest
         reopened.close()
 
 
-async def test_a_commit_fills_outbox_rows_that_deliver_record_by_record(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_commit_fills_outbox_rows_that_deliver_record_by_record(tmp_path: Path) -> None:
     # One commit's records share rows of at most _OUTBOX_ROW_RECORDS; a row delivered in
     # part stays, and its delivered records are not read again, after a restart either.
-    monkeypatch.setattr(joins_module, "_OUTBOX_ROW_RECORDS", 2)
-    monkeypatch.setattr(ledger_module, "_HANDOFF_MAX_RECORDS", 1)
+    tuning = LedgerTuning(outbox_row_records=2, handoff_max_records=1)
     path = tmp_path / "ledger.sqlite3"
     keys = [f"payment:received:p{n}" for n in range(1, 8)]
 
     def unread(ledger: Ledger) -> list[tuple[int, str]]:
         return [(r.seq, r.record.key) for r in ledger.read_outbox(10)]
 
-    with writing(path) as committer:
+    with writing(path, tuning) as committer:
         ledger = committer.ledger
         await submit(committer, *(received(f"p{n}") for n in range(1, 6)))
         with sqlite3.connect(path) as conn:
@@ -492,7 +497,7 @@ async def test_a_commit_fills_outbox_rows_that_deliver_record_by_record(
         assert [seq for seq, _ in table_outbox(ledger)] == [3, 4, 5]  # row 3-4 stays
         assert unread(ledger) == [(4, keys[3]), (5, keys[4])]
 
-    with writing(path) as committer:
+    with writing(path, tuning) as committer:
         ledger = committer.ledger
         assert ledger.backlog == 2 and unread(ledger) == [(4, keys[3]), (5, keys[4])]
         await submit(committer, received("p6"))
@@ -502,7 +507,7 @@ async def test_a_commit_fills_outbox_rows_that_deliver_record_by_record(
 
     # The outbox is empty, and numbering goes on above the delivered mark: a record
     # numbered again from 1 would pass for delivered.
-    with writing(path) as committer:
+    with writing(path, tuning) as committer:
         await submit(committer, received("p7"))
         assert unread(committer.ledger) == [(7, keys[6])] and committer.ledger.backlog == 1
 
@@ -577,27 +582,22 @@ def key_index_seqs(path: Path) -> list[int]:
 def negative_hash_seqs(*pids: str) -> list[int]:
     """Seqs (1, 2, ... in the order given) of ``payment:received`` events of ``pids``
     whose key hash is negative: the first half of the hash range a merge moves."""
-    return [
-        seq
-        for seq, pid in enumerate(pids, start=1)
-        if schema_module._key_hash(f"payment:received:{pid}") < 0
-    ]
+    return [seq for seq, pid in enumerate(pids, start=1) if key_hash(f"payment:received:{pid}") < 0]
 
 
 async def test_keys_are_found_before_during_and_after_they_move_to_the_key_index(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     # Keys of the newest events live in a temp table and move to key_index every three
     # events, half of the hash range per commit; dedup and conflicts must see every key
     # at every step, across restarts too (one in the middle of a merge).
-    monkeypatch.setattr(ledger_module, "_KEY_MERGE_EVENTS", 3)
-    monkeypatch.setattr(ledger_module, "_KEY_MERGE_PARTS", 2)
     # Ordered so that both merges have keys in both halves of the hash range.
     a, b, c, d, e, f, g, h = pids = ["p1", "p5", "p2", "p3", "p6", "p4", "p7", "p8"]
     first_half = negative_hash_seqs(*pids)
     assert first_half == [2, 5, 7]
+    tuning = LedgerTuning(key_merge_events=3, key_merge_parts=2)
     path = tmp_path / "ledger.sqlite3"
-    ledger = Ledger(path)
+    ledger = Ledger(path, tuning=tuning)
     committer = GroupCommitter(ledger)
     try:
         await submit(committer, received(a), received(b))
@@ -615,7 +615,7 @@ async def test_keys_are_found_before_during_and_after_they_move_to_the_key_index
     finally:
         committer.close()
         ledger.close()
-    reopened = Ledger(path)  # 4-6 are recent again, rebuilt from the events table
+    reopened = Ledger(path, tuning=tuning)  # 4-6 are recent again, rebuilt from the events table
     committer = GroupCommitter(reopened)
     try:
         after_restart = await submit(
@@ -640,13 +640,9 @@ async def test_keys_are_found_before_during_and_after_they_move_to_the_key_index
         reopened.close()
 
 
-async def test_retention_removes_the_keys_of_deleted_events(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(ledger_module, "_KEY_MERGE_EVENTS", 2)
-    monkeypatch.setattr(ledger_module, "_KEY_MERGE_PARTS", 1)
+async def test_retention_removes_the_keys_of_deleted_events(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite3"
-    ledger = Ledger(path)
+    ledger = Ledger(path, tuning=LedgerTuning(key_merge_events=2, key_merge_parts=1))
     committer = GroupCommitter(ledger)
     try:
         await submit(committer, received("p1"), received("p2"))  # merged into key_index
@@ -703,12 +699,12 @@ def test_second_holder_of_a_data_dir_is_refused(tmp_path: Path) -> None:
     assert again.returncode == 0
 
 
-async def test_keys_whose_hashes_collide_stay_distinct(
-    committer: GroupCommitter, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("exporter.ledger.model._key_hash", lambda key: 7)
-    first = await submit(committer, received("p1"), received("p2"), settled("p1"))
-    again = await submit(committer, received("p2"), settled("p1", fee="0.99"))
+async def test_keys_whose_hashes_collide_stay_distinct(committer: GroupCommitter) -> None:
+    def colliding(*events: dict[str, Any]) -> Submission:
+        return Submission([prepare(event, known_key_hash=7) for event in events])
+
+    first = await committer.submit(colliding(received("p1"), received("p2"), settled("p1")))
+    again = await committer.submit(colliding(received("p2"), settled("p1", fee="0.99")))
     assert first.outcomes == [Outcome.ACCEPTED] * 3
     assert again.outcomes == [Outcome.DUPLICATE, Outcome.CONFLICT]
     assert committer.ledger.stats().events == 3
@@ -719,7 +715,7 @@ async def test_payment_ids_whose_hashes_collide_keep_their_own_join_state(
 ) -> None:
     # Payments are found through a 32-bit hash of their id: these two ids share one.
     first_id, second_id = "pay-629908", "pay-21000606"
-    assert schema_module._id_hash(first_id) == schema_module._id_hash(second_id)
+    assert payment_id_hash(first_id) == payment_id_hash(second_id)
     await submit(committer, received(first_id, amount="1.00"))
     await submit(committer, received(second_id, amount="2.00"))
     result = await submit(committer, settled(second_id))
@@ -787,10 +783,28 @@ async def test_an_old_ledger_is_upgraded_with_its_join_state_and_outbox(old_ledg
     with sqlite3.connect(path) as conn:
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
         schema = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-    assert schema == (str(schema_module._SCHEMA_VERSION),)
+    assert schema == (str(SCHEMA_VERSION),)
     assert "payments_schema1" not in tables and "payments_id_hash" in tables
     assert "events_key_hash" not in tables and "outbox_schema2" not in tables
     assert key_index_seqs(path) == [1, 2, 3, 4, 5, 6]  # the schema 1 events, merged
+
+
+@pytest.mark.parametrize("fixture", [None, SCHEMA_1_LEDGER], ids=["new", "upgraded"])
+def test_the_events_layout_constants_name_the_stored_columns(
+    tmp_path: Path, fixture: Path | None
+) -> None:
+    # A reader of a damaged file's pages finds an event's body by the column order
+    # that EVENTS_COLUMNS names: it must hold for new and upgraded files alike.
+    path = tmp_path / "ledger.sqlite3"
+    if fixture is not None:
+        path.write_bytes(fixture.read_bytes())
+    Ledger(path).close()
+    with sqlite3.connect(path) as conn:
+        columns = tuple(row[1] for row in conn.execute(f"PRAGMA table_info({EVENTS_TABLE})"))
+        letters = tuple(row[1] for row in conn.execute("PRAGMA table_info(dead_letters)"))
+    assert columns == EVENTS_COLUMNS
+    assert columns[EVENTS_BODY_COLUMN] == "body"
+    assert letters == DEAD_LETTER_COLUMNS
 
 
 def test_a_failed_upgrade_leaves_the_schema_1_ledger_as_it_was(tmp_path: Path) -> None:
@@ -870,18 +884,16 @@ def _wal_resets(wal: Path) -> int:
     return int.from_bytes(wal.read_bytes()[12:16], "big")
 
 
-def test_a_large_wal_is_rewound_although_the_first_checkpoint_falls_short(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_large_wal_is_rewound_although_the_first_checkpoint_falls_short(tmp_path: Path) -> None:
     # A PASSIVE checkpoint copies only the frames no reader or writer still needs. Under
     # continuous ingest it never copies the whole WAL, SQLite never starts the WAL over,
     # and the file grows without bound (11-40 MB in a minute of writes). The
     # checkpointer's second pass under the write lock copies the rest, so the next
     # commit rewinds the WAL.
-    monkeypatch.setattr(checkpointer_module, "_CHECKPOINT_INTERVAL_SECONDS", 3600.0)
-    monkeypatch.setattr(checkpointer_module, "_WAL_RESTART_FRAMES", 16)
     path = tmp_path / "ledger.sqlite3"
-    ledger = Ledger(path)
+    ledger = Ledger(
+        path, tuning=LedgerTuning(checkpoint_interval_seconds=3600.0, wal_restart_frames=16)
+    )
     wal = tmp_path / "ledger.sqlite3-wal"
     batches = iter(range(1000))
 

@@ -20,7 +20,7 @@ from .model import (
     SubmissionResult,
     TerminalPayment,
 )
-from .storage import Ledger
+from .storage import Ledger, LedgerTuning
 
 __all__ = [
     "BatchGas",
@@ -32,6 +32,7 @@ __all__ = [
     "GroupCommitter",
     "Ledger",
     "LedgerStats",
+    "LedgerTuning",
     "NewEvent",
     "Outcome",
     "PendingChange",

@@ -1,7 +1,7 @@
 """The ledger's files on disk: header checks, recovery markers, the data-dir lock.
 
-Everything here runs before (or instead of) opening the ledger with SQLite: it names
-the file at fault and the command that repairs it.
+What is checked here is checked outside SQLite, before the ledger opens or after it
+failed to: each problem names the file at fault and the command that repairs it.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def is_damage(error: sqlite3.Error) -> bool:
     return code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
-def _open_error(path: Path, error: sqlite3.Error) -> LedgerError:
+def open_error(path: Path, error: sqlite3.Error) -> LedgerError:
     """The ledger error for an SQLite error met while opening ``path``."""
     if is_damage(error):
         return LedgerCorruptError(damaged_ledger_message(path, str(error)))
@@ -92,9 +92,23 @@ def damaged_ledger_message(path: Path, problem: str) -> str:
     )
 
 
-_SQLITE_MAGIC = b"SQLite format 3\x00"
-_SQLITE_HEADER_BYTES = 100
-_WAL_HEADER_BYTES = 32
+SQLITE_MAGIC = b"SQLite format 3\x00"
+"""The first bytes of every SQLite database file."""
+SQLITE_HEADER_BYTES = 100
+"""The length of an SQLite database file's header (part of its first page)."""
+WAL_HEADER_BYTES = 32
+"""The length of an SQLite WAL file's header, before its first frame."""
+
+
+def header_page_size(header: bytes) -> int:
+    """The page size an SQLite file header names (bytes 16-17; 1 stands for 65,536)."""
+    page_size = int.from_bytes(header[16:18], "big")
+    return 65536 if page_size == 1 else page_size
+
+
+def is_valid_page_size(page_size: int) -> bool:
+    """Whether SQLite could have written pages of ``page_size`` bytes (a power of two from 512)."""
+    return page_size >= 512 and not page_size & (page_size - 1)
 
 
 def _ledger_file_problem(path: Path) -> str | None:
@@ -111,12 +125,11 @@ def _ledger_file_problem(path: Path) -> str | None:
     if size == 0:
         return "the file is empty (0 bytes)"
     with open(path, "rb") as handle:
-        header = handle.read(_SQLITE_HEADER_BYTES)
-    if len(header) < _SQLITE_HEADER_BYTES or not header.startswith(_SQLITE_MAGIC):
+        header = handle.read(SQLITE_HEADER_BYTES)
+    if len(header) < SQLITE_HEADER_BYTES or not header.startswith(SQLITE_MAGIC):
         return f"the file ({size} bytes) does not start with an SQLite header"
-    page_size = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    if page_size < 512 or page_size & (page_size - 1):
+    page_size = header_page_size(header)
+    if not is_valid_page_size(page_size):
         return f"the header names an invalid page size ({page_size})"
     if size % page_size:
         return f"its size ({size} bytes) is not a whole number of {page_size}-byte pages"
@@ -130,7 +143,7 @@ def _ledger_file_problem(path: Path) -> str | None:
             "describes (bytes were appended)"
         )
     wal = path.with_name(path.name + "-wal")
-    hot_wal = wal.exists() and wal.stat().st_size > _WAL_HEADER_BYTES
+    hot_wal = wal.exists() and wal.stat().st_size > WAL_HEADER_BYTES
     if size < expected and not hot_wal:
         return (
             f"it is {size} bytes long but its header describes {expected} bytes "
@@ -194,7 +207,7 @@ class DataDirLock:
         self._file.close()
 
 
-def _close_without_checkpoint(path: Path, conns: list[sqlite3.Connection]) -> None:
+def close_without_checkpoint(path: Path, conns: list[sqlite3.Connection]) -> None:
     """Close ``conns`` without letting the last close checkpoint the WAL into ``path``.
 
     Closing the last connection to a WAL database copies the WAL into the file and

@@ -47,13 +47,14 @@ from .model import (
     TerminalPayment,
     WebsocketCount,
 )
-from .schema import _EMITTED, _OUTBOX_ROW_RECORDS, _WAITING, _EventRow, _id_hash
+from .schema import EMITTED, EVENTS_COLUMNS, EVENTS_TABLE, WAITING, EventRow, payment_id_hash
 
 UNKNOWN_NETWORK = "unknown"
+"""The network of a failure that names none and whose payment never arrived."""
 
 
 @dataclass(slots=True)
-class _RowNumbers:
+class RowNumbers:
     """The next seq of ``events`` and ``outbox`` and the next ``payments`` id.
 
     The one writer numbers the rows it appends itself, so that a commit needs no query
@@ -145,16 +146,19 @@ def _found_batches(param: str) -> str:
     )
 
 
+_INSERT_EVENTS = f"INSERT INTO {EVENTS_TABLE} ({', '.join(EVENTS_COLUMNS)})"
 _LOOKUP_ALL = f"SELECT {_found_keys('?1')}, {_found_payments('?2')}, {_found_batches('?3')}"
 _LOOKUP_PAYMENTS = f"SELECT {_found_payments('?')}"
 _LOOKUP_BATCHES = f"SELECT {_found_batches('?')}"
 
 
 def _payment_id_hashes(payment_ids: set[str]) -> str:
-    return orjson.dumps(sorted({_id_hash(payment_id) for payment_id in payment_ids})).decode()
+    return orjson.dumps(
+        sorted({payment_id_hash(payment_id) for payment_id in payment_ids})
+    ).decode()
 
 
-class _TransactionWriter:
+class TransactionWriter:
     """Applies events inside an open transaction, collecting outcomes and metric effects.
 
     Writes are gathered and sent in bulk by :meth:`flush` (``executemany``), and the
@@ -164,9 +168,15 @@ class _TransactionWriter:
     """
 
     def __init__(
-        self, cur: sqlite3.Cursor, now_ms: int, waiting_refs: set[str], numbers: _RowNumbers
+        self,
+        cur: sqlite3.Cursor,
+        now_ms: int,
+        waiting_refs: set[str],
+        numbers: RowNumbers,
+        outbox_row_records: int,
     ) -> None:
         self.cur = cur
+        self._outbox_row_records = outbox_row_records
         self.waiting_refs = waiting_refs
         self.now = now_ms
         self.effects: list[Effect] = []
@@ -177,7 +187,7 @@ class _TransactionWriter:
         self._stored: dict[int, list[tuple[str, bytes]]] = {}
         # Rows for ``events``, inserted at flush; numbered here (one writer at a time),
         # consecutively from ``_rows_from_seq``.
-        self._event_rows: list[_EventRow] = []
+        self._event_rows: list[EventRow] = []
         self._numbers = numbers
         self._rows_from_seq = numbers.event_seq
         self.added = 0
@@ -304,7 +314,7 @@ class _TransactionWriter:
                 event["data"]["timestamp"],
                 self.now,
                 prepared.body,
-                _WAITING if self._current_waits else _EMITTED,
+                WAITING if self._current_waits else EMITTED,
             )
         )
         return Outcome.ACCEPTED
@@ -313,7 +323,7 @@ class _TransactionWriter:
         if self._event_rows:
             _insert_rows(
                 self.cur,
-                "INSERT INTO events (seq, key, key_hash, type, ref, ts, received_at, body, state)",
+                _INSERT_EVENTS,
                 self._event_rows,
             )
             # Copied from the rows just written: one statement that SQLite runs without
@@ -330,6 +340,7 @@ class _TransactionWriter:
             self._refs_new_here.clear()  # their rows are stored now
 
     def dead_letter(self, letter: DeadLetter) -> None:
+        """Keep refused input as a dead letter, in this transaction."""
         self.cur.execute(
             "INSERT INTO dead_letters (received_at, reason, error, key, raw) VALUES (?,?,?,?,?)",
             (
@@ -360,8 +371,8 @@ class _TransactionWriter:
         if self._outbox:
             first = self._numbers.outbox_seq
             rows = []
-            for start in range(0, len(self._outbox), _OUTBOX_ROW_RECORDS):
-                part = self._outbox[start : start + _OUTBOX_ROW_RECORDS]
+            for start in range(0, len(self._outbox), self._outbox_row_records):
+                part = self._outbox[start : start + self._outbox_row_records]
                 rows.append(
                     (
                         first + start,
@@ -389,7 +400,7 @@ class _TransactionWriter:
             if row_id is None:
                 row_id = ids[payment_id] = self._numbers.payment_id
                 self._numbers.payment_id += 1
-            rows.append((row_id, _id_hash(payment_id), payment_id, *payment, self.now))
+            rows.append((row_id, payment_id_hash(payment_id), payment_id, *payment, self.now))
         _insert_rows(
             self.cur,
             "INSERT INTO payments (id, id_hash, payment_id, network, payer, payee, "
@@ -409,10 +420,10 @@ class _TransactionWriter:
         if seq == self._current_seq:
             self._current_waits = True  # add() writes its row so, and notes it
         elif seq >= self._rows_from_seq:
-            self._set_row_state(seq, _WAITING)
+            self._set_row_state(seq, WAITING)
             self._waits_in_rows.setdefault(ref, []).append(seq)
         else:
-            self.cur.execute("UPDATE events SET state = ? WHERE seq = ?", (_WAITING, seq))
+            self.cur.execute("UPDATE events SET state = ? WHERE seq = ?", (WAITING, seq))
             self._refs_new_here.discard(ref)
 
     def _set_row_state(self, seq: int, state: int) -> None:
@@ -561,10 +572,11 @@ class _TransactionWriter:
             self.effects.append(PendingChange(network, -1))
 
     def release_orphan_failure(self, seq: int, key: str, event: Event) -> None:
+        """Count a stored failure whose payment never arrived, on its own network."""
         assert event["type"] == "payment:failed"
         d = event["data"]
         network = d.get("network") or UNKNOWN_NETWORK
-        self.cur.execute("UPDATE events SET state = ? WHERE seq = ?", (_EMITTED, seq))
+        self.cur.execute("UPDATE events SET state = ? WHERE seq = ?", (EMITTED, seq))
         if self._payment(d["paymentId"]) is None:
             self._set_payment(d["paymentId"], _Payment(network, None, None, None, 0, 1))
         self._emit(
@@ -609,7 +621,7 @@ class _TransactionWriter:
         stored = len(rows)
         for seq in self._waits_in_rows.get(ref, ()):
             row = self._event_rows[seq - self._rows_from_seq]
-            if row[-1] == _WAITING:
+            if row[-1] == WAITING:
                 rows.append((seq, row[1], row[7], row[3]))
         taken = [(seq, key, body) for seq, key, body, kind in rows if kind in types]
         if len(taken) == len(rows):
@@ -619,11 +631,11 @@ class _TransactionWriter:
         if taken_stored:
             self.cur.execute(
                 "UPDATE events SET state = ? WHERE seq IN (SELECT value FROM json_each(?))",
-                (_EMITTED, orjson.dumps(taken_stored).decode()),
+                (EMITTED, orjson.dumps(taken_stored).decode()),
             )
         for seq, _, _, kind in rows[stored:]:
             if kind in types:
-                self._set_row_state(seq, _EMITTED)
+                self._set_row_state(seq, EMITTED)
         return taken
 
     def _batch_settled(self, seq: int, key: str, event: BatchSettled) -> None:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from enum import Enum
 
-from ..events import (
-    Event,
-    join_ref,
-)
-from .schema import _key_hash
+from ..events import Event, join_ref
+from .schema import key_hash
 
 
 class Outcome(Enum):
@@ -33,12 +30,15 @@ class PreparedEvent:
     key: str
     body: bytes
     raw: bytes
+    known_key_hash: InitVar[int | None] = None
+    """The key's hash when the caller has it already (a test makes keys collide with it);
+    None: :func:`~exporter.ledger.schema.key_hash` of ``key``."""
     key_hash: int = field(init=False)
     ref: str | None = field(init=False)
     """The payment or batch id the event joins on (:func:`join_ref`)."""
 
-    def __post_init__(self) -> None:
-        self.key_hash = _key_hash(self.key)
+    def __post_init__(self, known_key_hash: int | None) -> None:
+        self.key_hash = key_hash(self.key) if known_key_hash is None else known_key_hash
         self.ref = join_ref(self.event)
 
 

@@ -6,10 +6,55 @@ writer and for whatever reads a damaged file page by page.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sqlite3
+import time
 import zlib
 from hashlib import blake2b
+from pathlib import Path
 
-_SCHEMA_VERSION = 3
+from ..errors import LedgerError
+from ..records import upgrade_schema_2_record
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 3
+"""The schema this exporter writes; older files are upgraded when the ledger opens."""
+
+EVENTS_TABLE = "events"
+EVENTS_LAYOUT: tuple[tuple[str, str], ...] = (
+    ("seq", "INTEGER PRIMARY KEY"),
+    ("key", "TEXT NOT NULL"),
+    ("key_hash", "INTEGER NOT NULL"),
+    ("type", "TEXT NOT NULL"),
+    ("ref", "TEXT"),
+    ("ts", "INTEGER NOT NULL"),
+    ("received_at", "INTEGER NOT NULL"),
+    ("body", "BLOB NOT NULL"),
+    ("state", "INTEGER NOT NULL"),
+)
+"""The ``events`` table's columns in their stored order, with their SQL types.
+
+Every accepted event is a row, once, in commit order; ``body`` is its canonical JSON.
+A reader of a damaged file's pages finds a row's body by this order.
+"""
+EVENTS_COLUMNS = tuple(name for name, _ in EVENTS_LAYOUT)
+"""The names of the ``events`` columns, in their stored order."""
+EVENTS_BODY_COLUMN = EVENTS_COLUMNS.index("body")
+"""The position of ``body`` among the ``events`` columns."""
+EVENTS_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {EVENTS_TABLE} (\n"
+    + ",\n".join(f"    {name} {sql_type}" for name, sql_type in EVENTS_LAYOUT)
+    + "\n);\n"
+)
+WAITING, EMITTED = 0, 1
+"""``events.state``: waiting for its join partner, or its store records are written."""
+EventRow = tuple[int, str, int, str, str | None, int, int, bytes, int]
+"""A row of ``events``, in :data:`EVENTS_COLUMNS` order."""
+
+DEAD_LETTER_COLUMNS = ("id", "received_at", "reason", "error", "key", "raw")
+"""The ``dead_letters`` table's columns, in their stored order."""
 # Join state per payment: what payment:received said, and whether it has ended.
 # Rows are appended in arrival order (the update of a payment that ends soon after its
 # receipt then finds its row on a recent page, already written in the same or a close
@@ -34,8 +79,8 @@ CREATE INDEX IF NOT EXISTS payments_id_hash ON payments (id_hash);
 # Dedup finds stored keys by a 64-bit hash of the key, in two tiers. This table holds
 # the events up to meta 'key_index_upto' (and maybe some later ones); newer ones are in
 # the write connection's in-memory temp table recent_keys (rebuilt from events at
-# startup). Every _KEY_MERGE_EVENTS events they move here, in hash order, one
-# _KEY_MERGE_PARTS-th of the hash range per commit. A random hash inserted per event
+# startup). Every LedgerTuning.key_merge_events events they move here, in hash order,
+# one key_merge_parts-th of the hash range per commit. A random hash inserted per event
 # into an index of the whole ledger writes (and later checkpoints) about one 4 KiB page
 # per event; a merge writes each page of this table once for many events.
 _KEY_INDEX_DDL = """
@@ -46,7 +91,7 @@ CREATE TABLE IF NOT EXISTS key_index (
 ) WITHOUT ROWID;
 """
 # Store records not yet delivered, in commit order: one row per commit (of at most
-# _OUTBOX_ROW_RECORDS records) holds the records numbered seq to last_seq and the lowest
+# LedgerTuning.outbox_row_records records) holds the records numbered seq to last_seq and the lowest
 # events.seq they came from. A row is deleted once all of its records are delivered.
 # A row per record (schema 2) took 1.3 us more per record to pickle and insert, and as
 # much again to read back: 4-9 % of the exporter's CPU per event.
@@ -58,40 +103,24 @@ CREATE TABLE IF NOT EXISTS outbox (
     records BLOB NOT NULL
 );
 """
-_OUTBOX_ROW_RECORDS = 1_000
-# The meta key of the last outbox seq delivered.
-_DELIVERED_UPTO = "outbox_delivered_upto"
-_RECENT_KEYS_DDL = """
+DELIVERED_UPTO = "outbox_delivered_upto"
+"""The meta key of the last outbox seq delivered."""
+RECENT_KEYS_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS recent_keys (
     key_hash INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     PRIMARY KEY (key_hash, seq)
 ) WITHOUT ROWID;
 """
-# Events kept in recent_keys before they move to key_index. A merge writes at most
-# about this many pages (each one for several events while key_index has fewer pages),
-# spread over _KEY_MERGE_PARTS commits so that none writes more than a few MiB.
-_KEY_MERGE_EVENTS = 32_768
-_KEY_MERGE_PARTS = 8
-_SCHEMA = (
+SCHEMA = (
     """
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
--- Every accepted event, once, in commit order. state 0: waiting for its join partner.
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY,
-    key TEXT NOT NULL,
-    key_hash INTEGER NOT NULL,
-    type TEXT NOT NULL,
-    ref TEXT,
-    ts INTEGER NOT NULL,
-    received_at INTEGER NOT NULL,
-    body BLOB NOT NULL,
-    state INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_waiting ON events (ref, seq) WHERE state = 0;
+"""
+    + EVENTS_DDL
+    + """CREATE INDEX IF NOT EXISTS events_waiting ON events (ref, seq) WHERE state = 0;
 CREATE TABLE IF NOT EXISTS batches (
     batch_id TEXT PRIMARY KEY,
     network TEXT NOT NULL,
@@ -155,22 +184,80 @@ COMMIT;
 )
 # Each upgrade, by the schema it starts from: its script (one transaction) and what it
 # copies, for the message when it fails.
-_UPGRADES: dict[int, tuple[str, str]] = {
+UPGRADES: dict[int, tuple[str, str]] = {
     1: (_MIGRATE_1_TO_2, "the payments table and the dedup key index"),
     2: (_MIGRATE_2_TO_3, "the outbox"),
 }
 
-_WAITING, _EMITTED = 0, 1
 
-
-_EventRow = tuple[int, str, int, str, str | None, int, int, bytes, int]
-"""A row of ``events``: seq, key, key_hash, type, ref, ts, received_at, body, state."""
-
-
-def _key_hash(key: str) -> int:
+def key_hash(key: str) -> int:
+    """The 64-bit hash of a dedup key that ``events.key_hash`` and the key index hold."""
     return int.from_bytes(blake2b(key.encode(), digest_size=8).digest(), "big", signed=True)
 
 
-def _id_hash(text: str) -> int:
+def payment_id_hash(payment_id: str) -> int:
     """A 32-bit hash of a payment id, signed so that SQLite stores it in 4 bytes."""
-    return zlib.crc32(text.encode()) - 0x8000_0000
+    return zlib.crc32(payment_id.encode()) - 0x8000_0000
+
+
+def prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
+    """Create the tables of a new ledger file, or upgrade an older one to this schema.
+
+    Raises :class:`LedgerError` for a schema this exporter cannot read or an upgrade
+    that failed; SQLite errors of reading the file pass through.
+    """
+    version = stored_schema_version(conn)
+    if version is not None and version != SCHEMA_VERSION:
+        if version not in UPGRADES:
+            raise LedgerError(
+                f"ledger file {path} has schema {version}, this exporter reads {SCHEMA_VERSION}"
+            )
+        for step in range(version, SCHEMA_VERSION):
+            _upgrade_from(conn, path, step)
+    conn.executescript(SCHEMA)
+    if version is None:
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES ('schema', ?), ('key_index_upto', '0')",
+            (str(SCHEMA_VERSION),),
+        )
+
+
+def stored_schema_version(conn: sqlite3.Connection) -> int | None:
+    """The file's schema version; None for a new file."""
+    has_meta = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+    ).fetchone()
+    if has_meta is None:
+        return None
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    return None if row is None else int(row[0])
+
+
+def _upgrade_from(conn: sqlite3.Connection, path: Path, version: int) -> None:
+    """Upgrade the file from schema ``version`` to the next one.
+
+    One transaction: a failure (disk full) leaves the file at schema ``version``.
+    """
+    script, copies = UPGRADES[version]
+    started = time.monotonic()
+    conn.create_function("payment_id_hash", 1, payment_id_hash, deterministic=True)
+    conn.create_function("upgrade_schema_2_record", 1, upgrade_schema_2_record, deterministic=True)
+    try:
+        conn.executescript(script)
+    except sqlite3.Error as error:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise LedgerError(
+            f"ledger file {path} could not be upgraded from schema {version} to "
+            f"{version + 1} ({error}); it is left at schema {version}. The upgrade "
+            f"copies {copies}: free that much disk space and restart"
+        ) from error
+    log.info(
+        "ledger schema upgraded",
+        extra={
+            "path": str(path),
+            "from_schema": version,
+            "to_schema": version + 1,
+            "seconds": round(time.monotonic() - started, 3),
+        },
+    )

@@ -18,36 +18,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import orjson
 
 from ..config import Durability
-from ..errors import (
-    LedgerCorruptError,
-    LedgerError,
-    LedgerUnavailableError,
-)
-from ..events import (
-    parse_event,
-)
-from ..records import (
-    OutboxRow,
-    StoreRecord,
-    StoreRejection,
-    decode_records,
-    record_to_json,
-    upgrade_schema_2_record,
-)
-from .checkpointer import _Checkpointer
-from .files import (
-    _close_without_checkpoint,
-    _open_error,
-    check_ledger_file,
-    damaged_ledger_message,
-)
-from .joins import _RowNumbers, _TransactionWriter
+from ..errors import LedgerCorruptError, LedgerUnavailableError
+from ..events import parse_event
+from ..records import OutboxRow, StoreRecord, StoreRejection, decode_records, record_to_json
+from .checkpointer import Checkpointer
+from .files import check_ledger_file, close_without_checkpoint, damaged_ledger_message, open_error
+from .joins import RowNumbers, TransactionWriter
 from .model import (
     DeadLetterRow,
     Effect,
@@ -56,16 +39,7 @@ from .model import (
     Submission,
     SubmissionResult,
 )
-from .schema import (
-    _DELIVERED_UPTO,
-    _KEY_MERGE_EVENTS,
-    _KEY_MERGE_PARTS,
-    _RECENT_KEYS_DDL,
-    _SCHEMA,
-    _SCHEMA_VERSION,
-    _UPGRADES,
-    _id_hash,
-)
+from .schema import DEAD_LETTER_COLUMNS, DELIVERED_UPTO, RECENT_KEYS_DDL, prepare_schema
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +49,33 @@ class _WriteLockBusy(Exception):
 
 
 _WRITE_CACHE_KIB = 8 * 1024
-# The newest outbox records also kept in memory for the forwarder: one store batch
-# (EXPORTER_STORE_BATCH_SIZE's default), about 3 MB. They stay there while the store is
-# behind, beside the batch the forwarder holds: 10,000 took the peak RSS of a million
-# events past 250 MiB.
-_HANDOFF_MAX_RECORDS = 5_000
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerTuning:
+    """Sizes and intervals of the ledger's internal work; the defaults suit production.
+
+    Tests make them small to reach the paths that only large ledgers take.
+    """
+
+    handoff_max_records: int = 5_000
+    """The newest outbox records also kept in memory for the forwarder: one store batch
+    (EXPORTER_STORE_BATCH_SIZE's default), about 3 MB. They stay there while the store is
+    behind, beside the batch the forwarder holds: 10,000 took the peak RSS of a million
+    events past 250 MiB."""
+    outbox_row_records: int = 1_000
+    """Store records per ``outbox`` row (a commit writes at least one row)."""
+    key_merge_events: int = 32_768
+    """Events kept in recent_keys before they move to key_index. A merge writes at most
+    about this many pages (each one for several events while key_index has fewer
+    pages), spread over ``key_merge_parts`` commits so that none writes more than a few
+    MiB."""
+    key_merge_parts: int = 8
+    """Commits a merge of recent_keys into key_index is spread over."""
+    checkpoint_interval_seconds: float = 1.0
+    """How often the checkpointer copies the WAL into the database file."""
+    wal_restart_frames: int = 8192
+    """WAL size (in frames, i.e. pages) past which a checkpoint also restarts the WAL."""
 
 
 def _now_ms() -> int:
@@ -93,9 +89,15 @@ class Ledger:
     in any thread.
     """
 
-    def __init__(self, path: Path, durability: Durability = Durability.PROCESS) -> None:
+    def __init__(
+        self,
+        path: Path,
+        durability: Durability = Durability.PROCESS,
+        tuning: LedgerTuning | None = None,
+    ) -> None:
         self.path = path
         self.durability = durability
+        self._tuning = tuning if tuning is not None else LedgerTuning()
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         check_ledger_file(path)
         # Every connection opened so far, closed again if opening fails (``recover``
@@ -104,7 +106,7 @@ class Ledger:
         try:
             self._open(durability)
         except BaseException:
-            _close_without_checkpoint(path, self._opened)
+            close_without_checkpoint(path, self._opened)
             raise
 
     def _open(self, durability: Durability) -> None:
@@ -112,7 +114,7 @@ class Ledger:
         self._read = self._connect(durability)
         self._read_lock = threading.Lock()
         # Held for every write transaction, so that a checkpoint can find no write
-        # in progress (see _Checkpointer).
+        # in progress (see Checkpointer).
         self._write_lock = threading.Lock()
         self._quick_check()
         self._init_schema()
@@ -127,7 +129,7 @@ class Ledger:
             self._waiting_refs = self._load_waiting_refs()
             self._numbers = self._load_row_numbers()
             # The newest outbox records, kept in memory too (at most
-            # _HANDOFF_MAX_RECORDS), so that the forwarder need not read back and decode
+            # LedgerTuning.handoff_max_records), so that the forwarder need not read back and decode
             # what was just written. The handoff holds every row from seq
             # ``_handoff_start`` on; older undelivered rows (after a restart, or dropped
             # from memory while the store was behind) are read from the table first,
@@ -139,7 +141,7 @@ class Ledger:
             # the row stays until its last one is. Each delivery stores it, and records
             # are never numbered at or below it, so a restart resumes mid-row.
             self._delivered_upto = max(
-                self._scalar("SELECT value FROM meta WHERE key = ?", (_DELIVERED_UPTO,)),
+                self._scalar("SELECT value FROM meta WHERE key = ?", (DELIVERED_UPTO,)),
                 (self._scalar("SELECT min(seq) FROM outbox") or self._numbers.outbox_seq) - 1,
             )
             self._backlog = self._scalar(
@@ -153,14 +155,19 @@ class Ledger:
             self._write.execute("PRAGMA wal_autocheckpoint=0")
             self._write.execute(f"PRAGMA cache_size=-{_WRITE_CACHE_KIB}")
         except sqlite3.DatabaseError as error:
-            raise _open_error(self.path, error) from error
-        self._checkpointer = _Checkpointer(self._connect(durability), self._write_lock)
+            raise open_error(self.path, error) from error
+        self._checkpointer = Checkpointer(
+            self._connect(durability),
+            self._write_lock,
+            self._tuning.checkpoint_interval_seconds,
+            self._tuning.wal_restart_frames,
+        )
 
     def _load_recent_keys(self) -> tuple[int, int]:
         """Fill recent_keys with the events key_index does not hold; returns the last
         seq key_index holds and how many were filled in."""
         self._write.execute("PRAGMA temp_store=MEMORY")
-        self._write.executescript(_RECENT_KEYS_DDL)
+        self._write.executescript(RECENT_KEYS_DDL)
         (upto,) = self._write.execute(
             "SELECT value FROM meta WHERE key = 'key_index_upto'"
         ).fetchone()
@@ -172,15 +179,15 @@ class Ledger:
         ).rowcount
         return int(upto), filled
 
-    def _load_row_numbers(self) -> _RowNumbers:
+    def _load_row_numbers(self) -> RowNumbers:
         row = self._write.execute(
             "SELECT (SELECT coalesce(max(seq), 0) + 1 FROM events),"
             " (SELECT max(coalesce(max(last_seq), 0), coalesce((SELECT CAST(value AS INTEGER)"
             " FROM meta WHERE key = ?), 0)) + 1 FROM outbox),"
             " (SELECT coalesce(max(id), 0) + 1 FROM payments)",
-            (_DELIVERED_UPTO,),
+            (DELIVERED_UPTO,),
         ).fetchone()
-        return _RowNumbers(*row)
+        return RowNumbers(*row)
 
     def _load_waiting_refs(self) -> set[str]:
         # Join partners that wait; a received event only looks for waiting rows when its
@@ -195,7 +202,7 @@ class Ledger:
                 self.path, isolation_level=None, check_same_thread=False, timeout=30.0
             )
         except sqlite3.DatabaseError as error:
-            raise _open_error(self.path, error) from error
+            raise open_error(self.path, error) from error
         self._opened.append(conn)
         try:
             conn.execute("PRAGMA journal_mode=WAL")
@@ -204,7 +211,7 @@ class Ledger:
             conn.execute("PRAGMA foreign_keys=OFF")
             conn.execute("PRAGMA schema_version").fetchone()
         except sqlite3.DatabaseError as error:
-            raise _open_error(self.path, error) from error
+            raise open_error(self.path, error) from error
         return conn
 
     def _quick_check(self) -> None:
@@ -214,7 +221,7 @@ class Ledger:
         try:
             rows = self._write.execute("PRAGMA quick_check").fetchall()
         except sqlite3.DatabaseError as error:
-            raise _open_error(self.path, error) from error
+            raise open_error(self.path, error) from error
         if rows != [("ok",)]:
             found = " ".join("; ".join(str(row[0]) for row in rows).split())
             found = found if len(found) <= 200 else found[:197] + "..."
@@ -224,64 +231,9 @@ class Ledger:
 
     def _init_schema(self) -> None:
         try:
-            version = self._stored_schema_version()
-            if version is not None and version != _SCHEMA_VERSION:
-                if version not in _UPGRADES:
-                    raise LedgerError(
-                        f"ledger file {self.path} has schema {version}, this exporter reads "
-                        f"{_SCHEMA_VERSION}"
-                    )
-                for step in range(version, _SCHEMA_VERSION):
-                    self._upgrade_from(step)
-            self._write.executescript(_SCHEMA)
-            if version is None:
-                self._write.execute(
-                    "INSERT INTO meta(key, value) VALUES ('schema', ?), ('key_index_upto', '0')",
-                    (str(_SCHEMA_VERSION),),
-                )
+            prepare_schema(self._write, self.path)
         except sqlite3.DatabaseError as error:
-            raise _open_error(self.path, error) from error
-
-    def _stored_schema_version(self) -> int | None:
-        """The file's schema version; None for a new file."""
-        has_meta = self._write.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-        ).fetchone()
-        if has_meta is None:
-            return None
-        row = self._write.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-        return None if row is None else int(row[0])
-
-    def _upgrade_from(self, version: int) -> None:
-        """Upgrade the file from schema ``version`` to the next one.
-
-        One transaction: a failure (disk full) leaves the file at schema ``version``.
-        """
-        script, copies = _UPGRADES[version]
-        started = time.monotonic()
-        self._write.create_function("payment_id_hash", 1, _id_hash, deterministic=True)
-        self._write.create_function(
-            "upgrade_schema_2_record", 1, upgrade_schema_2_record, deterministic=True
-        )
-        try:
-            self._write.executescript(script)
-        except sqlite3.Error as error:
-            with contextlib.suppress(sqlite3.Error):
-                self._write.execute("ROLLBACK")
-            raise LedgerError(
-                f"ledger file {self.path} could not be upgraded from schema {version} to "
-                f"{version + 1} ({error}); it is left at schema {version}. The upgrade "
-                f"copies {copies}: free that much disk space and restart"
-            ) from error
-        log.info(
-            "ledger schema upgraded",
-            extra={
-                "path": str(self.path),
-                "from_schema": version,
-                "to_schema": version + 1,
-                "seconds": round(time.monotonic() - started, 3),
-            },
-        )
+            raise open_error(self.path, error) from error
 
     def _scalar(self, sql: str, params: tuple[object, ...] = ()) -> int:
         with self._read_lock:
@@ -322,7 +274,9 @@ class Ledger:
             numbers = dataclasses.replace(
                 self._numbers, event_seq=max(self._numbers.event_seq, first_seq)
             )
-            writer = _TransactionWriter(cur, now, self._waiting_refs, numbers)
+            writer = TransactionWriter(
+                cur, now, self._waiting_refs, numbers, self._tuning.outbox_row_records
+            )
             writer.load([p for s in submissions for p in s.events])
             for submission in submissions:
                 outcomes = [writer.add(prepared) for prepared in submission.events]
@@ -349,14 +303,15 @@ class Ledger:
         """
         upto, merging = self._key_index_upto, self._merging
         if merging is None:
-            if recent < _KEY_MERGE_EVENTS:
+            if recent < self._tuning.key_merge_events:
                 return recent, upto, None
             (last,) = cur.execute(
                 "SELECT max(?, coalesce(max(seq), 0)) FROM events", (upto,)
             ).fetchone()
             merging = (int(last), 0)
         last, part = merging
-        width = 2**64 // _KEY_MERGE_PARTS
+        parts = self._tuning.key_merge_parts
+        width = 2**64 // parts
         low = -(2**63) + part * width
         bounds = (low, low + width - 1, last)
         cur.execute(
@@ -367,7 +322,7 @@ class Ledger:
         recent -= cur.execute(
             "DELETE FROM temp.recent_keys WHERE key_hash BETWEEN ? AND ? AND seq <= ?", bounds
         ).rowcount
-        if part + 1 < _KEY_MERGE_PARTS:
+        if part + 1 < parts:
             return recent, upto, (last, part + 1)
         cur.execute("UPDATE meta SET value = ? WHERE key = 'key_index_upto'", (str(last),))
         return recent, last, None
@@ -382,7 +337,7 @@ class Ledger:
             if not handoff:
                 self._handoff_start = rows[0][0]
             handoff.extend(rows)
-            excess = len(handoff) - _HANDOFF_MAX_RECORDS
+            excess = len(handoff) - self._tuning.handoff_max_records
             if excess > 0:
                 # The store is behind: its oldest records in memory go (they are in the
                 # table), the newest stay.
@@ -429,7 +384,9 @@ class Ledger:
                 (older_than_ms,),
             ).fetchall()
             numbers = dataclasses.replace(self._numbers)
-            writer = _TransactionWriter(cur, _now_ms(), self._waiting_refs, numbers)
+            writer = TransactionWriter(
+                cur, _now_ms(), self._waiting_refs, numbers, self._tuning.outbox_row_records
+            )
             for seq, key, body in rows:
                 writer.release_orphan_failure(seq, key, parse_event(orjson.loads(body)))
             writer.flush()
@@ -460,7 +417,7 @@ class Ledger:
             cur.execute(
                 "INSERT INTO meta (key, value) VALUES (?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (_DELIVERED_UPTO, str(delivered)),
+                (DELIVERED_UPTO, str(delivered)),
             )
         with self._handoff_lock:
             # Records are numbered without gaps: those newly delivered are the seqs
@@ -599,7 +556,7 @@ class Ledger:
 
     def dead_letters(self, reason: str | None = None, limit: int = 1000) -> list[DeadLetterRow]:
         """Stored dead letters, newest first, optionally of one reason."""
-        sql = "SELECT id, received_at, reason, error, key, raw FROM dead_letters"
+        sql = f"SELECT {', '.join(DEAD_LETTER_COLUMNS)} FROM dead_letters"
         params: tuple[object, ...] = ()
         if reason is not None:
             sql += " WHERE reason = ?"
