@@ -511,59 +511,27 @@ class TransactionWriter:
             return
         network, payer, payee, amount, _, terminal = payment
         assert amount is not None  # payment:received always sets it
+        joined = (payment_id, payer, payee, amount)  # what payment:received said
         match event["type"]:
             case "payment:verified":
-                self._emit(
-                    seq,
-                    PaymentRecord(
-                        key,
-                        timestamp,
-                        network,
-                        "verified",
-                        payment_id,
-                        payer,
-                        payee,
-                        amount,
-                        verification_ms=event["data"]["verificationTime"],
-                    ),
+                verification_ms = event["data"]["verificationTime"]
+                record = PaymentRecord(
+                    key, timestamp, network, "verified", *joined, verification_ms=verification_ms
                 )
+                self._emit(seq, record)
                 return
             case "payment:settled":
                 s = event["data"]
-                fee = to_micro(s["fee"])
-                self._emit(
-                    seq,
-                    PaymentRecord(
-                        key,
-                        timestamp,
-                        network,
-                        "settled",
-                        payment_id,
-                        payer,
-                        payee,
-                        amount,
-                        fee_micro=fee,
-                        settlement_ms=s["settlementTime"],
-                        tx=s["transaction"],
-                    ),
+                fee, settlement_ms, tx = to_micro(s["fee"]), s["settlementTime"], s["transaction"]
+                record = PaymentRecord(
+                    key, timestamp, network, "settled", *joined, fee, settlement_ms, tx=tx
                 )
-                self.effects.append(
-                    TerminalPayment(network, "success", amount, fee, s["settlementTime"])
-                )
+                self._emit(seq, record)
+                self.effects.append(TerminalPayment(network, "success", amount, fee, settlement_ms))
             case "payment:failed":
+                error = event["data"]["error"]
                 self._emit(
-                    seq,
-                    PaymentRecord(
-                        key,
-                        timestamp,
-                        network,
-                        "failed",
-                        payment_id,
-                        payer,
-                        payee,
-                        amount,
-                        error=event["data"]["error"],
-                    ),
+                    seq, PaymentRecord(key, timestamp, network, "failed", *joined, error=error)
                 )
                 self.effects.append(TerminalPayment(network, "failed"))
         if not terminal:
