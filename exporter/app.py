@@ -47,6 +47,11 @@ ANALYTICS_API = web.AppKey("analytics_api", AnalyticsAPI)
 MAINTENANCE_INTERVAL_SECONDS = 30.0
 RETENTION_INTERVAL_SECONDS = 3600.0
 DRAIN_SECONDS = 10.0
+READY_COMMIT_MAX_AGE_SECONDS = 10.0
+"""``/readyz`` reports the last commit's outcome; one older than this (or none) is
+confirmed by one small write, shared by the probes that arrive meanwhile."""
+EVENT_LOOP_LAG_INTERVAL_SECONDS = 0.25
+"""How often ``exporter_event_loop_lag_seconds`` is sampled."""
 
 CleanupContext = Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]
 
@@ -74,7 +79,13 @@ def create_app(
     app[REGISTRY] = registry
     app[METRICS] = Metrics(registry)
     app.cleanup_ctx.extend(
-        [_ledger_context, _store_context, _forwarder_context, _analytics_context]
+        [
+            _event_loop_lag_context,
+            _ledger_context,
+            _store_context,
+            _forwarder_context,
+            _analytics_context,
+        ]
     )
     if settings.upstream_facilitator is not None:
         app.cleanup_ctx.append(_proxy_context)
@@ -105,7 +116,7 @@ async def _ledger_resource(app: web.Application) -> AsyncIterator[None]:
         raise
     metrics.restore(await asyncio.to_thread(ledger.gauges))
     metrics.track_backlog(lambda: ledger.backlog)
-    committer = GroupCommitter(ledger)
+    committer = GroupCommitter(ledger, commit_on_loop=settings.ledger_commit_on_loop)
     committer.on_commit_hooks.append(metrics.ledger_commits.inc)
     app[COMMITTER] = committer
     token = settings.ingest_token.get_secret_value() if settings.ingest_token else None
@@ -254,6 +265,32 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
     return await request.app[PROXY].handle(request)
 
 
+async def _measure_event_loop_lag(metrics: Metrics, interval_seconds: float) -> None:
+    """Observe, every ``interval_seconds``, how much later than asked the loop woke it."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + interval_seconds
+        await asyncio.sleep(interval_seconds)
+        metrics.event_loop_lag.observe(max(0.0, loop.time() - due))
+
+
+@contextlib.asynccontextmanager
+async def _event_loop_lag_resource(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(
+        _measure_event_loop_lag(app[METRICS], EVENT_LOOP_LAG_INTERVAL_SECONDS)
+    )
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _event_loop_lag_context(app: web.Application) -> contextlib.AbstractAsyncContextManager[None]:
+    return _event_loop_lag_resource(app)
+
+
 def _ledger_context(app: web.Application) -> contextlib.AbstractAsyncContextManager[None]:
     return _ledger_resource(app)
 
@@ -315,10 +352,16 @@ async def _readyz(request: web.Request) -> web.Response:
     forwarder = app[FORWARDER]
     try:
         stats = await asyncio.to_thread(committer.ledger.stats)
-        await committer.call(committer.ledger.check_writable)
+        commit = await committer.last_outcome(READY_COMMIT_MAX_AGE_SECONDS)
     except Exception as error:  # the ledger is the one thing ingest depends on
         return web.json_response(
             {"status": "not ready", "ledger": {"error": f"{type(error).__name__}: {error}"}},
+            status=503,
+        )
+    last_commit = {"at": commit.at, "ok": commit.ok, "error": commit.error}
+    if not commit.ok:
+        return web.json_response(
+            {"status": "not ready", "ledger": {"error": commit.error, "lastCommit": last_commit}},
             status=503,
         )
     state = forwarder.state()
@@ -329,6 +372,7 @@ async def _readyz(request: web.Request) -> web.Response:
             "backlog": stats.backlog,
             "waitingForJoin": stats.waiting_for_join,
             "deadLetters": stats.dead_letters,
+            "lastCommit": last_commit,
         },
         "store": {
             "name": state.name,

@@ -142,6 +142,12 @@ class Settings(BaseSettings):
         "in the past or the future",
     )
     durability: Durability = Field(Durability.PROCESS, description="process or power")
+    ledger_commit_on_loop: bool = Field(
+        True,
+        description="commit small ingest requests on the event loop, the fastest on a fast "
+        "disk; false moves every commit to the ledger's writer thread, so that a slow disk "
+        "never holds up the HTTP server (each request then pays a thread hand-off)",
+    )
     max_body_bytes: PositiveInt = Field(
         8 * 1024 * 1024, description="largest accepted request body, after gzip decoding"
     )
@@ -176,7 +182,7 @@ class Settings(BaseSettings):
     )
     analytics_refresh_seconds: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict,
-        description="refresh cadence per window, JSON, e.g. {\"1h\": 30, \"90d\": 900}; "
+        description='refresh cadence per window, JSON, e.g. {"1h": 30, "90d": 900}; '
         "unset windows keep their defaults",
     )
     analytics_timeout_seconds: PositiveFloat = Field(

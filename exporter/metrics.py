@@ -27,6 +27,7 @@ _Labelled = Counter | Gauge | Histogram
 
 SETTLEMENT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60)
 GAS_BUCKETS = (21000, 50000, 100000, 200000, 500000, 1000000)
+EVENT_LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 REJECT_REASONS = (
     "invalid",
@@ -142,6 +143,13 @@ class Metrics:
             "Ledger transactions; concurrent requests share one (group commit).",
             registry=registry,
         )
+        self.event_loop_lag = Histogram(
+            "exporter_event_loop_lag_seconds",
+            "How much later than asked the event loop woke a periodic timer: the time "
+            "it was held by work that did not yield (a slow commit, a large body).",
+            buckets=EVENT_LOOP_LAG_BUCKETS,
+            registry=registry,
+        )
         for event_type in EVENT_TYPES:
             self.events_received.labels(event_type)
         for reason in REJECT_REASONS:
@@ -185,9 +193,7 @@ class Metrics:
                     volume[network] = volume.get(network, 0) + effect.amount_micro
                     fees[network] = fees.get(network, 0) + effect.fee_micro
                     if effect.settlement_ms is not None:
-                        observations.append(
-                            (self.settlement, network, effect.settlement_ms / 1000)
-                        )
+                        observations.append((self.settlement, network, effect.settlement_ms / 1000))
             elif isinstance(effect, BatchGas):
                 observations.append((self.gas, effect.network, effect.gas_used))
             else:

@@ -391,6 +391,16 @@ def _readiness_schema() -> dict[str, Any]:
                     "waitingForJoin": {"type": "integer"},
                     "deadLetters": {"type": "integer"},
                     "error": {"type": "string"},
+                    "lastCommit": {
+                        "type": "object",
+                        "description": "How the last ledger commit ended (Unix time in "
+                        "seconds); one older than 10 s is confirmed by a small write.",
+                        "properties": {
+                            "at": {"type": "number"},
+                            "ok": {"type": "boolean"},
+                            "error": nullable_string,
+                        },
+                    },
                 },
             },
             "store": {

@@ -26,6 +26,7 @@ from conftest import (
     settled,
     verified,
 )
+from ledger_faults import refusing_inserts
 
 from exporter.config import Durability
 from exporter.errors import LedgerCorruptError, LedgerError, LedgerUnavailableError
@@ -325,6 +326,78 @@ async def test_with_power_durability_every_commit_runs_on_the_writer(tmp_path: P
     finally:
         committer.close()
         ledger.close()
+
+
+async def test_with_commits_off_the_loop_every_commit_runs_on_the_writer(
+    tmp_path: Path,
+) -> None:
+    # For slow disks: no commit, however small, holds the event loop.
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    committer = GroupCommitter(ledger, commit_on_loop=False)
+    try:
+        threads = _committing_threads(committer)
+        results = await asyncio.gather(
+            *(submit(committer, received(f"p{i}")) for i in range(50)),
+            submit(committer, *(received(f"q{i}") for i in range(100))),
+        )
+        assert all(r.outcomes[0] is Outcome.ACCEPTED for r in results)
+        assert ledger.stats().events == 150
+        assert threads and set(threads) == {"ledger-writer"}
+    finally:
+        committer.close()
+        ledger.close()
+
+
+async def test_the_committer_keeps_how_the_last_commit_ended(committer: GroupCommitter) -> None:
+    path = committer.ledger.path
+    assert committer.last_commit is None
+    await submit(committer, received("p1"))
+    first = committer.last_commit
+    assert first is not None and first.ok and first.error is None
+    with refusing_inserts(path, "events"):
+        with pytest.raises(LedgerUnavailableError):
+            await submit(committer, received("p2"))
+        failed_commit = committer.last_commit
+        assert failed_commit is not None and not failed_commit.ok
+        assert failed_commit.error is not None
+        assert failed_commit.error.startswith("LedgerUnavailableError: ")
+        assert "database or disk is full" in failed_commit.error
+        assert failed_commit.monotonic >= first.monotonic
+    await submit(committer, received("p2"))
+    assert committer.last_commit is not None and committer.last_commit.ok
+
+
+async def test_a_request_refused_for_its_own_content_does_not_mark_the_ledger_failed(
+    committer: GroupCommitter,
+) -> None:
+    await submit(committer, received("p1"))
+    poison = Submission(dead_letters=[DeadLetter("invalid", "lone surrogate \ud800", b"")])
+    with pytest.raises(LedgerUnavailableError):
+        await committer.submit(poison)
+    assert committer.last_commit is not None and committer.last_commit.ok
+
+
+async def test_last_outcome_writes_only_when_no_commit_is_recent(
+    committer: GroupCommitter,
+) -> None:
+    path = committer.ledger.path
+    await submit(committer, received("p1"))
+    recent = committer.last_commit
+    assert await committer.last_outcome(60.0) is recent  # no write: the commit is recent
+
+    # Stale: one small write answers every caller waiting at the time.
+    outcomes = await asyncio.gather(*(committer.last_outcome(0.0) for _ in range(5)))
+    assert outcomes[0] is not recent and outcomes[0].ok
+    assert all(outcome is outcomes[0] for outcome in outcomes)
+    assert committer.last_commit is outcomes[0]
+
+    with refusing_inserts(path, "meta"):
+        with sqlite3.connect(path) as conn:
+            conn.execute("DELETE FROM meta WHERE key = 'write_probe'")
+        refused = await committer.last_outcome(0.0)
+    assert not refused.ok and refused.error is not None
+    assert "database or disk is full" in refused.error
+    assert committer.last_commit is refused
 
 
 async def test_a_busy_writer_takes_the_event_loops_requests_without_blocking_it(

@@ -3,7 +3,7 @@
 Other stages import from here; the modules inside are the ledger's own business.
 """
 
-from .committer import GroupCommitter
+from .committer import CommitOutcome, GroupCommitter
 from .files import DataDirLock, check_no_pending_recovery, is_damage, read_only_uri, recovery_marker
 from .model import (
     BatchGas,
@@ -24,6 +24,7 @@ from .storage import Ledger, LedgerTuning
 
 __all__ = [
     "BatchGas",
+    "CommitOutcome",
     "DataDirLock",
     "DeadLetter",
     "DeadLetterRow",

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -54,6 +55,32 @@ _LOOP_COMMIT_MAX_EVENTS = 512
 _LOOP_COMMIT_MAX_PASSES = 16
 
 
+@dataclass(frozen=True, slots=True)
+class CommitOutcome:
+    """How the ledger's last write ended: when, and the error when it failed.
+
+    Readiness reports it instead of writing to the ledger on every probe.
+    """
+
+    at: float
+    """When it ended, in seconds since the epoch."""
+    monotonic: float
+    """When it ended, on :func:`time.monotonic` (for its age)."""
+    error: str | None = None
+    """``<error class>: <message>`` when the write failed; None when it was committed."""
+
+    @classmethod
+    def now(cls, error: BaseException | None = None) -> CommitOutcome:
+        """The outcome of a write that ended just now (with ``error``, if it failed)."""
+        text = None if error is None else f"{type(error).__name__}: {error}"
+        return cls(time.time(), time.monotonic(), text)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the write was committed."""
+        return self.error is None
+
+
 class GroupCommitter:
     """Runs the ledger's writes one at a time, folding waiting submissions into one commit.
 
@@ -68,23 +95,29 @@ class GroupCommitter:
     retention run on the writer thread. One lock lets only one of them write at a time;
     the event loop never waits for it, but hands its requests to the writer thread when
     the lock is taken. With ``durability=power`` every commit syncs the disk, so all of
-    them run on the writer thread.
+    them run on the writer thread; so they do with ``commit_on_loop=False``, for a disk
+    slow enough that even a small commit would hold the event loop too long.
 
     The lock also covers the ledger's own state (row numbers, the outbox handoff) and
     its write connection outside transactions, which the ledger's write methods use as
     if they were alone: every write goes through :meth:`submit` or :meth:`call`.
     """
 
-    def __init__(self, ledger: Ledger, max_events_per_commit: int = 50_000) -> None:
+    def __init__(
+        self, ledger: Ledger, max_events_per_commit: int = 50_000, commit_on_loop: bool = True
+    ) -> None:
         self.ledger = ledger
         self.on_commit_hooks: list[Callable[[], None]] = []
         """Called after each successful commit, before its requests are answered, on the
         thread that committed."""
+        self.last_commit: CommitOutcome | None = None
+        """How the last commit (or :meth:`last_outcome`'s write) ended; None before any."""
+        self._probe: asyncio.Future[CommitOutcome] | None = None
         self._max_events = max_events_per_commit
         self._queue: queue.SimpleQueue[_CommitRequest | _JobRequest | None] = queue.SimpleQueue()
         # Held for each commit and job, with the ledger's state updates that follow it.
         self._lock = threading.Lock()
-        self._commit_on_loop = ledger.durability is Durability.PROCESS
+        self._commit_on_loop = commit_on_loop and ledger.durability is Durability.PROCESS
         self._loop: asyncio.AbstractEventLoop | None = None  # the one that commits inline
         self._gathered: list[_CommitRequest] = []
         self._gathered_events = 0
@@ -119,6 +152,29 @@ class GroupCommitter:
         future: asyncio.Future[_T] = loop.create_future()
         self._queue.put(_JobRequest(fn, future, loop))  # type: ignore[arg-type]
         return await future
+
+    async def last_outcome(self, max_age_seconds: float) -> CommitOutcome:
+        """How the last commit ended, when that was at most ``max_age_seconds`` ago.
+
+        Otherwise (nothing committed for a while, or ever) one small write finds out, on
+        the writer thread: callers that ask meanwhile share it.
+        """
+        last = self.last_commit
+        if last is not None and time.monotonic() - last.monotonic <= max_age_seconds:
+            return last
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self.call(self._probe_write))
+        return await asyncio.shield(self._probe)
+
+    def _probe_write(self) -> CommitOutcome:
+        """Commit a one-row write and keep how it ended (on the writer, under the lock)."""
+        try:
+            self.ledger.check_writable()
+        except LedgerError as error:
+            self.last_commit = CommitOutcome.now(error)
+        else:
+            self.last_commit = CommitOutcome.now()
+        return self.last_commit
 
     def close(self) -> None:
         """Finish queued work and stop the writer thread."""
@@ -216,6 +272,8 @@ class GroupCommitter:
                     self._commit([request], wait)
                 return
             log.error("ledger commit failed", extra={"error": str(error)})
+            if isinstance(error, LedgerError):  # the ledger failed, not this one request
+                self.last_commit = CommitOutcome.now(error)
             request = batch[0]
             failure = (
                 error
@@ -231,6 +289,7 @@ class GroupCommitter:
                 self._queue.put(request)
             return
         self.commits += 1
+        self.last_commit = CommitOutcome.now()
         for hook in self.on_commit_hooks:  # before any answer goes out
             hook()
         # One wake-up of each event loop per commit, however many requests it resolves.
