@@ -182,7 +182,7 @@ class Settings(BaseSettings):
     )
     analytics_refresh_seconds: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict,
-        description='refresh cadence per window, JSON, e.g. {"1h": 30, "90d": 900}; '
+        description="refresh cadence per window, JSON, e.g. {\"1h\": 30, \"90d\": 900}; "
         "unset windows keep their defaults",
     )
     analytics_timeout_seconds: PositiveFloat = Field(

@@ -193,7 +193,9 @@ class Metrics:
                     volume[network] = volume.get(network, 0) + effect.amount_micro
                     fees[network] = fees.get(network, 0) + effect.fee_micro
                     if effect.settlement_ms is not None:
-                        observations.append((self.settlement, network, effect.settlement_ms / 1000))
+                        observations.append(
+                            (self.settlement, network, effect.settlement_ms / 1000)
+                        )
             elif isinstance(effect, BatchGas):
                 observations.append((self.gas, effect.network, effect.gas_used))
             else:
