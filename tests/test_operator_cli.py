@@ -32,7 +32,8 @@ from conftest import (
 
 from exporter import Settings
 from exporter.analytics.models import ANALYTIC_NAMES
-from exporter.cli.operator import backfill, render_table
+from exporter.cli.backfill import backfill
+from exporter.cli.render import render_table
 from exporter.config import StoreKind
 from exporter.records import Store, StoreRecord, StoreRejection
 from exporter.store import open_store

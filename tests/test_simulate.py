@@ -16,17 +16,16 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from exporter.cli.progress import render_progress
 from exporter.cli.simulate import (
     DAY_MS,
     EventDict,
     SimulationConfig,
-    SimulationProgress,
     Simulator,
     encode_event,
     encode_ndjson,
-    render_progress,
-    run_simulation,
 )
+from exporter.cli.simulate_live import SimulationProgress, run_simulation
 from exporter.events import EVENT_TYPES, parse_event, to_micro
 
 START_MS = 1_750_000_000_000  # 2025-06-15, comfortably inside parse_event's range
