@@ -8,9 +8,7 @@ import asyncio
 import functools
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,11 +26,14 @@ from ..records import Store
 from ..store import Forwarder, open_store
 from .common import (
     DATA_DIR_HELP,
+    DRAIN_SECONDS,
     REPLAY_BATCH_EVENTS,
     existing_ledger,
     locked_data_dir,
+    non_negative_float,
     settings_from_args,
     sqlite_files,
+    write_json_atomically,
 )
 from .progress import Progress
 
@@ -89,15 +90,6 @@ def _progress_file(settings: Settings, target: StoreKind) -> Path:
 
 def _scratch_path(settings: Settings, target: StoreKind) -> Path:
     return settings.data_dir / f"backfill-{target.value}.sqlite3"
-
-
-def _write_progress(path: Path, seq: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump({"lastSourceSeq": seq}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 async def backfill(
@@ -176,7 +168,9 @@ async def backfill_locked(
             if pending:
                 await committer.submit(Submission(list(pending)))
                 pending.clear()
-            await asyncio.to_thread(_write_progress, progress_path, last_seq)
+            await asyncio.to_thread(
+                write_json_atomically, progress_path, {"lastSourceSeq": last_seq}
+            )
 
         seen = 0
         for seq, key, body in source.iter_events():
@@ -260,10 +254,10 @@ def add_parser(commands: Commands) -> None:
     )
     backfill.add_argument(
         "--drain-timeout",
-        type=float,
-        default=60.0,
+        type=non_negative_float,
+        default=DRAIN_SECONDS,
         help="seconds to keep delivering after the last event before giving up for this run "
-        "(default 60)",
+        f"(default {DRAIN_SECONDS:g})",
     )
     backfill.add_argument("--data-dir", help=DATA_DIR_HELP)
     backfill.set_defaults(run=_backfill)

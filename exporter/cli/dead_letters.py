@@ -13,11 +13,23 @@ from typing import TYPE_CHECKING, Any
 from ..config import Settings
 from ..errors import OperatorError
 from ..ledger import read_only_uri
-from .common import DATA_DIR_HELP, existing_ledger, settings_from_args
+from ..metrics import REJECT_REASONS
+from .common import (
+    DATA_DIR_HELP,
+    existing_ledger,
+    non_negative_int,
+    positive_int,
+    settings_from_args,
+)
 from .render import clip, render_table
 
 if TYPE_CHECKING:
     from .common import Commands
+
+
+DEAD_LETTER_REASONS = (*REJECT_REASONS, "store")
+"""Why input became a dead letter: refused at ingest (the reasons of
+``exporter_events_rejected_total``), or refused for good by the store (``store``)."""
 
 
 def _iso(ms: int) -> str:
@@ -93,18 +105,18 @@ def add_parser(commands: Commands) -> None:
     )
     letters.add_argument(
         "--reason",
-        help="only this reason: invalid, malformed, conflict, too_large, "
-        "unsupported_media_type or store",
+        choices=DEAD_LETTER_REASONS,
+        help=f"only this reason: {', '.join(DEAD_LETTER_REASONS)}",
     )
     letters.add_argument(
         "--format", choices=("table", "json"), default="table", help="output (default table)"
     )
     letters.add_argument(
-        "--limit", type=int, default=100, help="most dead letters to show (default 100)"
+        "--limit", type=positive_int, default=100, help="most dead letters to show (default 100)"
     )
     letters.add_argument(
         "--width",
-        type=int,
+        type=non_negative_int,
         default=60,
         help="clip error and raw columns of the table to this width; 0 keeps them whole "
         "(default 60)",

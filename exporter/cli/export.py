@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from ..config import Settings
+from ..errors import OperatorError
 from ..ledger import Ledger
 from .common import (
     DATA_DIR_HELP,
@@ -25,11 +26,20 @@ if TYPE_CHECKING:
 
 
 def _open_output(output: Path | None, stdout: IO[bytes]) -> contextlib.AbstractContextManager[Any]:
+    """The sink: ``stdout``, or ``output`` (gzip when it ends in .gz), refused in one line
+    naming the file when it cannot be created."""
     if output is None:
         return contextlib.nullcontext(stdout)
-    if output.name.endswith(".gz"):
-        return gzip.open(output, "wb")
-    return open(output, "wb")
+    try:
+        if output.name.endswith(".gz"):
+            return gzip.open(output, "wb")
+        return open(output, "wb")
+    except OSError as error:
+        raise OperatorError(
+            f"export: cannot write --output {output}: {error.strerror or error}; "
+            "choose a file in an existing, writable directory",
+            2,
+        ) from None
 
 
 def export(
@@ -47,21 +57,20 @@ def export(
     """
     existing_ledger(settings, "export")
     written = 0
-    with locked_data_dir(settings, "export"):
+    with locked_data_dir(settings, "export"), _open_output(output, stdout) as sink:
         ledger = Ledger(settings.ledger_path, settings.durability)
         try:
-            with _open_output(output, stdout) as sink:
-                for _seq, _key, body in ledger.iter_events():
-                    blob = bytes(body)
-                    if since_ms is not None or until_ms is not None:
-                        ts = int(json.loads(blob)["data"]["timestamp"])
-                        if since_ms is not None and ts < since_ms:
-                            continue
-                        if until_ms is not None and ts >= until_ms:
-                            continue
-                    sink.write(blob + b"\n")
-                    written += 1
-                sink.flush()
+            for _seq, _key, body in ledger.iter_events():
+                blob = bytes(body)
+                if since_ms is not None or until_ms is not None:
+                    ts = int(json.loads(blob)["data"]["timestamp"])
+                    if since_ms is not None and ts < since_ms:
+                        continue
+                    if until_ms is not None and ts >= until_ms:
+                        continue
+                sink.write(blob + b"\n")
+                written += 1
+            sink.flush()
         finally:
             ledger.close()
     return written

@@ -1,47 +1,45 @@
-"""The small HTTP client of ``query --url``: one analytics question to a running exporter."""
+"""The small HTTP client of ``query --url``: a GET to a running exporter, its JSON answer."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import urllib.error
-import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 
 from ..errors import OperatorError
 
 
-@dataclass(frozen=True, slots=True)
-class QueryRequest:
-    """One analytics question, as the HTTP API takes it."""
+def get_json(url: str, token: str | None, timeout: float, command: str) -> object:
+    """GET ``url`` (with a bearer ``token`` when given) and parse its JSON answer.
 
-    name: str
-    window: str
-    at_ms: int | None
-    limit: int
-    metric: str
-
-
-def query_exporter(url: str, token: str | None, request: QueryRequest, timeout: float) -> object:
-    """Ask a running exporter's ``GET /v1/analytics/{name}``; its JSON answer."""
-    params: dict[str, str] = {"window": request.window, "limit": str(request.limit)}
-    if request.name == "timeseries":
-        params["metric"] = request.metric
-    if request.at_ms is not None:
-        params["at"] = str(request.at_ms)
-    target = f"{url.rstrip('/')}/v1/analytics/{request.name}?{urllib.parse.urlencode(params)}"
+    Requests never go through a proxy from the environment: the exporter is asked
+    directly. Every failure is an :class:`~exporter.errors.OperatorError` naming ``url``:
+    an error status with the exporter's own ``error`` message, an unreachable address,
+    or an answer that is not JSON.
+    """
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(urllib.request.Request(target, headers=headers), timeout=timeout) as r:
-            return json.loads(r.read())
+        request = urllib.request.Request(url, headers=headers)
+    except ValueError as error:  # no scheme, or not a URL at all
+        raise OperatorError(f"{command}: --url {url!r} is not a URL: {error}", 2) from None
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            body = response.read()
     except urllib.error.HTTPError as error:
         with error:
-            body = error.read().decode("utf-8", errors="replace")
+            detail = error.read().decode("utf-8", errors="replace")
         with contextlib.suppress(ValueError, KeyError, TypeError):
-            body = str(json.loads(body)["error"])
-        raise OperatorError(f"query: {url} answered {error.code}: {body}") from None
+            detail = str(json.loads(detail)["error"])
+        raise OperatorError(f"{command}: {url} answered {error.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as error:
-        raise OperatorError(f"query: cannot reach an exporter at {url}: {error}") from None
-
+        reason = getattr(error, "reason", None) or error
+        raise OperatorError(
+            f"{command}: cannot reach an exporter at {url}: {reason}; check --url and that "
+            "the exporter runs"
+        ) from None
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise OperatorError(f"{command}: {url} did not answer JSON; is it an exporter?") from None

@@ -9,32 +9,111 @@ import contextlib
 import datetime
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..analytics.models import Analytics, AnalyticsRequestError, Window, WindowError, result_data
+from ..analytics.models import (
+    ANALYTIC_NAMES,
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    TIME_SERIES_METRICS,
+    Analytics,
+    AnalyticsRequestError,
+    Window,
+    WindowError,
+    result_data,
+)
 from ..analytics.source import analytics_source
 from ..config import Settings, StoreKind
-from ..errors import ExporterError, OperatorError
+from ..errors import DataDirError, ExporterError, OperatorError
 from ..store import open_store
-from .common import DATA_DIR_HELP, locked_data_dir, parse_instant, settings_from_args
-from .http_client import QueryRequest, query_exporter
+from .common import (
+    DATA_DIR_FLAG,
+    DATA_DIR_HELP,
+    existing_data_dir,
+    http_base_url,
+    locked_data_dir,
+    parse_instant,
+    positive_float,
+    positive_int,
+    settings_from_args,
+)
+from .http_client import get_json
 from .render import render_data, render_flux
 
 if TYPE_CHECKING:
     from .common import Commands
 
+DEFAULT_WINDOW = Window.H24.value
+"""The window of ``query`` when ``--window`` is not given."""
+
+DEFAULT_TIMEOUT_SECONDS = 60.0
+"""How long ``query --url`` waits for the exporter's answer by default."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueryRequest:
+    """One analytics question, as the HTTP API takes it."""
+
+    name: str
+    window: str
+    at_ms: int | None
+    limit: int
+    metric: str
+
+
+def takes_window(name: str) -> bool:
+    """Whether analytic ``name`` is computed over a window (realtime has its own spans)."""
+    return name != "realtime"
+
+
+def takes_limit(name: str) -> bool:
+    """Whether analytic ``name`` is a top list, cut to ``limit`` entries."""
+    return name.startswith("top/")
+
+
+def takes_metric(name: str) -> bool:
+    """Whether analytic ``name`` is the time series of one metric."""
+    return name == "timeseries"
+
+
+def query_exporter(url: str, token: str | None, request: QueryRequest, timeout: float) -> object:
+    """Ask a running exporter's ``GET /v1/analytics/{name}``; its JSON answer."""
+    params: dict[str, str] = {}
+    if takes_window(request.name):
+        params["window"] = request.window
+    if takes_limit(request.name):
+        params["limit"] = str(request.limit)
+    if takes_metric(request.name):
+        params["metric"] = request.metric
+    if request.at_ms is not None:
+        params["at"] = str(request.at_ms)
+    target = f"{url.rstrip('/')}/v1/analytics/{request.name}"
+    if params:
+        target += f"?{urllib.parse.urlencode(params)}"
+    return get_json(target, token, timeout, "query")
+
 
 async def query_store(settings: Settings, request: QueryRequest) -> object:
     """Compute one analytic by opening the configured store (no exporter may hold it)."""
     try:
-        window = None if request.name == "realtime" else Window.parse(request.window)
+        window = Window.parse(request.window) if takes_window(request.name) else None
     except WindowError as error:
         raise OperatorError(f"query: {error}", 2) from None
     at_ms = request.at_ms if request.at_ms is not None else int(time.time() * 1000)
     # The embedded store's file is the exporter's while it runs; InfluxDB is shared.
     embedded = settings.resolved_store is StoreKind.DUCKDB
+    if embedded:  # reading never creates a data directory or an empty store
+        existing_data_dir(settings, "query")
+        if not settings.duckdb_path.exists():
+            raise DataDirError(
+                f"query: no store at {settings.duckdb_path}; check {DATA_DIR_FLAG} (the "
+                "exporter creates it when it first starts)",
+                2,
+            )
     lock = locked_data_dir(settings, "query") if embedded else contextlib.nullcontext()
     with lock:
         try:
@@ -103,15 +182,39 @@ def _flux_value(value: object) -> object:
 
 
 
+def _refuse_ignored(args: argparse.Namespace) -> None:
+    """Refuse an option that this query would accept and then ignore."""
+    name = args.analytic
+    ignored = [
+        (args.window is not None and not takes_window(name), "--window", f"{name} has none"),
+        (args.limit is not None and not takes_limit(name), "--limit", "only top lists take it"),
+        (args.metric is not None and not takes_metric(name), "--metric", "only timeseries"),
+        (args.url and args.data_dir, "--data-dir", "--url asks an exporter, not the store"),
+        (not args.url and args.token, "--token", "it is for --url"),
+        (not args.url and args.timeout is not None, "--timeout", "it is for --url"),
+    ]
+    for applies, option, why in ignored:
+        if applies:
+            raise OperatorError(f"query {name}: {option} does not apply ({why}); drop it", 2)
+
+
 def _query(args: argparse.Namespace) -> int:
+    _refuse_ignored(args)
     settings = settings_from_args(args)
     at = parse_instant(args.at, "--at") if args.at else None
-    request = QueryRequest(args.analytic, args.window, at, args.limit, args.metric)
+    request = QueryRequest(
+        args.analytic,
+        args.window or DEFAULT_WINDOW,
+        at,
+        DEFAULT_LIMIT if args.limit is None else args.limit,
+        args.metric or TIME_SERIES_METRICS[0],
+    )
     if args.url:
         token = args.token or (
             settings.ingest_token.get_secret_value() if settings.ingest_token else None
         )
-        data = query_exporter(args.url, token, request, args.timeout)
+        timeout = DEFAULT_TIMEOUT_SECONDS if args.timeout is None else args.timeout
+        data = query_exporter(http_base_url(args.url, "query"), token, request, timeout)
         sys.stderr.write(f"query: answered by the exporter at {args.url}\n")
     else:
         data = asyncio.run(query_store(settings, request))
@@ -124,17 +227,27 @@ def _query(args: argparse.Namespace) -> int:
             f"query: computed from the {settings.resolved_store.value} store at {where} "
             "(no exporter holds the data directory)\n"
         )
-    if isinstance(data, list):
-        data = data[: args.limit]
+    if takes_limit(request.name) and isinstance(data, list):
+        data = data[: request.limit]
     sys.stdout.write(render_data(data, args.format))
     return 0
 
 
-def _flux(args: argparse.Namespace) -> int:
+def _flux_source(args: argparse.Namespace) -> str:
+    """The Flux text of the command line or of ``--file``."""
     if (args.query is None) == (args.file is None):
-        sys.stderr.write("flux: give either a query or --file, not both or neither\n")
-        return 2
-    text = args.query if args.query is not None else Path(args.file).read_text()
+        raise OperatorError("flux: give either a query or --file, not both or neither", 2)
+    if args.query is not None:
+        return str(args.query)
+    try:
+        return Path(args.file).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise OperatorError(f"flux: cannot read --file {args.file}: {reason}", 2) from None
+
+
+def _flux(args: argparse.Namespace) -> int:
+    text = _flux_source(args)
     tables = asyncio.run(run_flux(settings_from_args(args), text))
     sys.stdout.write(render_flux(tables, args.format))
     return 0
@@ -142,39 +255,31 @@ def _flux(args: argparse.Namespace) -> int:
 
 def add_parser(commands: Commands) -> None:
     """Add ``query`` and ``flux`` to the command line."""
-    from ..analytics.models import (
-        ANALYTIC_NAMES,
-        DEFAULT_LIMIT,
-        MAX_LIMIT,
-        TIME_SERIES_METRICS,
-        Window,
-    )
     query = commands.add_parser(
         "query",
-        help="compute one analytic (DESIGN section 5)",
+        help="compute one analytic, as GET /v1/analytics/ANALYTIC answers it",
         description="Compute one analytic. With --url it asks a running exporter's "
         "GET /v1/analytics/ANALYTIC; without, it opens the configured store itself, which "
-        "only works while no exporter holds the data directory. Stderr says which.",
+        "only works while no exporter holds the data directory. Stderr says which. An "
+        "option the analytic does not take (--window for realtime, --limit for all but "
+        "the top lists, --metric for all but timeseries) is refused.",
     )
     query.add_argument("analytic", choices=ANALYTIC_NAMES, help="the analytic to compute")
     query.add_argument(
         "--window",
-        default="24h",
         choices=[w.value for w in Window],
-        help="window ending at --at (default 24h; realtime has none)",
+        help=f"window ending at --at (default {DEFAULT_WINDOW}; realtime has none)",
     )
     query.add_argument("--at", help="instant to compute as of: epoch ms or RFC 3339 (default now)")
     query.add_argument(
         "--limit",
-        type=int,
-        default=DEFAULT_LIMIT,
+        type=positive_int,
         help=f"entries of the top lists, 1..{MAX_LIMIT} (default {DEFAULT_LIMIT})",
     )
     query.add_argument(
         "--metric",
-        default="volume",
         choices=TIME_SERIES_METRICS,
-        help="timeseries metric (default volume)",
+        help=f"timeseries metric (default {TIME_SERIES_METRICS[0]})",
     )
     query.add_argument(
         "--format",
@@ -188,7 +293,9 @@ def add_parser(commands: Commands) -> None:
         "--token", help="bearer token for --url (default EXPORTER_INGEST_TOKEN)"
     )
     query.add_argument(
-        "--timeout", type=float, default=60.0, help="seconds to wait for --url (default 60)"
+        "--timeout",
+        type=positive_float,
+        help=f"seconds to wait for --url (default {DEFAULT_TIMEOUT_SECONDS:g})",
     )
     query.add_argument("--data-dir", help=DATA_DIR_HELP)
     query.set_defaults(run=_query)

@@ -12,7 +12,6 @@ import logging
 import os
 import sqlite3
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,10 +35,15 @@ from ..records import Store
 from .backfill import backfill_locked
 from .common import (
     DATA_DIR_HELP,
+    DRAIN_SECONDS,
     REPLAY_BATCH_EVENTS,
+    existing_data_dir,
+    fsync_dir,
     locked_data_dir,
+    non_negative_float,
     settings_from_args,
     sqlite_files,
+    write_json_atomically,
 )
 from .progress import Progress
 
@@ -157,14 +161,6 @@ async def _store_problem(settings: Settings) -> str | None:
     return None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _move_aside(path: Path, target: Path, companions: Sequence[str]) -> list[Path]:
     """Rename ``path`` and its companion files (``-wal``...) to ``target``.
 
@@ -179,7 +175,7 @@ def _move_aside(path: Path, target: Path, companions: Sequence[str]) -> list[Pat
             destination = target.with_name(target.name + suffix)
             os.replace(source, destination)
             moved.append(destination)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return moved[-1:] + moved[:-1]
 
 
@@ -204,7 +200,7 @@ def _begin_recovery(
             if not target.exists():
                 break
             target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
-        _write_progress_file(marker, {"damaged": target.name})
+        write_json_atomically(marker, {"damaged": target.name})
     if not target.exists():
         if not path.exists():
             raise OperatorError(f"recover: neither {path} nor {target} exists")
@@ -231,20 +227,9 @@ def _end_recovery(built: Path, path: Path, companions: Sequence[str]) -> None:
     with open(built, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(built, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     recovery_marker(path).unlink()
-    _fsync_dir(path.parent)
-
-
-def _write_progress_file(path: Path, content: dict[str, Any]) -> None:
-    """Write ``content`` as JSON to ``path`` atomically and durably."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(content, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _remove_sqlite_files(path: Path) -> None:
@@ -398,6 +383,7 @@ async def recover(
     """
     summary = RecoverySummary()
     ledger, store = settings.ledger_path, settings.duckdb_path
+    existing_data_dir(settings, "recover")
     with locked_data_dir(settings, "recover"):
         if recovery_marker(ledger).exists():
             summary.ledger_problem = f"the recovery of {ledger} was interrupted"
@@ -489,8 +475,9 @@ def add_parser(commands: Commands) -> None:
     recover.add_argument("--data-dir", help=DATA_DIR_HELP)
     recover.add_argument(
         "--drain-timeout",
-        type=float,
-        default=60.0,
-        help="seconds to keep writing the rebuilt store after the last event (default 60)",
+        type=non_negative_float,
+        default=DRAIN_SECONDS,
+        help="seconds to keep writing the rebuilt store after the last event "
+        f"(default {DRAIN_SECONDS:g})",
     )
     recover.set_defaults(run=_recover)

@@ -25,7 +25,15 @@ from ..events import EventError, MalformedJSONError, canonical_json, dedup_key, 
 from ..ledger import GroupCommitter, Ledger, Outcome, PreparedEvent, Submission
 from ..metrics import Metrics
 from ..store import Forwarder, open_store
-from .common import DATA_DIR_HELP, REPLAY_BATCH_EVENTS, locked_data_dir, settings_from_args
+from .common import (
+    DATA_DIR_HELP,
+    DRAIN_SECONDS,
+    REPLAY_BATCH_EVENTS,
+    locked_data_dir,
+    non_negative_float,
+    settings_from_args,
+    writable_data_dir,
+)
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -138,6 +146,7 @@ async def replay(
         elif reported == max_reported + 1:
             err.write(f"(more rejected lines are counted but not listed after {max_reported})\n")
 
+    writable_data_dir(settings, "replay")
     with locked_data_dir(settings, "replay"):
         ledger = await asyncio.to_thread(Ledger, settings.ledger_path, settings.durability)
         committer = GroupCommitter(ledger)
@@ -198,6 +207,12 @@ async def replay(
 
 
 def _replay(args: argparse.Namespace) -> int:
+    if args.no_deliver and args.drain_timeout is not None:
+        raise OperatorError(
+            "replay: --drain-timeout does not apply with --no-deliver (nothing is delivered); "
+            "drop one of them",
+            2,
+        )
     logging.basicConfig(level=logging.WARNING)
     settings = settings_from_args(args)
     summary = asyncio.run(
@@ -206,7 +221,7 @@ def _replay(args: argparse.Namespace) -> int:
             [Path(p) for p in args.files],
             err=sys.stderr,
             deliver=not args.no_deliver,
-            drain_seconds=args.drain_timeout,
+            drain_seconds=DRAIN_SECONDS if args.drain_timeout is None else args.drain_timeout,
         )
     )
     if summary.delivered_to is None:
@@ -248,9 +263,9 @@ def add_parser(commands: Commands) -> None:
     )
     replay.add_argument(
         "--drain-timeout",
-        type=float,
-        default=60.0,
+        type=non_negative_float,
         help="seconds to keep delivering to the store after the last line; what is left "
-        "stays in the ledger for the next start (default 60)",
+        f"stays in the ledger for the next start (default {DRAIN_SECONDS:g}; not with "
+        "--no-deliver)",
     )
     replay.set_defaults(run=_replay)

@@ -19,8 +19,14 @@ from aiohttp import web
 
 from .._logging import configure_logging
 from ..app import SETTINGS, create_app
-from ..errors import ExporterError
-from .common import settings_from_args
+from ..errors import ConfigError, DataDirError, ExporterError, OperatorError
+from .common import (
+    DATA_DIR_FLAG,
+    local_url,
+    positive_float,
+    settings_from_args,
+    writable_data_dir,
+)
 
 if TYPE_CHECKING:
     from .common import Commands
@@ -37,8 +43,7 @@ def _demo_context(rate: float) -> Any:
         from .simulate_live import run_simulation
 
         settings = app[SETTINGS]
-        host = settings.host if settings.host not in ("0.0.0.0", "::") else "127.0.0.1"
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.port}"
+        url = local_url((settings.host, settings.port))
         token = settings.ingest_token.get_secret_value() if settings.ingest_token else None
         secret = settings.ingest_signing_secret
         stop = asyncio.Event()
@@ -128,17 +133,33 @@ async def _tune_garbage_collector(app: web.Application) -> None:
     gc.set_threshold(_GC_YOUNG_THRESHOLD)
 
 
+def _demo_rate(args: argparse.Namespace) -> float | None:
+    """Payments per second of the demo traffic, None without ``--demo``; refuses a
+    ``--demo-rate`` that would be ignored."""
+    if not args.demo:
+        if args.demo_rate is not None:
+            raise ConfigError(
+                "serve: --demo-rate applies only with --demo; add --demo or drop --demo-rate"
+            )
+        return None
+    return DEMO_RATE if args.demo_rate is None else float(args.demo_rate)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    demo_rate = _demo_rate(args)
     settings = settings_from_args(args)
+    if demo_rate is not None and settings.port == 0:
+        raise ConfigError(
+            "serve: --demo needs a fixed port to send its traffic to, not port 0; "
+            "set --listen or EXPORTER_LISTEN to host:port"
+        )
+    writable_data_dir(settings, "serve")
     configure_logging(settings.log_level, settings.log_format.value)
-    if args.demo and settings.port == 0:
-        sys.stderr.write("facilitator-exporter: --demo needs a fixed port, not port 0\n")
-        return 2
     _limit_malloc_arenas()
     before, after = raise_open_file_limit()
     if after != before:
         log.info("open file limit raised", extra={"soft_before": before, "soft": after})
-    extra = [_demo_context(args.demo_rate)] if args.demo else []
+    extra = [_demo_context(demo_rate)] if demo_rate is not None else []
     app = create_app(settings, extra_contexts=extra)
     app.on_startup.append(_tune_garbage_collector)
     log.info(
@@ -160,17 +181,32 @@ def _serve(args: argparse.Namespace) -> int:
         )
     except ExporterError as error:  # ledger, data dir or store: the message names which
         log.error("cannot start", extra={"error": str(error)})
-        sys.stderr.write(f"facilitator-exporter: {error}\n")
-        return error.exit_code
+        raise
     except OSError as error:
-        sys.stderr.write(f"facilitator-exporter: cannot listen on {settings.listen}: {error}\n")
-        return 1
+        log.error("cannot start", extra={"error": str(error)})
+        if error.filename is not None:  # a file the exporter needs, not the address
+            raise DataDirError(
+                f"serve: cannot open {error.filename}: {error.strerror or error}; check the "
+                f"data directory {settings.data_dir} (permissions, free space) or choose "
+                f"another with {DATA_DIR_FLAG}"
+            ) from None
+        raise OperatorError(
+            f"serve: cannot listen on {settings.listen}: {error.strerror or error}; stop what "
+            "holds it or choose another address with --listen or EXPORTER_LISTEN"
+        ) from None
     return 0
 
 
 def add_parser(commands: Commands) -> None:
     """Add ``serve`` to the command line."""
-    serve = commands.add_parser("serve", help="run the exporter")
+    serve = commands.add_parser(
+        "serve",
+        help="run the exporter",
+        description="Receive facilitator events on POST /v1/events, keep them in the "
+        "ledger, deliver them to the store, and serve analytics and metrics. Exit 2 on a "
+        "configuration error, 1 when the data directory, the address or the store cannot "
+        "be used.",
+    )
     serve.add_argument("--listen", help="host:port to bind (EXPORTER_LISTEN, 127.0.0.1:9402)")
     serve.add_argument("--data-dir", help="ledger and store directory (EXPORTER_DATA_DIR)")
     serve.add_argument(
@@ -186,8 +222,8 @@ def add_parser(commands: Commands) -> None:
     )
     serve.add_argument(
         "--demo-rate",
-        type=float,
-        default=DEMO_RATE,
-        help=f"payments per second for --demo (default {DEMO_RATE:g})",
+        type=positive_float,
+        help=f"payments per second for --demo, above 0 (default {DEMO_RATE:g}); "
+        "only with --demo",
     )
     serve.set_defaults(run=_serve)

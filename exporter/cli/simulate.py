@@ -1,15 +1,16 @@
 """Realistic, deterministic x402 facilitator traffic for tests, benchmarks and demos.
 
 :class:`Simulator` turns a :class:`SimulationConfig` into a stream of event dicts that
-follow the input contract (DESIGN section 2) the way a busy facilitator would produce
-them: Zipf-skewed payers and payees, log-normal amounts and latencies with a heavy
+follow the input contract (docs/architecture.md) the way a busy facilitator would
+produce them: Zipf-skewed payers and payees, log-normal amounts and latencies with a heavy
 settlement tail, a few percent failures (some before a payment id exists), settlement
 batches, revenue records, WebSocket client counts, and the delivery faults the exporter
 must absorb (a ``settled`` delivered before its ``received``, identical re-deliveries).
 
 Everything is derived from one ``random.Random(seed)`` and from the timestamps given by
 the caller, so the same seed, parameters and call sequence give byte-identical events.
-:func:`run_simulation` replays a live stream against a running exporter over HTTP.
+:func:`~exporter.cli.simulate_live.run_simulation` sends a live stream to a running
+exporter over HTTP.
 """
 
 from __future__ import annotations

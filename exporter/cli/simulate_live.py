@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -13,6 +14,7 @@ import os
 import signal
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from email.utils import parsedate_to_datetime
@@ -23,7 +25,15 @@ import aiohttp
 from ..config import check_secret
 from ..errors import OperatorError
 from ..ingest.signing import SIGNATURE_HEADER, signature_header
-from .progress import render_progress
+from .common import (
+    http_base_url,
+    listen_from_environment,
+    local_url,
+    non_negative_float,
+    positive_float,
+    positive_int,
+)
+from .progress import Progress
 from .simulate import SimulationConfig, Simulator, encode_event
 
 if TYPE_CHECKING:
@@ -31,6 +41,9 @@ if TYPE_CHECKING:
 
 SIGNING_SECRET_VARIABLE = "EXPORTER_INGEST_SIGNING_SECRET"
 """Where ``simulate`` finds its signing secret when ``--signing-secret`` is not given."""
+
+CONNECT_TIMEOUT_SECONDS = 3.0
+"""How long ``simulate`` waits for the exporter to accept a connection before it gives up."""
 
 
 @dataclass(frozen=True)
@@ -364,30 +377,47 @@ def _signing_secret(args: argparse.Namespace) -> str | None:
         raise OperatorError(f"{name} {error}", exit_code=2) from None
 
 
+async def _probe(url: str) -> None:
+    """Fail fast, naming ``url``, when nothing accepts a connection there."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
+            _, writer = await asyncio.open_connection(parts.hostname, port)
+    except (OSError, TimeoutError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else "timed out"
+        raise OperatorError(
+            f"simulate: no exporter answers at {url} ({reason}); start one with "
+            "`facilitator-exporter serve` or point --url (or EXPORTER_LISTEN) at it"
+        ) from None
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
 def _simulate(args: argparse.Namespace) -> int:
     signing_secret = _signing_secret(args)
+    url = http_base_url(args.url or local_url(listen_from_environment()), "simulate")
     logging.basicConfig(level=logging.WARNING)
-    tty = sys.stderr.isatty()
-    last_draw = 0.0
+    display = Progress(sys.stderr, "events", args.duration or None)
 
     def progress(p: SimulationProgress) -> None:
-        nonlocal last_draw
-        now = time.monotonic()
-        if now - last_draw < 0.2:
-            return
-        last_draw = now
-        line = render_progress(p, args.duration or None)
-        sys.stderr.write(("\r" + line) if tty else line + "\n")
-        sys.stderr.flush()
+        display.update(
+            p.events,
+            p.elapsed_s,
+            detail=f"payments {p.payments:,}  accepted {p.accepted:,}  dup {p.duplicates:,}  "
+            f"rejected {p.rejected:,}  errors {p.errors:,}",
+        )
 
     async def simulate() -> SimulationSummary:
+        await _probe(url)
         # Ctrl-C or SIGTERM ends the run cleanly, still printing the summary.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         return await run_simulation(
-            args.url.rstrip("/"),
+            url,
             rate=args.rate,
             duration=args.duration,
             seed=args.seed,
@@ -400,28 +430,36 @@ def _simulate(args: argparse.Namespace) -> int:
         )
 
     summary = asyncio.run(simulate())
-    if tty:
-        sys.stderr.write("\n")
+    display.finish()
     sys.stdout.write(json.dumps(dataclasses.asdict(summary), indent=2) + "\n")
+    if summary.errors:
+        sys.stderr.write(
+            f"simulate: {summary.errors} requests to {url} failed; last: {summary.last_error}\n"
+        )
     return 0 if summary.errors == 0 else 1
 
 
 def add_parser(commands: Commands) -> None:
     """Add ``simulate`` to the command line."""
     simulate = commands.add_parser(
-        "simulate", help="send realistic simulated x402 traffic to a running exporter"
+        "simulate",
+        help="send realistic simulated x402 traffic to a running exporter",
+        description="POST simulated facilitator events to a running exporter's "
+        "/v1/events at a steady rate; progress on stderr, the summary as JSON on stdout. "
+        f"Exit 1 when nothing answers at the URL (within {CONNECT_TIMEOUT_SECONDS:g} s) "
+        "or a request failed.",
     )
     simulate.add_argument(
         "--url",
-        default="http://127.0.0.1:9402",
-        help="exporter base URL (default http://127.0.0.1:9402)",
+        help="exporter base URL (default http://EXPORTER_LISTEN, http://127.0.0.1:9402 "
+        "when unset; an any-address listen is reached on loopback)",
     )
     simulate.add_argument(
-        "--rate", type=float, default=50.0, help="payments per second (default 50)"
+        "--rate", type=positive_float, default=50.0, help="payments per second (default 50)"
     )
     simulate.add_argument(
         "--duration",
-        type=float,
+        type=non_negative_float,
         default=60.0,
         help="seconds to run; 0 runs until interrupted (default 60)",
     )
@@ -435,11 +473,11 @@ def add_parser(commands: Commands) -> None:
     )
     simulate.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=1,
         help="events per request; above 1 sends NDJSON (default 1)",
     )
     simulate.add_argument(
-        "--concurrency", type=int, default=8, help="concurrent requests (default 8)"
+        "--concurrency", type=positive_int, default=8, help="concurrent requests (default 8)"
     )
     simulate.set_defaults(run=_simulate)

@@ -8,13 +8,20 @@ is taken from the ledger's own schema, so there is one definition of that table.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .storage import DeadLetter, read_only_uri
+from .storage import (
+    _SCHEMA,
+    _SQLITE_HEADER_BYTES,
+    _WAL_HEADER_BYTES,
+    DeadLetter,
+    read_only_uri,
+)
 
 
 def _probe(conn: sqlite3.Connection, table: str, key: str, at: int) -> int | None:
@@ -120,8 +127,17 @@ def _varint(buf: bytes, at: int) -> tuple[int, int]:
     return (value << 8) | buf[at + 8], at + 9
 
 
-_EVENT_COLUMNS = 9  # seq, key, key_hash, type, ref, ts, received_at, body, state
-_BODY_COLUMN = 7
+@functools.cache
+def _events_layout() -> tuple[int, int]:
+    """(number of columns, index of ``body``) of the ``events`` table, read from the
+    ledger's own schema so that the parser follows it."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(_SCHEMA)
+        columns = [str(row[1]) for row in conn.execute("PRAGMA table_info(events)")]
+    finally:
+        conn.close()
+    return len(columns), columns.index("body")
 
 
 def _event_body(payload: bytes) -> bytes | None:
@@ -131,13 +147,14 @@ def _event_body(payload: bytes) -> bytes | None:
     while at < header_end:
         serial, at = _varint(payload, at)
         types.append(serial)
-    if len(types) != _EVENT_COLUMNS or types[_BODY_COLUMN] < 12 or types[_BODY_COLUMN] % 2:
+    column_count, body_column = _events_layout()
+    if len(types) != column_count or types[body_column] < 12 or types[body_column] % 2:
         return None
     sizes = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 8, 7: 8, 8: 0, 9: 0}
     offset = header_end
-    for serial in types[:_BODY_COLUMN]:
+    for serial in types[:body_column]:
         offset += sizes[serial] if serial < 12 else (serial - 12 - serial % 2) // 2
-    length = (types[_BODY_COLUMN] - 12) // 2
+    length = (types[body_column] - 12) // 2
     body = payload[offset : offset + length]
     return body if len(body) == length else None
 
@@ -163,7 +180,6 @@ def _leaf_rows(page: bytes, header_at: int) -> Iterator[tuple[int, bytes]]:
             yield rowid, body
 
 
-_WAL_HEADER_BYTES = 32
 _WAL_MAGIC = (0x377F0682, 0x377F0683)  # checksums little-endian, big-endian
 _WAL_FRAME_HEADER = 24
 
@@ -225,8 +241,8 @@ def scan_pages(path: Path) -> Iterator[tuple[int, bytes]]:
     deduplicates them by key. Of the WAL only committed transactions are read.
     """
     with open(path, "rb") as handle:
-        header = handle.read(100)
-    page_size = int.from_bytes(header[16:18], "big") if len(header) == 100 else 0
+        header = handle.read(_SQLITE_HEADER_BYTES)
+    page_size = int.from_bytes(header[16:18], "big") if len(header) == _SQLITE_HEADER_BYTES else 0
     page_size = 65536 if page_size == 1 else page_size
     if page_size < 512 or page_size & (page_size - 1):
         page_size = 4096  # the header is lost: SQLite's default
@@ -234,7 +250,7 @@ def scan_pages(path: Path) -> Iterator[tuple[int, bytes]]:
         number = 0
         while len(page := handle.read(page_size)) == page_size:
             number += 1
-            yield from _leaf_rows(page, 100 if number == 1 else 0)
+            yield from _leaf_rows(page, _SQLITE_HEADER_BYTES if number == 1 else 0)
     wal = path.with_name(path.name + "-wal")
     if wal.exists():
         for page in _committed_wal_pages(wal, page_size):
