@@ -28,7 +28,7 @@ import pytest
 from _exporter_process import run_cli
 from conftest import BASE_MS, batch_created, batch_settled, received, settled
 
-from exporter.cli.operator import RecoverySummary, _scan_pages, recover
+from exporter.cli.recover import RecoverySummary, recover
 from exporter.config import Settings
 from exporter.errors import (
     LedgerCorruptError,
@@ -46,6 +46,7 @@ from exporter.ledger import (
     is_damage,
     recovery_marker,
 )
+from exporter.ledger.salvage import scan_pages
 from exporter.records import StoreRecord, StoreRejection
 from exporter.store.duckdb import DuckDBStore
 
@@ -618,12 +619,12 @@ def test_the_page_scan_skips_wal_frames_of_a_transaction_that_never_committed(
 ) -> None:
     path = _ledger_with_a_hot_wal(tmp_path, 0, 400)
     wal = path.with_name(path.name + "-wal")
-    everything = {bytes(body) for _, body in _scan_pages(path)}
+    everything = {bytes(body) for _, body in scan_pages(path)}
     assert sum(b'"new-' in body for body in everything) == 400
     # A crash while the transaction was written: its commit frame (the last) is missing.
     page_size = int.from_bytes(path.read_bytes()[16:18], "big")
     os.truncate(wal, wal.stat().st_size - (24 + page_size))
-    assert not any(b'"new-' in bytes(body) for _, body in _scan_pages(path))
+    assert not any(b'"new-' in bytes(body) for _, body in scan_pages(path))
 
 
 def test_salvage_keeps_dead_letters_with_their_time(data_dir: Path) -> None:

@@ -28,7 +28,7 @@ from conftest import AppClient, async_wait_until, in_ci, received
 from exporter import Settings, create_app
 from exporter.analytics.models import ANALYTIC_NAMES
 from exporter.app import COMMITTER
-from exporter.cli.main import raise_open_file_limit
+from exporter.cli.serve import raise_open_file_limit
 from exporter.ledger import DeadLetterRow
 
 JSON = {"Content-Type": "application/json"}

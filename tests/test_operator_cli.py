@@ -32,7 +32,8 @@ from conftest import (
 
 from exporter import Settings
 from exporter.analytics.models import ANALYTIC_NAMES
-from exporter.cli.operator import backfill, render_table
+from exporter.cli.backfill import backfill
+from exporter.cli.render import render_table
 from exporter.config import StoreKind
 from exporter.records import Store, StoreRecord, StoreRejection
 from exporter.store import open_store
@@ -91,9 +92,9 @@ def all_analytics(data_dir: Path) -> dict[str, Any]:
     """Every analytic over 24h as of :data:`AT`, as JSON, from the data dir's store."""
     answers: dict[str, Any] = {}
     for name in ANALYTIC_NAMES:
+        window = () if name == "realtime" else ("--window", "24h")  # realtime has none
         result = run_cli(
-            "query", name, "--window", "24h", "--at", AT, "--format", "json",
-            "--data-dir", str(data_dir),
+            "query", name, *window, "--at", AT, "--format", "json", "--data-dir", str(data_dir),
         )
         assert result.returncode == 0, result.stderr
         answers[name] = json.loads(result.stdout)
@@ -192,10 +193,14 @@ def test_export_since_until_selects_by_event_time(tmp_path: Path) -> None:
 
 
 def test_export_without_ledger_fails(tmp_path: Path) -> None:
-    """Exporting a data directory without a ledger exits 1 naming the file."""
-    result = run_cli("export", "--data-dir", str(tmp_path / "empty"))
-    assert result.returncode == 1
-    assert "no ledger at" in result.stderr
+    """Exporting a data directory without a ledger exits 2 naming the file; nothing is
+    created."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("export", "--data-dir", str(empty))
+    assert result.returncode == 2
+    assert f"no ledger at {empty / 'ledger.sqlite3'}" in result.stderr
+    assert list(empty.iterdir()) == []
 
 
 def test_dead_letters_lists_conflicts_and_rejects(tmp_path: Path) -> None:

@@ -26,7 +26,8 @@ from pydantic import ValidationError
 
 from exporter import Settings, create_app
 from exporter.app import COMMITTER
-from exporter.cli.main import _settings, build_parser
+from exporter.cli.common import settings_from_args
+from exporter.cli.main import build_parser
 from exporter.errors import LedgerUnavailableError
 from exporter.ingest.proxy import PROXY, payment_id
 from exporter.ledger import Submission, SubmissionResult
@@ -589,7 +590,7 @@ async def test_unparseable_body_is_forwarded_and_counted(
 
 def test_settings_and_cli_flag() -> None:
     args = build_parser().parse_args(["serve", "--upstream-facilitator", "https://x402.org/f/"])
-    assert _settings(args).upstream_facilitator == "https://x402.org/f"
+    assert settings_from_args(args).upstream_facilitator == "https://x402.org/f"
     assert Settings().upstream_facilitator is None
     with pytest.raises(ValidationError, match="http:// or https:// URL"):
         Settings(upstream_facilitator="x402.org")

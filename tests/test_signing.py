@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from exporter import Settings, create_app
 from exporter.app import COMMITTER
-from exporter.cli.simulate import run_simulation
+from exporter.cli.simulate_live import run_simulation
 from exporter.ingest.signing import (
     SIGNATURE_HEADER,
     SignatureError,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 import statistics
@@ -16,17 +17,16 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from exporter.cli.progress import Progress
 from exporter.cli.simulate import (
     DAY_MS,
     EventDict,
     SimulationConfig,
-    SimulationProgress,
     Simulator,
     encode_event,
     encode_ndjson,
-    render_progress,
-    run_simulation,
 )
+from exporter.cli.simulate_live import SimulationProgress, run_simulation
 from exporter.events import EVENT_TYPES, parse_event, to_micro
 
 START_MS = 1_750_000_000_000  # 2025-06-15, comfortably inside parse_event's range
@@ -287,26 +287,44 @@ def test_config_is_validated() -> None:
     assert networks <= {"eip155:43114", None}
 
 
-def test_render_progress_line() -> None:
-    progress = SimulationProgress(
-        elapsed_s=15.0,
-        payments=1_500,
-        events=4_321,
-        requests=4_321,
-        accepted=4_300,
-        duplicates=20,
-        rejected=1,
-        errors=2,
-        unacknowledged=2,
-        retries=3,
-        events_per_s=288.1,
-    )
-    line = render_progress(progress, 60.0)
-    assert "\n" not in line and "\r" not in line
-    for text in ("25%", "ETA", "45.0s", "288 ev/s", "4,300", "dup 20", "rejected 1", "errors 2"):
-        assert text in line
-    endless = render_progress(progress, None)
-    assert "ETA" not in endless and "4,300" in endless
+class _Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_line_of_a_timed_run() -> None:
+    """The simulate command's progress: bar, ETA, rate and the counters it adds."""
+    clock = _Clock()
+    stream = io.StringIO()
+    display = Progress(stream, "events", total=60.0, clock=clock)
+    clock.now += 15.0
+    display.update(4_321, 15.0, detail="accepted 4,300  dup 20  rejected 1  errors 2")
+    line = stream.getvalue()
+    assert line.endswith("\n") and line.count("\n") == 1  # not a terminal: one line each
+    for text in ("25.0%", "ETA 0:45", "4,321 events", "288 events/s", "accepted 4,300",
+                 "dup 20", "rejected 1", "errors 2"):
+        assert text in line, text
+    clock.now += 1.0
+    display.update(4_400, 16.0)  # within 5 s of the last line: not drawn
+    assert stream.getvalue() == line
+    display.finish()  # the final state is drawn once
+    assert stream.getvalue().count("\n") == 2 and "4,400 events" in stream.getvalue()
+
+
+def test_progress_line_of_an_endless_run() -> None:
+    """Without a total (simulate --duration 0) there is no bar and no ETA."""
+    clock = _Clock()
+    stream = io.StringIO()
+    display = Progress(stream, "events", clock=clock)
+    clock.now += 2.0
+    display.update(1_000, 2.0)
+    assert "ETA" not in stream.getvalue() and "[" not in stream.getvalue()
+    assert "1,000 events  500 events/s" in stream.getvalue()
 
 
 # ---------------------------------------------------------------------------------------
