@@ -184,7 +184,7 @@ def _begin_recovery(
 ) -> Path:
     """Mark ``path`` as being recovered and move it aside; returns the damaged file.
 
-    The marker (:func:`~exporter.ledger.storage.recovery_marker`) is written before the rename
+    The marker (:func:`~exporter.ledger.recovery_marker`) is written before the rename
     and names the damaged file, so a run that stops anywhere after it leaves the
     exporter refusing to start and the next ``recover`` starting over from that file.
     """

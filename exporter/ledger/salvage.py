@@ -8,20 +8,21 @@ is taken from the ledger's own schema, so there is one definition of that table.
 
 from __future__ import annotations
 
-import functools
 import sqlite3
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .storage import (
-    _SCHEMA,
-    _SQLITE_HEADER_BYTES,
-    _WAL_HEADER_BYTES,
-    DeadLetter,
+from .files import (
+    SQLITE_HEADER_BYTES,
+    WAL_HEADER_BYTES,
+    header_page_size,
+    is_valid_page_size,
     read_only_uri,
 )
+from .model import DeadLetter
+from .schema import EVENTS_BODY_COLUMN, EVENTS_COLUMNS
 
 
 def _probe(conn: sqlite3.Connection, table: str, key: str, at: int) -> int | None:
@@ -127,19 +128,6 @@ def _varint(buf: bytes, at: int) -> tuple[int, int]:
     return (value << 8) | buf[at + 8], at + 9
 
 
-@functools.cache
-def _events_layout() -> tuple[int, int]:
-    """(number of columns, index of ``body``) of the ``events`` table, read from the
-    ledger's own schema so that the parser follows it."""
-    conn = sqlite3.connect(":memory:")
-    try:
-        conn.executescript(_SCHEMA)
-        columns = [str(row[1]) for row in conn.execute("PRAGMA table_info(events)")]
-    finally:
-        conn.close()
-    return len(columns), columns.index("body")
-
-
 def _event_body(payload: bytes) -> bytes | None:
     """The ``body`` of an ``events`` row in SQLite record format, or None if it is not one."""
     header_end, at = _varint(payload, 0)
@@ -147,7 +135,7 @@ def _event_body(payload: bytes) -> bytes | None:
     while at < header_end:
         serial, at = _varint(payload, at)
         types.append(serial)
-    column_count, body_column = _events_layout()
+    column_count, body_column = len(EVENTS_COLUMNS), EVENTS_BODY_COLUMN
     if len(types) != column_count or types[body_column] < 12 or types[body_column] % 2:
         return None
     sizes = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 8, 7: 8, 8: 0, 9: 0}
@@ -203,7 +191,7 @@ def _committed_wal_pages(wal: Path, page_size: int) -> list[bytes]:
     """
     with open(wal, "rb") as handle:
         data = handle.read()
-    if len(data) < _WAL_HEADER_BYTES:
+    if len(data) < WAL_HEADER_BYTES:
         return []
     magic, _, wal_page_size = struct.unpack(">III", data[:12])
     if magic not in _WAL_MAGIC or wal_page_size != page_size:
@@ -215,7 +203,7 @@ def _committed_wal_pages(wal: Path, page_size: int) -> list[bytes]:
         return []
     pages: list[bytes] = []
     committed = 0
-    at = _WAL_HEADER_BYTES
+    at = WAL_HEADER_BYTES
     stride = _WAL_FRAME_HEADER + page_size
     while at + stride <= len(data):
         header = data[at : at + _WAL_FRAME_HEADER]
@@ -241,16 +229,15 @@ def scan_pages(path: Path) -> Iterator[tuple[int, bytes]]:
     deduplicates them by key. Of the WAL only committed transactions are read.
     """
     with open(path, "rb") as handle:
-        header = handle.read(_SQLITE_HEADER_BYTES)
-    page_size = int.from_bytes(header[16:18], "big") if len(header) == _SQLITE_HEADER_BYTES else 0
-    page_size = 65536 if page_size == 1 else page_size
-    if page_size < 512 or page_size & (page_size - 1):
+        header = handle.read(SQLITE_HEADER_BYTES)
+    page_size = header_page_size(header) if len(header) == SQLITE_HEADER_BYTES else 0
+    if not is_valid_page_size(page_size):
         page_size = 4096  # the header is lost: SQLite's default
     with open(path, "rb") as handle:
         number = 0
         while len(page := handle.read(page_size)) == page_size:
             number += 1
-            yield from _leaf_rows(page, _SQLITE_HEADER_BYTES if number == 1 else 0)
+            yield from _leaf_rows(page, SQLITE_HEADER_BYTES if number == 1 else 0)
     wal = path.with_name(path.name + "-wal")
     if wal.exists():
         for page in _committed_wal_pages(wal, page_size):
