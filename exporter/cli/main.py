@@ -26,7 +26,7 @@ from pydantic import SecretStr, ValidationError
 
 from .._logging import configure_logging
 from ..app import SETTINGS, create_app
-from ..config import Settings, StoreKind, check_secret
+from ..config import Settings, StoreKind, check_secret, load_settings
 from ..errors import ExporterError, OperatorError
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["data_dir"] = args.data_dir
     if getattr(args, "upstream_facilitator", None):
         overrides["upstream_facilitator"] = args.upstream_facilitator
-    return Settings(**overrides)
+    return load_settings(**overrides)
 
 
 def _describe_settings(settings: Settings) -> dict[str, Any]:
