@@ -440,6 +440,13 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return problems
 
 
+_JSON_EXAMPLES = {
+    "analytics_refresh_seconds": '{"1h": 30, "90d": 900}',
+    "proxy_asset_decimals": '{"eip155:56/0x55d398326f99059fF775485246999027B3197955": 18}',
+}
+"""A valid value of each JSON-valued setting, shown when one is malformed."""
+
+
 def _malformed_json(environ: Mapping[str, str]) -> list[str]:
     """One problem line per JSON-valued setting in ``environ`` that is not JSON at all."""
     by_variable = {name.upper(): value for name, value in environ.items()}
@@ -460,15 +467,9 @@ def _malformed_json(environ: Mapping[str, str]) -> list[str]:
             )
             problems.append(
                 f"{variable} is not valid JSON ({reason}{where}): "
-                f"give a JSON object, e.g. {_JSON_EXAMPLES.get(field, '{}')}"
+                f"expected JSON such as {_JSON_EXAMPLES.get(field, 'null')}"
             )
     return problems
-
-
-_JSON_EXAMPLES = {
-    "analytics_refresh_seconds": '{"1h": 30, "90d": 900}',
-    "proxy_asset_decimals": '{"eip155:56/0x55d398326f99059fF775485246999027B3197955": 18}',
-}
 
 
 def _validation_problems(error: ValidationError) -> list[str]:

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 from _exporter_process import run_cli
+from pydantic_settings import SettingsError
 
 from exporter.config import (
     JSON_SETTINGS,
     SETTING_VARIABLES,
     Settings,
+    _settings_error_problem,
     load_settings,
     unknown_variables,
 )
@@ -89,7 +91,7 @@ def test_malformed_json_names_the_variable_and_the_parse_error(
     assert len(message.splitlines()) == 1
     assert message.startswith(f"invalid configuration: {variable} is not valid JSON (")
     assert "line 1 column 2" in message
-    assert "e.g. {" in message
+    assert "expected JSON such as {" in message
 
 
 def test_json_of_the_wrong_shape_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -129,6 +131,16 @@ def test_a_refused_secret_is_never_echoed(monkeypatch: pytest.MonkeyPatch) -> No
     message = config_error(monkeypatch, EXPORTER_INGEST_SIGNING_SECRET=" hunter2-secret ")
     assert "EXPORTER_INGEST_SIGNING_SECRET" in message
     assert "hunter2" not in message
+
+
+def test_a_value_pydantic_settings_cannot_decode_names_its_variable() -> None:
+    error = SettingsError(
+        'error parsing value for field "proxy_asset_decimals" from source "EnvSettingsSource"'
+    )
+    error.__cause__ = ValueError("Expecting value: line 1 column 1 (char 0)")
+    assert _settings_error_problem(error) == (
+        "EXPORTER_PROXY_ASSET_DECIMALS cannot be read: Expecting value: line 1 column 1 (char 0)"
+    )
 
 
 def test_overrides_are_validated_like_the_environment() -> None:
