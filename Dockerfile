@@ -12,9 +12,13 @@ RUN useradd --create-home --uid 10001 exporter \
     && chown exporter:exporter /data /app
 WORKDIR /app
 
+# Dependencies first, every file checked against requirements.lock's hashes (regenerate the
+# lock with the pip-compile command in README.md), then the package itself without resolving.
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 COPY --chown=exporter:exporter pyproject.toml README.md ./
 COPY --chown=exporter:exporter exporter ./exporter
-RUN pip install .
+RUN pip install --no-deps .
 
 USER exporter
 ENV EXPORTER_DATA_DIR=/data \

@@ -10,7 +10,7 @@ written through :meth:`DuckDBStore.write` in batches of 100,000 with a 1GB buffe
 Then reopens the store as the exporter does (its default buffer pool and threads,
 ``EXPORTER_DUCKDB_MEMORY_LIMIT`` and ``_THREADS``, unless ``--memory-limit`` /
 ``--threads`` say otherwise), times :meth:`Analytics.compute_all`
-(every analytic of DESIGN section 5, every window) ``--runs`` times at successive
+(every analytic of docs/architecture.md section 5, every window) ``--runs`` times at successive
 instants a minute apart, and prints the median and the maximum against the 2 s target,
 then the seconds each store query took in one more refresh.
 

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import json
+import os
 import re
 import socket
+import types
+import typing
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from .errors import ConfigError
+
+ENV_PREFIX = "EXPORTER_"
+"""Every setting is the environment variable of this prefix and the field name, upper case."""
+
+RESERVED_PREFIX = "EXPORTER_TEST_"
+"""Variables of this prefix belong to the test suite (e.g. ``EXPORTER_TEST_INFLUX_URL``); the
+exporter ignores them instead of refusing them as misspelt settings."""
 
 DUCKDB_MEMORY_LIMIT = "48MB"
 """The embedded store's default buffer pool (``EXPORTER_DUCKDB_MEMORY_LIMIT``)."""
@@ -115,7 +130,7 @@ class Settings(BaseSettings):
     # hide_input_in_errors: a refused value may be a secret, and so may the other inputs
     # that a model-level error would otherwise print.
     model_config = SettingsConfigDict(
-        env_prefix="EXPORTER_", extra="forbid", frozen=True, hide_input_in_errors=True
+        env_prefix=ENV_PREFIX, extra="forbid", frozen=True, hide_input_in_errors=True
     )
 
     listen: str = Field(
@@ -377,3 +392,132 @@ class Settings(BaseSettings):
         if self.store is not StoreKind.AUTO:
             return self.store
         return StoreKind.INFLUXDB if self.influx_url is not None else StoreKind.DUCKDB
+
+
+def setting_variable(field: str) -> str:
+    """The environment variable of the setting ``field`` (``influx_url`` -> EXPORTER_INFLUX_URL)."""
+    return ENV_PREFIX + field.upper()
+
+
+SETTING_VARIABLES: tuple[str, ...] = tuple(setting_variable(name) for name in Settings.model_fields)
+"""Every ``EXPORTER_*`` variable that is a setting."""
+_SETTING_NAMES = tuple(name.upper() for name in Settings.model_fields)
+
+
+def _is_json_valued(annotation: Any) -> bool:
+    """True when pydantic-settings reads a field of this type as JSON (a container or model)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return any(_is_json_valued(arg) for arg in typing.get_args(annotation))
+    if typing.get_origin(annotation) is Annotated:
+        return _is_json_valued(typing.get_args(annotation)[0])
+    origin = typing.get_origin(annotation) or annotation
+    if isinstance(origin, type) and issubclass(origin, BaseModel):
+        return True
+    return origin in (dict, list, set, frozenset, tuple)
+
+
+JSON_SETTINGS: tuple[str, ...] = tuple(
+    name for name, field in Settings.model_fields.items() if _is_json_valued(field.annotation)
+)
+"""The settings whose variable holds JSON (e.g. ``EXPORTER_ANALYTICS_REFRESH_SECONDS``)."""
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One problem line per ``EXPORTER_*`` variable in ``environ`` that is not a setting,
+    naming the closest setting: a misspelt variable would otherwise be silently ignored.
+    ``EXPORTER_TEST_*`` variables are reserved for the test suite and never refused."""
+    problems = []
+    for name in sorted(environ):
+        variable = name.upper()
+        if not variable.startswith(ENV_PREFIX) or variable.startswith(RESERVED_PREFIX):
+            continue
+        if variable in SETTING_VARIABLES:
+            continue
+        # Compared without the shared prefix, which would make every name look close.
+        close = difflib.get_close_matches(
+            variable.removeprefix(ENV_PREFIX), _SETTING_NAMES, n=1, cutoff=0.6
+        )
+        hint = (
+            f"did you mean {ENV_PREFIX}{close[0]}?"
+            if close
+            else "unset it (the settings are listed under Configuration in README.md)"
+        )
+        problems.append(f"{name} is not a setting: {hint}")
+    return problems
+
+
+_JSON_EXAMPLES = {
+    "analytics_refresh_seconds": '{"1h": 30, "90d": 900}',
+    "proxy_asset_decimals": '{"eip155:56/0x55d398326f99059fF775485246999027B3197955": 18}',
+}
+"""A valid value of each JSON-valued setting, shown when one is malformed."""
+
+
+def _malformed_json(environ: Mapping[str, str]) -> list[str]:
+    """One problem line per JSON-valued setting in ``environ`` that is not JSON at all."""
+    by_variable = {name.upper(): value for name, value in environ.items()}
+    problems = []
+    for field in JSON_SETTINGS:
+        variable = setting_variable(field)
+        value = by_variable.get(variable)
+        if value is None:
+            continue
+        try:
+            json.loads(value)
+        except ValueError as error:
+            reason = getattr(error, "msg", str(error))
+            where = (
+                f" at line {error.lineno} column {error.colno}"
+                if isinstance(error, json.JSONDecodeError)
+                else ""
+            )
+            problems.append(
+                f"{variable} is not valid JSON ({reason}{where}): "
+                f"expected JSON such as {_JSON_EXAMPLES.get(field, 'null')}"
+            )
+    return problems
+
+
+def _validation_problems(error: ValidationError) -> list[str]:
+    """One line per problem of ``error``, naming the variable (and key) at fault."""
+    problems = []
+    for detail in error.errors(include_url=False):
+        message = str(detail["msg"]).removeprefix("Value error, ")
+        location = [str(part) for part in detail["loc"]]
+        if not location:
+            problems.append(message)
+            continue
+        field, *inside = location
+        variable = setting_variable(field) if field in Settings.model_fields else field
+        if field not in Settings.model_fields:
+            message = "not a setting"
+        key = f" (key {'.'.join(inside)})" if inside else ""
+        problems.append(f"{variable}{key}: {message}")
+    return problems
+
+
+def _settings_error_problem(error: SettingsError) -> str:
+    """The one line for a value pydantic-settings could not even decode."""
+    match = re.search(r'field "(\w+)"', str(error))
+    variable = setting_variable(match.group(1)) if match else "an EXPORTER_* variable"
+    cause = error.__cause__
+    return f"{variable} cannot be read: {cause if cause is not None else error}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """The settings from the environment and ``overrides`` (command-line values), or
+    ConfigError with one line per problem naming its ``EXPORTER_*`` variable.
+
+    Unlike ``Settings()`` it also refuses ``EXPORTER_*`` variables that are not settings
+    and reports malformed JSON values as such, so no mistake ends in a pydantic traceback.
+    """
+    checked = dict(os.environ)
+    problems = unknown_variables(checked) + _malformed_json(checked)
+    if not problems:
+        try:
+            return Settings(**overrides)
+        except ValidationError as error:
+            problems = _validation_problems(error)
+        except SettingsError as error:
+            problems = [_settings_error_problem(error)]
+    raise ConfigError("\n".join(f"invalid configuration: {problem}" for problem in problems))

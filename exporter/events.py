@@ -537,7 +537,7 @@ def canonical_json(event: Event) -> bytes:
 
 
 def dedup_key(event: Event, body: bytes) -> str:
-    """The identity of an event in the ledger (DESIGN section 2).
+    """The identity of an event in the ledger (docs/architecture.md section 2).
 
     ``body`` is :func:`canonical_json` of the event; it is hashed into the key only for
     events that carry no id of their own.

@@ -3,7 +3,7 @@
 Records are plain slotted dataclasses (not frozen: frozen construction costs several
 times more, and records are built and decoded once per event on the hot path).
 
-The ledger writes one record per event once its join is complete (DESIGN section 6),
+The ledger writes one record per event once its join is complete (docs/architecture.md section 6),
 so every store holds self-contained rows and every analytics query is a filter plus an
 aggregate. Records travel through the ledger's outbox as pickled tuples of their values
 (:func:`encode_records`).

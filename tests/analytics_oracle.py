@@ -2,9 +2,9 @@
 
 It shares no code with the exporter's ledger, stores or derivation: it reads the events
 as the facilitator sent them (in delivery order, with duplicates and conflicts), applies
-DESIGN section 2 (dedup keys, joins by paymentId/batchId in any order, unknown failures,
-failures whose payment never arrived) and section 5 (windows, exact money, rounding,
-percentiles, ordering) in the plainest way, and answers JSON-ready values (money as
+docs/architecture.md section 2 (dedup keys, joins by paymentId/batchId in any order,
+unknown failures, failures whose payment never arrived) and section 5 (windows, exact
+money, rounding, percentiles, ordering) in the plainest way, and answers JSON-ready values (money as
 six-place strings) to compare with the exporter's serialised results.
 
 Rational arithmetic (:class:`fractions.Fraction`) stands in for every quotient, so the
@@ -105,7 +105,7 @@ def _key(event: dict[str, Any]) -> object:
 
 
 def facts_from_events(events: Iterable[dict[str, Any]]) -> Facts:
-    """Deduplicate (first of each key wins) and join, as DESIGN section 2 says."""
+    """Deduplicate (first of each key wins) and join, as docs/architecture.md section 2 says."""
     kept: list[dict[str, Any]] = []
     seen: set[object] = set()
     for event in events:

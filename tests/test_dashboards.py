@@ -424,11 +424,11 @@ def test_payments_flux_uses_the_schema_the_exporter_writes() -> None:
 
 
 def readme_flux_examples() -> dict[str, str]:
-    """The Flux blocks of the README's "Dashboards and alerts" section, by position."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    """The Flux blocks of the "Dashboards and alerts" section of docs/operations.md."""
+    readme = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
     section = readme.split("\n## Dashboards and alerts\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```flux\n(.*?)```", section, re.S)
-    return {f"README example {i}": block for i, block in enumerate(blocks, 1)}
+    return {f"docs/operations.md example {i}": block for i, block in enumerate(blocks, 1)}
 
 
 def test_readme_flux_examples_type_check_against_the_schema() -> None:

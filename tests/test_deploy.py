@@ -1,15 +1,20 @@
 """Deployment files: Prometheus config valid, every compose and provisioning variable
-documented, the compose file accepted by ``docker-compose config`` and wired for Grafana."""
+documented, the compose file accepted by ``docker-compose config`` and wired for Grafana,
+and the image built from a lock file that pins every runtime dependency with hashes."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import yaml
 from conftest import require_tool
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIABLE = re.compile(r"\$\{([A-Z0-9_]+)(?::?[-?][^}]*)?\}")
@@ -106,3 +111,86 @@ def test_compose_scrapes_the_exporter_service() -> None:
     compose = (ROOT / "docker-compose.yml").read_text()
     assert re.search(r"^  exporter:$", compose, re.M)
     assert '"exporter:9402"' in config
+
+
+def runtime_requirements() -> list[Requirement]:
+    """The ``[project] dependencies`` of pyproject.toml."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [Requirement(text) for text in project["dependencies"]]
+
+
+def lock_pins() -> dict[str, tuple[str, int]]:
+    """requirements.lock as {canonical name: (pinned version, number of hashes)}."""
+    text = (ROOT / "requirements.lock").read_text().replace("\\\n", " ")
+    pins: dict[str, tuple[str, int]] = {}
+    for line in text.splitlines():
+        match = re.match(r"([A-Za-z0-9._-]+)==(\S+)(.*)", line)
+        if match:
+            name, version, rest = match.groups()
+            pins[canonicalize_name(name)] = (version, rest.count("--hash=sha256:"))
+    return pins
+
+
+def runtime_closure() -> set[str]:
+    """Every distribution the installed runtime dependencies need, with their extras."""
+    seen: set[tuple[str, frozenset[str]]] = set()
+    pending = [(canonicalize_name(r.name), frozenset(r.extras)) for r in runtime_requirements()]
+    while pending:
+        name, extras = pending.pop()
+        if (name, extras) in seen:
+            continue
+        seen.add((name, extras))
+        for text in importlib.metadata.requires(name) or []:
+            requirement = Requirement(text)
+            markers = [{"extra": extra} for extra in extras] or [{"extra": ""}]
+            if requirement.marker is None or any(requirement.marker.evaluate(m) for m in markers):
+                pending.append((canonicalize_name(requirement.name), frozenset(requirement.extras)))
+    return {name for name, _ in seen}
+
+
+def test_the_lock_pins_every_declared_dependency_within_its_range() -> None:
+    pins = lock_pins()
+    for requirement in runtime_requirements():
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not in requirements.lock: regenerate it (README.md)"
+        version = pins[name][0]
+        assert requirement.specifier.contains(version), f"lock pins {name}=={version}"
+
+
+def test_the_lock_covers_every_runtime_dependency_with_hashes() -> None:
+    pins = lock_pins()
+    missing = runtime_closure() - set(pins)
+    assert not missing, f"not in requirements.lock (regenerate it, README.md): {sorted(missing)}"
+    unhashed = [name for name, (_, hashes) in pins.items() if hashes == 0]
+    assert not unhashed, f"pinned without a hash: {unhashed}"
+
+
+def test_the_lock_names_no_local_index() -> None:
+    text = (ROOT / "requirements.lock").read_text()
+    assert not re.search(r"^--(extra-)?index-url|^--find-links|file://", text, re.M)
+
+
+def test_duckdb_is_pinned_to_one_major_version_and_apscheduler_below_4() -> None:
+    by_name = {str(canonicalize_name(r.name)): r.specifier for r in runtime_requirements()}
+    duckdb = by_name["duckdb"]
+    majors = {v.split(".")[0] for v in ("1.9.9", "2.0.0", "2.99.0", "3.0.0") if duckdb.contains(v)}
+    assert len(majors) == 1, f"duckdb {duckdb} spans file formats of several major versions"
+    assert by_name["apscheduler"].contains("3.11.3")
+    assert not by_name["apscheduler"].contains("4.0.0")
+
+
+def test_the_image_installs_the_lock_with_hashes_then_the_package_alone() -> None:
+    steps = [
+        line.strip()
+        for line in (ROOT / "Dockerfile").read_text().splitlines()
+        if line.startswith(("RUN pip", "COPY"))
+    ]
+    runtime = steps[: steps.index("RUN pip install --no-deps .") + 1]
+    assert "RUN pip install --require-hashes -r requirements.lock" in runtime
+    assert runtime.index("COPY requirements.lock ./") < runtime.index(
+        "RUN pip install --require-hashes -r requirements.lock"
+    )
+    assert [step for step in runtime if step.startswith("RUN pip")] == [
+        "RUN pip install --require-hashes -r requirements.lock",
+        "RUN pip install --no-deps .",
+    ]

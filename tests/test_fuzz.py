@@ -3,7 +3,7 @@
 Every operation is fuzzed with data that fits the spec and data that does not. Each
 answer must be a documented status with a body that matches its schema, never a 5xx.
 Afterwards every event in the ledger re-validates, and every refusal left a dead letter.
-``EXPORTER_FUZZ_EXAMPLES`` sets the examples per operation and mode (default 15, drawn
+``EXPORTER_TEST_FUZZ_EXAMPLES`` sets the examples per operation and mode (default 15, drawn
 the same way every run; with the variable set, drawn afresh each run).
 """
 
@@ -34,8 +34,8 @@ from exporter.events import canonical_json, parse_event_json
 from exporter.ledger import Ledger
 from exporter.openapi import OPENAPI_PATH
 
-EXAMPLES = int(os.environ.get("EXPORTER_FUZZ_EXAMPLES", "15"))
-DERANDOMIZE = "EXPORTER_FUZZ_EXAMPLES" not in os.environ
+EXAMPLES = int(os.environ.get("EXPORTER_TEST_FUZZ_EXAMPLES", "15"))
+DERANDOMIZE = "EXPORTER_TEST_FUZZ_EXAMPLES" not in os.environ
 """The default run draws the same examples every time; a longer run explores afresh."""
 TOKEN = "fuzz-token-3c5e"
 WHOLE_BODY_REFUSALS = frozenset({400, 408, 413, 415})

@@ -76,7 +76,7 @@ async def client(
 
 
 def test_openssl_one_liner_computes_the_same_signature() -> None:
-    """The README's shell recipe (openssl over "<t>.<body>") agrees with the exporter."""
+    """The documented shell recipe (docs/security.md: openssl over "<t>.<body>") agrees."""
     openssl = require_tool("openssl")
     body = body_of(received("p1"))
     script = (

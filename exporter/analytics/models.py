@@ -1,4 +1,5 @@
-"""Analytics (DESIGN section 5): result models, the store protocol, and the derivation.
+"""Analytics (docs/architecture.md section 5): result models, the store protocol, and the
+derivation.
 
 Every analytic is evaluated as of an instant ``at`` (epoch ms) over a window
 ``(at - window, at]`` with event-time semantics: a figure counts the store records of its
@@ -824,7 +825,7 @@ def _metric(metric: str | None) -> TimeSeriesMetric:
 
 
 class Analytics:
-    """Every analytic of DESIGN section 5 over one :class:`AnalyticsSource`."""
+    """Every analytic of docs/architecture.md section 5 over one :class:`AnalyticsSource`."""
 
     def __init__(self, source: AnalyticsSource) -> None:
         """Derive results from ``source``'s raw aggregates."""

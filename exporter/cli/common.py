@@ -17,10 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-from pydantic_settings import SettingsError
-
-from ..config import Settings, split_host_port
+from ..config import Settings, load_settings, split_host_port
 from ..errors import ConfigError, DataDirError, DataDirLockedError, OperatorError
 from ..ledger import DataDirLock
 
@@ -55,35 +52,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         overrides["data_dir"] = args.data_dir
     if getattr(args, "upstream_facilitator", None):
         overrides["upstream_facilitator"] = args.upstream_facilitator
-    try:
-        return Settings(**overrides)
-    except ValidationError as error:
-        raise ConfigError(validation_message(error)) from None
-    except SettingsError as error:  # a JSON-valued variable that is not JSON
-        raise ConfigError(settings_error_message(error)) from None
-
-
-def variable_name(location: tuple[int | str, ...]) -> str:
-    """The environment variable of a settings field location (``("listen",)``...)."""
-    return "EXPORTER_" + "_".join(str(part) for part in location).upper()
-
-
-def validation_message(error: ValidationError) -> str:
-    """One line naming every refused setting and why."""
-    problems = []
-    for detail in error.errors(include_url=False):
-        message = str(detail["msg"]).removeprefix("Value error, ")
-        location = tuple(detail["loc"])
-        problems.append(f"{variable_name(location)}: {message}" if location else message)
-    return "invalid configuration: " + "; ".join(problems)
-
-
-def settings_error_message(error: SettingsError) -> str:
-    """One line naming the variable whose value could not be parsed (not JSON...)."""
-    found = re.search(r'field "(\w+)"', str(error))
-    name = variable_name((found.group(1),)) if found else "a setting"
-    cause = f": {error.__cause__}" if error.__cause__ is not None else ""
-    return f"invalid configuration: {name} is not valid JSON{cause}"
+    return load_settings(**overrides)
 
 
 def listen_from_environment() -> tuple[str, int]:

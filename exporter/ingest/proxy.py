@@ -2,7 +2,7 @@
 
 Every request is forwarded to the upstream facilitator and its status, headers and body
 are returned unchanged; the exporter never changes a payment's outcome. From each
-``/verify`` and ``/settle`` exchange it derives payment events (DESIGN section 2) and
+``/verify`` and ``/settle`` exchange it derives payment events (docs/architecture.md section 2) and
 commits them through the same ledger path as ``POST /v1/events``, after the answer has
 been sent, so recording adds no latency and a recording failure is only counted.
 

@@ -1,4 +1,4 @@
-"""The ingest endpoint ``POST /v1/events`` (DESIGN section 3).
+"""The ingest endpoint ``POST /v1/events`` (docs/architecture.md section 3).
 
 Accepts one event object, a JSON array of events or NDJSON, optionally gzip-encoded;
 answers 202 only after the ledger committed the events. Every refusal is answered with

@@ -1,6 +1,6 @@
 """Embedded DuckDB store: the default time-series sink when no InfluxDB is configured.
 
-One table per record class (DESIGN section 6) holds self-contained rows, one per event
+One table per record class (docs/architecture.md section 6) holds self-contained rows, one per event
 dedup key (a replayed outbox batch leaves every row once), and the analytics SQL is a
 filter plus an aggregate over a single table. A fifth table, ``analytics``,
 receives the scheduler's write-back of computed figures. Time-window filters need no

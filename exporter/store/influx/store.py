@@ -1,6 +1,6 @@
 """InfluxDB 2.x store: enriched points over ``/api/v2/write``, at least once through faults.
 
-Schema (DESIGN section 6): measurements ``payment``, ``batch``, ``revenue`` and
+Schema (docs/architecture.md section 6): measurements ``payment``, ``batch``, ``revenue`` and
 ``websocket``; tags only ``network``, ``status`` and ``kind`` (bounded values); ids and
 addresses are fields (series cardinality); money is integer micro-units (``i``),
 durations are floats. A point's timestamp is :func:`~exporter.records.unique_time_ns`
@@ -130,7 +130,7 @@ def _float(value: float | None) -> float | None:
 
 
 def to_point(record: StoreRecord) -> PointLike:
-    """The InfluxDB point for one store record (DESIGN section 6)."""
+    """The InfluxDB point for one store record (docs/architecture.md section 6)."""
     point = _new_point(record.measurement)
     if isinstance(record, PaymentRecord):
         point.tag("network", record.network).tag("status", record.status)
