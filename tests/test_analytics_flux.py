@@ -285,6 +285,14 @@ def test_no_shipped_query_sums_money_in_int64() -> None:
     assert summed >= 4, "the split sums were not found"
 
 
+def test_the_cost_table_covers_every_shipped_query() -> None:
+    """Flux cost is written down: one row per shipped query in docs/flux-cost.md."""
+    doc = (ROOT / "docs" / "flux-cost.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(\w+)` \|", doc, re.M)
+    assert sorted(rows) == sorted(QUERY_NAMES)
+    assert "1,000,000 payments over 30 days" in doc
+
+
 def test_ranks_are_computed_from_the_count_the_query_reads() -> None:
     """No rank comes from a count taken by another query: each row knows the number of values
     its own read returned (ascending and descending running counts), and the wanted positions
