@@ -26,7 +26,7 @@ ENV EXPORTER_DATA_DIR=/data \
 VOLUME ["/data"]
 EXPOSE 9402
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import urllib.request, sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9402/healthz', timeout=2).status == 200 else 1)"]
+    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ['EXPORTER_LISTEN'].rpartition(':')[2]; sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2).status == 200 else 1)"]
 CMD ["facilitator-exporter", "serve"]
 
 

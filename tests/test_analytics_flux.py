@@ -47,6 +47,7 @@ from test_influx_integration import SKIP_REASON, TARGET
 
 from exporter.analytics.duckdb import DuckDBAnalyticsSource
 from exporter.analytics.flux import (
+    DEFAULT_STATE_LOOKBACK_MS,
     NO_RANK,
     NS_PER_MS,
     QUERY_NAMES,
@@ -55,9 +56,9 @@ from exporter.analytics.flux import (
     Params,
     buckets_from_tables,
     flux_query,
-    history_range,
     point_in_time_from_tables,
     rank_values_from_tables,
+    rescaled_rank,
     top_lists_from_tables,
     window_range,
     window_totals_from_tables,
@@ -103,6 +104,7 @@ params = {
     half_start: 2026-04-11T01:00:01.235Z,
     every: 1h,
     limit: 1000,
+    settled: 100,
     amount_ranks: [50, 51],
     settlement_ranks: [95, 99],
 }"""
@@ -170,7 +172,7 @@ BROKEN: dict[str, tuple[str, str, str, str]] = {
         "settled_order_values.flux",
         "ranks: params.amount_ranks",
         "ranks: params.bucket",
-        "expected [A] (array) but found string (argument ranks)",
+        "(array) but found string (argument ranks)",
     ),
 }
 
@@ -244,13 +246,83 @@ def test_window_range_holds_exactly_the_window(
     assert _inside(t * NS_PER_MS + sub_ms, window_range(at, span)) == (at - span < t <= at)
 
 
-def test_history_range_holds_everything_up_to_at() -> None:
-    """Point-in-time state reads every point from the epoch through ``at`` inclusive."""
-    bounds = history_range(AT)
-    assert bounds[0] == FluxTime(0)
-    assert _inside(unique_time_ns(BASE_MS - 20 * 365 * DAY_MS, "k"), bounds)
-    assert _inside(AT * NS_PER_MS + NS_PER_MS - 1, bounds)
-    assert not _inside((AT + 1) * NS_PER_MS, bounds)
+def _range_starts(query: str) -> list[str]:
+    """The start argument of every ``range()`` of ``query``."""
+    return re.findall(r"range\(start: ([^,)]+)", query)
+
+
+def test_no_shipped_query_reads_from_before_its_window() -> None:
+    """Every range starts at a window bound the exporter computes (never a fixed instant, an
+    epoch or all history), so each query's cost is that of its window, not of the bucket."""
+    for name in QUERY_NAMES:
+        starts = _range_starts(flux_query(name))
+        assert starts and set(starts) <= {"params.start", "params.half_start"}, (name, starts)
+    assert DEFAULT_STATE_LOOKBACK_MS <= 7 * DAY_MS
+    with pytest.raises(ValueError, match="positive"):
+        FluxAnalyticsSource(cast(Any, None), "payments", state_lookback_ms=0)
+
+
+def _pipelines(query: str) -> list[str]:
+    """The top-level statements of ``query`` (blank-line separated), comments removed."""
+    code = "\n".join(line.split("//")[0] for line in query.splitlines())
+    return [block for block in re.split(r"\n\s*\n", code) if block.strip()]
+
+
+def test_no_shipped_query_sums_money_in_int64() -> None:
+    """Flux adds int64 values and wraps silently past 2^63 (9.2 trillion token units; one
+    amount may have 12 integer digits). Money is summed in two parts, split at 10^9."""
+    money = re.compile(r'_field == "\w+_micro"|r\.\w+_micro\b')
+    summed = 0
+    for name in QUERY_NAMES:
+        for block in _pipelines(flux_query(name)):
+            if not money.search(block):
+                continue
+            assert "sum()" not in block and "sum(column" not in block, f"{name}:\n{block}"
+            for term in re.findall(r"accumulator\.\w+ \+ ([^,\n}]+)", block):
+                if "_micro" in term or "_value" in term:
+                    summed += 1
+                    assert re.search(r"[/%] 1000000000$", term.strip()), f"{name}: {term}"
+    assert summed >= 4, "the split sums were not found"
+
+
+def test_the_cost_table_covers_every_shipped_query() -> None:
+    """Flux cost is written down: one row per shipped query in docs/flux-cost.md."""
+    doc = (ROOT / "docs" / "flux-cost.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(\w+)` \|", doc, re.M)
+    assert sorted(rows) == sorted(QUERY_NAMES)
+    assert "1,000,000 payments over 30 days" in doc
+
+
+def test_ranks_are_computed_from_the_count_the_query_reads() -> None:
+    """No rank comes from a count taken by another query: each row knows the number of values
+    its own read returned (ascending and descending running counts), and the wanted positions
+    are derived from it with the exporter's formula."""
+    query = flux_query("settled_order_values")
+    assert "cumulativeSum(columns: [\"rank\"])" in query
+    assert "cumulativeSum(columns: [\"from_top\"])" in query
+    assert "n: r.rank + r.from_top - 1" in query
+    assert "((2 * x - 1) * n + 2 * params.settled - 1) / (2 * params.settled)" in query
+    assert re.search(r"positions\(ranks: ranks, n: r\.n\)", query)
+
+
+async def test_point_in_time_reads_only_its_look_back(aiohttp_server: ServerFactory) -> None:
+    """Pending payments and WebSocket clients come from (at - look-back, at], not from 1970."""
+    fake = _FakeInflux()
+    url = await _start_fake(aiohttp_server, fake)
+    source = FluxAnalyticsSource.connect(
+        url, "test-token", "test-org", "payments", state_lookback_ms=HOUR_MS
+    )
+    try:
+        await source.point_in_time(AT)
+    finally:
+        await source.close()
+    assert fake.params("point_in_time") == [
+        {
+            "bucket": '"payments"',
+            "start": FluxTime((AT - HOUR_MS + 1) * NS_PER_MS).rfc3339(),
+            "stop": FluxTime((AT + 1) * NS_PER_MS).rfc3339(),
+        }
+    ]
 
 
 def test_flux_time_literals_are_exact_to_the_nanosecond() -> None:
@@ -359,7 +431,7 @@ async def test_each_method_sends_its_query_with_exact_params_per_span(
     await source.settled_order_values(
         AT,
         {
-            HOUR_MS: RankRequest(settled=4, amount=(2, 3), settlement=()),
+            HOUR_MS: RankRequest(settled=100, amount=(2, 3), settlement=()),
             DAY_MS: RankRequest(settled=0),  # nothing wanted: no query
         },
     )
@@ -398,14 +470,15 @@ async def test_each_method_sends_its_query_with_exact_params_per_span(
             "bucket": '"payments"',
             "start": "2026-04-11T12:00:01.235000000Z",
             "stop": "2026-04-11T13:00:01.235000000Z",
+            "settled": "100",
             "amount_ranks": "[2, 3]",
             "settlement_ranks": f"[{NO_RANK}]",
         }
     ]
     assert fake.params("point_in_time") == [
-        {
+        {  # the default look-back: one day
             "bucket": '"payments"',
-            "start": "1970-01-01T00:00:00.000000000Z",
+            "start": "2026-04-10T13:00:01.235000000Z",
             "stop": "2026-04-11T13:00:01.235000000Z",
         }
     ]
@@ -596,24 +669,24 @@ WINDOW_TOTALS_CSV = """\
 ,,4,2026-04-10T13:00:01.235Z,2026-04-11T13:00:01.235Z,2,payment_id,payment,eip155:10,received
 ,,5,2026-04-10T13:00:01.235Z,2026-04-11T13:00:01.235Z,2,payment_id,payment,unknown,failed
 
-#datatype,string,long,dateTime:RFC3339,dateTime:RFC3339,long,string,string,string,string
-#group,false,false,true,true,false,true,true,true,true
-#default,settled,,,,,,,,
-,result,table,_start,_stop,_value,_field,_measurement,network,status
-,,0,2026-04-10T13:00:01.235Z,2026-04-11T13:00:01.235Z,9007199254740993,amount_micro,payment,eip155:8453,settled
-,,1,2026-04-10T13:00:01.235Z,2026-04-11T13:00:01.235Z,40001,fee_micro,payment,eip155:8453,settled
+#datatype,string,long,dateTime:RFC3339,dateTime:RFC3339,string,string,string,string,long,long
+#group,false,false,true,true,true,true,true,true,false,false
+#default,settled,,,,,,,,,
+,result,table,_start,_stop,_field,_measurement,network,status,hi,lo
+,,0,2026-04-10T13:00:01.235Z,2026-04-11T13:00:01.235Z,amount_micro,payment,eip155:8453,settled,20000000000,1254740993
+,,1,2026-04-10T13:00:01.235Z,2026-04-11T13:00:01.235Z,fee_micro,payment,eip155:8453,settled,0,40001
 
 #datatype,string,long,dateTime:RFC3339,dateTime:RFC3339,double,string,string,string,string
 #group,false,false,true,true,false,true,true,true,true
-#default,settled,,,,,,,,
+#default,settlement,,,,,,,,
 ,result,table,_start,_stop,_value,_field,_measurement,network,status
 ,,2,2026-04-10T13:00:01.235Z,2026-04-11T13:00:01.235Z,6000.5,settlement_ms,payment,eip155:8453,settled
 
-#datatype,string,long,dateTime:RFC3339,dateTime:RFC3339,long,string,string,string,string
-#group,false,false,true,true,false,true,true,true,true
-#default,second_half,,,,,,,,
-,result,table,_start,_stop,_value,_field,_measurement,network,status
-,,0,2026-04-11T01:00:01.235Z,2026-04-11T13:00:01.235Z,30001,fee_micro,payment,eip155:8453,settled
+#datatype,string,long,dateTime:RFC3339,dateTime:RFC3339,string,string,string,string,long,long
+#group,false,false,true,true,true,true,true,true,false,false
+#default,second_half,,,,,,,,,
+,result,table,_start,_stop,_field,_measurement,network,status,hi,lo
+,,0,2026-04-11T01:00:01.235Z,2026-04-11T13:00:01.235Z,fee_micro,payment,eip155:8453,settled,0,30001
 
 #datatype,string,long,dateTime:RFC3339,dateTime:RFC3339,long,string,string,string,string
 #group,false,false,true,true,false,true,true,true,true
@@ -631,26 +704,27 @@ WINDOW_TOTALS_CSV = """\
 ,,2,2026-04-10T13:00:01.235Z,2026-04-11T13:00:01.235Z,84000,gas_used,batch,eip155:137,settled
 ,,3,2026-04-10T13:00:01.235Z,2026-04-11T13:00:01.235Z,3,payment_count,batch,eip155:137,settled
 
-#datatype,string,long,dateTime:RFC3339,dateTime:RFC3339,long,string,string,string,string
-#group,false,false,true,true,false,true,true,true,true
-#default,revenue,,,,,,,,
-,result,table,_start,_stop,_value,_field,_measurement,kind,network
-,,0,2026-04-10T13:00:01.235Z,2026-04-11T13:00:01.235Z,250000,amount_micro,revenue,premium,eip155:8453
-,,1,2026-04-10T13:00:01.235Z,2026-04-11T13:00:01.235Z,750000,amount_micro,revenue,premium,eip155:10
-,,2,2026-04-10T13:00:01.235Z,2026-04-11T13:00:01.235Z,,amount_micro,revenue,gas_sponsorship,eip155:10
+#datatype,string,long,dateTime:RFC3339,dateTime:RFC3339,string,string,string,string,long,long
+#group,false,false,true,true,true,true,true,true,false,false
+#default,revenue,,,,,,,,,
+,result,table,_start,_stop,_field,_measurement,kind,network,hi,lo
+,,0,2026-04-10T13:00:01.235Z,2026-04-11T13:00:01.235Z,amount_micro,revenue,premium,eip155:8453,0,250000
+,,1,2026-04-10T13:00:01.235Z,2026-04-11T13:00:01.235Z,amount_micro,revenue,premium,eip155:10,0,750000
 """
+"""Money sums come as two parts, ``hi`` and ``lo`` (value = hi * 10^9 + lo): the volume here,
+20000000001254740993, is beyond int64, where a Flux ``sum()`` would have wrapped."""
 
 
 def test_window_totals_add_series_up_exactly() -> None:
-    """Counts per status, integer sums beyond 2**53 kept exact, batches on networks without
-    payments, revenue by kind; a null sum (no rows) is no record of that kind."""
+    """Counts per status, integer sums beyond 2**63 kept exact (two parts, no wrap), batches
+    on networks without payments, revenue by kind."""
     totals = window_totals_from_tables(_tables(WINDOW_TOTALS_CSV))
     assert totals == WindowTotals(
         networks=[
             NetworkTotals("eip155:10", 2, 2, 0, 0, 0, 0, 0.0, 0, 0),
             NetworkTotals("eip155:137", 0, 0, 0, 0, 0, 0, 0.0, 84_000, 3),
             NetworkTotals(
-                "eip155:8453", 13, 5, 4, 1, 9_007_199_254_740_993, 40_001, 6000.5,
+                "eip155:8453", 13, 5, 4, 1, 20_000_000_001_254_740_993, 40_001, 6000.5,
                 9_223_372_036_854_775_807, 7,
             ),
             NetworkTotals("unknown", 2, 0, 0, 2, 0, 0, 0.0, 0, 0),
@@ -661,18 +735,19 @@ def test_window_totals_add_series_up_exactly() -> None:
     [base] = [n for n in totals.networks if n.network == "eip155:8453"]
     assert isinstance(base.volume_micro, int) and isinstance(base.gas_used, int)
     assert base.volume_micro != int(float(base.volume_micro))  # a float would have lost it
+    assert base.volume_micro > 2**63  # an int64 sum would have wrapped
 
 
 def test_money_never_comes_from_a_float_column() -> None:
     """A ``double`` where an integer sum belongs is refused, not rounded."""
+    types = "#datatype,string,long,dateTime:RFC3339,dateTime:RFC3339,string,string,string,string"
     csv = WINDOW_TOTALS_CSV.replace(
-        "#datatype,string,long,dateTime:RFC3339,dateTime:RFC3339,long,string,string,string,string\n"
-        "#group,false,false,true,true,false,true,true,true,true\n"
+        f"{types},long,long\n#group,false,false,true,true,true,true,true,true,false,false\n"
         "#default,second_half",
-        "#datatype,string,long,dateTime:RFC3339,dateTime:RFC3339,double,string,string,string,string\n"
-        "#group,false,false,true,true,false,true,true,true,true\n"
+        f"{types},double,double\n#group,false,false,true,true,true,true,true,true,false,false\n"
         "#default,second_half",
     )
+    assert csv != WINDOW_TOTALS_CSV
     with pytest.raises(TypeError, match="expected an integer"):
         window_totals_from_tables(_tables(csv))
 
@@ -693,16 +768,16 @@ BUCKETS_CSV = """\
 ,,1,2026-04-11T13:00:00Z,2026-04-11T13:00:01.235Z,1,payment_id,payment,eip155:8453,settled
 ,,2,2026-04-11T13:00:00Z,2026-04-11T13:00:01.235Z,3,payment_id,payment,eip155:10,settled
 
-#datatype,string,long,dateTime:RFC3339,dateTime:RFC3339,long,string,string,string,string
-#group,false,false,true,true,false,true,true,true,true
-#default,sums,,,,,,,,
-,result,table,_start,_stop,_value,_field,_measurement,network,status
-,,0,2026-04-11T12:00:01.235Z,2026-04-11T13:00:00Z,3000000,amount_micro,payment,eip155:8453,settled
-,,1,2026-04-11T12:00:01.235Z,2026-04-11T13:00:00Z,20000,fee_micro,payment,eip155:8453,settled
-,,2,2026-04-11T13:00:00Z,2026-04-11T13:00:01.235Z,1,amount_micro,payment,eip155:8453,settled
-,,3,2026-04-11T13:00:00Z,2026-04-11T13:00:01.235Z,0,fee_micro,payment,eip155:8453,settled
-,,4,2026-04-11T13:00:00Z,2026-04-11T13:00:01.235Z,4000000000000,amount_micro,payment,eip155:10,settled
-,,5,2026-04-11T13:00:00Z,2026-04-11T13:00:01.235Z,30000,fee_micro,payment,eip155:10,settled
+#datatype,string,long,dateTime:RFC3339,dateTime:RFC3339,string,string,string,string,long,long
+#group,false,false,true,true,true,true,true,true,false,false
+#default,sums,,,,,,,,,
+,result,table,_start,_stop,_field,_measurement,network,status,hi,lo
+,,0,2026-04-11T12:00:01.235Z,2026-04-11T13:00:00Z,amount_micro,payment,eip155:8453,settled,0,3000000
+,,1,2026-04-11T12:00:01.235Z,2026-04-11T13:00:00Z,fee_micro,payment,eip155:8453,settled,0,20000
+,,2,2026-04-11T13:00:00Z,2026-04-11T13:00:01.235Z,amount_micro,payment,eip155:8453,settled,0,1
+,,3,2026-04-11T13:00:00Z,2026-04-11T13:00:01.235Z,fee_micro,payment,eip155:8453,settled,0,0
+,,4,2026-04-11T13:00:00Z,2026-04-11T13:00:01.235Z,amount_micro,payment,eip155:10,settled,3999,1000000000
+,,5,2026-04-11T13:00:00Z,2026-04-11T13:00:01.235Z,fee_micro,payment,eip155:10,settled,0,30000
 
 #datatype,string,long,dateTime:RFC3339,dateTime:RFC3339,string,long
 #group,false,false,true,true,true,false
@@ -729,20 +804,21 @@ def test_buckets_floor_a_clipped_start_and_add_networks_up() -> None:
 
 
 RANKS_CSV = """\
-#datatype,string,long,long,long
-#group,false,false,false,false
-#default,amount,,,
-,result,table,_value,rank
-,,0,1500000,2
-,,0,2500000,3
+#datatype,string,long,long,long,long
+#group,false,false,false,false,false
+#default,amount,,,,
+,result,table,_value,rank,n
+,,0,1500000,2,100
+,,0,2500000,3,100
 
-#datatype,string,long,double,long
-#group,false,false,false,false
-#default,settlement,,,
-,result,table,_value,rank
-,,0,59999.75,95
-,,0,61000,100
+#datatype,string,long,double,long,long
+#group,false,false,false,false,false
+#default,settlement,,,,
+,result,table,_value,rank,n
+,,0,59999.75,95,100
+,,0,61000,100,100
 """
+"""Each kept row: its value, its position among the values the query read, and their count."""
 
 
 def test_rank_values_are_keyed_by_rank() -> None:
@@ -757,43 +833,62 @@ def test_rank_values_are_keyed_by_rank() -> None:
     )
 
 
-def test_a_missing_rank_says_the_window_changed() -> None:
-    """Fewer values than the count promised: an error, never a made-up median."""
+def test_ranks_follow_the_count_the_query_itself_read() -> None:
+    """Records written since the window was counted (8 values read, 4 counted): rank k of 4
+    is the value at the same fraction of the 8 the query sorted, as DuckDB rescales, never a
+    rank shifted by the newcomers."""
+    assert [rescaled_rank(k, 4, 4) for k in (1, 2, 3, 4)] == [1, 2, 3, 4]
+    assert [rescaled_rank(k, 4, 8) for k in (1, 2, 3, 4)] == [1, 3, 5, 7]
+    assert [rescaled_rank(k, 4, 2) for k in (1, 2, 3, 4)] == [1, 1, 2, 2]
+    csv = """\
+#datatype,string,long,long,long,long
+#group,false,false,false,false,false
+#default,amount,,,,
+,result,table,_value,rank,n
+,,0,30,3,8
+,,0,50,5,8
+"""
+    request = RankRequest(settled=4, amount=(2, 3))
+    assert rank_values_from_tables(_tables(csv), request) == RankValues(amount={2: 30, 3: 50})
+
+
+def test_a_missing_rank_is_an_error_never_a_made_up_median() -> None:
     request = RankRequest(settled=101, amount=(51,), settlement=(96, 101))
-    expected = "amount rank 51, settlement rank 101, settlement rank 96"
-    with pytest.raises(RuntimeError, match=expected):
+    with pytest.raises(RuntimeError, match=r"amount ranks \[51\] of 101 .*read saw 100"):
         rank_values_from_tables(_tables(RANKS_CSV), request)
+    with pytest.raises(RuntimeError, match=r"settlement ranks \[95\] of 100 .*read saw 0"):
+        rank_values_from_tables([], RankRequest(settled=100, settlement=(95,)))
 
 
 TOP_CSV = """\
-#datatype,string,long,string,string,long,long,long,long
+#datatype,string,long,string,string,long,long,long,long,long
+#group,false,false,false,false,false,false,false,false,false
+#default,routes,,,,,,,,
+,result,table,payer,payee,hi,lo,payments,last_ms,order_hi
+,,0,0xbb,0x02,0,500,2,1775912400000,-500
+,,0,0xaa,0x02,0,500,1,1775912401000,-500
+,,0,0xaa,0x01,0,500,3,1775912402000,-500
+,,0,0xcc,0x01,0,100,1,1775912403000,-100
+
+#datatype,string,long,string,long,long,long,long,long
 #group,false,false,false,false,false,false,false,false
-#default,routes,,,,,,,
-,result,table,payer,payee,amount,payments,last_ms,order
-,,0,0xbb,0x02,500,2,1775912400000,-500
-,,0,0xaa,0x02,500,1,1775912401000,-500
-,,0,0xaa,0x01,500,3,1775912402000,-500
-,,0,0xcc,0x01,100,1,1775912403000,-100
+#default,payers,,,,,,,
+,result,table,payer,hi,lo,payments,last_ms,order_hi
+,,0,0xaa,0,1000,4,1775912402000,-1000
+,,0,0xbb,0,500,2,1775912400000,-500
 
-#datatype,string,long,string,long,long,long,long
-#group,false,false,false,false,false,false,false
-#default,payers,,,,,,
-,result,table,payer,amount,payments,last_ms,order
-,,0,0xaa,1000,4,1775912402000,-1000
-,,0,0xbb,500,2,1775912400000,-500
+#datatype,string,long,string,long,long,long,long,long
+#group,false,false,false,false,false,false,false,false
+#default,payers,,,,,,,
+,result,table,payer,hi,lo,payments,last_ms,order_hi
+,,1,0xab,0,1000,1,1775912404000,-1000
 
-#datatype,string,long,string,long,long,long,long
-#group,false,false,false,false,false,false,false
-#default,payers,,,,,,
-,result,table,payer,amount,payments,last_ms,order
-,,1,0xab,1000,1,1775912404000,-1000
-
-#datatype,string,long,string,long,long,long,long
-#group,false,false,false,false,false,false,false
-#default,payees,,,,,,
-,result,table,payee,amount,payments,payers,order
-,,0,0x02,1000,3,2,-1000
-,,0,0x01,600,4,2,-600
+#datatype,string,long,string,long,long,long,long,long
+#group,false,false,false,false,false,false,false,false
+#default,payees,,,,,,,
+,result,table,payee,hi,lo,payments,payers,order_hi
+,,0,0x02,0,1000,3,2,-1000
+,,0,0x01,0,600,4,2,-600
 """
 
 
@@ -830,11 +925,11 @@ POINT_IN_TIME_CSV = """\
 ,result,table,_value
 ,,0,4
 
-#datatype,string,long,dateTime:RFC3339,dateTime:RFC3339,dateTime:RFC3339,long,string,string
-#group,false,false,true,true,false,false,true,true
-#default,websocket,,,,,,,
-,result,table,_start,_stop,_time,_value,_field,_measurement
-,,0,1970-01-01T00:00:00Z,2026-04-11T13:00:01.235Z,2026-04-11T13:00:01.001Z,12,count,websocket
+#datatype,string,long,long,long
+#group,false,false,false,false
+#default,websocket,,,
+,result,table,ms,_value
+,,0,1775912401001,12
 """
 
 
@@ -987,7 +1082,11 @@ async def influxdb_source(
             assert await store.write(records) == []
         finally:
             await store.close()
-        source = FluxAnalyticsSource.connect(bucket.url, bucket.token, bucket.org, bucket.name)
+        # The scenarios (and the DuckDB source) count payments pending since any time; the
+        # look-back covers their 95 days so both stores answer the same.
+        source = FluxAnalyticsSource.connect(
+            bucket.url, bucket.token, bucket.org, bucket.name, state_lookback_ms=100 * DAY_MS
+        )
         try:
             yield source
         finally:

@@ -1,23 +1,54 @@
 """Deployment files: Prometheus config valid, every compose and provisioning variable
-documented, the compose file accepted by ``docker-compose config`` and wired for Grafana,
-and the image built from a lock file that pins every runtime dependency with hashes."""
+documented, the compose file accepted by ``docker-compose config`` and wired for Grafana, and
+run as an operator needs it on day 90: state in named volumes, restarts, required secrets kept
+off every command line, open-file limits, health checks that follow the configured port; and
+the image built from a lock file that pins every runtime dependency with hashes."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import os
 import re
+import socket
 import subprocess
+import sys
+import threading
 import tomllib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import yaml
+from _exporter_process import run_cli
 from conftest import require_tool
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIABLE = re.compile(r"\$\{([A-Z0-9_]+)(?::?[-?][^}]*)?\}")
+VARIABLE = re.compile(r"(?<!\$)\$\{([A-Z0-9_]+)(?::?[-?][^}]*)?\}")
+"""A compose (or provisioning) variable; ``$${...}`` is escaped for the container's shell."""
+
+SECRETS = {
+    "EXPORTER_INGEST_TOKEN": "ingest-token-for-tests",
+    "INFLUXDB_TOKEN": "influxdb-token-for-tests",
+    "INFLUXDB_PASSWORD": "influxdb-password-for-tests",
+    "GRAFANA_ADMIN_PASSWORD": "grafana-password-for-tests",
+}
+"""The variables the compose file requires (no default), with values an operator would set."""
+
+STATE = {
+    "influxdb": "/var/lib/influxdb2",
+    "exporter": "/data",
+    "prometheus": "/prometheus",
+    "grafana": "/var/lib/grafana",
+}
+"""Each stateful service and the directory holding its state inside its image."""
+
+ONE_SHOT = {"tests"}
+"""Services that run once and exit: no restart policy."""
 
 
 def documented_variables() -> set[str]:
@@ -62,9 +93,11 @@ def test_every_provisioning_variable_is_in_env_example_and_reaches_grafana() -> 
     assert used <= set(grafana_env), f"not passed to grafana: {used - set(grafana_env)}"
 
 
-def test_compose_file_is_accepted_by_docker_compose() -> None:
+def docker_compose_config(env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``docker-compose config`` of the compose file with ``.env.example`` and only ``env``
+    (plus PATH) as the shell environment, with both profiles enabled."""
     tool = require_tool("docker-compose")
-    result = subprocess.run(
+    return subprocess.run(
         [
             tool,
             "--project-directory",
@@ -78,16 +111,181 @@ def test_compose_file_is_accepted_by_docker_compose() -> None:
             "--profile",
             "test",
             "config",
-            "--services",
+            *args,
         ],
         capture_output=True,
         text=True,
         check=False,
         timeout=60,
+        env={"PATH": os.environ.get("PATH", ""), **env},
     )
+
+
+def test_compose_file_is_accepted_by_docker_compose() -> None:
+    result = docker_compose_config(SECRETS, "--services")
     assert result.returncode == 0, result.stdout + result.stderr
     services = set(result.stdout.split())
     assert services == {"influxdb", "exporter", "prometheus", "grafana", "demo", "tests"}
+
+
+def test_compose_refuses_to_start_without_each_secret() -> None:
+    """``cp .env.example .env && docker compose up`` stops at the first missing secret and
+    says which one and where to set it; no secret has a default in the compose file."""
+    example = (ROOT / ".env.example").read_text()
+    for name in SECRETS:
+        assert re.search(rf"^{name}=$", example, re.M), f"{name} has a value in .env.example"
+        others = {k: v for k, v in SECRETS.items() if k != name}
+        result = docker_compose_config(others, "--quiet")
+        assert result.returncode != 0, f"the stack starts without {name}"
+        assert f"set {name}" in result.stderr and ".env" in result.stderr, result.stderr
+    text = (ROOT / "docker-compose.yml").read_text()
+    for name in SECRETS:
+        uses = re.findall(rf"\$\{{{name}(:?[-?])?", text)
+        assert uses and set(uses) == {":?"}, f"{name} is not required everywhere: {uses}"
+
+
+def test_every_stateful_service_keeps_its_state_in_a_named_volume() -> None:
+    config = compose()
+    declared = set(config["volumes"])
+    for service, directory in STATE.items():
+        mounts = [str(m).split(":") for m in config["services"][service]["volumes"]]
+        sources = [source for source, target, *_ in mounts if target == directory]
+        assert sources, f"{service}: nothing mounted at {directory}"
+        assert sources[0] in declared, f"{service}: {sources[0]} is not a named volume"
+    # InfluxDB's setup writes its CLI configuration (with the token) next to its data.
+    assert "influxdb-config" in declared
+
+
+def test_long_running_services_restart_and_raise_the_open_file_limit() -> None:
+    for name, service in compose()["services"].items():
+        if name in ONE_SHOT:
+            assert "restart" not in service, name
+            continue
+        assert service.get("restart") == "unless-stopped", name
+        nofile = service["ulimits"]["nofile"]
+        assert nofile["soft"] >= 65536 and nofile["hard"] >= nofile["soft"], name
+
+
+def _command_lines(service: Mapping[str, Any]) -> Iterator[str]:
+    """Every string that ends up in a process's argument list for ``service``."""
+    for key in ("command", "entrypoint"):
+        value = service.get(key, [])
+        yield from [value] if isinstance(value, str) else map(str, value)
+    test = service.get("healthcheck", {}).get("test", [])
+    yield from [test] if isinstance(test, str) else map(str, test)
+
+
+def test_no_secret_is_on_any_command_line() -> None:
+    """Secrets reach services through their environment only: a command line is visible
+    to every local user (``ps``) and in ``docker inspect``."""
+    for name, service in compose()["services"].items():
+        for argument in _command_lines(service):
+            found = set(VARIABLE.findall(argument)) & set(SECRETS)
+            assert not found, f"{name}: {sorted(found)} on a command line"
+            assert "--token" not in argument, f"{name}: a token flag on the command line"
+    demo = compose()["services"]["demo"]
+    assert demo["environment"]["EXPORTER_INGEST_TOKEN"].startswith("${EXPORTER_INGEST_TOKEN:?")
+
+
+class _AuthorizationRecorder(BaseHTTPRequestHandler):
+    """Answers every POST 202 and records its Authorization header; GET /healthz 200."""
+
+    seen: list[str] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        type(self).seen.append(self.headers.get("Authorization", ""))
+        self._answer(202, b'{"accepted": 1}')
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._answer(200 if self.path == "/healthz" else 404, b"{}")
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet: the test reads what it needs from ``seen``."""
+
+
+@contextmanager
+def recording_server() -> Iterator[tuple[str, list[str]]]:
+    """A local HTTP server on a free port: its base URL and the Authorization headers seen."""
+    class Recorder(_AuthorizationRecorder):
+        seen: list[str] = []
+
+    handler = Recorder
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler.seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_the_simulator_takes_the_token_from_its_environment() -> None:
+    """The demo service's way of passing the token: EXPORTER_INGEST_TOKEN, no flag."""
+    token = SECRETS["EXPORTER_INGEST_TOKEN"]
+    with recording_server() as (url, seen):
+        result = run_cli(
+            "simulate", "--url", url, "--rate", "50", "--duration", "0.3",
+            EXPORTER_INGEST_TOKEN=token,
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert seen and set(seen) == {f"Bearer {token}"}
+    assert json.loads(result.stdout)["errors"] == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def image_health_check() -> list[str]:
+    """The runtime image's HEALTHCHECK command (the Dockerfile's exec form)."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    found = re.search(r"^HEALTHCHECK [^\n]*\\\n\s+CMD (\[.*\])$", dockerfile, re.M)
+    assert found, "no HEALTHCHECK ... CMD [...] in the Dockerfile"
+    command = json.loads(found.group(1))
+    assert isinstance(command, list)
+    return [str(part) for part in command]
+
+
+def test_exporter_health_checks_follow_the_configured_port() -> None:
+    """The compose and the image health checks, run as the container runs them, probe
+    EXPORTER_LISTEN's port: healthy while it answers /healthz, unhealthy when nothing does."""
+    compose_test = compose()["services"]["exporter"]["healthcheck"]["test"]
+    assert compose_test[0] == "CMD"
+    for command in (compose_test[1:], image_health_check()):
+        assert command[0] == "python" and "9402" not in " ".join(command), command
+        with recording_server() as (url, _):
+            port = url.rpartition(":")[2]
+            env = {"PATH": os.environ.get("PATH", ""), "EXPORTER_LISTEN": f"0.0.0.0:{port}"}
+            healthy = subprocess.run([sys.executable, *command[1:]], env=env, timeout=30)
+        env["EXPORTER_LISTEN"] = f"0.0.0.0:{_free_port()}"
+        unhealthy = subprocess.run(
+            [sys.executable, *command[1:]], env=env, capture_output=True, timeout=30
+        )
+        assert healthy.returncode == 0, command
+        assert unhealthy.returncode != 0, command
+
+
+def test_other_health_checks_read_the_port_from_the_service_configuration() -> None:
+    services = compose()["services"]
+    grafana = " ".join(services["grafana"]["healthcheck"]["test"])
+    assert "$${GF_SERVER_HTTP_PORT:-3000}" in grafana
+    influx = " ".join(services["influxdb"]["healthcheck"]["test"])
+    assert "$${INFLUXD_HTTP_BIND_ADDRESS:-:8086}" in influx and "localhost:8086" not in influx
+    for name, service in services.items():
+        if name not in ONE_SHOT:
+            assert service.get("healthcheck"), f"{name}: no health check"
 
 
 def test_compose_runs_pinned_grafana_11_with_provisioning_and_rules() -> None:

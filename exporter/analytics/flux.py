@@ -15,7 +15,8 @@ Protocol method -> Flux file (its results, by ``yield`` name):
 * ``settled_buckets`` -> ``settled_buckets.flux`` (records, sums, parties)
 * ``settled_order_values`` -> ``settled_order_values.flux`` (amount, settlement)
 * ``top_lists`` -> ``top_lists.flux`` (routes, payers, payees)
-* ``point_in_time`` -> ``point_in_time.flux`` (ids, terminal_ids, websocket)
+* ``point_in_time`` -> ``point_in_time.flux`` (ids, terminal_ids, websocket), over the
+  bounded look-back ``state_lookback_ms`` (never all history)
 
 Event time. A window ``(at - span, at]`` holds the records whose event millisecond ``t``
 satisfies ``at - span < t <= at``, i.e. ``at - span + 1 <= t <= at``. A point's timestamp is
@@ -23,15 +24,17 @@ satisfies ``at - span < t <= at``, i.e. ``at - span + 1 <= t <= at``. A point's 
 so those points are exactly the ones in ``[(at - span + 1) * 10^6, (at + 1) * 10^6)``, which is
 Flux's half-open ``range(start, stop)``: see :func:`window_range`.
 
-Exact money: ``*_micro`` fields are int64 in InfluxDB; Flux ``sum`` of ints is an int, the
-annotated CSV types it ``long`` and ``influxdb-client`` parses it as a Python ``int``. Every
-value is checked on the way in (:func:`_int` refuses a float), and sums over series
-(networks, statuses) are added up here in Python integers.
+Exact money: ``*_micro`` fields are int64 in InfluxDB, and Flux's int64 addition wraps
+silently past 2^63. The queries sum each amount split at :data:`EXACT_SPLIT` (columns ``hi``
+and ``lo``), which :func:`_exact_sum` adds up here in Python integers; the annotated CSV types
+them ``long`` and ``influxdb-client`` parses them as Python ``int``. Every value is checked on
+the way in (:func:`_int` refuses a float), and sums over series (networks, statuses) are added
+up here in Python integers.
 
 Round trips: one query per span and method, run concurrently (at most
 ``max_concurrent_queries`` at once); ``Analytics.compute_all`` costs about thirty small
-requests. The aggregates of ``window_totals`` and the counts and sums of
-``settled_buckets`` are bare aggregates that InfluxDB pushes down to its storage engine.
+requests. Counts are bare aggregates that InfluxDB pushes down to its storage engine; money
+sums run in the query engine (two-part sums); what each query scans is in docs/flux-cost.md.
 """
 
 from __future__ import annotations
@@ -90,6 +93,12 @@ NO_RANK: Final = 0
 """Stands in for an empty rank list (ranks are 1-based, so 0 never matches)."""
 
 DEFAULT_MAX_CONCURRENT_QUERIES: Final = 4
+DEFAULT_STATE_LOOKBACK_MS: Final = 24 * 60 * 60 * 1000
+"""How far back ``point_in_time`` looks for pending payments and the WebSocket count: a
+payment received earlier and never settled is abandoned, not pending settlement."""
+EXACT_SPLIT: Final = 1_000_000_000
+"""The queries sum ``v // EXACT_SPLIT`` and ``v % EXACT_SPLIT`` (Flux truncates, Python adds
+back ``hi * EXACT_SPLIT + lo``), so no int64 sum wraps."""
 DEFAULT_TIMEOUT_SECONDS: Final = 60.0
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -145,14 +154,6 @@ def window_range(at_ms: int, span_ms: int) -> tuple[FluxTime, FluxTime]:
     if span_ms <= 0:
         raise ValueError(f"a window span must be positive, got {span_ms}")
     return FluxTime((at_ms - span_ms + 1) * NS_PER_MS), FluxTime((at_ms + 1) * NS_PER_MS)
-
-
-def history_range(at_ms: int) -> tuple[FluxTime, FluxTime]:
-    """The Flux ``[start, stop)`` of every point whose event ms is at or before ``at``.
-
-    Start is the Unix epoch: events are validated to be no older than 2000-01-01.
-    """
-    return FluxTime(0), FluxTime((at_ms + 1) * NS_PER_MS)
 
 
 def _node(kind: object, *args: object, **kwargs: object) -> Any:
@@ -269,12 +270,16 @@ class FluxAnalyticsSource:
         querier: FluxQuerier,
         bucket: str,
         max_concurrent_queries: int = DEFAULT_MAX_CONCURRENT_QUERIES,
+        state_lookback_ms: int = DEFAULT_STATE_LOOKBACK_MS,
     ) -> None:
-        """Query ``bucket`` through ``querier``, at most ``max_concurrent_queries`` at once."""
+        """Query ``bucket`` through ``querier``, at most ``max_concurrent_queries`` at once;
+        point-in-time state over the last ``state_lookback_ms`` before the instant asked."""
         if max_concurrent_queries < 1:
             raise ValueError(f"max_concurrent_queries must be >= 1, got {max_concurrent_queries}")
+        _check_spans([state_lookback_ms])
         self.querier = querier
         self.bucket = bucket
+        self.state_lookback_ms = state_lookback_ms
         self._slots = asyncio.Semaphore(max_concurrent_queries)
 
     @classmethod
@@ -287,10 +292,11 @@ class FluxAnalyticsSource:
         *,
         timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
         max_concurrent_queries: int = DEFAULT_MAX_CONCURRENT_QUERIES,
+        state_lookback_ms: int = DEFAULT_STATE_LOOKBACK_MS,
     ) -> FluxAnalyticsSource:
         """A source querying the InfluxDB at ``url`` (connects on first use)."""
         client = InfluxQueryClient(url, token, org, timeout_seconds)
-        return cls(client, bucket, max_concurrent_queries)
+        return cls(client, bucket, max_concurrent_queries, state_lookback_ms)
 
     async def close(self) -> None:
         """Release the querier's connections."""
@@ -364,6 +370,7 @@ class FluxAnalyticsSource:
             return {
                 "start": start,
                 "stop": stop,
+                "settled": request.settled,
                 "amount_ranks": request.amount or (NO_RANK,),
                 "settlement_ranks": request.settlement or (NO_RANK,),
             }
@@ -396,8 +403,9 @@ class FluxAnalyticsSource:
         )
 
     async def point_in_time(self, at_ms: int) -> PointInTime:
-        """Pending payments and the latest WebSocket client count as of ``at_ms``."""
-        start, stop = history_range(at_ms)
+        """Pending payments and the latest WebSocket client count as of ``at_ms``, from the
+        records of the look-back ``(at_ms - state_lookback_ms, at_ms]``."""
+        start, stop = window_range(at_ms, self.state_lookback_ms)
         return point_in_time_from_tables(
             await self._run("point_in_time", {"start": start, "stop": stop})
         )
@@ -445,6 +453,11 @@ def _str(value: object) -> str:
     if isinstance(value, str):
         return value
     raise TypeError(f"expected a string from InfluxDB, got {value!r}")
+
+
+def _exact_sum(row: Mapping[str, object]) -> int:
+    """The exact integer sum of a row summed in two parts (``hi`` and ``lo`` columns)."""
+    return _int(row.get("hi")) * EXACT_SPLIT + _int(row.get("lo"))
 
 
 def _epoch_ms(value: object) -> int:
@@ -495,12 +508,11 @@ def window_totals_from_tables(tables: Iterable[Any]) -> WindowTotals:
     for result, row in _rows(tables):
         value = row.get("_value")
         if result == "revenue":
-            if value is not None:
-                kind = _str(row.get("kind"))
-                kinds[kind] = kinds.get(kind, 0) + _int(value)
+            kind = _str(row.get("kind"))
+            kinds[kind] = kinds.get(kind, 0) + _exact_sum(row)
             continue
         if result == "second_half":
-            second_half += _int(value)
+            second_half += _exact_sum(row)
             continue
         acc = networks[_str(row.get("network"))]
         field = row.get("_field")
@@ -516,11 +528,11 @@ def window_totals_from_tables(tables: Iterable[Any]) -> WindowTotals:
                 acc.failed += count
         elif result == "settled":
             if field == "amount_micro":
-                acc.volume += _int(value)
+                acc.volume += _exact_sum(row)
             elif field == "fee_micro":
-                acc.fees += _int(value)
-            elif field == "settlement_ms":
-                acc.settlement_ms += _float(value)
+                acc.fees += _exact_sum(row)
+        elif result == "settlement":
+            acc.settlement_ms += _float(value)
         elif result == "batches":
             acc.batches += _int(value)
         elif result == "gas":
@@ -548,20 +560,19 @@ def buckets_from_tables(tables: Iterable[Any], bucket_ms: int) -> list[BucketTot
     for result, row in _rows(tables):
         start_ms = _epoch_ms(row.get("_start"))
         sums = acc[start_ms - start_ms % bucket_ms]
-        value = _int(row.get("_value"))
         field = row.get("_field")
         if result == "records":
-            sums[0] += value
+            sums[0] += _int(row.get("_value"))
         elif result == "sums":
             if field == "amount_micro":
-                sums[1] += value
+                sums[1] += _exact_sum(row)
             elif field == "fee_micro":
-                sums[2] += value
+                sums[2] += _exact_sum(row)
         elif result == "parties":
             if field == "payer":
-                sums[3] += value
+                sums[3] += _int(row.get("_value"))
             elif field == "payee":
-                sums[4] += value
+                sums[4] += _int(row.get("_value"))
         else:
             raise _unexpected(result, "settled_buckets")
     return [
@@ -574,36 +585,47 @@ def buckets_from_tables(tables: Iterable[Any], bucket_ms: int) -> list[BucketTot
     ]
 
 
+def rescaled_rank(rank: int, settled: int, count: int) -> int:
+    """The position among ``count`` values that rank ``rank`` of ``settled`` selects:
+    ``ceil((rank - 0.5) / settled * count)``, exactly ``rank`` when ``count == settled``.
+
+    ``settled_order_values.flux`` applies the same integer formula to the count its own read
+    saw, so records written since ``settled`` was counted select the same fraction.
+    """
+    return ((2 * rank - 1) * count + 2 * settled - 1) // (2 * settled)
+
+
 def rank_values_from_tables(tables: Iterable[Any], request: RankRequest) -> RankValues:
     """The requested rank values of one ``settled_order_values.flux`` answer.
 
-    Raises :class:`RuntimeError` when a requested rank is missing: the window then holds
-    fewer settled records than ``request.settled`` (it changed between the count and this
-    query).
+    Each row carries its position and the count ``n`` of values its read saw; rank ``k`` of
+    ``request.settled`` is the value at :func:`rescaled_rank` of ``n``. Raises
+    :class:`RuntimeError` when a field answered no row although ranks were asked: the window
+    lost every settled record since the count.
     """
-    amount: dict[int, int] = {}
-    settlement: dict[int, float] = {}
+    found: dict[str, dict[int, object]] = {"amount": {}, "settlement": {}}
+    counts: dict[str, int] = {}
     for result, row in _rows(tables):
-        rank = _int(row.get("rank"))
-        if result == "amount":
-            amount[rank] = _int(row.get("_value"))
-        elif result == "settlement":
-            settlement[rank] = _float(row.get("_value"))
-        else:
+        if result not in found:
             raise _unexpected(result, "settled_order_values")
-    missing = sorted(
-        {f"amount rank {k}" for k in request.amount if k not in amount}
-        | {f"settlement rank {k}" for k in request.settlement if k not in settlement}
-    )
-    if missing:
-        raise RuntimeError(
-            f"settled_order_values.flux did not answer {', '.join(missing)} of "
-            f"{request.settled} settled records: the window changed between the count and "
-            "the ranks"
-        )
+        found[result][_int(row.get("rank"))] = row.get("_value")
+        counts[result] = _int(row.get("n"))
+
+    def values(result: str, ranks: tuple[int, ...]) -> dict[int, object]:
+        if not ranks:
+            return {}
+        at = {k: rescaled_rank(k, request.settled, counts.get(result, 0)) for k in ranks}
+        missing = sorted(k for k, position in at.items() if position not in found[result])
+        if missing:
+            raise RuntimeError(
+                f"settled_order_values.flux did not answer {result} ranks {missing} of "
+                f"{request.settled} settled records (its read saw {counts.get(result, 0)})"
+            )
+        return {k: found[result][position] for k, position in at.items()}
+
     return RankValues(
-        amount={k: amount[k] for k in request.amount},
-        settlement={k: settlement[k] for k in request.settlement},
+        amount={k: _int(v) for k, v in values("amount", request.amount).items()},
+        settlement={k: _float(v) for k, v in values("settlement", request.settlement).items()},
     )
 
 
@@ -613,7 +635,7 @@ def top_lists_from_tables(tables: Iterable[Any], limit: int) -> TopLists:
     payees: list[PayeeTotals] = []
     routes: list[RouteTotals] = []
     for result, row in _rows(tables):
-        amount, count = _int(row.get("amount")), _int(row.get("payments"))
+        amount, count = _exact_sum(row), _int(row.get("payments"))
         if result == "payers":
             payers.append(
                 PayerTotals(_str(row.get("payer")), amount, count, _int(row.get("last_ms")))

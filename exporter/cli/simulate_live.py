@@ -421,7 +421,7 @@ def _simulate(args: argparse.Namespace) -> int:
             rate=args.rate,
             duration=args.duration,
             seed=args.seed,
-            token=args.token,
+            token=args.token or os.environ.get("EXPORTER_INGEST_TOKEN") or None,
             signing_secret=signing_secret,
             batch_size=args.batch_size,
             concurrency=args.concurrency,
@@ -464,7 +464,11 @@ def add_parser(commands: Commands) -> None:
         help="seconds to run; 0 runs until interrupted (default 60)",
     )
     simulate.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
-    simulate.add_argument("--token", help="bearer token (the exporter's EXPORTER_INGEST_TOKEN)")
+    simulate.add_argument(
+        "--token",
+        help="bearer token (default EXPORTER_INGEST_TOKEN when set; prefer the variable, a "
+        "command line is visible to other local users)",
+    )
     simulate.add_argument(
         "--signing-secret",
         metavar="SECRET",

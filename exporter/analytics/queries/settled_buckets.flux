@@ -2,7 +2,7 @@
 // one span.
 //
 // params.bucket: string; params.start, params.stop: the window as [start, stop) (see
-// window_range in exporter/analytics_flux.py); params.every: the bucket width (1h or 1d).
+// window_range in exporter/analytics/flux.py); params.every: the bucket width (1h or 1d).
 //
 // window() cuts epoch-aligned UTC buckets; a point of event millisecond t has its
 // nanosecond timestamp in [t ms, t ms + 1 ms), so it falls in the bucket of t. The first
@@ -18,13 +18,19 @@ from(bucket: params.bucket)
     |> count()
     |> yield(name: "records")
 
-// Volume and fees per (network, field, bucket): integer sums.
+// Volume and fees per (network, field, bucket): exact integer sums. Flux's int64 sum wraps
+// silently past 2^63; each value is split at 10^9 and both parts summed (hi, lo), which the
+// exporter adds up in Python integers (exact below 9.2 * 10^8 points per series and bucket).
 from(bucket: params.bucket)
     |> range(start: params.start, stop: params.stop)
     |> filter(fn: (r) => r._measurement == "payment" and r.status == "settled")
     |> filter(fn: (r) => r._field == "amount_micro" or r._field == "fee_micro")
     |> window(every: params.every)
-    |> sum()
+    |> reduce(
+        identity: {hi: 0, lo: 0},
+        fn: (r, accumulator) =>
+            ({hi: accumulator.hi + r._value / 1000000000, lo: accumulator.lo + r._value % 1000000000}),
+    )
     |> yield(name: "sums")
 
 // Distinct payers and payees per bucket, across networks.

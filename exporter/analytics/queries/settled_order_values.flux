@@ -2,13 +2,28 @@
 // AnalyticsSource.settled_order_values for one span.
 //
 // params.bucket: string; params.start, params.stop: the window as [start, stop) (see
-// window_range in exporter/analytics_flux.py); params.amount_ranks and
-// params.settlement_ranks: 1-based ranks ([int]; [0] when none is wanted, rank 0 never
-// matches).
+// window_range in exporter/analytics/flux.py); params.settled: the settled count n0 the
+// ranks refer to (int, at least 1); params.amount_ranks and params.settlement_ranks: 1-based
+// ranks into n0 ([int]; [0] when none is wanted, rank 0 never matches).
 //
-// Rank k of n values is sorted(values)[k - 1]: every value of the window is sorted
-// ascending in one table, numbered 1..n with a running sum, and the wanted numbers kept.
-// Exact for integers and floats alike (no quantile estimate, no interpolation).
+// Ranks are computed within this query, over the values this very read returns, so records
+// written while it runs (or since n0 was counted) cannot shift them: every value of the
+// window is sorted ascending in one table and numbered 1..n with a running sum, then
+// numbered again from the top (sorted descending, ties in reverse), so each row knows the
+// count n its read saw (rank + from_top - 1). Rank k of n0 selects position
+// ceil((k - 0.5) / n0 * n) of the n values (exactly k when n = n0), as the DuckDB source
+// does; each kept row carries its position and n, and the exporter maps them back to k.
+// Exact for integers and floats alike (no quantile estimate, no interpolation). Cost: one
+// read of the field over the window and two sorts of it (see docs/flux-cost.md).
+
+import "array"
+
+// Position of rank k of params.settled among n values (integer arithmetic, as the exporter).
+positions = (ranks, n) =>
+    array.map(
+        arr: ranks,
+        fn: (x) => ((2 * x - 1) * n + 2 * params.settled - 1) / (2 * params.settled),
+    )
 
 ranked = (field, ranks) =>
     from(bucket: params.bucket)
@@ -18,9 +33,12 @@ ranked = (field, ranks) =>
         |> group()
         |> keep(columns: ["_value"])
         |> sort(columns: ["_value"])
-        |> map(fn: (r) => ({r with rank: 1}))
+        |> map(fn: (r) => ({r with rank: 1, from_top: 1}))
         |> cumulativeSum(columns: ["rank"])
-        |> filter(fn: (r) => contains(value: r.rank, set: ranks))
+        |> sort(columns: ["_value", "rank"], desc: true)
+        |> cumulativeSum(columns: ["from_top"])
+        |> map(fn: (r) => ({_value: r._value, rank: r.rank, n: r.rank + r.from_top - 1}))
+        |> filter(fn: (r) => contains(value: r.rank, set: positions(ranks: ranks, n: r.n)))
 
 ranked(field: "amount_micro", ranks: params.amount_ranks)
     |> yield(name: "amount")

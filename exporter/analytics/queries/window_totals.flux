@@ -2,12 +2,30 @@
 //
 // params.bucket: string; params.start, params.stop: the window (at - span, at] in event
 // milliseconds as the half-open nanosecond range [start, stop) (see window_range in
-// exporter/analytics_flux.py); params.half_start: start of the second half
+// exporter/analytics/flux.py); params.half_start: start of the second half
 // (at - span / 2, at] the same way.
 //
-// Every branch is range |> filter |> one bare aggregate per series, which InfluxDB pushes
-// down to its storage engine. Series are split by tags (network, status, kind); the
-// exporter adds them up. Integer fields sum to integers: money stays exact.
+// Counts and the float sum are bare aggregates per series, which InfluxDB pushes down to its
+// storage engine. Series are split by tags (network, status, kind); the exporter adds them up.
+//
+// Money never wraps: Flux sums int64 values and wraps silently past 2^63 (9.2 trillion token
+// units; one amount may have 12 integer digits, 10^18 micro-units). exactSum splits each
+// value v at 10^9 into v / 10^9 and v % 10^9 and sums both parts (hi and lo columns); the
+// exporter adds hi * 10^9 + lo in Python integers. Exact while a series holds fewer than
+// 9.2 * 10^8 points in the window (each part is below 10^10 in magnitude), whatever the
+// amounts. The price: these sums run in the query engine rather than in storage. Gas and
+// batch payment counts are plain int64 sums: exact up to 9.2 * 10^18 gas in a window.
+
+exactSum = (tables=<-) =>
+    tables
+        |> reduce(
+            identity: {hi: 0, lo: 0},
+            fn: (r, accumulator) =>
+                ({
+                    hi: accumulator.hi + r._value / 1000000000,
+                    lo: accumulator.lo + r._value % 1000000000,
+                }),
+        )
 
 // Payment records of every status, counted per (network, status): payment_id is the one
 // field every payment point carries.
@@ -17,22 +35,28 @@ from(bucket: params.bucket)
     |> count()
     |> yield(name: "records")
 
-// Settled payments: volume, fees (integers) and settlement time (float) per network.
+// Settled payments: volume and fees (exact integer sums) per network.
 from(bucket: params.bucket)
     |> range(start: params.start, stop: params.stop)
     |> filter(fn: (r) => r._measurement == "payment" and r.status == "settled")
-    |> filter(
-        fn: (r) => r._field == "amount_micro" or r._field == "fee_micro" or r._field == "settlement_ms",
-    )
-    |> sum()
+    |> filter(fn: (r) => r._field == "amount_micro" or r._field == "fee_micro")
+    |> exactSum()
     |> yield(name: "settled")
+
+// Settled payments: settlement time (float) per network.
+from(bucket: params.bucket)
+    |> range(start: params.start, stop: params.stop)
+    |> filter(fn: (r) => r._measurement == "payment" and r.status == "settled")
+    |> filter(fn: (r) => r._field == "settlement_ms")
+    |> sum()
+    |> yield(name: "settlement")
 
 // Fees of the payments settled in the second half of the window (growth rate).
 from(bucket: params.bucket)
     |> range(start: params.half_start, stop: params.stop)
     |> filter(fn: (r) => r._measurement == "payment" and r.status == "settled")
     |> filter(fn: (r) => r._field == "fee_micro")
-    |> sum()
+    |> exactSum()
     |> yield(name: "second_half")
 
 // Settled batches per network: how many, and their gas and payment counts.
@@ -54,5 +78,5 @@ from(bucket: params.bucket)
 from(bucket: params.bucket)
     |> range(start: params.start, stop: params.stop)
     |> filter(fn: (r) => r._measurement == "revenue" and r._field == "amount_micro")
-    |> sum()
+    |> exactSum()
     |> yield(name: "revenue")
