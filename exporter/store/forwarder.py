@@ -1,4 +1,4 @@
-"""Store selection and the forwarder that drains the ledger outbox into the store.
+"""The forwarder that drains the ledger outbox into the store.
 
 Delivery is at-least-once: outbox records are removed only after the store accepted them,
 and stores write idempotently per event key, so a crash between the two repeats a
@@ -25,65 +25,13 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..config import Settings, StoreKind
-from ..errors import (
-    LedgerError,
-    StoreAuthError,
-    StoreClientError,
-    StoreRetryAfterError,
-    StoreServerError,
-    StoreTimeoutError,
-)
+from ..errors import LedgerError, StoreAuthError, StoreRetryAfterError
 from ..ledger import GroupCommitter
 from ..metrics import Metrics
 from ..records import Store
+from .base import ANSWERED_CLASSES, ERROR_CLASSES, error_class
 
 log = logging.getLogger(__name__)
-
-
-ERROR_CLASSES = ("retry_after", "auth", "timeout", "server", "client", "other")
-"""Every value of ``exporter_store_errors_total{class}``."""
-
-_ANSWERED = frozenset({"retry_after", "auth", "client"})  # the store answered, and refused
-
-
-def error_class(error: BaseException) -> str:
-    """The ``class`` label of a store failure (one of :data:`ERROR_CLASSES`)."""
-    if isinstance(error, StoreRetryAfterError):
-        return "retry_after"
-    if isinstance(error, StoreAuthError):
-        return "auth"
-    if isinstance(error, StoreTimeoutError | TimeoutError):
-        return "timeout"
-    if isinstance(error, StoreServerError | ConnectionError):
-        return "server"
-    if isinstance(error, StoreClientError):
-        return "client"
-    return "other"
-
-
-def open_store(settings: Settings) -> Store:
-    """Open the store the settings select (blocking; call before serving)."""
-    kind = settings.resolved_store
-    if kind is StoreKind.DUCKDB:
-        from .duckdb import DuckDBStore
-
-        return DuckDBStore.open(
-            settings.duckdb_path, settings.duckdb_memory_limit, settings.duckdb_threads
-        )
-    if kind is StoreKind.INFLUXDB:
-        from .influx.store import InfluxStore
-
-        assert settings.influx_url and settings.influx_token and settings.influx_org
-        return InfluxStore(
-            settings.influx_url,
-            settings.influx_token.get_secret_value(),
-            settings.influx_org,
-            settings.influx_bucket,
-            settings.influx_timeout_seconds,
-            min(settings.store_batch_size, 5_000),
-        )
-    raise ValueError(f"unsupported store {kind}")
 
 
 BATCH_SIZE_BUCKETS = (1, 10, 100, 500, 1000, 2500, 5000, 10000)
@@ -245,7 +193,7 @@ class Forwarder:
     def _reachable(self) -> bool | None:
         if not self.attempted:
             return None
-        return self.consecutive_failures == 0 or self.last_error_class in _ANSWERED
+        return self.consecutive_failures == 0 or self.last_error_class in ANSWERED_CLASSES
 
     async def stop(self, drain_seconds: float) -> None:
         """Deliver what can be delivered within ``drain_seconds``, then stop.
