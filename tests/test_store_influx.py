@@ -61,9 +61,7 @@ from exporter.records import (
 )
 from exporter.store import Forwarder
 from exporter.store.influx.store import (
-    DEFAULT_RETRY_AFTER_SECONDS,
     InfluxStore,
-    parse_retry_after,
     point_line,
     to_line,
 )
@@ -285,16 +283,6 @@ async def test_throttling_raises_retry_after_with_the_servers_delay(
     with pytest.raises(StoreRetryAfterError) as caught:
         await store.write(_payments(2))
     assert caught.value.retry_after == seconds
-
-
-def test_retry_after_accepts_http_dates_and_falls_back_when_absent() -> None:
-    """Retry-After may be an HTTP date; absent or garbage means the documented default."""
-    now = 1_767_225_600.0  # Thu, 01 Jan 2026 00:00:00 GMT
-    assert parse_retry_after("Thu, 01 Jan 2026 00:00:30 GMT", now=now) == 30.0
-    assert parse_retry_after("Wed, 31 Dec 2025 23:00:00 GMT", now=now) == 0.0
-    assert parse_retry_after(None) == DEFAULT_RETRY_AFTER_SECONDS
-    assert parse_retry_after("soon") == DEFAULT_RETRY_AFTER_SECONDS
-    assert parse_retry_after("86400000") == 3600.0
 
 
 async def test_413_splits_the_batch_until_it_fits(

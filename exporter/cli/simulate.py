@@ -24,7 +24,6 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from email.utils import parsedate_to_datetime
 from operator import itemgetter
 from typing import Any
 
@@ -32,6 +31,7 @@ import aiohttp
 
 from ..config import check_secret
 from ..ingest.signing import SIGNATURE_HEADER, signature_header
+from ..retry import backoff_seconds, parse_retry_after
 
 EventDict = dict[str, object]
 """One event as a JSON-ready dict: ``{"type": ..., "data": {...}}`` (plus ``id`` if enabled)."""
@@ -776,26 +776,13 @@ class _Counters:
 
 
 def _backoff(attempt: int) -> float:
-    """Exponential backoff for retry ``attempt`` (0-based): 0.25 s doubling, at most 5 s."""
-    return min(0.25 * float(1 << min(attempt, 16)), 5.0)
+    """Jittered exponential backoff for retry ``attempt`` (0-based): from 0.25 s, at most 5 s."""
+    return backoff_seconds(attempt, 0.25, 5.0)
 
 
 def _retry_after_seconds(value: str | None, attempt: int) -> float:
-    """Seconds to wait before retrying a 503/429 (Retry-After, else a backoff); <= 30 s."""
-    fallback = _backoff(attempt)
-    if not value:
-        return fallback
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return fallback
-        seconds = when.timestamp() - time.time()
-    if not math.isfinite(seconds):
-        return fallback
-    return min(max(seconds, 0.0), 30.0)
+    """Seconds to wait before retrying a 503/429: its Retry-After, else a backoff."""
+    return parse_retry_after(value, time.time(), default=_backoff(attempt))
 
 
 _LINGER_S = 0.2  # longest a partial NDJSON batch waits for more events

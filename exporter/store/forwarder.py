@@ -29,6 +29,7 @@ from ..errors import LedgerError, StoreAuthError, StoreRetryAfterError
 from ..ledger import GroupCommitter
 from ..metrics import Metrics
 from ..records import Store
+from ..retry import backoff_seconds
 from .base import ANSWERED_CLASSES, ERROR_CLASSES, error_class
 
 log = logging.getLogger(__name__)
@@ -123,14 +124,23 @@ class Forwarder:
         batch_size: int = 5_000,
         max_backoff_seconds: float = 30.0,
         flush_interval_seconds: float = 0.0,
+        backoff_base_seconds: float = 0.5,
+        rng: random.Random | None = None,
     ) -> None:
-        """Prepare to forward; nothing runs before :meth:`start`."""
+        """Prepare to forward; nothing runs before :meth:`start`.
+
+        After a failure the forwarder pauses :func:`~exporter.retry.backoff_seconds`:
+        ``backoff_base_seconds`` doubling per consecutive failure up to
+        ``max_backoff_seconds``, jittered by ``rng`` (seeded in tests).
+        """
         self.committer = committer
         self.store = store
         self.metrics = metrics
         self.store_metrics = StoreMetrics.on(metrics.registry)
         self.batch_size = batch_size
         self.max_backoff = max_backoff_seconds
+        self.backoff_base = backoff_base_seconds
+        self._rng = rng
         self.flush_interval = flush_interval_seconds
         self.last_success: float | None = None
         self.last_error: str | None = None
@@ -336,8 +346,7 @@ class Forwarder:
         if isinstance(error, StoreRetryAfterError):
             delay = max(_MIN_RETRY_AFTER_SECONDS, error.retry_after)
         else:
-            delay = min(self.max_backoff, 0.5 * 2 ** min(self.consecutive_failures - 1, 10))
-            delay *= random.uniform(0.5, 1.0)
+            delay = self._backoff(self.consecutive_failures)
         fields = {
             "store": self.store.name,
             "records": rows,
@@ -363,13 +372,16 @@ class Forwarder:
     async def _ledger_back_off(self, action: str, error: Exception) -> None:
         """Wait before retrying after the ledger failed (a full disk, an I/O error)."""
         self._ledger_failures += 1
-        delay = min(self.max_backoff, 0.5 * 2 ** min(self._ledger_failures - 1, 10))
-        delay *= random.uniform(0.5, 1.0)
+        delay = self._backoff(self._ledger_failures)
         log.warning(
             f"ledger cannot {action}; retrying",
             extra={"error": f"{type(error).__name__}: {error}", "retry_in_s": round(delay, 2)},
         )
         await self._pause(delay)
+
+    def _backoff(self, failures: int) -> float:
+        """The jittered pause after ``failures`` consecutive failures (1 or more)."""
+        return backoff_seconds(failures - 1, self.backoff_base, self.max_backoff, self._rng)
 
     async def _pause(self, delay: float) -> None:
         """Wait ``delay`` seconds before a retry, or less when the forwarder is stopping."""

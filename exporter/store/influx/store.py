@@ -18,7 +18,8 @@ Answers and what they become (the :class:`~exporter.store.forwarder.Forwarder` r
 
 - 2xx: delivered.
 - 429 / 503: :class:`StoreRetryAfterError` carrying ``Retry-After`` (seconds or an
-  HTTP date; :data:`DEFAULT_RETRY_AFTER_SECONDS` when absent).
+  HTTP date; :data:`DEFAULT_RETRY_AFTER_SECONDS` when absent, at most
+  :data:`~exporter.retry.MAX_RETRY_AFTER_SECONDS`).
 - 413: the batch is split in halves, each written on its own; a single line InfluxDB
   still finds too large is refused for good.
 - 400 (a line that does not parse: InfluxDB OSS then writes nothing of the request) and
@@ -40,11 +41,9 @@ record and the next attempt rewrites the halves already written, which is idempo
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import gzip
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,17 +63,16 @@ from ...errors import (
     StoreTimeoutError,
 )
 from ...records import StoreRecord, StoreRejection
+from ...retry import parse_retry_after
 from .line_protocol import Encoder, analytics_lines, point_line, to_line
 
 __all__ = [
     "DEFAULT_RETRY_AFTER_SECONDS",
     "GZIP_LEVEL",
     "MAX_LINES_PER_WRITE",
-    "MAX_RETRY_AFTER_SECONDS",
     "Encoder",
     "InfluxCheck",
     "InfluxStore",
-    "parse_retry_after",
     "point_line",
     "to_line",
 ]
@@ -90,9 +88,6 @@ GZIP_LEVEL = 1
 DEFAULT_RETRY_AFTER_SECONDS = 5.0
 """The pause after a 429/503 that names no ``Retry-After``."""
 
-MAX_RETRY_AFTER_SECONDS = 3600.0
-"""Longest ``Retry-After`` honoured; a longer one is shortened to this."""
-
 _MESSAGE_LIMIT = 500
 
 
@@ -106,24 +101,6 @@ def _encode(
     """Render every record and gzip the first request's body (in a worker thread)."""
     lines = [encoder(record) for record in records]
     return lines, _gzip(lines[:max_lines])
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float:
-    """Seconds to wait from a ``Retry-After`` header (delta seconds or an HTTP date)."""
-    if value is None or not value.strip():
-        return DEFAULT_RETRY_AFTER_SECONDS
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError):
-            return DEFAULT_RETRY_AFTER_SECONDS
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if not math.isfinite(seconds):
-        return DEFAULT_RETRY_AFTER_SECONDS
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
 def _message(error: ApiException) -> str:
@@ -314,7 +291,9 @@ class InfluxStore:
             return _LinesRefused(status, message)
         if status in (429, 503):
             headers: Mapping[str, str] = error.headers or {}
-            retry_after = parse_retry_after(headers.get("Retry-After"))
+            retry_after = parse_retry_after(
+                headers.get("Retry-After"), time.time(), default=DEFAULT_RETRY_AFTER_SECONDS
+            )
             return StoreRetryAfterError(
                 f"{where} answered {status} ({message}); retry after {retry_after:g}s",
                 retry_after,
