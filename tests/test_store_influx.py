@@ -7,6 +7,7 @@ in ``test_forwarder``.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,7 +26,9 @@ from influx_fault_server import (
 )
 from store_helpers import fault_server, influx_env, influx_store, point_key
 
+from exporter import Settings
 from exporter.errors import (
+    ConfigError,
     StoreAuthError,
     StoreClientError,
     StoreRetryAfterError,
@@ -40,6 +43,7 @@ from exporter.records import (
     WebsocketRecord,
     unique_time_ns,
 )
+from exporter.store import open_store, redact_url
 from exporter.store.influx.store import InfluxStore, point_line, to_line
 
 ADDR_A = "0x" + "a" * 40
@@ -346,6 +350,75 @@ async def test_connection_refused_then_recovery(
     await influx.resume()
     assert await store.write(_payments(2)) == []
     assert len(influx.point_keys()) == 2
+
+
+@pytest.mark.parametrize(
+    ("reply", "error", "way_out"),
+    [
+        (Reply(500, "engine broke"), StoreServerError, "InfluxDB's own log says why"),
+        (Reply(418, "teapot"), StoreClientError, "check that EXPORTER_INFLUX_URL names"),
+        (Reply(401, "unauthorized"), StoreAuthError, "set EXPORTER_INFLUX_TOKEN"),
+        (Reply(404, "bucket not found"), StoreAuthError, "check EXPORTER_INFLUX_ORG"),
+        (Reply(429, "slow", retry_after="2"), StoreRetryAfterError, "asked for a pause of 2s"),
+        (Reply(204, delay=5.0), StoreTimeoutError, "raise EXPORTER_INFLUX_TIMEOUT_SECONDS"),
+    ],
+    ids=["500", "418", "401", "404", "429", "timeout"],
+)
+async def test_every_write_error_names_the_address_and_the_way_out(
+    influx: InfluxFaultServer,
+    store: InfluxStore,
+    reply: Reply,
+    error: type[Exception],
+    way_out: str,
+) -> None:
+    """One line that says which InfluxDB (and bucket) failed and what to do about it."""
+    influx.push(reply)
+    with pytest.raises(error) as caught:
+        await store.write(_payments(1))
+    message = str(caught.value)
+    assert influx.url in message and way_out in message
+    if not isinstance(caught.value, StoreTimeoutError):
+        assert "bucket 'payments' org 'test-org'" in message
+    assert "\n" not in message
+
+
+async def test_an_unreachable_influxdb_names_its_url_and_what_to_check(
+    influx: InfluxFaultServer, store: InfluxStore
+) -> None:
+    """Connection refused: the URL, the cause, and where to look."""
+    await influx.outage()
+    with pytest.raises(StoreServerError) as caught:
+        await store.write(_payments(1))
+    message = str(caught.value)
+    assert message.startswith(f"InfluxDB at {influx.url} unreachable (")
+    assert message.endswith("check that InfluxDB runs there and that EXPORTER_INFLUX_URL names it")
+
+
+def test_a_url_with_user_info_is_refused_without_printing_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """User info cannot ride beside the token (every request would fail); it is refused
+    at open with the URL redacted, and no log line carries the password."""
+    settings = Settings(
+        store="influxdb",
+        influx_url="http://writer:s3cret@127.0.0.1:8086/",
+        influx_token="t0ken",
+        influx_org="o",
+    )
+    with caplog.at_level(logging.DEBUG), pytest.raises(ConfigError) as caught:
+        open_store(settings)
+    message = str(caught.value)
+    assert "EXPORTER_INFLUX_URL http://***@127.0.0.1:8086 carries user info" in message
+    assert "remove the 'user:password@' part" in message
+    assert "s3cret" not in message and "writer" not in message
+    assert not any("s3cret" in record.getMessage() for record in caplog.records)
+
+
+def test_redacted_urls_keep_everything_but_the_user_info() -> None:
+    """What stores print of a URL: host, port and path; never the user or password."""
+    assert redact_url("https://u:p@influx.example:8086/base") == "https://***@influx.example:8086/base"
+    assert redact_url("http://u@h") == "http://***@h"
+    assert redact_url("http://[::1]:8086") == "http://[::1]:8086"
 
 
 async def test_check_reports_reachability_and_credentials(influx: InfluxFaultServer) -> None:

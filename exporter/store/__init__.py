@@ -3,7 +3,7 @@
 Other stages import from here; the backends (DuckDB, InfluxDB) load only when opened.
 """
 
-from .base import ANSWERED_CLASSES, ERROR_CLASSES, error_class
+from .base import ANSWERED_CLASSES, ERROR_CLASSES, error_class, has_user_info, redact_url
 from .factory import open_store
 from .forwarder import Forwarder, StoreMetrics, StoreState
 
@@ -14,5 +14,7 @@ __all__ = [
     "StoreMetrics",
     "StoreState",
     "error_class",
+    "has_user_info",
     "open_store",
+    "redact_url",
 ]

@@ -1,6 +1,12 @@
-"""What every store shares: how a failed write is classified for metrics and readiness."""
+"""What every store shares: how a failed write is classified, and how a store is named.
+
+A store's errors and logs name its address or file; an address never carries the user
+info (``user:password@``) a URL may hold.
+"""
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import (
     StoreAuthError,
@@ -30,3 +36,17 @@ def error_class(error: BaseException) -> str:
     if isinstance(error, StoreClientError):
         return "client"
     return "other"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its user info, if any, replaced by ``***`` (for messages and logs)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))
+
+
+def has_user_info(url: str) -> bool:
+    """Whether ``url`` carries ``user[:password]@`` before its host."""
+    return "@" in urlsplit(url).netloc

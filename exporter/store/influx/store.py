@@ -55,6 +55,7 @@ from influxdb_client.rest import ApiException
 from influxdb_client.service.write_service import WriteService
 
 from ...errors import (
+    ConfigError,
     StoreAuthError,
     StoreClientError,
     StoreError,
@@ -64,6 +65,7 @@ from ...errors import (
 )
 from ...records import StoreRecord, StoreRejection
 from ...retry import parse_retry_after
+from ..base import has_user_info, redact_url
 from .line_protocol import Encoder, analytics_lines, point_line, to_line
 
 __all__ = [
@@ -89,6 +91,7 @@ DEFAULT_RETRY_AFTER_SECONDS = 5.0
 """The pause after a 429/503 that names no ``Retry-After``."""
 
 _MESSAGE_LIMIT = 500
+_CHECK_URL = "check that EXPORTER_INFLUX_URL names InfluxDB 2.x"
 
 
 def _gzip(lines: Sequence[str]) -> bytes:
@@ -173,6 +176,14 @@ class InfluxStore:
         """
         if not 1 <= max_lines <= MAX_LINES_PER_WRITE:
             raise ValueError(f"max_lines must be in 1..{MAX_LINES_PER_WRITE}")
+        if has_user_info(url):
+            # The client sends the token as the Authorization header, and aiohttp then
+            # refuses every request whose URL carries credentials of its own.
+            raise ConfigError(
+                f"EXPORTER_INFLUX_URL {redact_url(url)} carries user info, which InfluxDB "
+                "2.x does not use (it authenticates with EXPORTER_INFLUX_TOKEN): remove "
+                "the 'user:password@' part"
+            )
         self.url = url.rstrip("/")
         self.org = org
         self.bucket = bucket
@@ -274,11 +285,14 @@ class InfluxStore:
             raise self._classify(error) from error
         except TimeoutError as error:
             raise StoreTimeoutError(
-                f"InfluxDB at {self.url} did not answer within {self.timeout_seconds:g}s"
+                f"InfluxDB at {self.url} did not answer within {self.timeout_seconds:g}s: check "
+                "that it is up, or raise EXPORTER_INFLUX_TIMEOUT_SECONDS if it is only slow"
             ) from error
         except (aiohttp.ClientError, OSError) as error:
             raise StoreServerError(
-                f"InfluxDB at {self.url} unreachable: {type(error).__name__}: {error}"
+                f"InfluxDB at {self.url} unreachable ({type(error).__name__}: "
+                f"{error}): check that InfluxDB runs there and that "
+                "EXPORTER_INFLUX_URL names it"
             ) from error
 
     def _classify(self, error: ApiException) -> Exception:
@@ -286,7 +300,10 @@ class InfluxStore:
         message = _message(error)
         where = f"InfluxDB {self.url} bucket {self.bucket!r} org {self.org!r}"
         if status == 400 and any(text in message.lower() for text in _REQUEST_LEVEL_400):
-            return StoreClientError(f"{where} refused the request ({status}: {message})")
+            return StoreClientError(
+                f"{where} refused the request ({status}: {message}): {_CHECK_URL} itself, "
+                "not a proxy that rewrites requests"
+            )
         if status in (400, 413, 422):
             return _LinesRefused(status, message)
         if status in (429, 503):
@@ -295,21 +312,27 @@ class InfluxStore:
                 headers.get("Retry-After"), time.time(), default=DEFAULT_RETRY_AFTER_SECONDS
             )
             return StoreRetryAfterError(
-                f"{where} answered {status} ({message}); retry after {retry_after:g}s",
+                f"{where} answered {status} ({message}) and asked for a pause of "
+                f"{retry_after:g}s",
                 retry_after,
             )
         if status in (401, 403):
-            return StoreAuthError(f"{where} refused the token ({status}: {message})")
+            return StoreAuthError(
+                f"{where} refused the token ({status}: {message}): set "
+                "EXPORTER_INFLUX_TOKEN to a token that may write to the bucket"
+            )
         if status == 404:
             return StoreAuthError(
                 f"{where}: not found ({message}); check EXPORTER_INFLUX_ORG, "
                 "EXPORTER_INFLUX_BUCKET and that the token may write there"
             )
         if 400 <= status < 500:
-            return StoreClientError(f"{where} answered {status}: {message}")
+            return StoreClientError(f"{where} answered {status} ({message}): {_CHECK_URL}")
         if status >= 500:
-            return StoreServerError(f"{where} answered {status}: {message}")
-        return StoreError(f"{where}: {message}")
+            return StoreServerError(
+                f"{where} answered {status} ({message}): InfluxDB's own log says why"
+            )
+        return StoreError(f"{where} answered {status} ({message}): {_CHECK_URL}")
 
     async def check(self) -> InfluxCheck:
         """Ping InfluxDB, then test the credentials with an empty write.
