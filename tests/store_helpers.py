@@ -99,9 +99,13 @@ async def fault_server() -> AsyncIterator[InfluxFaultServer]:
 
 
 @contextlib.asynccontextmanager
-async def influx_store(server: InfluxFaultServer) -> AsyncIterator[InfluxStore]:
-    """An InfluxDB store aimed at ``server`` with a short (0.5 s) timeout."""
-    store = InfluxStore(server.url, server.token, server.org, server.bucket, timeout_seconds=0.5)
+async def influx_store(
+    server: InfluxFaultServer, timeout_seconds: float = 0.5
+) -> AsyncIterator[InfluxStore]:
+    """An InfluxDB store aimed at ``server``, by default with a short (0.5 s) timeout."""
+    store = InfluxStore(
+        server.url, server.token, server.org, server.bucket, timeout_seconds=timeout_seconds
+    )
     try:
         yield store
     finally:

@@ -20,7 +20,7 @@ def open_store(settings: Settings) -> Store:
             settings.duckdb_path, settings.duckdb_memory_limit, settings.duckdb_threads
         )
     if kind is StoreKind.INFLUXDB:
-        from .influx.store import InfluxStore
+        from .influx.store import MAX_LINES_PER_WRITE, InfluxStore
 
         assert settings.influx_url and settings.influx_token and settings.influx_org
         return InfluxStore(
@@ -29,6 +29,6 @@ def open_store(settings: Settings) -> Store:
             settings.influx_org,
             settings.influx_bucket,
             settings.influx_timeout_seconds,
-            min(settings.store_batch_size, 5_000),
+            min(settings.store_batch_size, MAX_LINES_PER_WRITE),
         )
     raise ValueError(f"unsupported store {kind}")

@@ -34,6 +34,10 @@ Answers and what they become (the :class:`~exporter.store.forwarder.Forwarder` r
 - other 4xx: :class:`StoreClientError`; 5xx and connection failures:
   :class:`StoreServerError`; no answer within the timeout: :class:`StoreTimeoutError`.
 
+A URL carrying user info (``user:password@``) is refused when the store is made: the
+client sends the token as the ``Authorization`` header, beside which aiohttp refuses
+credentials in the URL, and no message ever prints them.
+
 A failure in the middle of a bisection abandons the whole write: the outbox keeps every
 record and the next attempt rewrites the halves already written, which is idempotent.
 """
@@ -68,6 +72,7 @@ from ...retry import parse_retry_after
 from ..base import has_user_info, redact_url
 from .line_protocol import Encoder, analytics_lines, point_line, to_line
 
+# The line-protocol renderers are re-exported: the benchmarks compare them through here.
 __all__ = [
     "DEFAULT_RETRY_AFTER_SECONDS",
     "GZIP_LEVEL",
