@@ -1,8 +1,8 @@
 """Helpers shared by the store and forwarder tests (not a test module).
 
-Events prepared as the receiver prepares them, payments committed to a ledger, a store
-that fails on purpose, the InfluxDB fault server and a store aimed at it, and small
-polling and metric readers.
+Golden records with their line protocol, events prepared as the receiver prepares them,
+payments committed to a ledger, a store that fails on purpose, the InfluxDB fault server
+and a store aimed at it, and small polling and metric readers.
 """
 
 from __future__ import annotations
@@ -21,8 +21,78 @@ from prometheus_client import CollectorRegistry
 
 from exporter.events import canonical_json, dedup_key, parse_event
 from exporter.ledger import GroupCommitter, PreparedEvent, Submission
-from exporter.records import Store, StoreRecord, StoreRejection
+from exporter.records import (
+    BatchRecord,
+    PaymentRecord,
+    RevenueRecord,
+    Store,
+    StoreRecord,
+    StoreRejection,
+    WebsocketRecord,
+)
 from exporter.store.influx.store import InfluxStore, to_line
+
+ADDR_A = "0x" + "a" * 40
+ADDR_B = "0x" + "b" * 40
+TX = "0x" + "c" * 64
+
+GOLDEN: list[tuple[StoreRecord, str]] = [
+    (
+        PaymentRecord(
+            "payment:settled:p1", BASE_MS + 2000, "eip155:8453", "settled", "p1",
+            ADDR_A, ADDR_B, 1_500_000, 10_000, 1500.0, None, TX, None,
+        ),
+        'payment,network=eip155:8453,status=settled amount_micro=1500000i,fee_micro=10000i,'
+        f'payee="{ADDR_B}",payer="{ADDR_A}",payment_id="p1",settlement_ms=1500,tx="{TX}" '
+        "1767225602000326206",
+    ),
+    (
+        PaymentRecord(
+            "payment:received:p1", BASE_MS, "eip155:8453", "received", "p1",
+            ADDR_A, ADDR_B, 1_500_000,
+        ),
+        'payment,network=eip155:8453,status=received amount_micro=1500000i,'
+        f'payee="{ADDR_B}",payer="{ADDR_A}",payment_id="p1" 1767225600000460678',
+    ),
+    (
+        PaymentRecord(
+            "payment:verified:p1", BASE_MS + 100, "eip155:8453", "verified", "p1",
+            verification_ms=120.25,
+        ),
+        'payment,network=eip155:8453,status=verified payment_id="p1",verification_ms=120.25 '
+        "1767225600100162285",
+    ),
+    (
+        # Escaping: spaces, commas and equals signs in tags; quotes and backslashes in
+        # string fields (spaces, commas and equals stay as they are inside quotes).
+        PaymentRecord(
+            "payment:failed:p2", BASE_MS + 2000, "net work,a=b", "failed",
+            'id "q" \\ x', error='said "no", then\\ quit = done',
+        ),
+        'payment,network=net\\ work\\,a\\=b,status=failed '
+        'error="said \\"no\\", then\\\\ quit = done",payment_id="id \\"q\\" \\\\ x" '
+        "1767225602000857725",
+    ),
+    (
+        BatchRecord(
+            "batch:settled:b1", BASE_MS + 5000, "eip155:8453", "settled", "b1",
+            2, 3_000_000, 20_000, 84_000, "0x" + "d" * 64,
+        ),
+        'batch,network=eip155:8453,status=settled batch_id="b1",gas_used=84000i,'
+        'payment_count=2i,total_amount_micro=3000000i,total_fees_micro=20000i,'
+        f'tx="0x{"d" * 64}" 1767225605000151429',
+    ),
+    (
+        RevenueRecord("revenue:x", BASE_MS + 10, "eip155:10", "premium", 250_000, "p1"),
+        'revenue,kind=premium,network=eip155:10 amount_micro=250000i,payment_id="p1" '
+        "1767225600010279650",
+    ),
+    (
+        WebsocketRecord("websocket:y", BASE_MS + 20, 42),
+        "websocket count=42i 1767225600020430321",
+    ),
+]
+"""Records of every kind with the exact line InfluxDB must receive for each."""
 
 
 def prepare(event: dict[str, Any]) -> PreparedEvent:

@@ -1,4 +1,4 @@
-"""The InfluxDB store: points, every write fault, and what ``check-config`` says of it.
+"""The InfluxDB store: every write fault, and what ``check-config`` says of it.
 
 Faults come from the fault-injection server (``influx_fault_server``) driven through
 the real ``influxdb-client``. Shipping through these faults (the forwarder) is tested
@@ -16,15 +16,16 @@ from typing import Any
 import pytest
 from _exporter_process import run_cli
 from conftest import BASE_MS
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from influx_fault_server import (
-    InfluxFaultServer,
-    Reply,
-    split_point,
-    threaded_fault_server,
+from influx_fault_server import InfluxFaultServer, Reply, threaded_fault_server
+from store_helpers import (
+    ADDR_A,
+    ADDR_B,
+    GOLDEN,
+    fault_server,
+    influx_env,
+    influx_store,
+    point_key,
 )
-from store_helpers import fault_server, influx_env, influx_store, point_key
 
 from exporter import Settings
 from exporter.errors import (
@@ -35,148 +36,9 @@ from exporter.errors import (
     StoreServerError,
     StoreTimeoutError,
 )
-from exporter.records import (
-    BatchRecord,
-    PaymentRecord,
-    RevenueRecord,
-    StoreRecord,
-    WebsocketRecord,
-    unique_time_ns,
-)
+from exporter.records import PaymentRecord, StoreRecord
 from exporter.store import open_store, redact_url
-from exporter.store.influx.store import InfluxStore, point_line, to_line
-
-ADDR_A = "0x" + "a" * 40
-ADDR_B = "0x" + "b" * 40
-TX = "0x" + "c" * 64
-
-
-# --------------------------------------------------------------------------- points
-
-GOLDEN: list[tuple[StoreRecord, str]] = [
-    (
-        PaymentRecord(
-            "payment:settled:p1", BASE_MS + 2000, "eip155:8453", "settled", "p1",
-            ADDR_A, ADDR_B, 1_500_000, 10_000, 1500.0, None, TX, None,
-        ),
-        'payment,network=eip155:8453,status=settled amount_micro=1500000i,fee_micro=10000i,'
-        f'payee="{ADDR_B}",payer="{ADDR_A}",payment_id="p1",settlement_ms=1500,tx="{TX}" '
-        "1767225602000326206",
-    ),
-    (
-        PaymentRecord(
-            "payment:received:p1", BASE_MS, "eip155:8453", "received", "p1",
-            ADDR_A, ADDR_B, 1_500_000,
-        ),
-        'payment,network=eip155:8453,status=received amount_micro=1500000i,'
-        f'payee="{ADDR_B}",payer="{ADDR_A}",payment_id="p1" 1767225600000460678',
-    ),
-    (
-        PaymentRecord(
-            "payment:verified:p1", BASE_MS + 100, "eip155:8453", "verified", "p1",
-            verification_ms=120.25,
-        ),
-        'payment,network=eip155:8453,status=verified payment_id="p1",verification_ms=120.25 '
-        "1767225600100162285",
-    ),
-    (
-        # Escaping: spaces, commas and equals signs in tags; quotes and backslashes in
-        # string fields (spaces, commas and equals stay as they are inside quotes).
-        PaymentRecord(
-            "payment:failed:p2", BASE_MS + 2000, "net work,a=b", "failed",
-            'id "q" \\ x', error='said "no", then\\ quit = done',
-        ),
-        'payment,network=net\\ work\\,a\\=b,status=failed '
-        'error="said \\"no\\", then\\\\ quit = done",payment_id="id \\"q\\" \\\\ x" '
-        "1767225602000857725",
-    ),
-    (
-        BatchRecord(
-            "batch:settled:b1", BASE_MS + 5000, "eip155:8453", "settled", "b1",
-            2, 3_000_000, 20_000, 84_000, "0x" + "d" * 64,
-        ),
-        'batch,network=eip155:8453,status=settled batch_id="b1",gas_used=84000i,'
-        'payment_count=2i,total_amount_micro=3000000i,total_fees_micro=20000i,'
-        f'tx="0x{"d" * 64}" 1767225605000151429',
-    ),
-    (
-        RevenueRecord("revenue:x", BASE_MS + 10, "eip155:10", "premium", 250_000, "p1"),
-        'revenue,kind=premium,network=eip155:10 amount_micro=250000i,payment_id="p1" '
-        "1767225600010279650",
-    ),
-    (
-        WebsocketRecord("websocket:y", BASE_MS + 20, 42),
-        "websocket count=42i 1767225600020430321",
-    ),
-]
-
-
-@pytest.mark.parametrize(("record", "line"), GOLDEN, ids=lambda v: getattr(v, "key", ""))
-def test_points_match_golden_line_protocol(record: StoreRecord, line: str) -> None:
-    """Both renderers give the golden line: sorted tags and fields, escaping, i suffix, ns."""
-    assert to_line(record) == line
-    assert point_line(record) == line
-
-
-def test_timestamp_is_the_event_millisecond_plus_a_per_event_offset() -> None:
-    """The timestamp is nanoseconds inside the event's millisecond, fixed per event key."""
-    record = GOLDEN[0][0]
-    _, _, timestamp = split_point(to_line(record))
-    assert timestamp // 1_000_000 == record.time_ms
-    assert timestamp == unique_time_ns(record.time_ms, record.key)
-
-
-def test_equal_events_in_one_millisecond_stay_distinct_and_a_replay_is_identical() -> None:
-    """Different events with equal tags and time are two points; the same event is one."""
-    one = PaymentRecord("payment:received:a", BASE_MS, "eip155:8453", "received", "a")
-    two = PaymentRecord("payment:received:b", BASE_MS, "eip155:8453", "received", "b")
-    key_one, key_two = point_key(one), point_key(two)
-    assert key_one[0] == key_two[0]  # the same series
-    assert key_one != key_two
-    replay = PaymentRecord("payment:received:a", BASE_MS, "eip155:8453", "received", "a")
-    assert to_line(replay) == to_line(one)
-
-
-def test_integral_durations_stay_floats_and_money_stays_integer() -> None:
-    """A whole-number duration is written without ``i`` (a float field), money with ``i``."""
-    record = PaymentRecord(
-        "payment:settled:p", BASE_MS, "eip155:8453", "settled", "p",
-        amount_micro=2, fee_micro=0, settlement_ms=1500, verification_ms=float("nan"),
-    )
-    _, fields, _ = split_point(to_line(record))
-    assert fields.split(",") == [
-        "amount_micro=2i", "fee_micro=0i", 'payment_id="p"', "settlement_ms=1500",
-    ]
-
-
-_text = st.text(max_size=12)
-_ints = st.integers(min_value=-(2**63), max_value=2**63 - 1)
-_floats = st.floats(allow_nan=True, allow_infinity=True)
-_maybe_text = st.none() | _text
-_maybe_int = st.none() | _ints
-_maybe_float = st.none() | _floats
-_time = st.integers(min_value=946_684_800_000, max_value=4_102_444_800_000)
-
-_records = st.one_of(
-    st.builds(
-        PaymentRecord, _text, _time, _text, _text, _text, _maybe_text, _maybe_text,
-        _maybe_int, _maybe_int, _maybe_float, _maybe_float, _maybe_text, _maybe_text,
-    ),
-    st.builds(
-        BatchRecord, _text, _time, _text, _text, _text, _ints, _ints,
-        _maybe_int, _maybe_int, _maybe_text,
-    ),
-    st.builds(RevenueRecord, _text, _time, _text, _text, _ints, _maybe_text),
-    st.builds(WebsocketRecord, _text, _time, _ints),
-)
-
-
-@settings(max_examples=400, deadline=None)
-@given(_records)
-def test_fast_renderer_writes_exactly_what_point_writes(record: StoreRecord) -> None:
-    """For any record, the shipping renderer and influxdb_client's Point agree byte for byte."""
-    assert to_line(record) == point_line(record)
-
+from exporter.store.influx.store import InfluxStore
 
 # --------------------------------------------------------------------------- helpers
 
