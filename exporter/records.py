@@ -163,8 +163,10 @@ class Store(Protocol):
     async def write(self, records: list[StoreRecord]) -> list[StoreRejection]:
         """Persist ``records``, returning those refused for good (stored as dead letters).
 
-        Raise (preferably a :class:`StoreError`) when nothing or not everything could be
-        stored for a reason that may pass; all of ``records`` are then retried.
+        Raise a :class:`~exporter.errors.StoreError` when nothing or not everything could
+        be stored for a reason that may pass; all of ``records`` are then retried. Its
+        message names the store's address or file (never a URL's user info) and the way
+        out, since the forwarder logs it and ``/readyz`` shows it as it is.
         """
         ...
 

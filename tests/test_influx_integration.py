@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from conftest import AppClient, async_wait_until
+from conftest import BASE_MS, AppClient, async_wait_until
+from fluxcheck import assert_flux_valid
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from prometheus_client import CollectorRegistry
 
@@ -223,3 +224,9 @@ async def test_check_accepts_the_real_token_and_refuses_another(
     finally:
         await wrong.close()
     assert refused.reachable and refused.credentials == "refused", refused
+
+
+def test_integration_suite_flux_type_checks() -> None:
+    """The Flux the integration suite reads back with compiles (checked without a server)."""
+    query = rows_query("payments", "payment", 'test:"quoted"', BASE_MS, BASE_MS + 10_000)
+    assert_flux_valid({"rows_query": query}, preamble="")

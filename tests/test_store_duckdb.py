@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import duckdb
 import pytest
 
-from exporter.errors import ExporterError, StoreCorruptError, StoreLockedError
+from exporter.errors import ExporterError, StoreCorruptError, StoreError
 from exporter.records import (
     BatchRecord,
     PaymentRecord,
@@ -274,10 +274,37 @@ async def test_close_releases_the_file_for_another_process(db_path: pathlib.Path
     assert result.returncode == 0, result.stderr
 
 
-def test_open_errors_belong_to_the_exporter_error_family() -> None:
-    """The CLI answers every ExporterError with one line; these two must be among them."""
-    assert issubclass(StoreLockedError, ExporterError)
-    assert issubclass(StoreCorruptError, ExporterError)
+def test_a_data_dir_that_cannot_be_made_is_a_store_error_naming_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A file where the store's directory should be: one line naming it, not a traceback."""
+    blocker = tmp_path / "data"
+    blocker.write_text("not a directory")
+    path = blocker / "store.duckdb"
+    with pytest.raises(StoreError) as caught:
+        DuckDBStore.open(path)
+    message = str(caught.value)
+    assert f"DuckDB store {path} cannot be opened" in message
+    assert f"check that {blocker} is a directory this user may write" in message
+    assert "\n" not in message and isinstance(caught.value, ExporterError)
+
+
+def test_a_directory_in_place_of_the_store_file_is_a_store_error(db_path: pathlib.Path) -> None:
+    """The store path names a directory: the error says which and what to check."""
+    db_path.mkdir(parents=True)
+    with pytest.raises(StoreError, match="is a directory this user may write") as caught:
+        DuckDBStore.open(db_path)
+    assert str(db_path) in str(caught.value)
+    assert db_path.is_dir()  # left as it was
+
+
+def test_a_setting_duckdb_refuses_is_named(db_path: pathlib.Path) -> None:
+    """DuckDB refusing its configuration names the exporter settings that set it."""
+    with pytest.raises(StoreError) as caught:
+        DuckDBStore.open(db_path, memory_limit="lots")
+    message = str(caught.value)
+    assert str(db_path) in message and "DuckDB said:" in message
+    assert "EXPORTER_DUCKDB_MEMORY_LIMIT" in message
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -17,7 +16,6 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -25,6 +23,7 @@ import aiohttp
 from ..config import check_secret
 from ..errors import OperatorError
 from ..ingest.signing import SIGNATURE_HEADER, signature_header
+from ..retry import backoff_seconds, parse_retry_after
 from .common import (
     http_base_url,
     listen_from_environment,
@@ -144,26 +143,13 @@ class _Counters:
 
 
 def _backoff(attempt: int) -> float:
-    """Exponential backoff for retry ``attempt`` (0-based): 0.25 s doubling, at most 5 s."""
-    return min(0.25 * float(1 << min(attempt, 16)), 5.0)
+    """Jittered exponential backoff for retry ``attempt`` (0-based): from 0.25 s, at most 5 s."""
+    return backoff_seconds(attempt, 0.25, 5.0)
 
 
 def _retry_after_seconds(value: str | None, attempt: int) -> float:
-    """Seconds to wait before retrying a 503/429 (Retry-After, else a backoff); <= 30 s."""
-    fallback = _backoff(attempt)
-    if not value:
-        return fallback
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        try:
-            when = parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return fallback
-        seconds = when.timestamp() - time.time()
-    if not math.isfinite(seconds):
-        return fallback
-    return min(max(seconds, 0.0), 30.0)
+    """Seconds to wait before retrying a 503/429: its Retry-After, else a backoff."""
+    return parse_retry_after(value, time.time(), default=_backoff(attempt))
 
 
 _LINGER_S = 0.2  # longest a partial NDJSON batch waits for more events

@@ -3,14 +3,18 @@
 Other stages import from here; the backends (DuckDB, InfluxDB) load only when opened.
 """
 
-from .forwarder import (
-    Forwarder,
-    StoreMetrics,
-    open_store,
-)
+from .base import ANSWERED_CLASSES, ERROR_CLASSES, error_class, has_user_info, redact_url
+from .factory import open_store
+from .forwarder import Forwarder, StoreMetrics, StoreState
 
 __all__ = [
+    "ANSWERED_CLASSES",
+    "ERROR_CLASSES",
     "Forwarder",
     "StoreMetrics",
+    "StoreState",
+    "error_class",
+    "has_user_info",
     "open_store",
+    "redact_url",
 ]

@@ -53,7 +53,7 @@ import duckdb
 import orjson
 
 from ..config import DUCKDB_MEMORY_LIMIT, DUCKDB_THREADS
-from ..errors import StoreCorruptError, StoreInvalidatedError, StoreLockedError
+from ..errors import StoreCorruptError, StoreError, StoreInvalidatedError, StoreLockedError
 from ..ledger import check_no_pending_recovery
 from ..records import (
     BatchRecord,
@@ -361,6 +361,21 @@ def _read_every_block(conn: duckdb.DuckDBPyConnection) -> None:
         conn.execute(f'SELECT bit_xor(hash(t)) FROM "{name}" AS t').fetchall()
 
 
+def _unopenable_message(path: pathlib.Path, error: OSError | duckdb.Error) -> str:
+    """Why the store file cannot be opened (neither locked nor damaged), and what to check."""
+    if isinstance(error, OSError):
+        return (
+            f"DuckDB store {path} cannot be opened ({error.strerror or error}): check that "
+            f"{path.parent} is a directory this user may write and {path.name} in it a "
+            "regular file"
+        )
+    return (
+        f"DuckDB store {path} cannot be opened (DuckDB said: {error}): check "
+        "EXPORTER_DUCKDB_MEMORY_LIMIT and EXPORTER_DUCKDB_THREADS, and that the disk "
+        f"holding {path.parent} has space"
+    )
+
+
 def _classify_open_error(path: pathlib.Path, existed: bool, error: duckdb.Error) -> Exception:
     text = str(error)
     lowered = text.lower()
@@ -413,14 +428,17 @@ class DuckDBStore:
         """
         path = pathlib.Path(path)
         check_no_pending_recovery(path)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        existed = path.exists()
-        if existed:
-            problem = _store_file_problem(path)
-            if problem is not None:
-                raise StoreCorruptError(damaged_store_message(path, problem))
         config: _Config = {"memory_limit": memory_limit, "threads": threads}
-        conn = _connect(path, existed, config)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            existed = path.exists()
+            if existed:
+                problem = _store_file_problem(path)
+                if problem is not None:
+                    raise StoreCorruptError(damaged_store_message(path, problem))
+            conn = _connect(path, existed, config)
+        except (OSError, duckdb.Error) as error:
+            raise StoreError(_unopenable_message(path, error)) from error
         log.info("duckdb store opened", extra={"path": str(path), "new_file": not existed})
         store = cls(path, conn)
         store._config = config
@@ -492,8 +510,9 @@ class DuckDBStore:
                 extra={"path": str(self.path), "error": str(error)},
             )
             raise StoreInvalidatedError(
-                f"DuckDB store {self.path} was invalidated by a fatal error and will be "
-                f"reopened: {error}"
+                f"DuckDB store {self.path} was invalidated by a fatal error ({error}) and "
+                f"is reopened on the next write; if the disk holding {self.path.parent} "
+                "is full, free space there"
             ) from error
 
     def _reopen_if_invalidated(self) -> None:
@@ -512,7 +531,9 @@ class DuckDBStore:
                 conn = _connect(self.path, True, self._config)
             except duckdb.Error as error:
                 raise StoreInvalidatedError(
-                    f"DuckDB store {self.path} cannot be reopened yet: {error}"
+                    f"DuckDB store {self.path} cannot be reopened yet ({error}): the next "
+                    f"write tries again; if the disk holding {self.path.parent} is full, "
+                    "free space there"
                 ) from error
             self._conn = conn
             self._writer = conn.cursor()

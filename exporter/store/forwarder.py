@@ -1,4 +1,4 @@
-"""Store selection and the forwarder that drains the ledger outbox into the store.
+"""The forwarder that drains the ledger outbox into the store.
 
 Delivery is at-least-once: outbox records are removed only after the store accepted them,
 and stores write idempotently per event key, so a crash between the two repeats a
@@ -25,65 +25,14 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..config import Settings, StoreKind
-from ..errors import (
-    LedgerError,
-    StoreAuthError,
-    StoreClientError,
-    StoreRetryAfterError,
-    StoreServerError,
-    StoreTimeoutError,
-)
+from ..errors import LedgerError, StoreAuthError, StoreRetryAfterError
 from ..ledger import GroupCommitter
 from ..metrics import Metrics
 from ..records import Store
+from ..retry import backoff_seconds
+from .base import ANSWERED_CLASSES, ERROR_CLASSES, error_class
 
 log = logging.getLogger(__name__)
-
-
-ERROR_CLASSES = ("retry_after", "auth", "timeout", "server", "client", "other")
-"""Every value of ``exporter_store_errors_total{class}``."""
-
-_ANSWERED = frozenset({"retry_after", "auth", "client"})  # the store answered, and refused
-
-
-def error_class(error: BaseException) -> str:
-    """The ``class`` label of a store failure (one of :data:`ERROR_CLASSES`)."""
-    if isinstance(error, StoreRetryAfterError):
-        return "retry_after"
-    if isinstance(error, StoreAuthError):
-        return "auth"
-    if isinstance(error, StoreTimeoutError | TimeoutError):
-        return "timeout"
-    if isinstance(error, StoreServerError | ConnectionError):
-        return "server"
-    if isinstance(error, StoreClientError):
-        return "client"
-    return "other"
-
-
-def open_store(settings: Settings) -> Store:
-    """Open the store the settings select (blocking; call before serving)."""
-    kind = settings.resolved_store
-    if kind is StoreKind.DUCKDB:
-        from .duckdb import DuckDBStore
-
-        return DuckDBStore.open(
-            settings.duckdb_path, settings.duckdb_memory_limit, settings.duckdb_threads
-        )
-    if kind is StoreKind.INFLUXDB:
-        from .influx.store import InfluxStore
-
-        assert settings.influx_url and settings.influx_token and settings.influx_org
-        return InfluxStore(
-            settings.influx_url,
-            settings.influx_token.get_secret_value(),
-            settings.influx_org,
-            settings.influx_bucket,
-            settings.influx_timeout_seconds,
-            min(settings.store_batch_size, 5_000),
-        )
-    raise ValueError(f"unsupported store {kind}")
 
 
 BATCH_SIZE_BUCKETS = (1, 10, 100, 500, 1000, 2500, 5000, 10000)
@@ -175,14 +124,23 @@ class Forwarder:
         batch_size: int = 5_000,
         max_backoff_seconds: float = 30.0,
         flush_interval_seconds: float = 0.0,
+        backoff_base_seconds: float = 0.5,
+        rng: random.Random | None = None,
     ) -> None:
-        """Prepare to forward; nothing runs before :meth:`start`."""
+        """Prepare to forward; nothing runs before :meth:`start`.
+
+        After a failure the forwarder pauses :func:`~exporter.retry.backoff_seconds`:
+        ``backoff_base_seconds`` doubling per consecutive failure up to
+        ``max_backoff_seconds``, jittered by ``rng`` (seeded in tests).
+        """
         self.committer = committer
         self.store = store
         self.metrics = metrics
         self.store_metrics = StoreMetrics.on(metrics.registry)
         self.batch_size = batch_size
         self.max_backoff = max_backoff_seconds
+        self.backoff_base = backoff_base_seconds
+        self._rng = rng
         self.flush_interval = flush_interval_seconds
         self.last_success: float | None = None
         self.last_error: str | None = None
@@ -245,7 +203,7 @@ class Forwarder:
     def _reachable(self) -> bool | None:
         if not self.attempted:
             return None
-        return self.consecutive_failures == 0 or self.last_error_class in _ANSWERED
+        return self.consecutive_failures == 0 or self.last_error_class in ANSWERED_CLASSES
 
     async def stop(self, drain_seconds: float) -> None:
         """Deliver what can be delivered within ``drain_seconds``, then stop.
@@ -388,8 +346,7 @@ class Forwarder:
         if isinstance(error, StoreRetryAfterError):
             delay = max(_MIN_RETRY_AFTER_SECONDS, error.retry_after)
         else:
-            delay = min(self.max_backoff, 0.5 * 2 ** min(self.consecutive_failures - 1, 10))
-            delay *= random.uniform(0.5, 1.0)
+            delay = self._backoff(self.consecutive_failures)
         fields = {
             "store": self.store.name,
             "records": rows,
@@ -415,13 +372,16 @@ class Forwarder:
     async def _ledger_back_off(self, action: str, error: Exception) -> None:
         """Wait before retrying after the ledger failed (a full disk, an I/O error)."""
         self._ledger_failures += 1
-        delay = min(self.max_backoff, 0.5 * 2 ** min(self._ledger_failures - 1, 10))
-        delay *= random.uniform(0.5, 1.0)
+        delay = self._backoff(self._ledger_failures)
         log.warning(
             f"ledger cannot {action}; retrying",
             extra={"error": f"{type(error).__name__}: {error}", "retry_in_s": round(delay, 2)},
         )
         await self._pause(delay)
+
+    def _backoff(self, failures: int) -> float:
+        """The jittered pause after ``failures`` consecutive failures (1 or more)."""
+        return backoff_seconds(failures - 1, self.backoff_base, self.max_backoff, self._rng)
 
     async def _pause(self, delay: float) -> None:
         """Wait ``delay`` seconds before a retry, or less when the forwarder is stopping."""

@@ -1,18 +1,7 @@
 """InfluxDB 2.x store: enriched points over ``/api/v2/write``, at least once through faults.
 
-Schema (docs/architecture.md section 6): measurements ``payment``, ``batch``, ``revenue`` and
-``websocket``; tags only ``network``, ``status`` and ``kind`` (bounded values); ids and
-addresses are fields (series cardinality); money is integer micro-units (``i``),
-durations are floats. A point's timestamp is :func:`~exporter.records.unique_time_ns`
-of the event's time and dedup key, so two events with equal tags in the same
-millisecond stay two points while a replay of the outbox overwrites the same point
-instead of doubling it.
-
-The schema is written once as :class:`influxdb_client.Point` construction
-(:func:`to_point`). Shipping renders the same bytes with :func:`to_line`, a renderer
-unrolled per measurement: ``Point.to_line_protocol`` costs ~13 us a point here against
-~3 us, and the encoding is most of what shipping costs. Tests hold the two byte-equal
-on golden records and on generated ones.
+The points themselves (schema, escaping, timestamps) are :mod:`.line_protocol`'s; this
+module sends them.
 
 Transport: the official async client's generated write service
 (``WriteService.post_write_async`` on ``InfluxDBClientAsync``'s aiohttp session) with a
@@ -29,7 +18,8 @@ Answers and what they become (the :class:`~exporter.store.forwarder.Forwarder` r
 
 - 2xx: delivered.
 - 429 / 503: :class:`StoreRetryAfterError` carrying ``Retry-After`` (seconds or an
-  HTTP date; :data:`DEFAULT_RETRY_AFTER_SECONDS` when absent).
+  HTTP date; :data:`DEFAULT_RETRY_AFTER_SECONDS` when absent, at most
+  :data:`~exporter.retry.MAX_RETRY_AFTER_SECONDS`).
 - 413: the batch is split in halves, each written on its own; a single line InfluxDB
   still finds too large is refused for good.
 - 400 (a line that does not parse: InfluxDB OSS then writes nothing of the request) and
@@ -44,6 +34,10 @@ Answers and what they become (the :class:`~exporter.store.forwarder.Forwarder` r
 - other 4xx: :class:`StoreClientError`; 5xx and connection failures:
   :class:`StoreServerError`; no answer within the timeout: :class:`StoreTimeoutError`.
 
+A URL carrying user info (``user:password@``) is refused when the store is made: the
+client sends the token as the ``Authorization`` header, beside which aiohttp refuses
+credentials in the URL, and no message ever prints them.
+
 A failure in the middle of a bisection abandons the whole write: the outbox keeps every
 record and the next attempt rewrites the halves already written, which is idempotent.
 """
@@ -51,24 +45,21 @@ record and the next attempt rewrites the halves already written, which is idempo
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import gzip
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import aiohttp
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
-from influxdb_client.client.write.point import Point
-from influxdb_client.domain.write_precision import WritePrecision
 from influxdb_client.rest import ApiException
 from influxdb_client.service.write_service import WriteService
 
 from ...errors import (
+    ConfigError,
     StoreAuthError,
     StoreClientError,
     StoreError,
@@ -76,14 +67,22 @@ from ...errors import (
     StoreServerError,
     StoreTimeoutError,
 )
-from ...records import (
-    BatchRecord,
-    PaymentRecord,
-    RevenueRecord,
-    StoreRecord,
-    StoreRejection,
-    unique_time_ns,
-)
+from ...records import StoreRecord, StoreRejection
+from ...retry import parse_retry_after
+from ..base import has_user_info, redact_url
+from .line_protocol import Encoder, analytics_lines, point_line, to_line
+
+# The line-protocol renderers are re-exported: the benchmarks compare them through here.
+__all__ = [
+    "DEFAULT_RETRY_AFTER_SECONDS",
+    "GZIP_LEVEL",
+    "MAX_LINES_PER_WRITE",
+    "Encoder",
+    "InfluxCheck",
+    "InfluxStore",
+    "point_line",
+    "to_line",
+]
 
 log = logging.getLogger(__name__)
 
@@ -96,190 +95,12 @@ GZIP_LEVEL = 1
 DEFAULT_RETRY_AFTER_SECONDS = 5.0
 """The pause after a 429/503 that names no ``Retry-After``."""
 
-MAX_RETRY_AFTER_SECONDS = 3600.0
-"""Longest ``Retry-After`` honoured; a longer one is shortened to this."""
-
 _MESSAGE_LIMIT = 500
-
-
-class PointLike(Protocol):
-    """The part of :class:`influxdb_client.Point` used here (its methods are unannotated)."""
-
-    def tag(self, key: str, value: str) -> PointLike: ...
-
-    def field(self, field: str, value: object) -> PointLike: ...
-
-    def time(self, time: int, write_precision: str) -> PointLike: ...
-
-    def to_line_protocol(self) -> str: ...
-
-
-_new_point = cast(Callable[[str], PointLike], Point)
-_NS: str = WritePrecision.NS
-
-
-def _int(value: int | None) -> int | None:
-    return None if value is None else int(value)
-
-
-def _float(value: float | None) -> float | None:
-    # An integral float must stay a float field: ``1500`` without ``i`` is a float in
-    # line protocol, but an int here would become ``1500i`` and conflict with the type
-    # already stored.
-    return None if value is None else float(value)
-
-
-def to_point(record: StoreRecord) -> PointLike:
-    """The InfluxDB point for one store record (docs/architecture.md section 6)."""
-    point = _new_point(record.measurement)
-    if isinstance(record, PaymentRecord):
-        point.tag("network", record.network).tag("status", record.status)
-        point.field("payment_id", record.payment_id)
-        point.field("payer", record.payer).field("payee", record.payee)
-        point.field("amount_micro", _int(record.amount_micro))
-        point.field("fee_micro", _int(record.fee_micro))
-        point.field("settlement_ms", _float(record.settlement_ms))
-        point.field("verification_ms", _float(record.verification_ms))
-        point.field("tx", record.tx).field("error", record.error)
-    elif isinstance(record, BatchRecord):
-        point.tag("network", record.network).tag("status", record.status)
-        point.field("batch_id", record.batch_id)
-        point.field("payment_count", int(record.payment_count))
-        point.field("total_amount_micro", int(record.total_amount_micro))
-        point.field("total_fees_micro", _int(record.total_fees_micro))
-        point.field("gas_used", _int(record.gas_used))
-        point.field("tx", record.tx)
-    elif isinstance(record, RevenueRecord):
-        point.tag("network", record.network).tag("kind", record.kind)
-        point.field("amount_micro", int(record.amount_micro))
-        point.field("payment_id", record.payment_id)
-    else:
-        point.field("count", int(record.count))
-    return point.time(unique_time_ns(record.time_ms, record.key), _NS)
-
-
-def point_line(record: StoreRecord) -> str:
-    """The line protocol of :func:`to_point`, rendered by ``influxdb_client`` itself."""
-    return to_point(record).to_line_protocol()
-
-
-# --------------------------------------------------------------------------- fast path
-# ``Point.to_line_protocol`` costs ~13 us a point here (sorting, type dispatch and
-# escaping per field, every time); shipping at 50k+ points/s needs ~2.5 us. The
-# renderer below writes the same bytes for the four record types: tags and fields in
-# Point's (sorted) order, Point's escaping, integers with ``i``, floats as ``str`` minus
-# a trailing ``.0``, non-finite floats and None left out. Tests compare it with
-# :func:`point_line` on golden records and on generated ones (hypothesis).
-
-_ESCAPE_TAG = str.maketrans(
-    {",": "\\,", "=": "\\=", " ": "\\ ", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
-)
-_ESCAPE_STRING = str.maketrans({'"': '\\"', "\\": "\\\\"})
-_TAG_CACHE: dict[str, str] = {}
-_TAG_CACHE_LIMIT = 4096  # tag values are few (networks, statuses, kinds)
-
-
-def _tag(key: str, value: str) -> str:
-    escaped = _TAG_CACHE.get(value)
-    if escaped is None:
-        escaped = value.translate(_ESCAPE_TAG)
-        if escaped.endswith("\\"):
-            escaped += " "
-        if len(_TAG_CACHE) < _TAG_CACHE_LIMIT:
-            _TAG_CACHE[value] = escaped
-    return f",{key}={escaped}" if escaped else ""
-
-
-def _q(value: str) -> str:
-    # Quotes and backslashes are rare in ids and addresses: test before translating.
-    if '"' in value or "\\" in value:
-        return value.translate(_ESCAPE_STRING)
-    return value
-
-
-def _f(value: float) -> str | None:
-    number = float(value)
-    if not _isfinite(number):
-        return None
-    text = str(number)
-    return text[:-2] if text.endswith(".0") else text
-
-
-_isfinite = math.isfinite
-
-
-def to_line(record: StoreRecord) -> str:
-    """The line protocol of one record's point: the bytes :func:`point_line` gives, faster.
-
-    Every record type has a required field, so a line is never empty. Fields come in
-    Point's order (sorted by name); the code is unrolled per measurement because a
-    generic loop over field specs costs about twice as much.
-    """
-    out: list[str] = []
-    add = out.append
-    text: str | None
-    if isinstance(record, PaymentRecord):
-        tags = _tag("network", record.network) + _tag("status", record.status)
-        if (n := record.amount_micro) is not None:
-            add(f"amount_micro={int(n)}i")
-        if (s := record.error) is not None:
-            add(f'error="{_q(s)}"')
-        if (n := record.fee_micro) is not None:
-            add(f"fee_micro={int(n)}i")
-        if (s := record.payee) is not None:
-            add(f'payee="{_q(s)}"')
-        if (s := record.payer) is not None:
-            add(f'payer="{_q(s)}"')
-        add(f'payment_id="{_q(record.payment_id)}"')
-        if (x := record.settlement_ms) is not None and (text := _f(x)) is not None:
-            add(f"settlement_ms={text}")
-        if (s := record.tx) is not None:
-            add(f'tx="{_q(s)}"')
-        if (x := record.verification_ms) is not None and (text := _f(x)) is not None:
-            add(f"verification_ms={text}")
-    elif isinstance(record, BatchRecord):
-        tags = _tag("network", record.network) + _tag("status", record.status)
-        add(f'batch_id="{_q(record.batch_id)}"')
-        if (n := record.gas_used) is not None:
-            add(f"gas_used={int(n)}i")
-        add(f"payment_count={int(record.payment_count)}i")
-        add(f"total_amount_micro={int(record.total_amount_micro)}i")
-        if (n := record.total_fees_micro) is not None:
-            add(f"total_fees_micro={int(n)}i")
-        if (s := record.tx) is not None:
-            add(f'tx="{_q(s)}"')
-    elif isinstance(record, RevenueRecord):
-        tags = _tag("kind", record.kind) + _tag("network", record.network)
-        add(f"amount_micro={int(record.amount_micro)}i")
-        if (s := record.payment_id) is not None:
-            add(f'payment_id="{_q(s)}"')
-    else:
-        tags = ""
-        add(f"count={int(record.count)}i")
-    timestamp = unique_time_ns(record.time_ms, record.key)
-    return f"{record.measurement}{tags} {','.join(out)} {timestamp}"
-
-
-def analytics_lines(rows: Sequence[tuple[str, str, int, str, float]]) -> list[str]:
-    """Line protocol of computed analytics: one point per (name, window, time)."""
-    points: dict[tuple[str, str, int], list[str]] = {}
-    for name, window, time_ms, field, value in rows:
-        text = _f(value)
-        if text is not None:
-            points.setdefault((name, window, time_ms), []).append(f"{field}={text}")
-    return [
-        f"analytics{_tag('name', name)}{_tag('window', window)} {','.join(fields)} "
-        f"{time_ms * 1_000_000}"
-        for (name, window, time_ms), fields in points.items()
-    ]
+_CHECK_URL = "check that EXPORTER_INFLUX_URL names InfluxDB 2.x"
 
 
 def _gzip(lines: Sequence[str]) -> bytes:
     return gzip.compress("\n".join(lines).encode(), GZIP_LEVEL)
-
-
-Encoder = Callable[[StoreRecord], str]
-"""Renders one record as a line-protocol line (:func:`to_line` or :func:`point_line`)."""
 
 
 def _encode(
@@ -288,24 +109,6 @@ def _encode(
     """Render every record and gzip the first request's body (in a worker thread)."""
     lines = [encoder(record) for record in records]
     return lines, _gzip(lines[:max_lines])
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float:
-    """Seconds to wait from a ``Retry-After`` header (delta seconds or an HTTP date)."""
-    if value is None or not value.strip():
-        return DEFAULT_RETRY_AFTER_SECONDS
-    text = value.strip()
-    try:
-        seconds = float(text)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError):
-            return DEFAULT_RETRY_AFTER_SECONDS
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if not math.isfinite(seconds):
-        return DEFAULT_RETRY_AFTER_SECONDS
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
 def _message(error: ApiException) -> str:
@@ -378,6 +181,14 @@ class InfluxStore:
         """
         if not 1 <= max_lines <= MAX_LINES_PER_WRITE:
             raise ValueError(f"max_lines must be in 1..{MAX_LINES_PER_WRITE}")
+        if has_user_info(url):
+            # The client sends the token as the Authorization header, and aiohttp then
+            # refuses every request whose URL carries credentials of its own.
+            raise ConfigError(
+                f"EXPORTER_INFLUX_URL {redact_url(url)} carries user info, which InfluxDB "
+                "2.x does not use (it authenticates with EXPORTER_INFLUX_TOKEN): remove "
+                "the 'user:password@' part"
+            )
         self.url = url.rstrip("/")
         self.org = org
         self.bucket = bucket
@@ -479,11 +290,14 @@ class InfluxStore:
             raise self._classify(error) from error
         except TimeoutError as error:
             raise StoreTimeoutError(
-                f"InfluxDB at {self.url} did not answer within {self.timeout_seconds:g}s"
+                f"InfluxDB at {self.url} did not answer within {self.timeout_seconds:g}s: check "
+                "that it is up, or raise EXPORTER_INFLUX_TIMEOUT_SECONDS if it is only slow"
             ) from error
         except (aiohttp.ClientError, OSError) as error:
             raise StoreServerError(
-                f"InfluxDB at {self.url} unreachable: {type(error).__name__}: {error}"
+                f"InfluxDB at {self.url} unreachable ({type(error).__name__}: "
+                f"{error}): check that InfluxDB runs there and that "
+                "EXPORTER_INFLUX_URL names it"
             ) from error
 
     def _classify(self, error: ApiException) -> Exception:
@@ -491,28 +305,39 @@ class InfluxStore:
         message = _message(error)
         where = f"InfluxDB {self.url} bucket {self.bucket!r} org {self.org!r}"
         if status == 400 and any(text in message.lower() for text in _REQUEST_LEVEL_400):
-            return StoreClientError(f"{where} refused the request ({status}: {message})")
+            return StoreClientError(
+                f"{where} refused the request ({status}: {message}): {_CHECK_URL} itself, "
+                "not a proxy that rewrites requests"
+            )
         if status in (400, 413, 422):
             return _LinesRefused(status, message)
         if status in (429, 503):
             headers: Mapping[str, str] = error.headers or {}
-            retry_after = parse_retry_after(headers.get("Retry-After"))
+            retry_after = parse_retry_after(
+                headers.get("Retry-After"), time.time(), default=DEFAULT_RETRY_AFTER_SECONDS
+            )
             return StoreRetryAfterError(
-                f"{where} answered {status} ({message}); retry after {retry_after:g}s",
+                f"{where} answered {status} ({message}) and asked for a pause of "
+                f"{retry_after:g}s",
                 retry_after,
             )
         if status in (401, 403):
-            return StoreAuthError(f"{where} refused the token ({status}: {message})")
+            return StoreAuthError(
+                f"{where} refused the token ({status}: {message}): set "
+                "EXPORTER_INFLUX_TOKEN to a token that may write to the bucket"
+            )
         if status == 404:
             return StoreAuthError(
                 f"{where}: not found ({message}); check EXPORTER_INFLUX_ORG, "
                 "EXPORTER_INFLUX_BUCKET and that the token may write there"
             )
         if 400 <= status < 500:
-            return StoreClientError(f"{where} answered {status}: {message}")
+            return StoreClientError(f"{where} answered {status} ({message}): {_CHECK_URL}")
         if status >= 500:
-            return StoreServerError(f"{where} answered {status}: {message}")
-        return StoreError(f"{where}: {message}")
+            return StoreServerError(
+                f"{where} answered {status} ({message}): InfluxDB's own log says why"
+            )
+        return StoreError(f"{where} answered {status} ({message}): {_CHECK_URL}")
 
     async def check(self) -> InfluxCheck:
         """Ping InfluxDB, then test the credentials with an empty write.
