@@ -23,7 +23,7 @@ from .analytics.service import AnalyticsAPI, AnalyticsService, AnalyticsSink
 from .analytics.source import analytics_source
 from .config import Settings
 from .errors import LedgerUnavailableError
-from .ingest.proxy import PROXY, FacilitatorProxy
+from .ingest.proxy import PROXY, FacilitatorProxy, ProxyLimits
 from .ingest.receiver import IngestLimits, Receiver
 from .ingest.signing import verifier_from_settings
 from .ledger import DataDirLock, GroupCommitter, Ledger
@@ -43,6 +43,12 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 RECEIVER = web.AppKey("receiver", Receiver)
 ANALYTICS = web.AppKey("analytics", AnalyticsService)
 ANALYTICS_API = web.AppKey("analytics_api", AnalyticsAPI)
+
+INGEST_PATH = "/v1/events"
+ANALYTICS_PATH = "/v1/analytics"
+EXPORTER_PATHS = (INGEST_PATH, ANALYTICS_PATH, "/metrics", "/healthz", "/readyz", OPENAPI_PATH)
+"""The exporter's own paths: in proxy mode, these and anything under them never reach the
+upstream, whatever their case or trailing slash, so ingest credentials cannot leak there."""
 
 MAINTENANCE_INTERVAL_SECONDS = 30.0
 RETENTION_INTERVAL_SECONDS = 3600.0
@@ -79,11 +85,11 @@ def create_app(
     if settings.upstream_facilitator is not None:
         app.cleanup_ctx.append(_proxy_context)
     app.cleanup_ctx.extend(extra_contexts or [])
-    app.router.add_post("/v1/events", _ingest)
+    app.router.add_post(INGEST_PATH, _ingest)
     app.router.add_get("/metrics", make_aiohttp_handler(registry))
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/v1/analytics/{name:.+}", _analytics)
+    app.router.add_get(ANALYTICS_PATH + "/{name:.+}", _analytics)
     app.router.add_get(OPENAPI_PATH, _openapi_handler(settings))
     if settings.upstream_facilitator is not None:
         app.router.add_post("/verify", _proxy)
@@ -236,9 +242,16 @@ async def _proxy_resource(app: web.Application) -> AsyncIterator[None]:
         body_read_timeout_seconds=settings.body_read_timeout_seconds,
         fee_bps=settings.proxy_fee_bps,
         asset_decimals=settings.proxy_asset_decimals,
+        limits=ProxyLimits(
+            settings.proxy_max_request_bytes,
+            settings.proxy_max_response_bytes,
+            settings.proxy_max_concurrent_requests,
+        ),
+        reserved_paths=EXPORTER_PATHS,
+        ingest_token=settings.ingest_token.get_secret_value() if settings.ingest_token else None,
     )
     app[PROXY] = proxy
-    log.info("proxy mode", extra={"upstream": settings.upstream_facilitator})
+    log.info("proxy mode", extra={"upstream": proxy.upstream.shown})
     try:
         yield
     finally:

@@ -8,7 +8,7 @@ import socket
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -92,11 +92,24 @@ def is_loopback_host(host: str) -> bool:
     return all(ipaddress.ip_address(str(info[4][0])).is_loopback for info in infos)
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any user info replaced by ``***``: the only form a URL may be shown in.
+
+    Logs, error answers and ``check-config`` print URLs through this, so credentials
+    written into a URL (``https://user:pass@host``) never leave the process.
+    """
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc="***@" + host))
+
+
 def _base_url(value: str) -> str:
     """An http(s) base URL without query or fragment, without its trailing slash."""
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        raise ValueError(f"must be an http:// or https:// URL, got {redact_url(value)!r}")
     if parts.query or parts.fragment:
         raise ValueError("must be a base URL without query or fragment")
     return value.rstrip("/")
@@ -205,6 +218,21 @@ class Settings(BaseSettings):
     )
     upstream_timeout_seconds: PositiveFloat = Field(
         30.0, description="proxy mode: a facilitator request not answered by then gets a 504"
+    )
+    proxy_max_request_bytes: PositiveInt = Field(
+        1024 * 1024,
+        description="proxy mode: largest request body forwarded; a larger one gets a 413 "
+        "before it is read",
+    )
+    proxy_max_response_bytes: PositiveInt = Field(
+        4 * 1024 * 1024,
+        description="proxy mode: largest upstream answer relayed; a larger one is cut off "
+        "and answered with a 502",
+    )
+    proxy_max_concurrent_requests: PositiveInt = Field(
+        64,
+        description="proxy mode: upstream requests in flight at once; beyond it a request "
+        "gets a 503 with Retry-After before its body is read",
     )
     proxy_fee_bps: Annotated[int, Field(ge=0, le=10_000)] = Field(
         0, description="proxy mode: the facilitator's fee on settled payments, in basis points"

@@ -35,10 +35,12 @@ from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from yarl import URL
 
+from ..auth import bearer_token_matches
 from ..errors import LedgerUnavailableError
 from ..events import EventError, canonical_json, dedup_key, parse_event
 from ..ledger import GroupCommitter, Outcome, PreparedEvent, Submission
 from ..metrics import Metrics
+from .upstream import ForwardRefused, Upstream, end_to_end, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,21 @@ RECORDING_FAILURES = (
 )
 """Every value of ``x402_proxy_recording_failures_total{reason}``."""
 
+REFUSALS = ("bad_target", "reserved_path", "too_large", "overloaded")
+"""Every value of ``x402_proxy_refused_requests_total{reason}``."""
+
+_REFUSAL_REASONS = {400: "bad_target", 404: "reserved_path", 413: "too_large"}
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyLimits:
+    """What one client can make the proxy hold: body sizes both ways and upstream slots."""
+
+    max_request_bytes: int = 1024 * 1024
+    max_response_bytes: int = 4 * 1024 * 1024
+    max_concurrent_requests: int = 64
+
+
 MAX_PENDING_RECORDINGS = 10_000
 """Recordings waiting for the ledger beyond which new ones are dropped (and counted)."""
 
@@ -108,21 +125,6 @@ SEEN_PAYMENTS = 100_000
 """Payment ids whose stages this process remembers, so each event is recorded once."""
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
 _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 _EVM_NONCE = re.compile(r"0x[0-9a-fA-F]{64}")
 _CAIP2 = re.compile(r"[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}")
@@ -159,6 +161,16 @@ class ProxyMetrics:
             ["reason"],
             registry=registry,
         )
+        self.refused = Counter(
+            "x402_proxy_refused_requests",
+            "Requests the proxy answered itself without forwarding them, by reason: a target "
+            "not in origin form or leaving the upstream's base path, a path of the exporter's "
+            "own, a body over the limit, or every upstream slot in use.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in REFUSALS:
+            self.refused.labels(reason)
         for endpoint in ENDPOINTS:
             self.duration.labels(endpoint)
         for reason in RECORDING_FAILURES:
@@ -211,8 +223,11 @@ class FacilitatorProxy:
         body_read_timeout_seconds: float = 30.0,
         fee_bps: int = 0,
         asset_decimals: dict[str, int] | None = None,
+        limits: ProxyLimits | None = None,
+        reserved_paths: tuple[str, ...] = (),
+        ingest_token: str | None = None,
     ) -> None:
-        self.upstream = upstream.rstrip("/")
+        self.upstream = Upstream.parse(upstream)
         self.session = session
         self.committer = committer
         self.metrics = metrics
@@ -222,6 +237,10 @@ class FacilitatorProxy:
         self.body_read_timeout_seconds = body_read_timeout_seconds
         self.fee_bps = fee_bps
         self.asset_decimals = dict(asset_decimals or {})
+        self.limits = limits or ProxyLimits()
+        self.reserved_paths = tuple(path.lower().rstrip("/") for path in reserved_paths)
+        self.ingest_token = ingest_token
+        self._slots = asyncio.Semaphore(self.limits.max_concurrent_requests)
         configured = {key.rpartition("/")[0] for key in self.asset_decimals} - {""}
         known = frozenset(V1_NETWORKS.values()) | frozenset(USDC_DEPLOYMENTS) | configured
         self.proxy_metrics = ProxyMetrics(registry, known)
@@ -233,40 +252,100 @@ class FacilitatorProxy:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """Forward ``request`` upstream and answer with the upstream's answer, unchanged."""
+        """Forward ``request`` upstream and answer with the upstream's answer, unchanged.
+
+        Refused without forwarding anything: a target that is not origin form or leaves
+        the upstream's base path (400), a path of the exporter's own (404), a body over
+        the proxy's limit (413), and any request while every upstream slot is taken (503).
+        """
         endpoint = _endpoint(request)
+        try:
+            url = self._target(request)
+        except ForwardRefused as refused:
+            self.proxy_metrics.refused.labels(_REFUSAL_REASONS[refused.status]).inc()
+            return self._refusal(request, refused.status, str(refused))
+        if self._slots.locked():
+            self.proxy_metrics.refused.labels("overloaded").inc()
+            return self._refusal(
+                request,
+                503,
+                f"all {self.limits.max_concurrent_requests} upstream request slots are in use",
+                {"Retry-After": "1"},
+            )
+        async with self._slots:
+            return await self._forward(request, endpoint, url)
+
+    def _target(self, request: web.Request) -> URL:
+        path = request.path.lower().rstrip("/")
+        if any(path == p or path.startswith(p + "/") for p in self.reserved_paths):
+            raise ForwardRefused(404, f"{request.path} belongs to the exporter, not the upstream")
+        declared = request.content_length
+        if declared is not None and declared > self.limits.max_request_bytes:
+            limit = self.limits.max_request_bytes
+            raise ForwardRefused(413, _too_large("request body", limit))
+        return self.upstream.target(request.raw_path)
+
+    def _refusal(
+        self,
+        request: web.Request,
+        status: int,
+        message: str,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        log.warning(
+            "proxy request refused",
+            extra={"status": status, "reason": message, "path": request.path},
+        )
+        return web.json_response(
+            {"error": message, "upstream": self.upstream.shown, "endpoint": request.path},
+            status=status,
+            headers={"Connection": "close", **(headers or {})},
+        )
+
+    def _outgoing_headers(self, request: web.Request) -> CIMultiDict[str]:
+        headers = end_to_end(request.headers.items())
+        presented = headers.get("Authorization")
+        if self.upstream.authorization is not None:
+            headers["Authorization"] = self.upstream.authorization
+        elif self.ingest_token and bearer_token_matches(presented, self.ingest_token):
+            del headers["Authorization"]  # the exporter's own token never leaves it
+        return headers
+
+    async def _forward(self, request: web.Request, endpoint: str, url: URL) -> web.Response:
         received_ms = int(self.clock() * 1000)
         try:
             # aiohttp has no timeout on a body once the handler runs (as on ingest).
             async with asyncio.timeout(self.body_read_timeout_seconds):
-                body = await request.read()
+                body = await read_bounded(request.content, self.limits.max_request_bytes)
         except TimeoutError:
             message = (
                 f"the request body did not arrive within {self.body_read_timeout_seconds:g} s"
             )
-            log.warning("proxy request body too slow", extra={"endpoint": endpoint})
-            return web.json_response(
-                {"error": message, "upstream": self.upstream, "endpoint": request.path},
-                status=408,
-                headers={"Connection": "close"},
-            )
-        url = URL(self.upstream + request.raw_path, encoded=True)
+            return self._refusal(request, 408, message)
+        if body is None:
+            self.proxy_metrics.refused.labels("too_large").inc()
+            message = _too_large("request body", self.limits.max_request_bytes)
+            return self._refusal(request, 413, message)
         started = self.timer()
         try:
             async with self.session.request(
                 request.method,
                 url,
-                headers=_forwarded(request.headers),
+                headers=self._outgoing_headers(request),
                 data=body if body else None,
                 allow_redirects=False,
                 timeout=self.timeout,
                 skip_auto_headers=_NO_AUTO_HEADERS,
             ) as upstream:
-                payload = await upstream.read()
-                status = upstream.status
-                headers = CIMultiDict(
-                    (k, v) for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP
+                declared = upstream.content_length
+                too_large = declared is not None and declared > self.limits.max_response_bytes
+                payload = (
+                    None
+                    if too_large
+                    else await read_bounded(upstream.content, self.limits.max_response_bytes)
                 )
+                status = upstream.status
+                headers = end_to_end(upstream.headers.items())
         except TimeoutError:
             message = f"the upstream facilitator did not answer within {self.timeout.total:g} s"
             return self._gateway_error(request, endpoint, body, started, 504, "timeout", message)
@@ -274,6 +353,11 @@ class FacilitatorProxy:
             message = f"the upstream facilitator is unreachable: {type(error).__name__}: {error}"
             return self._gateway_error(
                 request, endpoint, body, started, 502, "unreachable", message
+            )
+        if payload is None:
+            message = _too_large("upstream answer", self.limits.max_response_bytes)
+            return self._gateway_error(
+                request, endpoint, body, started, 502, "upstream_error", message
             )
         elapsed = self.timer() - started
         response = web.Response(status=status, body=payload, headers=headers)
@@ -303,10 +387,10 @@ class FacilitatorProxy:
             log.exception("proxy exchange not counted", extra={"endpoint": endpoint})
         log.warning(
             "upstream facilitator request failed",
-            extra={"endpoint": endpoint, "outcome": outcome, "upstream": self.upstream},
+            extra={"endpoint": endpoint, "outcome": outcome, "upstream": self.upstream.shown},
         )
         return web.json_response(
-            {"error": message, "upstream": self.upstream, "endpoint": request.path},
+            {"error": message, "upstream": self.upstream.shown, "endpoint": request.path},
             status=status,
         )
 
@@ -535,8 +619,8 @@ def _endpoint(request: web.Request) -> str:
     return "other"
 
 
-def _forwarded(headers: Any) -> CIMultiDict[str]:
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _HOP_BY_HOP)
+def _too_large(what: str, limit: int) -> str:
+    return f"the {what} is larger than {limit} bytes (the proxy's limit)"
 
 
 def _error_outcome(status: int) -> str:
