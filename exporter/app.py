@@ -15,13 +15,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from .analytics.models import Analytics
 from .analytics.service import AnalyticsAPI, AnalyticsService, AnalyticsSink
 from .analytics.source import analytics_source
-from .config import Settings
+from .config import Settings, host_name, is_loopback_name
 from .errors import LedgerUnavailableError
 from .ingest.proxy import PROXY, FacilitatorProxy, ProxyLimits
 from .ingest.receiver import IngestLimits, Receiver
@@ -69,6 +70,7 @@ def create_app(
     """
     registry = registry if registry is not None else CollectorRegistry()
     app = web.Application(
+        middlewares=[loopback_host_guard(settings)] if settings.listens_on_loopback else [],
         client_max_size=settings.max_body_bytes,
         handler_args={
             "auto_decompress": False,  # the receiver decodes gzip within limits
@@ -97,6 +99,32 @@ def create_app(
         app.router.add_get("/supported", _proxy)
         app.router.add_route("*", "/{path:.*}", _proxy)  # any other path passes through
     return app
+
+
+def loopback_host_guard(settings: Settings) -> Middleware:
+    """Refuse requests to a loopback listener whose ``Host`` is not a loopback name.
+
+    A web page can make a browser send requests to ``127.0.0.1`` under a name its
+    attacker controls (DNS rebinding); such requests carry that name in ``Host``. Only
+    ``localhost``, loopback addresses and ``EXPORTER_ALLOWED_HOSTS`` are answered.
+    """
+    allowed = frozenset(name.lower() for name in settings.allowed_hosts)
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        name = host_name(request.host)
+        if name is None or not (name in allowed or is_loopback_name(name)):
+            body: dict[str, object] = {
+                "error": "this exporter listens on a loopback address and answers only to "
+                "localhost and loopback Host names; add the name to EXPORTER_ALLOWED_HOSTS "
+                "to allow it",
+            }
+            if request.path == INGEST_PATH:
+                body = {"accepted": 0, "duplicates": 0, "rejected": [], **body}
+            return web.json_response(body, status=421)
+        return await handler(request)
+
+    return guard
 
 
 @contextlib.asynccontextmanager
@@ -198,7 +226,7 @@ async def _analytics_resource(app: web.Application) -> AsyncIterator[None]:
     )
     token = settings.ingest_token.get_secret_value() if settings.ingest_token else None
     app[ANALYTICS] = service
-    app[ANALYTICS_API] = AnalyticsAPI(service, token)
+    app[ANALYTICS_API] = AnalyticsAPI(service, token, app[METRICS])
     service.start()
     try:
         yield

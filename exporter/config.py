@@ -105,6 +105,34 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc="***@" + host))
 
 
+def host_name(host_header: str | None) -> str | None:
+    """The name in a ``Host`` header value (``name``, ``name:port``, ``[v6]:port``), lower
+    case; None when there is none or it is malformed."""
+    if not host_header:
+        return None
+    text = host_header.strip().lower()
+    if text.startswith("["):
+        name, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not re.fullmatch(r":[0-9]{1,5}", rest)):
+            return None
+        return name
+    name, _, port = text.partition(":")
+    if port and not re.fullmatch(r"[0-9]{1,5}", port):
+        return None
+    return name or None
+
+
+def is_loopback_name(name: str) -> bool:
+    """Whether ``name`` is ``localhost`` or a loopback address literal (no DNS lookup: a
+    name from a request must not make the exporter resolve anything)."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def _base_url(value: str) -> str:
     """An http(s) base URL without query or fragment, without its trailing slash."""
     parts = urlsplit(value)
@@ -114,6 +142,9 @@ def _base_url(value: str) -> str:
         raise ValueError("must be a base URL without query or fragment")
     return value.rstrip("/")
 
+
+MIN_NETWORK_TOKEN_LENGTH = 16
+"""Shortest ingest token accepted on a listener that other machines can reach."""
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -137,7 +168,14 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(Path("data"), description="directory for the ledger and DuckDB store")
     ingest_token: SecretStr | None = Field(
-        None, description="bearer token required on ingest and the analytics API"
+        None,
+        description="bearer token required on ingest and the analytics API (at least 16 "
+        "characters when listening beyond loopback)",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="JSON list of extra Host header names a loopback listener answers to; "
+        "by default it answers only to localhost and loopback addresses (DNS rebinding)",
     )
     ingest_signing_secret: SecretStr | None = Field(
         None,
@@ -330,6 +368,15 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _loopback_without_token(self) -> Settings:
         host, _ = split_host_port(self.listen)
+        token = self.ingest_token.get_secret_value() if self.ingest_token else None
+        if token is not None and len(token) < MIN_NETWORK_TOKEN_LENGTH and not is_loopback_host(
+            host
+        ):
+            raise ValueError(
+                f"EXPORTER_INGEST_TOKEN is {len(token)} characters; on a non-loopback address "
+                f"({self.listen}) it must have at least {MIN_NETWORK_TOKEN_LENGTH}: generate one "
+                "with `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
         if self.ingest_token is None and not is_loopback_host(host):
             raise ValueError(
                 f"refusing to listen on {self.listen} without EXPORTER_INGEST_TOKEN: "
@@ -377,6 +424,11 @@ class Settings(BaseSettings):
     def host(self) -> str:
         """The bind host of ``listen``."""
         return split_host_port(self.listen)[0]
+
+    @property
+    def listens_on_loopback(self) -> bool:
+        """Whether only this machine can reach the listener."""
+        return is_loopback_host(self.host)
 
     @property
     def port(self) -> int:

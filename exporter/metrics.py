@@ -8,6 +8,8 @@ deduplicated event once, on the network its join resolved.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -23,10 +25,18 @@ from .ledger import (
     TerminalPayment,
 )
 
+log = logging.getLogger(__name__)
+
 _Labelled = Counter | Gauge | Histogram
 
 SETTLEMENT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60)
 GAS_BUCKETS = (21000, 50000, 100000, 200000, 500000, 1000000)
+
+AUTH_ROUTES = ("ingest", "analytics")
+"""Every value of ``exporter_auth_failures_total{route}``."""
+
+AUTH_LOG_INTERVAL_SECONDS = 10.0
+"""At most one log line per route this often for refused tokens."""
 
 REJECT_REASONS = (
     "invalid",
@@ -106,6 +116,16 @@ class Metrics:
             "Events acknowledged as duplicates of ones already in the ledger.",
             registry=registry,
         )
+        self.auth_failures = Counter(
+            "exporter_auth_failures",
+            "Requests refused for a missing or wrong bearer token, by route (ingest, analytics).",
+            ["route"],
+            registry=registry,
+        )
+        for route in AUTH_ROUTES:
+            self.auth_failures.labels(route)
+        self._auth_logged_at: dict[str, float] = {}
+        self._auth_unlogged: dict[str, int] = {}
         self.backlog = Gauge(
             "exporter_ledger_backlog_events",
             "Store records committed to the ledger and not yet delivered to the store.",
@@ -185,9 +205,7 @@ class Metrics:
                     volume[network] = volume.get(network, 0) + effect.amount_micro
                     fees[network] = fees.get(network, 0) + effect.fee_micro
                     if effect.settlement_ms is not None:
-                        observations.append(
-                            (self.settlement, network, effect.settlement_ms / 1000)
-                        )
+                        observations.append((self.settlement, network, effect.settlement_ms / 1000))
             elif isinstance(effect, BatchGas):
                 observations.append((self.gas, effect.network, effect.gas_used))
             else:
@@ -216,6 +234,26 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def auth_failed(self, route: str, peer: str | None) -> None:
+        """Count a refused bearer token and log it, at most one line per route every
+        :data:`AUTH_LOG_INTERVAL_SECONDS` (a line carries the refusals it stands for), so a
+        client guessing tokens cannot flood the log. The token itself is never logged."""
+        self.auth_failures.labels(route).inc()
+        self._auth_unlogged[route] = self._auth_unlogged.get(route, 0) + 1
+        now = time.monotonic()
+        last = self._auth_logged_at.get(route)
+        if last is not None and now - last < AUTH_LOG_INTERVAL_SECONDS:
+            return
+        self._auth_logged_at[route] = now
+        log.warning(
+            "bearer token refused",
+            extra={
+                "route": route,
+                "peer": peer or "unknown",
+                "refusals": self._auth_unlogged.pop(route),
+            },
+        )
 
     def reject(self, reason: str, count: int = 1) -> None:
         """Count refused events (or whole bodies) by reason."""

@@ -284,7 +284,7 @@ def test_loopback_listen_needs_no_token(listen: str) -> None:
 
 
 def test_non_loopback_listen_with_token_is_allowed() -> None:
-    assert Settings(listen="0.0.0.0:9402", ingest_token="t").host == "0.0.0.0"
+    assert Settings(listen="0.0.0.0:9402", ingest_token="t" * 16).host == "0.0.0.0"
 
 
 async def test_failed_unknown_payment_is_accepted(client: AppClient) -> None:
