@@ -269,7 +269,7 @@ async def _proxy_resource(app: web.Application) -> AsyncIterator[None]:
         timeout_seconds=settings.upstream_timeout_seconds,
         body_read_timeout_seconds=settings.body_read_timeout_seconds,
         fee_bps=settings.proxy_fee_bps,
-        asset_decimals=settings.proxy_asset_decimals,
+        networks=settings.networks,
         limits=ProxyLimits(
             settings.proxy_max_request_bytes,
             settings.proxy_max_response_bytes,

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .networks import CAIP2, NetworkTable
+
 DUCKDB_MEMORY_LIMIT = "48MB"
 """The embedded store's default buffer pool (``EXPORTER_DUCKDB_MEMORY_LIMIT``)."""
 DUCKDB_THREADS = 2
@@ -275,6 +277,11 @@ class Settings(BaseSettings):
     proxy_fee_bps: Annotated[int, Field(ge=0, le=10_000)] = Field(
         0, description="proxy mode: the facilitator's fee on settled payments, in basis points"
     )
+    network_aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description="JSON object of extra network names and the CAIP-2 ids they stand for, "
+        'e.g. {"my-l2": "eip155:424242"}; every x402 v1 name is built in',
+    )
     proxy_asset_decimals: dict[str, Annotated[int, Field(ge=0, le=36)]] = Field(
         default_factory=dict,
         description="proxy mode: decimals per asset, JSON, keyed by asset address or "
@@ -340,6 +347,19 @@ class Settings(BaseSettings):
     @classmethod
     def _upstream_url(cls, value: str | None) -> str | None:
         return None if value is None or not value.strip() else _base_url(value.strip())
+
+    @field_validator("network_aliases")
+    @classmethod
+    def _aliases_name_caip2(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, caip2 in value.items():
+            if not CAIP2.fullmatch(caip2):
+                raise ValueError(f"{name!r} must map to a CAIP-2 chain id such as eip155:8453")
+        return value
+
+    @property
+    def networks(self) -> NetworkTable:
+        """The network table: built-in names, ``network_aliases`` and asset decimals."""
+        return NetworkTable(self.network_aliases, self.proxy_asset_decimals)
 
     @field_validator("proxy_asset_decimals")
     @classmethod

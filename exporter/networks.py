@@ -188,8 +188,10 @@ class NetworkTable:
         return network if CAIP2.fullmatch(network) else None
 
     def is_known(self, caip2: str) -> bool:
-        """Whether the table names ``caip2`` (built in or by an alias)."""
-        return caip2 in self._chain_names or caip2 in self._names.values()
+        """Whether the table names ``caip2``: built in, by an alias, or with asset decimals."""
+        return (
+            caip2 in self._chain_names or caip2 in self._names.values() or caip2 in self._decimals
+        )
 
     def chain_name(self, caip2: str) -> str:
         """The chain's human name; its id when the table has none."""

@@ -130,8 +130,9 @@ def refused(registry: CollectorRegistry, reason: str) -> float:
 async def test_a_target_not_in_origin_form_is_refused_and_never_forwarded(
     start: Start, upstream: Recorder, registry: CollectorRegistry, target: str
 ) -> None:
-    client = await start()
-    head = f"POST {target} HTTP/1.1\nHost: x\nContent-Length: 2\nConnection: close\n"
+    # Beyond loopback, so that the Host guard (which would answer 421 first) is not in play.
+    client = await start(listen="0.0.0.0:9402", ingest_token=TOKEN)
+    head = f"POST {target} HTTP/1.1\nHost: localhost\nContent-Length: 2\nConnection: close\n"
     status, body = await raw_request(client, head, b"{}")
     assert status == 400
     assert upstream.seen == []
@@ -149,7 +150,7 @@ async def test_a_path_that_leaves_the_base_or_hides_a_separator_is_refused(
 ) -> None:
     client = await start(upstream_facilitator=upstream.url + "/x402")
     status, _ = await raw_request(
-        client, f"POST {path} HTTP/1.1\nHost: x\nContent-Length: 0\nConnection: close\n"
+        client, f"POST {path} HTTP/1.1\nHost: localhost\nContent-Length: 0\nConnection: close\n"
     )
     assert status == 400
     assert upstream.seen == []
@@ -160,7 +161,7 @@ async def test_dot_segments_are_resolved_inside_the_base_path(
 ) -> None:
     client = await start(upstream_facilitator=upstream.url + "/x402/")
     status, _ = await raw_request(
-        client, "GET /a/./b/../supported?x=1 HTTP/1.1\nHost: x\nConnection: close\n"
+        client, "GET /a/./b/../supported?x=1 HTTP/1.1\nHost: localhost\nConnection: close\n"
     )
     assert status == 200
     assert [(method, path) for method, path, _ in upstream.seen] == [
