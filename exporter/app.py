@@ -80,7 +80,7 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[REGISTRY] = registry
-    app[METRICS] = Metrics(registry)
+    app[METRICS] = Metrics(registry, settings.max_network_labels)
     app.cleanup_ctx.extend(
         [_ledger_context, _store_context, _forwarder_context, _analytics_context]
     )

@@ -277,6 +277,11 @@ class Settings(BaseSettings):
     proxy_fee_bps: Annotated[int, Field(ge=0, le=10_000)] = Field(
         0, description="proxy mode: the facilitator's fee on settled payments, in basis points"
     )
+    max_network_labels: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        64,
+        description="most distinct network label values in metrics; beyond it the label is "
+        "other (exporter_network_labels_overflow_total); the store keeps the true network",
+    )
     network_aliases: dict[str, str] = Field(
         default_factory=dict,
         description="JSON object of extra network names and the CAIP-2 ids they stand for, "

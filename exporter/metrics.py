@@ -24,6 +24,7 @@ from .ledger import (
     PendingChange,
     TerminalPayment,
 )
+from .networks import OTHER_NETWORK, UNKNOWN_NETWORK
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,9 @@ _Labelled = Counter | Gauge | Histogram
 
 SETTLEMENT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60)
 GAS_BUCKETS = (21000, 50000, 100000, 200000, 500000, 1000000)
+
+MAX_NETWORK_LABELS = 64
+"""Default bound on distinct ``network`` label values (``EXPORTER_MAX_NETWORK_LABELS``)."""
 
 AUTH_ROUTES = ("ingest", "analytics")
 """Every value of ``exporter_auth_failures_total{route}``."""
@@ -52,7 +56,9 @@ REJECT_REASONS = (
 class Metrics:
     """The exporter's metric families, registered on one registry."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, max_network_labels: int = MAX_NETWORK_LABELS
+    ) -> None:
         self.registry = registry
         self._children: dict[tuple[_Labelled, tuple[str, ...]], Any] = {}
         self.payments = Counter(
@@ -116,6 +122,15 @@ class Metrics:
             "Events acknowledged as duplicates of ones already in the ledger.",
             registry=registry,
         )
+        self.max_network_labels = max_network_labels
+        self._network_labels: set[str] = set()
+        self.network_labels_overflow = Counter(
+            "exporter_network_labels_overflow",
+            "Payment metric updates whose network was shown as other: more distinct "
+            "networks than EXPORTER_MAX_NETWORK_LABELS were seen (the store keeps the "
+            "true network).",
+            registry=registry,
+        )
         self.auth_failures = Counter(
             "exporter_auth_failures",
             "Requests refused for a missing or wrong bearer token, by route (ingest, analytics).",
@@ -167,14 +182,30 @@ class Metrics:
         for reason in REJECT_REASONS:
             self.events_rejected.labels(reason)
 
+    def network_label(self, network: str) -> str:
+        """The ``network`` label for ``network``: itself while fewer than
+        ``max_network_labels`` networks have a label, else ``other`` (counted). Once a
+        network has a label it keeps it for the life of the process."""
+        if network in self._network_labels or network == UNKNOWN_NETWORK:
+            return network
+        if len(self._network_labels) < self.max_network_labels:
+            self._network_labels.add(network)
+            return network
+        self.network_labels_overflow.inc()
+        return OTHER_NETWORK
+
     def track_backlog(self, read_backlog: Callable[[], float]) -> None:
         """Read the ledger backlog at scrape time."""
         self.backlog.set_function(read_backlog)
 
     def restore(self, snapshot: GaugeSnapshot) -> None:
         """Set the gauges from the ledger after a restart."""
+        pending: dict[str, int] = {}
         for network, count in snapshot.pending_by_network.items():
-            self.pending.labels(network).set(count)
+            label = self.network_label(network)
+            pending[label] = pending.get(label, 0) + count
+        for label, count in pending.items():
+            self.pending.labels(label).set(count)
         if snapshot.websocket_clients is not None:
             self.websocket_clients.set(snapshot.websocket_clients)
 
@@ -193,13 +224,15 @@ class Metrics:
         pending: dict[str, int] = {}
         observations: list[tuple[Histogram, str, float]] = []
         websocket_clients: int | None = None
+        label = self.network_label
         for effect in effects:
             if isinstance(effect, NewEvent):
                 events[effect.type] = events.get(effect.type, 0) + 1
             elif isinstance(effect, PendingChange):
-                pending[effect.network] = pending.get(effect.network, 0) + effect.delta
+                network = label(effect.network)
+                pending[network] = pending.get(network, 0) + effect.delta
             elif isinstance(effect, TerminalPayment):
-                network, status = effect.network, effect.status
+                network, status = label(effect.network), effect.status
                 payments[network, status] = payments.get((network, status), 0) + 1
                 if status == "success":
                     volume[network] = volume.get(network, 0) + effect.amount_micro
@@ -207,7 +240,7 @@ class Metrics:
                     if effect.settlement_ms is not None:
                         observations.append((self.settlement, network, effect.settlement_ms / 1000))
             elif isinstance(effect, BatchGas):
-                observations.append((self.gas, effect.network, effect.gas_used))
+                observations.append((self.gas, label(effect.network), effect.gas_used))
             else:
                 websocket_clients = effect.count
         child = self._child

@@ -17,6 +17,12 @@ from dataclasses import dataclass
 CAIP2 = re.compile(r"[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}")
 """A CAIP-2 chain id: namespace and reference."""
 
+UNKNOWN_NETWORK = "unknown"
+"""The network of an event that names none and joined nothing that does."""
+
+OTHER_NETWORK = "other"
+"""The metric label of networks beyond the label bound, and of unknown names in proxy mode."""
+
 SOLANA = "solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp"
 SOLANA_DEVNET = "solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1"
 SOLANA_TESTNET = "solana:4uhcVJyU9pJkvQyS88uRDiswHXSCkY3z"
