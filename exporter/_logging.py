@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -29,11 +30,16 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return fields
 
 
+# Quoted: separators, and every control character (C0, DEL, C1), so that a value that
+# came from the network (a path, a header) cannot forge a line or move a terminal's cursor.
+_NEEDS_QUOTES = re.compile(r'[\s"=\x00-\x1f\x7f-\x9f]')
+
+
 def _logfmt_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
-    if text and not any(c in text for c in ' "=\n\t'):
+    if text and not _NEEDS_QUOTES.search(text):
         return text
-    return json.dumps(text)
+    return json.dumps(text).replace("\x7f", "\\u007f")
 
 
 class LogfmtFormatter(logging.Formatter):

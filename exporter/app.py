@@ -15,15 +15,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from .analytics.models import Analytics
 from .analytics.service import AnalyticsAPI, AnalyticsService, AnalyticsSink
 from .analytics.source import analytics_source
-from .config import Settings
+from .config import Settings, host_name, is_loopback_name
 from .errors import LedgerUnavailableError
-from .ingest.proxy import PROXY, FacilitatorProxy
+from .ingest.proxy import PROXY, FacilitatorProxy, ProxyLimits
 from .ingest.receiver import IngestLimits, Receiver
 from .ingest.signing import verifier_from_settings
 from .ledger import DataDirLock, GroupCommitter, Ledger
@@ -43,6 +44,12 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 RECEIVER = web.AppKey("receiver", Receiver)
 ANALYTICS = web.AppKey("analytics", AnalyticsService)
 ANALYTICS_API = web.AppKey("analytics_api", AnalyticsAPI)
+
+INGEST_PATH = "/v1/events"
+ANALYTICS_PATH = "/v1/analytics"
+EXPORTER_PATHS = (INGEST_PATH, ANALYTICS_PATH, "/metrics", "/healthz", "/readyz", OPENAPI_PATH)
+"""The exporter's own paths: in proxy mode, these and anything under them never reach the
+upstream, whatever their case or trailing slash, so ingest credentials cannot leak there."""
 
 MAINTENANCE_INTERVAL_SECONDS = 30.0
 RETENTION_INTERVAL_SECONDS = 3600.0
@@ -68,6 +75,7 @@ def create_app(
     """
     registry = registry if registry is not None else CollectorRegistry()
     app = web.Application(
+        middlewares=[loopback_host_guard(settings)] if settings.listens_on_loopback else [],
         client_max_size=settings.max_body_bytes,
         handler_args={
             "auto_decompress": False,  # the receiver decodes gzip within limits
@@ -77,7 +85,7 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[REGISTRY] = registry
-    app[METRICS] = Metrics(registry)
+    app[METRICS] = Metrics(registry, settings.max_network_labels)
     app.cleanup_ctx.extend(
         [
             _event_loop_lag_context,
@@ -90,11 +98,11 @@ def create_app(
     if settings.upstream_facilitator is not None:
         app.cleanup_ctx.append(_proxy_context)
     app.cleanup_ctx.extend(extra_contexts or [])
-    app.router.add_post("/v1/events", _ingest)
+    app.router.add_post(INGEST_PATH, _ingest)
     app.router.add_get("/metrics", make_aiohttp_handler(registry))
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/v1/analytics/{name:.+}", _analytics)
+    app.router.add_get(ANALYTICS_PATH + "/{name:.+}", _analytics)
     app.router.add_get(OPENAPI_PATH, _openapi_handler(settings))
     if settings.upstream_facilitator is not None:
         app.router.add_post("/verify", _proxy)
@@ -102,6 +110,32 @@ def create_app(
         app.router.add_get("/supported", _proxy)
         app.router.add_route("*", "/{path:.*}", _proxy)  # any other path passes through
     return app
+
+
+def loopback_host_guard(settings: Settings) -> Middleware:
+    """Refuse requests to a loopback listener whose ``Host`` is not a loopback name.
+
+    A web page can make a browser send requests to ``127.0.0.1`` under a name its
+    attacker controls (DNS rebinding); such requests carry that name in ``Host``. Only
+    ``localhost``, loopback addresses and ``EXPORTER_ALLOWED_HOSTS`` are answered.
+    """
+    allowed = frozenset(name.lower() for name in settings.allowed_hosts)
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        name = host_name(request.host)
+        if name is None or not (name in allowed or is_loopback_name(name)):
+            body: dict[str, object] = {
+                "error": "this exporter listens on a loopback address and answers only to "
+                "localhost and loopback Host names; add the name to EXPORTER_ALLOWED_HOSTS "
+                "to allow it",
+            }
+            if request.path == INGEST_PATH:
+                body = {"accepted": 0, "duplicates": 0, "rejected": [], **body}
+            return web.json_response(body, status=421)
+        return await handler(request)
+
+    return guard
 
 
 @contextlib.asynccontextmanager
@@ -203,7 +237,7 @@ async def _analytics_resource(app: web.Application) -> AsyncIterator[None]:
     )
     token = settings.ingest_token.get_secret_value() if settings.ingest_token else None
     app[ANALYTICS] = service
-    app[ANALYTICS_API] = AnalyticsAPI(service, token)
+    app[ANALYTICS_API] = AnalyticsAPI(service, token, app[METRICS])
     service.start()
     try:
         yield
@@ -246,10 +280,17 @@ async def _proxy_resource(app: web.Application) -> AsyncIterator[None]:
         timeout_seconds=settings.upstream_timeout_seconds,
         body_read_timeout_seconds=settings.body_read_timeout_seconds,
         fee_bps=settings.proxy_fee_bps,
-        asset_decimals=settings.proxy_asset_decimals,
+        networks=settings.networks,
+        limits=ProxyLimits(
+            settings.proxy_max_request_bytes,
+            settings.proxy_max_response_bytes,
+            settings.proxy_max_concurrent_requests,
+        ),
+        reserved_paths=EXPORTER_PATHS,
+        ingest_token=settings.ingest_token.get_secret_value() if settings.ingest_token else None,
     )
     app[PROXY] = proxy
-    log.info("proxy mode", extra={"upstream": settings.upstream_facilitator})
+    log.info("proxy mode", extra={"upstream": proxy.upstream.shown})
     try:
         yield
     finally:

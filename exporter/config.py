@@ -14,12 +14,13 @@ from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from .errors import ConfigError
+from .networks import CAIP2, NetworkTable
 
 ENV_PREFIX = "EXPORTER_"
 """Every setting is the environment variable of this prefix and the field name, upper case."""
@@ -107,15 +108,59 @@ def is_loopback_host(host: str) -> bool:
     return all(ipaddress.ip_address(str(info[4][0])).is_loopback for info in infos)
 
 
+def redact_url(url: str) -> str:
+    """``url`` with any user info replaced by ``***``: the only form a URL may be shown in.
+
+    Logs, error answers and ``check-config`` print URLs through this, so credentials
+    written into a URL (``https://user:pass@host``) never leave the process.
+    """
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc="***@" + host))
+
+
+def host_name(host_header: str | None) -> str | None:
+    """The name in a ``Host`` header value (``name``, ``name:port``, ``[v6]:port``), lower
+    case; None when there is none or it is malformed."""
+    if not host_header:
+        return None
+    text = host_header.strip().lower()
+    if text.startswith("["):
+        name, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not re.fullmatch(r":[0-9]{1,5}", rest)):
+            return None
+        return name
+    name, _, port = text.partition(":")
+    if port and not re.fullmatch(r"[0-9]{1,5}", port):
+        return None
+    return name or None
+
+
+def is_loopback_name(name: str) -> bool:
+    """Whether ``name`` is ``localhost`` or a loopback address literal (no DNS lookup: a
+    name from a request must not make the exporter resolve anything)."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def _base_url(value: str) -> str:
     """An http(s) base URL without query or fragment, without its trailing slash."""
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+        raise ValueError(f"must be an http:// or https:// URL, got {redact_url(value)!r}")
     if parts.query or parts.fragment:
         raise ValueError("must be a base URL without query or fragment")
     return value.rstrip("/")
 
+
+MIN_NETWORK_TOKEN_LENGTH = 16
+"""Shortest ingest token accepted on a listener that other machines can reach."""
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -139,7 +184,14 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(Path("data"), description="directory for the ledger and DuckDB store")
     ingest_token: SecretStr | None = Field(
-        None, description="bearer token required on ingest and the analytics API"
+        None,
+        description="bearer token required on ingest and the analytics API (at least 16 "
+        "characters when listening beyond loopback)",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="JSON list of extra Host header names a loopback listener answers to; "
+        "by default it answers only to localhost and loopback addresses (DNS rebinding)",
     )
     ingest_signing_secret: SecretStr | None = Field(
         None,
@@ -227,8 +279,33 @@ class Settings(BaseSettings):
     upstream_timeout_seconds: PositiveFloat = Field(
         30.0, description="proxy mode: a facilitator request not answered by then gets a 504"
     )
+    proxy_max_request_bytes: PositiveInt = Field(
+        1024 * 1024,
+        description="proxy mode: largest request body forwarded; a larger one gets a 413 "
+        "before it is read",
+    )
+    proxy_max_response_bytes: PositiveInt = Field(
+        4 * 1024 * 1024,
+        description="proxy mode: largest upstream answer relayed; a larger one is cut off "
+        "and answered with a 502",
+    )
+    proxy_max_concurrent_requests: PositiveInt = Field(
+        64,
+        description="proxy mode: upstream requests in flight at once; beyond it a request "
+        "gets a 503 with Retry-After before its body is read",
+    )
     proxy_fee_bps: Annotated[int, Field(ge=0, le=10_000)] = Field(
         0, description="proxy mode: the facilitator's fee on settled payments, in basis points"
+    )
+    max_network_labels: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        64,
+        description="most distinct network label values in metrics; beyond it the label is "
+        "other (exporter_network_labels_overflow_total); the store keeps the true network",
+    )
+    network_aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description="JSON object of extra network names and the CAIP-2 ids they stand for, "
+        'e.g. {"my-l2": "eip155:424242"}; every x402 v1 name is built in',
     )
     proxy_asset_decimals: dict[str, Annotated[int, Field(ge=0, le=36)]] = Field(
         default_factory=dict,
@@ -296,6 +373,19 @@ class Settings(BaseSettings):
     def _upstream_url(cls, value: str | None) -> str | None:
         return None if value is None or not value.strip() else _base_url(value.strip())
 
+    @field_validator("network_aliases")
+    @classmethod
+    def _aliases_name_caip2(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, caip2 in value.items():
+            if not CAIP2.fullmatch(caip2):
+                raise ValueError(f"{name!r} must map to a CAIP-2 chain id such as eip155:8453")
+        return value
+
+    @property
+    def networks(self) -> NetworkTable:
+        """The network table: built-in names, ``network_aliases`` and asset decimals."""
+        return NetworkTable(self.network_aliases, self.proxy_asset_decimals)
+
     @field_validator("proxy_asset_decimals")
     @classmethod
     def _asset_keys(cls, value: dict[str, int]) -> dict[str, int]:
@@ -323,6 +413,15 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _loopback_without_token(self) -> Settings:
         host, _ = split_host_port(self.listen)
+        token = self.ingest_token.get_secret_value() if self.ingest_token else None
+        if token is not None and len(token) < MIN_NETWORK_TOKEN_LENGTH and not is_loopback_host(
+            host
+        ):
+            raise ValueError(
+                f"EXPORTER_INGEST_TOKEN is {len(token)} characters; on a non-loopback address "
+                f"({self.listen}) it must have at least {MIN_NETWORK_TOKEN_LENGTH}: generate one "
+                "with `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
         if self.ingest_token is None and not is_loopback_host(host):
             raise ValueError(
                 f"refusing to listen on {self.listen} without EXPORTER_INGEST_TOKEN: "
@@ -370,6 +469,11 @@ class Settings(BaseSettings):
     def host(self) -> str:
         """The bind host of ``listen``."""
         return split_host_port(self.listen)[0]
+
+    @property
+    def listens_on_loopback(self) -> bool:
+        """Whether only this machine can reach the listener."""
+        return is_loopback_host(self.host)
 
     @property
     def port(self) -> int:

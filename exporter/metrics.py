@@ -8,6 +8,8 @@ deduplicated event once, on the network its join resolved.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,12 +24,24 @@ from .ledger import (
     PendingChange,
     TerminalPayment,
 )
+from .networks import OTHER_NETWORK, UNKNOWN_NETWORK
+
+log = logging.getLogger(__name__)
 
 _Labelled = Counter | Gauge | Histogram
 
 SETTLEMENT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60)
 GAS_BUCKETS = (21000, 50000, 100000, 200000, 500000, 1000000)
 EVENT_LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+MAX_NETWORK_LABELS = 64
+"""Default bound on distinct ``network`` label values (``EXPORTER_MAX_NETWORK_LABELS``)."""
+
+AUTH_ROUTES = ("ingest", "analytics")
+"""Every value of ``exporter_auth_failures_total{route}``."""
+
+AUTH_LOG_INTERVAL_SECONDS = 10.0
+"""At most one log line per route this often for refused tokens."""
 
 REJECT_REASONS = (
     "invalid",
@@ -43,7 +57,9 @@ REJECT_REASONS = (
 class Metrics:
     """The exporter's metric families, registered on one registry."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, max_network_labels: int = MAX_NETWORK_LABELS
+    ) -> None:
         self.registry = registry
         self._children: dict[tuple[_Labelled, tuple[str, ...]], Any] = {}
         self.payments = Counter(
@@ -107,6 +123,25 @@ class Metrics:
             "Events acknowledged as duplicates of ones already in the ledger.",
             registry=registry,
         )
+        self.max_network_labels = max_network_labels
+        self._network_labels: set[str] = set()
+        self.network_labels_overflow = Counter(
+            "exporter_network_labels_overflow",
+            "Payment metric updates whose network was shown as other: more distinct "
+            "networks than EXPORTER_MAX_NETWORK_LABELS were seen (the store keeps the "
+            "true network).",
+            registry=registry,
+        )
+        self.auth_failures = Counter(
+            "exporter_auth_failures",
+            "Requests refused for a missing or wrong bearer token, by route (ingest, analytics).",
+            ["route"],
+            registry=registry,
+        )
+        for route in AUTH_ROUTES:
+            self.auth_failures.labels(route)
+        self._auth_logged_at: dict[str, float] = {}
+        self._auth_unlogged: dict[str, int] = {}
         self.backlog = Gauge(
             "exporter_ledger_backlog_events",
             "Store records committed to the ledger and not yet delivered to the store.",
@@ -155,14 +190,30 @@ class Metrics:
         for reason in REJECT_REASONS:
             self.events_rejected.labels(reason)
 
+    def network_label(self, network: str) -> str:
+        """The ``network`` label for ``network``: itself while fewer than
+        ``max_network_labels`` networks have a label, else ``other`` (counted). Once a
+        network has a label it keeps it for the life of the process."""
+        if network in self._network_labels or network == UNKNOWN_NETWORK:
+            return network
+        if len(self._network_labels) < self.max_network_labels:
+            self._network_labels.add(network)
+            return network
+        self.network_labels_overflow.inc()
+        return OTHER_NETWORK
+
     def track_backlog(self, read_backlog: Callable[[], float]) -> None:
         """Read the ledger backlog at scrape time."""
         self.backlog.set_function(read_backlog)
 
     def restore(self, snapshot: GaugeSnapshot) -> None:
         """Set the gauges from the ledger after a restart."""
+        pending: dict[str, int] = {}
         for network, count in snapshot.pending_by_network.items():
-            self.pending.labels(network).set(count)
+            label = self.network_label(network)
+            pending[label] = pending.get(label, 0) + count
+        for label, count in pending.items():
+            self.pending.labels(label).set(count)
         if snapshot.websocket_clients is not None:
             self.websocket_clients.set(snapshot.websocket_clients)
 
@@ -181,23 +232,23 @@ class Metrics:
         pending: dict[str, int] = {}
         observations: list[tuple[Histogram, str, float]] = []
         websocket_clients: int | None = None
+        label = self.network_label
         for effect in effects:
             if isinstance(effect, NewEvent):
                 events[effect.type] = events.get(effect.type, 0) + 1
             elif isinstance(effect, PendingChange):
-                pending[effect.network] = pending.get(effect.network, 0) + effect.delta
+                network = label(effect.network)
+                pending[network] = pending.get(network, 0) + effect.delta
             elif isinstance(effect, TerminalPayment):
-                network, status = effect.network, effect.status
+                network, status = label(effect.network), effect.status
                 payments[network, status] = payments.get((network, status), 0) + 1
                 if status == "success":
                     volume[network] = volume.get(network, 0) + effect.amount_micro
                     fees[network] = fees.get(network, 0) + effect.fee_micro
                     if effect.settlement_ms is not None:
-                        observations.append(
-                            (self.settlement, network, effect.settlement_ms / 1000)
-                        )
+                        observations.append((self.settlement, network, effect.settlement_ms / 1000))
             elif isinstance(effect, BatchGas):
-                observations.append((self.gas, effect.network, effect.gas_used))
+                observations.append((self.gas, label(effect.network), effect.gas_used))
             else:
                 websocket_clients = effect.count
         child = self._child
@@ -224,6 +275,26 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def auth_failed(self, route: str, peer: str | None) -> None:
+        """Count a refused bearer token and log it, at most one line per route every
+        :data:`AUTH_LOG_INTERVAL_SECONDS` (a line carries the refusals it stands for), so a
+        client guessing tokens cannot flood the log. The token itself is never logged."""
+        self.auth_failures.labels(route).inc()
+        self._auth_unlogged[route] = self._auth_unlogged.get(route, 0) + 1
+        now = time.monotonic()
+        last = self._auth_logged_at.get(route)
+        if last is not None and now - last < AUTH_LOG_INTERVAL_SECONDS:
+            return
+        self._auth_logged_at[route] = now
+        log.warning(
+            "bearer token refused",
+            extra={
+                "route": route,
+                "peer": peer or "unknown",
+                "refusals": self._auth_unlogged.pop(route),
+            },
+        )
 
     def reject(self, reason: str, count: int = 1) -> None:
         """Count refused events (or whole bodies) by reason."""

@@ -56,7 +56,7 @@ def test_check_config_resolves_environment_and_flags(tmp_path: Path) -> None:
     result = run_cli(
         "check-config", "--listen", "127.0.0.1:9999", "--data-dir", str(data_dir),
         EXPORTER_LISTEN="0.0.0.0:1111", EXPORTER_DURABILITY="power",
-        EXPORTER_INGEST_TOKEN="s3cret-token", EXPORTER_MAX_BATCH_EVENTS="500",
+        EXPORTER_INGEST_TOKEN="s3cret-token-0123456789", EXPORTER_MAX_BATCH_EVENTS="500",
     )
     assert result.returncode == 0, result.stderr
     settings = check_config_output(result.stdout)
@@ -67,13 +67,13 @@ def test_check_config_resolves_environment_and_flags(tmp_path: Path) -> None:
     assert settings["ingest_token"] == "(set)"
     assert settings["ledger_path"] == str(data_dir / "ledger.sqlite3")
     assert settings["duckdb_path"] == str(data_dir / "store.duckdb")
-    assert "s3cret-token" not in result.stdout + result.stderr
+    assert "s3cret-token-0123456789" not in result.stdout + result.stderr
 
 
 def test_check_config_accepts_any_address_with_a_token() -> None:
     """A non-loopback listen address is fine once an ingest token is set."""
     result = run_cli("check-config", EXPORTER_LISTEN="0.0.0.0:9402",
-                     EXPORTER_INGEST_TOKEN="s3cret-token")
+                     EXPORTER_INGEST_TOKEN="s3cret-token-0123456789")
     assert result.returncode == 0, result.stderr
     assert check_config_output(result.stdout)["listen"] == "0.0.0.0:9402"
 

@@ -30,8 +30,13 @@ def config_error(monkeypatch: pytest.MonkeyPatch, **variables: str) -> str:
     return str(caught.value)
 
 
-def test_the_json_valued_settings_are_the_two_maps() -> None:
-    assert set(JSON_SETTINGS) == {"analytics_refresh_seconds", "proxy_asset_decimals"}
+def test_the_json_valued_settings_are_the_maps_and_lists() -> None:
+    assert set(JSON_SETTINGS) == {
+        "analytics_refresh_seconds",
+        "proxy_asset_decimals",
+        "network_aliases",
+        "allowed_hosts",
+    }
 
 
 def test_every_field_has_its_variable() -> None:

@@ -273,7 +273,7 @@ async def test_a_dribbled_body_is_cut_off_with_408_and_kept(
     reader, writer = await asyncio.open_connection(host, port)
     framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: 100000"
     writer.write(
-        b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/events HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         + framing
         + b"\r\n\r\n"
     )
@@ -314,7 +314,7 @@ async def test_headers_that_never_finish_are_closed_after_the_idle_timeout(
     client = await aiohttp_client(create_app(impatient))
     silent = await asyncio.open_connection(client.host, client.port)
     partial = await asyncio.open_connection(client.host, client.port)
-    partial[1].write(b"POST /v1/events HTTP/1.1\r\nHost: x\r\n")
+    partial[1].write(b"POST /v1/events HTTP/1.1\r\nHost: localhost\r\n")
     started = time.monotonic()
     for reader, _writer in (silent, partial):
         assert await _closed_by_server(reader, 5)
@@ -376,7 +376,7 @@ async def _idle_connections_beside_a_request(data_dir: Path, idle: int) -> None:
         for index in range(idle):
             reader, writer = await asyncio.open_connection(server.host, server.port)
             if index % 2:  # half send part of a request head, half nothing
-                writer.write(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Le")
+                writer.write(b"POST /v1/events HTTP/1.1\r\nHost: localhost\r\nContent-Le")
             connections.append((reader, writer))
         await async_wait_until(accepted, within=10, what="every connection accepted")
         grown_kib = _rss_kib() - rss_before

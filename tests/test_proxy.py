@@ -29,7 +29,8 @@ from exporter.app import COMMITTER
 from exporter.cli.common import settings_from_args
 from exporter.cli.main import build_parser
 from exporter.errors import LedgerUnavailableError
-from exporter.ingest.proxy import PROXY, payment_id
+from exporter.ingest.payments import evm_payment_id
+from exporter.ingest.proxy import PROXY
 from exporter.ledger import Submission, SubmissionResult
 
 USDC_BASE_SEPOLIA = "0x036CbD53842c5426634e7929541eC2318f3dCF7e"
@@ -50,8 +51,19 @@ def nonce(n: int) -> str:
     return "0x" + f"{n:064x}"
 
 
+def payment_id(network: str, n: int, asset: str = USDC_BASE_SEPOLIA, payer: str = PAYER) -> str:
+    """The id the proxy gives the payment of ``v1_request(n)``/``v2_request(n)``."""
+    return evm_payment_id(network, asset, payer, nonce(n), SIGNATURE)
+
+
 def v2_request(
-    n: int, *, network: str = "eip155:84532", amount: str = "10000", asset: str = USDC_BASE_SEPOLIA
+    n: int,
+    *,
+    network: str = "eip155:84532",
+    amount: str = "10000",
+    asset: str = USDC_BASE_SEPOLIA,
+    payer: str = PAYER,
+    signature: str = SIGNATURE,
 ) -> dict[str, Any]:
     """A version 2 /verify or /settle body for the exact EVM scheme (spec section 7.1)."""
     requirements = {
@@ -74,9 +86,9 @@ def v2_request(
             },
             "accepted": requirements,
             "payload": {
-                "signature": SIGNATURE,
+                "signature": signature,
                 "authorization": {
-                    "from": PAYER,
+                    "from": payer,
                     "to": PAY_TO,
                     "value": amount,
                     "validAfter": "1740672089",
@@ -171,6 +183,15 @@ class FakeFacilitator:
         network = body["paymentRequirements"]["network"]
         if answer == "500":
             return web.Response(status=503, text="facilitator overloaded")
+        if answer == "pending":
+            pending = {
+                "success": False,
+                "errorReason": "settlement_pending",
+                "payer": PAYER,
+                "transaction": TX,
+                "network": network,
+            }
+            return web.json_response(pending, headers={"X-Upstream": "fake"})
         if answer == "failed":
             failure = {
                 "success": False,
@@ -316,8 +337,8 @@ async def test_v2_verify_valid_then_settled(
         "transaction": TX,
         "network": "eip155:84532",
     }
-    pid = payment_id("eip155:84532", nonce(1))
-    assert pid == "eip155:84532:" + nonce(1)
+    pid = payment_id("eip155:84532", 1)
+    assert pid.startswith(f"eip155:84532/{USDC_BASE_SEPOLIA.lower()}/{PAYER.lower()}/{nonce(1)}/")
     assert stored_events(client) == [
         received_event(pid, "eip155:84532"),
         {
@@ -356,7 +377,7 @@ async def test_v2_verify_invalid_records_a_failure(
     response = await post(client, "/verify", v2_request(2), "invalid")
     assert response.status == 400  # the upstream's status, unchanged
     assert (await response.json())["invalidReason"] == "insufficient_funds"
-    pid = payment_id("eip155:84532", nonce(2))
+    pid = payment_id("eip155:84532", 2)
     assert stored_events(client) == [
         received_event(pid, "eip155:84532"),
         {
@@ -383,7 +404,7 @@ async def test_v1_settle_failed_maps_the_network_name(
     assert response.status == 200
     body = await response.json()
     assert body["success"] is False and body["network"] == "base-sepolia"
-    pid = payment_id("eip155:84532", nonce(3))
+    pid = payment_id("eip155:84532", 3)
     assert stored_events(client) == [
         received_event(pid, "eip155:84532"),
         {
@@ -409,7 +430,7 @@ async def test_v1_verify_and_settle_on_base_join(
     assert (await post(client, "/verify", request, "valid")).status == 200
     assert (await post(client, "/settle", request, "settled")).status == 200
     events = stored_events(client)
-    pid = payment_id("eip155:8453", nonce(4))
+    pid = payment_id("eip155:8453", 4, USDC_BASE)
     assert [e["type"] for e in events] == [
         "payment:received",
         "payment:verified",
@@ -456,7 +477,7 @@ async def test_a_body_slower_than_the_read_timeout_is_a_408_and_not_forwarded(
     client = await proxy_client(body_read_timeout_seconds=0.3)
     reader, writer = await asyncio.open_connection(client.host, client.port)
     writer.write(
-        b"POST /settle HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /settle HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Content-Length: 1000\r\n\r\n{"
     )
     await writer.drain()
@@ -537,7 +558,7 @@ async def test_configured_decimals_and_unknown_assets(
     client = await proxy_client(proxy_asset_decimals={f"eip155:56/{usdt_bsc}": 18})
     request = v2_request(9, network="eip155:56", amount="2500000000000000000", asset=usdt_bsc)
     assert (await post(client, "/verify", request, "valid")).status == 200
-    pid = payment_id("eip155:56", nonce(9))
+    pid = payment_id("eip155:56", 9, usdt_bsc)
     assert stored_events(client)[0] == received_event(pid, "eip155:56", amount="2.5")
     unknown = v2_request(10, network="eip155:56", asset="0x" + "e" * 40)
     response = await post(client, "/verify", unknown, "valid")
@@ -600,3 +621,87 @@ def test_settings_and_cli_flag() -> None:
     assert decimals.proxy_asset_decimals == {"eip155:56/0xabc": 18, "0xdef": 18}
     with pytest.raises(ValidationError):
         Settings(proxy_fee_bps=10_001)
+
+
+async def test_settlement_pending_is_not_a_failure_and_the_retry_settles(
+    proxy_client: ProxyFactory, registry: CollectorRegistry
+) -> None:
+    client = await proxy_client()
+    await post(client, "/verify", v2_request(20), "valid")
+    await post(client, "/settle", v2_request(20), "pending")
+    net = "eip155:84532"
+    assert [e["type"] for e in stored_events(client)] == ["payment:received", "payment:verified"]
+    assert requests(registry, "settle", "pending", net) == 1
+    assert sample(registry, "facilitator_pending_payments", network=net) == 1
+    await post(client, "/settle", v2_request(20), "settled")
+    assert [e["type"] for e in stored_events(client)][-1] == "payment:settled"
+    assert sample(registry, "facilitator_payments_total", network=net, status="success") == 1
+    assert sample(registry, "facilitator_payments_total", network=net, status="failed") == 0
+    assert sample(registry, "facilitator_pending_payments", network=net) == 0
+
+
+async def test_two_payers_with_one_nonce_are_two_payments(
+    proxy_client: ProxyFactory, registry: CollectorRegistry
+) -> None:
+    client = await proxy_client()
+    other = "0x1111111111111111111111111111111111111111"
+    for payer in (PAYER, other):
+        await post(client, "/verify", v2_request(21, payer=payer), "valid")
+        await post(client, "/settle", v2_request(21, payer=payer), "settled")
+    net = "eip155:84532"
+    assert sample(registry, "facilitator_payments_total", network=net, status="success") == 2
+    assert sample(registry, "facilitator_volume_usd_total", network=net) == 0.02
+    settled = {
+        e["data"]["paymentId"] for e in stored_events(client) if e["type"] == "payment:settled"
+    }
+    assert settled == {payment_id(net, 21), payment_id(net, 21, payer=other)}
+
+
+async def test_a_forged_copy_of_a_pending_authorization_cannot_fail_the_real_payment(
+    proxy_client: ProxyFactory, registry: CollectorRegistry
+) -> None:
+    client = await proxy_client()
+    await post(client, "/verify", v2_request(22), "valid")
+    forged = v2_request(22, signature="0x" + "ab" * 65)
+    await post(client, "/verify", forged, "invalid")
+    await post(client, "/settle", v2_request(22), "settled")
+    events = stored_events(client)
+    real = payment_id("eip155:84532", 22)
+    assert [e["type"] for e in events if e["data"]["paymentId"] == real] == [
+        "payment:received",
+        "payment:verified",
+        "payment:settled",
+    ]
+    net = "eip155:84532"
+    assert sample(registry, "facilitator_payments_total", network=net, status="success") == 1
+
+
+async def test_a_replayed_settle_of_a_settled_payment_records_nothing_new(
+    proxy_client: ProxyFactory, registry: CollectorRegistry
+) -> None:
+    client = await proxy_client()
+    await post(client, "/settle", v2_request(23), "settled")
+    before = stored_events(client)
+    await post(client, "/settle", v2_request(23), "failed")
+    await post(client, "/settle", v2_request(23), "settled")
+    assert stored_events(client) == before
+    net = "eip155:84532"
+    assert sample(registry, "facilitator_payments_total", network=net, status="success") == 1
+    assert sample(registry, "facilitator_payments_total", network=net, status="failed") == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "caip2", "asset"),
+    [
+        ("monad", "eip155:143", "0x754704Bc059F8C67012fEd69BC8A327a5aafb603"),
+        ("celo", "eip155:42220", "0xcebA9300f2b948710d2653dD7B07f33A8B32118C"),
+        ("stable-testnet", "eip155:2201", "0x78Cf24370174180738C5B8E352B6D14c83a6c9A9"),
+    ],
+)
+async def test_v1_names_the_sdks_added_later_are_recorded(
+    proxy_client: ProxyFactory, registry: CollectorRegistry, name: str, caip2: str, asset: str
+) -> None:
+    client = await proxy_client()
+    await post(client, "/settle", v1_request(24, network=name, asset=asset), "settled")
+    assert sample(registry, "facilitator_payments_total", network=caip2, status="success") == 1
+    assert stored_events(client)[0]["data"]["network"] == caip2

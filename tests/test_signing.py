@@ -365,7 +365,7 @@ def test_signing_secret_does_not_open_non_loopback_listen() -> None:
         Settings(listen="0.0.0.0:9402", ingest_signing_secret=SECRET)
     assert "without EXPORTER_INGEST_TOKEN" in str(caught.value)
     assert "a signing secret authenticates ingest only" in str(caught.value)
-    assert Settings(listen="0.0.0.0:9402", ingest_token="t", ingest_signing_secret=SECRET)
+    assert Settings(listen="0.0.0.0:9402", ingest_token="t" * 16, ingest_signing_secret=SECRET)
 
 
 def test_check_config_reports_signing_without_the_secret() -> None:

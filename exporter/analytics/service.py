@@ -23,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..auth import bearer_token_matches
+from ..metrics import Metrics
 from .models import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -296,16 +297,22 @@ def _error(status: int, message: str) -> web.Response:
 class AnalyticsAPI:
     """``GET /v1/analytics/{name}``: cached results, or computed on demand for ``?at=``."""
 
-    def __init__(self, service: AnalyticsService, token: str | None) -> None:
-        """Serve ``service``'s results; require ``token`` when one is configured."""
+    def __init__(
+        self, service: AnalyticsService, token: str | None, metrics: Metrics | None = None
+    ) -> None:
+        """Serve ``service``'s results; require ``token`` when one is configured (refusals
+        counted on ``metrics``)."""
         self.service = service
         self.token = token
+        self.metrics = metrics
 
     async def handle(self, request: web.Request) -> web.Response:
         """Answer one analytics request."""
         if self.token is not None and not bearer_token_matches(
             request.headers.get("Authorization"), self.token
         ):
+            if self.metrics is not None:
+                self.metrics.auth_failed("analytics", request.remote)
             return _error(401, "missing or wrong bearer token")
         name = request.match_info["name"]
         query = request.query

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from ..config import Settings, StoreKind
+from ..config import Settings, StoreKind, redact_url
 from .common import settings_from_args
 
 if TYPE_CHECKING:
@@ -19,11 +19,18 @@ if TYPE_CHECKING:
     from .common import Commands
 
 
+URL_SETTINGS = ("influx_url", "upstream_facilitator")
+"""Settings holding a URL, which may carry ``user:password@``."""
+
+
 def _describe_settings(settings: Settings) -> dict[str, Any]:
     described = settings.model_dump(mode="json")
     for name, value in settings:  # every secret, so that a new one cannot be printed
         if isinstance(value, SecretStr):
             described[name] = "(set)"
+    for name in URL_SETTINGS:  # credentials written into a URL are never shown
+        if described.get(name):
+            described[name] = redact_url(described[name])
     described["ingest_signing"] = "on" if settings.ingest_signing_secret is not None else "off"
     described["resolved_store"] = settings.resolved_store.value
     described["ledger_path"] = str(settings.ledger_path)
@@ -31,7 +38,7 @@ def _describe_settings(settings: Settings) -> dict[str, Any]:
         described["duckdb_path"] = str(settings.duckdb_path)
     else:
         described["store_target"] = (
-            f"influxdb at {settings.influx_url} "
+            f"influxdb at {redact_url(settings.influx_url or '')} "
             f"(org {settings.influx_org}, bucket {settings.influx_bucket})"
         )
     return described
@@ -50,7 +57,7 @@ def _check_config(args: argparse.Namespace) -> int:
         )
         return 0
     check = asyncio.run(_ping_influx(settings))
-    where = f"influxdb {settings.influx_url}"
+    where = f"influxdb {redact_url(settings.influx_url or '')}"
     if not check.reachable:
         sys.stdout.write(f"{where}: unreachable ({check.detail})\n")
         return 1

@@ -157,6 +157,7 @@ class Receiver:
         if self.token is not None and not bearer_token_matches(
             request.headers.get("Authorization"), self.token
         ):
+            self.metrics.auth_failed("ingest", request.remote)
             return _answer(
                 401,
                 error="missing or wrong bearer token",

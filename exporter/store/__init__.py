@@ -3,7 +3,8 @@
 Other stages import from here; the backends (DuckDB, InfluxDB) load only when opened.
 """
 
-from .base import ANSWERED_CLASSES, ERROR_CLASSES, error_class, has_user_info, redact_url
+from ..config import redact_url
+from .base import ANSWERED_CLASSES, ERROR_CLASSES, error_class, has_user_info
 from .factory import open_store
 from .forwarder import Forwarder, StoreMetrics, StoreState
 

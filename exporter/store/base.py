@@ -6,7 +6,7 @@ info (``user:password@``) a URL may hold.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from ..errors import (
     StoreAuthError,
@@ -36,15 +36,6 @@ def error_class(error: BaseException) -> str:
     if isinstance(error, StoreClientError):
         return "client"
     return "other"
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its user info, if any, replaced by ``***`` (for messages and logs)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
 def has_user_info(url: str) -> bool:

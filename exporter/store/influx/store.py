@@ -58,6 +58,7 @@ from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from influxdb_client.rest import ApiException
 from influxdb_client.service.write_service import WriteService
 
+from ...config import redact_url
 from ...errors import (
     ConfigError,
     StoreAuthError,
@@ -69,7 +70,7 @@ from ...errors import (
 )
 from ...records import StoreRecord, StoreRejection
 from ...retry import parse_retry_after
-from ..base import has_user_info, redact_url
+from ..base import has_user_info
 from .line_protocol import Encoder, analytics_lines, point_line, to_line
 
 # The line-protocol renderers are re-exported: the benchmarks compare them through here.
