@@ -492,9 +492,9 @@ def _malformed(error: ValidationError) -> MalformedJSONError | None:
 def parse_event_json(raw: bytes, latest_ms: int | None = None) -> Event:
     """Parse and validate one event from JSON bytes in one pass.
 
-    ``latest_ms`` is :func:`latest_timestamp_ms` read once by a caller that parses many
-    events (the clock is read per event otherwise); a later timestamp is checked again
-    against the clock, so the result does not depend on it. Raises
+    ``latest_ms`` is :func:`latest_timestamp_ms` as read earlier by a caller that parses
+    many events (the clock is read per event otherwise); a timestamp after it is checked
+    again against the clock, so the outcome is the same. Raises
     :class:`MalformedJSONError` when ``raw`` is not JSON, :class:`EventError` when it is
     JSON but not a valid event.
     """
