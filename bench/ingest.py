@@ -22,7 +22,18 @@ Both phases run ``--rounds`` times (3), each time against both servers back to b
 fresh events; the ratio and throughput are reported per round and as the median, since
 one round on a shared machine can be off by a fifth.
 
-Run: ``.venv/bin/python bench/ingest.py [--rounds N] [--requests N] [--batches N] [--events [N]]``
+``--token TOKEN`` starts the exporter with that ingest token (``EXPORTER_INGEST_TOKEN``)
+and sends ``Authorization: Bearer TOKEN`` on every request, to both servers alike, so that
+the bearer check is in the figures. ``--amount-format six`` writes every money field
+(``amount``, ``fee``, ``totalAmount``, ``totalFees``) with exactly six decimals
+(``"0.010000"``), as facilitators format USDC; the default, ``shortest``, keeps the
+simulator's 2 to 6 decimals (``"0.01"``). The configuration the ingest target is stated
+for (at least 30,000 acknowledged events/s for the batches):
+
+    .venv/bin/python bench/ingest.py --token bench-token --amount-format six
+
+Run: ``.venv/bin/python bench/ingest.py [--rounds N] [--requests N] [--batches N] [--events [N]]
+[--token TOKEN] [--amount-format {shortest,six}]``
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ log = logging.getLogger("bench.ingest")
 
 _NOOP_ANSWER = b'{"accepted":1,"duplicates":0,"rejected":[]}'
 _MAX_ATTEMPTS = 20
+_MONEY_FIELDS = ("amount", "fee", "totalAmount", "totalFees")
 
 
 import _servers  # noqa: E402
@@ -83,13 +95,27 @@ def _serve_noop(port: int) -> None:
 # bodies
 
 
-def _events(count: int, namespace: str, seed: int) -> list[bytes]:
-    """``count`` unique events (no re-deliveries) encoded as JSON, timestamps near now."""
+def _six_decimals(value: str) -> str:
+    """A simulator money string (at most six decimals) with exactly six: ``"0.010000"``."""
+    whole, _, fraction = value.partition(".")
+    if len(fraction) > 6:
+        raise ValueError(f"{value!r} has more than six decimals")
+    return f"{whole}.{fraction.ljust(6, '0')}"
+
+
+def _events(count: int, namespace: str, seed: int, amount_format: str = "shortest") -> list[bytes]:
+    """``count`` unique events (no re-deliveries) encoded as JSON, timestamps near now;
+    with ``amount_format`` ``"six"``, every money field written with six decimals."""
     config = SimulationConfig(seed=seed, duplicate_fraction=0.0, id_namespace=namespace)
     start_ms = int(time.time() * 1000) - 3_600_000
     rate = max(50.0, count / 3_000)  # the events span about an hour of simulated time
     lines: list[bytes] = []
     for event in Simulator(config).events(start_ms, None, rate):
+        data = event["data"]
+        if amount_format == "six" and isinstance(data, dict):
+            for name in _MONEY_FIELDS:
+                if name in data:
+                    data[name] = _six_decimals(data[name])
         lines.append(encode_event(event))
         if len(lines) == count:
             break
@@ -166,10 +192,14 @@ async def _load(
     content_type: str,
     connections: int,
     result: _Result,
+    token: str | None = None,
 ) -> _Result:
-    """POST every body once (503 retried per Retry-After) over ``connections`` workers."""
+    """POST every body once (503 retried per Retry-After) over ``connections`` workers,
+    with ``Authorization: Bearer token`` when a token is given."""
     endpoint = url + "/v1/events"
     headers = {"Content-Type": content_type}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
     next_index = 0
 
     async def worker(session: aiohttp.ClientSession) -> None:
@@ -356,6 +386,18 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="repeat both phases against both servers this often (fresh events each round)",
     )
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--token",
+        help="start the exporter with this ingest token and send it as a bearer token "
+        "on every request (to both servers)",
+    )
+    parser.add_argument(
+        "--amount-format",
+        choices=("shortest", "six"),
+        default="shortest",
+        help='money fields as the simulator writes them (2 to 6 decimals, "0.01"; default) '
+        'or with exactly six decimals ("0.010000"), as facilitators format USDC',
+    )
     parser.add_argument("--noop-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -371,14 +413,17 @@ def _run(args: argparse.Namespace, workdir: Path) -> None:
         began = time.perf_counter()
         phases: list[_Phase] = []
         if args.events is not None:
-            lines = _events(args.events, f"{seed_ns}-n-", args.seed)
+            lines = _events(args.events, f"{seed_ns}-n-", args.seed, args.amount_format)
             label = f"{args.events:,} ev, NDJSON x{args.batch_events}"
             bodies = _batches(lines, args.batch_events)
             del lines
             phases.append(_Phase(label, bodies, "application/x-ndjson", args.batch_connections))
         else:
             seed, namespace = args.seed + 2 * (round_ - 1), f"{seed_ns}-r{round_}"
-            single = [(line, 1) for line in _events(args.requests, f"{namespace}-a-", seed)]
+            single = [
+                (line, 1)
+                for line in _events(args.requests, f"{namespace}-a-", seed, args.amount_format)
+            ]
             phases.append(
                 _Phase(
                     f"single x{args.connections} conn",
@@ -387,7 +432,9 @@ def _run(args: argparse.Namespace, workdir: Path) -> None:
                     args.connections,
                 )
             )
-            lines = _events(args.batches * args.batch_events, f"{namespace}-b-", seed + 1)
+            lines = _events(
+                args.batches * args.batch_events, f"{namespace}-b-", seed + 1, args.amount_format
+            )
             batched = _batches(lines, args.batch_events)
             del lines
             phases.append(
@@ -412,7 +459,10 @@ def _run(args: argparse.Namespace, workdir: Path) -> None:
         if "exporter" in targets:
             port = _servers.free_port()
             argv = _servers.exporter_serve(port, "--data-dir", str(workdir / "data"))
-            servers["exporter"] = _servers.start("exporter", argv, port, workdir)
+            env = _servers.clean_env()
+            if args.token is not None:
+                env["EXPORTER_INGEST_TOKEN"] = args.token
+            servers["exporter"] = _servers.start("exporter", argv, port, workdir, env)
         if "no-op" in targets:
             port = _servers.free_port()
             argv = [sys.executable, str(Path(__file__).resolve()), "--noop-server", str(port)]
@@ -429,7 +479,12 @@ def _run(args: argparse.Namespace, workdir: Path) -> None:
                     cpu_before = server.cpu_seconds()
                     asyncio.run(
                         _load(
-                            server.url, phase.bodies, phase.content_type, phase.connections, result
+                            server.url,
+                            phase.bodies,
+                            phase.content_type,
+                            phase.connections,
+                            result,
+                            args.token,
                         )
                     )
                     if name == "exporter":

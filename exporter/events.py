@@ -364,10 +364,23 @@ _EVENT_LIST_ADAPTER: TypeAdapter[list[Event]] = TypeAdapter(list[Event])
 # words the errors. The future bound on timestamps moves with the clock, so the fast
 # path checks it after validation.
 _CANONICAL_DECIMAL = r"^(?:0|[1-9][0-9]{0,11})(?:\.[0-9]{0,17}[1-9])?$"
+# Amounts as facilitators write USDC ("0.010000"): a canonical whole part and a fraction
+# ending in zeros, which the Python check would strip; the native pattern admits them
+# and one string method strips them, instead of failing over to the whole Python check.
+_TRAILING_ZEROS_DECIMAL = r"^(?:0|[1-9][0-9]{0,11})\.[0-9]{0,17}0$"
 _CANONICAL_INTEGER = r"^(?:0|[1-9][0-9]{0,29})$"
 _ASCII_VISIBLE_ENDS = r"^[!-~](?:[ -~]*[!-~])?$"  # printable ASCII, no outer spaces
 _THE_CHECK_ITSELF = None
-# Per Python check, the constraints of each native choice, tried in order.
+
+
+def _without_trailing_zeros(value: str) -> str:
+    """``"0.010000"`` -> ``"0.01"``, ``"1.000000"`` -> ``"1"``: what :func:`_decimal_string`
+    returns for a value :data:`_TRAILING_ZEROS_DECIMAL` admits."""
+    return value.rstrip("0").rstrip(".")
+
+
+# Per Python check, the constraints of each native choice, tried in order. A choice may
+# name, under "then", a Python function applied to what its constraints admitted.
 _NATIVE_FORMS: dict[Any, tuple[dict[str, Any] | None, ...]] = {
     _identifier: ({"pattern": r"^[^\x00-\x1f\x7f]+$"},),
     _network: ({"pattern": f"^{_CAIP2.pattern}$"},),
@@ -376,35 +389,53 @@ _NATIVE_FORMS: dict[Any, tuple[dict[str, Any] | None, ...]] = {
         {"pattern": _ASCII_VISIBLE_ENDS},
     ),
     _transaction: ({"pattern": f"^{_EVM_TX.pattern}$", "to_lower": True}, {"pattern": r"^[ -~]+$"}),
-    # Values that need normalising still get it, from the Python check.
-    _decimal_string: ({"pattern": _CANONICAL_DECIMAL}, _THE_CHECK_ITSELF),
+    # Values that need other normalising still get it, from the Python check.
+    _decimal_string: (
+        {"pattern": _CANONICAL_DECIMAL},
+        {"pattern": _TRAILING_ZEROS_DECIMAL, "then": _without_trailing_zeros},
+        _THE_CHECK_ITSELF,
+    ),
     _integer_string: ({"pattern": _CANONICAL_INTEGER}, _THE_CHECK_ITSELF),
     _timestamp: ({"ge": MIN_TIMESTAMP_MS},),
     _encodable: ({},),  # a lone surrogate is invalid JSON before any check sees it
 }
 
 
-def _natively_checked(schema: Any) -> Any:
-    """``schema`` with each Python check in ``_NATIVE_FORMS`` replaced by its native form."""
+def _native_choice(schema: dict[str, Any], form: dict[str, Any]) -> Any:
+    """The field's own schema (``schema`` is its function-after) constrained by ``form``."""
+    constraints = {key: value for key, value in form.items() if key != "then"}
+    native = {**schema["schema"], **constraints}
+    then = form.get("then")
+    return native if then is None else core_schema.no_info_after_validator_function(then, native)
+
+
+def _natively_checked(schema: Any, full_checks: bool = True) -> Any:
+    """``schema`` with each Python check in ``_NATIVE_FORMS`` replaced by its native forms,
+    and by the check itself where a form says so (left out without ``full_checks``)."""
     if isinstance(schema, list):
-        return [_natively_checked(item) for item in schema]
+        return [_natively_checked(item, full_checks) for item in schema]
     if not isinstance(schema, dict):
         return schema
     if schema.get("type") == "function-after":
         forms = _NATIVE_FORMS.get(schema["function"]["function"])
         if forms is not None:
-            choices: list[Any] = [schema if c is None else {**schema["schema"], **c} for c in forms]
+            choices: list[Any] = [
+                schema if form is None else _native_choice(schema, form)
+                for form in forms
+                if form is not None or full_checks
+            ]
             if len(choices) == 1:
                 return choices[0]
             return core_schema.union_schema(choices, mode="left_to_right")
-    return {key: _natively_checked(value) for key, value in schema.items()}
+    return {key: _natively_checked(value, full_checks) for key, value in schema.items()}
 
 
 _FAST_EVENT = SchemaValidator(_natively_checked(_EVENT_ADAPTER.core_schema))
 _FAST_EVENT_LIST = SchemaValidator(_natively_checked(_EVENT_LIST_ADAPTER.core_schema))
 
 
-def _latest_timestamp_ms() -> int:
+def latest_timestamp_ms() -> int:
+    """The latest event timestamp accepted now (epoch ms): the clock plus the allowed skew."""
     return int(time.time() * 1000) + MAX_FUTURE_SKEW_MS
 
 
@@ -458,18 +489,22 @@ def _malformed(error: ValidationError) -> MalformedJSONError | None:
     return None
 
 
-def parse_event_json(raw: bytes) -> Event:
+def parse_event_json(raw: bytes, latest_ms: int | None = None) -> Event:
     """Parse and validate one event from JSON bytes in one pass.
 
-    Raises :class:`MalformedJSONError` when ``raw`` is not JSON, :class:`EventError`
-    when it is JSON but not a valid event.
+    ``latest_ms`` is :func:`latest_timestamp_ms` as read earlier by a caller that parses
+    many events (the clock is read per event otherwise); a timestamp after it is checked
+    again against the clock, so the outcome is the same. Raises
+    :class:`MalformedJSONError` when ``raw`` is not JSON, :class:`EventError` when it is
+    JSON but not a valid event.
     """
     try:
         event: Event = _FAST_EVENT.validate_json(raw)
     except ValidationError:
         pass
     else:
-        if event["data"]["timestamp"] <= _latest_timestamp_ms():
+        latest = latest_timestamp_ms() if latest_ms is None else latest_ms
+        if event["data"]["timestamp"] <= latest:
             return event
     try:
         return _EVENT_ADAPTER.validate_json(raw)
@@ -492,7 +527,7 @@ def parse_event_array_json(raw: bytes) -> list[Event] | None:
     except ValidationError:
         pass
     else:
-        latest = _latest_timestamp_ms()
+        latest = latest_timestamp_ms()
         if all(event["data"]["timestamp"] <= latest for event in events):
             return events
     try:

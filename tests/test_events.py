@@ -13,6 +13,7 @@ from conftest import BASE_MS, batch_created, batch_settled, failed, received, se
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
+from pydantic_core import SchemaValidator
 
 from exporter import events as events_module
 from exporter.events import (
@@ -59,6 +60,14 @@ BAD_INPUTS: list[tuple[str, Any, str]] = [
     ("exponent amount", _with(received("p"), amount="1e3"), "data.amount: must be a plain"),
     ("negative amount", _with(received("p"), amount="-1.5"), "data.amount: must be a plain"),
     ("empty amount", _with(received("p"), amount=""), "data.amount: must be a plain"),
+    (
+        "19 fractional zeros",
+        _with(received("p"), amount="1." + "0" * 19),
+        'data.amount: must be a plain non-negative decimal string such as "1.50" (at most '
+        "12 integer and 18 fractional digits), got '1.0000000000000000000'",
+    ),
+    ("dot without fraction", _with(received("p"), amount="10."), "data.amount: must be a plain"),
+    ("zeros without a whole part", _with(received("p"), amount=".500000"), "data.amount: must"),
     (
         "19 fractional digits",
         _with(received("p"), amount="0." + "1" * 19),
@@ -362,6 +371,15 @@ _EDGE_VALUES: list[tuple[str, str, Any]] = [
     ),
     *(("received", "amount", v) for v in ("1." + "0" * 18, "9" * 12, "9" * 13, "0.5")),
     *(
+        ("received", "amount", v)
+        for v in ("0.010000", "1.000000", "0.000000", "10.0", "100.00", "0.0", "1.5" + "0" * 16)
+    ),
+    *(
+        ("received", "amount", v)
+        for v in ("1." + "0" * 19, "010.000", "00.10", "999999999999.000000", "1" * 13 + ".0")
+    ),
+    *(("settled", "fee", v) for v in ("0.000150", "0.100000", "2.000000", "0.00015")),
+    *(
         ("received", "payer", v)
         for v in ("0x" + "Ab" * 20, " 0x" + "ab" * 20, "0x" + "ab" * 20 + " ", "0x" + "ab" * 19)
     ),
@@ -407,3 +425,54 @@ def test_the_simulators_traffic_takes_the_native_path() -> None:
     lines = [encode_event(e) for e in itertools.islice(simulator.events(BASE_MS, None, 50.0), 2000)]
     for line in lines:
         assert events_module._FAST_EVENT.validate_json(line) == parse_event_json(line)
+
+
+_MONEY_FIELDS = ("amount", "fee", "totalAmount", "totalFees")
+
+
+def _six_decimals(event: dict[str, Any]) -> dict[str, Any]:
+    """``event`` with its money written as facilitators write USDC: ``"0.010000"``."""
+    changed = copy.deepcopy(event)
+    for name in _MONEY_FIELDS:
+        if name in changed["data"]:
+            whole, _, fraction = changed["data"][name].partition(".")
+            changed["data"][name] = f"{whole}.{fraction.ljust(6, '0')}"
+    return changed
+
+
+def test_six_decimal_amounts_take_the_native_path_to_the_same_result() -> None:
+    # The native forms alone (no Python check to fall back on) accept amounts with six
+    # decimals, and the event, its canonical body and its micro-units are those of the
+    # same event with its amounts written shortest.
+    from exporter.cli.simulate import SimulationConfig, Simulator, encode_event
+
+    native_only = SchemaValidator(
+        events_module._natively_checked(_FULL_VALIDATOR.core_schema, full_checks=False)
+    )
+    simulator = Simulator(SimulationConfig(seed=5, duplicate_fraction=0.0))
+    trailing = fields = 0
+    for shortest in itertools.islice(simulator.events(BASE_MS, None, 50.0), 2000):
+        six = encode_event(_six_decimals(shortest))
+        event = parse_event_json(six)
+        assert native_only.validate_json(six) == event == _FULL_VALIDATOR.validate_json(six)
+        assert event == parse_event_json(encode_event(shortest))
+        body = canonical_json(event)
+        assert body == canonical_json(parse_event_json(encode_event(shortest)))
+        written, stored = json.loads(six)["data"], dict(event["data"])
+        for name in _MONEY_FIELDS:
+            if name in written:
+                assert to_micro(stored[name]) == to_micro(written[name])
+                fields += 1
+                trailing += written[name].endswith("0")
+    assert trailing > fields / 2  # the case in question: most of them end in zeros
+
+
+def test_a_clock_read_before_parsing_does_not_refuse_a_later_timestamp() -> None:
+    # The receiver reads the clock once per body; an event stamped after that read is
+    # checked again against the clock, not refused.
+    now = int(time.time() * 1000)
+    raw = json.dumps(received("p", now + events_module.MAX_FUTURE_SKEW_MS - 60_000)).encode()
+    assert parse_event_json(raw, latest_ms=now) == parse_event_json(raw)
+    late = json.dumps(received("p", now + events_module.MAX_FUTURE_SKEW_MS + 60_000)).encode()
+    with pytest.raises(EventError, match="data.timestamp: must not be more than a day"):
+        parse_event_json(late, latest_ms=events_module.latest_timestamp_ms())

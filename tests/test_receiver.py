@@ -71,6 +71,31 @@ async def test_ndjson_body(client: AppClient) -> None:
     assert (await response.json())["accepted"] == 3
 
 
+async def test_ndjson_lines_of_whitespace_are_skipped(client: AppClient) -> None:
+    body = ndjson(received("p1")) + b" \t\x0b\x0c\r\n\r\n" + ndjson(received("p2")) + b"\x0c"
+    response = await client.post("/v1/events", data=body, headers=NDJSON)
+    assert response.status == 202
+    assert await response.json() == {"accepted": 2, "duplicates": 0, "rejected": []}
+
+
+async def test_six_decimal_amounts_are_the_same_event_as_shortest_ones(
+    client: AppClient,
+) -> None:
+    # Facilitators write USDC with six decimals: "1.500000" is stored as "1.5", so the
+    # same payment sent both ways is a duplicate, never a conflict.
+    first = await client.post(
+        "/v1/events", data=ndjson(received("p1", amount="1.5")), headers=NDJSON
+    )
+    assert first.status == 202
+    again = ndjson(received("p1", amount="1.500000"), received("p2", amount="0.010000"))
+    response = await client.post("/v1/events", data=again, headers=NDJSON)
+    assert await response.json() == {"accepted": 1, "duplicates": 1, "rejected": []}
+    changed = ndjson(received("p2", amount="0.011000"))
+    response = await client.post("/v1/events", data=changed, headers=NDJSON)
+    assert response.status == 422
+    assert "conflict" in (await response.json())["rejected"][0]["error"]
+
+
 async def test_gzip_body(client: AppClient) -> None:
     body = gzip.compress(json.dumps([received("p1"), received("p2")]).encode())
     response = await client.post(

@@ -25,6 +25,7 @@ from ..events import (
     MalformedJSONError,
     canonical_json,
     dedup_key,
+    latest_timestamp_ms,
     parse_event,
     parse_event_array_json,
     parse_event_json,
@@ -463,11 +464,12 @@ def _check_item(item: Any) -> tuple[Event | EventError, bytes]:
 
 def _parse_ndjson(body: bytes) -> _Parsed:
     parsed = _Parsed()
+    latest = latest_timestamp_ms()  # the clock read once per body, not once per line
     for line_number, line in enumerate(body.split(b"\n"), start=1):
-        if not line.strip():
+        if not line or line.isspace():  # blank; unlike strip(), isspace() copies nothing
             continue
         try:
-            parsed.items.append((parse_event_json(line), line))
+            parsed.items.append((parse_event_json(line, latest), line))
         except EventError as error:
             parsed.items.append((error, line))
         except MalformedJSONError as error:
