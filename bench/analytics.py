@@ -39,10 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from exporter.analytics.compute import Analytics  # noqa: E402
 from exporter.analytics.duckdb import DuckDBAnalyticsSource  # noqa: E402
 from exporter.analytics.models import (  # noqa: E402
     HOUR_MS,
-    Analytics,
     BucketTotals,
     PointInTime,
     RankRequest,

@@ -18,9 +18,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from .analytics.models import Analytics
+from .analytics import Analytics, analytics_source
 from .analytics.service import AnalyticsAPI, AnalyticsService, AnalyticsSink
-from .analytics.source import analytics_source
 from .config import Settings
 from .errors import LedgerUnavailableError
 from .ingest.proxy import PROXY, FacilitatorProxy

@@ -40,6 +40,7 @@ from test_influx_integration import TARGET as INFLUX_TARGET
 from test_ledger import prepare
 
 from exporter.analytics import duckdb as analytics_duckdb
+from exporter.analytics.compute import Analytics
 from exporter.analytics.duckdb import DuckDBAnalyticsSource
 from exporter.analytics.models import (
     ANALYTIC_NAMES,
@@ -48,10 +49,8 @@ from exporter.analytics.models import (
     MAX_LIMIT,
     TIME_SERIES_METRICS,
     AnalyticKey,
-    Analytics,
     AnalyticsRequestError,
     AnalyticsResult,
-    AnalyticsSource,
     PaymentMetrics,
     RankRequest,
     Window,
@@ -59,6 +58,7 @@ from exporter.analytics.models import (
     result_data,
     result_json,
 )
+from exporter.analytics.source import AnalyticsSource
 from exporter.cli.simulate import SimulationConfig, Simulator
 from exporter.ledger import GroupCommitter, Ledger, Submission
 from exporter.records import PaymentRecord, StoreRecord

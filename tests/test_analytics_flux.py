@@ -45,6 +45,7 @@ from influxdb_client.service.buckets_service import BucketsService
 from influxdb_client.service.organizations_service import OrganizationsService
 from test_influx_integration import SKIP_REASON, TARGET
 
+from exporter.analytics.compute import Analytics
 from exporter.analytics.duckdb import DuckDBAnalyticsSource
 from exporter.analytics.flux import (
     NO_RANK,
@@ -66,7 +67,6 @@ from exporter.analytics.models import (
     DAY_MS,
     HOUR_MS,
     MINUTE_MS,
-    Analytics,
     AnalyticsResult,
     BucketTotals,
     NetworkTotals,

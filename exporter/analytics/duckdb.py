@@ -404,7 +404,7 @@ def _settled_counts_sql(spans: int) -> str:
 
 
 class DuckDBAnalyticsSource:
-    """:class:`exporter.analytics.models.AnalyticsSource` over a :class:`DuckDBStore`."""
+    """:class:`exporter.analytics.source.AnalyticsSource` over a :class:`DuckDBStore`."""
 
     def __init__(self, store: DuckDBStore) -> None:
         """Query ``store`` (its ``payment``, ``batch``, ``revenue`` and ``websocket`` tables)."""

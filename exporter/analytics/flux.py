@@ -262,7 +262,7 @@ class InfluxQueryClient:
 
 
 class FluxAnalyticsSource:
-    """:class:`exporter.analytics.models.AnalyticsSource` over InfluxDB 2.x, in Flux."""
+    """:class:`exporter.analytics.source.AnalyticsSource` over InfluxDB 2.x, in Flux."""
 
     def __init__(
         self,

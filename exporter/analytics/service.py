@@ -23,11 +23,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..auth import bearer_token_matches
+from .compute import Analytics
 from .models import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     AnalyticKey,
-    Analytics,
     AnalyticsRequestError,
     AnalyticsResult,
     HealthStatus,
