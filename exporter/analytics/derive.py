@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
-from ..events import MICRO
+from ..events import MICRO, round_half_even_div
 from .models import (
     DAY_MS,
     HOUR_MS,
@@ -52,15 +52,6 @@ CHAIN_NAMES: Final[Mapping[str, str]] = {
 
 
 # --------------------------------------------------------------------------- pure rules
-
-
-def round_half_even_div(numerator: int, denominator: int) -> int:
-    """``numerator / denominator`` rounded half to even, exactly (``denominator > 0``)."""
-    quotient, remainder = divmod(numerator, denominator)
-    twice = 2 * remainder
-    if twice > denominator or (twice == denominator and quotient % 2 == 1):
-        quotient += 1
-    return quotient
 
 
 def nearest_rank(percentile: int, n: int) -> int:

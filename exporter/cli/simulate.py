@@ -31,6 +31,7 @@ from typing import Any
 import aiohttp
 
 from ..config import check_secret
+from ..events import round_half_even_div as _round_half_even_div
 from ..ingest.signing import SIGNATURE_HEADER, signature_header
 
 EventDict = dict[str, object]
@@ -200,14 +201,6 @@ def _money(micro: int) -> str:
     if len(digits) < 2:
         digits = digits.ljust(2, "0")
     return f"{whole}.{digits}"
-
-
-def _round_half_even_div(numerator: int, denominator: int) -> int:
-    quotient, remainder = divmod(numerator, denominator)
-    twice = 2 * remainder
-    if twice > denominator or (twice == denominator and quotient % 2 == 1):
-        quotient += 1
-    return quotient
 
 
 def _cumulative(weights: list[float]) -> list[float]:
