@@ -264,6 +264,9 @@ class _TimedSource:
     async def point_in_time(self, at_ms: int) -> PointInTime:
         return await self._timed("point_in_time", self.inner.point_in_time(at_ms))
 
+    async def close(self) -> None:
+        await self.inner.close()
+
 
 async def _load(path: Path, args: argparse.Namespace) -> None:
     store = DuckDBStore.open(path, memory_limit=_LOAD_MEMORY_LIMIT, threads=args.threads)

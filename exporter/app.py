@@ -196,10 +196,7 @@ async def _analytics_resource(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await service.stop()
-        close = getattr(source, "close", None)
-        if close is not None:
-            await close()
+        await service.stop()  # closes the source too
 
 
 def _analytics_context(app: web.Application) -> contextlib.AbstractAsyncContextManager[None]:

@@ -47,6 +47,10 @@ class Analytics:
         """Derive results from ``source``'s raw aggregates."""
         self.source = source
 
+    async def close(self) -> None:
+        """Close the source: release its connections once its queries in flight end."""
+        await self.source.close()
+
     async def _totals(self, at_ms: int, span_ms: int) -> WindowTotals:
         return (await self.source.window_totals(at_ms, [span_ms]))[span_ms]
 

@@ -36,10 +36,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import duckdb
+
+from ..errors import StoreError
 from ..store.duckdb import DuckDBStore
+from .aggregates import NetworkSums, exact_int, number, text
 from .models import (
     BucketTotals,
-    NetworkTotals,
     PayeeTotals,
     PayerTotals,
     PointInTime,
@@ -56,27 +59,15 @@ _Row = tuple[object, ...]
 
 
 def _int(value: object) -> int:
-    """An exact integer from a DuckDB count or (HUGEINT) sum; NULL (no rows) is 0."""
-    if value is None:
-        return 0
-    if isinstance(value, int):
-        return value
-    raise TypeError(f"expected an integer from DuckDB, got {type(value).__name__}")
+    return exact_int(value, "DuckDB")
 
 
 def _float(value: object) -> float:
-    """A float from a DuckDB DOUBLE or integer; NULL is 0.0."""
-    if value is None:
-        return 0.0
-    if isinstance(value, int | float):
-        return float(value)
-    raise TypeError(f"expected a number from DuckDB, got {type(value).__name__}")
+    return number(value, "DuckDB")
 
 
 def _str(value: object) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"expected a string from DuckDB, got {type(value).__name__}")
-    return value
+    return text(value, "DuckDB")
 
 
 def _ring_sql(first_edge_param: int, edges: int) -> str:
@@ -410,14 +401,31 @@ class DuckDBAnalyticsSource:
         """Query ``store`` (its ``payment``, ``batch``, ``revenue`` and ``websocket`` tables)."""
         self.store = store
         self._lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._closed = False
 
-    async def _run(self, work: Callable[[], _T]) -> _T:
-        # One query at a time (see the module docstring), waiting without holding a thread.
+    def _query_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
         if self._lock is None or self._lock[0] is not loop:
             self._lock = (loop, asyncio.Lock())
-        async with self._lock[1]:
-            return await asyncio.to_thread(work)
+        return self._lock[1]
+
+    async def _run(self, work: Callable[[], _T]) -> _T:
+        # One query at a time (see the module docstring), waiting without holding a thread.
+        async with self._query_lock():
+            if self._closed:
+                raise StoreError(f"analytics of the DuckDB store {self.store.path} are closed")
+            try:
+                return await asyncio.to_thread(work)
+            except duckdb.Error as error:
+                raise StoreError(
+                    f"DuckDB store {self.store.path} could not answer an analytics query: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
+
+    async def close(self) -> None:
+        """Wait for the query in flight and answer no other; the store stays open."""
+        async with self._query_lock():
+            self._closed = True
 
     async def window_totals(self, at_ms: int, spans_ms: Sequence[int]) -> dict[int, WindowTotals]:
         """Per span: per-network counters and sums, second-half fees, revenue by kind."""
@@ -517,64 +525,24 @@ class DuckDBAnalyticsSource:
         return PointInTime(pending_payments=_int(pending), websocket_clients=_int(clients))
 
 
-_PaymentSums = tuple[int, int, int, int, int, int, float]
-"""events, received, settled, failed, volume, fees, settlement ms."""
-
-
-@dataclass(slots=True)
-class _NetworkAcc:
-    events: int = 0
-    received: int = 0
-    settled: int = 0
-    failed: int = 0
-    volume: int = 0
-    fees: int = 0
-    settlement_ms: float = 0.0
-    gas_used: int = 0
-    batch_payments: int = 0
-
-    def add_payments(self, sums: _PaymentSums) -> None:
-        events, received, settled, failed, volume, fees, settlement_ms = sums
-        self.events += events
-        self.received += received
-        self.settled += settled
-        self.failed += failed
-        self.volume += volume
-        self.fees += fees
-        self.settlement_ms += settlement_ms
-
-    def totals(self, network: str) -> NetworkTotals:
-        return NetworkTotals(
-            network=network,
-            payment_events=self.events,
-            received=self.received,
-            settled=self.settled,
-            failed=self.failed,
-            volume_micro=self.volume,
-            fees_micro=self.fees,
-            settlement_ms_sum=self.settlement_ms,
-            gas_used=self.gas_used,
-            batch_payments=self.batch_payments,
-        )
-
-
 def _window_totals(
     rows: list[_Row], edges: list[int], spans: Sequence[int]
 ) -> dict[int, WindowTotals]:
     ring_of = {edge: i for i, edge in enumerate(edges)}
-    # per (network, ring): [events, received, settled, failed, volume, fees, settle_ms]
-    payment: dict[tuple[str, int], _PaymentSums] = {}
-    gas: dict[tuple[str, int], tuple[int, int]] = {}
+    sums: dict[tuple[str, int], NetworkSums] = defaultdict(NetworkSums)  # (network, ring)
     revenue: dict[tuple[str, int], int] = {}
-    for tag, name, ring, events, received, settled, failed, a, b, c in rows:
+    for tag, name, ring, count, received, settled, failed, a, b, c in rows:
         key = (_str(name), _int(ring))
         if tag == "p":
-            payment[key] = (
-                _int(events), _int(received), _int(settled), _int(failed),
-                _int(a), _int(b), _float(c),
+            sums[key].add(
+                NetworkSums(
+                    events=_int(count), received=_int(received), settled=_int(settled),
+                    failed=_int(failed), volume=_int(a), fees=_int(b), settlement_ms=_float(c),
+                )
             )
         elif tag == "b":
-            gas[key] = (_int(a), _int(b))
+            batches = NetworkSums(batches=_int(count), gas_used=_int(a), batch_payments=_int(b))
+            sums[key].add(batches)
         else:
             revenue[key] = _int(a)
 
@@ -582,18 +550,13 @@ def _window_totals(
     for span in spans:
         inside = ring_of[span]
         half = ring_of.get(span // 2, -1)
-        networks: dict[str, _NetworkAcc] = defaultdict(_NetworkAcc)
+        networks: dict[str, NetworkSums] = defaultdict(NetworkSums)
         second_half = 0
-        for (network, ring), values in payment.items():
+        for (network, ring), ring_sums in sums.items():
             if ring <= inside:
-                networks[network].add_payments(values)
+                networks[network].add(ring_sums)
                 if ring <= half:
-                    second_half += values[5]
-        for (network, ring), (gas_used, batch_payments) in gas.items():
-            if ring <= inside:
-                acc = networks[network]
-                acc.gas_used += gas_used
-                acc.batch_payments += batch_payments
+                    second_half += ring_sums.fees
         kinds: dict[str, int] = defaultdict(int)
         for (kind, ring), amount in revenue.items():
             if ring <= inside:

@@ -32,6 +32,9 @@ class AnalyticsSource(Protocol):
     * Money and gas are exact Python ``int`` (convert DuckDB HUGEINT / Flux int64 sums);
       ``settlement_ms`` values and sums are ``float``.
     * Every method is one query (or one statement) where the store allows it.
+    * A store that cannot answer (unreachable, timed out, refusing the credentials,
+      failing on its side) raises a :class:`exporter.errors.StoreError` naming the cause;
+      the API answers it with 503.
     """
 
     async def window_totals(self, at_ms: int, spans_ms: Sequence[int]) -> dict[int, WindowTotals]:
@@ -85,6 +88,14 @@ class AnalyticsSource(Protocol):
         (an unknown failure never joins a payment). WebSocket clients: ``count`` of the
         ``websocket`` record with the greatest ``time_ms <= at_ms`` (equal times: the
         greatest count); 0 when there is none.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release what the source holds (connections, queries in flight); idempotent.
+
+        The store it reads stays open: its owner closes it. A query after ``close``
+        raises :class:`exporter.errors.StoreError`.
         """
         ...
 
