@@ -40,7 +40,7 @@ from .models import (
     analytic_key,
     result_json,
 )
-from .scheduler import Job, Scheduler
+from .scheduler import FailureStreak, Job, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,9 @@ class AnalyticsService:
         registry.register(AnalyticsCollector(self))
 
     def _refresher(self, windows: Sequence[Window], interval: float) -> Any:
+        job = windows[0].value if windows else _REALTIME
+        write_back = FailureStreak(log, "analytics write-back", job=job)
+
         async def refresh() -> _Refreshed:
             at_ms = _aligned_now_ms(interval)
             results = await self.analytics.compute_all(at_ms, windows=windows, realtime=not windows)
@@ -163,7 +166,9 @@ class AnalyticsService:
                 try:
                     await self.sink.write_analytics(rows)
                 except Exception as error:  # the cache stays good; the next refresh retries
-                    log.warning("analytics write-back failed", extra={"error": str(error)})
+                    write_back.failed(f"{type(error).__name__}: {error}")
+                else:
+                    write_back.succeeded()
             return _Refreshed(at_ms, results)
 
         return refresh
