@@ -237,30 +237,27 @@ def revenue_breakdown(totals: WindowTotals) -> RevenueBreakdown:
 
 def top_payers(lists: TopLists, limit: int) -> list[TopPayer]:
     """The first ``limit`` payers by amount paid, ties by address."""
-    rows = sorted(lists.payers, key=lambda p: (-p.amount_micro, p.address))[:limit]
     return [
         TopPayer(address=p.address, totalPaid=p.amount_micro, paymentCount=p.count,
                  lastPayment=p.last_ms)
-        for p in rows
+        for p in lists.first(limit).payers
     ]
 
 
 def top_payees(lists: TopLists, limit: int) -> list[TopPayee]:
     """The first ``limit`` payees by amount received, ties by address."""
-    rows = sorted(lists.payees, key=lambda p: (-p.amount_micro, p.address))[:limit]
     return [
         TopPayee(address=p.address, totalReceived=p.amount_micro, paymentCount=p.count,
                  uniquePayers=p.unique_payers)
-        for p in rows
+        for p in lists.first(limit).payees
     ]
 
 
 def top_routes(lists: TopLists, limit: int) -> list[TopRoute]:
     """The first ``limit`` routes by volume, ties by payer then payee."""
-    rows = sorted(lists.routes, key=lambda r: (-r.amount_micro, r.payer, r.payee))[:limit]
     return [
         TopRoute(payer=r.payer, payee=r.payee, volume=r.amount_micro, count=r.count)
-        for r in rows
+        for r in lists.first(limit).routes
     ]
 
 

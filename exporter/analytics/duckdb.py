@@ -331,28 +331,18 @@ def _named_top_lists(
     routes, payers, payees = keyed
     payer_of, payee_of = names
     return TopLists(
-        payers=sorted(
-            (
-                PayerTotals(payer_of[p], _int(a), _int(n), _int(last))
-                for _, p, _, a, n, last in payers
-            ),
-            key=lambda t: (-t.amount_micro, t.address),
-        )[:limit],
-        payees=sorted(
-            (
-                PayeeTotals(payee_of[q], _int(a), _int(n), _int(distinct))
-                for _, _, q, a, n, distinct in payees
-            ),
-            key=lambda t: (-t.amount_micro, t.address),
-        )[:limit],
-        routes=sorted(
-            (
-                RouteTotals(payer_of[p], payee_of[q], _int(a), _int(n))
-                for _, p, q, a, n, _ in routes
-            ),
-            key=lambda t: (-t.amount_micro, t.payer, t.payee),
-        )[:limit],
-    )
+        payers=[
+            PayerTotals(payer_of[p], _int(a), _int(n), _int(last))
+            for _, p, _, a, n, last in payers
+        ],
+        payees=[
+            PayeeTotals(payee_of[q], _int(a), _int(n), _int(distinct))
+            for _, _, q, a, n, distinct in payees
+        ],
+        routes=[
+            RouteTotals(payer_of[p], payee_of[q], _int(a), _int(n)) for _, p, q, a, n, _ in routes
+        ],
+    ).first(limit)
 
 
 # Address-keyed: one aggregation by (payer, payee) feeds the three lists, routes directly,

@@ -625,10 +625,7 @@ def top_lists_from_tables(tables: Iterable[Any], limit: int) -> TopLists:
             raise _unexpected(result, "top_lists")
     # Flux already sorted and cut each list; sorting again costs nothing and makes the
     # order independent of how the answer was split into tables.
-    payers.sort(key=lambda p: (-p.amount_micro, p.address))
-    payees.sort(key=lambda p: (-p.amount_micro, p.address))
-    routes.sort(key=lambda r: (-r.amount_micro, r.payer, r.payee))
-    return TopLists(payers=payers[:limit], payees=payees[:limit], routes=routes[:limit])
+    return TopLists(payers=payers, payees=payees, routes=routes).first(limit)
 
 
 def point_in_time_from_tables(tables: Iterable[Any]) -> PointInTime:

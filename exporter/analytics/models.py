@@ -24,6 +24,7 @@ micro-units and formats once (``exporter.events.to_micro`` converts back exactly
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Annotated, Any, Final, Literal
@@ -96,30 +97,37 @@ class AnalyticsRequestError(ValueError):
 # --------------------------------------------------------------------------- result models
 
 _MONEY_TEXT = re.compile(r"[0-9]{1,30}(?:\.[0-9]{1,18})?")
+_INTEGER_TEXT = re.compile(r"[0-9]{1,40}")  # ASCII: str.isdigit() also admits "²"
+
+
+def _exact(
+    value: object,
+    what: str,
+    text: re.Pattern[str],
+    read: Callable[[str], int],
+    render: Callable[[int], str],
+) -> object:
+    """An exact value given as an ``int`` or as text matching ``text``, rendered; pydantic
+    reports anything else (``what`` says what is expected)."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be {what}, not a boolean")
+    if isinstance(value, int):
+        return render(value)
+    if isinstance(value, str):
+        if not text.fullmatch(value):
+            raise ValueError(f"must be {what}, got {value!r}")
+        return render(read(value))
+    return value
 
 
 def _money_in(value: object) -> object:
-    if isinstance(value, bool):
-        raise ValueError("must be micro-units (int) or a decimal string, not a boolean")
-    if isinstance(value, int):
-        return format_micro(value)
-    if isinstance(value, str):
-        if not _MONEY_TEXT.fullmatch(value):
-            raise ValueError(f"must be a decimal string such as '12.500000', got {value!r}")
-        return format_micro(to_micro(value))
-    return value
+    what = "micro-units (int) or a decimal string such as '12.500000'"
+    return _exact(value, what, _MONEY_TEXT, to_micro, format_micro)
 
 
 def _integer_in(value: object) -> object:
-    if isinstance(value, bool):
-        raise ValueError("must be an integer or an integer string, not a boolean")
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        if not value.isascii() or not value.isdigit():
-            raise ValueError(f"must be an integer string such as '21000', got {value!r}")
-        return str(int(value))
-    return value
+    what = "an integer or an integer string such as '21000'"
+    return _exact(value, what, _INTEGER_TEXT, int, str)
 
 
 Money = Annotated[str, BeforeValidator(_money_in)]
@@ -401,6 +409,18 @@ class TopLists:
     payers: list[PayerTotals]
     payees: list[PayeeTotals]
     routes: list[RouteTotals]
+
+    def first(self, limit: int) -> TopLists:
+        """The first ``limit`` of each list in the contract's order, whatever order these
+        are in: amount descending, ties by address (routes: by payer, then payee); strings
+        compare by code point."""
+        return TopLists(
+            payers=sorted(self.payers, key=lambda p: (-p.amount_micro, p.address))[:limit],
+            payees=sorted(self.payees, key=lambda p: (-p.amount_micro, p.address))[:limit],
+            routes=sorted(self.routes, key=lambda r: (-r.amount_micro, r.payer, r.payee))[
+                :limit
+            ],
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -113,30 +113,31 @@ class Scheduler:
         self._scheduler: AsyncIOScheduler | None = None
         self._running: set[asyncio.Task[object]] = set()
         self._stopping = False
+        labels = ("query", "window")
+
+        def gauge(name: str, documentation: str) -> Gauge:
+            return Gauge(name, documentation, labels, registry=registry)
+
         self.duration = Histogram(
             "exporter_analytics_query_duration_seconds",
             "Duration of scheduled analytics queries.",
-            ["query", "window"],
+            labels,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=registry,
         )
-        self.last_success = Gauge(
+        self.last_success = gauge(
             "exporter_analytics_last_success_timestamp_seconds",
             "Unix time of the last successful refresh of each analytic.",
-            ["query", "window"],
-            registry=registry,
         )
         self.failures = Counter(
             "exporter_analytics_failures",
             "Failed or timed-out refreshes; the last good result is kept and marked stale.",
-            ["query", "window"],
+            labels,
             registry=registry,
         )
-        self.stale = Gauge(
+        self.stale = gauge(
             "exporter_analytics_stale",
             "1 while an analytic's cached result is older than its latest failed refresh.",
-            ["query", "window"],
-            registry=registry,
         )
 
     def start(self) -> None:

@@ -202,6 +202,10 @@ class AnalyticsService:
                 yield window, found.result
 
 
+def _window_gauge(name: str, documentation: str) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, f"{documentation} (cached analytics).", labels=["window"])
+
+
 class AnalyticsCollector(Collector):
     """Analytics gauges computed at scrape time from the cache (never from the store)."""
 
@@ -215,47 +219,41 @@ class AnalyticsCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """The analytics gauges, one sample per window with a cached result."""
-        projected = GaugeMetricFamily(
+        projected = _window_gauge(
             "facilitator_revenue_projected_monthly_usd",
-            "Facilitator fees projected over 30 days from the window (cached analytics).",
-            labels=["window"],
+            "Facilitator fees projected over 30 days from the window",
         )
-        growth = GaugeMetricFamily(
+        growth = _window_gauge(
             "facilitator_revenue_growth_ratio",
-            "Fees of the window's second half against its first, as a ratio: 0.1 = +10% "
-            "(cached analytics).",
-            labels=["window"],
+            "Fees of the window's second half against its first, as a ratio: 0.1 = +10%",
         )
-        for window, result in self.service.cached_results("revenue"):
-            assert isinstance(result, RevenueMetrics)
-            projected.add_metric([window.value], float(result.projectedMonthlyRevenue))
-            growth.add_metric([window.value], result.growthRate / 100)
-        errors = GaugeMetricFamily(
-            "facilitator_error_ratio",
-            "Failed / (settled + failed) payments in the window (cached analytics).",
-            labels=["window"],
+        for window, revenue in self.service.cached_results("revenue"):
+            assert isinstance(revenue, RevenueMetrics)
+            projected.add_metric([window.value], float(revenue.projectedMonthlyRevenue))
+            growth.add_metric([window.value], revenue.growthRate / 100)
+        errors = _window_gauge(
+            "facilitator_error_ratio", "Failed / (settled + failed) payments in the window"
         )
-        for window, result in self.service.cached_results("health"):
-            assert isinstance(result, HealthStatus)
-            errors.add_metric([window.value], result.errorRate / 100)
-        p95 = GaugeMetricFamily(
+        for window, health in self.service.cached_results("health"):
+            assert isinstance(health, HealthStatus)
+            errors.add_metric([window.value], health.errorRate / 100)
+        p95 = _window_gauge(
             "facilitator_settlement_p95_seconds",
-            "95th percentile settlement time of the window's settled payments (cached analytics).",
-            labels=["window"],
+            "95th percentile settlement time of the window's settled payments",
         )
-        for window, result in self.service.cached_results("payments"):
-            assert isinstance(result, PaymentMetrics)
-            p95.add_metric([window.value], result.p95SettlementTime / 1000)
+        for window, payments in self.service.cached_results("payments"):
+            assert isinstance(payments, PaymentMetrics)
+            p95.add_metric([window.value], payments.p95SettlementTime / 1000)
         yield from (projected, growth, errors, p95)
-        health = self.service.cached(AnalyticKey("health", HEALTH_WINDOW))
-        if health is not None:
+        cached = self.service.cached(AnalyticKey("health", HEALTH_WINDOW))
+        if cached is not None:
             status = GaugeMetricFamily(
                 "facilitator_health_status",
                 f"1 for the current health status over {HEALTH_WINDOW.value} "
                 "(cached analytics), 0 for the others.",
                 labels=["status"],
             )
-            current = health.result
+            current = cached.result
             assert isinstance(current, HealthStatus)
             for level in _HEALTH_CODES:
                 status.add_metric([level], 1.0 if current.status == level else 0.0)
