@@ -202,10 +202,6 @@ class AnalyticsService:
                 yield window, found.result
 
 
-def _window_gauge(name: str, documentation: str) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, f"{documentation} (cached analytics).", labels=["window"])
-
-
 class AnalyticsCollector(Collector):
     """Analytics gauges computed at scrape time from the cache (never from the store)."""
 
@@ -219,31 +215,37 @@ class AnalyticsCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         """The analytics gauges, one sample per window with a cached result."""
-        projected = _window_gauge(
+        projected = GaugeMetricFamily(
             "facilitator_revenue_projected_monthly_usd",
-            "Facilitator fees projected over 30 days from the window",
+            "Facilitator fees projected over 30 days from the window (cached analytics).",
+            labels=["window"],
         )
-        growth = _window_gauge(
+        growth = GaugeMetricFamily(
             "facilitator_revenue_growth_ratio",
-            "Fees of the window's second half against its first, as a ratio: 0.1 = +10%",
+            "Fees of the window's second half against its first, as a ratio: 0.1 = +10% "
+            "(cached analytics).",
+            labels=["window"],
         )
-        for window, revenue in self.service.cached_results("revenue"):
-            assert isinstance(revenue, RevenueMetrics)
-            projected.add_metric([window.value], float(revenue.projectedMonthlyRevenue))
-            growth.add_metric([window.value], revenue.growthRate / 100)
-        errors = _window_gauge(
-            "facilitator_error_ratio", "Failed / (settled + failed) payments in the window"
+        for window, result in self.service.cached_results("revenue"):
+            assert isinstance(result, RevenueMetrics)
+            projected.add_metric([window.value], float(result.projectedMonthlyRevenue))
+            growth.add_metric([window.value], result.growthRate / 100)
+        errors = GaugeMetricFamily(
+            "facilitator_error_ratio",
+            "Failed / (settled + failed) payments in the window (cached analytics).",
+            labels=["window"],
         )
-        for window, health in self.service.cached_results("health"):
-            assert isinstance(health, HealthStatus)
-            errors.add_metric([window.value], health.errorRate / 100)
-        p95 = _window_gauge(
+        for window, result in self.service.cached_results("health"):
+            assert isinstance(result, HealthStatus)
+            errors.add_metric([window.value], result.errorRate / 100)
+        p95 = GaugeMetricFamily(
             "facilitator_settlement_p95_seconds",
-            "95th percentile settlement time of the window's settled payments",
+            "95th percentile settlement time of the window's settled payments (cached analytics).",
+            labels=["window"],
         )
-        for window, payments in self.service.cached_results("payments"):
-            assert isinstance(payments, PaymentMetrics)
-            p95.add_metric([window.value], payments.p95SettlementTime / 1000)
+        for window, result in self.service.cached_results("payments"):
+            assert isinstance(result, PaymentMetrics)
+            p95.add_metric([window.value], result.p95SettlementTime / 1000)
         yield from (projected, growth, errors, p95)
         cached = self.service.cached(AnalyticKey("health", HEALTH_WINDOW))
         if cached is not None:
