@@ -81,6 +81,7 @@ from exporter.analytics.models import (
     WindowTotals,
     result_data,
 )
+from exporter.errors import StoreClientError
 from exporter.records import (
     BatchRecord,
     PaymentRecord,
@@ -509,11 +510,12 @@ async def test_query_errors_surface(aiohttp_server: ServerFactory) -> None:
     server = await aiohttp_server(app)
     source = FluxAnalyticsSource.connect(str(server.make_url("")), "t", "o", "payments")
     try:
-        with pytest.raises(ApiException) as raised:
+        with pytest.raises(StoreClientError) as raised:
             await source.point_in_time(AT)
     finally:
         await source.close()
-    assert raised.value.status == 400
+    assert "answered a query 400: compilation failed: undefined identifier" in str(raised.value)
+    assert isinstance(raised.value.__cause__, ApiException)
 
 
 @dataclass

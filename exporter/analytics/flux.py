@@ -37,6 +37,7 @@ requests. The aggregates of ``window_totals`` and the counts and sums of
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -278,7 +279,7 @@ class InfluxQueryClient:
         """The error family's name for an InfluxDB answer other than 200 to a query."""
         status = int(error.status or 0)
         where = f"InfluxDB at {self.url} (org {self.org!r}) answered a query {status}"
-        reason = f"{where}: {error.reason or 'no reason given'}"
+        reason = f"{where}: {_answer_text(error)}"
         if status in (429, 503):
             headers: Mapping[str, str] = error.headers or {}
             retry_after = parse_retry_after(headers.get("Retry-After"))
@@ -297,6 +298,14 @@ class InfluxQueryClient:
         client, self._client = self._client, None
         if client is not None:
             await client.close()
+
+
+def _answer_text(error: ApiException) -> str:
+    """InfluxDB's own message in an error answer (``{"message": ...}``), else the reason."""
+    try:
+        return str(json.loads(error.body)["message"])[:300]
+    except (TypeError, ValueError, KeyError):
+        return str(error.reason or "no reason given")
 
 
 # --------------------------------------------------------------------------- the source
