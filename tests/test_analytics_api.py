@@ -15,9 +15,11 @@ from prometheus_client import CollectorRegistry
 
 from exporter import Settings, create_app
 from exporter.analytics import Analytics
+from exporter.analytics.duckdb import DuckDBAnalyticsSource
 from exporter.analytics.flux import FluxAnalyticsSource
 from exporter.analytics.service import AnalyticsAPI, AnalyticsService
 from exporter.app import ANALYTICS, COMMITTER, STORE
+from exporter.errors import StoreError
 from exporter.store.duckdb import DuckDBStore
 
 HOUR = 3_600_000
@@ -245,3 +247,15 @@ async def test_a_closed_source_answers_503_not_a_query(
     response = await client.get("/v1/analytics/payments", params={"window": "1h"})
     assert response.status == 503
     assert "are closed" in (await response.json())["error"]
+
+
+async def test_a_closed_duckdb_source_refuses_queries(tmp_path: Path) -> None:
+    store = DuckDBStore.open(tmp_path / "store.duckdb")
+    try:
+        source = DuckDBAnalyticsSource(store)
+        assert (await source.point_in_time(0)).pending_payments == 0
+        await source.close()
+        with pytest.raises(StoreError, match="are closed"):
+            await source.point_in_time(0)
+    finally:
+        await store.close()

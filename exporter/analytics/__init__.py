@@ -6,6 +6,7 @@ aiohttp and APScheduler, which a command computing one answer never needs.
 """
 
 from .compute import Analytics
+from .instant import InstantError, parse_instant
 from .models import (
     ANALYTIC_NAMES,
     DEFAULT_LIMIT,
@@ -31,9 +32,11 @@ __all__ = [
     "AnalyticsRequestError",
     "AnalyticsResult",
     "AnalyticsSource",
+    "InstantError",
     "Window",
     "WindowError",
     "analytics_source",
+    "parse_instant",
     "result_data",
     "result_json",
 ]
