@@ -55,11 +55,30 @@ class Cached(Generic[T]):
 APSCHEDULER_LOGGER = "apscheduler"
 
 
+class _SkippedOverlap(logging.Filter):
+    """Drops APScheduler's warning that a run was skipped because the previous one still
+    runs: jobs never overlapping is the design, and a refresh slower than its cadence would
+    otherwise log it at every tick. Kept when the exporter logs at debug level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for the skipped-run warning unless debug logging is on."""
+        if "maximum number of running instances" not in str(record.msg):
+            return True
+        return logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+
+
+_SKIPPED_OVERLAP = _SkippedOverlap()
+
+
 def quiet_apscheduler() -> None:
-    """Keep APScheduler's per-run info lines ("Running job", "executed successfully") out
-    of the log unless the exporter logs at debug level; its warnings still show."""
+    """Keep APScheduler's per-run info lines ("Running job", "executed successfully") and
+    its skipped-overlap warning out of the log unless the exporter logs at debug level;
+    its other warnings (a run missed because the event loop stalled) still show."""
     if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger(APSCHEDULER_LOGGER).setLevel(logging.WARNING)
+    scheduler_logger = logging.getLogger(f"{APSCHEDULER_LOGGER}.scheduler")
+    if _SKIPPED_OVERLAP not in scheduler_logger.filters:
+        scheduler_logger.addFilter(_SKIPPED_OVERLAP)
 
 
 class FailureStreak:
