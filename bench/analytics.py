@@ -39,10 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from exporter.analytics.compute import Analytics  # noqa: E402
 from exporter.analytics.duckdb import DuckDBAnalyticsSource  # noqa: E402
 from exporter.analytics.models import (  # noqa: E402
     HOUR_MS,
-    Analytics,
     BucketTotals,
     PointInTime,
     RankRequest,
@@ -263,6 +263,9 @@ class _TimedSource:
 
     async def point_in_time(self, at_ms: int) -> PointInTime:
         return await self._timed("point_in_time", self.inner.point_in_time(at_ms))
+
+    async def close(self) -> None:
+        await self.inner.close()
 
 
 async def _load(path: Path, args: argparse.Namespace) -> None:

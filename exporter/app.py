@@ -19,9 +19,8 @@ from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from .analytics.models import Analytics
+from .analytics import Analytics, analytics_source
 from .analytics.service import AnalyticsAPI, AnalyticsService, AnalyticsSink
-from .analytics.source import analytics_source
 from .config import Settings, host_name, is_loopback_name
 from .errors import LedgerUnavailableError
 from .ingest.proxy import PROXY, FacilitatorProxy, ProxyLimits
@@ -242,10 +241,7 @@ async def _analytics_resource(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await service.stop()
-        close = getattr(source, "close", None)
-        if close is not None:
-            await close()
+        await service.stop()  # closes the source too
 
 
 def _analytics_context(app: web.Application) -> contextlib.AbstractAsyncContextManager[None]:

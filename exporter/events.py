@@ -555,6 +555,16 @@ def format_micro(micro: int) -> str:
     return f"{sign}{whole}.{fraction:06d}"
 
 
+def round_half_even_div(numerator: int, denominator: int) -> int:
+    """``numerator / denominator`` rounded half to even, exactly (``denominator > 0``): the
+    one rounding of money quotients (averages, medians, fees from a rate)."""
+    quotient, remainder = divmod(numerator, denominator)
+    twice = 2 * remainder
+    if twice > denominator or (twice == denominator and quotient % 2 == 1):
+        quotient += 1
+    return quotient
+
+
 def canonical_json(event: Event) -> bytes:
     """The event's normalised form: compact JSON in field order, without unknown or null fields.
 

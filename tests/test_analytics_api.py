@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import AppClient, async_wait_until, failed, received, settled
+from aiohttp import web
+from conftest import AppClient, async_wait_until, failed, free_port, received, settled
 from prometheus_client import CollectorRegistry
 
 from exporter import Settings, create_app
+from exporter.analytics import Analytics
+from exporter.analytics.duckdb import DuckDBAnalyticsSource
+from exporter.analytics.flux import FluxAnalyticsSource
+from exporter.analytics.service import AnalyticsAPI, AnalyticsService
 from exporter.app import ANALYTICS, COMMITTER, STORE
+from exporter.errors import StoreError
 from exporter.store.duckdb import DuckDBStore
 
 HOUR = 3_600_000
@@ -136,3 +143,119 @@ async def test_analytics_need_the_token_when_one_is_set(
         "pendingSettlements",
         "activeConnections",
     }
+
+
+# ----------------------------------------------------------------------- store unavailable
+
+
+async def _api_client(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], url: str, timeout_seconds: float = 5
+) -> tuple[AppClient, AnalyticsService]:
+    """The analytics API alone, over a Flux source at ``url``; nothing refreshes, so every
+    answer is computed on demand."""
+    source = FluxAnalyticsSource.connect(
+        url, "test-token", "test-org", "payments", timeout_seconds=timeout_seconds
+    )
+    service = AnalyticsService(Analytics(source), CollectorRegistry(), None)
+    app = web.Application()
+    app.router.add_get("/v1/analytics/{name:.+}", AnalyticsAPI(service, None).handle)
+    return await aiohttp_client(app), service
+
+
+async def test_influxdb_down_answers_503_json_naming_it(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    client, service = await _api_client(aiohttp_client, url)
+    try:
+        for name in ("payments", "realtime", "top/payers"):
+            response = await client.get(f"/v1/analytics/{name}", params={"window": "1h"})
+            assert response.status == 503, await response.text()
+            assert response.content_type == "application/json"
+            error = (await response.json())["error"]
+            assert error.startswith("analytics unavailable: ") and f"{url} is unreachable" in error
+            assert "Traceback" not in error
+            assert response.headers["Retry-After"] == "15"  # the realtime refresh cadence
+    finally:
+        await service.stop()
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "says"),
+    [
+        (500, None, "answered a query 500"),
+        (502, None, "answered a query 502"),
+        (401, None, "check EXPORTER_INFLUX_TOKEN"),
+        (503, "7", "retry after 7s"),
+    ],
+)
+async def test_influxdb_refusing_queries_answers_503_json(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    aiohttp_server: Callable[..., Awaitable[Any]],
+    status: int,
+    retry_after: str | None,
+    says: str,
+) -> None:
+    async def query(request: web.Request) -> web.Response:
+        headers = {"Retry-After": retry_after} if retry_after else None
+        body = {"code": "error", "message": "no"}
+        return web.json_response(body, status=status, headers=headers)
+
+    influx = web.Application()
+    influx.router.add_post("/api/v2/query", query)
+    server = await aiohttp_server(influx)
+    client, service = await _api_client(aiohttp_client, str(server.make_url("")))
+    try:
+        response = await client.get("/v1/analytics/health", params={"window": "24h"})
+        assert response.status == 503
+        assert says in (await response.json())["error"]
+        assert response.headers["Retry-After"] == (retry_after or "15")
+    finally:
+        await service.stop()
+
+
+async def test_influxdb_timing_out_answers_503_json(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    aiohttp_server: Callable[..., Awaitable[Any]],
+) -> None:
+    answered = asyncio.Event()
+
+    async def query(request: web.Request) -> web.Response:
+        await answered.wait()  # never, until the test ends
+        return web.json_response({})
+
+    influx = web.Application()
+    influx.router.add_post("/api/v2/query", query)
+    server = await aiohttp_server(influx)
+    client, service = await _api_client(
+        aiohttp_client, str(server.make_url("")), timeout_seconds=0.2
+    )
+    try:
+        response = await client.get("/v1/analytics/payments", params={"window": "1h"})
+        assert response.status == 503
+        assert "did not answer a query within 0.2s" in (await response.json())["error"]
+    finally:
+        answered.set()
+        await service.stop()
+
+
+async def test_a_closed_source_answers_503_not_a_query(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+) -> None:
+    client, service = await _api_client(aiohttp_client, f"http://127.0.0.1:{free_port()}")
+    await service.stop()
+    response = await client.get("/v1/analytics/payments", params={"window": "1h"})
+    assert response.status == 503
+    assert "are closed" in (await response.json())["error"]
+
+
+async def test_a_closed_duckdb_source_refuses_queries(tmp_path: Path) -> None:
+    store = DuckDBStore.open(tmp_path / "store.duckdb")
+    try:
+        source = DuckDBAnalyticsSource(store)
+        assert (await source.point_in_time(0)).pending_payments == 0
+        await source.close()
+        with pytest.raises(StoreError, match="are closed"):
+            await source.point_in_time(0)
+    finally:
+        await store.close()

@@ -39,8 +39,8 @@ from test_analytics_flux import influxdb_source
 from test_influx_integration import TARGET as INFLUX_TARGET
 from test_ledger import prepare
 
-from exporter.analytics import duckdb as analytics_duckdb
-from exporter.analytics.duckdb import DuckDBAnalyticsSource
+from exporter.analytics.compute import Analytics
+from exporter.analytics.duckdb import DuckDBAnalyticsSource, DuckDBTuning
 from exporter.analytics.models import (
     ANALYTIC_NAMES,
     DAY_MS,
@@ -48,10 +48,8 @@ from exporter.analytics.models import (
     MAX_LIMIT,
     TIME_SERIES_METRICS,
     AnalyticKey,
-    Analytics,
     AnalyticsRequestError,
     AnalyticsResult,
-    AnalyticsSource,
     PaymentMetrics,
     RankRequest,
     Window,
@@ -59,6 +57,7 @@ from exporter.analytics.models import (
     result_data,
     result_json,
 )
+from exporter.analytics.source import AnalyticsSource
 from exporter.cli.simulate import SimulationConfig, Simulator
 from exporter.ledger import GroupCommitter, Ledger, Submission
 from exporter.records import PaymentRecord, StoreRecord
@@ -438,13 +437,8 @@ def test_duckdb_ranks_stay_exact_when_selected_in_many_passes(
         for i, (amount, time) in enumerate(zip(amounts, times, strict=True))
     ]
     asyncio.run(rank_store.write(records))
-    source = DuckDBAnalyticsSource(rank_store)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(analytics_duckdb, "_RANK_BINS", 3)
-        patch.setattr(analytics_duckdb, "_RANK_READ_AT_MOST", 2)
-        answer = asyncio.run(
-            source.settled_order_values(at, {HOUR_MS: RankRequest(n, ranks, ranks)})
-        )
+    source = DuckDBAnalyticsSource(rank_store, DuckDBTuning(rank_bins=3, rank_read_at_most=2))
+    answer = asyncio.run(source.settled_order_values(at, {HOUR_MS: RankRequest(n, ranks, ranks)}))
     assert answer[HOUR_MS].amount == {k: sorted(amounts)[k - 1] for k in ranks}
     assert answer[HOUR_MS].settlement == {k: sorted(times)[k - 1] for k in ranks}
 
@@ -505,17 +499,22 @@ async def test_duckdb_parties_sharing_a_key_are_told_apart(
     # A party key that collides all the time: the answers come from the addresses.
     oracle = Oracle(facts_from_events(simulated_events))
     top_payers = ("top/payers", "7d", None)
+    colliding = "hash({}) % 3"
     async with delivered(simulated_events, tmp_path, "duckdb") as analytics:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(analytics_duckdb, "_PARTY_KEY", "hash({}) % 3")
-            await assert_everything_matches(analytics, oracle, SIM_END)
-            # ... which the check decided: trusted, these keys merge parties.
-            patch.setattr(analytics_duckdb, "_parties_distinct", lambda *_: True)
-            merged = _snapshot_data(await analytics.compute_all(SIM_END))
-    assert merged[top_payers] != oracle.everything(SIM_END)[top_payers]
+        assert isinstance(analytics.source, DuckDBAnalyticsSource)
+        store = analytics.source.store
+        source = DuckDBAnalyticsSource(store, DuckDBTuning(party_key=colliding))
+        await assert_everything_matches(Analytics(source), oracle, SIM_END)
+        # ... which the check decided: these keys do merge parties of the window.
+        [(payers, keys)] = store.query(
+            f"SELECT count(DISTINCT payer), count(DISTINCT {colliding.format('payer')}) "
+            "FROM payment WHERE status = 'settled'"
+        )
+    assert isinstance(payers, int) and isinstance(keys, int) and keys < payers
+    assert oracle.everything(SIM_END)[top_payers]
 
 
-@pytest.mark.parametrize("tied_at_most", [0, 1, analytics_duckdb._TIED_AT_MOST])
+@pytest.mark.parametrize("tied_at_most", [0, 1, DuckDBTuning().tied_at_most])
 async def test_duckdb_top_lists_cut_ties_by_address(tied_at_most: int, tmp_path: Path) -> None:
     # Twenty payers, payees and routes tie: a top 3 takes the first by address, whether
     # every tied row was fetched by key or too many tied and the addresses decided.
@@ -526,12 +525,13 @@ async def test_duckdb_top_lists_cut_ties_by_address(tied_at_most: int, tmp_path:
         events += [received(f"t{i}", AT - 100, payer=party, payee=payee, amount="2"),
                    settled(f"t{i}", AT - 50)]
     first = sorted(parties)[:3]
-    async with delivered(events, tmp_path, "duckdb") as analytics:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(analytics_duckdb, "_TIED_AT_MOST", tied_at_most)
-            payers = await analytics.top_payers(Window.H1, AT, limit=3)
-            payees = await analytics.top_payees(Window.H1, AT, limit=3)
-            routes = await analytics.top_routes(Window.H1, AT, limit=3)
+    async with delivered(events, tmp_path, "duckdb") as default:
+        assert isinstance(default.source, DuckDBAnalyticsSource)
+        tuning = DuckDBTuning(tied_at_most=tied_at_most)
+        analytics = Analytics(DuckDBAnalyticsSource(default.source.store, tuning))
+        payers = await analytics.top_payers(Window.H1, AT, limit=3)
+        payees = await analytics.top_payees(Window.H1, AT, limit=3)
+        routes = await analytics.top_routes(Window.H1, AT, limit=3)
     assert [p.address for p in payers] == first
     assert [p.address for p in payees] == ["0xf" + p[3:] for p in first]
     assert [(r.payer, r.payee) for r in routes] == [(p, "0xf" + p[3:]) for p in first]

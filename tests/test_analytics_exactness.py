@@ -14,12 +14,12 @@ from pathlib import Path
 from conftest import BASE_MS, batch_created, batch_settled, received, settled
 from test_analytics_contract import delivered
 
+from exporter.analytics.compute import Analytics
 from exporter.analytics.duckdb import DuckDBAnalyticsSource
 from exporter.analytics.models import (
     DAY_MS,
     HOUR_MS,
     AnalyticKey,
-    Analytics,
     AnalyticsResult,
     Window,
     result_data,

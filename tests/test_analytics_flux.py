@@ -45,6 +45,7 @@ from influxdb_client.service.buckets_service import BucketsService
 from influxdb_client.service.organizations_service import OrganizationsService
 from test_influx_integration import SKIP_REASON, TARGET
 
+from exporter.analytics.compute import Analytics
 from exporter.analytics.duckdb import DuckDBAnalyticsSource
 from exporter.analytics.flux import (
     DEFAULT_STATE_LOOKBACK_MS,
@@ -67,7 +68,6 @@ from exporter.analytics.models import (
     DAY_MS,
     HOUR_MS,
     MINUTE_MS,
-    Analytics,
     AnalyticsResult,
     BucketTotals,
     NetworkTotals,
@@ -82,6 +82,7 @@ from exporter.analytics.models import (
     WindowTotals,
     result_data,
 )
+from exporter.errors import StoreClientError
 from exporter.records import (
     BatchRecord,
     PaymentRecord,
@@ -582,11 +583,12 @@ async def test_query_errors_surface(aiohttp_server: ServerFactory) -> None:
     server = await aiohttp_server(app)
     source = FluxAnalyticsSource.connect(str(server.make_url("")), "t", "o", "payments")
     try:
-        with pytest.raises(ApiException) as raised:
+        with pytest.raises(StoreClientError) as raised:
             await source.point_in_time(AT)
     finally:
         await source.close()
-    assert raised.value.status == 400
+    assert "answered a query 400: compilation failed: undefined identifier" in str(raised.value)
+    assert isinstance(raised.value.__cause__, ApiException)
 
 
 @dataclass

@@ -92,7 +92,9 @@ async def test_slow_job_times_out(registry: CollectorRegistry) -> None:
     )
 
 
-async def test_a_job_never_overlaps_itself(registry: CollectorRegistry) -> None:
+async def test_a_job_never_overlaps_itself(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
     running = 0
     most = 0
     release = asyncio.Event()
@@ -108,6 +110,7 @@ async def test_a_job_never_overlaps_itself(registry: CollectorRegistry) -> None:
         return calls
 
     scheduler = Scheduler(registry, [_job("top:1h", slow, interval=0.02)])
+    caplog.set_level(logging.INFO)
     scheduler.start()
     try:
 
@@ -126,6 +129,8 @@ async def test_a_job_never_overlaps_itself(registry: CollectorRegistry) -> None:
     finally:
         await scheduler.stop()
     assert most == 1
+    # The ticks skipped while the first run held are the design, not news for the log.
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("apscheduler")] == []
 
 
 async def test_stop_cancels_a_running_refresh_quietly(
@@ -148,3 +153,97 @@ async def test_stop_cancels_a_running_refresh_quietly(
     assert scheduler.get("payments:30d") is None
     labels = {"query": "payments", "window": "30d"}
     assert registry.get_sample_value("exporter_analytics_failures_total", labels) in (None, 0)
+
+
+def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The records logged at INFO or above, as ``logger: message``."""
+    return [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.INFO]
+
+
+async def test_successful_refreshes_log_nothing_but_start_and_stop(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    runs = 0
+
+    async def fine() -> int:
+        nonlocal runs
+        runs += 1
+        return runs
+
+    scheduler = Scheduler(registry, [_job("payments:1h", fine, interval=0.01)])
+    with caplog.at_level(logging.INFO):
+        scheduler.start()
+        try:
+
+            async def ran_often() -> bool:
+                return runs >= 10
+
+            await async_wait_until(ran_often, what="ten refreshes")
+        finally:
+            await scheduler.stop()
+            await asyncio.sleep(0)  # APScheduler reports a run's end on a later turn
+    assert _lines(caplog) == [
+        "exporter.analytics.scheduler: analytics scheduler started",
+        "exporter.analytics.scheduler: analytics scheduler stopped",
+    ]
+
+
+async def test_a_failure_and_its_recovery_log_one_line_each(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    outcomes: list[object] = [1, *[ConnectionRefusedError("store down")] * 5, 2, 3, 4]
+
+    async def flaky() -> object:
+        outcome = outcomes.pop(0) if outcomes else 5
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    scheduler = Scheduler(registry, [_job("revenue:24h", flaky, interval=0.01)])
+    with caplog.at_level(logging.INFO):
+        scheduler.start()
+        try:
+
+            async def recovered() -> bool:
+                cached = scheduler.get("revenue:24h")
+                return not outcomes and cached is not None and not cached.stale
+
+            await async_wait_until(recovered, what="failures then recovery")
+        finally:
+            await scheduler.stop()
+            await asyncio.sleep(0)
+    lines = _lines(caplog)
+    assert lines == [
+        "exporter.analytics.scheduler: analytics scheduler started",
+        "exporter.analytics.scheduler: analytics refresh failed",
+        "exporter.analytics.scheduler: analytics refresh recovered",
+        "exporter.analytics.scheduler: analytics scheduler stopped",
+    ]
+    failed, recovered_record = (
+        r for r in caplog.records if r.getMessage().startswith("analytics refresh")
+    )
+    assert failed.levelno == logging.WARNING
+    assert vars(failed)["error"] == "ConnectionRefusedError: store down"
+    assert vars(failed)["job"] == "revenue:24h"
+    assert vars(recovered_record)["failures"] == 5
+
+
+async def test_debug_level_keeps_apscheduler_lines(
+    registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator who asks for debug logs still sees APScheduler's own lines."""
+    logging.getLogger("apscheduler").setLevel(logging.NOTSET)
+    ran = asyncio.Event()
+
+    async def once() -> None:
+        ran.set()
+
+    scheduler = Scheduler(registry, [_job("health:1h", once)])
+    with caplog.at_level(logging.DEBUG):
+        scheduler.start()
+        try:
+            await asyncio.wait_for(ran.wait(), 5)
+        finally:
+            await scheduler.stop()
+            await asyncio.sleep(0)
+    assert any(r.name.startswith("apscheduler") for r in caplog.records)

@@ -18,7 +18,7 @@ nothing more than the 30-day one.
 
 Payers and payees are grouped by a 64-bit hash of the address, far smaller than the
 address, once the window is known to hold no two parties with the same hash (see
-``_PARTY_KEY``); addresses are read back only for the parties that rank.
+``DuckDBTuning.party_key``); addresses are read back only for the parties that rank.
 
 Order statistics are selected by rank exactly, in passes of binned counts that need
 little memory whatever the window holds (see ``_select_ranks``). The contract tests check
@@ -36,10 +36,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import duckdb
+
+from ..errors import StoreError
 from ..store.duckdb import DuckDBStore
+from .aggregates import NetworkSums, exact_int, number, text
 from .models import (
     BucketTotals,
-    NetworkTotals,
     PayeeTotals,
     PayerTotals,
     PointInTime,
@@ -56,27 +59,15 @@ _Row = tuple[object, ...]
 
 
 def _int(value: object) -> int:
-    """An exact integer from a DuckDB count or (HUGEINT) sum; NULL (no rows) is 0."""
-    if value is None:
-        return 0
-    if isinstance(value, int):
-        return value
-    raise TypeError(f"expected an integer from DuckDB, got {type(value).__name__}")
+    return exact_int(value, "DuckDB")
 
 
 def _float(value: object) -> float:
-    """A float from a DuckDB DOUBLE or integer; NULL is 0.0."""
-    if value is None:
-        return 0.0
-    if isinstance(value, int | float):
-        return float(value)
-    raise TypeError(f"expected a number from DuckDB, got {type(value).__name__}")
+    return number(value, "DuckDB")
 
 
 def _str(value: object) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"expected a string from DuckDB, got {type(value).__name__}")
-    return value
+    return text(value, "DuckDB")
 
 
 def _ring_sql(first_edge_param: int, edges: int) -> str:
@@ -117,9 +108,11 @@ FROM revenue WHERE {where} GROUP BY ALL
 """
 
 
-def _buckets_sql(edge_count: int, by_key: bool) -> str:
+def _buckets_sql(edge_count: int, party_key: str | None) -> str:
+    """Settled sums and distinct parties per (bucket, ring), parties by ``party_key`` (or
+    by address when None)."""
     ring = _ring_sql(4, edge_count)
-    payer, payee = (_party_key(c) if by_key else c for c in ("payer", "payee"))
+    payer, payee = (party_key.format(c) if party_key else c for c in ("payer", "payee"))
     return f"""
 WITH s AS MATERIALIZED (
     SELECT time_ms - time_ms % $2 AS bucket, {ring} AS ring, {payer} AS payer,
@@ -145,39 +138,47 @@ _SETTLED_IN_WINDOW = "status = 'settled' AND time_ms > $1 - $2 AND time_ms <= $1
 # _parties_distinct_sql first checks that the window has as many distinct keys as
 # addresses, so no two parties share one; addresses are then read back only for the keys
 # that rank. Were two parties ever to collide, the address-keyed queries run instead.
-_PARTY_KEY = "hash({})"
 
 
-def _party_key(column: str) -> str:
-    return _PARTY_KEY.format(column)
-
-
-def _parties_distinct_sql() -> str:
+def _parties_distinct_sql(party_key: str) -> str:
     """Whether the window's payers, and its payees, have as many distinct keys as addresses."""
     return "SELECT " + " AND ".join(
-        f"(SELECT count(*) = count(DISTINCT {_party_key(column)}) FROM "
+        f"(SELECT count(*) = count(DISTINCT {party_key.format(column)}) FROM "
         f"(SELECT DISTINCT {column} FROM payment WHERE {_SETTLED_IN_WINDOW}))"
         for column in ("payer", "payee")
     )
 
 
 def _parties_distinct(
-    query: Callable[[str, list[object]], list[_Row]], at_ms: int, span: int
+    query: Callable[[str, list[object]], list[_Row]], at_ms: int, span: int, party_key: str
 ) -> bool:
-    [(distinct,)] = query(_parties_distinct_sql(), [at_ms, span])
+    [(distinct,)] = query(_parties_distinct_sql(party_key), [at_ms, span])
     return distinct is True
 
 
 # Order statistics are selected by narrowing, not with quantile_disc: that aggregate
 # holds every value of the window in one allocation, and 2,000,000 settled payments in
 # the 90-day window asked more of it than a 64MB buffer pool has. A pass
-# counts the values of a range in at most _RANK_BINS equal-width bins (a hash aggregate
-# of few groups, in little memory) and keeps the bin holding each wanted rank; a range
-# of at most _RANK_READ_AT_MOST values is read in order. Binning is monotone in the
-# value, so a bin's values are exactly those between its least and greatest.
-_RANK_BINS = 16_384
-_RANK_READ_AT_MOST = 16_384
+# counts the values of a range in at most DuckDBTuning.rank_bins equal-width bins (a hash
+# aggregate of few groups, in little memory) and keeps the bin holding each wanted rank; a
+# range of at most DuckDBTuning.rank_read_at_most values is read in order. Binning is
+# monotone in the value, so a bin's values are exactly those between its least and greatest.
 _RANK_COLUMNS = {"amount_micro": True, "settlement_ms": False}  # column: integer values
+
+
+@dataclass(frozen=True, slots=True)
+class DuckDBTuning:
+    """How the DuckDB source trades memory for passes; the defaults suit the store's small
+    buffer pool. Smaller values take the same paths on little data."""
+
+    party_key: str = "hash({})"
+    """SQL of a party's fixed-width key, ``{}`` standing for its address column."""
+    rank_bins: int = 16_384
+    """Bins a pass of rank selection counts a range in."""
+    rank_read_at_most: int = 16_384
+    """A range of at most this many values is read in order instead of binned."""
+    tied_at_most: int = 1_000
+    """Rows fetched beyond a top list's limit for the ties with its last row."""
 
 
 def _rank_range_sql(column: str) -> str:
@@ -220,6 +221,7 @@ def _select_ranks(
     window: list[object],
     ranks: tuple[int, ...],
     settled: int,
+    tuning: DuckDBTuning,
 ) -> dict[int, object]:
     """The values of ``column`` at 1-based ``ranks`` of ``settled`` among the window's records.
 
@@ -244,14 +246,14 @@ def _select_ranks(
         bounds = [*window, part.low, part.high]
         if part.low == part.high:
             found.update(dict.fromkeys(part.ranks, part.low))
-        elif part.count <= _RANK_READ_AT_MOST:
+        elif part.count <= tuning.rank_read_at_most:
             values = [value for (value,) in query(_rank_read_sql(column), bounds)]
             found.update({k: values[k - part.below - 1] for k in part.ranks})
         else:
             if integer:
-                width: object = -(-(part.high - part.low + 1) // _RANK_BINS)
+                width: object = -(-(part.high - part.low + 1) // tuning.rank_bins)
             else:
-                width = (part.high - part.low) / _RANK_BINS or (part.high - part.low)
+                width = (part.high - part.low) / tuning.rank_bins or (part.high - part.low)
             before = part.below
             for _, in_bin, least, greatest in query(
                 _rank_bins_sql(column, integer), [*bounds, width]
@@ -266,14 +268,13 @@ def _select_ranks(
 
 # By party keys, each list is its own query (one hash aggregate each: three scans of the
 # window need less memory at once than one scan feeding three aggregates) and is cut after
-# its first limit + _TIED_AT_MOST rows by amount; the rows tied with the limit-th are
-# ordered by address in Python, once addresses are read back.
-_TIED_AT_MOST = 1_000
+# its first limit + DuckDBTuning.tied_at_most rows by amount; the rows tied with the
+# limit-th are ordered by address in Python, once addresses are read back.
 
 
-def _top_keys_sql() -> tuple[str, str, str]:
+def _top_keys_sql(party_key: str) -> tuple[str, str, str]:
     """Routes, payers and payees by party key: (list, payer, payee, amount, count, extra)."""
-    payer, payee = _party_key("payer"), _party_key("payee")
+    payer, payee = party_key.format("payer"), party_key.format("payee")
     ranked = f"FROM payment WHERE {_SETTLED_IN_WINDOW} GROUP BY {{}} ORDER BY 4 DESC LIMIT $3"
     return (
         f"SELECT 0, {payer}, {payee}, sum(amount_micro), count(*), NULL {ranked.format('2, 3')}",
@@ -283,11 +284,11 @@ def _top_keys_sql() -> tuple[str, str, str]:
     )
 
 
-def _party_names_sql() -> str:
+def _party_names_sql(party_key: str) -> str:
     """(0 payer | 1 payee, key, address) of the window's parties whose key is in $3 | $4."""
     return " UNION ALL ".join(
-        f"SELECT DISTINCT {i}, {_party_key(column)}, {column} FROM payment "
-        f"WHERE {_SETTLED_IN_WINDOW} AND {_party_key(column)} IN "
+        f"SELECT DISTINCT {i}, {party_key.format(column)}, {column} FROM payment "
+        f"WHERE {_SETTLED_IN_WINDOW} AND {party_key.format(column)} IN "
         f"(SELECT unnest(${i + 3}::UBIGINT[]))"
         for i, column in enumerate(("payer", "payee"))
     )
@@ -298,12 +299,16 @@ _KeyedLists = tuple[list[_Row], list[_Row], list[_Row]]
 
 
 def _top_keys(
-    query: Callable[[str, list[object]], list[_Row]], window: list[object], limit: int
+    query: Callable[[str, list[object]], list[_Row]],
+    window: list[object],
+    limit: int,
+    tuning: DuckDBTuning,
 ) -> _KeyedLists | None:
     """The rows that may make ``window``'s top lists, by party key; None when more rows tie
     with the limit-th of a list than were fetched (the address-keyed query must decide)."""
-    fetched = limit + _TIED_AT_MOST
-    routes, payers, payees = (query(sql, [*window, fetched]) for sql in _top_keys_sql())
+    fetched = limit + tuning.tied_at_most
+    sqls = _top_keys_sql(tuning.party_key)
+    routes, payers, payees = (query(sql, [*window, fetched]) for sql in sqls)
     lists: _KeyedLists = (routes, payers, payees)
     for rows in lists:  # each by amount, descending
         if len(rows) >= limit:
@@ -318,6 +323,7 @@ def _party_names(
     query: Callable[[str, list[object]], list[_Row]],
     window: list[object],
     keyed: Iterable[_KeyedLists],
+    party_key: str,
 ) -> tuple[dict[object, str], dict[object, str]]:
     """Payer and payee addresses by key, for every key in ``keyed`` (all in ``window``)."""
     wanted: tuple[set[object], set[object]] = (set(), set())
@@ -328,7 +334,7 @@ def _party_names(
             if kind != 1:
                 wanted[1].add(payee)
     names: tuple[dict[object, str], dict[object, str]] = ({}, {})
-    for side, key, name in query(_party_names_sql(), [*window, *map(list, wanted)]):
+    for side, key, name in query(_party_names_sql(party_key), [*window, *map(list, wanted)]):
         names[_int(side)][key] = _str(name)
     return names
 
@@ -340,28 +346,18 @@ def _named_top_lists(
     routes, payers, payees = keyed
     payer_of, payee_of = names
     return TopLists(
-        payers=sorted(
-            (
-                PayerTotals(payer_of[p], _int(a), _int(n), _int(last))
-                for _, p, _, a, n, last in payers
-            ),
-            key=lambda t: (-t.amount_micro, t.address),
-        )[:limit],
-        payees=sorted(
-            (
-                PayeeTotals(payee_of[q], _int(a), _int(n), _int(distinct))
-                for _, _, q, a, n, distinct in payees
-            ),
-            key=lambda t: (-t.amount_micro, t.address),
-        )[:limit],
-        routes=sorted(
-            (
-                RouteTotals(payer_of[p], payee_of[q], _int(a), _int(n))
-                for _, p, q, a, n, _ in routes
-            ),
-            key=lambda t: (-t.amount_micro, t.payer, t.payee),
-        )[:limit],
-    )
+        payers=[
+            PayerTotals(payer_of[p], _int(a), _int(n), _int(last))
+            for _, p, _, a, n, last in payers
+        ],
+        payees=[
+            PayeeTotals(payee_of[q], _int(a), _int(n), _int(distinct))
+            for _, _, q, a, n, distinct in payees
+        ],
+        routes=[
+            RouteTotals(payer_of[p], payee_of[q], _int(a), _int(n)) for _, p, q, a, n, _ in routes
+        ],
+    ).first(limit)
 
 
 # Address-keyed: one aggregation by (payer, payee) feeds the three lists, routes directly,
@@ -404,20 +400,38 @@ def _settled_counts_sql(spans: int) -> str:
 
 
 class DuckDBAnalyticsSource:
-    """:class:`exporter.analytics.models.AnalyticsSource` over a :class:`DuckDBStore`."""
+    """:class:`exporter.analytics.source.AnalyticsSource` over a :class:`DuckDBStore`."""
 
-    def __init__(self, store: DuckDBStore) -> None:
+    def __init__(self, store: DuckDBStore, tuning: DuckDBTuning | None = None) -> None:
         """Query ``store`` (its ``payment``, ``batch``, ``revenue`` and ``websocket`` tables)."""
         self.store = store
+        self.tuning = tuning or DuckDBTuning()
         self._lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        self._closed = False
 
-    async def _run(self, work: Callable[[], _T]) -> _T:
-        # One query at a time (see the module docstring), waiting without holding a thread.
+    def _query_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
         if self._lock is None or self._lock[0] is not loop:
             self._lock = (loop, asyncio.Lock())
-        async with self._lock[1]:
-            return await asyncio.to_thread(work)
+        return self._lock[1]
+
+    async def _run(self, work: Callable[[], _T]) -> _T:
+        # One query at a time (see the module docstring), waiting without holding a thread.
+        async with self._query_lock():
+            if self._closed:
+                raise StoreError(f"analytics of the DuckDB store {self.store.path} are closed")
+            try:
+                return await asyncio.to_thread(work)
+            except duckdb.Error as error:
+                raise StoreError(
+                    f"DuckDB store {self.store.path} could not answer an analytics query: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
+
+    async def close(self) -> None:
+        """Wait for the query in flight and answer no other; the store stays open."""
+        async with self._query_lock():
+            self._closed = True
 
     async def window_totals(self, at_ms: int, spans_ms: Sequence[int]) -> dict[int, WindowTotals]:
         """Per span: per-network counters and sums, second-half fees, revenue by kind."""
@@ -435,8 +449,9 @@ class DuckDBAnalyticsSource:
         edges = _edges(spans_ms)
 
         def work() -> list[_Row]:
-            by_key = _parties_distinct(self.store.query, at_ms, edges[-1])
-            sql = _buckets_sql(len(edges), by_key)
+            key = self.tuning.party_key
+            by_key = _parties_distinct(self.store.query, at_ms, edges[-1], key)
+            sql = _buckets_sql(len(edges), key if by_key else None)
             return self.store.query(sql, [at_ms, bucket_ms, edges[-1], *edges[:-1]])
 
         return _buckets(await self._run(work), edges, spans_ms)
@@ -460,9 +475,13 @@ class DuckDBAnalyticsSource:
                     out[span] = previous[1]
                     continue
                 window: list[object] = [at_ms, span]
-                query, n = self.store.query, request.settled
-                amounts = _select_ranks(query, "amount_micro", window, request.amount, n)
-                times = _select_ranks(query, "settlement_ms", window, request.settlement, n)
+                query, n, tuning = self.store.query, request.settled, self.tuning
+                amounts = _select_ranks(
+                    query, "amount_micro", window, request.amount, n, tuning
+                )
+                times = _select_ranks(
+                    query, "settlement_ms", window, request.settlement, n, tuning
+                )
                 out[span] = RankValues(
                     amount={k: _int(v) for k, v in amounts.items()},
                     settlement={k: _float(v) for k, v in times.items()},
@@ -482,7 +501,7 @@ class DuckDBAnalyticsSource:
         counts_sql = _settled_counts_sql(len(spans))
 
         def work() -> dict[int, TopLists]:
-            query = self.store.query
+            query, tuning = self.store.query, self.tuning
             [counts] = query(counts_sql, [at_ms, *spans])
             by_key: bool | None = None  # checked over the widest window, when first needed
             answered: dict[int, TopLists] = {}
@@ -493,8 +512,8 @@ class DuckDBAnalyticsSource:
                 # Nested windows with as many settled records hold the same records.
                 if _int(count) != previous_count:
                     if by_key is None:
-                        by_key = _parties_distinct(query, at_ms, spans[-1])
-                    keys = _top_keys(query, [at_ms, span], limit) if by_key else None
+                        by_key = _parties_distinct(query, at_ms, spans[-1], tuning.party_key)
+                    keys = _top_keys(query, [at_ms, span], limit, tuning) if by_key else None
                     if keys is not None:
                         keyed[span] = keys
                     else:
@@ -502,7 +521,9 @@ class DuckDBAnalyticsSource:
                     previous, previous_count = span, _int(count)
                 answered_by[span] = previous
             if keyed:
-                names = _party_names(query, [at_ms, max(keyed)], keyed.values())
+                names = _party_names(
+                    query, [at_ms, max(keyed)], keyed.values(), tuning.party_key
+                )
                 answered.update({s: _named_top_lists(k, names, limit) for s, k in keyed.items()})
             empty = TopLists([], [], [])
             return {span: answered.get(answered_by[span], empty) for span in spans}
@@ -517,64 +538,24 @@ class DuckDBAnalyticsSource:
         return PointInTime(pending_payments=_int(pending), websocket_clients=_int(clients))
 
 
-_PaymentSums = tuple[int, int, int, int, int, int, float]
-"""events, received, settled, failed, volume, fees, settlement ms."""
-
-
-@dataclass(slots=True)
-class _NetworkAcc:
-    events: int = 0
-    received: int = 0
-    settled: int = 0
-    failed: int = 0
-    volume: int = 0
-    fees: int = 0
-    settlement_ms: float = 0.0
-    gas_used: int = 0
-    batch_payments: int = 0
-
-    def add_payments(self, sums: _PaymentSums) -> None:
-        events, received, settled, failed, volume, fees, settlement_ms = sums
-        self.events += events
-        self.received += received
-        self.settled += settled
-        self.failed += failed
-        self.volume += volume
-        self.fees += fees
-        self.settlement_ms += settlement_ms
-
-    def totals(self, network: str) -> NetworkTotals:
-        return NetworkTotals(
-            network=network,
-            payment_events=self.events,
-            received=self.received,
-            settled=self.settled,
-            failed=self.failed,
-            volume_micro=self.volume,
-            fees_micro=self.fees,
-            settlement_ms_sum=self.settlement_ms,
-            gas_used=self.gas_used,
-            batch_payments=self.batch_payments,
-        )
-
-
 def _window_totals(
     rows: list[_Row], edges: list[int], spans: Sequence[int]
 ) -> dict[int, WindowTotals]:
     ring_of = {edge: i for i, edge in enumerate(edges)}
-    # per (network, ring): [events, received, settled, failed, volume, fees, settle_ms]
-    payment: dict[tuple[str, int], _PaymentSums] = {}
-    gas: dict[tuple[str, int], tuple[int, int]] = {}
+    sums: dict[tuple[str, int], NetworkSums] = defaultdict(NetworkSums)  # (network, ring)
     revenue: dict[tuple[str, int], int] = {}
-    for tag, name, ring, events, received, settled, failed, a, b, c in rows:
+    for tag, name, ring, count, received, settled, failed, a, b, c in rows:
         key = (_str(name), _int(ring))
         if tag == "p":
-            payment[key] = (
-                _int(events), _int(received), _int(settled), _int(failed),
-                _int(a), _int(b), _float(c),
+            sums[key].add(
+                NetworkSums(
+                    events=_int(count), received=_int(received), settled=_int(settled),
+                    failed=_int(failed), volume=_int(a), fees=_int(b), settlement_ms=_float(c),
+                )
             )
         elif tag == "b":
-            gas[key] = (_int(a), _int(b))
+            batches = NetworkSums(batches=_int(count), gas_used=_int(a), batch_payments=_int(b))
+            sums[key].add(batches)
         else:
             revenue[key] = _int(a)
 
@@ -582,18 +563,13 @@ def _window_totals(
     for span in spans:
         inside = ring_of[span]
         half = ring_of.get(span // 2, -1)
-        networks: dict[str, _NetworkAcc] = defaultdict(_NetworkAcc)
+        networks: dict[str, NetworkSums] = defaultdict(NetworkSums)
         second_half = 0
-        for (network, ring), values in payment.items():
+        for (network, ring), ring_sums in sums.items():
             if ring <= inside:
-                networks[network].add_payments(values)
+                networks[network].add(ring_sums)
                 if ring <= half:
-                    second_half += values[5]
-        for (network, ring), (gas_used, batch_payments) in gas.items():
-            if ring <= inside:
-                acc = networks[network]
-                acc.gas_used += gas_used
-                acc.batch_payments += batch_payments
+                    second_half += ring_sums.fees
         kinds: dict[str, int] = defaultdict(int)
         for (kind, ring), amount in revenue.items():
             if ring <= inside:

@@ -40,6 +40,8 @@ sums run in the query engine (two-part sums); what each query scans is in docs/f
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -48,6 +50,7 @@ from functools import cache
 from importlib import resources
 from typing import Any, Final, Protocol, TypeVar, cast
 
+import aiohttp
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from influxdb_client.domain.array_expression import ArrayExpression
 from influxdb_client.domain.date_time_literal import DateTimeLiteral
@@ -59,10 +62,21 @@ from influxdb_client.domain.model_property import ModelProperty
 from influxdb_client.domain.object_expression import ObjectExpression
 from influxdb_client.domain.string_literal import StringLiteral
 from influxdb_client.domain.unary_expression import UnaryExpression
+from influxdb_client.rest import ApiException
 
+from ..errors import (
+    StoreAuthError,
+    StoreClientError,
+    StoreError,
+    StoreRetryAfterError,
+    StoreServerError,
+    StoreTimeoutError,
+)
+from ..retry import parse_retry_after
+from ..store.influx.store import DEFAULT_RETRY_AFTER_SECONDS
+from .aggregates import NetworkSums, exact_int, number, text
 from .models import (
     BucketTotals,
-    NetworkTotals,
     PayeeTotals,
     PayerTotals,
     PointInTime,
@@ -247,10 +261,42 @@ class InfluxQueryClient:
                 org=self.org,
                 timeout=max(1, int(self.timeout_seconds * 1000)),
             )
-        tables = await self._client.query_api().query(
-            flux, params={PARAMS_NAME: params_record(params)}
-        )
+        try:
+            tables = await self._client.query_api().query(
+                flux, params={PARAMS_NAME: params_record(params)}
+            )
+        except ApiException as error:
+            raise self._refused(error) from error
+        except TimeoutError as error:  # before OSError: aiohttp's timeouts are both
+            raise StoreTimeoutError(
+                f"InfluxDB at {self.url} did not answer a query within "
+                f"{self.timeout_seconds:g}s (EXPORTER_INFLUX_TIMEOUT_SECONDS)"
+            ) from error
+        except (aiohttp.ClientError, OSError) as error:
+            raise StoreServerError(
+                f"InfluxDB at {self.url} is unreachable: {type(error).__name__}: {error}"
+            ) from error
         return list(tables)
+
+    def _refused(self, error: ApiException) -> StoreError:
+        """The error family's name for an InfluxDB answer other than 200 to a query."""
+        status = int(error.status or 0)
+        where = f"InfluxDB at {self.url} (org {self.org!r}) answered a query {status}"
+        reason = f"{where}: {_answer_text(error)}"
+        if status in (429, 503):
+            headers: Mapping[str, str] = error.headers or {}
+            retry_after = parse_retry_after(
+                headers.get("Retry-After"), time.time(), default=DEFAULT_RETRY_AFTER_SECONDS
+            )
+            return StoreRetryAfterError(f"{reason}; retry after {retry_after:g}s", retry_after)
+        if status in (401, 403, 404):
+            return StoreAuthError(
+                f"{reason}; check EXPORTER_INFLUX_TOKEN, EXPORTER_INFLUX_ORG and "
+                "EXPORTER_INFLUX_BUCKET"
+            )
+        if status >= 500:
+            return StoreServerError(reason)
+        return StoreClientError(reason)
 
     async def close(self) -> None:
         """Close the client's HTTP session, if one was opened."""
@@ -259,11 +305,19 @@ class InfluxQueryClient:
             await client.close()
 
 
+def _answer_text(error: ApiException) -> str:
+    """InfluxDB's own message in an error answer (``{"message": ...}``), else the reason."""
+    try:
+        return str(json.loads(error.body)["message"])[:300]
+    except (TypeError, ValueError, KeyError):
+        return str(error.reason or "no reason given")
+
+
 # --------------------------------------------------------------------------- the source
 
 
 class FluxAnalyticsSource:
-    """:class:`exporter.analytics.models.AnalyticsSource` over InfluxDB 2.x, in Flux."""
+    """:class:`exporter.analytics.source.AnalyticsSource` over InfluxDB 2.x, in Flux."""
 
     def __init__(
         self,
@@ -281,6 +335,7 @@ class FluxAnalyticsSource:
         self.bucket = bucket
         self.state_lookback_ms = state_lookback_ms
         self._slots = asyncio.Semaphore(max_concurrent_queries)
+        self._closed = False
 
     @classmethod
     def connect(
@@ -299,11 +354,14 @@ class FluxAnalyticsSource:
         return cls(client, bucket, max_concurrent_queries, state_lookback_ms)
 
     async def close(self) -> None:
-        """Release the querier's connections."""
+        """Release the querier's connections; no query runs after."""
+        self._closed = True
         await self.querier.close()
 
     async def _run(self, name: str, params: Params) -> list[Any]:
         async with self._slots:
+            if self._closed:
+                raise StoreError(f"analytics of InfluxDB bucket {self.bucket!r} are closed")
             return await self.querier.query(flux_query(name), {"bucket": self.bucket, **params})
 
     async def _per_span(
@@ -429,30 +487,16 @@ def _rows(tables: Iterable[Any]) -> Iterator[tuple[str, Mapping[str, object]]]:
 
 
 def _int(value: object) -> int:
-    """An exact integer from a ``long`` column; null (a sum over no rows) is 0."""
-    if value is None:
-        return 0
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise TypeError(f"expected an integer from InfluxDB, got {value!r}")
+    return exact_int(value, "InfluxDB")
 
 
 def _float(value: object) -> float:
-    """A float from a ``double`` (or integer) column; null is 0.0."""
-    if value is None:
-        return 0.0
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    raise TypeError(f"expected a number from InfluxDB, got {value!r}")
+    return number(value, "InfluxDB")
 
 
 def _str(value: object) -> str:
     """A string column; a tag a point does not carry (null) is ``""``."""
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    raise TypeError(f"expected a string from InfluxDB, got {value!r}")
+    return "" if value is None else text(value, "InfluxDB")
 
 
 def _exact_sum(row: Mapping[str, object]) -> int:
@@ -472,37 +516,9 @@ def _unexpected(result: str, query: str) -> RuntimeError:
     return RuntimeError(f"{query}.flux answered an unexpected result {result!r}")
 
 
-@dataclass(slots=True)
-class _NetworkAcc:
-    events: int = 0
-    received: int = 0
-    settled: int = 0
-    failed: int = 0
-    volume: int = 0
-    fees: int = 0
-    settlement_ms: float = 0.0
-    batches: int = 0
-    gas_used: int = 0
-    batch_payments: int = 0
-
-    def totals(self, network: str) -> NetworkTotals:
-        return NetworkTotals(
-            network=network,
-            payment_events=self.events,
-            received=self.received,
-            settled=self.settled,
-            failed=self.failed,
-            volume_micro=self.volume,
-            fees_micro=self.fees,
-            settlement_ms_sum=self.settlement_ms,
-            gas_used=self.gas_used,
-            batch_payments=self.batch_payments,
-        )
-
-
 def window_totals_from_tables(tables: Iterable[Any]) -> WindowTotals:
     """The :class:`WindowTotals` of one ``window_totals.flux`` answer (per-series rows)."""
-    networks: dict[str, _NetworkAcc] = defaultdict(_NetworkAcc)
+    networks: dict[str, NetworkSums] = defaultdict(NetworkSums)
     second_half = 0
     kinds: dict[str, int] = {}
     for result, row in _rows(tables):
@@ -517,15 +533,7 @@ def window_totals_from_tables(tables: Iterable[Any]) -> WindowTotals:
         acc = networks[_str(row.get("network"))]
         field = row.get("_field")
         if result == "records":
-            count = _int(value)
-            acc.events += count
-            status = row.get("status")
-            if status == "received":
-                acc.received += count
-            elif status == "settled":
-                acc.settled += count
-            elif status == "failed":
-                acc.failed += count
+            acc.add_status(row.get("status"), _int(value))
         elif result == "settled":
             if field == "amount_micro":
                 acc.volume += _exact_sum(row)
@@ -652,10 +660,7 @@ def top_lists_from_tables(tables: Iterable[Any], limit: int) -> TopLists:
             raise _unexpected(result, "top_lists")
     # Flux already sorted and cut each list; sorting again costs nothing and makes the
     # order independent of how the answer was split into tables.
-    payers.sort(key=lambda p: (-p.amount_micro, p.address))
-    payees.sort(key=lambda p: (-p.amount_micro, p.address))
-    routes.sort(key=lambda r: (-r.amount_micro, r.payer, r.payee))
-    return TopLists(payers=payers[:limit], payees=payees[:limit], routes=routes[:limit])
+    return TopLists(payers=payers, payees=payees, routes=routes).first(limit)
 
 
 def point_in_time_from_tables(tables: Iterable[Any]) -> PointInTime:

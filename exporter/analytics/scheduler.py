@@ -4,6 +4,11 @@ Each job runs once at start and then on its own cadence; it never overlaps itsel
 cut off after its timeout, and a failing job neither stops the others nor loses its
 last good result, which is kept and marked stale. Readers (the metrics collector, the
 JSON API) only ever read the cache.
+
+Logs stay readable at the default level: one line when the scheduler starts and stops,
+one when a job starts failing and one when it recovers, nothing per successful run.
+APScheduler's own per-run lines are kept below the default level (see
+:func:`quiet_apscheduler`).
 """
 
 from __future__ import annotations
@@ -47,43 +52,116 @@ class Cached(Generic[T]):
     error: str | None = None
 
 
+APSCHEDULER_LOGGER = "apscheduler"
+
+
+class _SkippedOverlap(logging.Filter):
+    """Drops APScheduler's warning that a run was skipped because the previous one still
+    runs: jobs never overlapping is the design, and a refresh slower than its cadence would
+    otherwise log it at every tick. Kept when the exporter logs at debug level."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False for the skipped-run warning unless debug logging is on."""
+        if "maximum number of running instances" not in str(record.msg):
+            return True
+        return logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+
+
+_SKIPPED_OVERLAP = _SkippedOverlap()
+
+
+def quiet_apscheduler() -> None:
+    """Keep APScheduler's per-run info lines ("Running job", "executed successfully") and
+    its skipped-overlap warning out of the log unless the exporter logs at debug level;
+    its other warnings (a run missed because the event loop stalled) still show."""
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        logging.getLogger(APSCHEDULER_LOGGER).setLevel(logging.WARNING)
+    scheduler_logger = logging.getLogger(f"{APSCHEDULER_LOGGER}.scheduler")
+    if _SKIPPED_OVERLAP not in scheduler_logger.filters:
+        scheduler_logger.addFilter(_SKIPPED_OVERLAP)
+
+
+class FailureStreak:
+    """Logs the first failure of a run of failures and the success that ends it, once each.
+
+    A dependency that stays down fails every refresh; one line says it went down (with
+    the cause), one that it is back (with how many attempts failed), none between.
+    """
+
+    def __init__(self, logger: logging.Logger, what: str, **context: object) -> None:
+        """Report failures of ``what`` on ``logger``, each line with ``context``."""
+        self.logger = logger
+        self.what = what
+        self.context = context
+        self.failures = 0
+        self._since = 0.0
+
+    def failed(self, error: str) -> None:
+        """One more failure; logged when it is the first since the last success."""
+        self.failures += 1
+        extra = {**self.context, "error": error}
+        if self.failures == 1:
+            self._since = time.monotonic()
+            self.logger.warning(f"{self.what} failed", extra=extra)
+        else:
+            self.logger.debug(f"{self.what} still failing", extra=extra)
+
+    def succeeded(self) -> None:
+        """A success; logged when it ends a run of failures."""
+        if self.failures:
+            self.logger.info(
+                f"{self.what} recovered",
+                extra={
+                    **self.context,
+                    "failures": self.failures,
+                    "down_seconds": round(time.monotonic() - self._since, 3),
+                },
+            )
+        self.failures = 0
+
+
 class Scheduler:
     """Runs :class:`Job` s on an ``AsyncIOScheduler`` and keeps their results."""
 
     def __init__(self, registry: CollectorRegistry, jobs: list[Job[object]]) -> None:
         self.jobs = {job.key: job for job in jobs}
+        self._streaks = {
+            job.key: FailureStreak(log, "analytics refresh", job=job.key) for job in jobs
+        }
         self._cache: dict[str, Cached[object]] = {}
         self._scheduler: AsyncIOScheduler | None = None
         self._running: set[asyncio.Task[object]] = set()
         self._stopping = False
+        labels = ("query", "window")
+
+        def gauge(name: str, documentation: str) -> Gauge:
+            return Gauge(name, documentation, labels, registry=registry)
+
         self.duration = Histogram(
             "exporter_analytics_query_duration_seconds",
             "Duration of scheduled analytics queries.",
-            ["query", "window"],
+            labels,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=registry,
         )
-        self.last_success = Gauge(
+        self.last_success = gauge(
             "exporter_analytics_last_success_timestamp_seconds",
             "Unix time of the last successful refresh of each analytic.",
-            ["query", "window"],
-            registry=registry,
         )
         self.failures = Counter(
             "exporter_analytics_failures",
             "Failed or timed-out refreshes; the last good result is kept and marked stale.",
-            ["query", "window"],
+            labels,
             registry=registry,
         )
-        self.stale = Gauge(
+        self.stale = gauge(
             "exporter_analytics_stale",
             "1 while an analytic's cached result is older than its latest failed refresh.",
-            ["query", "window"],
-            registry=registry,
         )
 
     def start(self) -> None:
         """Schedule every job, each running once right away."""
+        quiet_apscheduler()
         scheduler = AsyncIOScheduler(timezone=datetime.UTC)
         now = datetime.datetime.now(datetime.UTC)
         for job in self.jobs.values():
@@ -99,10 +177,12 @@ class Scheduler:
             )
         scheduler.start()
         self._scheduler = scheduler
+        log.info("analytics scheduler started", extra={"jobs": len(self.jobs)})
 
     async def stop(self) -> None:
         """Stop scheduling and cancel refreshes in flight; the cache stays readable."""
         self._stopping = True
+        started = self._scheduler is not None
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
@@ -110,6 +190,8 @@ class Scheduler:
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
+        if started:
+            log.info("analytics scheduler stopped")
 
     def get(self, key: str) -> Cached[object] | None:
         """The cached result for ``key``, if any refresh has succeeded yet."""
@@ -143,7 +225,7 @@ class Scheduler:
             if previous is not None:
                 self._cache[key] = Cached(previous.value, previous.computed_at, True, message)
                 self.stale.labels(*labels).set(1)
-            log.warning("analytics refresh failed", extra={"job": key, "error": message})
+            self._streaks[key].failed(message)
             return False
         finally:
             if task is not None:
@@ -153,4 +235,5 @@ class Scheduler:
         self.last_success.labels(*labels).set(finished)
         self.stale.labels(*labels).set(0)
         self._cache[key] = Cached(value, finished)
+        self._streaks[key].succeeded()
         return True

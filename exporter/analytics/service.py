@@ -9,8 +9,8 @@ same values at the same timestamps: their write-backs overwrite instead of dupli
 
 from __future__ import annotations
 
-import datetime
 import logging
+import math
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,12 +23,14 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..auth import bearer_token_matches
+from ..errors import StoreError, StoreRetryAfterError
 from ..metrics import Metrics
+from .compute import Analytics
+from .instant import InstantError, parse_instant
 from .models import (
     DEFAULT_LIMIT,
     MAX_LIMIT,
     AnalyticKey,
-    Analytics,
     AnalyticsRequestError,
     AnalyticsResult,
     HealthStatus,
@@ -39,7 +41,7 @@ from .models import (
     analytic_key,
     result_json,
 )
-from .scheduler import Job, Scheduler
+from .scheduler import FailureStreak, Job, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +151,14 @@ class AnalyticsService:
             )
         )
         self.scheduler = Scheduler(registry, jobs)
+        self.retry_after_seconds = min(cadence.values())
+        """How soon a refresh asks the store again: a client's ``Retry-After`` on a 503."""
         registry.register(AnalyticsCollector(self))
 
     def _refresher(self, windows: Sequence[Window], interval: float) -> Any:
+        job = windows[0].value if windows else _REALTIME
+        write_back = FailureStreak(log, "analytics write-back", job=job)
+
         async def refresh() -> _Refreshed:
             at_ms = _aligned_now_ms(interval)
             results = await self.analytics.compute_all(at_ms, windows=windows, realtime=not windows)
@@ -160,7 +167,9 @@ class AnalyticsService:
                 try:
                     await self.sink.write_analytics(rows)
                 except Exception as error:  # the cache stays good; the next refresh retries
-                    log.warning("analytics write-back failed", extra={"error": str(error)})
+                    write_back.failed(f"{type(error).__name__}: {error}")
+                else:
+                    write_back.succeeded()
             return _Refreshed(at_ms, results)
 
         return refresh
@@ -170,8 +179,9 @@ class AnalyticsService:
         self.scheduler.start()
 
     async def stop(self) -> None:
-        """Stop refreshing."""
+        """Stop refreshing, then close the analytics source (the cache stays readable)."""
         await self.scheduler.stop()
+        await self.analytics.close()
 
     def cached(self, key: AnalyticKey) -> CachedResult | None:
         """The cached result for ``key``, when a refresh has computed it."""
@@ -238,48 +248,23 @@ class AnalyticsCollector(Collector):
             assert isinstance(result, PaymentMetrics)
             p95.add_metric([window.value], result.p95SettlementTime / 1000)
         yield from (projected, growth, errors, p95)
-        health = self.service.cached(AnalyticKey("health", HEALTH_WINDOW))
-        if health is not None:
+        cached = self.service.cached(AnalyticKey("health", HEALTH_WINDOW))
+        if cached is not None:
             status = GaugeMetricFamily(
                 "facilitator_health_status",
                 f"1 for the current health status over {HEALTH_WINDOW.value} "
                 "(cached analytics), 0 for the others.",
                 labels=["status"],
             )
-            current = health.result
+            current = cached.result
             assert isinstance(current, HealthStatus)
             for level in _HEALTH_CODES:
                 status.add_metric([level], 1.0 if current.status == level else 0.0)
             yield status
 
 
-_MAX_AT_MS = 253_402_300_799_999
-"""9999-12-31T23:59:59.999Z: the last instant whose UTC date Python can name."""
-
-
 _INTEGER = re.compile(r"-?[0-9]+")
 """ASCII digits only: str.isdigit() also admits characters such as "²" that int() refuses."""
-
-
-def _parse_at(text: str) -> int:
-    if _INTEGER.fullmatch(text):
-        at_ms = int(text) if len(text) <= 20 else -1
-    else:
-        try:
-            moment = datetime.datetime.fromisoformat(text)
-        except ValueError:
-            raise AnalyticsRequestError(
-                f"at: expected epoch milliseconds or an RFC 3339 time, got {text!r}"
-            ) from None
-        if moment.tzinfo is None:
-            raise AnalyticsRequestError(f"at: {text!r} needs a UTC offset (e.g. Z)")
-        at_ms = int(moment.timestamp() * 1000)
-    if not 0 <= at_ms <= _MAX_AT_MS:
-        raise AnalyticsRequestError(
-            f"at: must be from 1970-01-01 to 9999-12-31 (epoch ms 0 to {_MAX_AT_MS}), "
-            f"got {text[:40]!r}"
-        )
-    return at_ms
 
 
 def _parse_limit(text: str | None) -> int:
@@ -290,8 +275,8 @@ def _parse_limit(text: str | None) -> int:
     return int(text)
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 class AnalyticsAPI:
@@ -305,6 +290,19 @@ class AnalyticsAPI:
         self.service = service
         self.token = token
         self.metrics = metrics
+
+    def _unavailable(self, name: str, error: StoreError) -> web.Response:
+        """503 naming why the store cannot answer, and when a refresh tries again."""
+        if isinstance(error, StoreRetryAfterError):
+            retry_after = error.retry_after
+        else:
+            retry_after = self.service.retry_after_seconds
+        log.debug("analytics unavailable", extra={"analytic": name, "error": str(error)})
+        return _error(
+            503,
+            f"analytics unavailable: {error}",
+            {"Retry-After": str(max(1, math.ceil(retry_after)))},
+        )
 
     async def handle(self, request: web.Request) -> web.Response:
         """Answer one analytics request."""
@@ -322,8 +320,8 @@ class AnalyticsAPI:
             key = analytic_key(name, window, query.get("metric", "volume"))
             limit = _parse_limit(query.get("limit"))
             at_text = query.get("at")
-            at_ms = None if at_text is None else _parse_at(at_text)
-        except WindowError as error:
+            at_ms = None if at_text is None else parse_instant(at_text, "at")
+        except (WindowError, InstantError) as error:
             return _error(400, str(error))
         except AnalyticsRequestError as error:
             unknown = str(error).startswith("unknown analytic")
@@ -336,13 +334,23 @@ class AnalyticsAPI:
             headers["X-Analytics-Stale"] = "true" if cached.stale else "false"
         else:
             at = at_ms if at_ms is not None else int(time.time() * 1000)
-            result = await self.service.analytics.compute(
-                name,
-                window,
-                at,
-                limit=MAX_LIMIT if at_ms is None else limit,
-                metric=key.metric,
-            )
+            try:
+                result = await self.service.analytics.compute(
+                    name,
+                    window,
+                    at,
+                    limit=MAX_LIMIT if at_ms is None else limit,
+                    metric=key.metric,
+                )
+            except StoreError as error:
+                return self._unavailable(name, error)
+            except Exception as error:  # a failure nobody named: one line, never a traceback
+                log.error(
+                    "analytics query failed",
+                    extra={"analytic": name, "error": f"{type(error).__name__}: {error}"},
+                )
+                log.debug("analytics query failure", exc_info=True)
+                return _error(500, f"analytics query failed: {type(error).__name__}: {error}")
             headers["X-Analytics-At"] = str(at)
         if isinstance(result, list):
             result = result[:limit]

@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import math
 import os
-import re
 import tempfile
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..analytics import InstantError
+from ..analytics import parse_instant as analytics_instant
 from ..config import Settings, load_settings, split_host_port
 from ..errors import ConfigError, DataDirError, DataDirLockedError, OperatorError
 from ..ledger import DataDirLock
@@ -142,18 +142,12 @@ def _finite(text: str) -> float:
 
 
 def parse_instant(text: str, option: str) -> int:
-    """Epoch milliseconds from ``text``: an integer (ms) or an RFC 3339 time with offset."""
-    if re.fullmatch(r"-?[0-9]{1,19}", text):  # ASCII: isdigit() also admits "²"
-        return int(text)
+    """Epoch milliseconds from ``text`` by the analytics API's own rule (epoch ms or RFC 3339
+    with an offset), refused with exit 2 naming ``option``."""
     try:
-        moment = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise OperatorError(
-            f"{option}: expected epoch milliseconds or an RFC 3339 time, got {text!r}", 2
-        ) from None
-    if moment.tzinfo is None:
-        raise OperatorError(f"{option}: {text!r} needs a UTC offset (e.g. Z)", 2)
-    return int(moment.timestamp() * 1000)
+        return analytics_instant(text, option)
+    except InstantError as error:
+        raise OperatorError(str(error), 2) from None
 
 
 # --------------------------------------------------------------------------- data directory

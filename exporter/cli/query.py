@@ -10,12 +10,11 @@ import datetime
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..analytics.models import (
+from ..analytics import (
     ANALYTIC_NAMES,
     DEFAULT_LIMIT,
     MAX_LIMIT,
@@ -24,9 +23,9 @@ from ..analytics.models import (
     AnalyticsRequestError,
     Window,
     WindowError,
+    analytics_source,
     result_data,
 )
-from ..analytics.source import analytics_source
 from ..config import Settings, StoreKind
 from ..errors import DataDirError, ExporterError, OperatorError
 from ..store import open_store
@@ -131,9 +130,7 @@ async def query_store(settings: Settings, request: QueryRequest) -> object:
             except AnalyticsRequestError as error:
                 raise OperatorError(f"query: {error}", 2) from None
             finally:
-                close: Callable[[], Any] | None = getattr(source, "close", None)
-                if close is not None:
-                    await close()
+                await source.close()
         finally:
             await store.close()
     return result_data(result)

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
+from ..events import round_half_even_div as _round_half_even_div
+
 EventDict = dict[str, object]
 """One event as a JSON-ready dict: ``{"type": ..., "data": {...}}`` (plus ``id`` if enabled)."""
 
@@ -193,14 +195,6 @@ def _money(micro: int) -> str:
     if len(digits) < 2:
         digits = digits.ljust(2, "0")
     return f"{whole}.{digits}"
-
-
-def _round_half_even_div(numerator: int, denominator: int) -> int:
-    quotient, remainder = divmod(numerator, denominator)
-    twice = 2 * remainder
-    if twice > denominator or (twice == denominator and quotient % 2 == 1):
-        quotient += 1
-    return quotient
 
 
 def _cumulative(weights: list[float]) -> list[float]:
