@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from conftest import AppClient, async_wait_until, received, settled
+from ledger_helpers import prepare
 from prometheus_client import CollectorRegistry
-from test_ledger import prepare
 
 from exporter.app import COMMITTER, STORE
 from exporter.ledger import GroupCommitter, Ledger, Submission

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import os
 import sqlite3
 import subprocess
@@ -26,11 +25,11 @@ from conftest import (
     settled,
     verified,
 )
+from ledger_helpers import prepare
 
 import exporter.ledger.storage as ledger_module
 from exporter.config import Durability
 from exporter.errors import LedgerCorruptError, LedgerError, LedgerUnavailableError
-from exporter.events import canonical_json, dedup_key, parse_event
 from exporter.ledger import (
     BatchGas,
     DataDirLock,
@@ -41,19 +40,11 @@ from exporter.ledger import (
     NewEvent,
     Outcome,
     PendingChange,
-    PreparedEvent,
     Submission,
     SubmissionResult,
     TerminalPayment,
 )
 from exporter.records import BatchRecord, PaymentRecord, StoreRecord, decode_records
-
-
-def prepare(event: dict[str, Any]) -> PreparedEvent:
-    """Validate an event dict the way the receiver does."""
-    parsed = parse_event(event)
-    body = canonical_json(parsed)
-    return PreparedEvent(parsed, dedup_key(parsed, body), body, json.dumps(event).encode())
 
 
 @pytest.fixture

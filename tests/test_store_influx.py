@@ -35,9 +35,9 @@ from influx_fault_server import (
     split_point,
     threaded_fault_server,
 )
+from influx_helpers import rows_query
+from ledger_helpers import prepare
 from prometheus_client import CollectorRegistry
-from test_influx_integration import rows_query
-from test_ledger import prepare
 
 from exporter import Settings, create_app
 from exporter.app import COMMITTER, FORWARDER
