@@ -1,0 +1,110 @@
+"""Edges of the core logic that mutation testing found unpinned: what a refusal keeps as a
+dead letter (reason, message and the exact bytes), the messages of whole-body refusals, and
+the pure rules of the analytics and the metrics at their boundaries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from conftest import AppClient, received
+from prometheus_client import CollectorRegistry
+
+from exporter import Settings, create_app
+from exporter.app import COMMITTER
+from exporter.ledger import DeadLetterRow
+
+NDJSON = {"Content-Type": "application/x-ndjson"}
+
+
+def letters(client: AppClient, reason: str) -> list[DeadLetterRow]:
+    """The app's dead letters of ``reason``, oldest first."""
+    return list(reversed(client.app[COMMITTER].ledger.dead_letters(reason)))
+
+
+def rejected(registry: CollectorRegistry, reason: str) -> float | None:
+    """``exporter_events_rejected_total{reason}``."""
+    return registry.get_sample_value("exporter_events_rejected_total", {"reason": reason})
+
+
+async def test_an_invalid_array_item_is_kept_as_its_compact_json_with_its_error(
+    client: AppClient,
+) -> None:
+    invalid = received("bad", amount="x")
+    response = await client.post("/v1/events", json=[received("ok"), invalid])
+    assert response.status == 202
+    answer = await response.json()
+    [rejection] = answer["rejected"]
+    [letter] = letters(client, "invalid")
+    assert letter.error == rejection["error"]
+    assert letter.error.startswith("data.amount:")
+    assert letter.raw == json.dumps(invalid, separators=(",", ":")).encode()
+
+
+async def test_an_invalid_ndjson_line_is_kept_as_the_line_it_came_as(client: AppClient) -> None:
+    line = json.dumps(received("bad", amount="x"), indent=None).encode()
+    body = json.dumps(received("ok")).encode() + b"\n" + line + b"\n"
+    response = await client.post("/v1/events", data=body, headers=NDJSON)
+    assert response.status == 202
+    answer = await response.json()
+    assert answer["accepted"] == 1
+    assert [r["index"] for r in answer["rejected"]] == [1]
+    [letter] = letters(client, "invalid")
+    assert (letter.raw, letter.error) == (line, answer["rejected"][0]["error"])
+
+
+async def test_a_malformed_ndjson_line_refuses_and_keeps_the_whole_body(
+    client: AppClient, registry: CollectorRegistry
+) -> None:
+    good = json.dumps(received("p")).encode()
+    body = good + b"\n\n" + b"{oops\n"
+    response = await client.post("/v1/events", data=body, headers=NDJSON)
+    assert response.status == 400
+    answer = await response.json()
+    assert answer["error"].startswith("line 3 is not valid JSON: ")
+    detail = answer["error"].removeprefix("line 3 is not valid JSON: ")
+    assert answer["rejected"] == [{"index": 1, "error": f"line 3: {detail}"}]
+    [letter] = letters(client, "malformed")
+    assert (letter.raw, letter.error) == (body, answer["error"])
+    assert rejected(registry, "malformed") == 1
+
+
+async def test_an_empty_array_is_422_saying_so(
+    client: AppClient, registry: CollectorRegistry
+) -> None:
+    response = await client.post("/v1/events", json=[])
+    assert response.status == 422
+    assert await response.json() == {
+        "accepted": 0,
+        "duplicates": 0,
+        "rejected": [],
+        "error": "the body holds no events",
+    }
+    assert rejected(registry, "invalid") == 0
+
+
+async def test_a_chunked_body_over_the_limit_keeps_its_head(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    data_dir: Path,
+    registry: CollectorRegistry,
+) -> None:
+    settings = Settings(data_dir=data_dir, listen="127.0.0.1:0", max_body_bytes=2048)
+    client = await aiohttp_client(create_app(settings, registry))
+    piece = b"[" + b" " * 2999
+
+    async def chunks() -> Any:
+        yield piece
+        await asyncio.sleep(0)
+        yield b"]"
+
+    response = await client.post(
+        "/v1/events", data=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 413
+    assert (await response.json())["error"] == "body is over the limit of 2048 bytes"
+    [letter] = letters(client, "too_large")
+    assert letter.error == "body is over the limit of 2048 bytes"
+    assert letter.raw == piece + b"]"  # all of it came before the check: all of it is kept
