@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import AppClient, received
+from conftest import BASE_MS, AppClient, received
 from prometheus_client import CollectorRegistry
 
 from exporter import Settings, create_app
@@ -18,6 +18,7 @@ from exporter.app import COMMITTER
 from exporter.ledger import DeadLetterRow
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
+OP = "eip155:10"
 
 
 def letters(client: AppClient, reason: str) -> list[DeadLetterRow]:
@@ -108,3 +109,21 @@ async def test_a_chunked_body_over_the_limit_keeps_its_head(
     [letter] = letters(client, "too_large")
     assert letter.error == "body is over the limit of 2048 bytes"
     assert letter.raw == piece + b"]"  # all of it came before the check: all of it is kept
+
+
+async def test_a_restarted_app_restores_the_gauges_from_the_ledger(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], data_dir: Path
+) -> None:
+    settings = Settings(data_dir=data_dir, listen="127.0.0.1:0")
+    first = await aiohttp_client(create_app(settings, CollectorRegistry()))
+    clients = {"type": "websocket:clients", "data": {"count": 7, "timestamp": BASE_MS}}
+    events = [received("a"), received("b"), received("c", network=OP), clients]
+    assert (await first.post("/v1/events", json=events)).status == 202
+    await first.close()
+
+    registry = CollectorRegistry()
+    await aiohttp_client(create_app(settings, registry))
+    pending = "facilitator_pending_payments"
+    assert registry.get_sample_value(pending, {"network": "eip155:8453"}) == 2
+    assert registry.get_sample_value(pending, {"network": OP}) == 1
+    assert registry.get_sample_value("facilitator_active_websocket_clients") == 7
