@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import BASE_MS, AppClient, received
+from conftest import BASE_MS, AppClient, received, settled
 from prometheus_client import CollectorRegistry
 
 from exporter import Settings, create_app
@@ -127,3 +127,20 @@ async def test_a_restarted_app_restores_the_gauges_from_the_ledger(
     assert registry.get_sample_value(pending, {"network": "eip155:8453"}) == 2
     assert registry.get_sample_value(pending, {"network": OP}) == 1
     assert registry.get_sample_value("facilitator_active_websocket_clients") == 7
+
+
+async def test_volume_and_fees_are_exact_to_the_micro_unit(
+    client: AppClient, registry: CollectorRegistry
+) -> None:
+    events = [
+        received("a", amount="0.000001"),
+        settled("a", fee="0.000001"),
+        received("b", amount="2.000003", network=OP),
+        settled("b", fee="0"),
+    ]
+    assert (await client.post("/v1/events", json=events)).status == 202
+    volume, fees = "facilitator_volume_usd_total", "facilitator_fees_usd_total"
+    assert registry.get_sample_value(volume, {"network": "eip155:8453"}) == 0.000001
+    assert registry.get_sample_value(fees, {"network": "eip155:8453"}) == 0.000001
+    assert registry.get_sample_value(volume, {"network": OP}) == 2.000003
+    assert registry.get_sample_value(fees, {"network": OP}) == 0
