@@ -15,7 +15,10 @@ from exporter.analytics.models import (
     DAY_MS,
     HOUR_MS,
     MAX_LIMIT,
+    AnalyticKey,
     AnalyticsRequestError,
+    Window,
+    analytic_key,
     bucket_starts,
     chain_name,
     check_limit,
@@ -117,3 +120,38 @@ def test_limits_out_of_range_name_the_range(limit: object) -> None:
 def test_chain_names() -> None:
     assert chain_name("eip155:8453") == "Base"
     assert chain_name("eip155:999999") == "eip155:999999"
+
+
+def test_analytic_keys_of_valid_requests() -> None:
+    assert analytic_key("realtime", Window.H1) == AnalyticKey("realtime", None)
+    assert analytic_key("payments", Window.H6, "fees") == AnalyticKey("payments", Window.H6)
+    assert analytic_key("timeseries", Window.D7, "fees") == AnalyticKey(
+        "timeseries", Window.D7, "fees"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "window", "metric", "message"),
+    [
+        (
+            "nope",
+            Window.H1,
+            None,
+            "unknown analytic 'nope'; known: payments, networks, revenue, revenue/breakdown, "
+            "top/payers, top/payees, top/routes, timeseries, realtime, health",
+        ),
+        ("payments", None, None, "analytic 'payments' needs a window"),
+        (
+            "timeseries",
+            Window.H1,
+            "gas",
+            "unknown time-series metric 'gas'; allowed: volume, fees, payments",
+        ),
+    ],
+)
+def test_a_bad_analytics_request_names_the_problem_and_the_choices(
+    name: str, window: Window | None, metric: str | None, message: str
+) -> None:
+    with pytest.raises(AnalyticsRequestError) as raised:
+        analytic_key(name, window, metric)
+    assert str(raised.value) == message
