@@ -10,6 +10,7 @@ from fractions import Fraction
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from exporter.analytics.models import (
     DAY_MS,
@@ -17,6 +18,7 @@ from exporter.analytics.models import (
     MAX_LIMIT,
     AnalyticKey,
     AnalyticsRequestError,
+    NetworkMetrics,
     Window,
     analytic_key,
     bucket_starts,
@@ -155,3 +157,46 @@ def test_a_bad_analytics_request_names_the_problem_and_the_choices(
     with pytest.raises(AnalyticsRequestError) as raised:
         analytic_key(name, window, metric)
     assert str(raised.value) == message
+
+
+def _network(gas: object, fees: object = 0) -> NetworkMetrics:
+    return NetworkMetrics(
+        chainId="eip155:8453",
+        chainName="Base",
+        totalPayments=1,
+        totalVolume=1_500_000,
+        totalFees=fees,
+        averageGasCost=0,
+        totalGasSpent=gas,
+        successRate=100.0,
+        averageConfirmationTime=1.0,
+    )
+
+
+def test_result_integers_and_money_accept_exact_forms() -> None:
+    network = _network("0021000", "12.5")
+    assert (network.totalGasSpent, network.totalFees, network.totalVolume) == (
+        "21000",
+        "12.500000",
+        "1.500000",
+    )
+    assert _network(2**70).totalGasSpent == str(2**70)
+
+
+@pytest.mark.parametrize(
+    ("gas", "fees", "message"),
+    [
+        (True, 0, "must be an integer or an integer string, not a boolean"),
+        ("２１", 0, "must be an integer string such as '21000', got '２１'"),
+        ("-5", 0, "must be an integer string such as '21000', got '-5'"),
+        (1, True, "must be micro-units (int) or a decimal string, not a boolean"),
+        (1, "1e3", "must be a decimal string such as '12.500000', got '1e3'"),
+    ],
+)
+def test_result_integers_and_money_refuse_other_forms_saying_why(
+    gas: object, fees: object, message: str
+) -> None:
+    with pytest.raises(ValidationError) as raised:
+        _network(gas, fees)
+    [error] = raised.value.errors()
+    assert error["msg"] == f"Value error, {message}"

@@ -10,10 +10,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from analytics_helpers import delivered
 from conftest import BASE_MS, AppClient, received, settled
 from prometheus_client import CollectorRegistry
 
 from exporter import Settings, create_app
+from exporter.analytics.models import AnalyticKey, PaymentMetrics, Window
 from exporter.app import COMMITTER
 from exporter.ledger import DeadLetterRow
 
@@ -144,3 +146,14 @@ async def test_volume_and_fees_are_exact_to_the_micro_unit(
     assert registry.get_sample_value(fees, {"network": "eip155:8453"}) == 0.000001
     assert registry.get_sample_value(volume, {"network": OP}) == 2.000003
     assert registry.get_sample_value(fees, {"network": OP}) == 0
+
+
+async def test_one_settled_payment_is_every_percentile_of_the_snapshot(tmp_path: Path) -> None:
+    events = [received("a", amount="2.50"), settled("a", settlement_ms=1234)]
+    async with delivered(events, tmp_path, "duckdb") as analytics:
+        snapshot = await analytics.compute_all(BASE_MS + 10_000)
+    answer = snapshot[AnalyticKey("payments", Window.H1)]
+    assert isinstance(answer, PaymentMetrics)
+    assert answer.successfulPayments == 1
+    assert (answer.p95SettlementTime, answer.p99SettlementTime) == (1234, 1234)
+    assert answer.medianPaymentSize == "2.500000"
