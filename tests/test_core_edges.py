@@ -157,3 +157,16 @@ async def test_one_settled_payment_is_every_percentile_of_the_snapshot(tmp_path:
     assert answer.successfulPayments == 1
     assert (answer.p95SettlementTime, answer.p99SettlementTime) == (1234, 1234)
     assert answer.medianPaymentSize == "2.500000"
+
+
+async def test_revenue_per_hour_is_this_utc_hours_fees_only(tmp_path: Path) -> None:
+    minute = 60_000
+    events = [
+        received("before", BASE_MS - 20 * minute),
+        settled("before", BASE_MS - 10 * minute, fee="0.05"),  # the previous UTC hour
+        received("now", BASE_MS + 20 * minute),
+        settled("now", BASE_MS + 30 * minute, fee="0.02"),
+    ]
+    async with delivered(events, tmp_path, "duckdb") as analytics:
+        stats = await analytics.realtime(BASE_MS + 40 * minute)
+    assert stats.revenuePerHour == "0.020000"
