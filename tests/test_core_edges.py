@@ -169,4 +169,43 @@ async def test_revenue_per_hour_is_this_utc_hours_fees_only(tmp_path: Path) -> N
     ]
     async with delivered(events, tmp_path, "duckdb") as analytics:
         stats = await analytics.realtime(BASE_MS + 40 * minute)
+        later = await analytics.realtime(BASE_MS + 90 * minute)  # nothing settled this hour
     assert stats.revenuePerHour == "0.020000"
+    assert later.revenuePerHour == "0.000000"
+
+
+def _party(digit: str) -> str:
+    return "0x" + digit * 40
+
+
+async def test_top_lists_order_by_amount_then_address(tmp_path: Path) -> None:
+    a, b, c, x, y, z = (_party(d) for d in "abc123")
+    events: list[dict[str, Any]] = []
+    for pid, payer, payee, amount in [
+        ("1", b, y, "1.00"),
+        ("2", c, z, "3.00"),
+        ("3", a, x, "3.00"),
+    ]:
+        events += [received(pid, amount=amount, payer=payer, payee=payee), settled(pid)]
+    async with delivered(events, tmp_path, "duckdb") as analytics:
+        at = BASE_MS + 10_000
+        payers = await analytics.top_payers(Window.H1, at)
+        payees = await analytics.top_payees(Window.H1, at)
+        routes = await analytics.top_routes(Window.H1, at)
+        first_two = await analytics.top_routes(Window.H1, at, limit=2)
+    assert [(p.address, p.totalPaid) for p in payers] == [
+        (a, "3.000000"),
+        (c, "3.000000"),
+        (b, "1.000000"),
+    ]
+    assert [(p.address, p.totalReceived) for p in payees] == [
+        (x, "3.000000"),
+        (z, "3.000000"),
+        (y, "1.000000"),
+    ]
+    assert [(r.payer, r.payee, r.volume) for r in routes] == [
+        (a, x, "3.000000"),
+        (c, z, "3.000000"),
+        (b, y, "1.000000"),
+    ]
+    assert first_two == routes[:2]
