@@ -1,0 +1,79 @@
+"""The store records the ledger emits for failures that never join a payment: a failure of
+the ``unknown`` payment at once, an orphan failure when released after the join timeout; and
+what a payment's late ``payment:received`` finds afterwards, before and after retention."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from conftest import BASE_MS, failed, received, verified
+from ledger_helpers import prepare
+
+from exporter.ledger import GroupCommitter, Ledger, PendingChange, Submission
+from exporter.records import PaymentRecord, StoreRecord
+
+BASE = "eip155:8453"
+OP = "eip155:10"
+FOREVER = 2**62
+
+
+@pytest.fixture
+async def committer(tmp_path: Path) -> AsyncIterator[GroupCommitter]:
+    """A ledger on a fresh file behind its writer thread."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    committer = GroupCommitter(ledger)
+    yield committer
+    committer.close()
+    ledger.close()
+
+
+def outbox(committer: GroupCommitter) -> list[StoreRecord]:
+    """Every record waiting for delivery, in commit order."""
+    return [row.record for row in committer.ledger.read_outbox(10**9)]
+
+
+async def test_a_failure_of_the_unknown_payment_is_recorded_at_once(
+    committer: GroupCommitter,
+) -> None:
+    event = failed("unknown", BASE_MS + 5, network=OP, error="rpc_down")
+    prepared = prepare(event)
+    await committer.submit(Submission([prepared]))
+    assert outbox(committer) == [
+        PaymentRecord(prepared.key, BASE_MS + 5, OP, "failed", "unknown", error="rpc_down")
+    ]
+
+
+async def test_a_released_orphan_failure_and_its_late_payment(
+    committer: GroupCommitter,
+) -> None:
+    ledger = committer.ledger
+    event = failed("p", BASE_MS + 5, network=OP, error="expired")
+    prepared = prepare(event)
+    await committer.submit(Submission([prepared]))
+    assert outbox(committer) == []  # waiting for its payment
+    await committer.call(lambda: ledger.release_unjoined_failures(FOREVER))
+    assert outbox(committer) == [
+        PaymentRecord(prepared.key, BASE_MS + 5, OP, "failed", "p", error="expired")
+    ]
+    # The payment arrives late: it has ended, so nothing is pending; a later update of it
+    # is joined to the receipt's fields.
+    late = await committer.submit(Submission([prepare(received("p", network=BASE))]))
+    assert not [e for e in late.effects if isinstance(e, PendingChange)]
+    await committer.submit(Submission([prepare(verified("p"))]))
+    last = outbox(committer)[-1]
+    assert isinstance(last, PaymentRecord)
+    assert (last.status, last.network, last.amount_micro) == ("verified", BASE, 1_500_000)
+
+
+async def test_retention_forgets_an_ended_payment(committer: GroupCommitter) -> None:
+    ledger = committer.ledger
+    await committer.submit(Submission([prepare(failed("p", BASE_MS + 5, network=OP))]))
+    await committer.call(lambda: ledger.release_unjoined_failures(FOREVER))
+    last_seq = ledger.read_outbox(10**9)[-1].seq
+    await committer.call(lambda: ledger.mark_delivered(last_seq))
+    await committer.call(lambda: ledger.apply_retention(FOREVER))
+    # Forgotten with its events: a receipt now is a new payment, pending on its network.
+    late = await committer.submit(Submission([prepare(received("p", network=BASE))]))
+    assert [e for e in late.effects if isinstance(e, PendingChange)] == [PendingChange(BASE, 1)]
