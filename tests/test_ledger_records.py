@@ -1,6 +1,7 @@
-"""The store records the ledger emits for failures that never join a payment: a failure of
-the ``unknown`` payment at once, an orphan failure when released after the join timeout; and
-what a payment's late ``payment:received`` finds afterwards, before and after retention."""
+"""The store records the ledger emits, field by field: joined updates carry their receipt's
+fields (also after the payment ended), a failure of the ``unknown`` payment is recorded at
+once, an orphan failure when released after the join timeout; and what a payment's late
+``payment:received`` finds afterwards, before and after retention."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import BASE_MS, failed, received, verified
+from conftest import BASE_MS, failed, received, settled, verified
 from ledger_helpers import prepare
 
 from exporter.ledger import GroupCommitter, Ledger, PendingChange, Submission
@@ -77,3 +78,59 @@ async def test_retention_forgets_an_ended_payment(committer: GroupCommitter) -> 
     # Forgotten with its events: a receipt now is a new payment, pending on its network.
     late = await committer.submit(Submission([prepare(received("p", network=BASE))]))
     assert [e for e in late.effects if isinstance(e, PendingChange)] == [PendingChange(BASE, 1)]
+
+
+async def test_joined_records_carry_the_receipts_fields(committer: GroupCommitter) -> None:
+    payer, payee = "0x" + "a" * 40, "0x" + "b" * 40
+    events = [
+        received("s", BASE_MS, amount="2.50", network=OP),
+        settled("s", BASE_MS + 10, fee="0.02", settlement_ms=900),
+        verified("s", BASE_MS + 20, ms=75),  # after its payment ended: still joined
+        failed("f", BASE_MS + 30, error="insufficient_funds", network=BASE),
+        received("f", BASE_MS + 25, amount="1.00", network=OP),
+    ]
+    prepared = [prepare(e) for e in events]
+    await committer.submit(Submission(prepared))
+    assert outbox(committer) == [
+        PaymentRecord(
+            prepared[0].key, BASE_MS, OP, "received", "s", payer, payee, amount_micro=2_500_000
+        ),
+        PaymentRecord(
+            prepared[1].key,
+            BASE_MS + 10,
+            OP,
+            "settled",
+            "s",
+            payer,
+            payee,
+            amount_micro=2_500_000,
+            fee_micro=20_000,
+            settlement_ms=900,
+            tx="0x" + "c" * 64,
+        ),
+        PaymentRecord(
+            prepared[2].key,
+            BASE_MS + 20,
+            OP,
+            "verified",
+            "s",
+            payer,
+            payee,
+            amount_micro=2_500_000,
+            verification_ms=75,
+        ),
+        PaymentRecord(
+            prepared[4].key, BASE_MS + 25, OP, "received", "f", payer, payee, amount_micro=1_000_000
+        ),
+        PaymentRecord(
+            prepared[3].key,
+            BASE_MS + 30,
+            OP,
+            "failed",
+            "f",
+            payer,
+            payee,
+            amount_micro=1_000_000,
+            error="insufficient_funds",
+        ),
+    ]
