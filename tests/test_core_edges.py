@@ -209,3 +209,30 @@ async def test_top_lists_order_by_amount_then_address(tmp_path: Path) -> None:
         (b, y, "1.000000"),
     ]
     assert first_two == routes[:2]
+
+
+async def test_time_series_per_hour_for_each_metric(tmp_path: Path) -> None:
+    hour = 3_600_000
+    events = [
+        received("a", BASE_MS + 60_000, amount="2.50"),
+        settled("a", BASE_MS + 120_000, fee="0.25"),
+        received("b", BASE_MS + 180_000, amount="1.25"),
+        settled("b", BASE_MS + 240_000, fee="0.125"),
+        received("c", BASE_MS + 2 * hour + 60_000, amount="4.00"),
+        settled("c", BASE_MS + 2 * hour + 120_000, fee="0.5"),
+    ]
+    at = BASE_MS + 2 * hour + 30 * 60_000
+    async with delivered(events, tmp_path, "duckdb") as analytics:
+        series = {
+            metric: await analytics.timeseries(Window.H6, at, metric)
+            for metric in ("payments", "volume", "fees")
+        }
+    starts = [BASE_MS + k * hour for k in range(-4, 3)]  # from the hour of at - 6 h
+    for metric, series_of in series.items():
+        assert series_of.name == metric
+        assert series_of.aggregation == ("count" if metric == "payments" else "sum")
+        assert [p.timestamp for p in series_of.points] == starts
+    values = {metric: [p.value for p in s.points] for metric, s in series.items()}
+    assert values["payments"] == [0, 0, 0, 0, 2, 0, 1]
+    assert values["volume"] == [0, 0, 0, 0, 3.75, 0, 4.0]
+    assert values["fees"] == [0, 0, 0, 0, 0.375, 0, 0.5]
