@@ -66,6 +66,7 @@ async def test_a_released_orphan_failure_and_its_late_payment(
     last = outbox(committer)[-1]
     assert isinstance(last, PaymentRecord)
     assert (last.status, last.network, last.amount_micro) == ("verified", BASE, 1_500_000)
+    assert (last.payer, last.payee) == ("0x" + "a" * 40, "0x" + "b" * 40)
 
 
 async def test_retention_forgets_an_ended_payment(committer: GroupCommitter) -> None:
