@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from analytics_helpers import delivered
-from conftest import BASE_MS, AppClient, received, settled
+from conftest import BASE_MS, AppClient, failed, received, settled
 from prometheus_client import CollectorRegistry
 
 from exporter import Settings, create_app
@@ -236,3 +236,23 @@ async def test_time_series_per_hour_for_each_metric(tmp_path: Path) -> None:
     assert values["payments"] == [0, 0, 0, 0, 2, 0, 1]
     assert values["volume"] == [0, 0, 0, 0, 3.75, 0, 4.0]
     assert values["fees"] == [0, 0, 0, 0, 0.375, 0, 0.5]
+
+
+async def test_health_and_payments_of_an_empty_window_and_of_failures_only(
+    tmp_path: Path,
+) -> None:
+    events = [
+        received("a", BASE_MS),
+        settled("a", BASE_MS + 10, settlement_ms=1000),
+        received("b", BASE_MS + 20),
+        settled("b", BASE_MS + 30, settlement_ms=4000),
+        received("c", BASE_MS + 3 * 3_600_000),
+        failed("c", BASE_MS + 3 * 3_600_000 + 10),
+    ]
+    async with delivered(events, tmp_path, "duckdb") as analytics:
+        busy = await analytics.health(Window.H1, BASE_MS + 60_000)
+        empty = await analytics.health(Window.H1, BASE_MS + 2 * 3_600_000)
+        failures_only = await analytics.payments(Window.H1, BASE_MS + 3 * 3_600_000 + 60_000)
+    assert (busy.status, busy.errorRate, busy.averageSettlementTime) == ("healthy", 0.0, 2500.0)
+    assert (empty.status, empty.errorRate, empty.averageSettlementTime) == ("healthy", 0.0, 0.0)
+    assert (failures_only.failedPayments, failures_only.averageSettlementTime) == (1, 0.0)
