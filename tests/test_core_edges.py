@@ -256,3 +256,4 @@ async def test_health_and_payments_of_an_empty_window_and_of_failures_only(
     assert (busy.status, busy.errorRate, busy.averageSettlementTime) == ("healthy", 0.0, 2500.0)
     assert (empty.status, empty.errorRate, empty.averageSettlementTime) == ("healthy", 0.0, 0.0)
     assert (failures_only.failedPayments, failures_only.averageSettlementTime) == (1, 0.0)
+    assert (failures_only.medianPaymentSize, failures_only.p95SettlementTime) == ("0.000000", 0)
