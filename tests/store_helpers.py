@@ -8,19 +8,17 @@ and a store aimed at it, and small polling and metric readers.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from _exporter_process import clean_env
 from conftest import BASE_MS, async_wait_until, received, settled
 from influx_fault_server import InfluxFaultServer, PointKey, split_point
+from ledger_helpers import prepare
 from prometheus_client import CollectorRegistry
 
-from exporter.events import canonical_json, dedup_key, parse_event
-from exporter.ledger import GroupCommitter, PreparedEvent, Submission
+from exporter.ledger import GroupCommitter, Submission
 from exporter.records import (
     BatchRecord,
     PaymentRecord,
@@ -93,13 +91,6 @@ GOLDEN: list[tuple[StoreRecord, str]] = [
     ),
 ]
 """Records of every kind with the exact line InfluxDB must receive for each."""
-
-
-def prepare(event: dict[str, Any]) -> PreparedEvent:
-    """Validate an event dict the way the receiver does."""
-    parsed = parse_event(event)
-    body = canonical_json(parsed)
-    return PreparedEvent(parsed, dedup_key(parsed, body), body, json.dumps(event).encode())
 
 
 async def commit_payments(committer: GroupCommitter, count: int, prefix: str = "p") -> None:

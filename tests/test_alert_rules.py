@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 from conftest import require_tool
-from test_dashboards import unknown_metric_references
+from promql_helpers import unknown_metric_references
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "provisioning" / "prometheus"

@@ -16,13 +16,14 @@ import asyncio
 import itertools
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pytest
+from analytics_helpers import STORES, delivered
+from analytics_helpers import duckdb_source as _duckdb
 from analytics_oracle import WINDOWS_MS, Oracle, OracleKey, facts_from_events
 from conftest import (
     BASE_MS,
@@ -35,9 +36,6 @@ from conftest import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_analytics_flux import influxdb_source
-from test_influx_integration import TARGET as INFLUX_TARGET
-from test_ledger import prepare
 
 from exporter.analytics.compute import Analytics
 from exporter.analytics.duckdb import DuckDBAnalyticsSource, DuckDBTuning
@@ -57,59 +55,13 @@ from exporter.analytics.models import (
     result_data,
     result_json,
 )
-from exporter.analytics.source import AnalyticsSource
 from exporter.cli.simulate import SimulationConfig, Simulator
-from exporter.ledger import GroupCommitter, Ledger, Submission
 from exporter.records import PaymentRecord, StoreRecord
 from exporter.store.duckdb import DuckDBStore
 
 EXAMPLES = int(os.environ.get("EXPORTER_TEST_ANALYTICS_EXAMPLES", "75"))
 
 Event = dict[str, Any]
-StoreFactory = Callable[[Path, list[StoreRecord]], AbstractAsyncContextManager[AnalyticsSource]]
-
-
-@asynccontextmanager
-async def _duckdb(directory: Path, records: list[StoreRecord]) -> AsyncIterator[AnalyticsSource]:
-    store = DuckDBStore.open(directory / "store.duckdb")
-    try:
-        for start in range(0, len(records), 5_000):  # the forwarder's batch size
-            await store.write(records[start : start + 5_000])
-        yield DuckDBAnalyticsSource(store)
-    finally:
-        await store.close()
-
-
-STORES: dict[str, StoreFactory] = {"duckdb": _duckdb}
-"""Every store the suite runs against, by name."""
-if INFLUX_TARGET is not None:  # a real InfluxDB 2.x: the Flux queries answer the same suite
-    STORES["influxdb"] = influxdb_source
-
-
-async def _ledger_records(events: Sequence[Event], directory: Path) -> list[StoreRecord]:
-    """Commit ``events`` through the ledger in delivery order; the outbox's records."""
-    ledger = Ledger(directory / "ledger.sqlite3")
-    committer = GroupCommitter(ledger)
-    try:
-        for start in range(0, len(events), 2_000):
-            chunk = events[start : start + 2_000]
-            await committer.submit(Submission([prepare(e) for e in chunk]))
-        # past the join timeout: failures whose payment:received never came are counted
-        await committer.call(lambda: ledger.release_unjoined_failures(2**62))
-        return [row.record for row in ledger.read_outbox(10**9)]
-    finally:
-        committer.close()
-        ledger.close()
-
-
-@asynccontextmanager
-async def delivered(
-    events: Sequence[Event], directory: Path, store: str
-) -> AsyncIterator[Analytics]:
-    """Analytics over ``store`` after ``events`` went through ledger and outbox."""
-    records = await _ledger_records(events, directory)
-    async with STORES[store](directory, records) as source:
-        yield Analytics(source)
 
 
 def _snapshot_data(snapshot: dict[AnalyticKey, AnalyticsResult]) -> dict[OracleKey, Any]:

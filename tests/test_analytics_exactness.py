@@ -11,8 +11,8 @@ from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
 
+from analytics_helpers import delivered
 from conftest import BASE_MS, batch_created, batch_settled, received, settled
-from test_analytics_contract import delivered
 
 from exporter.analytics.compute import Analytics
 from exporter.analytics.duckdb import DuckDBAnalyticsSource

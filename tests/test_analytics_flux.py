@@ -20,9 +20,7 @@ import random
 import re
 import shutil
 import subprocess
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -35,15 +33,10 @@ from fluxcheck import FLUX_DIR as CHECKER_DIR
 from fluxcheck import assert_flux_valid, check_flux, collect_flux
 from hypothesis import given
 from hypothesis import strategies as st
+from influx_helpers import influxdb_source
 from influxdb_client.client.flux_csv_parser import FluxCsvParser, FluxSerializationMode
 from influxdb_client.client.flux_table import FluxTable
-from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
-from influxdb_client.domain.bucket_retention_rules import BucketRetentionRules
-from influxdb_client.domain.post_bucket_request import PostBucketRequest
 from influxdb_client.rest import ApiException
-from influxdb_client.service.buckets_service import BucketsService
-from influxdb_client.service.organizations_service import OrganizationsService
-from test_influx_integration import SKIP_REASON, TARGET
 
 from exporter.analytics.compute import Analytics
 from exporter.analytics.duckdb import DuckDBAnalyticsSource
@@ -92,7 +85,6 @@ from exporter.records import (
     unique_time_ns,
 )
 from exporter.store.duckdb import DuckDBStore
-from exporter.store.influx.store import InfluxStore
 
 ROOT = Path(__file__).resolve().parent.parent
 FLUX_QUERIES = ROOT / "exporter" / "analytics" / "queries"
@@ -1030,74 +1022,6 @@ def _scenario(at: int, seed: int = 4) -> list[StoreRecord]:
 
 
 SCENARIO_ATS = (AT, AT - 1, AT - HOUR_MS, AT + 1, AT - DAY_MS + 7 * MINUTE_MS)
-
-
-@dataclass(frozen=True)
-class _Bucket:
-    url: str
-    token: str
-    org: str
-    name: str
-
-
-@asynccontextmanager
-async def _fresh_bucket() -> AsyncIterator[_Bucket]:
-    """A new bucket (infinite retention) in the configured InfluxDB, deleted afterwards: the
-    analytics read whole buckets, so nothing else may be in it. Skips without a server or
-    when the token may not create buckets."""
-    if TARGET is None:
-        pytest.skip(SKIP_REASON)
-    client = InfluxDBClientAsync(url=TARGET.url, token=TARGET.token, org=TARGET.org)
-    try:
-        api = client.api_client
-        orgs = await _untyped(OrganizationsService)(api).get_orgs_async(org=TARGET.org)
-        buckets = _untyped(BucketsService)(api)
-        name = f"exporter-analytics-{uuid.uuid4().hex[:12]}"
-        request = _untyped(PostBucketRequest)(
-            org_id=orgs.orgs[0].id,
-            name=name,
-            retention_rules=[_untyped(BucketRetentionRules)(type="expire", every_seconds=0)],
-        )
-        try:
-            bucket = await buckets.post_buckets_async(request)
-        except ApiException as error:
-            if error.status in (401, 403):
-                pytest.skip(f"the test token cannot create a bucket ({error.status})")
-            raise
-        try:
-            yield _Bucket(TARGET.url, TARGET.token, TARGET.org, name)
-        finally:
-            await buckets.delete_buckets_id_async(bucket.id)
-    finally:
-        await _untyped(client.close)()
-
-
-@asynccontextmanager
-async def influxdb_source(
-    directory: Path, records: list[StoreRecord]
-) -> AsyncIterator[FluxAnalyticsSource]:
-    """``records`` written with :class:`InfluxStore` into a fresh bucket, and the Flux source
-    over it (the contract suite's store-factory signature; ``directory`` is unused)."""
-    async with _fresh_bucket() as bucket:
-        store = InfluxStore(bucket.url, bucket.token, bucket.org, bucket.name)
-        try:
-            assert await store.write(records) == []
-        finally:
-            await store.close()
-        # The scenarios (and the DuckDB source) count payments pending since any time; the
-        # look-back covers their 95 days so both stores answer the same.
-        source = FluxAnalyticsSource.connect(
-            bucket.url, bucket.token, bucket.org, bucket.name, state_lookback_ms=100 * DAY_MS
-        )
-        try:
-            yield source
-        finally:
-            await source.close()
-
-
-def _untyped(thing: object) -> Callable[..., Any]:
-    """influxdb-client's generated classes and methods, which carry no annotations."""
-    return cast(Callable[..., Any], thing)
 
 
 @pytest.mark.needs_influxdb

@@ -19,7 +19,6 @@ import json
 import re
 import subprocess
 from collections.abc import Iterator, Mapping
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +27,13 @@ import pytest
 import yaml
 from conftest import require_tool
 from fluxcheck import GRAFANA_PREAMBLE, PARAMS_PREAMBLE, assert_flux_valid
-from prometheus_client import CollectorRegistry
-from prometheus_client.metrics import MetricWrapperBase
+from promql_helpers import (
+    PROM_IDENTIFIER,
+    SCRAPE_LABELS,
+    exported_metrics,
+    unknown_metric_references,
+)
 
-from exporter.analytics.scheduler import Scheduler
-from exporter.metrics import Metrics
 from exporter.records import (
     BatchRecord,
     PaymentRecord,
@@ -40,7 +41,6 @@ from exporter.records import (
     StoreRecord,
     WebsocketRecord,
 )
-from exporter.store import StoreMetrics
 from exporter.store.influx.store import point_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,11 +67,6 @@ VARIABLE_SAMPLES = {"network": "eip155:8453|eip155:84532", "job": "facilitator-e
 (``${network:regex}`` and ``=~"$network"`` both receive an alternation)."""
 
 _VARIABLE = re.compile(r"\$\{(\w+)(?::(\w+))?\}|\$(\w+)")
-_PROM_IDENTIFIER = re.compile(r"\b(?:facilitator|exporter)_[a-z0-9_]+\b|\bup\b")
-_SELECTOR = re.compile(r"\b([a-z_:][a-z0-9_:]*)\s*\{([^}]*)\}")
-_MATCHER = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"")
-_GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
-_SCRAPE_LABELS = frozenset({"job", "instance"})
 
 
 def load_json(path: Path) -> dict[str, Any]:
@@ -167,54 +162,6 @@ def grafana_schema() -> dict[str, Any]:
         assert not set(extra) & set(properties), f"{definition} already has {set(extra)}"
         properties.update(extra)
     return extended
-
-
-@cache
-def exported_metrics() -> dict[str, frozenset[str]]:
-    """Every sample name the exporter can expose -> its label names (from the code itself)."""
-    registry = CollectorRegistry()
-    owners: list[object] = [Metrics(registry), StoreMetrics.on(registry), Scheduler(registry, [])]
-    names: dict[str, frozenset[str]] = {}
-    for owner in owners:
-        for metric in vars(owner).values():
-            if not isinstance(metric, MetricWrapperBase):
-                continue
-            labels = frozenset(metric._labelnames)
-            assert metric._type is not None
-            suffixes = {
-                "counter": ("_total", "_created"),
-                "histogram": ("_bucket", "_sum", "_count", "_created"),
-                "gauge": ("",),
-            }[metric._type]
-            for suffix in suffixes:
-                extra = {"le"} if suffix == "_bucket" else set()
-                names[metric._name + suffix] = labels | extra
-    # The analytics gauges come from a custom collector that emits a family only once a result
-    # is cached: read their names and labels from its source.
-    source = (ROOT / "exporter" / "analytics" / "service.py").read_text(encoding="utf-8")
-    families = re.findall(r'GaugeMetricFamily\(\s*"(\w+)",.*?labels=\[([^\]]*)\]', source, re.S)
-    assert len(families) >= 5, "the analytics collector's families were not found"
-    for name, labels in families:
-        names[name] = frozenset(re.findall(r'"(\w+)"', labels))
-    names["up"] = frozenset()
-    return names
-
-
-def unknown_metric_references(expr: str) -> list[str]:
-    """Metric names and label names in a PromQL ``expr`` that the exporter never exposes."""
-    known = exported_metrics()
-    bare = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
-    problems = [f"metric {n}" for n in _PROM_IDENTIFIER.findall(bare) if n not in known]
-    used = [n for n in _PROM_IDENTIFIER.findall(bare) if n in known]
-    allowed = _SCRAPE_LABELS.union(*(known[n] for n in used)) if used else _SCRAPE_LABELS
-    for metric, matchers in _SELECTOR.findall(expr):
-        if metric in known:
-            labels = set(_MATCHER.findall(matchers))
-            problems += [f"label {metric}{{{n}}}" for n in labels - known[metric] - _SCRAPE_LABELS]
-    for group in _GROUPING.findall(bare):
-        labels = {label.strip() for label in group.split(",") if label.strip()}
-        problems += [f"grouping label {n}" for n in labels - allowed]
-    return problems
 
 
 def influx_schema() -> dict[str, tuple[frozenset[str], frozenset[str]]]:
@@ -355,7 +302,7 @@ def test_overview_uses_only_metrics_and_labels_the_exporter_exposes() -> None:
     exprs = overview_promql()
     problems = {name: unknown_metric_references(expr) for name, expr in exprs.items()}
     assert not {name: found for name, found in problems.items() if found}
-    used = {n for expr in exprs.values() for n in _PROM_IDENTIFIER.findall(expr)}
+    used = {n for expr in exprs.values() for n in PROM_IDENTIFIER.findall(expr)}
     for wanted in (
         "facilitator_payments_total",
         "facilitator_settlement_duration_seconds_bucket",
@@ -371,7 +318,7 @@ def test_overview_uses_only_metrics_and_labels_the_exporter_exposes() -> None:
         found = re.fullmatch(r'label_values\((\w+)(?:\{job="\$job"\})?, (\w+)\)', variable["query"])
         assert found is not None, variable["query"]
         metric, label = found.groups()
-        assert label == name and label in exported_metrics()[metric] | _SCRAPE_LABELS, name
+        assert label == name and label in exported_metrics()[metric] | SCRAPE_LABELS, name
 
 
 def test_overview_selects_the_exporter_job_through_a_variable() -> None:
@@ -386,7 +333,7 @@ def test_overview_selects_the_exporter_job_through_a_variable() -> None:
     exprs += [v["query"] for n, v in query_variables(board).items() if n != "job"]
     for expr in exprs:
         assert "facilitator-exporter" not in expr, expr
-        for metric in _PROM_IDENTIFIER.findall(expr):
+        for metric in PROM_IDENTIFIER.findall(expr):
             selectors = re.findall(rf"\b{metric}\{{([^}}]*)\}}", expr)
             assert selectors and all('job="$job"' in m for m in selectors), (metric, expr)
 

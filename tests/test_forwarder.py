@@ -20,6 +20,7 @@ import pytest
 from _exporter_process import post_json, start_exporter
 from conftest import BASE_MS, AppClient, async_wait_until, received, settled, wait_until
 from influx_fault_server import InfluxFaultServer, PointKey, Reply, threaded_fault_server
+from ledger_helpers import prepare
 from prometheus_client import CollectorRegistry
 from store_helpers import (
     FailingFirst,
@@ -28,7 +29,6 @@ from store_helpers import (
     influx_env,
     influx_store,
     point_key,
-    prepare,
     sample,
     until,
 )

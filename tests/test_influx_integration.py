@@ -10,18 +10,16 @@ last hour, so runs against one bucket never see each other's points.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 from conftest import BASE_MS, AppClient, async_wait_until
 from fluxcheck import assert_flux_valid
+from influx_helpers import SKIP_REASON, TARGET, InfluxTarget, rows_query
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from prometheus_client import CollectorRegistry
 
@@ -33,31 +31,8 @@ from exporter.store.influx.store import InfluxStore
 pytestmark = pytest.mark.needs_influxdb
 
 
-@dataclass(frozen=True)
-class _Target:
-    url: str
-    token: str
-    org: str
-    bucket: str
-
-
-def _target_from_environment() -> _Target | None:
-    # Read at import: the autouse ``env_clean`` fixture removes EXPORTER_* variables
-    # before each test runs.
-    names = ("URL", "TOKEN", "ORG", "BUCKET")
-    values = [os.environ.get(f"EXPORTER_TEST_INFLUX_{name}", "").strip() for name in names]
-    return _Target(*values) if all(values) else None
-
-
-TARGET = _target_from_environment()
-SKIP_REASON = (
-    "EXPORTER_TEST_INFLUX_URL, _TOKEN, _ORG and _BUCKET are not all set: no InfluxDB 2.x "
-    "to test against (docker compose --profile test run --rm tests provides one)"
-)
-
-
 @pytest.fixture
-def target() -> _Target:
+def target() -> InfluxTarget:
     """The InfluxDB under test, or a skip naming the variables."""
     if TARGET is None:
         pytest.skip(SKIP_REASON)
@@ -65,7 +40,7 @@ def target() -> _Target:
 
 
 @pytest.fixture
-async def influx(target: _Target) -> AsyncIterator[InfluxDBClientAsync]:
+async def influx(target: InfluxTarget) -> AsyncIterator[InfluxDBClientAsync]:
     """The official async client, for reading back with Flux."""
     client = InfluxDBClientAsync(url=target.url, token=target.token, org=target.org)
     yield client
@@ -78,25 +53,8 @@ async def _flux(client: InfluxDBClientAsync, query: str) -> list[dict[str, Any]]
     return [dict(record.values) for table in tables for record in table.records]
 
 
-def _lit(value: str) -> str:
-    """A Flux string literal (JSON escaping is a subset of Flux's)."""
-    return json.dumps(value)
-
-
-def rows_query(bucket: str, measurement: str, network: str, start_ms: int, stop_ms: int) -> str:
-    """Flux for one measurement's points of one network, fields pivoted into columns."""
-    return f"""
-from(bucket: {_lit(bucket)})
-  |> range(start: time(v: {start_ms * 1_000_000}), stop: time(v: {stop_ms * 1_000_000}))
-  |> filter(fn: (r) => r._measurement == {_lit(measurement)} and r.network == {_lit(network)})
-  |> pivot(rowKey: ["_time"], columnKey: ["_field"], valueColumn: "_value")
-  |> group()
-  |> sort(columns: ["_time"])
-"""
-
-
 async def test_scenario_written_through_the_exporter_reads_back_with_flux(
-    target: _Target,
+    target: InfluxTarget,
     influx: InfluxDBClientAsync,
     aiohttp_client: Callable[..., Awaitable[AppClient]],
     tmp_path: Path,
@@ -181,7 +139,7 @@ async def test_scenario_written_through_the_exporter_reads_back_with_flux(
 
 
 @pytest.fixture
-async def store(target: _Target) -> AsyncIterator[InfluxStore]:
+async def store(target: InfluxTarget) -> AsyncIterator[InfluxStore]:
     """The store aimed at the real InfluxDB."""
     influx_store = InfluxStore(target.url, target.token, target.org, target.bucket)
     yield influx_store
@@ -195,7 +153,7 @@ def _batch(run: str, i: int, ms: int, gas: int) -> StoreRecord:
 
 
 async def test_replay_overwrites_and_a_poison_line_is_isolated(
-    target: _Target, influx: InfluxDBClientAsync, store: InfluxStore
+    target: InfluxTarget, influx: InfluxDBClientAsync, store: InfluxStore
 ) -> None:
     """Writing a batch twice leaves one point each; a value InfluxDB cannot parse (gas
     beyond int64) comes back as a rejection with InfluxDB's own message."""
@@ -213,7 +171,7 @@ async def test_replay_overwrites_and_a_poison_line_is_isolated(
 
 
 async def test_check_accepts_the_real_token_and_refuses_another(
-    target: _Target, store: InfluxStore
+    target: InfluxTarget, store: InfluxStore
 ) -> None:
     """What ``check-config --ping`` reports against the real server."""
     check = await store.check()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import os
 import sqlite3
 import subprocess
@@ -27,10 +26,10 @@ from conftest import (
     verified,
 )
 from ledger_faults import refusing_inserts
+from ledger_helpers import prepare
 
 from exporter.config import Durability
 from exporter.errors import LedgerCorruptError, LedgerError, LedgerUnavailableError
-from exporter.events import canonical_json, dedup_key, parse_event
 from exporter.ledger import (
     BatchGas,
     DataDirLock,
@@ -42,7 +41,6 @@ from exporter.ledger import (
     NewEvent,
     Outcome,
     PendingChange,
-    PreparedEvent,
     Submission,
     SubmissionResult,
     TerminalPayment,
@@ -57,15 +55,6 @@ from exporter.ledger.schema import (
     payment_id_hash,
 )
 from exporter.records import BatchRecord, PaymentRecord, StoreRecord, decode_records
-
-
-def prepare(event: dict[str, Any], known_key_hash: int | None = None) -> PreparedEvent:
-    """Validate an event dict the way the receiver does (``known_key_hash``: see
-    :class:`PreparedEvent`)."""
-    parsed = parse_event(event)
-    body = canonical_json(parsed)
-    raw = json.dumps(event).encode()
-    return PreparedEvent(parsed, dedup_key(parsed, body), body, raw, known_key_hash)
 
 
 @pytest.fixture

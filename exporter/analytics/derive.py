@@ -6,12 +6,11 @@ day and hour buckets, and the ordering of every list with its tie rules.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final
 
 from ..events import MICRO, round_half_even_div
+from ..networks import NetworkTable
 from .models import (
     DAY_MS,
     HOUR_MS,
@@ -39,16 +38,8 @@ from .models import (
     WindowTotals,
 )
 
-CHAIN_NAMES: Final[Mapping[str, str]] = {
-    "eip155:8453": "Base",
-    "eip155:84532": "Base Sepolia",
-    "eip155:42161": "Arbitrum",
-    "eip155:10": "Optimism",
-    "eip155:137": "Polygon",
-    "eip155:1": "Ethereum",
-    "eip155:43114": "Avalanche",
-}
-"""Display names of known CAIP-2 chains; any other network shows its id."""
+_NETWORKS = NetworkTable()
+"""Chain names come from the one network table that ingest and proxy mode use."""
 
 
 # --------------------------------------------------------------------------- pure rules
@@ -70,7 +61,7 @@ def median_ranks(n: int) -> tuple[int, ...]:
 
 def chain_name(chain_id: str) -> str:
     """The display name of a CAIP-2 chain id, or the id itself."""
-    return CHAIN_NAMES.get(chain_id, chain_id)
+    return _NETWORKS.chain_name(chain_id)
 
 
 def health_level(error_rate: float, average_settlement_ms: float) -> HealthLevel:
