@@ -492,3 +492,27 @@ def test_flux_prints_each_result_table(tmp_path: Path) -> None:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def test_export_output_is_private_never_follows_a_link_and_never_overwrites(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    path = write_ndjson(tmp_path / "events.ndjson", event_lines(history()))
+    assert run_cli("replay", str(path), "--data-dir", str(data_dir)).returncode == 0
+    out = tmp_path / "export.ndjson"
+    assert run_cli("export", "--output", str(out), "--data-dir", str(data_dir)).returncode == 0
+    assert out.stat().st_mode & 0o777 == 0o600
+    again = run_cli("export", "--output", str(out), "--data-dir", str(data_dir))
+    assert again.returncode == 2 and "--force" in again.stderr
+    out.chmod(0o644)
+    forced = run_cli("export", "--output", str(out), "--force", "--data-dir", str(data_dir))
+    assert forced.returncode == 0 and out.stat().st_mode & 0o777 == 0o600
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    link = tmp_path / "link.ndjson"
+    link.symlink_to(target)
+    for extra in ((), ("--force",)):
+        refused = run_cli("export", "--output", str(link), *extra, "--data-dir", str(data_dir))
+        assert refused.returncode == 2 and "symbolic link" in refused.stderr, refused.stderr
+    assert target.read_text() == "keep me"

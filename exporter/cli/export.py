@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gzip
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -25,21 +28,54 @@ if TYPE_CHECKING:
     from .common import Commands
 
 
-def _open_output(output: Path | None, stdout: IO[bytes]) -> contextlib.AbstractContextManager[Any]:
-    """The sink: ``stdout``, or ``output`` (gzip when it ends in .gz), refused in one line
-    naming the file when it cannot be created."""
+def _open_output(
+    output: Path | None, stdout: IO[bytes], force: bool = False
+) -> contextlib.AbstractContextManager[Any]:
+    """The sink: ``stdout``, or ``output`` (gzip when it ends in .gz), created mode 0600.
+
+    The file must not exist (``force`` replaces a regular file), and a symbolic link is never
+    followed: an export holds every payer and payee, and must not overwrite what a link
+    points at. A file that cannot be created is refused in one line naming it.
+    """
     if output is None:
         return contextlib.nullcontext(stdout)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if force else os.O_EXCL)
     try:
-        if output.name.endswith(".gz"):
-            return gzip.open(output, "wb")
-        return open(output, "wb")
-    except OSError as error:
+        descriptor = os.open(output, flags, 0o600)
+    except FileExistsError:
+        if output.is_symlink():
+            raise OperatorError(
+                f"export: cannot write --output {output}: it is a symbolic link, which export "
+                "never follows; choose a new file",
+                2,
+            ) from None
         raise OperatorError(
-            f"export: cannot write --output {output}: {error.strerror or error}; "
+            f"export: --output {output} exists; choose a new file or add --force to replace it",
+            2,
+        ) from None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            reason = "it is a symbolic link, which export never follows"
+        else:
+            reason = error.strerror or str(error)
+        raise OperatorError(
+            f"export: cannot write --output {output}: {reason}; "
             "choose a file in an existing, writable directory",
             2,
         ) from None
+    os.fchmod(descriptor, 0o600)  # a replaced file keeps no wider mode
+    return _file_sink(descriptor, output.name)
+
+
+@contextlib.contextmanager
+def _file_sink(descriptor: int, name: str) -> Iterator[IO[bytes] | gzip.GzipFile]:
+    """The open file ``descriptor``, gzip-compressed when ``name`` ends in .gz; closed after."""
+    with os.fdopen(descriptor, "wb") as raw:
+        if not name.endswith(".gz"):
+            yield raw
+            return
+        with gzip.GzipFile(filename=name, mode="wb", fileobj=raw) as zipped:
+            yield zipped
 
 
 def export(
@@ -48,6 +84,7 @@ def export(
     until_ms: int | None,
     output: Path | None,
     stdout: IO[bytes],
+    force: bool = False,
 ) -> int:
     """Write the ledger's events in commit order as NDJSON; returns how many.
 
@@ -57,7 +94,7 @@ def export(
     """
     existing_ledger(settings, "export")
     written = 0
-    with locked_data_dir(settings, "export"), _open_output(output, stdout) as sink:
+    with locked_data_dir(settings, "export"), _open_output(output, stdout, force) as sink:
         ledger = Ledger(settings.ledger_path, settings.durability)
         try:
             for _seq, _key, body in ledger.iter_events():
@@ -82,7 +119,7 @@ def _export(args: argparse.Namespace) -> int:
     since = parse_instant(args.since, "--since") if args.since else None
     until = parse_instant(args.until, "--until") if args.until else None
     output = Path(args.output) if args.output else None
-    count = export(settings, since, until, output, sys.stdout.buffer)
+    count = export(settings, since, until, output, sys.stdout.buffer, args.force)
     sys.stderr.write(f"export: {count} events written to {output or 'stdout'}\n")
     return 0
 
@@ -103,6 +140,11 @@ def add_parser(commands: Commands) -> None:
     )
     export.add_argument(
         "--output", help="file to write; gzip when it ends in .gz (default stdout)"
+    )
+    export.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --output if it exists (a symbolic link is refused all the same)",
     )
     export.add_argument("--data-dir", help=DATA_DIR_HELP)
     export.set_defaults(run=_export)

@@ -10,6 +10,15 @@ import urllib.request
 from ..errors import OperatorError
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows no redirect: urllib would resend the ``Authorization`` header to wherever a
+    redirect points."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        """Refuse the redirect; the 3xx answer becomes an HTTPError."""
+        return None
+
+
 def get_json(url: str, token: str | None, timeout: float, command: str) -> object:
     """GET ``url`` (with a bearer ``token`` when given) and parse its JSON answer.
 
@@ -19,7 +28,7 @@ def get_json(url: str, token: str | None, timeout: float, command: str) -> objec
     or an answer that is not JSON.
     """
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
     try:
         request = urllib.request.Request(url, headers=headers)
     except ValueError as error:  # no scheme, or not a URL at all
@@ -28,6 +37,14 @@ def get_json(url: str, token: str | None, timeout: float, command: str) -> objec
         with opener.open(request, timeout=timeout) as response:
             body = response.read()
     except urllib.error.HTTPError as error:
+        if 300 <= error.code < 400:
+            error.close()
+            where = error.headers.get("Location", "elsewhere")
+            raise OperatorError(
+                f"{command}: {url} answered {error.code}, a redirect to {where}; --url must "
+                "name the exporter itself (a redirect is never followed: it would carry the "
+                "token to another address)"
+            ) from None
         with error:
             detail = error.read().decode("utf-8", errors="replace")
         with contextlib.suppress(ValueError, KeyError, TypeError):

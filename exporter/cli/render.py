@@ -12,6 +12,10 @@ from typing import Any
 _NUMERIC = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(value: object) -> str:
     if value is None:
         return ""
@@ -21,7 +25,22 @@ def _cell(value: object) -> str:
         return f"{value:.3f}".rstrip("0").rstrip(".") if value % 1 else f"{value:.0f}"
     if isinstance(value, dict | list):
         return json.dumps(value, separators=(",", ":"))
-    return str(value)
+    return printable(str(value))
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character (C0, DEL, C1) shown as ``\\xNN``: values from
+    the network (a payee, a refused body) must not move a terminal's cursor or ring it."""
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+
+
+def _csv_cell(value: object) -> str:
+    """A CSV cell a spreadsheet will not run: text starting like a formula gets a ``'``
+    prefix (numbers, negative ones included, are left alone)."""
+    text = _cell(value)
+    if text.startswith(_FORMULA_START) and not _NUMERIC.fullmatch(text):
+        return "'" + text
+    return text
 
 
 def _is_number(value: object) -> bool:
@@ -106,17 +125,17 @@ def _csv(data: object) -> str:
             headers = list(data[0])
             writer.writerow(headers)
             for item in data:
-                writer.writerow([_cell(item.get(h)) for h in headers])
+                writer.writerow([_csv_cell(item.get(h)) for h in headers])
         else:
             writer.writerow(["value"])
             for item in data:
-                writer.writerow([_cell(item)])
+                writer.writerow([_csv_cell(item)])
         return buffer.getvalue()
     pairs: list[tuple[str, object]] = []
     _flatten("", data, pairs)
     writer.writerow(["field", "value"])
     for key, value in pairs:
-        writer.writerow([key, _cell(value)])
+        writer.writerow([key, _csv_cell(value)])
     return buffer.getvalue()
 
 
@@ -131,7 +150,7 @@ def render_flux(tables: list[tuple[list[str], list[list[object]]]], fmt: str) ->
         writer = csv.writer(buffer, lineterminator="\n")
         for index, (cols, rows) in enumerate(tables):
             writer.writerow(["table", *cols])
-            writer.writerows([[index, *[_cell(v) for v in row]] for row in rows])
+            writer.writerows([[index, *[_csv_cell(v) for v in row]] for row in rows])
         return buffer.getvalue()
     if not tables:
         return "(no tables)\n"
@@ -144,5 +163,5 @@ def render_flux(tables: list[tuple[list[str], list[list[object]]]], fmt: str) ->
 
 def clip(text: str, width: int) -> str:
     """``text`` on one line, cut to ``width`` characters with ``...`` (0: whole)."""
-    text = " ".join(text.split())
+    text = " ".join(printable(text).split())
     return text if width <= 0 or len(text) <= width else text[: max(1, width - 3)] + "..."
