@@ -110,4 +110,4 @@ def test_a_data_dir_the_exporter_creates_is_private(tmp_path: Path) -> None:
     existing.mkdir(mode=0o750)
     existing.chmod(0o750)
     DataDirLock(existing).release()
-    assert existing.stat().st_mode & 0o777 == 0o750, "an existing directory keeps its mode"
+    assert existing.stat().st_mode & 0o777 == 0o700, "an existing directory is made private"

@@ -145,6 +145,10 @@ def _demo_rate(args: argparse.Namespace) -> float | None:
     return DEMO_RATE if args.demo_rate is None else float(args.demo_rate)
 
 
+PRIVATE_UMASK = 0o077
+"""Files and directories the serving process creates are its user's alone (0600/0700)."""
+
+
 def _serve(args: argparse.Namespace) -> int:
     demo_rate = _demo_rate(args)
     settings = settings_from_args(args)
@@ -153,6 +157,7 @@ def _serve(args: argparse.Namespace) -> int:
             "serve: --demo needs a fixed port to send its traffic to, not port 0; "
             "set --listen or EXPORTER_LISTEN to host:port"
         )
+    os.umask(PRIVATE_UMASK)
     writable_data_dir(settings, "serve")
     configure_logging(settings.log_level, settings.log_format.value)
     _limit_malloc_arenas()

@@ -4,7 +4,14 @@ Other stages import from here; the modules inside are the ledger's own business.
 """
 
 from .committer import CommitOutcome, GroupCommitter
-from .files import DataDirLock, check_no_pending_recovery, is_damage, read_only_uri, recovery_marker
+from .files import (
+    DataDirLock,
+    check_no_pending_recovery,
+    is_damage,
+    make_file_private,
+    read_only_uri,
+    recovery_marker,
+)
 from .model import (
     BatchGas,
     DeadLetter,
@@ -43,6 +50,7 @@ __all__ = [
     "TerminalPayment",
     "check_no_pending_recovery",
     "is_damage",
+    "make_file_private",
     "read_only_uri",
     "recovery_marker",
 ]

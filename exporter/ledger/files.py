@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import stat
 import urllib.parse
 from pathlib import Path
 
@@ -172,6 +173,31 @@ def check_ledger_file(path: Path) -> None:
         raise LedgerCorruptError(damaged_ledger_message(path, problem))
 
 
+def make_private(data_dir: Path) -> None:
+    """Make ``data_dir`` mode 0700 and every file directly in it 0600, also when the
+    directory existed before with wider modes (a Docker volume, a directory made by hand).
+
+    The data holds payer addresses and the raw bytes of refused bodies: it is the
+    exporter's user's alone. Files the exporter's own user does not own are left as they are.
+    """
+    info = data_dir.stat()
+    if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+        data_dir.chmod(0o700)
+    for entry in data_dir.iterdir():
+        make_file_private(entry)
+
+
+def make_file_private(path: Path) -> None:
+    """Make ``path`` mode 0600 when it is a regular file of this user with a wider mode
+    (a link, another user's file or a missing one is left alone)."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and info.st_mode & 0o077:
+        path.chmod(0o600)
+
+
 class DataDirLock:
     """An exclusive advisory lock on the data directory, held while the exporter runs.
 
@@ -180,9 +206,8 @@ class DataDirLock:
     """
 
     def __init__(self, data_dir: Path) -> None:
-        # The data holds payer addresses and the raw bytes of refused bodies: a directory
-        # the exporter creates is its user's alone. An existing one keeps its mode.
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private(data_dir)
         self.path = data_dir / ".lock"
         self._file = open(self.path, "a+")  # held until release()
         try:

@@ -29,7 +29,13 @@ from ..errors import LedgerCorruptError, LedgerUnavailableError
 from ..events import parse_event
 from ..records import OutboxRow, StoreRecord, StoreRejection, decode_records, record_to_json
 from .checkpointer import Checkpointer
-from .files import check_ledger_file, close_without_checkpoint, damaged_ledger_message, open_error
+from .files import (
+    check_ledger_file,
+    close_without_checkpoint,
+    damaged_ledger_message,
+    make_file_private,
+    open_error,
+)
 from .joins import RowNumbers, TransactionWriter
 from .model import (
     DeadLetterRow,
@@ -108,6 +114,8 @@ class Ledger:
         except BaseException:
             close_without_checkpoint(path, self._opened)
             raise
+        for suffix in ("", "-wal", "-shm"):  # later -wal/-shm files take the file's mode
+            make_file_private(path.with_name(path.name + suffix))
 
     def _open(self, durability: Durability) -> None:
         self._write = self._connect(durability)

@@ -54,7 +54,7 @@ import orjson
 
 from ..config import DUCKDB_MEMORY_LIMIT, DUCKDB_THREADS
 from ..errors import StoreCorruptError, StoreError, StoreInvalidatedError, StoreLockedError
-from ..ledger import check_no_pending_recovery
+from ..ledger import check_no_pending_recovery, make_file_private
 from ..records import (
     BatchRecord,
     PaymentRecord,
@@ -437,6 +437,7 @@ class DuckDBStore:
                 if problem is not None:
                     raise StoreCorruptError(damaged_store_message(path, problem))
             conn = _connect(path, existed, config)
+            make_file_private(path)  # every payer and payee: the exporter's user's alone
         except (OSError, duckdb.Error) as error:
             raise StoreError(_unopenable_message(path, error)) from error
         log.info("duckdb store opened", extra={"path": str(path), "new_file": not existed})
