@@ -27,6 +27,8 @@ from pydantic import (
 from pydantic_core import PydanticCustomError, SchemaValidator, core_schema
 from typing_extensions import TypedDict  # pydantic validates typing's only from 3.12
 
+from .networks import CAIP2, NetworkTable
+
 MICRO = 1_000_000
 """Micro-units per token unit: money is kept as integer micro-units (10^-6)."""
 
@@ -38,7 +40,6 @@ MAX_FUTURE_SKEW_MS = 86_400_000
 
 _DECIMAL = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,18})?")
 _INTEGER = re.compile(r"[0-9]{1,30}")
-_CAIP2 = re.compile(r"[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}")
 _EVM_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 _EVM_TX = re.compile(r"0x[0-9a-fA-F]{64}")
 _PRINTABLE = re.compile(r"[^\x00-\x1f\x7f]+")
@@ -91,14 +92,20 @@ def _timestamp(value: int) -> int:
     return value
 
 
+_NETWORKS = NetworkTable()
+
+
 def _network(value: str) -> str:
-    if not _CAIP2.fullmatch(value):
+    """A CAIP-2 id as given, or the CAIP-2 id of an x402 v1 network name (``base``)."""
+    caip2 = _NETWORKS.caip2(value)
+    if caip2 is None:
         raise PydanticCustomError(
             "caip2",
-            'must be a CAIP-2 chain id such as "eip155:8453", got {shown}',
+            'must be a CAIP-2 chain id such as "eip155:8453" or an x402 v1 network name '
+            'such as "base", got {shown}',
             {"shown": _show(value)},
         )
-    return value
+    return caip2
 
 
 def _address(value: str) -> str:
@@ -383,7 +390,7 @@ def _without_trailing_zeros(value: str) -> str:
 # name, under "then", a Python function applied to what its constraints admitted.
 _NATIVE_FORMS: dict[Any, tuple[dict[str, Any] | None, ...]] = {
     _identifier: ({"pattern": r"^[^\x00-\x1f\x7f]+$"},),
-    _network: ({"pattern": f"^{_CAIP2.pattern}$"},),
+    _network: ({"pattern": f"^{CAIP2.pattern}$"}, _THE_CHECK_ITSELF),  # v1 names: the check
     _address: (
         {"pattern": f"^{_EVM_ADDRESS.pattern}$", "to_lower": True},
         {"pattern": _ASCII_VISIBLE_ENDS},

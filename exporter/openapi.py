@@ -51,6 +51,7 @@ from .events import (
     Transaction,
 )
 from .ingest.signing import SIGNATURE_HEADER
+from .networks import CAIP2, NetworkTable
 
 OPENAPI_PATH: Final = "/openapi.json"
 """Where the document is served."""
@@ -90,8 +91,12 @@ _STRING_FORMATS: Final[list[tuple[object, dict[str, object]]]] = [
     (
         Network,
         {
-            "pattern": "^[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}$",
-            "description": 'CAIP-2 chain id, e.g. "eip155:8453".',
+            "anyOf": [
+                {"pattern": f"^{CAIP2.pattern}$"},
+                {"enum": sorted(NetworkTable().v1_names)},
+            ],
+            "description": 'CAIP-2 chain id, e.g. "eip155:8453", or an x402 v1 network name '
+            '(e.g. "base"), which the exporter stores as its CAIP-2 id.',
         },
     ),
     (

@@ -101,9 +101,9 @@ BAD_INPUTS: list[tuple[str, Any, str]] = [
         "data.timestamp: Input should be a valid integer",
     ),
     (
-        "network not CAIP-2",
-        _with(received("p"), network="base"),
-        "data.network: must be a CAIP-2 chain id",
+        "network neither CAIP-2 nor a v1 name",
+        _with(received("p"), network="basechain"),
+        "data.network: must be a CAIP-2 chain id such as \"eip155:8453\" or an x402 v1",
     ),
     (
         "payment count zero",
@@ -172,7 +172,7 @@ def test_bad_json_input_gets_the_same_error(case: str, event: Any, expected: str
 
 def test_two_bad_fields_are_both_named() -> None:
     with pytest.raises(EventError) as caught:
-        parse_event(_with(received("p"), amount="-1", network="base"))
+        parse_event(_with(received("p"), amount="-1", network="basechain"))
     assert "data.amount:" in str(caught.value)
     assert "data.network:" in str(caught.value)
 

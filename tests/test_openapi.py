@@ -176,7 +176,7 @@ def test_event_schema_accepts_what_the_parser_accepts(event: dict[str, Any]) -> 
         ("amount", "1e5"),
         ("amount", "-1"),
         ("amount", 1.5),
-        ("network", "base"),
+        ("network", "basechain"),
         ("timestamp", 1_700_000_000),
         ("timestamp", "1767225600000"),
         ("payer", " 0xabc"),
