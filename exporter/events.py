@@ -27,7 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError, SchemaValidator, core_schema
 from typing_extensions import TypedDict  # pydantic validates typing's only from 3.12
 
-from .networks import CAIP2, NetworkTable
+from .networks import BUILTIN_TABLE, CAIP2
 
 MICRO = 1_000_000
 """Micro-units per token unit: money is kept as integer micro-units (10^-6)."""
@@ -92,12 +92,9 @@ def _timestamp(value: int) -> int:
     return value
 
 
-_NETWORKS = NetworkTable()
-
-
 def _network(value: str) -> str:
     """A CAIP-2 id as given, or the CAIP-2 id of an x402 v1 network name (``base``)."""
-    caip2 = _NETWORKS.caip2(value)
+    caip2 = BUILTIN_TABLE.caip2(value)
     if caip2 is None:
         raise PydanticCustomError(
             "caip2",

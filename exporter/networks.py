@@ -213,3 +213,8 @@ class NetworkTable:
     def v1_names(self) -> dict[str, str]:
         """Every name the table maps, to its CAIP-2 id."""
         return dict(self._names)
+
+
+BUILTIN_TABLE = NetworkTable()
+"""The table of built-in names alone, for code that has no settings (event parsing, chain
+names, the OpenAPI document); built once."""

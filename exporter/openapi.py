@@ -51,7 +51,7 @@ from .events import (
     Transaction,
 )
 from .ingest.signing import SIGNATURE_HEADER
-from .networks import CAIP2, NetworkTable
+from .networks import BUILTIN_TABLE, CAIP2
 
 OPENAPI_PATH: Final = "/openapi.json"
 """Where the document is served."""
@@ -93,7 +93,7 @@ _STRING_FORMATS: Final[list[tuple[object, dict[str, object]]]] = [
         {
             "anyOf": [
                 {"pattern": f"^{CAIP2.pattern}$"},
-                {"enum": sorted(NetworkTable().v1_names)},
+                {"enum": sorted(BUILTIN_TABLE.v1_names)},
             ],
             "description": 'CAIP-2 chain id, e.g. "eip155:8453", or an x402 v1 network name '
             '(e.g. "base"), which the exporter stores as its CAIP-2 id.',

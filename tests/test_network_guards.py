@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import AppClient
@@ -28,10 +29,10 @@ def start(
 ) -> ClientFactory:
     """Start the exporter with the given settings overrides."""
 
-    async def run(**overrides: object) -> AppClient:
-        options: dict[str, object] = {"data_dir": data_dir, "listen": "127.0.0.1:0"}
+    async def run(**overrides: Any) -> AppClient:
+        options: dict[str, Any] = {"data_dir": data_dir, "listen": "127.0.0.1:0"}
         options.update(overrides)
-        return await aiohttp_client(create_app(Settings(**options), registry))  # type: ignore[arg-type]
+        return await aiohttp_client(create_app(Settings(**options), registry))
 
     return run
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from ..events import MICRO, round_half_even_div
-from ..networks import NetworkTable
+from ..networks import BUILTIN_TABLE
 from .models import (
     DAY_MS,
     HOUR_MS,
@@ -38,10 +38,6 @@ from .models import (
     WindowTotals,
 )
 
-_NETWORKS = NetworkTable()
-"""Chain names come from the one network table that ingest and proxy mode use."""
-
-
 # --------------------------------------------------------------------------- pure rules
 
 
@@ -61,7 +57,7 @@ def median_ranks(n: int) -> tuple[int, ...]:
 
 def chain_name(chain_id: str) -> str:
     """The display name of a CAIP-2 chain id, or the id itself."""
-    return _NETWORKS.chain_name(chain_id)
+    return BUILTIN_TABLE.chain_name(chain_id)
 
 
 def health_level(error_rate: float, average_settlement_ms: float) -> HealthLevel:
