@@ -538,7 +538,7 @@ class Settings(BaseSettings):
         ]
         if missing:
             chosen = (
-                f"EXPORTER_STORES lists influxdb; list duckdb alone for the embedded store"
+                "EXPORTER_STORES lists influxdb; list duckdb alone for the embedded store"
                 if self.stores is not None
                 else f"store is {self.store.value}; set EXPORTER_STORE=duckdb for the "
                 "embedded store"

@@ -112,6 +112,7 @@ def delivered_upto_key(sink: str) -> str:
     """The meta key of the last outbox seq delivered to ``sink``."""
     return f"{DELIVERED_UPTO}:{sink}"
 
+
 RECENT_KEYS_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS recent_keys (
     key_hash INTEGER NOT NULL,

@@ -585,8 +585,8 @@ class Ledger:
             start, after = self._handoff_start, cursor.delivered_upto
             if after >= start - 1:
                 # The handoff holds every record from ``start`` on, without gaps.
-                rows = islice(self._handoff, after + 1 - start, after + 1 - start + limit)
-                return [OutboxRow(seq, record) for seq, record in rows]
+                held = islice(self._handoff, after + 1 - start, after + 1 - start + limit)
+                return [OutboxRow(seq, record) for seq, record in held]
         read: list[OutboxRow] = []
         with self._read_lock:
             rows = self._read.execute(
