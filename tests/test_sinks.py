@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -428,6 +429,36 @@ async def test_both_stores_receive_every_record(
     store = client.app[STORE]
     assert isinstance(store, DuckDBStore)
     assert len(influx.point_keys()) == store.counts()["payment"] == 6
+
+
+async def test_backfill_fills_the_store_it_is_told_among_several(
+    data_dir: Path, influx: InfluxFaultServer
+) -> None:
+    """``backfill --to duckdb`` writes to DuckDB even when InfluxDB is listed first."""
+    from exporter.cli.backfill import backfill
+
+    settings = Settings(
+        data_dir=data_dir,
+        stores="influxdb,duckdb",
+        influx_url=influx.url,
+        influx_token=influx.token,
+        influx_org=influx.org,
+    )
+    ledger = Ledger(settings.ledger_path, sinks=settings.sink_names)
+    committer = GroupCommitter(ledger)
+    try:
+        await _submit(committer, *_scenario(int(time.time() * 1000)))
+    finally:
+        committer.close()
+        ledger.close()
+    summary = await backfill(settings, StoreKind.DUCKDB, err=io.StringIO())
+    assert summary.records_written == 6 and summary.left_in_scratch == 0
+    assert influx.request_log() == []
+    store = DuckDBStore.open(settings.duckdb_path)
+    try:
+        assert store.counts()["payment"] == 6
+    finally:
+        await store.close()
 
 
 # --------------------------------------------------------------------------- kill -9
