@@ -376,6 +376,14 @@ async def test_analytics_answer_from_duckdb_while_influxdb_is_down(
     assert stores["influxdb"]["lagSeconds"] > 0
     assert state["ledger"]["backlog"] == pending
 
+    later = [received("d", now - 60_000, amount="4.00"), settled("d", now - 30_000)]
+    assert (await client.post("/v1/events", json=later)).status == 202
+    await until(lambda: written("duckdb") == 8, "DuckDB caught up again")
+    pending = ledger.backlog_of("influxdb")
+    assert pending == 8 and backlog("influxdb") == 8 and backlog("duckdb") == 0
+    body = await (await client.get(f"/v1/analytics/payments?window=1h&at={now}")).json()
+    assert (body["totalPayments"], body["totalVolume"]) == (4, "7.000000")
+
     await influx.resume()
     await until(lambda: written("influxdb") == pending, "InfluxDB caught up after the outage")
     assert len(influx.point_keys()) == pending
