@@ -482,13 +482,19 @@ class Ledger:
                 ],
             )
             cur.execute("DELETE FROM outbox WHERE last_seq <= ?", (everywhere,))
-            cur.execute(
+            # Every sink's cursor, so that one taken over from the single cursor of old
+            # is kept exactly once that goes.
+            cur.executemany(
                 "INSERT INTO meta (key, value) VALUES (?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (delivered_upto_key(name), str(delivered)),
+                [
+                    (
+                        delivered_upto_key(sink),
+                        str(delivered if other is cursor else other.delivered_upto),
+                    )
+                    for sink, other in self._cursors.items()
+                ],
             )
-            # Each sink now has a cursor of its own (one without resumes from the
-            # outbox's first row).
             cur.execute("DELETE FROM meta WHERE key = ?", (DELIVERED_UPTO,))
         with self._handoff_lock:
             # Records are numbered without gaps: those newly delivered are the seqs
