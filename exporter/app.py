@@ -1,7 +1,7 @@
 """The aiohttp application: routes, typed state, and one cleanup context per resource.
 
-Resources start in dependency order (ledger, store, forwarder) and stop in reverse, so
-the forwarder drains into a still-open store and the ledger closes last.
+Resources start in dependency order (ledger, stores, forwarders) and stop in reverse, so
+each forwarder drains into a still-open store and the ledger closes last.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from .analytics import Analytics, analytics_source
 from .analytics.service import AnalyticsAPI, AnalyticsService, AnalyticsSink
-from .config import Settings, host_name, is_loopback_name
+from .config import AnalyticsSourceKind, Settings, StoreKind, host_name, is_loopback_name
 from .errors import LedgerUnavailableError
 from .ingest.proxy import PROXY, FacilitatorProxy, ProxyLimits
 from .ingest.receiver import IngestLimits, Receiver
@@ -30,7 +30,7 @@ from .ledger import DataDirLock, GroupCommitter, Ledger
 from .metrics import Metrics
 from .openapi import OPENAPI_PATH, openapi_json
 from .records import Store
-from .store import Forwarder, open_store
+from .store import Forwarder, close_stores, open_stores
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,13 @@ REGISTRY = web.AppKey("registry", CollectorRegistry)
 METRICS = web.AppKey("metrics", Metrics)
 COMMITTER = web.AppKey("committer", GroupCommitter)
 STORE = web.AppKey("store", Store)
+"""The store the analytics read (the first configured one when analytics have none)."""
+STORES = web.AppKey[tuple[Store, ...]]("stores")
+"""Every store the ledger feeds, in the order EXPORTER_STORES lists them."""
 FORWARDER = web.AppKey("forwarder", Forwarder)
+"""The first store's forwarder."""
+FORWARDERS = web.AppKey[tuple[Forwarder, ...]]("forwarders")
+"""One forwarder per store, in the order of :data:`STORES`."""
 RECEIVER = web.AppKey("receiver", Receiver)
 ANALYTICS = web.AppKey("analytics", AnalyticsService)
 ANALYTICS_API = web.AppKey("analytics_api", AnalyticsAPI)
@@ -143,12 +149,15 @@ async def _ledger_resource(app: web.Application) -> AsyncIterator[None]:
     metrics = app[METRICS]
     lock = DataDirLock(settings.data_dir)
     try:
-        ledger = await asyncio.to_thread(Ledger, settings.ledger_path, settings.durability)
+        ledger = await asyncio.to_thread(
+            Ledger, settings.ledger_path, settings.durability, sinks=settings.sink_names
+        )
     except BaseException:
         lock.release()
         raise
     metrics.restore(await asyncio.to_thread(ledger.gauges))
-    metrics.track_backlog(lambda: ledger.backlog)
+    for sink in ledger.sinks:
+        metrics.track_backlog(sink, functools.partial(ledger.backlog_of, sink))
     committer = GroupCommitter(ledger, commit_on_loop=settings.ledger_commit_on_loop)
     committer.on_commit_hooks.append(metrics.ledger_commits.inc)
     app[COMMITTER] = committer
@@ -181,41 +190,60 @@ async def _ledger_resource(app: web.Application) -> AsyncIterator[None]:
         log.info("ledger closed", extra={"path": str(settings.ledger_path)})
 
 
+def _analytics_store(settings: Settings, stores: tuple[Store, ...]) -> Store:
+    """The store the analytics source reads: the sink EXPORTER_ANALYTICS_SOURCE names."""
+    wanted = (
+        StoreKind.INFLUXDB
+        if settings.resolved_analytics_source is AnalyticsSourceKind.FLUX
+        else StoreKind.DUCKDB
+    )
+    return next((store for store in stores if store.name == wanted.value), stores[0])
+
+
 @contextlib.asynccontextmanager
 async def _store_resource(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    store = await asyncio.to_thread(open_store, settings)
-    app[STORE] = store
-    where: dict[str, object] = {"store": store.name}
-    if store.name == "influxdb":
-        where.update(
-            url=settings.influx_url, org=settings.influx_org, bucket=settings.influx_bucket
-        )
-    log.info("store open", extra=where)
+    stores = tuple(await open_stores(settings))
+    app[STORES] = stores
+    app[STORE] = _analytics_store(settings, stores)
+    for store in stores:
+        where: dict[str, object] = {"store": store.name}
+        if store.name == StoreKind.INFLUXDB.value:
+            where.update(
+                url=settings.influx_url, org=settings.influx_org, bucket=settings.influx_bucket
+            )
+        log.info("store open", extra=where)
     try:
         yield
     finally:
-        await store.close()
+        await close_stores(list(stores))
 
 
 @contextlib.asynccontextmanager
 async def _forwarder_resource(app: web.Application) -> AsyncIterator[None]:
     committer = app[COMMITTER]
     settings = app[SETTINGS]
-    forwarder = Forwarder(
-        committer,
-        app[STORE],
-        app[METRICS],
-        settings.store_batch_size,
-        flush_interval_seconds=settings.store_flush_interval_seconds,
+    forwarders = tuple(
+        Forwarder(
+            committer,
+            store,
+            app[METRICS],
+            settings.store_batch_size,
+            flush_interval_seconds=settings.store_flush_interval_seconds,
+            sink=store.name,
+        )
+        for store in app[STORES]
     )
-    app[FORWARDER] = forwarder
-    committer.on_commit_hooks.append(forwarder.wake)
-    forwarder.start()
+    app[FORWARDERS] = forwarders
+    app[FORWARDER] = forwarders[0]
+    for forwarder in forwarders:
+        committer.on_commit_hooks.append(forwarder.wake)
+        forwarder.start()
     try:
         yield
     finally:
-        await forwarder.stop(DRAIN_SECONDS)
+        # Each drains for at most DRAIN_SECONDS, side by side.
+        await asyncio.gather(*(forwarder.stop(DRAIN_SECONDS) for forwarder in forwarders))
 
 
 @contextlib.asynccontextmanager
@@ -386,7 +414,7 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     app = request.app
     committer = app[COMMITTER]
-    forwarder = app[FORWARDER]
+    forwarders = app[FORWARDERS]
     try:
         stats = await asyncio.to_thread(committer.ledger.stats)
         commit = await committer.last_outcome(READY_COMMIT_MAX_AGE_SECONDS)
@@ -401,9 +429,10 @@ async def _readyz(request: web.Request) -> web.Response:
             {"status": "not ready", "ledger": {"error": commit.error, "lastCommit": last_commit}},
             status=503,
         )
-    state = forwarder.state()
+    states = [_store_state(forwarder) for forwarder in forwarders]
+    refusing = [forwarder.label for forwarder in forwarders if not forwarder.ready]
     body: dict[str, object] = {
-        "status": "ready" if forwarder.ready else "not ready",
+        "status": "not ready" if refusing else "ready",
         "ledger": {
             "events": stats.events,
             "backlog": stats.backlog,
@@ -411,20 +440,30 @@ async def _readyz(request: web.Request) -> web.Response:
             "deadLetters": stats.dead_letters,
             "lastCommit": last_commit,
         },
-        "store": {
-            "name": state.name,
-            "reachable": state.reachable,
-            "authFailed": state.auth_failed,
-            "backlog": state.backlog,
-            "lagSeconds": state.lag_seconds,
-            "lastSuccessfulWrite": state.last_success,
-            "lastError": state.last_error,
-            "errorClass": state.error_class,
-            "consecutiveFailures": state.consecutive_failures,
-        },
+        "store": states[0],
+        "stores": states,
     }
-    if not forwarder.ready:
+    if refusing:
         # Ingest still works (events buffer in the ledger); the store needs an operator.
-        body["reason"] = "the store refuses the exporter's credentials; events are buffering"
+        body["reason"] = (
+            f"the store {', '.join(refusing)} refuses the exporter's credentials; "
+            "events are buffering"
+        )
         return web.json_response(body, status=503)
     return web.json_response(body)
+
+
+def _store_state(forwarder: Forwarder) -> dict[str, object]:
+    """One store's delivery state as ``/readyz`` shows it."""
+    state = forwarder.state()
+    return {
+        "name": state.name,
+        "reachable": state.reachable,
+        "authFailed": state.auth_failed,
+        "backlog": state.backlog,
+        "lagSeconds": state.lag_seconds,
+        "lastSuccessfulWrite": state.last_success,
+        "lastError": state.last_error,
+        "errorClass": state.error_class,
+        "consecutiveFailures": state.consecutive_failures,
+    }

@@ -70,6 +70,44 @@ class StoreKind(StrEnum):
     INFLUXDB = "influxdb"
 
 
+SINKS = (StoreKind.DUCKDB, StoreKind.INFLUXDB)
+"""The stores ``EXPORTER_STORES`` may list."""
+
+
+class AnalyticsSourceKind(StrEnum):
+    """Where the analytics queries run: SQL on the DuckDB sink or Flux on the InfluxDB one."""
+
+    DUCKDB = "duckdb"
+    FLUX = "flux"
+
+
+def parse_stores(value: str) -> tuple[StoreKind, ...]:
+    """The sinks of an ``EXPORTER_STORES`` value (``duckdb,influxdb``), or ValueError why not."""
+    names = [name.strip().lower() for name in value.split(",")]
+    known = ", ".join(kind.value for kind in SINKS)
+    stores: list[StoreKind] = []
+    for name in names:
+        if name not in {kind.value for kind in SINKS}:
+            shown = f"unknown store {name!r}" if name else "an empty name"
+            raise ValueError(f"{shown}: list one or more of {known}, e.g. duckdb,influxdb")
+        if StoreKind(name) in stores:
+            raise ValueError(f"{name} is listed twice: list each store once")
+        stores.append(StoreKind(name))
+    return tuple(stores)
+
+
+def default_analytics_source(settings: Settings) -> AnalyticsSourceKind:
+    """The analytics source when ``EXPORTER_ANALYTICS_SOURCE`` is unset.
+
+    DuckDB whenever it is a sink: it answers from this machine, also while InfluxDB is
+    down, and Flux does not run on every InfluxDB that takes writes. Flux on an InfluxDB
+    sink alone.
+    """
+    if StoreKind.DUCKDB in settings.resolved_stores:
+        return AnalyticsSourceKind.DUCKDB
+    return AnalyticsSourceKind.FLUX
+
+
 class LogFormat(StrEnum):
     """Log line rendering."""
 
@@ -241,6 +279,16 @@ class Settings(BaseSettings):
         "after connecting or after its last answer is closed",
     )
     store: StoreKind = Field(StoreKind.AUTO, description="auto, duckdb or influxdb")
+    stores: str | None = Field(
+        None,
+        description="comma-separated stores the ledger feeds, each at its own pace, e.g. "
+        "duckdb,influxdb; unset: the one store of EXPORTER_STORE",
+    )
+    analytics_source: AnalyticsSourceKind | None = Field(
+        None,
+        description="duckdb or flux: the sink the analytics queries run on; unset: duckdb "
+        "when it is a sink, else flux",
+    )
     store_batch_size: PositiveInt = Field(5_000, description="events per store write")
     store_flush_interval_seconds: Annotated[float, Field(ge=0)] = Field(
         1.0,
@@ -403,6 +451,13 @@ class Settings(BaseSettings):
             normalised[f"{network}/{asset}" if sep else asset] = decimals
         return normalised
 
+    @field_validator("stores")
+    @classmethod
+    def _known_stores(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return ",".join(kind.value for kind in parse_stores(value))
+
     @field_validator("influx_bucket")
     @classmethod
     def _bucket_named(cls, value: str) -> str:
@@ -446,8 +501,31 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _one_way_to_name_stores(self) -> Settings:
+        if self.stores is not None and self.store is not StoreKind.AUTO:
+            raise ValueError(
+                f"EXPORTER_STORE={self.store.value} and EXPORTER_STORES={self.stores} are both "
+                "set: keep EXPORTER_STORES (it lists every store) and unset EXPORTER_STORE"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _analytics_source_is_a_sink(self) -> Settings:
+        source = self.analytics_source
+        if source is None:
+            return self
+        needed = StoreKind.INFLUXDB if source is AnalyticsSourceKind.FLUX else StoreKind.DUCKDB
+        if needed not in self.resolved_stores:
+            raise ValueError(
+                f"EXPORTER_ANALYTICS_SOURCE={source.value} needs the {needed.value} store, "
+                f"and the stores are {','.join(k.value for k in self.resolved_stores)}: add it "
+                "to EXPORTER_STORES or unset EXPORTER_ANALYTICS_SOURCE"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _influx_complete(self) -> Settings:
-        if self.resolved_store is not StoreKind.INFLUXDB:
+        if StoreKind.INFLUXDB not in self.resolved_stores:
             return self
         missing = [
             f"EXPORTER_INFLUX_{name.upper()}"
@@ -459,10 +537,13 @@ class Settings(BaseSettings):
             if value is None
         ]
         if missing:
-            raise ValueError(
-                f"the InfluxDB store needs {', '.join(missing)} "
-                f"(store is {self.store.value}; set EXPORTER_STORE=duckdb for the embedded store)"
+            chosen = (
+                "EXPORTER_STORES lists influxdb; list duckdb alone for the embedded store"
+                if self.stores is not None
+                else f"store is {self.store.value}; set EXPORTER_STORE=duckdb for the "
+                "embedded store"
             )
+            raise ValueError(f"the InfluxDB store needs {', '.join(missing)} ({chosen})")
         return self
 
     @property
@@ -492,10 +573,30 @@ class Settings(BaseSettings):
 
     @property
     def resolved_store(self) -> StoreKind:
-        """The store ``auto`` stands for on this configuration."""
+        """The first store the ledger feeds (the only one unless ``EXPORTER_STORES`` lists
+        more); ``auto`` is InfluxDB when ``EXPORTER_INFLUX_URL`` is set, else DuckDB."""
+        return self.resolved_stores[0]
+
+    @property
+    def resolved_stores(self) -> tuple[StoreKind, ...]:
+        """Every store the ledger feeds, in the order ``EXPORTER_STORES`` lists them."""
+        if self.stores is not None:
+            return parse_stores(self.stores)
         if self.store is not StoreKind.AUTO:
-            return self.store
-        return StoreKind.INFLUXDB if self.influx_url is not None else StoreKind.DUCKDB
+            return (self.store,)
+        return (StoreKind.INFLUXDB if self.influx_url is not None else StoreKind.DUCKDB,)
+
+    @property
+    def sink_names(self) -> tuple[str, ...]:
+        """The stores' names, as the ledger's cursors and the ``store`` labels know them."""
+        return tuple(kind.value for kind in self.resolved_stores)
+
+    @property
+    def resolved_analytics_source(self) -> AnalyticsSourceKind:
+        """``EXPORTER_ANALYTICS_SOURCE``, or its default for these stores."""
+        if self.analytics_source is not None:
+            return self.analytics_source
+        return default_analytics_source(self)
 
 
 def setting_variable(field: str) -> str:

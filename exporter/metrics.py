@@ -145,32 +145,38 @@ class Metrics:
         self.backlog = Gauge(
             "exporter_ledger_backlog_events",
             "Store records committed to the ledger and not yet delivered to the store.",
+            ["store"],
             registry=registry,
         )
         self.store_writes = Counter(
             "exporter_store_writes",
             "Successful store writes (batches).",
+            ["store"],
             registry=registry,
         )
         self.store_records = Counter(
             "exporter_store_records_written",
             "Records delivered to the store.",
+            ["store"],
             registry=registry,
         )
         self.store_write_errors = Counter(
             "exporter_store_write_errors",
             "Failed store writes; the records stay in the ledger and are retried.",
+            ["store"],
             registry=registry,
         )
         self.store_write_duration = Histogram(
             "exporter_store_write_duration_seconds",
             "Duration of store writes.",
+            ["store"],
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=registry,
         )
         self.store_last_success = Gauge(
             "exporter_store_last_success_timestamp_seconds",
             "Unix time of the last successful store write.",
+            ["store"],
             registry=registry,
         )
         self.ledger_commits = Counter(
@@ -202,9 +208,9 @@ class Metrics:
         self.network_labels_overflow.inc()
         return OTHER_NETWORK
 
-    def track_backlog(self, read_backlog: Callable[[], float]) -> None:
-        """Read the ledger backlog at scrape time."""
-        self.backlog.set_function(read_backlog)
+    def track_backlog(self, store: str, read_backlog: Callable[[], float]) -> None:
+        """Read the ledger backlog of ``store`` (its ``store`` label) at scrape time."""
+        self.backlog.labels(store).set_function(read_backlog)
 
     def restore(self, snapshot: GaugeSnapshot) -> None:
         """Set the gauges from the ledger after a restart."""

@@ -410,8 +410,14 @@ def _readiness_schema() -> dict[str, Any]:
             },
             "store": {
                 "type": "object",
+                "description": "The first store of EXPORTER_STORES (the only one by default).",
                 "required": list(store),
                 "properties": store,
+            },
+            "stores": {
+                "type": "array",
+                "description": "Every store the ledger feeds, each at its own pace.",
+                "items": {"type": "object", "required": list(store), "properties": store},
             },
         },
     }
@@ -528,7 +534,7 @@ def build_openapi(*, auth: bool, proxy: bool, signed: bool = False) -> dict[str,
     paths["/readyz"] = {
         "get": {
             "operationId": "readyz",
-            "summary": "Readiness: the ledger is writable and the store accepts writes",
+            "summary": "Readiness: the ledger is writable and every store accepts the credentials",
             "responses": {
                 "200": _json(_ref("Readiness"), "Ready."),
                 "503": _json(_ref("Readiness"), "Not ready: the ledger or the store's reason."),

@@ -184,7 +184,8 @@ def test_full_disk_refuses_ingest_then_recovers_without_a_restart(
         # A body that is not JSON is still answered as such; its dead letter cannot be
         # written, and the exporter carries on.
         assert _post(exporter, b"{not json")[0] == 400
-        assert exporter.metric("exporter_ledger_backlog_events")[frozenset()] > 0
+        backlog = exporter.metric("exporter_ledger_backlog_events")
+        assert backlog[frozenset({("store", "duckdb")})] > 0
         wait_until(
             lambda: sum(exporter.metric("exporter_store_write_errors_total").values()) > 0,
             15,

@@ -42,6 +42,9 @@ from exporter.store import Forwarder
 from exporter.store.duckdb import DuckDBStore
 from exporter.store.influx.store import InfluxStore
 
+DUCKDB = {"store": "duckdb"}
+INFLUX = {"store": "influxdb"}
+
 
 @pytest.fixture
 async def committer(tmp_path: Path) -> AsyncIterator[GroupCommitter]:
@@ -128,8 +131,8 @@ async def test_store_failures_back_off_and_nothing_is_lost(
     await async_wait_until(delivered, what="delivery after failures")
     await forwarder.stop(drain_seconds=5)
     assert store.counts()["payment"] == 5
-    assert registry.get_sample_value("exporter_store_write_errors_total") == 2
-    assert registry.get_sample_value("exporter_store_records_written_total") == 5
+    assert registry.get_sample_value("exporter_store_write_errors_total", DUCKDB) == 2
+    assert registry.get_sample_value("exporter_store_records_written_total", DUCKDB) == 5
     assert forwarder.consecutive_failures == 0
 
 
@@ -225,10 +228,10 @@ async def test_everything_committed_arrives_once_per_point_through_faults(
     assert [letter.key for letter in letters] == ["payment:received:poison"]
     assert "unable to parse" in letters[0].error
     for kind in ("server", "retry_after", "timeout"):
-        assert sample(registry, "exporter_store_errors_total", **{"class": kind}) >= 1, kind
-    assert sample(registry, "exporter_store_records_rejected_total") == 1
-    assert sample(registry, "exporter_store_batch_size_records_count") == sample(
-        registry, "exporter_store_writes_total"
+        assert sample(registry, "exporter_store_errors_total", **INFLUX, **{"class": kind}) >= 1
+    assert sample(registry, "exporter_store_records_rejected_total", **INFLUX) == 1
+    assert sample(registry, "exporter_store_batch_size_records_count", **INFLUX) == sample(
+        registry, "exporter_store_writes_total", **INFLUX
     )
     assert forwarder.lag_seconds() == 0.0
 
@@ -283,8 +286,8 @@ async def test_forwarder_holds_one_batch_and_rereads_it_during_an_outage(
     reads: list[tuple[int, int]] = []
     read_outbox = ledger.read_outbox
 
-    def spying_read(limit: int) -> Any:
-        rows = read_outbox(limit)
+    def spying_read(limit: int, sink: str | None = None) -> Any:
+        rows = read_outbox(limit, sink)
         reads.append((limit, len(rows)))
         return rows
 
@@ -364,7 +367,7 @@ async def test_refused_token_pauses_shipping_marks_not_ready_and_logs_once(
     influx.token = "rotated"  # the exporter's token is refused from now on
     assert (await client.post("/v1/events", json=[received("a2"), settled("a2")])).status == 202
     await until(
-        lambda: sample(registry, "exporter_store_errors_total", **{"class": "auth"}) >= 2,
+        lambda: sample(registry, "exporter_store_errors_total", **INFLUX, **{"class": "auth"}) >= 2,
         "repeated auth failures",
     )
     answer = await client.get("/readyz")
@@ -375,7 +378,7 @@ async def test_refused_token_pauses_shipping_marks_not_ready_and_logs_once(
     assert body["store"]["errorClass"] == "auth"
     assert body["store"]["backlog"] == 2
     assert body["store"]["lagSeconds"] > 0
-    assert sample(registry, "exporter_store_auth_failed") == 1
+    assert sample(registry, "exporter_store_auth_failed", **INFLUX) == 1
     assert (await client.post("/v1/events", json=[received("a3")])).status == 202
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "refused the credentials" in errors[0].getMessage()
@@ -385,7 +388,7 @@ async def test_refused_token_pauses_shipping_marks_not_ready_and_logs_once(
     answer = await client.get("/readyz")
     assert answer.status == 200
     assert (await answer.json())["store"]["authFailed"] is False
-    assert sample(registry, "exporter_store_auth_failed") == 0
+    assert sample(registry, "exporter_store_auth_failed", **INFLUX) == 0
     assert client.app[FORWARDER].ready
     assert len(influx.point_keys()) == 4
 

@@ -64,7 +64,7 @@ class BackfillSummary:
 
 
 def _target_settings(settings: Settings, target: StoreKind) -> Settings:
-    return settings.model_copy(update={"store": target})
+    return settings.model_copy(update={"store": target, "stores": None})
 
 
 class _CountingStore:

@@ -33,10 +33,12 @@ def _describe_settings(settings: Settings) -> dict[str, Any]:
             described[name] = redact_url(described[name])
     described["ingest_signing"] = "on" if settings.ingest_signing_secret is not None else "off"
     described["resolved_store"] = settings.resolved_store.value
+    described["resolved_stores"] = list(settings.sink_names)
+    described["resolved_analytics_source"] = settings.resolved_analytics_source.value
     described["ledger_path"] = str(settings.ledger_path)
-    if settings.resolved_store is StoreKind.DUCKDB:
+    if StoreKind.DUCKDB in settings.resolved_stores:
         described["duckdb_path"] = str(settings.duckdb_path)
-    else:
+    if StoreKind.INFLUXDB in settings.resolved_stores:
         described["store_target"] = (
             f"influxdb at {redact_url(settings.influx_url or '')} "
             f"(org {settings.influx_org}, bucket {settings.influx_bucket})"
@@ -50,11 +52,9 @@ def _check_config(args: argparse.Namespace) -> int:
     sys.stdout.write("configuration is valid\n")
     if not getattr(args, "ping", False):
         return 0
-    if settings.resolved_store is not StoreKind.INFLUXDB:
-        sys.stdout.write(
-            f"store {settings.resolved_store.value}: nothing to ping "
-            f"(embedded file {settings.duckdb_path})\n"
-        )
+    if StoreKind.DUCKDB in settings.resolved_stores:
+        sys.stdout.write(f"store duckdb: nothing to ping (embedded file {settings.duckdb_path})\n")
+    if StoreKind.INFLUXDB not in settings.resolved_stores:
         return 0
     check = asyncio.run(_ping_influx(settings))
     where = f"influxdb {redact_url(settings.influx_url or '')}"
@@ -75,7 +75,7 @@ async def _ping_influx(settings: Settings) -> InfluxCheck:
     from ..store import open_store
     from ..store.influx.store import InfluxStore
 
-    store = open_store(settings)
+    store = open_store(settings, StoreKind.INFLUXDB)
     assert isinstance(store, InfluxStore)
     try:
         return await store.check()

@@ -26,7 +26,7 @@ from ..analytics import (
     analytics_source,
     result_data,
 )
-from ..config import Settings, StoreKind
+from ..config import AnalyticsSourceKind, Settings, StoreKind
 from ..errors import DataDirError, ExporterError, OperatorError
 from ..store import open_store
 from .common import (
@@ -96,6 +96,13 @@ def query_exporter(url: str, token: str | None, request: QueryRequest, timeout: 
     return get_json(target, token, timeout, "query")
 
 
+def analytics_store_kind(settings: Settings) -> StoreKind:
+    """The store the analytics are computed from (EXPORTER_ANALYTICS_SOURCE)."""
+    if settings.resolved_analytics_source is AnalyticsSourceKind.FLUX:
+        return StoreKind.INFLUXDB
+    return StoreKind.DUCKDB
+
+
 async def query_store(settings: Settings, request: QueryRequest) -> object:
     """Compute one analytic by opening the configured store (no exporter may hold it)."""
     try:
@@ -104,7 +111,8 @@ async def query_store(settings: Settings, request: QueryRequest) -> object:
         raise OperatorError(f"query: {error}", 2) from None
     at_ms = request.at_ms if request.at_ms is not None else int(time.time() * 1000)
     # The embedded store's file is the exporter's while it runs; InfluxDB is shared.
-    embedded = settings.resolved_store is StoreKind.DUCKDB
+    kind = analytics_store_kind(settings)
+    embedded = kind is StoreKind.DUCKDB
     if embedded:  # reading never creates a data directory or an empty store
         existing_data_dir(settings, "query")
         if not settings.duckdb_path.exists():
@@ -116,7 +124,7 @@ async def query_store(settings: Settings, request: QueryRequest) -> object:
     lock = locked_data_dir(settings, "query") if embedded else contextlib.nullcontext()
     with lock:
         try:
-            store = await asyncio.to_thread(open_store, settings)
+            store = await asyncio.to_thread(open_store, settings, kind)
         except ExporterError as error:
             raise OperatorError(f"query: cannot open the store: {error}") from None
         try:
@@ -139,7 +147,7 @@ async def query_store(settings: Settings, request: QueryRequest) -> object:
 
 async def run_flux(settings: Settings, flux: str) -> list[tuple[list[str], list[list[object]]]]:
     """Run ad hoc Flux on the configured InfluxDB; each result table's columns and rows."""
-    if settings.resolved_store is not StoreKind.INFLUXDB:
+    if StoreKind.INFLUXDB not in settings.resolved_stores:
         raise OperatorError(
             f"flux: the configured store is {settings.resolved_store.value}, not InfluxDB; "
             "set EXPORTER_INFLUX_URL, EXPORTER_INFLUX_TOKEN and EXPORTER_INFLUX_ORG "
@@ -215,13 +223,14 @@ def _query(args: argparse.Namespace) -> int:
         sys.stderr.write(f"query: answered by the exporter at {args.url}\n")
     else:
         data = asyncio.run(query_store(settings, request))
+        kind = analytics_store_kind(settings)
         where = (
             str(settings.duckdb_path)
-            if settings.resolved_store is StoreKind.DUCKDB
+            if kind is StoreKind.DUCKDB
             else f"{settings.influx_url} bucket {settings.influx_bucket}"
         )
         sys.stderr.write(
-            f"query: computed from the {settings.resolved_store.value} store at {where} "
+            f"query: computed from the {kind.value} store at {where} "
             "(no exporter holds the data directory)\n"
         )
     if takes_limit(request.name) and isinstance(data, list):

@@ -141,7 +141,7 @@ async def _store_problem(settings: Settings) -> str | None:
     from ..errors import StoreCorruptError
     from ..store.duckdb import DuckDBStore
 
-    if settings.resolved_store is not StoreKind.DUCKDB or not settings.duckdb_path.exists():
+    if StoreKind.DUCKDB not in settings.resolved_stores or not settings.duckdb_path.exists():
         return None
     try:
         store = await asyncio.to_thread(

@@ -24,7 +24,7 @@ from ..errors import ExporterError, OperatorError
 from ..events import EventError, MalformedJSONError, canonical_json, dedup_key, parse_event_json
 from ..ledger import GroupCommitter, Ledger, Outcome, PreparedEvent, Submission
 from ..metrics import Metrics
-from ..store import Forwarder, open_store
+from ..store import Forwarder, close_stores, open_stores
 from .common import (
     DATA_DIR_HELP,
     DRAIN_SECONDS,
@@ -45,27 +45,33 @@ _GZIP_MAGIC = b"\x1f\x8b"
 @contextlib.asynccontextmanager
 async def delivering(
     settings: Settings, committer: GroupCommitter, deliver: bool, drain_seconds: float
-) -> AsyncIterator[Forwarder | None]:
-    """Run the exporter's forwarder from ``committer``'s ledger to the configured store.
+) -> AsyncIterator[list[Forwarder]]:
+    """Run the exporter's forwarders from ``committer``'s ledger to the configured stores
+    (none without ``deliver``).
 
-    On exit the forwarder drains the outbox for up to ``drain_seconds`` and the store is
+    On exit the forwarders drain the outbox for up to ``drain_seconds`` and the stores are
     closed; what is not delivered stays in the ledger for the exporter's next start.
     """
     if not deliver:
-        yield None
+        yield []
         return
     try:
-        store = await asyncio.to_thread(open_store, settings)
+        stores = await open_stores(settings)
     except ExporterError as error:
         raise OperatorError(f"cannot open the store: {error}") from None
-    forwarder = Forwarder(committer, store, Metrics(CollectorRegistry()), settings.store_batch_size)
-    committer.on_commit_hooks.append(forwarder.wake)
-    forwarder.start()
+    metrics = Metrics(CollectorRegistry())
+    forwarders = [
+        Forwarder(committer, store, metrics, settings.store_batch_size, sink=store.name)
+        for store in stores
+    ]
+    for forwarder in forwarders:
+        committer.on_commit_hooks.append(forwarder.wake)
+        forwarder.start()
     try:
-        yield forwarder
+        yield forwarders
     finally:
-        await forwarder.stop(drain_seconds)
-        await store.close()
+        await asyncio.gather(*(forwarder.stop(drain_seconds) for forwarder in forwarders))
+        await close_stores(stores)
 
 
 
@@ -148,11 +154,14 @@ async def replay(
 
     writable_data_dir(settings, "replay")
     with locked_data_dir(settings, "replay"):
-        ledger = await asyncio.to_thread(Ledger, settings.ledger_path, settings.durability)
+        ledger = await asyncio.to_thread(
+            Ledger, settings.ledger_path, settings.durability, sinks=settings.sink_names
+        )
         committer = GroupCommitter(ledger)
         try:
-            async with delivering(settings, committer, deliver, drain_seconds) as forwarder:
-                summary.delivered_to = forwarder.store.name if forwarder else None
+            async with delivering(settings, committer, deliver, drain_seconds) as forwarders:
+                names = [forwarder.store.name for forwarder in forwarders]
+                summary.delivered_to = ",".join(names) if names else None
                 pending: list[tuple[str, PreparedEvent]] = []
 
                 async def commit() -> None:

@@ -172,7 +172,8 @@ def _serve(args: argparse.Namespace) -> int:
         extra={
             "listen": settings.listen,
             "data_dir": str(settings.data_dir),
-            "store": settings.resolved_store.value,
+            "stores": ",".join(settings.sink_names),
+            "analytics_source": settings.resolved_analytics_source.value,
         },
     )
     try:

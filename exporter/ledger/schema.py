@@ -104,7 +104,15 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 """
 DELIVERED_UPTO = "outbox_delivered_upto"
-"""The meta key of the last outbox seq delivered."""
+"""The meta key of the last outbox seq delivered, before each sink had its own cursor: a
+sink that has none yet starts from it (the ledger then fed one store)."""
+
+
+def delivered_upto_key(sink: str) -> str:
+    """The meta key of the last outbox seq delivered to ``sink``."""
+    return f"{DELIVERED_UPTO}:{sink}"
+
+
 RECENT_KEYS_DDL = """
 CREATE TEMP TABLE IF NOT EXISTS recent_keys (
     key_hash INTEGER NOT NULL,

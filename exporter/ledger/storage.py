@@ -45,7 +45,13 @@ from .model import (
     Submission,
     SubmissionResult,
 )
-from .schema import DEAD_LETTER_COLUMNS, DELIVERED_UPTO, RECENT_KEYS_DDL, prepare_schema
+from .schema import (
+    DEAD_LETTER_COLUMNS,
+    DELIVERED_UPTO,
+    RECENT_KEYS_DDL,
+    delivered_upto_key,
+    prepare_schema,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,17 @@ class _WriteLockBusy(Exception):
 
 
 _WRITE_CACHE_KIB = 8 * 1024
+
+DEFAULT_SINK = "store"
+"""The one sink of a ledger opened without naming its sinks (tools, tests)."""
+
+
+@dataclass(slots=True)
+class _Cursor:
+    """One sink's position in the outbox: the last seq it has, and how many it lacks."""
+
+    delivered_upto: int
+    backlog: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +117,17 @@ class Ledger:
         path: Path,
         durability: Durability = Durability.PROCESS,
         tuning: LedgerTuning | None = None,
+        sinks: Sequence[str] = (DEFAULT_SINK,),
     ) -> None:
+        """Open (creating if needed) the ledger at ``path``.
+
+        ``sinks`` names every store the outbox feeds; each has its own cursor, and an
+        outbox row goes only once all of them have its records.
+        """
+        if not sinks or len(set(sinks)) != len(sinks):
+            raise ValueError(f"sinks must be distinct and at least one, got {list(sinks)}")
         self.path = path
+        self.sinks: tuple[str, ...] = tuple(sinks)
         self.durability = durability
         self._tuning = tuning if tuning is not None else LedgerTuning()
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -137,27 +163,15 @@ class Ledger:
             self._waiting_refs = self._load_waiting_refs()
             self._numbers = self._load_row_numbers()
             # The newest outbox records, kept in memory too (at most
-            # LedgerTuning.handoff_max_records), so that the forwarder need not read back and decode
-            # what was just written. The handoff holds every row from seq
-            # ``_handoff_start`` on; older undelivered rows (after a restart, or dropped
-            # from memory while the store was behind) are read from the table first,
-            # while ``_table_first`` is set.
+            # LedgerTuning.handoff_max_records), so that the forwarders need not read back and
+            # decode what was just written. The handoff holds every record from seq
+            # ``_handoff_start`` on (the next seq to come while it is empty); a sink whose
+            # cursor is behind that (after a restart, or while its store was behind and
+            # records left memory) reads the table first.
             self._handoff_lock = threading.Lock()
             self._handoff: deque[tuple[int, StoreRecord]] = deque()
             self._handoff_start = self._numbers.outbox_seq
-            # Records up to this seq are delivered: a row's first records may be, while
-            # the row stays until its last one is. Each delivery stores it, and records
-            # are never numbered at or below it, so a restart resumes mid-row.
-            self._delivered_upto = max(
-                self._scalar("SELECT value FROM meta WHERE key = ?", (DELIVERED_UPTO,)),
-                (self._scalar("SELECT min(seq) FROM outbox") or self._numbers.outbox_seq) - 1,
-            )
-            self._backlog = self._scalar(
-                "SELECT coalesce(sum(last_seq - max(seq - 1, ?1)), 0) FROM outbox"
-                " WHERE last_seq > ?1",
-                (self._delivered_upto,),
-            )
-            self._table_first = self._backlog > 0
+            self._cursors = {sink: self._load_cursor(sink) for sink in self.sinks}
             # Checkpoints copy the WAL back into the database file and sync it; done in
             # the committing thread they stall ingest, so a thread of their own does them.
             self._write.execute("PRAGMA wal_autocheckpoint=0")
@@ -170,6 +184,37 @@ class Ledger:
             self._tuning.checkpoint_interval_seconds,
             self._tuning.wal_restart_frames,
         )
+
+    def _load_cursor(self, sink: str) -> _Cursor:
+        """``sink``'s cursor as stored, or the ledger's single cursor of old, or the start
+        of what the outbox still holds (a sink new to this ledger)."""
+        stored = self._scalar(
+            "SELECT coalesce((SELECT value FROM meta WHERE key = ?),"
+            " (SELECT value FROM meta WHERE key = ?))",
+            (delivered_upto_key(sink), DELIVERED_UPTO),
+        )
+        # Records up to this seq are delivered to the sink: a row's first records may
+        # be, while the row stays until its last one is. Each delivery stores it, and
+        # records are never numbered at or below it, so a restart resumes mid-row.
+        delivered = max(
+            stored, (self._scalar("SELECT min(seq) FROM outbox") or self._numbers.outbox_seq) - 1
+        )
+        backlog = self._scalar(
+            "SELECT coalesce(sum(last_seq - max(seq - 1, ?1)), 0) FROM outbox WHERE last_seq > ?1",
+            (delivered,),
+        )
+        return _Cursor(delivered, backlog)
+
+    def _cursor(self, sink: str | None) -> _Cursor:
+        """The cursor of ``sink``; None names the only sink of a single-sink ledger."""
+        if sink is None:
+            if len(self.sinks) != 1:
+                raise ValueError(f"name the sink: this ledger feeds {', '.join(self.sinks)}")
+            sink = self.sinks[0]
+        try:
+            return self._cursors[sink]
+        except KeyError:
+            raise ValueError(f"{sink!r} is not a sink of this ledger") from None
 
     def _load_recent_keys(self) -> tuple[int, int]:
         """Fill recent_keys with the events key_index does not hold; returns the last
@@ -190,8 +235,8 @@ class Ledger:
     def _load_row_numbers(self) -> RowNumbers:
         row = self._write.execute(
             "SELECT (SELECT coalesce(max(seq), 0) + 1 FROM events),"
-            " (SELECT max(coalesce(max(last_seq), 0), coalesce((SELECT CAST(value AS INTEGER)"
-            " FROM meta WHERE key = ?), 0)) + 1 FROM outbox),"
+            " (SELECT max(coalesce(max(last_seq), 0), coalesce((SELECT max(CAST(value AS"
+            " INTEGER)) FROM meta WHERE key = ?1 OR key GLOB ?1 || ':*'), 0)) + 1 FROM outbox),"
             " (SELECT coalesce(max(id), 0) + 1 FROM payments)",
             (DELIVERED_UPTO,),
         ).fetchone()
@@ -336,8 +381,7 @@ class Ledger:
         return recent, last, None
 
     def _emitted(self, rows: list[tuple[int, StoreRecord]]) -> None:
-        """Count committed outbox records and hand them to the forwarder in memory."""
-        self._backlog += len(rows)
+        """Count committed outbox records and hand them to the forwarders in memory."""
         if not rows:
             return
         with self._handoff_lock:
@@ -345,14 +389,15 @@ class Ledger:
             if not handoff:
                 self._handoff_start = rows[0][0]
             handoff.extend(rows)
+            for cursor in self._cursors.values():
+                cursor.backlog += len(rows)
             excess = len(handoff) - self._tuning.handoff_max_records
             if excess > 0:
-                # The store is behind: its oldest records in memory go (they are in the
-                # table), the newest stay.
+                # A store is behind: the oldest records in memory go (they are in the
+                # table, where a sink behind them reads them), the newest stay.
                 for _ in range(excess):
                     handoff.popleft()
                 self._handoff_start = handoff[0][0]
-                self._table_first = True
 
     @contextlib.contextmanager
     def _transaction(self, wait: bool = True) -> Iterator[sqlite3.Cursor]:
@@ -407,37 +452,60 @@ class Ledger:
             cur.execute("ROLLBACK")
         self._waiting_refs = self._load_waiting_refs()
 
-    def mark_delivered(self, up_to_seq: int, refused: Sequence[StoreRejection] = ()) -> int:
-        """Drop outbox records up to ``up_to_seq`` once the store has them; returns how many.
+    def mark_delivered(
+        self,
+        up_to_seq: int,
+        refused: Sequence[StoreRejection] = (),
+        sink: str | None = None,
+    ) -> int:
+        """Move ``sink``'s cursor to ``up_to_seq`` once it has the records; returns how many.
 
-        Records the store refused for good are kept as dead letters (reason ``store``)
-        in the same transaction, so a poison record is never retried and never lost.
+        Outbox rows go once every sink has their records. Records the sink refused for
+        good are kept as dead letters (reason ``store``, the error naming the sink) in
+        the same transaction, so a poison record is never retried and never lost.
         """
+        cursor = self._cursor(sink)
+        name = sink if sink is not None else self.sinks[0]
         now = _now_ms()
-        delivered = max(self._delivered_upto, up_to_seq)
+        delivered = max(cursor.delivered_upto, up_to_seq)
+        everywhere = min(
+            delivered if other is cursor else other.delivered_upto
+            for other in self._cursors.values()
+        )
         with self._transaction() as cur:
             cur.executemany(
                 "INSERT INTO dead_letters (received_at, reason, error, key, raw) "
                 "VALUES (?, 'store', ?, ?, ?)",
-                [(now, r.reason, r.record.key, record_to_json(r.record).encode()) for r in refused],
+                [
+                    (now, f"{name}: {r.reason}", r.record.key, record_to_json(r.record).encode())
+                    for r in refused
+                ],
             )
-            cur.execute("DELETE FROM outbox WHERE last_seq <= ?", (up_to_seq,))
-            cur.execute(
+            cur.execute("DELETE FROM outbox WHERE last_seq <= ?", (everywhere,))
+            # Every sink's cursor, so that one taken over from the single cursor of old
+            # is kept exactly once that goes.
+            cur.executemany(
                 "INSERT INTO meta (key, value) VALUES (?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (DELIVERED_UPTO, str(delivered)),
+                [
+                    (
+                        delivered_upto_key(sink),
+                        str(delivered if other is cursor else other.delivered_upto),
+                    )
+                    for sink, other in self._cursors.items()
+                ],
             )
+            cur.execute("DELETE FROM meta WHERE key = ?", (DELIVERED_UPTO,))
         with self._handoff_lock:
             # Records are numbered without gaps: those newly delivered are the seqs
             # after the last delivered one.
-            removed = delivered - self._delivered_upto
-            self._delivered_upto = delivered
-            self._backlog -= removed
+            removed = delivered - cursor.delivered_upto
+            cursor.delivered_upto = delivered
+            cursor.backlog -= removed
             handoff = self._handoff
-            while handoff and handoff[0][0] <= up_to_seq:
+            while handoff and handoff[0][0] <= everywhere:
                 handoff.popleft()
-            if up_to_seq >= self._handoff_start - 1:
-                self._table_first = False  # every row behind the handoff is delivered
+                self._handoff_start += 1
         return removed
 
     def _first_seq_received_at_or_after(self, at_ms: int) -> int:
@@ -509,15 +577,22 @@ class Ledger:
 
     @property
     def backlog(self) -> int:
-        """Store records committed but not yet delivered."""
-        return self._backlog
+        """Store records committed but not yet delivered to every sink."""
+        return max(cursor.backlog for cursor in self._cursors.values())
 
-    def read_outbox(self, limit: int) -> list[OutboxRow]:
-        """The oldest undelivered store records, at most ``limit``."""
+    def backlog_of(self, sink: str | None = None) -> int:
+        """Store records committed but not yet delivered to ``sink``."""
+        return self._cursor(sink).backlog
+
+    def read_outbox(self, limit: int, sink: str | None = None) -> list[OutboxRow]:
+        """The oldest store records not yet delivered to ``sink``, at most ``limit``."""
+        cursor = self._cursor(sink)
         with self._handoff_lock:
-            if not self._table_first:
-                return [OutboxRow(seq, record) for seq, record in islice(self._handoff, limit)]
-            start, after = self._handoff_start, self._delivered_upto
+            start, after = self._handoff_start, cursor.delivered_upto
+            if after >= start - 1:
+                # The handoff holds every record from ``start`` on, without gaps.
+                held = islice(self._handoff, after + 1 - start, after + 1 - start + limit)
+                return [OutboxRow(seq, record) for seq, record in held]
         read: list[OutboxRow] = []
         with self._read_lock:
             rows = self._read.execute(
@@ -547,7 +622,7 @@ class Ledger:
         """Row counts for readiness and debugging."""
         return LedgerStats(
             events=self._event_count,
-            backlog=self._backlog,
+            backlog=self.backlog,
             waiting_for_join=self._scalar("SELECT count(*) FROM events WHERE state = 0"),
             dead_letters=self._scalar("SELECT count(*) FROM dead_letters"),
         )

@@ -5,7 +5,7 @@ Other stages import from here; the backends (DuckDB, InfluxDB) load only when op
 
 from ..config import redact_url
 from .base import ANSWERED_CLASSES, ERROR_CLASSES, error_class, has_user_info
-from .factory import open_store
+from .factory import close_stores, open_store, open_stores
 from .forwarder import Forwarder, StoreMetrics, StoreState
 
 __all__ = [
@@ -15,7 +15,9 @@ __all__ = [
     "StoreMetrics",
     "StoreState",
     "error_class",
+    "close_stores",
     "has_user_info",
     "open_store",
+    "open_stores",
     "redact_url",
 ]

@@ -1,4 +1,4 @@
-"""Opening the store the settings select; each backend's modules load only when chosen.
+"""Opening the stores the settings select; each backend's modules load only when chosen.
 
 The InfluxDB client and DuckDB are heavy imports: a DuckDB exporter never loads the
 InfluxDB client, and the other way round.
@@ -6,13 +6,17 @@ InfluxDB client, and the other way round.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from ..config import Settings, StoreKind
 from ..records import Store
 
 
-def open_store(settings: Settings) -> Store:
-    """Open the store the settings select (blocking; call before serving)."""
-    kind = settings.resolved_store
+def open_store(settings: Settings, kind: StoreKind | None = None) -> Store:
+    """Open the store ``kind`` (the first configured one by default); blocking, so call
+    it before serving."""
+    kind = kind if kind is not None else settings.resolved_store
     if kind is StoreKind.DUCKDB:
         from .duckdb import DuckDBStore
 
@@ -32,3 +36,25 @@ def open_store(settings: Settings) -> Store:
             min(settings.store_batch_size, MAX_LINES_PER_WRITE),
         )
     raise ValueError(f"unsupported store {kind}")
+
+
+async def close_stores(stores: list[Store]) -> None:
+    """Close ``stores``, last opened first; one failing to close keeps no other open."""
+    for store in reversed(stores):
+        with contextlib.suppress(Exception):
+            await store.close()
+
+
+async def open_stores(settings: Settings) -> list[Store]:
+    """Open every configured store, in the order ``EXPORTER_STORES`` lists them.
+
+    A store that fails to open raises; the ones opened before it are closed first.
+    """
+    opened: list[Store] = []
+    try:
+        for kind in settings.resolved_stores:
+            opened.append(await asyncio.to_thread(open_store, settings, kind))
+    except BaseException:
+        await close_stores(opened)
+        raise
+    return opened

@@ -59,17 +59,19 @@ class StoreMetrics:
             "Failed store writes by class: retry_after (429/503), auth (credentials, "
             "org or bucket refused), timeout, server (5xx or unreachable), client (other "
             "4xx), other.",
-            ["class"],
+            ["store", "class"],
             registry=registry,
         )
         self.rejected = Counter(
             "exporter_store_records_rejected",
             "Records the store refused for good, kept in the ledger as dead letters.",
+            ["store"],
             registry=registry,
         )
         self.batch_size = Histogram(
             "exporter_store_batch_size_records",
             "Records per delivered store write.",
+            ["store"],
             buckets=BATCH_SIZE_BUCKETS,
             registry=registry,
         )
@@ -77,15 +79,15 @@ class StoreMetrics:
             "exporter_store_lag_seconds",
             "Age of the oldest record not yet delivered to the store, by its event "
             "timestamp (0 when the outbox is empty).",
+            ["store"],
             registry=registry,
         )
         self.auth_failed = Gauge(
             "exporter_store_auth_failed",
             "1 while the store refuses the exporter's credentials (shipping paused).",
+            ["store"],
             registry=registry,
         )
-        for name in ERROR_CLASSES:
-            self.errors.labels(name)
 
     @classmethod
     def on(cls, registry: CollectorRegistry) -> StoreMetrics:
@@ -114,7 +116,11 @@ class StoreState:
 
 
 class Forwarder:
-    """Moves store records from the ledger outbox to the store, oldest first."""
+    """Moves store records from the ledger outbox to one store, oldest first.
+
+    Each store the ledger feeds has a forwarder of its own, reading and moving its own
+    cursor: a store that is down holds back no other.
+    """
 
     def __init__(
         self,
@@ -126,8 +132,12 @@ class Forwarder:
         flush_interval_seconds: float = 0.0,
         backoff_base_seconds: float = 0.5,
         rng: random.Random | None = None,
+        sink: str | None = None,
     ) -> None:
         """Prepare to forward; nothing runs before :meth:`start`.
+
+        ``sink`` is the ledger cursor this forwarder moves (None: the ledger's only one);
+        the metrics carry the store's name as their ``store`` label.
 
         After a failure the forwarder pauses :func:`~exporter.retry.backoff_seconds`:
         ``backoff_base_seconds`` doubling per consecutive failure up to
@@ -137,6 +147,8 @@ class Forwarder:
         self.store = store
         self.metrics = metrics
         self.store_metrics = StoreMetrics.on(metrics.registry)
+        self.sink = sink
+        self.label = store.name
         self.batch_size = batch_size
         self.max_backoff = max_backoff_seconds
         self.backoff_base = backoff_base_seconds
@@ -158,12 +170,17 @@ class Forwarder:
         self._stop_when_idle = False
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
-        self.store_metrics.lag.set_function(self.lag_seconds)
-        self.store_metrics.auth_failed.set(0)
+        self.store_metrics.lag.labels(self.label).set_function(self.lag_seconds)
+        self.store_metrics.auth_failed.labels(self.label).set(0)
+        self.store_metrics.rejected.labels(self.label)
+        for name in ERROR_CLASSES:
+            self.store_metrics.errors.labels(self.label, name)
+        for counter in (metrics.store_writes, metrics.store_records, metrics.store_write_errors):
+            counter.labels(self.label)
 
     def start(self) -> None:
         """Start draining in the background."""
-        self._task = asyncio.create_task(self._run(), name="store-forwarder")
+        self._task = asyncio.create_task(self._run(), name=f"store-forwarder-{self.label}")
 
     def wake(self) -> None:
         """Tell the forwarder new rows are committed; safe from any thread.
@@ -171,8 +188,13 @@ class Forwarder:
         Only a forwarder that waits for them is woken (a lingering one once a full batch
         is there): otherwise every commit would cost the event loop a wake-up for nothing.
         """
-        if self._idle or (self._lingering and self.committer.ledger.backlog >= self.batch_size):
+        if self._idle or (self._lingering and self.backlog >= self.batch_size):
             self._loop.call_soon_threadsafe(self._wake.set)
+
+    @property
+    def backlog(self) -> int:
+        """Records committed to the ledger and not yet delivered to this store."""
+        return self.committer.ledger.backlog_of(self.sink)
 
     @property
     def ready(self) -> bool:
@@ -182,7 +204,7 @@ class Forwarder:
     def lag_seconds(self) -> float:
         """Seconds since the event time of the oldest undelivered record; 0 when none."""
         oldest = self._oldest_pending_ms
-        if oldest is None or self.committer.ledger.backlog == 0:
+        if oldest is None or self.backlog == 0:
             return 0.0
         return max(0.0, time.time() - oldest / 1000)
 
@@ -192,7 +214,7 @@ class Forwarder:
             name=self.store.name,
             reachable=self._reachable(),
             auth_failed=self.auth_failed,
-            backlog=self.committer.ledger.backlog,
+            backlog=self.backlog,
             last_success=self.last_success,
             last_error=self.last_error,
             error_class=self.last_error_class,
@@ -219,7 +241,7 @@ class Forwarder:
         except TimeoutError:
             log.warning(
                 "store drain timed out; the rest stays in the ledger",
-                extra={"backlog": self.committer.ledger.backlog},
+                extra={"store": self.label, "backlog": self.backlog},
             )
             self._task.cancel()
             try:
@@ -233,7 +255,7 @@ class Forwarder:
             self._wake.clear()
             self._idle = True  # before the read: a commit during it must wake the wait below
             try:
-                rows = await asyncio.to_thread(ledger.read_outbox, self.batch_size)
+                rows = await asyncio.to_thread(ledger.read_outbox, self.batch_size, self.sink)
             except sqlite3.Error as error:
                 await self._ledger_back_off("read the outbox", error)
                 if self._stop_when_idle:
@@ -242,7 +264,7 @@ class Forwarder:
             if not rows:
                 self._oldest_pending_ms = None
                 if self._stop_when_idle:
-                    if ledger.backlog == 0:
+                    if self.backlog == 0:
                         return
                     continue  # committed while this read ran (stop came meanwhile)
                 try:
@@ -263,12 +285,14 @@ class Forwarder:
                 if self._stop_when_idle:
                     return
                 continue
-            self.metrics.store_write_duration.observe(time.perf_counter() - started)
+            self.metrics.store_write_duration.labels(self.label).observe(
+                time.perf_counter() - started
+            )
             last_seq, delivered = rows[-1].seq, len(rows)
             del rows, records  # one batch in memory at a time
             try:
                 await self.committer.call(
-                    functools.partial(ledger.mark_delivered, last_seq, refused)
+                    functools.partial(ledger.mark_delivered, last_seq, refused, self.sink)
                 )
             except (LedgerError, sqlite3.Error) as error:
                 # The store has the records; the next attempt writes them again, which
@@ -279,7 +303,7 @@ class Forwarder:
                 continue
             self._ledger_failures = 0
             if refused:
-                self.store_metrics.rejected.inc(len(refused))
+                self.store_metrics.rejected.labels(self.label).inc(len(refused))
                 log.warning(
                     "store refused records; kept as dead letters",
                     extra={
@@ -299,13 +323,12 @@ class Forwarder:
         at a trickle of events, writing each commit's few records alone would spend
         more on that cost than on the records.
         """
-        ledger = self.committer.ledger
         self._lingering = True
         try:
             while not self._stop_when_idle:
                 self._wake.clear()  # before the check: a commit after it must wake the wait
                 remaining = deadline - time.monotonic()
-                if ledger.backlog >= self.batch_size or remaining <= 0:
+                if self.backlog >= self.batch_size or remaining <= 0:
                     return
                 try:
                     await asyncio.wait_for(self._wake.wait(), remaining)
@@ -318,10 +341,10 @@ class Forwarder:
         if self.auth_failed:
             log.warning(
                 "store accepts the credentials again; shipping resumed",
-                extra={"store": self.store.name, "backlog": self.committer.ledger.backlog},
+                extra={"store": self.store.name, "backlog": self.backlog},
             )
             self.auth_failed = False
-            self.store_metrics.auth_failed.set(0)
+            self.store_metrics.auth_failed.labels(self.label).set(0)
         elif self.consecutive_failures:
             log.info(
                 "store writes succeed again",
@@ -331,18 +354,18 @@ class Forwarder:
         self.last_error = None
         self.last_error_class = None
         self.consecutive_failures = 0
-        self.metrics.store_writes.inc()
-        self.metrics.store_records.inc(delivered)
-        self.store_metrics.batch_size.observe(delivered)
-        self.metrics.store_last_success.set(self.last_success)
+        self.metrics.store_writes.labels(self.label).inc()
+        self.metrics.store_records.labels(self.label).inc(delivered)
+        self.store_metrics.batch_size.labels(self.label).observe(delivered)
+        self.metrics.store_last_success.labels(self.label).set(self.last_success)
 
     async def _back_off(self, error: Exception, rows: int) -> None:
         self.consecutive_failures += 1
         kind = error_class(error)
         self.last_error = f"{type(error).__name__}: {error}"
         self.last_error_class = kind
-        self.metrics.store_write_errors.inc()
-        self.store_metrics.errors.labels(kind).inc()
+        self.metrics.store_write_errors.labels(self.label).inc()
+        self.store_metrics.errors.labels(self.label, kind).inc()
         if isinstance(error, StoreRetryAfterError):
             delay = max(_MIN_RETRY_AFTER_SECONDS, error.retry_after)
         else:
@@ -357,11 +380,11 @@ class Forwarder:
         if isinstance(error, StoreAuthError):
             if not self.auth_failed:
                 self.auth_failed = True
-                self.store_metrics.auth_failed.set(1)
+                self.store_metrics.auth_failed.labels(self.label).set(1)
                 log.error(
                     "store refused the credentials: shipping paused, events keep "
                     "buffering in the ledger and /readyz answers 503 until this is fixed",
-                    extra={**fields, "backlog": self.committer.ledger.backlog},
+                    extra={**fields, "backlog": self.backlog},
                 )
             else:
                 log.debug("store still refuses the credentials", extra=fields)
@@ -375,7 +398,11 @@ class Forwarder:
         delay = self._backoff(self._ledger_failures)
         log.warning(
             f"ledger cannot {action}; retrying",
-            extra={"error": f"{type(error).__name__}: {error}", "retry_in_s": round(delay, 2)},
+            extra={
+                "store": self.label,
+                "error": f"{type(error).__name__}: {error}",
+                "retry_in_s": round(delay, 2),
+            },
         )
         await self._pause(delay)
 
