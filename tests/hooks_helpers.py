@@ -4,8 +4,13 @@ add to the exporter's totals. Not a test module."""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from x402 import x402Facilitator, x402FacilitatorSync
@@ -139,3 +144,62 @@ def expected_metrics(
         if outcome.status == "success":
             volume[outcome.network] = volume.get(outcome.network, Decimal(0)) + outcome.amount
     return payments, volume
+
+
+Answer = tuple[int, dict[str, str], bytes]
+"""A scripted answer: status, headers, body."""
+
+
+class ScriptedExporter:
+    """A stand-in for ``POST /v1/events`` whose answers a test scripts, recording each
+    request (time, body); answers 503 while :attr:`hold` is set, so that a test can let
+    events gather into one batch."""
+
+    def __init__(self, answer: Callable[[bytes, int], Answer]) -> None:
+        self.answer = answer
+        self.requests: list[tuple[float, bytes]] = []
+        self.hold = threading.Event()
+        scripted = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if scripted.hold.is_set():
+                    status, headers, text = 503, {"Retry-After": "0.05"}, b"{}"
+                else:
+                    scripted.requests.append((time.monotonic(), body))
+                    status, headers, text = scripted.answer(body, len(scripted.requests))
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(text)))
+                self.end_headers()
+                self.wfile.write(text)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        """The base URL the hooks deliver to."""
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        """Stop serving."""
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def lines(body: bytes) -> list[dict[str, Any]]:
+    """The events of an NDJSON body."""
+    return [json.loads(line) for line in body.splitlines() if line]
+
+
+def accepted(count: int, rejected: list[dict[str, Any]] | None = None) -> Answer:
+    """A 202 answer as the exporter gives it."""
+    document = {"accepted": count, "duplicates": 0, "rejected": rejected or []}
+    return 202, {"Content-Type": "application/json"}, json.dumps(document).encode()

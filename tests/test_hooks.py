@@ -29,10 +29,8 @@ from hooks_helpers import (
     chains_and_facilitator,
     expected_metrics,
     run_case,
-    sync_facilitator,
 )
 from prometheus_client import CollectorRegistry
-from x402_chain import EvmChains
 
 from exporter.hooks import HookAttachment, SenderLimits, attach_x402_facilitator
 

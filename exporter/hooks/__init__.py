@@ -19,7 +19,7 @@ from .attach import (
 )
 from .metrics import HookMetrics
 from .sender import SenderLimits
-from .spool import DeadLetter
+from .spool import DeadLetter, read_dead_letters
 
 __all__ = [
     "DEFAULT_SPOOL_MAX_BYTES",
@@ -29,4 +29,5 @@ __all__ = [
     "HookableFacilitator",
     "SenderLimits",
     "attach_x402_facilitator",
+    "read_dead_letters",
 ]

@@ -30,7 +30,7 @@ from ..errors import ConfigError
 from ..networks import NetworkTable
 from .metrics import HookMetrics
 from .sender import Sender, SenderLimits, Target
-from .spool import DeadLetter, Spool
+from .spool import DeadLetter, Spool, read_dead_letters
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +184,11 @@ class HookAttachment:
         return await asyncio.to_thread(self.close, deadline)
 
     def dead_letters(self) -> list[DeadLetter]:
-        """The events the exporter refused, kept in the spool for the operator."""
-        return self.spool.dead_letters()
+        """The events the exporter refused, kept in the spool for the operator (read from
+        the spool file once the attachment is closed)."""
+        if not self._closed:
+            return self.spool.dead_letters()
+        return read_dead_letters(self.spool.path.parent)
 
     spool_empty: bool = False
     """After :meth:`close`: whether everything spooled was delivered."""

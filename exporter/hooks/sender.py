@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..config import check_secret
 from ..errors import ConfigError
 from ..ingest.payments import PaymentEvents, parse_exchange, read_answer
 from ..ingest.signing import SIGNATURE_HEADER, signature_header
@@ -73,9 +74,13 @@ class Target:
             port = parts.port
         except ValueError as error:
             raise ConfigError(f"exporter url {url!r} has a bad port: {error}") from error
-        for name, value in (("token", token), ("signing_secret", signing_secret)):
-            if value is not None and (not value or any(c in value for c in "\r\n")):
-                raise ConfigError(f"{name} must be a non-empty single-line string")
+        if token is not None and (not token.strip() or any(c in token for c in "\r\n")):
+            raise ConfigError("token must be a non-empty single-line string")
+        if signing_secret is not None:
+            try:
+                check_secret(signing_secret)
+            except ValueError as error:
+                raise ConfigError(f"signing_secret {error}") from error
         path = parts.path.rstrip("/") + "/v1/events"
         return cls(parts.scheme, parts.hostname, port, path, token, signing_secret)
 
@@ -126,6 +131,7 @@ class Sender:
         )
         self._batch_limit = self.limits.max_batch_events
         self._attempt = 0
+        self._retry_at = 0.0
         self._rng = random.Random()
         self._wake = threading.Event()
         self._closing_at: float | None = None
@@ -219,6 +225,9 @@ class Sender:
         batch = self.spool.next_events(self._batch_limit, self.limits.max_batch_bytes)
         if not batch:
             return None
+        waiting = self._retry_at - time.monotonic()
+        if waiting > 0:  # woken by a hook during a pause the exporter asked for
+            return waiting
         body = b"\n".join(line for _, line in batch) + b"\n"
         try:
             status, retry_after, answer = self._post(body)
@@ -312,7 +321,9 @@ class Sender:
         pause = self._backoff()
         if retry_after is not None:
             pause = parse_retry_after(retry_after, self.clock(), default=pause)
-        return max(pause, 0.01)
+        pause = max(pause, 0.01)
+        self._retry_at = time.monotonic() + pause
+        return pause
 
     def _backoff(self) -> float:
         pause = backoff_seconds(

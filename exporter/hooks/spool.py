@@ -263,6 +263,15 @@ class Spool:
         return int(row[0])
 
 
+def read_dead_letters(directory: Path) -> list[DeadLetter]:
+    """The dead letters of the spool in ``directory`` (no process may hold it)."""
+    spool = Spool(directory, max_bytes=1)
+    try:
+        return spool.dead_letters()
+    finally:
+        spool.close()
+
+
 def _open(directory: Path, path: Path) -> sqlite3.Connection:
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
