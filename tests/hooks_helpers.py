@@ -11,8 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+from _exporter_process import ExporterProcess, clean_env, spawn, try_get
+from conftest import wait_until
 from x402 import x402Facilitator, x402FacilitatorSync
 from x402.mechanisms.evm.exact import ExactEvmFacilitatorScheme, ExactEvmSchemeConfig
 from x402.mechanisms.evm.exact.v1.facilitator import ExactEvmSchemeV1, ExactEvmSchemeV1Config
@@ -203,3 +206,17 @@ def accepted(count: int, rejected: list[dict[str, Any]] | None = None) -> Answer
     """A 202 answer as the exporter gives it."""
     document = {"accepted": count, "duplicates": 0, "rejected": rejected or []}
     return 202, {"Content-Type": "application/json"}, json.dumps(document).encode()
+
+
+def start_on(port: int, data_dir: Path, log_path: Path, **env: str) -> ExporterProcess:
+    """``serve`` on ``port`` (the hooks' URL stays the same across restarts), healthy."""
+    args = ["serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
+    process = ExporterProcess(spawn(args, log_path, clean_env(**env)), port, data_dir, log_path)
+
+    def healthy() -> bool:
+        assert process.proc.poll() is None, process.log()
+        answer = try_get(process.url + "/healthz")
+        return answer is not None and answer[0] == 200
+
+    wait_until(healthy, 20.0, 0.05, "the exporter to serve")
+    return process

@@ -14,14 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _exporter_process import (
-    ExporterProcess,
-    LabelSet,
-    clean_env,
-    http_request,
-    spawn,
-    try_get,
-)
+from _exporter_process import ExporterProcess, LabelSet, http_request
 from conftest import free_port, wait_until
 from hooks_helpers import (
     CASES,
@@ -29,6 +22,7 @@ from hooks_helpers import (
     chains_and_facilitator,
     expected_metrics,
     run_case,
+    start_on,
 )
 from prometheus_client import CollectorRegistry
 
@@ -38,20 +32,6 @@ FAST = SenderLimits(idle_seconds=0.05, backoff_base=0.05, backoff_cap=0.5, reque
 """Sender pauses short enough for tests."""
 
 pytestmark = pytest.mark.slow
-
-
-def start_on(port: int, data_dir: Path, log_path: Path, **env: str) -> ExporterProcess:
-    """``serve`` on ``port`` (the hooks' URL stays the same across restarts), healthy."""
-    args = ["serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)]
-    process = ExporterProcess(spawn(args, log_path, clean_env(**env)), port, data_dir, log_path)
-
-    def healthy() -> bool:
-        assert process.proc.poll() is None, process.log()
-        answer = try_get(process.url + "/healthz")
-        return answer is not None and answer[0] == 200
-
-    wait_until(healthy, 20.0, 0.05, "the exporter to serve")
-    return process
 
 
 @pytest.fixture
