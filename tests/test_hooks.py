@@ -124,6 +124,7 @@ async def test_every_case_reaches_the_exporter_once_through_a_restart(
     try:
         for index, case in enumerate(CASES):
             outcomes.append(await run_case(facilitator, chains, case, index))
+        wait_until(lambda: attachment.spool.undelivered() == 0, what="the first half delivered")
         exporter.terminate()  # the second half happens while the exporter is down
         for index, case in enumerate(CASES, start=len(CASES)):
             outcomes.append(await run_case(facilitator, chains, case, index))

@@ -118,7 +118,7 @@ class HookAttachment:
 
     def _spool_result(self, endpoint: str, context: Any) -> None:
         try:
-            self._spool(endpoint, context, context.result.model_dump_json().encode())
+            self._spool(endpoint, context, _json(context.result))
         except Exception:
             self._dropped["error"].inc()
             log.exception("hooks: an answer was not spooled", extra={"endpoint": endpoint})
@@ -150,8 +150,8 @@ class HookAttachment:
         self._started.set(None)
         request = b'{"x402Version":%d,"paymentPayload":%s,"paymentRequirements":%s}' % (
             payload.x402_version,
-            payload.model_dump_json().encode(),
-            context.requirements.model_dump_json().encode(),
+            _json(payload),
+            _json(context.requirements),
         )
         if len(request) + len(answer) > self.max_exchange_bytes:
             self._dropped["too_large"].inc()
@@ -162,7 +162,6 @@ class HookAttachment:
             self._dropped["spool_full"].inc()
             return
         self._spooled[endpoint].inc()
-        self.sender.wake()
 
     # ------------------------------------------------------------------ lifetime
 
@@ -214,6 +213,13 @@ class HookAttachment:
         traceback: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _json(model: Any) -> bytes:
+    """An SDK model as its wire JSON (camelCase), straight from pydantic-core's serializer:
+    what ``model_dump_json()`` gives, without its str round trip."""
+    serialized: bytes = type(model).__pydantic_serializer__.to_json(model, by_alias=True)
+    return serialized
 
 
 _DROP_LABELS = ("spool_full", "too_large", "closed", "error")

@@ -220,6 +220,12 @@ class Spool:
                 raise
             self.used_bytes += sum(len(d.body) + len(d.error) for d in dead) - freed
 
+    def checkpoint(self) -> None:
+        """Copy the WAL into the file (PASSIVE), so that it does not grow; the sender calls
+        it between rounds, so that no append pays for it."""
+        with self.lock:
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
     def oldest_ms(self) -> int | None:
         """When the oldest undelivered answer or event was answered; None when none waits."""
         with self.lock:
@@ -290,6 +296,7 @@ def _open(directory: Path, path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA locking_mode=EXCLUSIVE")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA wal_autocheckpoint=0")  # the sender checkpoints, not an append
         db.execute("BEGIN IMMEDIATE")  # takes the exclusive lock now: one owner per spool
         db.execute("COMMIT")
         db.executescript(_SCHEMA)
