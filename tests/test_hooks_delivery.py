@@ -21,10 +21,11 @@ from hooks_helpers import (
     expected_metrics,
     lines,
     run_case,
+    signed,
     sync_facilitator,
 )
 from prometheus_client import CollectorRegistry
-from x402_chain import EvmChains, payer_account
+from x402_chain import EvmChains, build_facilitator, payer_account
 
 from exporter.errors import ConfigError, SpoolError
 from exporter.hooks import HookAttachment, SenderLimits, attach_x402_facilitator
@@ -237,3 +238,34 @@ def test_a_sync_facilitator_on_many_threads_delivers_signed_with_a_token(
         )
         rejected = exporter.metric("exporter_events_rejected_total")
         assert sum(rejected.values()) == 0
+
+
+async def test_a_restarted_attachment_derives_no_event_twice(
+    tmp_path: Path, scripted: list[ScriptedExporter]
+) -> None:
+    server = ScriptedExporter(lambda body, n: accepted(len(lines(body))))
+    scripted.append(server)
+    chains, facilitator = chains_and_facilitator()
+    payload, requirements, _ = await signed(chains, "v2_base", 0, 10_000)
+    first = attach(facilitator, server.url, tmp_path / "spool")
+    assert (await facilitator.verify(payload, requirements)).is_valid
+    assert await first.aclose(10.0)
+    # the process restarts: a new facilitator and attachment on the same spool
+    again = build_facilitator(chains)
+    second = attach(again, server.url, tmp_path / "spool")
+    assert (await again.settle(payload, requirements)).success
+    assert await second.aclose(10.0)
+    sent = [event["type"] for _, body in server.requests for event in lines(body)]
+    assert sent == ["payment:received", "payment:verified", "payment:settled"]
+
+
+async def test_a_failing_spool_is_counted_and_never_raised_into_the_facilitator(
+    tmp_path: Path,
+) -> None:
+    chains, facilitator = chains_and_facilitator()
+    attachment = attach(facilitator, "http://127.0.0.1:1", tmp_path / "spool")
+    attachment.sender.stop(0.0)
+    attachment.spool.close()  # every append now fails inside SQLite
+    assert (await run_case(facilitator, chains, "v2_base", 0)).status == "success"
+    assert (await run_case(facilitator, chains, "bad_signature", 1)).status == "failed"
+    assert value(attachment, "x402_exporter_hook_dropped_total", reason="error") == 3

@@ -16,6 +16,7 @@ answer and record nothing for, so neither do the hooks.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -85,6 +86,9 @@ class HookAttachment:
         self.max_exchange_bytes = max_exchange_bytes
         self.close_deadline = close_deadline
         self._closed = False
+        self.spool_empty = False
+        self._logged_at = -60.0
+        """After :meth:`close`: whether everything spooled was delivered."""
         self._started: contextvars.ContextVar[tuple[object, float, float] | None] = (
             contextvars.ContextVar("x402_exporter_hook_started", default=None)
         )
@@ -120,8 +124,7 @@ class HookAttachment:
         try:
             self._spool(endpoint, context, _json(context.result))
         except Exception:
-            self._dropped["error"].inc()
-            log.exception("hooks: an answer was not spooled", extra={"endpoint": endpoint})
+            self._failed(endpoint)
 
     def _spool_failure(self, endpoint: str, context: Any, flag: str, reason_key: str) -> None:
         try:
@@ -132,7 +135,15 @@ class HookAttachment:
             answer = json.dumps({flag: False, reason_key: str(error)}).encode()
             self._spool(endpoint, context, answer)
         except Exception:
-            self._dropped["error"].inc()
+            self._failed(endpoint)
+
+    def _failed(self, endpoint: str) -> None:
+        """Count an answer lost to an error; log it with its traceback at most once a minute,
+        so that a broken spool does not flood the facilitator's log."""
+        self._dropped["error"].inc()
+        now = time.monotonic()
+        if now - self._logged_at >= 60.0:
+            self._logged_at = now
             log.exception("hooks: an answer was not spooled", extra={"endpoint": endpoint})
 
     def _spool(self, endpoint: str, context: Any, answer: bytes) -> None:
@@ -178,8 +189,6 @@ class HookAttachment:
 
     async def aclose(self, deadline: float | None = None) -> bool:
         """:meth:`close` without blocking the event loop."""
-        import asyncio
-
         return await asyncio.to_thread(self.close, deadline)
 
     def dead_letters(self) -> list[DeadLetter]:
@@ -188,9 +197,6 @@ class HookAttachment:
         if not self._closed:
             return self.spool.dead_letters()
         return read_dead_letters(self.spool.path.parent)
-
-    spool_empty: bool = False
-    """After :meth:`close`: whether everything spooled was delivered."""
 
     def __enter__(self) -> HookAttachment:
         return self
