@@ -42,6 +42,7 @@ from eth_utils.crypto import keccak
 from x402 import x402Client, x402Facilitator
 from x402.mechanisms.evm.constants import MULTICALL3_ADDRESS
 from x402.mechanisms.evm.default_assets import DEFAULT_ASSETS
+from x402.mechanisms.evm.eip712 import build_typed_data_for_signing
 from x402.mechanisms.evm.exact import (
     ExactEvmFacilitatorScheme,
     ExactEvmSchemeConfig,
@@ -49,7 +50,12 @@ from x402.mechanisms.evm.exact import (
 )
 from x402.mechanisms.evm.exact.v1.facilitator import ExactEvmSchemeV1, ExactEvmSchemeV1Config
 from x402.mechanisms.evm.signers import EthAccountSigner
-from x402.mechanisms.evm.types import TransactionReceipt, TypedDataDomain, TypedDataField
+from x402.mechanisms.evm.types import (
+    ExactEIP3009Authorization,
+    TransactionReceipt,
+    TypedDataDomain,
+    TypedDataField,
+)
 from x402.mechanisms.evm.v1.constants import V1_NETWORK_CHAIN_IDS, V1_NETWORKS
 from x402.schemas import (
     PaymentPayload,
@@ -690,12 +696,12 @@ def payer_account(index: int) -> LocalAccount:
 def build_client(account: LocalAccount) -> x402Client:
     """The SDK's client signing EIP-3009 authorizations (v1 and v2) with ``account``.
 
-    It pays in any asset (not only the SDK's default stablecoins), so a test can offer a
-    token of its own; the SDK's default cap per payment still applies.
+    It pays any amount in any asset (not only the SDK's default stablecoins, not only up to
+    its default cap of $1), so a test can offer a token of its own and larger payments.
     """
     client = x402Client()
     register_exact_evm_client(client, EthAccountSigner(account))
-    client.set_spend_controls({"allowed_assets": True})
+    client.set_spend_controls({"allowed_assets": True, "max_amount_per_payment": False})
     return client
 
 
@@ -747,3 +753,38 @@ async def sign_payment(
     return await client.create_payment_payload(
         PaymentRequired(x402_version=2, accepts=[requirements])
     )
+
+
+def reauthorize(
+    payment: PaymentPayload | PaymentPayloadV1,
+    token: Token,
+    signer: LocalAccount,
+    *,
+    nonce: str | None = None,
+) -> PaymentPayload | PaymentPayloadV1:
+    """``payment`` with its EIP-3009 authorization re-signed by ``signer``, optionally with
+    another ``nonce``; the authorization's ``from`` is kept, so a ``signer`` other than the
+    payer makes a forged payload (the SDK's own EIP-712 encoding and signer)."""
+    document = payment.model_dump(by_alias=True)
+    authorization = document["payload"]["authorization"]
+    if nonce is not None:
+        authorization["nonce"] = nonce
+    typed = build_typed_data_for_signing(
+        ExactEIP3009Authorization(
+            from_address=authorization["from"],
+            to=authorization["to"],
+            value=authorization["value"],
+            valid_after=authorization["validAfter"],
+            valid_before=authorization["validBefore"],
+            nonce=authorization["nonce"],
+        ),
+        int(token.network.removeprefix("eip155:")),
+        token.address,
+        token.name,
+        token.version,
+    )
+    domain, types, primary_type, message = typed
+    fields = {name: [TypedDataField(**f) for f in entries] for name, entries in types.items()}
+    signature = EthAccountSigner(signer).sign_typed_data(domain, fields, primary_type, message)
+    document["payload"]["signature"] = "0x" + signature.hex()
+    return type(payment).model_validate(document)
