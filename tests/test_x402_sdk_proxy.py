@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -35,6 +35,7 @@ from x402_cases import (
     Concurrently,
     Counted,
     Exchange,
+    Restart,
     ServerSettle,
     ServerVerify,
     Settle,
@@ -51,9 +52,10 @@ from exporter.app import COMMITTER
 from exporter.ingest.proxy import PROXY
 
 NOW_S = float(int(time.time()))
-"""The proxy's clock for a whole case: every event it derives is stamped now."""
-AT_MS = int(NOW_S * 1000) + 1000
-"""The instant the analytics are asked for (events of the case lie in its 1 h window)."""
+"""The proxy's clock: every event an exporter process derives is stamped with this instant
+plus a minute per restart before it."""
+AT_MS = int(NOW_S * 1000) + 600_000
+"""The instant the analytics are asked for (events of a case lie in its 1 h window)."""
 
 _TRACKED_PREFIXES = (
     "facilitator_payments_total",
@@ -80,6 +82,70 @@ class Twin:
     server: x402ResourceServer
 
 
+class Exporter:
+    """The exporter in proxy mode, restartable on its data directory.
+
+    Each process has its own registry, where counters start at zero as in a new process;
+    a metric's change over a case is the sum of its changes within each process.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        start_app: Callable[[web.Application], Awaitable[AppClient]],
+        proxied: Twin,
+    ) -> None:
+        self.settings = settings
+        self.start_app = start_app
+        self.proxied = proxied
+        self.app_client: AppClient | None = None
+        self.registry = CollectorRegistry()
+        self.finished: list[dict[Series, float]] = []
+        self.started_at: dict[Series, float] = {}
+
+    @property
+    def client(self) -> AppClient:
+        """The running process's HTTP client."""
+        assert self.app_client is not None
+        return self.app_client
+
+    async def start(self) -> None:
+        """Start a process, point the proxied twin's SDK clients at it, note its metrics."""
+        generation = len(self.finished)
+        self.registry = CollectorRegistry()
+        self.app_client = await self.start_app(create_app(self.settings, self.registry))
+        self.app_client.app[PROXY].clock = lambda: NOW_S + 60 * generation
+        await self.proxied.client.aclose()
+        self.proxied.client = facilitator_client(_url(self.app_client.server))
+        self.proxied.server = await resource_server(self.proxied.client)
+        self.started_at = _metrics(self.registry)
+
+    async def restart(self) -> None:
+        """Stop the process once its recordings are committed, then start another."""
+        await self.quiesce()
+        self.finished.append(_deltas(self.started_at, _metrics(self.registry)))
+        await self.client.close()
+        await self.start()
+
+    async def quiesce(self) -> None:
+        """Every derived event committed and shipped to the store."""
+        await self.client.app[PROXY].drain()
+        ledger = self.client.app[COMMITTER].ledger
+
+        async def shipped() -> bool:
+            return bool(ledger.backlog == 0)
+
+        await async_wait_until(shipped, what="the store caught up with the ledger")
+
+    def metric_deltas(self) -> dict[Series, float]:
+        """Every tracked metric's change since the first start, over all processes."""
+        total: dict[Series, float] = {}
+        for deltas in [*self.finished, _deltas(self.started_at, _metrics(self.registry))]:
+            for key, value in deltas.items():
+                total[key] = total.get(key, 0.0) + value
+        return {key: value for key, value in total.items() if value != 0}
+
+
 Serve = Callable[..., Awaitable[TestServer]]
 
 
@@ -88,9 +154,8 @@ async def started(
     aiohttp_server: Serve,
     aiohttp_client: Callable[..., Awaitable[AppClient]],
     data_dir: Path,
-    registry: CollectorRegistry,
-) -> Any:
-    """(direct twin, proxied twin, exporter client): facilitators up, SDK clients ready."""
+) -> AsyncIterator[tuple[Twin, Twin, Exporter]]:
+    """(direct twin, proxied twin, exporter): facilitators up, SDK clients ready."""
     direct_chains, proxied_chains = build_chains(), build_chains()
     direct_upstream = await aiohttp_server(_facilitator_app(direct_chains), port=0)
     proxied_upstream = await aiohttp_server(_facilitator_app(proxied_chains), port=0)
@@ -100,15 +165,16 @@ async def started(
         upstream_facilitator=_url(proxied_upstream),
         proxy_fee_bps=FEE_BPS,
     )
-    exporter = await aiohttp_client(create_app(settings, registry))
-    exporter.app[PROXY].clock = lambda: NOW_S
     direct_client = facilitator_client(_url(direct_upstream))
-    proxied_client = facilitator_client(_url(exporter.server))
     direct = Twin(direct_chains, direct_client, await resource_server(direct_client))
-    proxied = Twin(proxied_chains, proxied_client, await resource_server(proxied_client))
+    # Pointed at the exporter by Exporter.start.
+    unstarted = facilitator_client(_url(proxied_upstream))
+    proxied = Twin(proxied_chains, unstarted, x402ResourceServer(unstarted))
+    exporter = Exporter(settings, aiohttp_client, proxied)
+    await exporter.start()
     yield direct, proxied, exporter
     await direct_client.aclose()
-    await proxied_client.aclose()
+    await proxied.client.aclose()
 
 
 def _facilitator_app(chains: EvmChains) -> web.Application:
@@ -126,28 +192,31 @@ def _params() -> Iterator[Any]:
 
 
 @pytest.mark.parametrize("case", list(_params()))
-async def test_case_through_the_proxy(
-    case: Case, started: tuple[Twin, Twin, AppClient], registry: CollectorRegistry
-) -> None:
+async def test_case_through_the_proxy(case: Case, started: tuple[Twin, Twin, Exporter]) -> None:
     direct, proxied, exporter = started
-    metrics_before = _metrics(registry)
-    analytics_before = await _analytics(exporter)
+    analytics_before = await _analytics(exporter.client)
     run = CaseRun([direct.chains, proxied.chains])
     for step in case.steps:
-        await _perform(step, run, direct, proxied)
-    await _settled_in_store(exporter)
+        await _perform(step, run, direct, proxied, exporter)
+    await exporter.quiesce()
 
     assert proxied.chains.state() == direct.chains.state()
-    assert _shown(_deltas(metrics_before, _metrics(registry))) == _shown(_expected_metrics(case))
-    analytics_after = await _analytics(exporter)
+    assert _shown(exporter.metric_deltas()) == _shown(_expected_metrics(case))
+    analytics_after = await _analytics(exporter.client)
     assert _analytics_deltas(analytics_before, analytics_after) == _expected_analytics(case)
 
 
-async def _perform(step: Step, run: CaseRun, direct: Twin, proxied: Twin) -> None:
+async def _perform(
+    step: Step, run: CaseRun, direct: Twin, proxied: Twin, exporter: Exporter
+) -> None:
     if isinstance(step, Sign):
         await run.sign(step)
+    elif isinstance(step, Restart):
+        await exporter.restart()
     elif isinstance(step, Concurrently):
-        await asyncio.gather(*(_in_order(group, run, direct, proxied) for group in step.groups))
+        await asyncio.gather(
+            *(_in_order(group, run, direct, proxied, exporter) for group in step.groups)
+        )
     elif isinstance(step, Verify | Settle | ServerVerify | ServerSettle):
         straight = await _exchange(step, run, direct)
         through_proxy = await _exchange(step, run, proxied)
@@ -157,9 +226,11 @@ async def _perform(step: Step, run: CaseRun, direct: Twin, proxied: Twin) -> Non
         run.apply(step)
 
 
-async def _in_order(steps: tuple[Step, ...], run: CaseRun, direct: Twin, proxied: Twin) -> None:
+async def _in_order(
+    steps: tuple[Step, ...], run: CaseRun, direct: Twin, proxied: Twin, exporter: Exporter
+) -> None:
     for step in steps:
-        await _perform(step, run, direct, proxied)
+        await _perform(step, run, direct, proxied, exporter)
 
 
 async def _exchange(step: Exchange, run: CaseRun, twin: Twin) -> tuple[str, Any]:
@@ -183,17 +254,6 @@ async def _exchange(step: Exchange, run: CaseRun, twin: Twin) -> tuple[str, Any]
     if isinstance(answer, VerifyResponse):
         return ("valid" if answer.is_valid else str(answer.invalid_reason), answer)
     return ("settled" if answer.success else str(answer.error_reason), answer)
-
-
-async def _settled_in_store(exporter: AppClient) -> None:
-    """Every derived event committed and shipped to the store."""
-    await exporter.app[PROXY].drain()
-    ledger = exporter.app[COMMITTER].ledger
-
-    async def shipped() -> bool:
-        return bool(ledger.backlog == 0)
-
-    await async_wait_until(shipped, what="the store caught up with the ledger")
 
 
 def _metrics(registry: CollectorRegistry) -> dict[Series, float]:
