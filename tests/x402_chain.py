@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,7 @@ from eth_utils.crypto import keccak
 from x402 import x402Client, x402Facilitator
 from x402.mechanisms.evm.constants import MULTICALL3_ADDRESS
 from x402.mechanisms.evm.default_assets import DEFAULT_ASSETS
+from x402.mechanisms.evm.eip712 import build_typed_data_for_signing
 from x402.mechanisms.evm.exact import (
     ExactEvmFacilitatorScheme,
     ExactEvmSchemeConfig,
@@ -49,9 +50,21 @@ from x402.mechanisms.evm.exact import (
 )
 from x402.mechanisms.evm.exact.v1.facilitator import ExactEvmSchemeV1, ExactEvmSchemeV1Config
 from x402.mechanisms.evm.signers import EthAccountSigner
-from x402.mechanisms.evm.types import TransactionReceipt, TypedDataDomain, TypedDataField
+from x402.mechanisms.evm.types import (
+    ExactEIP3009Authorization,
+    TransactionReceipt,
+    TypedDataDomain,
+    TypedDataField,
+)
 from x402.mechanisms.evm.v1.constants import V1_NETWORK_CHAIN_IDS, V1_NETWORKS
-from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
+from x402.schemas import (
+    PaymentPayload,
+    PaymentRequired,
+    PaymentRequirements,
+    SchemeNotFoundError,
+    SettleResponse,
+    VerifyResponse,
+)
 from x402.schemas.v1 import PaymentPayloadV1, PaymentRequiredV1, PaymentRequirementsV1
 
 # FiatToken v2 revert strings; the SDK maps them to its error reasons.
@@ -160,7 +173,8 @@ class ChainState:
 
     balances: dict[tuple[str, str], int]
     used_authorizations: frozenset[tuple[str, str, bytes]]
-    transactions: tuple[tuple[str, int], ...]
+    transactions: frozenset[tuple[str, int]]
+    """(hash, status) of every mined transaction, in no order."""
 
 
 class InMemoryEvmChain:
@@ -186,6 +200,7 @@ class InMemoryEvmChain:
         self._tokens: dict[str, _TokenState] = {}
         self._receipts: dict[str, TransactionReceipt] = {}
         self._order: list[str] = []
+        self._sent: dict[bytes, int] = {}
         self._receipt_delays: dict[str, int] = {}
         self._next_receipt_delay = 0
         self._broadcast_failures: list[str] = []
@@ -266,7 +281,7 @@ class InMemoryEvmChain:
                 for state in self._tokens.values()
                 for authorizer, nonce in state.used
             )
-            transactions = tuple((h, self._receipts[h].status) for h in self._order)
+            transactions = frozenset((h, self._receipts[h].status) for h in self._order)
             return ChainState(balances, used, transactions)
 
     # -- contract execution -----------------------------------------------------------------
@@ -302,12 +317,14 @@ class InMemoryEvmChain:
         with self._lock:
             if self._broadcast_failures:
                 raise BroadcastFailed(self._broadcast_failures.pop(0))
+            # The hash depends on what is sent, not on when: two chains given the same
+            # transactions in another order (concurrent requests) name them alike.
+            sent = self._sent.get(calldata, 0)
+            self._sent[calldata] = sent + 1
             tx_hash = (
                 "0x"
                 + keccak(
-                    self.chain_id.to_bytes(32, "big")
-                    + len(self._order).to_bytes(32, "big")
-                    + calldata
+                    self.chain_id.to_bytes(32, "big") + sent.to_bytes(32, "big") + calldata
                 ).hex()
             )
             logs: list[dict[str, Any]] = []
@@ -563,7 +580,8 @@ def v1_names(network: str) -> list[str]:
 
 
 class EvmChains:
-    """One ``InMemoryEvmChain`` per network, each with the SDK's default stablecoin deployed."""
+    """One ``InMemoryEvmChain`` per network, with the SDK's default stablecoin deployed
+    where the SDK lists one (``deploy`` adds others)."""
 
     def __init__(self, networks: Sequence[str], *, clock: Callable[[], float] = time.time):
         account: LocalAccount = Account.from_key(FACILITATOR_KEY)
@@ -572,7 +590,10 @@ class EvmChains:
             for network in networks
         }
         for network, chain in self._chains.items():
-            chain.deploy(default_token(network))
+            try:
+                chain.deploy(default_token(network))
+            except LookupError:
+                continue  # the SDK lists no EIP-3009 stablecoin here
 
     def __iter__(self) -> Iterator[InMemoryEvmChain]:
         return iter(self._chains.values())
@@ -581,12 +602,63 @@ class EvmChains:
         return self._chains[network]
 
     def token(self, network: str) -> Token:
-        """The default stablecoin deployed on ``network``."""
+        """The first token deployed on ``network`` (its default stablecoin, if it has one)."""
         return self._chains[network].tokens()[0]
+
+    def deploy(self, token: Token) -> Token:
+        """Deploy ``token`` on its network's chain."""
+        return self._chains[token.network].deploy(token)
 
     def state(self) -> dict[str, ChainState]:
         """Every chain's state, by network."""
         return {network: chain.state() for network, chain in self._chains.items()}
+
+
+class _ExactByNetwork:
+    """An SDK scheme facilitator that hands each payload to the scheme of its own chain.
+
+    The SDK registers a scheme under a pattern derived from its networks (one EVM network
+    gives ``eip155:*``), so per-chain schemes registered one by one would all be found by the
+    first one's pattern; this router is registered once and picks the chain by the payload's
+    network. A network no chain serves raises the SDK's ``SchemeNotFoundError``, as the SDK
+    does for a network nothing is registered for.
+    """
+
+    scheme = "exact"
+    caip_family = "eip155:*"
+
+    def __init__(self, schemes: Mapping[str, ExactEvmFacilitatorScheme | ExactEvmSchemeV1]):
+        self._schemes = dict(schemes)
+
+    @property
+    def networks(self) -> list[str]:
+        """The networks routed."""
+        return list(self._schemes)
+
+    def get_extra(self, network: str) -> dict[str, Any] | None:
+        """EVM kinds carry no extra."""
+        return None
+
+    def get_signers(self, network: str) -> list[str]:
+        """The facilitator addresses of ``network``'s chain."""
+        return self._schemes[network].get_signers(network)
+
+    def verify(self, payload: Any, requirements: Any, context: Any = None) -> VerifyResponse:
+        """Verify on the payload's chain."""
+        result: VerifyResponse = self._scheme_of(payload).verify(payload, requirements, context)
+        return result
+
+    def settle(self, payload: Any, requirements: Any, context: Any = None) -> SettleResponse:
+        """Settle on the payload's chain."""
+        result: SettleResponse = self._scheme_of(payload).settle(payload, requirements, context)
+        return result
+
+    def _scheme_of(self, payload: Any) -> Any:
+        network = str(payload.get_network())
+        scheme = self._schemes.get(network)
+        if scheme is None:
+            raise SchemeNotFoundError(self.scheme, network)
+        return scheme
 
 
 def build_facilitator(chains: EvmChains, *, simulate_in_settle: bool = False) -> x402Facilitator:
@@ -595,23 +667,23 @@ def build_facilitator(chains: EvmChains, *, simulate_in_settle: bool = False) ->
     Each chain gets its own scheme instances (v2 under its CAIP-2 id, v1 under its legacy
     names), so a payload is verified and settled on the chain its network names.
     """
-    facilitator = x402Facilitator()
+    v2: dict[str, ExactEvmFacilitatorScheme | ExactEvmSchemeV1] = {}
+    v1: dict[str, ExactEvmFacilitatorScheme | ExactEvmSchemeV1] = {}
     for chain in chains:
         signer = InMemoryFacilitatorSigner(chain)
-        facilitator.register(
-            [chain.network],
-            ExactEvmFacilitatorScheme(
-                signer, ExactEvmSchemeConfig(simulate_in_settle=simulate_in_settle)
-            ),
+        v2[chain.network] = ExactEvmFacilitatorScheme(
+            signer, ExactEvmSchemeConfig(simulate_in_settle=simulate_in_settle)
         )
-        names = v1_names(chain.network)
-        if names:
-            facilitator.register_v1(
-                names,
-                ExactEvmSchemeV1(
-                    signer, ExactEvmSchemeV1Config(simulate_in_settle=simulate_in_settle)
-                ),
-            )
+        scheme_v1 = ExactEvmSchemeV1(
+            signer, ExactEvmSchemeV1Config(simulate_in_settle=simulate_in_settle)
+        )
+        v1.update((name, scheme_v1) for name in v1_names(chain.network))
+    facilitator = x402Facilitator()
+    router = _ExactByNetwork(v2)
+    facilitator.register(router.networks, router)
+    if v1:
+        router_v1 = _ExactByNetwork(v1)
+        facilitator.register_v1(router_v1.networks, router_v1)
     return facilitator
 
 
@@ -622,9 +694,14 @@ def payer_account(index: int) -> LocalAccount:
 
 
 def build_client(account: LocalAccount) -> x402Client:
-    """The SDK's client signing EIP-3009 authorizations (v1 and v2) with ``account``."""
+    """The SDK's client signing EIP-3009 authorizations (v1 and v2) with ``account``.
+
+    It pays any amount in any asset (not only the SDK's default stablecoins, not only up to
+    its default cap of $1), so a test can offer a token of its own and larger payments.
+    """
     client = x402Client()
     register_exact_evm_client(client, EthAccountSigner(account))
+    client.set_spend_controls({"allowed_assets": True, "max_amount_per_payment": False})
     return client
 
 
@@ -676,3 +753,38 @@ async def sign_payment(
     return await client.create_payment_payload(
         PaymentRequired(x402_version=2, accepts=[requirements])
     )
+
+
+def reauthorize(
+    payment: PaymentPayload | PaymentPayloadV1,
+    token: Token,
+    signer: LocalAccount,
+    *,
+    nonce: str | None = None,
+) -> PaymentPayload | PaymentPayloadV1:
+    """``payment`` with its EIP-3009 authorization re-signed by ``signer``, optionally with
+    another ``nonce``; the authorization's ``from`` is kept, so a ``signer`` other than the
+    payer makes a forged payload (the SDK's own EIP-712 encoding and signer)."""
+    document = payment.model_dump(by_alias=True)
+    authorization = document["payload"]["authorization"]
+    if nonce is not None:
+        authorization["nonce"] = nonce
+    typed = build_typed_data_for_signing(
+        ExactEIP3009Authorization(
+            from_address=authorization["from"],
+            to=authorization["to"],
+            value=authorization["value"],
+            valid_after=authorization["validAfter"],
+            valid_before=authorization["validBefore"],
+            nonce=authorization["nonce"],
+        ),
+        int(token.network.removeprefix("eip155:")),
+        token.address,
+        token.name,
+        token.version,
+    )
+    domain, types, primary_type, message = typed
+    fields = {name: [TypedDataField(**f) for f in entries] for name, entries in types.items()}
+    signature = EthAccountSigner(signer).sign_typed_data(domain, fields, primary_type, message)
+    document["payload"]["signature"] = "0x" + signature.hex()
+    return type(payment).model_validate(document)
