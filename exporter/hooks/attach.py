@@ -174,6 +174,17 @@ class HookAttachment:
             return
         self._spooled[endpoint].inc()
 
+    def attach(self, facilitator: HookableFacilitator) -> None:
+        """Register the hooks on ``facilitator`` too (a process with several facilitators,
+        async and sync, shares one spool and one sender)."""
+        _check(facilitator)
+        facilitator.on_before_verify(self.before)
+        facilitator.on_after_verify(self.after_verify)
+        facilitator.on_verify_failure(self.verify_failed)
+        facilitator.on_before_settle(self.before)
+        facilitator.on_after_settle(self.after_settle)
+        facilitator.on_settle_failure(self.settle_failed)
+
     # ------------------------------------------------------------------ lifetime
 
     def close(self, deadline: float | None = None) -> bool:
@@ -221,6 +232,15 @@ class HookAttachment:
         await self.aclose()
 
 
+def _check(facilitator: object) -> None:
+    missing = [name for name in _HOOKS if not callable(getattr(facilitator, name, None))]
+    if missing:
+        raise ConfigError(
+            f"{type(facilitator).__name__} is not an x402 SDK facilitator (it has no "
+            f"{missing[0]}); pass an x402Facilitator or x402FacilitatorSync"
+        )
+
+
 def _json(model: Any) -> bytes:
     """An SDK model as its wire JSON (camelCase), straight from pydantic-core's serializer:
     what ``model_dump_json()`` gives, without its str round trip."""
@@ -243,6 +263,7 @@ def attach_x402_facilitator(
     spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
     max_exchange_bytes: int = DEFAULT_MAX_EXCHANGE_BYTES,
     networks: NetworkTable | None = None,
+    fee_bps: int = 0,
     close_deadline: float = 10.0,
     limits: SenderLimits | None = None,
 ) -> HookAttachment:
@@ -252,33 +273,27 @@ def attach_x402_facilitator(
     to ``POST {url}/v1/events`` with ``token`` (the exporter's ``EXPORTER_INGEST_TOKEN``)
     and/or signed with ``signing_secret``; they wait in ``spool_dir`` (one directory per
     facilitator process, at most ``spool_max_bytes``) until delivered. ``networks`` is the
-    exporter's network table when it has aliases or asset decimals of its own. The hooks'
-    metrics go on ``registry`` (a private one when None; see ``attachment.registry``).
+    exporter's network table when it has aliases or asset decimals of its own, and
+    ``fee_bps`` the facilitator's fee in basis points of each settled amount (as proxy
+    mode's ``EXPORTER_PROXY_FEE_BPS``). The hooks' metrics go on ``registry`` (a private
+    one when None; see ``attachment.registry``).
     Raises :class:`~exporter.errors.ConfigError` or :class:`~exporter.errors.SpoolError`
     with one line naming what is wrong; once attached, nothing raises into the facilitator.
     """
-    missing = [name for name in _HOOKS if not callable(getattr(facilitator, name, None))]
-    if missing:
-        raise ConfigError(
-            f"{type(facilitator).__name__} is not an x402 SDK facilitator (it has no "
-            f"{missing[0]}); pass an x402Facilitator or x402FacilitatorSync"
-        )
+    _check(facilitator)
     if max_exchange_bytes <= 0 or close_deadline < 0:
         raise ConfigError("max_exchange_bytes must be > 0 and close_deadline >= 0")
+    if not 0 <= fee_bps <= 10_000:
+        raise ConfigError(f"fee_bps must be between 0 and 10000 (basis points), got {fee_bps}")
     target = Target.parse(url, token, signing_secret)
     registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
     metrics = HookMetrics(registry)
     spool = Spool(Path(spool_dir), spool_max_bytes)
-    sender = Sender(spool, target, metrics, networks or NetworkTable(), limits)
+    sender = Sender(spool, target, metrics, networks or NetworkTable(), limits, fee_bps=fee_bps)
     attachment = HookAttachment(
         spool, sender, metrics, registry, max_exchange_bytes, close_deadline
     )
-    facilitator.on_before_verify(attachment.before)
-    facilitator.on_after_verify(attachment.after_verify)
-    facilitator.on_verify_failure(attachment.verify_failed)
-    facilitator.on_before_settle(attachment.before)
-    facilitator.on_after_settle(attachment.after_settle)
-    facilitator.on_settle_failure(attachment.settle_failed)
+    attachment.attach(facilitator)
     sender.start()
     log.info(
         "hooks attached",

@@ -121,6 +121,7 @@ class Sender:
         networks: NetworkTable,
         limits: SenderLimits | None = None,
         clock: Callable[[], float] = time.time,
+        fee_bps: int = 0,
     ) -> None:
         self.spool = spool
         self.target = target
@@ -129,6 +130,7 @@ class Sender:
         self.clock = clock
         self.payments = PaymentEvents(
             networks,
+            fee_bps,
             on_failure=lambda reason: metrics.unrecorded.labels(reason).inc(),
             remembered=spool.remembered,
         )
