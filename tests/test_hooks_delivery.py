@@ -218,18 +218,19 @@ def test_a_sync_facilitator_on_many_threads_delivers_signed_with_a_token(
     facilitator = sync_facilitator(chains)
     env = {"EXPORTER_INGEST_TOKEN": "t0ken", "EXPORTER_INGEST_SIGNING_SECRET": "s3cret"}
     with running_exporter(tmp_path / "data", tmp_path / "exporter.log", env=env) as exporter:
-        attachment = attach(
-            facilitator, exporter.url, tmp_path / "spool", token="t0ken", signing_secret="s3cret"
-        )
         cases = ["v2_base", "bad_signature", "settle_fails_after_verify", "v1_base"] * 5
-        with ThreadPoolExecutor(4) as pool:
-            outcomes = list(
-                pool.map(
-                    lambda item: asyncio.run(run_case(facilitator, chains, item[1], item[0])),
-                    enumerate(cases),
+        spool = tmp_path / "spool"
+        with attach(facilitator, exporter.url, spool, token="t0ken", signing_secret="s3cret") as (
+            attachment
+        ):
+            with ThreadPoolExecutor(4) as pool:
+                outcomes = list(
+                    pool.map(
+                        lambda item: asyncio.run(run_case(facilitator, chains, item[1], item[0])),
+                        enumerate(cases),
+                    )
                 )
-            )
-        assert attachment.close(10.0)
+        assert attachment.spool_empty
         payments, _ = expected_metrics(outcomes)
         got = exporter.metric("facilitator_payments_total")
         assert {(dict(k)["network"], dict(k)["status"]): v for k, v in got.items() if v} == payments
@@ -252,9 +253,9 @@ async def test_a_restarted_attachment_derives_no_event_twice(
     assert await first.aclose(10.0)
     # the process restarts: a new facilitator and attachment on the same spool
     again = build_facilitator(chains)
-    second = attach(again, server.url, tmp_path / "spool")
-    assert (await again.settle(payload, requirements)).success
-    assert await second.aclose(10.0)
+    async with attach(again, server.url, tmp_path / "spool") as second:
+        assert (await again.settle(payload, requirements)).success
+    assert second.spool_empty  # leaving "async with" delivered it
     sent = [event["type"] for _, body in server.requests for event in lines(body)]
     assert sent == ["payment:received", "payment:verified", "payment:settled"]
 

@@ -54,12 +54,23 @@ _HOOKS = (
 class HookableFacilitator(Protocol):
     """What the hooks need of a facilitator: the SDK's six hook registrations."""
 
-    def on_before_verify(self, hook: Any) -> Any: ...
-    def on_after_verify(self, hook: Any) -> Any: ...
-    def on_verify_failure(self, hook: Any) -> Any: ...
-    def on_before_settle(self, hook: Any) -> Any: ...
-    def on_after_settle(self, hook: Any) -> Any: ...
-    def on_settle_failure(self, hook: Any) -> Any: ...
+    def on_before_verify(self, hook: Any) -> Any:
+        """Register a hook run before each verify."""
+
+    def on_after_verify(self, hook: Any) -> Any:
+        """Register a hook run after a valid verify."""
+
+    def on_verify_failure(self, hook: Any) -> Any:
+        """Register a hook run after an invalid or failed verify."""
+
+    def on_before_settle(self, hook: Any) -> Any:
+        """Register a hook run before each settle."""
+
+    def on_after_settle(self, hook: Any) -> Any:
+        """Register a hook run after a successful settle."""
+
+    def on_settle_failure(self, hook: Any) -> Any:
+        """Register a hook run after a failed (or pending) settle."""
 
 
 class HookAttachment:
@@ -85,10 +96,10 @@ class HookAttachment:
         self.registry = registry
         self.max_exchange_bytes = max_exchange_bytes
         self.close_deadline = close_deadline
-        self._closed = False
         self.spool_empty = False
-        self._logged_at = -60.0
         """After :meth:`close`: whether everything spooled was delivered."""
+        self._closed = False
+        self._logged_at = -60.0  # when an error was last logged (monotonic seconds)
         self._started: contextvars.ContextVar[tuple[object, float, float] | None] = (
             contextvars.ContextVar("x402_exporter_hook_started", default=None)
         )
