@@ -506,6 +506,26 @@ CASES: tuple[Case, ...] = (
         },
     ),
     _every_sdk_stablecoin(),
+    Case(
+        "invalid-verify-then-topped-up-and-settled",
+        (
+            Fund(0, amount=5_000),
+            Sign("a", 0),
+            Verify("a", "invalid_exact_evm_insufficient_balance"),
+            Fund(0),
+            Verify("a"),
+            Settle("a"),
+        ),
+        (Counted(BASE, received=1, verified=1, settled=1, volume="0.01"),),
+        {
+            ("verify", "invalid", BASE): 1,
+            ("verify", "valid", BASE): 1,
+            ("settle", "settled", BASE): 1,
+        },
+        xfail="an invalid verify ends the payment, yet its authorization is still unused: the "
+        "same signed payload verified and settled after a top-up is counted failed and its "
+        "settlement is lost (no rule yet for a settle after a failure)",
+    ),
 )
 """Every case, by name unique."""
 
