@@ -164,6 +164,7 @@ async def started(
         listen="127.0.0.1:0",
         upstream_facilitator=_url(proxied_upstream),
         proxy_fee_bps=FEE_BPS,
+        store_flush_interval_seconds=0,  # ship each commit at once: the case waits for it
     )
     direct_client = facilitator_client(_url(direct_upstream))
     direct = Twin(direct_chains, direct_client, await resource_server(direct_client))
