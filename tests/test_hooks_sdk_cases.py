@@ -203,38 +203,76 @@ def port() -> int:
     return free_port()
 
 
+def restarts(case: Case) -> bool:
+    """Whether the case restarts the recording process: proxy mode forgets what it held in
+    memory, the hooks keep it in their spool, so the hooks must pass it even where proxy
+    mode is marked to fail."""
+    return any(isinstance(step, Restart) for step in case.steps)
+
+
+SUITE = [case for case in CASES if case.xfail is None or restarts(case)]
+"""The cases the hooks must get exactly right."""
+
+
 async def test_every_sdk_case_through_the_hooks(tmp_path: Path, port: int) -> None:
     data, log_path = tmp_path / "data", tmp_path / "exporter.log"
     exporter = start_on(port, data, log_path)
     side = Facilitator(exporter.url, tmp_path / "spool")
-    half = len(CASES) // 2
+    half = len(SUITE) // 2
     try:
-        for case in CASES[:half]:
-            before = snapshot(exporter)
-            unrecorded = side.unrecorded()
-            await drive(case, CaseRun([side.new_chains()]), side)
-            wait_until(side.delivered, what=f"{case.name} delivered")
-            assert deltas(before, snapshot(exporter)) == expected([case]), case.name
-            failures = {k: v for k, v in case.recording_failures.items() if k in REASONS}
-            assert side.unrecorded() - unrecorded == Tally(failures), case.name
+        for case in SUITE[:half]:
+            await exactly(case, side, exporter)
         exporter.terminate()
-        for case in CASES[half:]:  # the exporter is down: everything waits in the spool
+        for case in SUITE[half:]:  # the exporter is down: everything waits in the spool
             await drive(case, CaseRun([side.new_chains()]), side)
         exporter = start_on(port, data, log_path)
         assert await side.attachment.aclose(20.0)
         after = snapshot(exporter)
-        second = expected(list(CASES[half:]))
+        second = expected(SUITE[half:])
         # a restarted exporter's counters start at zero, its pending gauge from the ledger
-        pending = {k: v for k, v in expected(list(CASES)).items() if k[0] == PENDING}
+        pending = {k: v for k, v in expected(SUITE).items() if k[0] == PENDING}
         second = {k: v for k, v in second.items() if k[0] != PENDING} | pending
         assert {k: v for k, v in after.items() if v} == second
-        assert_analytics(exporter, list(CASES))
+        assert_analytics(exporter, SUITE)
     finally:
         exporter.kill()
         for attachment in side.attachments:
             attachment.close(0.0)
     for attachment in side.attachments:
         assert attachment.dead_letters() == []
+
+
+def _mapping_xfails() -> list[Any]:
+    return [
+        pytest.param(case, id=case.name, marks=pytest.mark.xfail(reason=case.xfail, strict=True))
+        for case in CASES
+        if case.xfail is not None and not restarts(case)
+    ]
+
+
+@pytest.mark.parametrize("case", _mapping_xfails())
+async def test_sdk_case_the_shared_mapping_gets_wrong(
+    case: Case, tmp_path: Path, port: int
+) -> None:
+    """Cases marked to fail for a rule of the mapping the hooks share with proxy mode."""
+    exporter = start_on(port, tmp_path / "data", tmp_path / "exporter.log")
+    side = Facilitator(exporter.url, tmp_path / "spool")
+    try:
+        await exactly(case, side, exporter)
+    finally:
+        exporter.kill()
+        side.attachment.close(0.0)
+
+
+async def exactly(case: Case, side: Facilitator, exporter: ExporterProcess) -> None:
+    """Run ``case`` and check the exporter's deltas and the unrecorded answers exactly."""
+    before = snapshot(exporter)
+    unrecorded = side.unrecorded()
+    await drive(case, CaseRun([side.new_chains()]), side)
+    wait_until(side.delivered, what=f"{case.name} delivered")
+    assert deltas(before, snapshot(exporter)) == expected([case]), case.name
+    failures = {k: v for k, v in case.recording_failures.items() if k in REASONS}
+    assert side.unrecorded() - unrecorded == Tally(failures), case.name
 
 
 PENDING = "facilitator_pending_payments"
