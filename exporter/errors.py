@@ -102,3 +102,11 @@ class StoreCorruptError(StoreError):
 
 class StoreInvalidatedError(StoreError):
     """DuckDB invalidated the database after a fatal error; retried by reopening the file."""
+
+
+# ----------------------------------------------------------------------------- hooks
+
+
+class SpoolError(ExporterError):
+    """The facilitator hooks' spool cannot be opened or is held by another process; the
+    message names the directory and the way out. Nothing was attached."""

@@ -129,8 +129,13 @@ def facts_from_events(events: Iterable[dict[str, Any]]) -> Facts:
         if kind == "payment:received":
             facts.payments.append(
                 PaymentFact(
-                    "received", ts, data["network"], data["paymentId"],
-                    _address(data["payer"]), _address(data["payee"]), micro(data["amount"]),
+                    "received",
+                    ts,
+                    data["network"],
+                    data["paymentId"],
+                    _address(data["payer"]),
+                    _address(data["payee"]),
+                    micro(data["amount"]),
                 )
             )
         elif kind in ("payment:verified", "payment:settled", "payment:failed"):
@@ -144,8 +149,12 @@ def facts_from_events(events: Iterable[dict[str, Any]]) -> Facts:
                 continue  # a verified or settled event without its payment counts nowhere
             facts.payments.append(
                 PaymentFact(
-                    kind.removeprefix("payment:"), ts, payment["network"], pid,
-                    _address(payment["payer"]), _address(payment["payee"]),
+                    kind.removeprefix("payment:"),
+                    ts,
+                    payment["network"],
+                    pid,
+                    _address(payment["payer"]),
+                    _address(payment["payee"]),
                     micro(payment["amount"]),
                     micro(data["fee"]) if kind == "payment:settled" else 0,
                     float(data["settlementTime"]) if kind == "payment:settled" else 0.0,
@@ -199,9 +208,7 @@ class Oracle:
         self.facts = facts
 
     def _pay(self, status: str, at: int, span: int) -> list[PaymentFact]:
-        return [
-            p for p in self.facts.payments if p.status == status and _inside(p.time, at, span)
-        ]
+        return [p for p in self.facts.payments if p.status == status and _inside(p.time, at, span)]
 
     def payments(self, at: int, window: str) -> JSON:
         """PaymentMetrics."""
@@ -239,26 +246,29 @@ class Oracle:
             mine = [p for p in inside if p.network == network]
             settled = [p for p in mine if p.status == "settled"]
             failed = [p for p in mine if p.status == "failed"]
-            batches = [
-                b for b in self.facts.batches if b[1] == network and _inside(b[0], at, span)
-            ]
+            batches = [b for b in self.facts.batches if b[1] == network and _inside(b[0], at, span)]
             gas = sum(b[3] for b in batches)
             count = sum(b[2] for b in batches)
             volume = sum(p.amount for p in settled)
             terminal = len(settled) + len(failed)
-            rows.append((volume, {
-                    "chainId": network,
-                    "chainName": NAMES.get(network, network),
-                    "totalPayments": sum(1 for p in mine if p.status == "received"),
-                    "totalVolume": money(volume),
-                    "totalFees": money(sum(p.fee for p in settled)),
-                    "averageGasCost": money(
-                        _half_even(Fraction(gas, count) * 1_000_000) if count else 0
-                    ),
-                    "totalGasSpent": str(gas),
-                    "successRate": len(settled) / terminal * 100 if terminal else 100.0,
-                    "averageConfirmationTime": _mean_ms([p.settlement_ms for p in settled]),
-                }))
+            rows.append(
+                (
+                    volume,
+                    {
+                        "chainId": network,
+                        "chainName": NAMES.get(network, network),
+                        "totalPayments": sum(1 for p in mine if p.status == "received"),
+                        "totalVolume": money(volume),
+                        "totalFees": money(sum(p.fee for p in settled)),
+                        "averageGasCost": money(
+                            _half_even(Fraction(gas, count) * 1_000_000) if count else 0
+                        ),
+                        "totalGasSpent": str(gas),
+                        "successRate": len(settled) / terminal * 100 if terminal else 100.0,
+                        "averageConfirmationTime": _mean_ms([p.settlement_ms for p in settled]),
+                    },
+                )
+            )
         rows.sort(key=lambda r: (-r[0], r[1]["chainId"]))
         return [row for _, row in rows]
 
@@ -403,8 +413,9 @@ class Oracle:
 
     def pending(self, at: int) -> int:
         """Payments received at or before ``at`` with no settled/failed event by then."""
-        received = {p.payment_id for p in self.facts.payments
-                    if p.status == "received" and p.time <= at}
+        received = {
+            p.payment_id for p in self.facts.payments if p.status == "received" and p.time <= at
+        }
         ended = {
             p.payment_id
             for p in self.facts.payments
@@ -478,8 +489,16 @@ class Oracle:
         """Every analytic for every window, keyed like the exporter's snapshot."""
         out: dict[OracleKey, JSON] = {("realtime", None, None): self.realtime(at)}
         for window in WINDOWS_MS:
-            for name in ("payments", "networks", "revenue", "revenue/breakdown",
-                         "top/payers", "top/payees", "top/routes", "health"):
+            for name in (
+                "payments",
+                "networks",
+                "revenue",
+                "revenue/breakdown",
+                "top/payers",
+                "top/payees",
+                "top/routes",
+                "health",
+            ):
                 out[(name, window, None)] = self.answer(name, window, at, limit)
             for metric in METRICS:
                 out[("timeseries", window, metric)] = self.timeseries(at, window, metric)

@@ -37,24 +37,45 @@ TX = "0x" + "c" * 64
 GOLDEN: list[tuple[StoreRecord, str]] = [
     (
         PaymentRecord(
-            "payment:settled:p1", BASE_MS + 2000, "eip155:8453", "settled", "p1",
-            ADDR_A, ADDR_B, 1_500_000, 10_000, 1500.0, None, TX, None,
+            "payment:settled:p1",
+            BASE_MS + 2000,
+            "eip155:8453",
+            "settled",
+            "p1",
+            ADDR_A,
+            ADDR_B,
+            1_500_000,
+            10_000,
+            1500.0,
+            None,
+            TX,
+            None,
         ),
-        'payment,network=eip155:8453,status=settled amount_micro=1500000i,fee_micro=10000i,'
+        "payment,network=eip155:8453,status=settled amount_micro=1500000i,fee_micro=10000i,"
         f'payee="{ADDR_B}",payer="{ADDR_A}",payment_id="p1",settlement_ms=1500,tx="{TX}" '
         "1767225602000326206",
     ),
     (
         PaymentRecord(
-            "payment:received:p1", BASE_MS, "eip155:8453", "received", "p1",
-            ADDR_A, ADDR_B, 1_500_000,
+            "payment:received:p1",
+            BASE_MS,
+            "eip155:8453",
+            "received",
+            "p1",
+            ADDR_A,
+            ADDR_B,
+            1_500_000,
         ),
-        'payment,network=eip155:8453,status=received amount_micro=1500000i,'
+        "payment,network=eip155:8453,status=received amount_micro=1500000i,"
         f'payee="{ADDR_B}",payer="{ADDR_A}",payment_id="p1" 1767225600000460678',
     ),
     (
         PaymentRecord(
-            "payment:verified:p1", BASE_MS + 100, "eip155:8453", "verified", "p1",
+            "payment:verified:p1",
+            BASE_MS + 100,
+            "eip155:8453",
+            "verified",
+            "p1",
             verification_ms=120.25,
         ),
         'payment,network=eip155:8453,status=verified payment_id="p1",verification_ms=120.25 '
@@ -64,20 +85,32 @@ GOLDEN: list[tuple[StoreRecord, str]] = [
         # Escaping: spaces, commas and equals signs in tags; quotes and backslashes in
         # string fields (spaces, commas and equals stay as they are inside quotes).
         PaymentRecord(
-            "payment:failed:p2", BASE_MS + 2000, "net work,a=b", "failed",
-            'id "q" \\ x', error='said "no", then\\ quit = done',
+            "payment:failed:p2",
+            BASE_MS + 2000,
+            "net work,a=b",
+            "failed",
+            'id "q" \\ x',
+            error='said "no", then\\ quit = done',
         ),
-        'payment,network=net\\ work\\,a\\=b,status=failed '
+        "payment,network=net\\ work\\,a\\=b,status=failed "
         'error="said \\"no\\", then\\\\ quit = done",payment_id="id \\"q\\" \\\\ x" '
         "1767225602000857725",
     ),
     (
         BatchRecord(
-            "batch:settled:b1", BASE_MS + 5000, "eip155:8453", "settled", "b1",
-            2, 3_000_000, 20_000, 84_000, "0x" + "d" * 64,
+            "batch:settled:b1",
+            BASE_MS + 5000,
+            "eip155:8453",
+            "settled",
+            "b1",
+            2,
+            3_000_000,
+            20_000,
+            84_000,
+            "0x" + "d" * 64,
         ),
         'batch,network=eip155:8453,status=settled batch_id="b1",gas_used=84000i,'
-        'payment_count=2i,total_amount_micro=3000000i,total_fees_micro=20000i,'
+        "payment_count=2i,total_amount_micro=3000000i,total_fees_micro=20000i,"
         f'tx="0x{"d" * 64}" 1767225605000151429',
     ),
     (

@@ -259,3 +259,22 @@ async def test_a_closed_duckdb_source_refuses_queries(tmp_path: Path) -> None:
             await source.point_in_time(0)
     finally:
         await store.close()
+
+
+async def test_networks_lists_every_network_cached_or_on_demand(client: AppClient) -> None:
+    # ``limit`` belongs to the top lists: the networks analytic lists every network.
+    now = int(time.time() * 1000)
+    chains = [f"eip155:{chain_id}" for chain_id in range(1000, 1012)]
+    events: list[dict[str, Any]] = []
+    for n, network in enumerate(chains):
+        events.append(received(f"n{n}", now - 60_000, amount="1.00", network=network))
+        events.append(settled(f"n{n}", now - 59_000))
+    await _ingest_and_drain(client, events)
+    on_demand = await client.get(f"/v1/analytics/networks?window=1h&at={now}")
+    assert sorted(entry["chainId"] for entry in await on_demand.json()) == sorted(chains)
+    assert await client.app[ANALYTICS].scheduler.refresh("1h")
+    cached = await client.get("/v1/analytics/networks?window=1h")
+    assert cached.headers["X-Analytics-Stale"] == "false"
+    assert len(await cached.json()) == len(chains)
+    top = await client.get(f"/v1/analytics/top/payers?window=1h&at={now}&limit=1")
+    assert len(await top.json()) == 1

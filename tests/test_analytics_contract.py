@@ -192,10 +192,16 @@ async def test_an_empty_store_answers_zeros_and_zero_filled_buckets(tmp_path: Pa
     payments = snapshot[AnalyticKey("payments", Window.H24)]
     assert isinstance(payments, PaymentMetrics)
     assert result_data(payments) == {
-        "totalPayments": 0, "successfulPayments": 0, "failedPayments": 0,
-        "totalVolume": "0.000000", "totalFees": "0.000000", "averagePaymentSize": "0.000000",
-        "medianPaymentSize": "0.000000", "averageSettlementTime": 0.0,
-        "p95SettlementTime": 0.0, "p99SettlementTime": 0.0,
+        "totalPayments": 0,
+        "successfulPayments": 0,
+        "failedPayments": 0,
+        "totalVolume": "0.000000",
+        "totalFees": "0.000000",
+        "averagePaymentSize": "0.000000",
+        "medianPaymentSize": "0.000000",
+        "averageSettlementTime": 0.0,
+        "p95SettlementTime": 0.0,
+        "p99SettlementTime": 0.0,
     }
     series = result_data(snapshot[AnalyticKey("timeseries", Window.H24, "volume")])
     assert isinstance(series, dict)
@@ -206,8 +212,12 @@ async def test_an_empty_store_answers_zeros_and_zero_filled_buckets(tmp_path: Pa
     assert [d["date"] for d in revenue["revenueByDay"]][::7] == ["2026-04-04", "2026-04-11"]
     assert revenue["growthRate"] == 0.0
     health = result_data(snapshot[AnalyticKey("health", Window.H24)])
-    assert health == {"status": "healthy", "errorRate": 0.0, "averageSettlementTime": 0.0,
-                      "pendingPayments": 0}
+    assert health == {
+        "status": "healthy",
+        "errorRate": 0.0,
+        "averageSettlementTime": 0.0,
+        "pendingPayments": 0,
+    }
 
 
 async def test_window_bounds_exclude_the_start_and_include_the_end(tmp_path: Path) -> None:
@@ -288,13 +298,19 @@ async def test_duplicates_conflicts_and_out_of_order_deliveries() -> None:
     ],
 )
 async def test_quotients_round_half_to_even(
-    amounts: tuple[str, ...], fees: tuple[str, ...], median: str, average: str,
-    projected_7d: str, tmp_path: Path,
+    amounts: tuple[str, ...],
+    fees: tuple[str, ...],
+    median: str,
+    average: str,
+    projected_7d: str,
+    tmp_path: Path,
 ) -> None:
     events = []
     for i, amount in enumerate(amounts):
-        events += [received(f"p{i}", AT - 100, amount=amount),
-                   settled(f"p{i}", AT - 50, fee=fees[min(i, len(fees) - 1)])]
+        events += [
+            received(f"p{i}", AT - 100, amount=amount),
+            settled(f"p{i}", AT - 50, fee=fees[min(i, len(fees) - 1)]),
+        ]
     oracle = await _check(events)
     async with delivered(events, tmp_path, "duckdb") as analytics:
         payments = result_data(await analytics.payments(Window.H1, AT))
@@ -309,8 +325,10 @@ async def test_ties_in_top_lists_order_by_address() -> None:
     payers = ["0x" + c * 40 for c in "cab"]
     events = []
     for i, payer in enumerate(payers):
-        events += [received(f"p{i}", AT - 100, payer=payer, payee="0x" + "f" * 40, amount="1"),
-                   settled(f"p{i}", AT - 50)]
+        events += [
+            received(f"p{i}", AT - 100, payer=payer, payee="0x" + "f" * 40, amount="1"),
+            settled(f"p{i}", AT - 50),
+        ]
     oracle = await _check(events)
     assert [p["address"] for p in oracle.top_payers(AT, "1h", 10)] == sorted(payers)
 
@@ -338,8 +356,18 @@ async def test_rank_values_are_nearest_rank_for_every_rank(tmp_path: Path) -> No
         for n in (1, 2, 3, 7, 20, 99, 100, 101):
             values = [(i * 7919) % n // 2 * 3 for i in range(n)]  # shuffled, with repeats
             records: list[StoreRecord] = [
-                PaymentRecord(f"s{n}-{i}", AT - i, "eip155:8453", "settled", f"p{i}", payer,
-                              payee, v, 0, float(v) / 4)
+                PaymentRecord(
+                    f"s{n}-{i}",
+                    AT - i,
+                    "eip155:8453",
+                    "settled",
+                    f"p{i}",
+                    payer,
+                    payee,
+                    v,
+                    0,
+                    float(v) / 4,
+                )
                 for i, v in enumerate(values)
             ]
             ranks = tuple(range(1, n + 1))
@@ -365,11 +393,16 @@ def rank_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DuckDBStore
 _rank_instants = itertools.count(AT, 2 * HOUR_MS)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(
-    amounts=st.lists(st.integers(0, 10**15) | st.sampled_from([0, 7, 10**6]), min_size=1,
-                     max_size=60),
+    amounts=st.lists(
+        st.integers(0, 10**15) | st.sampled_from([0, 7, 10**6]), min_size=1, max_size=60
+    ),
     data=st.data(),
 )
 def test_duckdb_ranks_stay_exact_when_selected_in_many_passes(
@@ -378,14 +411,16 @@ def test_duckdb_ranks_stay_exact_when_selected_in_many_passes(
     # Two values read at most and three bins a pass: every range is narrowed several
     # times, through ties, huge integers and subnormal floats.
     n = len(amounts)
-    times = data.draw(st.lists(st.floats(0, 1e7) | st.sampled_from([0.0, 1.5, 5e-324]),
-                               min_size=n, max_size=n))
+    times = data.draw(
+        st.lists(st.floats(0, 1e7) | st.sampled_from([0.0, 1.5, 5e-324]), min_size=n, max_size=n)
+    )
     ranks = tuple(data.draw(st.lists(st.integers(1, n), min_size=1, max_size=5, unique=True)))
     at = next(_rank_instants)
     payer, payee = "0x" + "a" * 40, "0x" + "b" * 40
     records: list[StoreRecord] = [
-        PaymentRecord(f"r{at}-{i}", at - i, "eip155:8453", "settled", f"p{i}", payer, payee,
-                      amount, 0, time)
+        PaymentRecord(
+            f"r{at}-{i}", at - i, "eip155:8453", "settled", f"p{i}", payer, payee, amount, 0, time
+        )
         for i, (amount, time) in enumerate(zip(amounts, times, strict=True))
     ]
     asyncio.run(rank_store.write(records))
@@ -401,17 +436,16 @@ async def test_duckdb_ranks_of_a_grown_window_pick_the_same_fraction(tmp_path: P
     payer, payee = "0x" + "a" * 40, "0x" + "b" * 40
     values = [(i * 7) % 23 for i in range(23)]
     records: list[StoreRecord] = [
-        PaymentRecord(f"g{i}", AT - i, "eip155:8453", "settled", f"p{i}", payer, payee, v, 0,
-                      float(v))
+        PaymentRecord(
+            f"g{i}", AT - i, "eip155:8453", "settled", f"p{i}", payer, payee, v, 0, float(v)
+        )
         for i, v in enumerate(values)
     ]
     async with _duckdb(tmp_path, records) as source:
         assert isinstance(source, DuckDBAnalyticsSource)
         for n in (1, 5, 22, 23):
             ranks = tuple(range(1, n + 1))
-            answer = await source.settled_order_values(
-                AT, {HOUR_MS: RankRequest(n, ranks, ranks)}
-            )
+            answer = await source.settled_order_values(AT, {HOUR_MS: RankRequest(n, ranks, ranks)})
             [(expected,)] = source.store.query(
                 "SELECT quantile_disc(amount_micro, $1::DOUBLE[]) FROM payment",
                 [[(k - 0.5) / n for k in ranks]],
@@ -474,8 +508,10 @@ async def test_duckdb_top_lists_cut_ties_by_address(tied_at_most: int, tmp_path:
     events: list[Event] = []
     for i, party in enumerate(parties):
         payee = "0xf" + party[3:]
-        events += [received(f"t{i}", AT - 100, payer=party, payee=payee, amount="2"),
-                   settled(f"t{i}", AT - 50)]
+        events += [
+            received(f"t{i}", AT - 100, payer=party, payee=payee, amount="2"),
+            settled(f"t{i}", AT - 50),
+        ]
     first = sorted(parties)[:3]
     async with delivered(events, tmp_path, "duckdb") as default:
         assert isinstance(default.source, DuckDBAnalyticsSource)
@@ -526,18 +562,22 @@ async def test_duckdb_top_lists_and_buckets_of_many_parties_fit_a_small_buffer_p
         await store.close()
     top = sorted(range(_MANY_PARTIES), key=lambda i: (-amounts[i], i))[:3]
     assert [(p.address, p.amount_micro) for p in lists.payers] == [
-        (f"0x{i:040x}", amounts[i]) for i in top]
+        (f"0x{i:040x}", amounts[i]) for i in top
+    ]
     assert [(r.payer, r.amount_micro) for r in lists.routes] == [
-        (f"0x{i:040x}", amounts[i]) for i in top]
+        (f"0x{i:040x}", amounts[i]) for i in top
+    ]
     top_payees = sorted(payees, key=lambda q: (-sum(payees[q]), q))[:3]
     assert [(p.address, p.amount_micro, p.unique_payers) for p in lists.payees] == [
-        (f"0xe{q:039x}", sum(payees[q]), len(payees[q])) for q in top_payees]
+        (f"0xe{q:039x}", sum(payees[q]), len(payees[q])) for q in top_payees
+    ]
     by_hour: dict[int, list[int]] = {}
     for i in range(_MANY_PARTIES):
         by_hour.setdefault((AT - i) - (AT - i) % HOUR_MS, []).append(i)
     assert sorted((b.start_ms, b.settled, b.unique_payers, b.unique_payees) for b in buckets) == [
         (hour, len(ids), len(ids), len({i % 997 for i in ids}))
-        for hour, ids in sorted(by_hour.items())]
+        for hour, ids in sorted(by_hour.items())
+    ]
 
 
 def test_windows_parse_and_refuse_with_the_allowed_list() -> None:
@@ -561,9 +601,16 @@ async def test_requests_outside_the_contract_are_refused(tmp_path: Path) -> None
 
 def test_money_is_a_six_place_string_from_micro_units_or_decimals() -> None:
     metrics = PaymentMetrics(
-        totalPayments=1, successfulPayments=1, failedPayments=0, totalVolume=12_500_000,
-        totalFees="0.000001", averagePaymentSize="1.5", medianPaymentSize=7,
-        averageSettlementTime=1.5, p95SettlementTime=2.0, p99SettlementTime=2.0,
+        totalPayments=1,
+        successfulPayments=1,
+        failedPayments=0,
+        totalVolume=12_500_000,
+        totalFees="0.000001",
+        averagePaymentSize="1.5",
+        medianPaymentSize=7,
+        averageSettlementTime=1.5,
+        p95SettlementTime=2.0,
+        p99SettlementTime=2.0,
     )
     assert (metrics.totalVolume, metrics.totalFees) == ("12.500000", "0.000001")
     assert result_json(metrics).startswith(
@@ -581,9 +628,7 @@ _BIDS = ["b0", "b1", "b2"]
 _PAYERS = ["0x" + "a" * 40, "0x" + "B" * 40, "0x" + "ab" * 20]
 _PAYEES = ["0x" + "c" * 40, "0x" + "d" * 40, "addr-non-evm"]
 _NETWORKS = ["eip155:8453", "eip155:10", "eip155:999"]
-_AMOUNTS = [
-    "0.000001", "0.000002", "0.000005", "1.5", "2.50", "0.0000015", "0.0000025", "1000000"
-]
+_AMOUNTS = ["0.000001", "0.000002", "0.000005", "1.5", "2.50", "0.0000015", "0.0000025", "1000000"]
 _FEES = ["0", "0.01", "0.000001", "0.0000005"]
 _SETTLEMENT_MS = [0, 0.25, 1_500, 30_000.5, 60_001, 2_000]
 
@@ -613,42 +658,69 @@ def _events(draw: st.DrawFn) -> list[Event]:
     events: list[Event] = []
     for pid in draw(st.lists(st.sampled_from(_PIDS), unique=True, max_size=8)):
         if draw(_MOSTLY):
-            events.append(received(
-                pid, draw(_TIMES), amount=draw(st.sampled_from(_AMOUNTS)),
-                network=draw(st.sampled_from(_NETWORKS)), payer=draw(st.sampled_from(_PAYERS)),
-                payee=draw(st.sampled_from(_PAYEES)),
-            ))
+            events.append(
+                received(
+                    pid,
+                    draw(_TIMES),
+                    amount=draw(st.sampled_from(_AMOUNTS)),
+                    network=draw(st.sampled_from(_NETWORKS)),
+                    payer=draw(st.sampled_from(_PAYERS)),
+                    payee=draw(st.sampled_from(_PAYEES)),
+                )
+            )
         if draw(st.booleans()):
             events.append(verified(pid, draw(_TIMES)))
         for _ in range(draw(st.sampled_from([0, 1, 1, 1, 2]))):
-            event = settled(pid, draw(_TIMES), fee=draw(st.sampled_from(_FEES)),
-                            settlement_ms=draw(st.sampled_from(_SETTLEMENT_MS)))
+            event = settled(
+                pid,
+                draw(_TIMES),
+                fee=draw(st.sampled_from(_FEES)),
+                settlement_ms=draw(st.sampled_from(_SETTLEMENT_MS)),
+            )
             if draw(st.booleans()):
                 event["id"] = f"settled-{len(events)}"
             if draw(st.booleans()):
                 event["data"]["network"] = draw(st.sampled_from(_NETWORKS))
             events.append(event)
         if draw(st.booleans()):
-            events.append(failed(pid, draw(_TIMES),
-                                 network=draw(st.sampled_from([None, *_NETWORKS]))))
+            events.append(
+                failed(pid, draw(_TIMES), network=draw(st.sampled_from([None, *_NETWORKS])))
+            )
     for _ in range(draw(st.integers(0, 2))):
-        events.append(failed("unknown", draw(_TIMES),
-                             network=draw(st.sampled_from([None, *_NETWORKS]))))
+        events.append(
+            failed("unknown", draw(_TIMES), network=draw(st.sampled_from([None, *_NETWORKS])))
+        )
     for bid in draw(st.lists(st.sampled_from(_BIDS), unique=True, max_size=3)):
         if draw(st.booleans()):
-            events.append(batch_created(bid, draw(_TIMES), count=draw(st.integers(1, 7)),
-                                        network=draw(st.sampled_from(_NETWORKS))))
+            events.append(
+                batch_created(
+                    bid,
+                    draw(_TIMES),
+                    count=draw(st.integers(1, 7)),
+                    network=draw(st.sampled_from(_NETWORKS)),
+                )
+            )
         if draw(st.booleans()):
-            events.append(batch_settled(bid, draw(_TIMES),
-                                        gas=str(draw(st.integers(0, 10**20)))))
+            events.append(batch_settled(bid, draw(_TIMES), gas=str(draw(st.integers(0, 10**20)))))
     for _ in range(draw(st.integers(0, 3))):
-        events.append({"type": "revenue:recorded", "data": {
-            "kind": draw(st.sampled_from(["gas_sponsorship", "premium"])),
-            "amount": draw(st.sampled_from(_AMOUNTS)),
-            "network": draw(st.sampled_from(_NETWORKS)), "timestamp": draw(_TIMES)}})
+        events.append(
+            {
+                "type": "revenue:recorded",
+                "data": {
+                    "kind": draw(st.sampled_from(["gas_sponsorship", "premium"])),
+                    "amount": draw(st.sampled_from(_AMOUNTS)),
+                    "network": draw(st.sampled_from(_NETWORKS)),
+                    "timestamp": draw(_TIMES),
+                },
+            }
+        )
     for _ in range(draw(st.integers(0, 3))):
-        events.append({"type": "websocket:clients",
-                       "data": {"count": draw(st.integers(0, 50)), "timestamp": draw(_TIMES)}})
+        events.append(
+            {
+                "type": "websocket:clients",
+                "data": {"count": draw(st.integers(0, 50)), "timestamp": draw(_TIMES)},
+            }
+        )
     if events:
         events += draw(st.lists(st.sampled_from(events), max_size=3))  # re-deliveries
     return draw(st.permutations(events))
@@ -658,15 +730,23 @@ def _run(coroutine_factory: Callable[[], Any]) -> None:
     asyncio.run(coroutine_factory())
 
 
-@settings(max_examples=EXAMPLES, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(events=_events(), shift=st.sampled_from([0, -1, 1, -59_999]))
 def test_property_every_analytic_matches_the_oracle(events: list[Event], shift: int) -> None:
     _run(lambda: _check(events, ats=(AT + shift,)))
 
 
-@settings(max_examples=EXAMPLES, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(
     events=_events(),
     name=st.sampled_from(ANALYTIC_NAMES),

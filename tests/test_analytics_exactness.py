@@ -58,8 +58,18 @@ async def test_a_million_micro_payments_total_exactly_one(tmp_path: Path) -> Non
     try:
         for start in range(0, MILLION, _BATCH):
             batch: list[StoreRecord] = [
-                PaymentRecord(f"payment:settled:p{i}", AT - 1 - i, "eip155:8453", "settled",
-                              f"p{i}", PAYER, PAYEE, 1, 1, 1_000.0)
+                PaymentRecord(
+                    f"payment:settled:p{i}",
+                    AT - 1 - i,
+                    "eip155:8453",
+                    "settled",
+                    f"p{i}",
+                    PAYER,
+                    PAYEE,
+                    1,
+                    1,
+                    1_000.0,
+                )
                 for i in range(start, start + _BATCH)
             ]
             await store.write(batch)
@@ -69,10 +79,15 @@ async def test_a_million_micro_payments_total_exactly_one(tmp_path: Path) -> Non
 
     for window in Window:
         assert _data(snapshot[AnalyticKey("payments", window)]) == {
-            "totalPayments": 0, "successfulPayments": MILLION, "failedPayments": 0,
-            "totalVolume": "1.000000", "totalFees": "1.000000",
-            "averagePaymentSize": "0.000001", "medianPaymentSize": "0.000001",
-            "averageSettlementTime": 1_000.0, "p95SettlementTime": 1_000.0,
+            "totalPayments": 0,
+            "successfulPayments": MILLION,
+            "failedPayments": 0,
+            "totalVolume": "1.000000",
+            "totalFees": "1.000000",
+            "averagePaymentSize": "0.000001",
+            "medianPaymentSize": "0.000001",
+            "averageSettlementTime": 1_000.0,
+            "p95SettlementTime": 1_000.0,
             "p99SettlementTime": 1_000.0,
         }
         revenue = _data(snapshot[AnalyticKey("revenue", window)])
@@ -102,8 +117,10 @@ async def test_large_and_small_amounts_sum_exactly(tmp_path: Path) -> None:
         ]
     gas = "9" * 30
     for b in range(3):
-        events += [batch_created(f"b{b}", AT - 9_000, count=7),
-                   batch_settled(f"b{b}", AT - 1_000, gas=gas)]
+        events += [
+            batch_created(f"b{b}", AT - 9_000, count=7),
+            batch_settled(f"b{b}", AT - 1_000, gas=gas),
+        ]
     total = sum(Decimal(a) for a in amounts)
     total_micro = int(total * MILLION)
     assert total_micro > 2**63  # beyond BIGINT: the store must sum as HUGEINT

@@ -122,9 +122,7 @@ def test_every_shipped_query_type_checks() -> None:
 
 BROKEN: dict[str, tuple[str, str, str, str]] = {
     # case: (file, text replaced, replacement, substring of the expected error)
-    "wrong function": (
-        "top_lists.flux", "|> pivot(", "|> pivots(", "undefined identifier pivots"
-    ),
+    "wrong function": ("top_lists.flux", "|> pivot(", "|> pivots(", "undefined identifier pivots"),
     "wrong parameter": (
         "settled_buckets.flux",
         "window(every: params.every)",
@@ -132,7 +130,10 @@ BROKEN: dict[str, tuple[str, str, str, str]] = {
         "found unexpected argument each",
     ),
     "misspelt required parameter": (
-        "top_lists.flux", "rowKey:", "rowKeys:", "missing required argument rowKey"
+        "top_lists.flux",
+        "rowKey:",
+        "rowKeys:",
+        "missing required argument rowKey",
     ),
     "wrong type for a parameter": (
         "top_lists.flux",
@@ -153,7 +154,10 @@ BROKEN: dict[str, tuple[str, str, str, str]] = {
         "string is not Timeable (argument start of range)",
     ),
     "undeclared params field": (
-        "point_in_time.flux", "stop: params.stop)", "stop: params.end)", "missing label end"
+        "point_in_time.flux",
+        "stop: params.stop)",
+        "stop: params.end)",
+        "missing label end",
     ),
     "int mixed with float": (
         "top_lists.flux",
@@ -291,8 +295,8 @@ def test_ranks_are_computed_from_the_count_the_query_reads() -> None:
     its own read returned (ascending and descending running counts), and the wanted positions
     are derived from it with the exporter's formula."""
     query = flux_query("settled_order_values")
-    assert "cumulativeSum(columns: [\"rank\"])" in query
-    assert "cumulativeSum(columns: [\"from_top\"])" in query
+    assert 'cumulativeSum(columns: ["rank"])' in query
+    assert 'cumulativeSum(columns: ["from_top"])' in query
     assert "n: r.rank + r.from_top - 1" in query
     assert "((2 * x - 1) * n + 2 * params.settled - 1) / (2 * params.settled)" in query
     assert re.search(r"positions\(ranks: ranks, n: r\.n\)", query)
@@ -718,8 +722,16 @@ def test_window_totals_add_series_up_exactly() -> None:
             NetworkTotals("eip155:10", 2, 2, 0, 0, 0, 0, 0.0, 0, 0),
             NetworkTotals("eip155:137", 0, 0, 0, 0, 0, 0, 0.0, 84_000, 3),
             NetworkTotals(
-                "eip155:8453", 13, 5, 4, 1, 20_000_000_001_254_740_993, 40_001, 6000.5,
-                9_223_372_036_854_775_807, 7,
+                "eip155:8453",
+                13,
+                5,
+                4,
+                1,
+                20_000_000_001_254_740_993,
+                40_001,
+                6000.5,
+                9_223_372_036_854_775_807,
+                7,
             ),
             NetworkTotals("unknown", 2, 0, 0, 2, 0, 0, 0.0, 0, 0),
         ],
@@ -955,12 +967,29 @@ def _scenario(at: int, seed: int = 4) -> list[StoreRecord]:
     payees = [f"0x{i:040x}" for i in range(100, 106)]
     records: list[StoreRecord] = []
 
-    def payment(pid: str, t: int, status: str, network: str, payer: str, payee: str,
-                amount: int, fee: int | None = None, settlement: float | None = None) -> None:
+    def payment(
+        pid: str,
+        t: int,
+        status: str,
+        network: str,
+        payer: str,
+        payee: str,
+        amount: int,
+        fee: int | None = None,
+        settlement: float | None = None,
+    ) -> None:
         records.append(
             PaymentRecord(
-                f"payment:{status}:{pid}", t, network, status, pid, payer, payee, amount,
-                fee_micro=fee, settlement_ms=settlement,
+                f"payment:{status}:{pid}",
+                t,
+                network,
+                status,
+                pid,
+                payer,
+                payee,
+                amount,
+                fee_micro=fee,
+                settlement_ms=settlement,
                 tx="0x" + "c" * 64 if status == "settled" else None,
                 error="insufficient_funds" if status == "failed" else None,
             )
@@ -978,8 +1007,17 @@ def _scenario(at: int, seed: int = 4) -> list[StoreRecord]:
         done = t + rng.randrange(1, 3 * HOUR_MS)
         if outcome < 0.7:
             fee = rng.randrange(0, 50_000)
-            payment(pid, done, "settled", network, payer, payee, amount, fee,
-                    rng.randrange(1, 120_000 * 4) / 4)
+            payment(
+                pid,
+                done,
+                "settled",
+                network,
+                payer,
+                payee,
+                amount,
+                fee,
+                rng.randrange(1, 120_000 * 4) / 4,
+            )
         elif outcome < 0.85:
             payment(pid, done, "failed", network, payer, payee, amount)
 
@@ -996,20 +1034,47 @@ def _scenario(at: int, seed: int = 4) -> list[StoreRecord]:
         payment(pid, at - 2 * HOUR_MS, "settled", NETWORKS[2], payer, payees[5], 10**14, 7, 900.0)
     # failures that joined nothing
     for k in range(3):
-        records.append(PaymentRecord(f"payment:failed:unknown:{k}", at - k * DAY_MS - 7,
-                                     "unknown", "failed", "unknown", error="nonce"))
+        records.append(
+            PaymentRecord(
+                f"payment:failed:unknown:{k}",
+                at - k * DAY_MS - 7,
+                "unknown",
+                "failed",
+                "unknown",
+                error="nonce",
+            )
+        )
     # pending as of at: settled only after at
     payment("late", at - 30 * MINUTE_MS, "received", NETWORKS[0], payers[2], payees[2], 3)
     payment("late", at + 1, "settled", NETWORKS[0], payers[2], payees[2], 3, 0, 10.0)
     for k, (t, network, gas) in enumerate(
-        [(at - 3 * HOUR_MS, NETWORKS[0], 84_000), (at - 8 * DAY_MS, NETWORKS[1], 120_000),
-         (at - 40 * MINUTE_MS, "eip155:137", 21_000), (at - HOUR_MS, NETWORKS[0], 50_000)]
+        [
+            (at - 3 * HOUR_MS, NETWORKS[0], 84_000),
+            (at - 8 * DAY_MS, NETWORKS[1], 120_000),
+            (at - 40 * MINUTE_MS, "eip155:137", 21_000),
+            (at - HOUR_MS, NETWORKS[0], 50_000),
+        ]
     ):
         bid = f"b{k}"
-        records.append(BatchRecord(f"batch:created:{bid}", t - 100, network, "created", bid,
-                                   2 + k, 10**7, None, None))
-        records.append(BatchRecord(f"batch:settled:{bid}", t, network, "settled", bid,
-                                   2 + k, 10**7, 20_000, gas, "0x" + "d" * 64))
+        records.append(
+            BatchRecord(
+                f"batch:created:{bid}", t - 100, network, "created", bid, 2 + k, 10**7, None, None
+            )
+        )
+        records.append(
+            BatchRecord(
+                f"batch:settled:{bid}",
+                t,
+                network,
+                "settled",
+                bid,
+                2 + k,
+                10**7,
+                20_000,
+                gas,
+                "0x" + "d" * 64,
+            )
+        )
     for k, (t, kind) in enumerate(
         [(at - 5 * HOUR_MS, "premium"), (at - 2 * DAY_MS, "gas_sponsorship"), (at, "premium")]
     ):

@@ -54,9 +54,15 @@ def test_check_config_resolves_environment_and_flags(tmp_path: Path) -> None:
     """Variables are read, flags override them, and the token itself is never printed."""
     data_dir = tmp_path / "data"
     result = run_cli(
-        "check-config", "--listen", "127.0.0.1:9999", "--data-dir", str(data_dir),
-        EXPORTER_LISTEN="0.0.0.0:1111", EXPORTER_DURABILITY="power",
-        EXPORTER_INGEST_TOKEN="s3cret-token-0123456789", EXPORTER_MAX_BATCH_EVENTS="500",
+        "check-config",
+        "--listen",
+        "127.0.0.1:9999",
+        "--data-dir",
+        str(data_dir),
+        EXPORTER_LISTEN="0.0.0.0:1111",
+        EXPORTER_DURABILITY="power",
+        EXPORTER_INGEST_TOKEN="s3cret-token-0123456789",
+        EXPORTER_MAX_BATCH_EVENTS="500",
     )
     assert result.returncode == 0, result.stderr
     settings = check_config_output(result.stdout)
@@ -72,8 +78,11 @@ def test_check_config_resolves_environment_and_flags(tmp_path: Path) -> None:
 
 def test_check_config_accepts_any_address_with_a_token() -> None:
     """A non-loopback listen address is fine once an ingest token is set."""
-    result = run_cli("check-config", EXPORTER_LISTEN="0.0.0.0:9402",
-                     EXPORTER_INGEST_TOKEN="s3cret-token-0123456789")
+    result = run_cli(
+        "check-config",
+        EXPORTER_LISTEN="0.0.0.0:9402",
+        EXPORTER_INGEST_TOKEN="s3cret-token-0123456789",
+    )
     assert result.returncode == 0, result.stderr
     assert check_config_output(result.stdout)["listen"] == "0.0.0.0:9402"
 
@@ -118,8 +127,10 @@ def test_serve_refuses_bad_configuration_before_starting(tmp_path: Path) -> None
     [
         ("serve", ("--listen", "--data-dir", "--demo", "--demo-rate")),
         ("check-config", ("--listen", "--data-dir")),
-        ("simulate", ("--url", "--rate", "--duration", "--seed", "--token", "--batch-size",
-                      "--concurrency")),
+        (
+            "simulate",
+            ("--url", "--rate", "--duration", "--seed", "--token", "--batch-size", "--concurrency"),
+        ),
     ],
 )
 def test_help_mentions_every_option(command: str, options: tuple[str, ...]) -> None:
@@ -147,8 +158,12 @@ def payments_total(text: str) -> float:
 def test_serve_demo_generates_payments(tmp_path: Path) -> None:
     """``serve --demo`` feeds itself traffic: payments are counted within 10 s."""
     with running_exporter(tmp_path / "data", tmp_path / "exporter.log", ["--demo"]) as exporter:
-        wait_until(lambda: payments_total(exporter.metrics_text()) > 0, 10.0, 0.1,
-                   "demo traffic to be counted in facilitator_payments_total")
+        wait_until(
+            lambda: payments_total(exporter.metrics_text()) > 0,
+            10.0,
+            0.1,
+            "demo traffic to be counted in facilitator_payments_total",
+        )
         assert exporter.terminate() == 0, exporter.log()
 
 
@@ -158,13 +173,12 @@ def test_second_serve_on_same_data_dir_fails_fast(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     with running_exporter(data_dir, tmp_path / "first.log") as first:
         started = time.monotonic()
-        second = run_cli("serve", "--listen", f"127.0.0.1:{free_port()}",
-                         "--data-dir", str(data_dir))
+        second = run_cli(
+            "serve", "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(data_dir)
+        )
         elapsed = time.monotonic() - started
         assert second.returncode != 0
-        assert f"data directory {data_dir} is in use by another exporter process" in (
-            second.stderr
-        )
+        assert f"data directory {data_dir} is in use by another exporter process" in (second.stderr)
         assert str(data_dir / ".lock") in second.stderr
         assert elapsed < LOCKED_STORE_FAILS_WITHIN
         # The first exporter is unharmed and still ingests.
@@ -210,6 +224,10 @@ def test_the_embedded_store_leaves_the_influxdb_client_unloaded(tmp_path: Path) 
     """The InfluxDB client and its dependencies (about 13 MiB of RSS) load only for InfluxDB."""
     result = subprocess.run(
         [sys.executable, "-c", _LOADED_INFLUX_MODULES, str(tmp_path / "data")],
-        capture_output=True, text=True, timeout=60, env=clean_env(), check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+        check=True,
     )
     assert result.stdout.strip() == "[]", result.stdout

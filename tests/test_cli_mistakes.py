@@ -113,8 +113,9 @@ def uncreatable(tmp_path: Path) -> Path:
         (("query", "payments", "--window", "2d"), ("argument --window: invalid choice",)),
     ],
 )
-def test_command_line_mistakes_are_one_line(run: Run, argv: tuple[str, ...],
-                                            texts: tuple[str, ...]) -> None:
+def test_command_line_mistakes_are_one_line(
+    run: Run, argv: tuple[str, ...], texts: tuple[str, ...]
+) -> None:
     """argparse's refusal is one line naming the mistake and where help is, exit 2."""
     outcome = run(*argv)
     refused(outcome, 2, *texts, "--help)")
@@ -123,9 +124,20 @@ def test_command_line_mistakes_are_one_line(run: Run, argv: tuple[str, ...],
 # --------------------------------------------------------------------------- configuration
 
 
-@pytest.mark.parametrize("command", ["serve", "check-config", "replay x.ndjson", "export",
-                                     "dead-letters", "query payments", "backfill --to duckdb",
-                                     "recover", "flux x"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "serve",
+        "check-config",
+        "replay x.ndjson",
+        "export",
+        "dead-letters",
+        "query payments",
+        "backfill --to duckdb",
+        "recover",
+        "flux x",
+    ],
+)
 def test_malformed_json_setting_is_one_line_naming_it(run: Run, command: str) -> None:
     """A JSON-valued setting that is not JSON: exit 2 naming the variable, for every
     command that reads the settings."""
@@ -136,8 +148,7 @@ def test_malformed_json_setting_is_one_line_naming_it(run: Run, command: str) ->
 
 def test_invalid_settings_are_one_line_each_naming_the_variable(run: Run) -> None:
     """Several refused settings: one line for each, naming its variable."""
-    outcome = run("check-config", EXPORTER_DURABILITY="sometimes",
-                  EXPORTER_MAX_BODY_BYTES="0")
+    outcome = run("check-config", EXPORTER_DURABILITY="sometimes", EXPORTER_MAX_BODY_BYTES="0")
     assert "Traceback" not in outcome.stderr
     assert outcome.code == 2
     lines = outcome.stderr.splitlines()
@@ -150,22 +161,19 @@ def test_invalid_settings_are_one_line_each_naming_the_variable(run: Run) -> Non
 
 def test_serve_demo_rate_without_demo_is_refused(run: Run) -> None:
     """``--demo-rate`` would be ignored without ``--demo``."""
-    refused(run("serve", "--demo-rate", "5"), 2,
-            "--demo-rate applies only with --demo")
+    refused(run("serve", "--demo-rate", "5"), 2, "--demo-rate applies only with --demo")
     assert not Path("data").exists()
 
 
 @pytest.mark.parametrize("rate", ["0", "-3", "nan", "fast"])
 def test_serve_demo_rate_must_be_positive(run: Run, rate: str) -> None:
     """A demo rate that sends nothing (or is not a number) is refused."""
-    refused(run("serve", "--demo", "--demo-rate", rate), 2,
-            "argument --demo-rate: must be")
+    refused(run("serve", "--demo", "--demo-rate", rate), 2, "argument --demo-rate: must be")
 
 
 def test_serve_demo_needs_a_fixed_port(run: Run) -> None:
     """``--demo`` cannot find an exporter on port 0."""
-    refused(run("serve", "--demo", "--listen", "127.0.0.1:0"), 2,
-            "--demo needs a fixed port")
+    refused(run("serve", "--demo", "--listen", "127.0.0.1:0"), 2, "--demo needs a fixed port")
 
 
 def test_serve_names_a_data_dir_it_cannot_create(run: Run, tmp_path: Path) -> None:
@@ -195,8 +203,15 @@ def test_serve_names_an_address_in_use(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("--rate", "0"), ("--rate", "-1"), ("--rate", "inf"), ("--duration", "-1"),
-     ("--batch-size", "0"), ("--concurrency", "0"), ("--concurrency", "two")],
+    [
+        ("--rate", "0"),
+        ("--rate", "-1"),
+        ("--rate", "inf"),
+        ("--duration", "-1"),
+        ("--batch-size", "0"),
+        ("--concurrency", "0"),
+        ("--concurrency", "two"),
+    ],
 )
 def test_simulate_refuses_values_that_send_nothing(run: Run, option: str, value: str) -> None:
     """Rates, durations and sizes out of range are refused before anything is sent."""
@@ -213,8 +228,9 @@ def test_simulate_fails_fast_naming_the_url(run: Run) -> None:
     assert outcome.stdout == ""
 
 
-@pytest.mark.parametrize(("host", "reached"), [("127.0.0.1", "127.0.0.1"),
-                                                 ("0.0.0.0", "127.0.0.1")])
+@pytest.mark.parametrize(
+    ("host", "reached"), [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1")]
+)
 def test_simulate_takes_its_url_from_exporter_listen(run: Run, host: str, reached: str) -> None:
     """Without ``--url`` the exporter of EXPORTER_LISTEN is the target (on loopback when
     it listens on every address)."""
@@ -225,8 +241,7 @@ def test_simulate_takes_its_url_from_exporter_listen(run: Run, host: str, reache
 
 def test_simulate_refuses_a_malformed_exporter_listen(run: Run) -> None:
     """EXPORTER_LISTEN without a port cannot give a URL."""
-    refused(run("simulate", EXPORTER_LISTEN="localhost"), 2,
-            "EXPORTER_LISTEN")
+    refused(run("simulate", EXPORTER_LISTEN="localhost"), 2, "EXPORTER_LISTEN")
 
 
 @pytest.mark.parametrize("url", ["localhost:9402", "ftp://127.0.0.1:9402", "http://:80"])
@@ -237,8 +252,7 @@ def test_simulate_refuses_a_url_that_is_not_http(run: Run, url: str) -> None:
 
 def test_simulate_refuses_a_blank_signing_secret(run: Run) -> None:
     """A blank secret would make every signature forgeable."""
-    refused(run("simulate", "--signing-secret", " "), 2,
-            "--signing-secret must not be empty")
+    refused(run("simulate", "--signing-secret", " "), 2, "--signing-secret must not be empty")
 
 
 def test_simulate_end_to_end_without_an_exporter() -> None:
@@ -264,8 +278,11 @@ def test_replay_names_a_data_dir_it_cannot_create(run: Run, tmp_path: Path) -> N
     events = tmp_path / "events.ndjson"
     events.write_text("")
     data_dir = uncreatable(tmp_path)
-    refused(run("replay", str(events), "--data-dir", str(data_dir)), 1,
-            f"replay: cannot create the data directory {data_dir}")
+    refused(
+        run("replay", str(events), "--data-dir", str(data_dir)),
+        1,
+        f"replay: cannot create the data directory {data_dir}",
+    )
 
 
 def test_replay_drain_timeout_without_delivery_is_refused(run: Run, tmp_path: Path) -> None:
@@ -279,17 +296,22 @@ def test_replay_drain_timeout_without_delivery_is_refused(run: Run, tmp_path: Pa
 @pytest.mark.parametrize("command", ["replay x.ndjson", "backfill --to duckdb", "recover"])
 def test_drain_timeout_cannot_be_negative(run: Run, command: str) -> None:
     """A negative drain time is refused by every command that takes one."""
-    refused(run(*command.split(), "--drain-timeout", "-1"), 2,
-            "argument --drain-timeout: must be 0 or above")
+    refused(
+        run(*command.split(), "--drain-timeout", "-1"),
+        2,
+        "argument --drain-timeout: must be 0 or above",
+    )
 
 
 # --------------------------------------------------------------------------- read-only commands
 
 
-@pytest.mark.parametrize("command", ["export", "dead-letters", "query payments", "recover",
-                                     "backfill --to duckdb"])
-def test_commands_that_read_refuse_a_missing_data_dir(run: Run, command: str,
-                                                      tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "command", ["export", "dead-letters", "query payments", "recover", "backfill --to duckdb"]
+)
+def test_commands_that_read_refuse_a_missing_data_dir(
+    run: Run, command: str, tmp_path: Path
+) -> None:
     """A mistyped ``--data-dir`` is an error naming it; nothing is created."""
     typo = tmp_path / "dta"
     outcome = run(*command.split(), "--data-dir", str(typo))
@@ -301,8 +323,11 @@ def test_query_refuses_a_data_dir_without_a_store(run: Run, tmp_path: Path) -> N
     """An existing directory without the store: named, and no empty store is created."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    refused(run("query", "payments", "--data-dir", str(data_dir)), 2,
-            f"no store at {data_dir / 'store.duckdb'}")
+    refused(
+        run("query", "payments", "--data-dir", str(data_dir)),
+        2,
+        f"no store at {data_dir / 'store.duckdb'}",
+    )
     assert list(data_dir.iterdir()) == []
 
 
@@ -317,8 +342,9 @@ def test_export_names_an_output_it_cannot_write(run: Run, tmp_path: Path) -> Non
 def test_export_output_end_to_end(tmp_path: Path) -> None:
     """End to end: ``export --output /nonexistent/dir/x`` prints one line, no traceback."""
     make_ledger(tmp_path / "data")
-    result = run_cli("export", "--output", "/nonexistent/dir/x",
-                     "--data-dir", str(tmp_path / "data"))
+    result = run_cli(
+        "export", "--output", "/nonexistent/dir/x", "--data-dir", str(tmp_path / "data")
+    )
     assert "Traceback" not in result.stderr
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "/nonexistent/dir/x" in result.stderr
@@ -344,8 +370,14 @@ def test_dead_letters_reason_must_be_a_real_reason(run: Run, tmp_path: Path) -> 
 def test_dead_letters_accepts_every_real_reason(run: Run, tmp_path: Path) -> None:
     """Each reason the exporter stores is accepted (and none is stored yet)."""
     make_ledger(tmp_path / "data")
-    for reason in ("invalid", "malformed", "conflict", "too_large", "unsupported_media_type",
-                   "store"):
+    for reason in (
+        "invalid",
+        "malformed",
+        "conflict",
+        "too_large",
+        "unsupported_media_type",
+        "store",
+    ):
         outcome = run("dead-letters", "--reason", reason)
         assert (outcome.code, outcome.stderr) == (0, "dead-letters: none\n"), reason
 
@@ -371,16 +403,16 @@ def test_dead_letters_refuses_sizes_out_of_range(run: Run, option: str, value: s
         (("payments", "--timeout", "5"), "--timeout"),
     ],
 )
-def test_query_refuses_options_it_would_ignore(run: Run, argv: tuple[str, ...],
-                                               option: str) -> None:
+def test_query_refuses_options_it_would_ignore(
+    run: Run, argv: tuple[str, ...], option: str
+) -> None:
     """An option the analytic (or the way of asking) does not take is refused, exit 2."""
     refused(run("query", *argv), 2, f"{option} does not apply")
 
 
 def test_query_health_takes_its_window(run: Run, tmp_path: Path) -> None:
     """Health is computed over a window (its error rate): ``--window 7d`` applies."""
-    outcome = run("query", "health", "--window", "7d", "--data-dir",
-                  str(tmp_path / "data"))
+    outcome = run("query", "health", "--window", "7d", "--data-dir", str(tmp_path / "data"))
     assert "does not apply" not in outcome.stderr
     refused(outcome, 2, "does not exist")  # refused only for the missing data directory
 
@@ -388,14 +420,16 @@ def test_query_health_takes_its_window(run: Run, tmp_path: Path) -> None:
 def test_query_names_an_exporter_it_cannot_reach(run: Run) -> None:
     """``--url`` where nothing listens: exit 1 naming the URL."""
     url = f"http://127.0.0.1:{closed_port()}"
-    refused(run("query", "payments", "--url", url), 1,
-            f"cannot reach an exporter at {url}")
+    refused(run("query", "payments", "--url", url), 1, f"cannot reach an exporter at {url}")
 
 
 def test_query_refuses_a_url_that_is_not_one(run: Run) -> None:
     """``--url`` without a scheme: exit 2 naming it."""
-    refused(run("query", "payments", "--url", "localhost:9402"), 2,
-            "--url must be an http:// or https:// URL, got 'localhost:9402'")
+    refused(
+        run("query", "payments", "--url", "localhost:9402"),
+        2,
+        "--url must be an http:// or https:// URL, got 'localhost:9402'",
+    )
 
 
 def test_query_refuses_an_instant_it_cannot_read(run: Run) -> None:
@@ -408,8 +442,12 @@ def test_query_refuses_an_instant_it_cannot_read(run: Run) -> None:
 
 def test_flux_names_a_missing_file(run: Run) -> None:
     """``--file`` that is not there: exit 2 naming it."""
-    refused(run("flux", "--file", "missing.flux"), 2,
-            "cannot read --file missing.flux", "No such file or directory")
+    refused(
+        run("flux", "--file", "missing.flux"),
+        2,
+        "cannot read --file missing.flux",
+        "No such file or directory",
+    )
 
 
 def test_flux_missing_file_end_to_end() -> None:
@@ -444,8 +482,11 @@ def test_backfill_names_a_data_dir_without_a_ledger(run: Run, tmp_path: Path) ->
     """An existing directory without a ledger: named, nothing created in it."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    refused(run("backfill", "--to", "duckdb", "--data-dir", str(data_dir)), 2,
-            f"no ledger at {data_dir / 'ledger.sqlite3'}")
+    refused(
+        run("backfill", "--to", "duckdb", "--data-dir", str(data_dir)),
+        2,
+        f"no ledger at {data_dir / 'ledger.sqlite3'}",
+    )
     assert list(data_dir.iterdir()) == []
 
 
@@ -460,8 +501,18 @@ def test_recover_with_nothing_to_recover_creates_nothing(run: Run, tmp_path: Pat
 # --------------------------------------------------------------------------- help
 
 
-COMMANDS = ("serve", "check-config", "simulate", "replay", "export", "dead-letters", "query",
-            "flux", "backfill", "recover")
+COMMANDS = (
+    "serve",
+    "check-config",
+    "simulate",
+    "replay",
+    "export",
+    "dead-letters",
+    "query",
+    "flux",
+    "backfill",
+    "recover",
+)
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 

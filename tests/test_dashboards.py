@@ -137,9 +137,7 @@ def datasource_variables(board: Mapping[str, Any]) -> dict[str, tuple[str, str]]
 
 def query_variables(board: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The dashboard's query variables, by name."""
-    return {
-        str(var["name"]): var for var in board["templating"]["list"] if var["type"] == "query"
-    }
+    return {str(var["name"]): var for var in board["templating"]["list"] if var["type"] == "query"}
 
 
 def resolve(ref: Mapping[str, Any], board: Mapping[str, Any]) -> tuple[str, str]:
@@ -513,9 +511,7 @@ def test_panel_titles_name_only_series_their_targets_produce() -> None:
 
 
 def test_title_check_catches_a_series_no_target_produces() -> None:
-    assert title_claims("Store backlog and lag", ["max(exporter_ledger_backlog_events)"]) == [
-        "lag"
-    ]
+    assert title_claims("Store backlog and lag", ["max(exporter_ledger_backlog_events)"]) == ["lag"]
     assert title_claims("Error ratio and settlement p95", ["facilitator_error_ratio"]) == ["p95"]
     assert title_claims("Store backlog", ["max(exporter_ledger_backlog_events)"]) == []
 

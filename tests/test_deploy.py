@@ -214,6 +214,7 @@ class _AuthorizationRecorder(BaseHTTPRequestHandler):
 @contextmanager
 def recording_server() -> Iterator[tuple[str, list[str]]]:
     """A local HTTP server on a free port: its base URL and the Authorization headers seen."""
+
     class Recorder(_AuthorizationRecorder):
         seen: list[str] = []
 
@@ -234,7 +235,13 @@ def test_the_simulator_takes_the_token_from_its_environment() -> None:
     token = SECRETS["EXPORTER_INGEST_TOKEN"]
     with recording_server() as (url, seen):
         result = run_cli(
-            "simulate", "--url", url, "--rate", "50", "--duration", "0.3",
+            "simulate",
+            "--url",
+            url,
+            "--rate",
+            "50",
+            "--duration",
+            "0.3",
             EXPORTER_INGEST_TOKEN=token,
         )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -281,8 +281,12 @@ def test_acknowledged_events_survive_kill_and_reach_the_store_once(tmp_path: Pat
     clients = Clients(exporter.port)
     try:
         clients.start()
-        wait_until(lambda: clients.acked() >= KILL_AFTER_ACKED, 30, 0.01,
-                   f"{KILL_AFTER_ACKED} acknowledged requests")
+        wait_until(
+            lambda: clients.acked() >= KILL_AFTER_ACKED,
+            30,
+            0.01,
+            f"{KILL_AFTER_ACKED} acknowledged requests",
+        )
         os.kill(exporter.proc.pid, signal.SIGKILL)
         assert exporter.proc.wait(10) == -signal.SIGKILL
         clients.join(30)
@@ -299,8 +303,11 @@ def test_acknowledged_events_survive_kill_and_reach_the_store_once(tmp_path: Pat
     assert errors == []
     for p in posts:
         if p.outcome is Outcome.ACKED:
-            assert p.answer == {"accepted": p.expected_accepted,
-                                "duplicates": p.expected_duplicates, "rejected": []}
+            assert p.answer == {
+                "accepted": p.expected_accepted,
+                "duplicates": p.expected_duplicates,
+                "rejected": [],
+            }
 
     acked = keys_of(posts, Outcome.ACKED)
     ambiguous = keys_of(posts, Outcome.AMBIGUOUS)
@@ -355,8 +362,9 @@ def check_store(
     joined = {s.key for s in committed if s.pid in received_pids}
     assert set(keys) == joined
 
-    acked_received = {sent_by_key[k].pid for k in acked
-                      if sent_by_key[k].type == "payment:received"}
+    acked_received = {
+        sent_by_key[k].pid for k in acked if sent_by_key[k].type == "payment:received"
+    }
     acked_settled = {k for k in acked if sent_by_key[k].type == "payment:settled"}
     assert {k for k in acked_settled if sent_by_key[k].pid in acked_received} <= set(keys)
     # A settled event whose receipt never reached the ledger waits in it, not in the store.
@@ -365,5 +373,7 @@ def check_store(
     for key, network, status, payment_id in rows:
         sent = sent_by_key[key]
         assert (network, status, payment_id) == (
-            sent.network, sent.type.removeprefix("payment:"), sent.pid
+            sent.network,
+            sent.type.removeprefix("payment:"),
+            sent.pid,
         ), key

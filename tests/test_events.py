@@ -103,7 +103,7 @@ BAD_INPUTS: list[tuple[str, Any, str]] = [
     (
         "network neither CAIP-2 nor a v1 name",
         _with(received("p"), network="basechain"),
-        "data.network: must be a CAIP-2 chain id such as \"eip155:8453\" or an x402 v1",
+        'data.network: must be a CAIP-2 chain id such as "eip155:8453" or an x402 v1',
     ),
     (
         "payment count zero",

@@ -76,23 +76,81 @@ async def test_scenario_written_through_the_exporter_reads_back_with_flux(
     payer, payee = "0x" + "a" * 40, "0x" + "b" * 40
     tx = "0x" + "c" * 64
     events: list[dict[str, Any]] = [
-        {"type": "payment:received", "data": {"paymentId": f"{run}-1", "payer": payer,
-         "payee": payee, "amount": "1.50", "network": network, "timestamp": base}},
+        {
+            "type": "payment:received",
+            "data": {
+                "paymentId": f"{run}-1",
+                "payer": payer,
+                "payee": payee,
+                "amount": "1.50",
+                "network": network,
+                "timestamp": base,
+            },
+        },
         # Same tags, same millisecond, another payment: must stay a point of its own.
-        {"type": "payment:received", "data": {"paymentId": f"{run}-2", "payer": payer,
-         "payee": payee, "amount": "2.25", "network": network, "timestamp": base}},
-        {"type": "payment:verified", "data": {"paymentId": f"{run}-1",
-         "verificationTime": 120, "timestamp": base + 100}},
-        {"type": "payment:settled", "data": {"paymentId": f"{run}-1", "transaction": tx,
-         "fee": "0.01", "settlementTime": 1500, "timestamp": base + 2000}},
-        {"type": "payment:failed", "data": {"paymentId": f"{run}-2",
-         "error": 'nonce "too low", retry = no', "timestamp": base + 2500}},
-        {"type": "batch:created", "data": {"batchId": f"{run}-b", "paymentCount": 2,
-         "totalAmount": "3.75", "network": network, "timestamp": base + 3000}},
-        {"type": "batch:settled", "data": {"batchId": f"{run}-b", "transaction": tx,
-         "totalFees": "0.02", "gasUsed": "84000", "timestamp": base + 5000}},
-        {"type": "revenue:recorded", "data": {"kind": "premium", "amount": "0.25",
-         "network": network, "timestamp": base + 6000, "paymentId": f"{run}-1"}},
+        {
+            "type": "payment:received",
+            "data": {
+                "paymentId": f"{run}-2",
+                "payer": payer,
+                "payee": payee,
+                "amount": "2.25",
+                "network": network,
+                "timestamp": base,
+            },
+        },
+        {
+            "type": "payment:verified",
+            "data": {"paymentId": f"{run}-1", "verificationTime": 120, "timestamp": base + 100},
+        },
+        {
+            "type": "payment:settled",
+            "data": {
+                "paymentId": f"{run}-1",
+                "transaction": tx,
+                "fee": "0.01",
+                "settlementTime": 1500,
+                "timestamp": base + 2000,
+            },
+        },
+        {
+            "type": "payment:failed",
+            "data": {
+                "paymentId": f"{run}-2",
+                "error": 'nonce "too low", retry = no',
+                "timestamp": base + 2500,
+            },
+        },
+        {
+            "type": "batch:created",
+            "data": {
+                "batchId": f"{run}-b",
+                "paymentCount": 2,
+                "totalAmount": "3.75",
+                "network": network,
+                "timestamp": base + 3000,
+            },
+        },
+        {
+            "type": "batch:settled",
+            "data": {
+                "batchId": f"{run}-b",
+                "transaction": tx,
+                "totalFees": "0.02",
+                "gasUsed": "84000",
+                "timestamp": base + 5000,
+            },
+        },
+        {
+            "type": "revenue:recorded",
+            "data": {
+                "kind": "premium",
+                "amount": "0.25",
+                "network": network,
+                "timestamp": base + 6000,
+                "paymentId": f"{run}-1",
+            },
+        },
     ]
     answer = await client.post("/v1/events", json=events)
     assert answer.status == 202, await answer.text()
@@ -111,10 +169,20 @@ async def test_scenario_written_through_the_exporter_reads_back_with_flux(
 
     payments = await rows("payment")
     assert [(r["status"], r["payment_id"]) for r in payments] in (
-        [("received", f"{run}-1"), ("received", f"{run}-2"), ("verified", f"{run}-1"),
-         ("settled", f"{run}-1"), ("failed", f"{run}-2")],
-        [("received", f"{run}-2"), ("received", f"{run}-1"), ("verified", f"{run}-1"),
-         ("settled", f"{run}-1"), ("failed", f"{run}-2")],
+        [
+            ("received", f"{run}-1"),
+            ("received", f"{run}-2"),
+            ("verified", f"{run}-1"),
+            ("settled", f"{run}-1"),
+            ("failed", f"{run}-2"),
+        ],
+        [
+            ("received", f"{run}-2"),
+            ("received", f"{run}-1"),
+            ("verified", f"{run}-1"),
+            ("settled", f"{run}-1"),
+            ("failed", f"{run}-2"),
+        ],
     )
     by_status = {r["status"]: r for r in payments if r["payment_id"] == f"{run}-1"}
     settled = by_status["settled"]
@@ -129,7 +197,8 @@ async def test_scenario_written_through_the_exporter_reads_back_with_flux(
 
     batches = await rows("batch")
     assert [(r["status"], r["batch_id"]) for r in batches] == [
-        ("created", f"{run}-b"), ("settled", f"{run}-b"),
+        ("created", f"{run}-b"),
+        ("settled", f"{run}-b"),
     ]
     assert batches[1]["gas_used"] == 84_000 and batches[1]["total_amount_micro"] == 3_750_000
     revenue = await rows("revenue")

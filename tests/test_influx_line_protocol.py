@@ -53,12 +53,22 @@ def test_equal_events_in_one_millisecond_stay_distinct_and_a_replay_is_identical
 def test_integral_durations_stay_floats_and_money_stays_integer() -> None:
     """A whole-number duration is written without ``i`` (a float field), money with ``i``."""
     record = PaymentRecord(
-        "payment:settled:p", BASE_MS, "eip155:8453", "settled", "p",
-        amount_micro=2, fee_micro=0, settlement_ms=1500, verification_ms=float("nan"),
+        "payment:settled:p",
+        BASE_MS,
+        "eip155:8453",
+        "settled",
+        "p",
+        amount_micro=2,
+        fee_micro=0,
+        settlement_ms=1500,
+        verification_ms=float("nan"),
     )
     _, fields, _ = split_point(to_line(record))
     assert fields.split(",") == [
-        "amount_micro=2i", "fee_micro=0i", 'payment_id="p"', "settlement_ms=1500",
+        "amount_micro=2i",
+        "fee_micro=0i",
+        'payment_id="p"',
+        "settlement_ms=1500",
     ]
 
 
@@ -72,12 +82,33 @@ _time = st.integers(min_value=946_684_800_000, max_value=4_102_444_800_000)
 
 _records = st.one_of(
     st.builds(
-        PaymentRecord, _text, _time, _text, _text, _text, _maybe_text, _maybe_text,
-        _maybe_int, _maybe_int, _maybe_float, _maybe_float, _maybe_text, _maybe_text,
+        PaymentRecord,
+        _text,
+        _time,
+        _text,
+        _text,
+        _text,
+        _maybe_text,
+        _maybe_text,
+        _maybe_int,
+        _maybe_int,
+        _maybe_float,
+        _maybe_float,
+        _maybe_text,
+        _maybe_text,
     ),
     st.builds(
-        BatchRecord, _text, _time, _text, _text, _text, _ints, _ints,
-        _maybe_int, _maybe_int, _maybe_text,
+        BatchRecord,
+        _text,
+        _time,
+        _text,
+        _text,
+        _text,
+        _ints,
+        _ints,
+        _maybe_int,
+        _maybe_int,
+        _maybe_text,
     ),
     st.builds(RevenueRecord, _text, _time, _text, _text, _ints, _maybe_text),
     st.builds(WebsocketRecord, _text, _time, _ints),

@@ -94,7 +94,15 @@ def all_analytics(data_dir: Path) -> dict[str, Any]:
     for name in ANALYTIC_NAMES:
         window = () if name == "realtime" else ("--window", "24h")  # realtime has none
         result = run_cli(
-            "query", name, *window, "--at", AT, "--format", "json", "--data-dir", str(data_dir),
+            "query",
+            name,
+            *window,
+            "--at",
+            AT,
+            "--format",
+            "json",
+            "--data-dir",
+            str(data_dir),
         )
         assert result.returncode == 0, result.stderr
         answers[name] = json.loads(result.stdout)
@@ -181,8 +189,13 @@ def test_export_since_until_selects_by_event_time(tmp_path: Path) -> None:
     path = write_ndjson(tmp_path / "events.ndjson", event_lines(history()))
     assert run_cli("replay", str(path), "--data-dir", str(data_dir)).returncode == 0
     result = run_cli(
-        "export", "--since", str(BASE_MS + 10), "--until", "2026-01-01T00:00:03Z",
-        "--data-dir", str(data_dir),
+        "export",
+        "--since",
+        str(BASE_MS + 10),
+        "--until",
+        "2026-01-01T00:00:03Z",
+        "--data-dir",
+        str(data_dir),
     )
     assert result.returncode == 0, result.stderr
     stamps = sorted(json.loads(line)["data"]["timestamp"] for line in result.stdout.splitlines())
@@ -228,8 +241,9 @@ def test_dead_letters_lists_conflicts_and_rejects(tmp_path: Path) -> None:
     assert set(rule.replace(" ", "")) == {"-"}
     assert "conflict" in row and "payment:received:p1" in row
 
-    none = run_cli("dead-letters", "--reason", "invalid", "--format", "json",
-                   "--data-dir", str(data_dir))
+    none = run_cli(
+        "dead-letters", "--reason", "invalid", "--format", "json", "--data-dir", str(data_dir)
+    )
     assert none.returncode == 0 and json.loads(none.stdout) == []
 
 
@@ -259,11 +273,13 @@ def test_query_formats(tmp_path: Path) -> None:
     as_csv = run_cli("query", "payments", "--format", "csv", *common)
     parsed = dict(csv.reader(io.StringIO(as_csv.stdout)))
     assert parsed.pop("field") == "value"
-    assert parsed == {k: str(v) if not isinstance(v, float) or v % 1 else f"{v:.0f}"
-                      for k, v in as_json.items()}
+    assert parsed == {
+        k: str(v) if not isinstance(v, float) or v % 1 else f"{v:.0f}" for k, v in as_json.items()
+    }
 
-    series = run_cli("query", "timeseries", "--metric", "fees", "--window", "1h",
-                     "--format", "csv", *common)
+    series = run_cli(
+        "query", "timeseries", "--metric", "fees", "--window", "1h", "--format", "csv", *common
+    )
     points = list(csv.DictReader(io.StringIO(series.stdout)))
     assert [p["timestamp"] for p in points] == [str(BASE_MS), str(BASE_MS + 3_600_000)]
 
@@ -290,8 +306,11 @@ def test_render_table_right_aligns_numbers() -> None:
 
 def test_flux_needs_influxdb(tmp_path: Path) -> None:
     """flux on the embedded store exits 2 and says what to configure."""
-    result = run_cli("flux", 'from(bucket: "payments") |> range(start: -1h)',
-                     EXPORTER_DATA_DIR=str(tmp_path / "data"))
+    result = run_cli(
+        "flux",
+        'from(bucket: "payments") |> range(start: -1h)',
+        EXPORTER_DATA_DIR=str(tmp_path / "data"),
+    )
     assert result.returncode == 2
     assert "not InfluxDB" in result.stderr and "EXPORTER_INFLUX_URL" in result.stderr
     assert run_cli("flux").returncode == 2
@@ -358,8 +377,14 @@ def test_backfill_resumes_after_an_interruption(tmp_path: Path) -> None:
         return _FailingStore(open_store(s), 10)
 
     first = asyncio.run(
-        backfill(settings, StoreKind.DUCKDB, err=err, drain_seconds=0.5, batch_events=10,
-                 store_factory=failing)
+        backfill(
+            settings,
+            StoreKind.DUCKDB,
+            err=err,
+            drain_seconds=0.5,
+            batch_events=10,
+            store_factory=failing,
+        )
     )
     assert not first.complete
     assert (data_dir / "backfill-duckdb.json").exists()
@@ -376,16 +401,22 @@ def test_commands_beside_a_running_exporter(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     path = write_ndjson(tmp_path / "events.ndjson", event_lines(history()))
     assert run_cli("replay", str(path), "--data-dir", str(data_dir)).returncode == 0
-    local = json.loads(run_cli("query", "payments", "--at", AT, "--format", "json",
-                               "--data-dir", str(data_dir)).stdout)
+    local = json.loads(
+        run_cli(
+            "query", "payments", "--at", AT, "--format", "json", "--data-dir", str(data_dir)
+        ).stdout
+    )
     with running_exporter(data_dir, tmp_path / "exporter.log") as exporter:
-        remote = run_cli("query", "payments", "--at", AT, "--format", "json",
-                         "--url", exporter.url)
+        remote = run_cli("query", "payments", "--at", AT, "--format", "json", "--url", exporter.url)
         assert remote.returncode == 0, remote.stderr
         assert f"answered by the exporter at {exporter.url}" in remote.stderr
         assert json.loads(remote.stdout) == local
-        for args in (("replay", str(path)), ("export",), ("backfill", "--to", "duckdb"),
-                     ("query", "payments")):
+        for args in (
+            ("replay", str(path)),
+            ("export",),
+            ("backfill", "--to", "duckdb"),
+            ("query", "payments"),
+        ):
             refused = run_cli(*args, "--data-dir", str(data_dir))
             assert refused.returncode == 1, args
             assert "in use by another exporter process" in refused.stderr
@@ -402,8 +433,20 @@ def test_commands_beside_a_running_exporter(tmp_path: Path) -> None:
         ("replay", ("FILE", "--data-dir", "--no-deliver", "--drain-timeout")),
         ("export", ("--since", "--until", "--output", "--data-dir")),
         ("dead-letters", ("--reason", "--format", "--limit", "--width", "--data-dir")),
-        ("query", ("--window", "--at", "--limit", "--metric", "--format", "--url", "--token",
-                   "--timeout", "--data-dir")),
+        (
+            "query",
+            (
+                "--window",
+                "--at",
+                "--limit",
+                "--metric",
+                "--format",
+                "--url",
+                "--token",
+                "--timeout",
+                "--data-dir",
+            ),
+        ),
         ("flux", ("--file", "--format")),
         ("backfill", ("--to", "--restart", "--drain-timeout", "--data-dir")),
     ],
@@ -482,8 +525,12 @@ def test_flux_prints_each_result_table(tmp_path: Path) -> None:
 
         as_json = json.loads(run_cli("flux", "x", "--format", "json", **env).stdout)
         assert [len(table) for table in as_json] == [2, 1]
-        assert as_json[1][0] == {"_time": "2026-01-01T00:00:03Z", "_value": 0.01,
-                                 "_field": "fee", "network": "eip155:137"}
+        assert as_json[1][0] == {
+            "_time": "2026-01-01T00:00:03Z",
+            "_value": 0.01,
+            "_field": "fee",
+            "network": "eip155:137",
+        }
 
         refused = run_cli("flux", "fail", **env)
         assert refused.returncode == 1

@@ -56,4 +56,3 @@ async def test_query_url_never_follows_a_redirect_with_the_token(
     with pytest.raises(OperatorError, match="redirect"):
         await asyncio.to_thread(get_json, url, "secret-token-0123456789", 5.0, "query")
     assert seen == []
-

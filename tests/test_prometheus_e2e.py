@@ -60,8 +60,7 @@ def exporter(tmp_path: Path) -> Iterator[ExporterProcess]:
     with running_exporter(tmp_path / "data", tmp_path / "exporter.log") as process:
         events = scenario()
         status, answer = post_json(process.events_url, events)
-        assert (status, answer) == (202, {"accepted": len(events), "duplicates": 0,
-                                          "rejected": []})
+        assert (status, answer) == (202, {"accepted": len(events), "duplicates": 0, "rejected": []})
         yield process
 
 
@@ -104,14 +103,27 @@ def test_prometheus_scrapes_payment_counters(tmp_path: Path, exporter: ExporterP
     api = f"http://127.0.0.1:{port}"
     with open(tmp_path / "prometheus.log", "wb") as log:
         proc = subprocess.Popen(
-            [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            [
+                prometheus,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         expected_payments = {
-            frozenset({("__name__", "facilitator_payments_total"), ("job", "exporter"),
-                       ("instance", target), ("network", network), ("status", status)}): value
+            frozenset(
+                {
+                    ("__name__", "facilitator_payments_total"),
+                    ("job", "exporter"),
+                    ("instance", target),
+                    ("network", network),
+                    ("status", status),
+                }
+            ): value
             for (network, status), value in EXPECTED_PAYMENTS.items()
         }
 
@@ -120,15 +132,25 @@ def test_prometheus_scrapes_payment_counters(tmp_path: Path, exporter: ExporterP
             series = by_labels(instant_query(api, "facilitator_payments_total"))
             return series if len(series) >= len(expected_payments) else None
 
-        payments = wait_until(payments_scraped, PROMETHEUS_TIMEOUT, 0.2,
-                              "Prometheus to scrape facilitator_payments_total")
+        payments = wait_until(
+            payments_scraped,
+            PROMETHEUS_TIMEOUT,
+            0.2,
+            "Prometheus to scrape facilitator_payments_total",
+        )
         assert payments == expected_payments
 
         volume = by_labels(instant_query(api, "sum by (network) (facilitator_volume_usd_total)"))
         assert volume == {labels(network=n): v for n, v in EXPECTED_VOLUME.items()}
         pending = by_labels(instant_query(api, "facilitator_pending_payments > 0"))
-        assert pending == {labels(__name__="facilitator_pending_payments", network=OPTIMISM,
-                                  job="exporter", instance=target): 1.0}
+        assert pending == {
+            labels(
+                __name__="facilitator_pending_payments",
+                network=OPTIMISM,
+                job="exporter",
+                instance=target,
+            ): 1.0
+        }
         up = by_labels(instant_query(api, "up"))
         assert up == {labels(__name__="up", job="exporter", instance=target): 1.0}
     finally:

@@ -306,8 +306,16 @@ def test_progress_line_of_a_timed_run() -> None:
     display.update(4_321, 15.0, detail="accepted 4,300  dup 20  rejected 1  errors 2")
     line = stream.getvalue()
     assert line.endswith("\n") and line.count("\n") == 1  # not a terminal: one line each
-    for text in ("25.0%", "ETA 0:45", "4,321 events", "288 events/s", "accepted 4,300",
-                 "dup 20", "rejected 1", "errors 2"):
+    for text in (
+        "25.0%",
+        "ETA 0:45",
+        "4,321 events",
+        "288 events/s",
+        "accepted 4,300",
+        "dup 20",
+        "rejected 1",
+        "errors 2",
+    ):
         assert text in line, text
     clock.now += 1.0
     display.update(4_400, 16.0)  # within 5 s of the last line: not drawn

@@ -44,20 +44,71 @@ def _sample() -> list[StoreRecord]:
     """One record of every kind, with every optional field set or deliberately absent."""
     payer, payee = "0x" + "ab" * 20, "0x" + "cd" * 20
     return [
-        PaymentRecord("payment:received:p1", 1_700_000_000_000, "eip155:8453", "received", "p1",
-                      payer, payee, 1_500_000),
-        PaymentRecord("payment:verified:p1", 1_700_000_000_100, "eip155:8453", "verified", "p1",
-                      payer, payee, 1_500_000, verification_ms=12.25),
-        PaymentRecord("payment:settled:p1", 1_700_000_000_200, "eip155:8453", "settled", "p1",
-                      payer, payee, 1_500_000, 1_000, 1234.5, tx="0x" + "ef" * 32),
-        PaymentRecord("evt-9", 1_700_000_000_300, "unknown", "failed", "unknown",
-                      error="insufficient funds: ünïcødé \"quoted\" \\ back"),
-        BatchRecord("batch:created:b1", 1_700_000_001_000, "eip155:10", "created", "b1", 3,
-                    9_000_000),
-        BatchRecord("batch:settled:b1", 1_700_000_002_000, "eip155:10", "settled", "b1", 3,
-                    9_000_000, 3_000, 2**100 + 7, "0xtx"),
-        RevenueRecord("revenue:1", 1_700_000_003_000, "eip155:137", "gas_sponsorship",
-                      9_223_372_036_854_775_807, "p1"),
+        PaymentRecord(
+            "payment:received:p1",
+            1_700_000_000_000,
+            "eip155:8453",
+            "received",
+            "p1",
+            payer,
+            payee,
+            1_500_000,
+        ),
+        PaymentRecord(
+            "payment:verified:p1",
+            1_700_000_000_100,
+            "eip155:8453",
+            "verified",
+            "p1",
+            payer,
+            payee,
+            1_500_000,
+            verification_ms=12.25,
+        ),
+        PaymentRecord(
+            "payment:settled:p1",
+            1_700_000_000_200,
+            "eip155:8453",
+            "settled",
+            "p1",
+            payer,
+            payee,
+            1_500_000,
+            1_000,
+            1234.5,
+            tx="0x" + "ef" * 32,
+        ),
+        PaymentRecord(
+            "evt-9",
+            1_700_000_000_300,
+            "unknown",
+            "failed",
+            "unknown",
+            error='insufficient funds: ünïcødé "quoted" \\ back',
+        ),
+        BatchRecord(
+            "batch:created:b1", 1_700_000_001_000, "eip155:10", "created", "b1", 3, 9_000_000
+        ),
+        BatchRecord(
+            "batch:settled:b1",
+            1_700_000_002_000,
+            "eip155:10",
+            "settled",
+            "b1",
+            3,
+            9_000_000,
+            3_000,
+            2**100 + 7,
+            "0xtx",
+        ),
+        RevenueRecord(
+            "revenue:1",
+            1_700_000_003_000,
+            "eip155:137",
+            "gas_sponsorship",
+            9_223_372_036_854_775_807,
+            "p1",
+        ),
         RevenueRecord("revenue:2", 1_700_000_003_001, "eip155:137", "premium", -5),
         WebsocketRecord("websocket:1", 1_700_000_004_000, 42),
     ]
@@ -73,7 +124,11 @@ async def test_open_creates_directory_and_empty_tables(
     assert await asyncio.to_thread(db_path.is_file)
     assert store.name == "duckdb"
     assert store.counts() == {
-        "payment": 0, "batch": 0, "revenue": 0, "websocket": 0, "analytics": 0,
+        "payment": 0,
+        "batch": 0,
+        "revenue": 0,
+        "websocket": 0,
+        "analytics": 0,
     }
 
 
@@ -86,24 +141,102 @@ async def test_every_record_type_round_trips_exactly(
     try:
         payer, payee = "0x" + "ab" * 20, "0x" + "cd" * 20
         assert _rows(reopened, "payment") == [
-            ("evt-9", 1_700_000_000_300, "unknown", "failed", "unknown", None, None, None,
-             None, None, None, None, "insufficient funds: ünïcødé \"quoted\" \\ back"),
-            ("payment:received:p1", 1_700_000_000_000, "eip155:8453", "received", "p1", payer,
-             payee, 1_500_000, None, None, None, None, None),
-            ("payment:settled:p1", 1_700_000_000_200, "eip155:8453", "settled", "p1", payer,
-             payee, 1_500_000, 1_000, 1234.5, None, "0x" + "ef" * 32, None),
-            ("payment:verified:p1", 1_700_000_000_100, "eip155:8453", "verified", "p1", payer,
-             payee, 1_500_000, None, None, 12.25, None, None),
+            (
+                "evt-9",
+                1_700_000_000_300,
+                "unknown",
+                "failed",
+                "unknown",
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                'insufficient funds: ünïcødé "quoted" \\ back',
+            ),
+            (
+                "payment:received:p1",
+                1_700_000_000_000,
+                "eip155:8453",
+                "received",
+                "p1",
+                payer,
+                payee,
+                1_500_000,
+                None,
+                None,
+                None,
+                None,
+                None,
+            ),
+            (
+                "payment:settled:p1",
+                1_700_000_000_200,
+                "eip155:8453",
+                "settled",
+                "p1",
+                payer,
+                payee,
+                1_500_000,
+                1_000,
+                1234.5,
+                None,
+                "0x" + "ef" * 32,
+                None,
+            ),
+            (
+                "payment:verified:p1",
+                1_700_000_000_100,
+                "eip155:8453",
+                "verified",
+                "p1",
+                payer,
+                payee,
+                1_500_000,
+                None,
+                None,
+                12.25,
+                None,
+                None,
+            ),
         ]
         assert _rows(reopened, "batch") == [
-            ("batch:created:b1", 1_700_000_001_000, "eip155:10", "created", "b1", 3, 9_000_000,
-             None, None, None),
-            ("batch:settled:b1", 1_700_000_002_000, "eip155:10", "settled", "b1", 3, 9_000_000,
-             3_000, 2**100 + 7, "0xtx"),
+            (
+                "batch:created:b1",
+                1_700_000_001_000,
+                "eip155:10",
+                "created",
+                "b1",
+                3,
+                9_000_000,
+                None,
+                None,
+                None,
+            ),
+            (
+                "batch:settled:b1",
+                1_700_000_002_000,
+                "eip155:10",
+                "settled",
+                "b1",
+                3,
+                9_000_000,
+                3_000,
+                2**100 + 7,
+                "0xtx",
+            ),
         ]
         assert _rows(reopened, "revenue") == [
-            ("revenue:1", 1_700_000_003_000, "eip155:137", "gas_sponsorship",
-             9_223_372_036_854_775_807, "p1"),
+            (
+                "revenue:1",
+                1_700_000_003_000,
+                "eip155:137",
+                "gas_sponsorship",
+                9_223_372_036_854_775_807,
+                "p1",
+            ),
             ("revenue:2", 1_700_000_003_001, "eip155:137", "premium", -5, None),
         ]
         assert _rows(reopened, "websocket") == [("websocket:1", 1_700_000_004_000, 42)]
@@ -137,7 +270,11 @@ async def test_writing_the_same_batch_twice_keeps_one_row_per_key(store: DuckDBS
     extra = WebsocketRecord("websocket:2", 1_700_000_005_000, 7)
     await store.write([*records[:3], extra, *records[3:]])
     assert store.counts() == {
-        "payment": 4, "batch": 2, "revenue": 2, "websocket": 2, "analytics": 0,
+        "payment": 4,
+        "batch": 2,
+        "revenue": 2,
+        "websocket": 2,
+        "analytics": 0,
     }
     assert {table: _rows(store, table) for table in ("payment", "batch", "revenue")} == before
 
@@ -152,8 +289,18 @@ async def test_a_batch_larger_than_one_statement_fits_a_small_pool(db_path: path
     # One document of 40,000 records is a single 32 MiB allocation: more than the pool.
     payer, payee = "0x" + "ab" * 20, "0x" + "cd" * 20
     records: list[StoreRecord] = [
-        PaymentRecord(f"payment:settled:p{i}", 1_700_000_000_000 + i, "eip155:8453", "settled",
-                      f"p{i}", payer, payee, i, 1, 1_000.0)
+        PaymentRecord(
+            f"payment:settled:p{i}",
+            1_700_000_000_000 + i,
+            "eip155:8453",
+            "settled",
+            f"p{i}",
+            payer,
+            payee,
+            i,
+            1,
+            1_000.0,
+        )
         for i in range(40_000)
     ]
     store = DuckDBStore.open(db_path, memory_limit="24MB")
@@ -172,7 +319,11 @@ async def test_a_failing_record_leaves_nothing_of_its_batch(store: DuckDBStore) 
     with pytest.raises(duckdb.Error):
         await store.write([*good, too_big])
     assert store.counts() == {
-        "payment": 0, "batch": 0, "revenue": 0, "websocket": 0, "analytics": 0,
+        "payment": 0,
+        "batch": 0,
+        "revenue": 0,
+        "websocket": 0,
+        "analytics": 0,
     }
     # The same failure on a replay path (some keys already stored) is atomic too.
     await store.write(good[:2])
@@ -186,16 +337,20 @@ async def test_a_failing_record_leaves_nothing_of_its_batch(store: DuckDBStore) 
 
 
 async def test_write_analytics_replaces_on_conflict(store: DuckDBStore) -> None:
-    await store.write_analytics([
-        ("revenue_projection", "24h", 1_700_000_000_000, "monthly_micro", 1.5),
-        ("revenue_projection", "24h", 1_700_000_000_000, "growth", 10.0),
-        ("revenue_projection", "7d", 1_700_000_000_000, "growth", 3.0),
-    ])
-    await store.write_analytics([
-        ("revenue_projection", "24h", 1_700_000_000_000, "growth", -2.5),
-        ("revenue_projection", "24h", 1_700_003_600_000, "growth", 4.0),
-        ("revenue_projection", "24h", 1_700_003_600_000, "growth", 5.0),  # last one wins
-    ])
+    await store.write_analytics(
+        [
+            ("revenue_projection", "24h", 1_700_000_000_000, "monthly_micro", 1.5),
+            ("revenue_projection", "24h", 1_700_000_000_000, "growth", 10.0),
+            ("revenue_projection", "7d", 1_700_000_000_000, "growth", 3.0),
+        ]
+    )
+    await store.write_analytics(
+        [
+            ("revenue_projection", "24h", 1_700_000_000_000, "growth", -2.5),
+            ("revenue_projection", "24h", 1_700_003_600_000, "growth", 4.0),
+            ("revenue_projection", "24h", 1_700_003_600_000, "growth", 5.0),  # last one wins
+        ]
+    )
     rows = store.query('SELECT * FROM analytics ORDER BY "window", time_ms, field')
     assert rows == [
         ("revenue_projection", "24h", 1_700_000_000_000, "growth", -2.5),
@@ -249,11 +404,17 @@ def _open_in_subprocess(path: pathlib.Path) -> subprocess.CompletedProcess[str]:
         asyncio.run(store.close())
         """
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
-        str(_REPO), os.environ.get("PYTHONPATH", "")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH", "")])),
+    }
     return subprocess.run(
         [sys.executable, "-c", code, str(path)],
-        capture_output=True, text=True, env=env, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
     )
 
 

@@ -33,7 +33,11 @@ def _open_in_fresh_interpreter(settings: dict[str, str]) -> dict[str, object]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_REPO), env.get("PYTHONPATH")]))
     result = subprocess.run(
         [sys.executable, "-c", _OPEN_AND_LIST_MODULES, json.dumps(settings)],
-        capture_output=True, text=True, env=env, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     answer: dict[str, object] = json.loads(result.stdout)

@@ -46,8 +46,14 @@ from exporter.store.influx.store import InfluxStore
 def _payments(count: int, prefix: str = "p", ms: int = BASE_MS) -> list[StoreRecord]:
     return [
         PaymentRecord(
-            f"payment:received:{prefix}{i}", ms + i, "eip155:8453", "received",
-            f"{prefix}{i}", ADDR_A, ADDR_B, 1_000_000 + i,
+            f"payment:received:{prefix}{i}",
+            ms + i,
+            "eip155:8453",
+            "received",
+            f"{prefix}{i}",
+            ADDR_A,
+            ADDR_B,
+            1_000_000 + i,
         )
         for i in range(count)
     ]
@@ -200,9 +206,7 @@ async def test_unknown_bucket_is_a_configuration_error(influx: InfluxFaultServer
         await wrong.close()
 
 
-async def test_slow_answers_time_out(
-    influx: InfluxFaultServer, quick_store: InfluxStore
-) -> None:
+async def test_slow_answers_time_out(influx: InfluxFaultServer, quick_store: InfluxStore) -> None:
     """No answer within the timeout raises StoreTimeoutError (retried by the forwarder),
     naming the URL and the setting that sets the timeout."""
     influx.push(Reply(204, delay=5.0))
@@ -290,7 +294,9 @@ def test_a_url_with_user_info_is_refused_without_printing_it(
 
 def test_redacted_urls_keep_everything_but_the_user_info() -> None:
     """What stores print of a URL: host, port and path; never the user or password."""
-    assert redact_url("https://u:p@influx.example:8086/base") == "https://***@influx.example:8086/base"
+    assert (
+        redact_url("https://u:p@influx.example:8086/base") == "https://***@influx.example:8086/base"
+    )
     assert redact_url("http://u@h") == "http://***@h"
     assert redact_url("http://[::1]:8086") == "http://[::1]:8086"
 
@@ -356,5 +362,3 @@ def test_check_config_reports_and_pings_influxdb(
     assert down.returncode == 1
     assert "unreachable" in down.stdout
     assert server.point_keys() == set()
-
-

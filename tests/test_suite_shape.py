@@ -82,4 +82,3 @@ import pytest
 from tests import conftest as shared
 """
     assert imported_test_modules(source) == []
-

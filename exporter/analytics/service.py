@@ -352,8 +352,8 @@ class AnalyticsAPI:
                 log.debug("analytics query failure", exc_info=True)
                 return _error(500, f"analytics query failed: {type(error).__name__}: {error}")
             headers["X-Analytics-At"] = str(at)
-        if isinstance(result, list):
-            result = result[:limit]
+        if isinstance(result, list) and name.startswith("top/"):
+            result = result[:limit]  # only the top lists take a limit; networks lists them all
         return web.Response(
             body=result_json(result), content_type="application/json", headers=headers
         )

@@ -315,6 +315,18 @@ class PaymentEvents:
         if pid in self._seen:
             self._seen[pid] &= ~stages_of(events)
 
+    def recorded(self, pid: str) -> int:
+        """The stage flags recorded for payment ``pid`` (0 when none or forgotten)."""
+        return self._seen.get(pid, 0)
+
+    def restore(self, pid: str, stages: int) -> None:
+        """Take ``stages`` as what was recorded for ``pid``: state a caller keeps durably
+        (the hooks' spool), so a restarted process derives each event once."""
+        if stages:
+            self._remember(pid, stages)
+        else:
+            self._seen.pop(pid, None)
+
     def _remember(self, pid: str, stages: int) -> None:
         self._seen[pid] = stages
         self._seen.move_to_end(pid)
