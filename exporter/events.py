@@ -13,7 +13,7 @@ import hashlib
 import re
 import time
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Annotated, Any, Literal, NotRequired, get_args, get_type_hints
+from typing import Annotated, Any, Literal, NotRequired, cast, get_args, get_type_hints
 
 import orjson
 from pydantic import (
@@ -577,6 +577,11 @@ def canonical_json(event: Event) -> bytes:
     validated event (a test holds the two to it) in well under half the time. Only events
     with a null optional field take pydantic's way, which leaves the nulls out.
     """
+    if "id" in event and join_ref(event) is not None:
+        # A lifecycle event is identified by its payment or batch, not by the producer's
+        # id (section 2): a retry under a new id is the same event, so the id is no part
+        # of the body that decides between a duplicate and a conflict.
+        event = cast(Event, {"type": event["type"], "data": event["data"]})
     if event.get("id", "") is None or None in event["data"].values():
         # The adapter of the event's own type: the union's serializer costs twice as much.
         return _ADAPTER_BY_TYPE[event["type"]].dump_json(event, exclude_none=True)
@@ -588,15 +593,16 @@ def canonical_json(event: Event) -> bytes:
 def dedup_key(event: Event, body: bytes) -> str:
     """The identity of an event in the ledger (docs/architecture.md section 2).
 
-    ``body`` is :func:`canonical_json` of the event; it is hashed into the key only for
-    events that carry no id of their own.
+    Lifecycle events (``payment:*`` but failures of unknown payments, ``batch:*``) are
+    ``type:paymentId`` or ``type:batchId`` whatever ``id`` they carry; other events their
+    ``id``, else ``body`` (:func:`canonical_json` of the event) is hashed into the key.
     """
+    ref = join_ref(event)
+    if ref is not None:  # lifecycle events: their natural key, whatever id they carry
+        return f"{event['type']}:{ref}"
     event_id = event.get("id")
     if event_id is not None:
         return f"id:{event_id}"
-    ref = join_ref(event)
-    if ref is not None:
-        return f"{event['type']}:{ref}"
     digest = hashlib.sha256(body).hexdigest()[:32]
     return f"{event['type']}:{event['data']['timestamp']}:{digest}"
 

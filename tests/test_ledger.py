@@ -243,14 +243,15 @@ async def test_batch_settled_before_created_takes_the_created_network(
 async def test_a_batch_keeps_its_first_definition_across_commits_and_restarts(
     tmp_path: Path,
 ) -> None:
-    # The second batch:created of b1 (another event id) neither redefines the batch nor
-    # fails; a settlement in a later commit, after a restart, finds the first one.
+    # The second batch:created of b1 (another event id, another body) is a conflict and
+    # does not redefine the batch; a settlement in a later commit, after a restart, finds
+    # the first one.
     path = tmp_path / "ledger.sqlite3"
     with writing(path) as committer:
         first = batch_created("b1", network="eip155:10", count=4)
         again = {**batch_created("b1", network="eip155:1", count=9), "id": "created-again"}
         result = await submit(committer, first, again, batch_created("b2", count=2))
-        assert result.outcomes == [Outcome.ACCEPTED] * 3
+        assert result.outcomes == [Outcome.ACCEPTED, Outcome.CONFLICT, Outcome.ACCEPTED]
     with writing(path) as committer:
         result = await submit(committer, batch_settled("b1", gas="21000"), batch_settled("b3"))
         assert BatchGas("eip155:10", 21_000) in result.effects

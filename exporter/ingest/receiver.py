@@ -309,8 +309,8 @@ class Receiver:
                 rejected.append(
                     _Rejection(
                         index,
-                        "conflict: an event with the same id was already stored with a different "
-                        "body",
+                        "conflict: a stored event has the same key with a different body, or "
+                        "its payment has already ended",
                     )
                 )
         if rejected:
@@ -324,8 +324,11 @@ class Receiver:
             self.metrics.events_duplicate.inc(duplicates)
         if accepted or (duplicates and not rejected):
             return _answer(202, accepted, duplicates, rejected)
-        if parsed.single and conflicts:
-            return _answer(409, 0, 0, rejected, error="the event conflicts with a stored one")
+        if conflicts == len(parsed.items):  # whatever the framing: object, array or NDJSON
+            error = "every event in the body conflicts with a stored one"
+            if parsed.single:
+                error = "the event conflicts with a stored one"
+            return _answer(409, 0, 0, rejected, error=error)
         return _answer(422, 0, duplicates, rejected, error="no event in the body is valid")
 
     async def _read_head(self, request: web.Request) -> bytes:
