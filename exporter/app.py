@@ -149,6 +149,7 @@ async def _ledger_resource(app: web.Application) -> AsyncIterator[None]:
         raise
     metrics.restore(await asyncio.to_thread(ledger.gauges))
     metrics.track_backlog(lambda: ledger.backlog)
+    metrics.track_waiting(ledger.waiting_events)
     committer = GroupCommitter(ledger, commit_on_loop=settings.ledger_commit_on_loop)
     committer.on_commit_hooks.append(metrics.ledger_commits.inc)
     app[COMMITTER] = committer
@@ -341,14 +342,14 @@ def _forwarder_context(app: web.Application) -> contextlib.AbstractAsyncContextM
 
 
 async def _maintain(settings: Settings, committer: GroupCommitter, metrics: Metrics) -> None:
-    """Release failures that never joined and apply retention, periodically."""
+    """Release events past the join timeout and apply retention, periodically."""
     ledger = committer.ledger
     next_retention = 0.0
     while True:
         try:
             cutoff_ms = int((time.time() - settings.join_timeout_seconds) * 1000)
             effects = await committer.call(
-                functools.partial(ledger.release_unjoined_failures, cutoff_ms)
+                functools.partial(ledger.release_unjoined, cutoff_ms)
             )
             metrics.apply(effects)
             if settings.retention_days and time.monotonic() >= next_retention:

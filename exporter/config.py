@@ -226,9 +226,11 @@ class Settings(BaseSettings):
         35, description="days delivered events stay in the ledger; 0 keeps them forever"
     )
     join_timeout_seconds: Annotated[int, Field(ge=0)] = Field(
-        600,
-        description="after this, a payment:failed whose payment:received never came is "
-        "counted on its own network (or unknown)",
+        3600,
+        description="after this, an event still waiting for its join partner (a payment's "
+        "settled, verified or failed event without its payment:received, a batch:settled "
+        "without its batch:created) is counted with what it carries, on its own network "
+        "or unknown",
     )
     body_read_timeout_seconds: PositiveFloat = Field(
         30.0,

@@ -91,10 +91,13 @@ def _address(value: str) -> str:
 
 
 def _key(event: dict[str, Any]) -> object:
-    if event.get("id") is not None:
-        return ("id", event["id"])
     kind, data = event["type"], event["data"]
     ref = data.get("paymentId", data.get("batchId"))
+    lifecycle = kind not in ("revenue:recorded", "websocket:clients") and ref != "unknown"
+    if lifecycle:  # the natural key, whatever id the event carries
+        return (kind, ref)
+    if event.get("id") is not None:
+        return ("id", event["id"])
     if kind in ("revenue:recorded", "websocket:clients") or ref == "unknown":
         # the ledger hashes the normalised body: equal amounts are equal however written
         body = dict(data)
@@ -108,11 +111,18 @@ def facts_from_events(events: Iterable[dict[str, Any]]) -> Facts:
     """Deduplicate (first of each key wins) and join, as docs/architecture.md section 2 says."""
     kept: list[dict[str, Any]] = []
     seen: set[object] = set()
+    ended: set[str] = set()  # payments with a settled or failed event: they end once
     for event in events:
         key = _key(event)
-        if key not in seen:
-            seen.add(key)
-            kept.append(event)
+        if key in seen:
+            continue
+        pid = event["data"].get("paymentId")
+        if event["type"] in ("payment:settled", "payment:failed") and pid != "unknown":
+            if pid in ended:
+                continue  # a second end: a conflict
+            ended.add(pid)
+        seen.add(key)
+        kept.append(event)
     first_received: dict[str, dict[str, Any]] = {}
     first_created: dict[str, dict[str, Any]] = {}
     for event in kept:
@@ -137,11 +147,22 @@ def facts_from_events(events: Iterable[dict[str, Any]]) -> Facts:
             pid = data["paymentId"]
             payment = None if pid == "unknown" else first_received.get(pid)
             if payment is None:
-                if kind == "payment:failed":  # never joins: its own network, else unknown
+                # Never joined: released past the join timeout with what it carries, on
+                # its own network, else unknown; a settlement with amount 0 and unknown
+                # parties (docs/architecture.md section 2, "Join deadline").
+                network = data.get("network") or "unknown"
+                if kind == "payment:failed":
+                    facts.payments.append(PaymentFact("failed", ts, network, pid))
+                elif kind == "payment:settled":
                     facts.payments.append(
-                        PaymentFact("failed", ts, data.get("network") or "unknown", pid)
+                        PaymentFact(
+                            "settled", ts, network, pid, "unknown", "unknown", 0,
+                            micro(data["fee"]), float(data["settlementTime"]),
+                        )
                     )
-                continue  # a verified or settled event without its payment counts nowhere
+                else:
+                    facts.payments.append(PaymentFact("verified", ts, "unknown", pid))
+                continue
             facts.payments.append(
                 PaymentFact(
                     kind.removeprefix("payment:"), ts, payment["network"], pid,
@@ -153,10 +174,12 @@ def facts_from_events(events: Iterable[dict[str, Any]]) -> Facts:
             )
         elif kind == "batch:settled":
             created = first_created.get(data["batchId"])
-            if created is not None:  # a batch without its created event counts nowhere
+            if created is not None:
                 facts.batches.append(
                     (ts, created["network"], created["paymentCount"], int(data["gasUsed"]))
                 )
+            else:  # released past the join timeout: unknown network, no payments
+                facts.batches.append((ts, "unknown", 0, int(data["gasUsed"])))
         elif kind == "revenue:recorded":
             facts.revenue.append((ts, data["kind"], micro(data["amount"])))
         elif kind == "websocket:clients":

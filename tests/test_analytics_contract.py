@@ -271,12 +271,15 @@ async def test_duplicates_conflicts_and_out_of_order_deliveries() -> None:
         received("p1", AT - 3_000, amount="1.5"),  # duplicate
         received("p1", AT - 3_000, amount="9"),  # conflict: refused
         verified("p1", AT - 2_500),
-        {**settled("p1", AT - 900, fee="0.07"), "id": "second-settlement"},  # another event
-        settled("p2", AT - 800),  # its payment never arrives: counts nowhere
+        # the same natural key under another id and another body: a conflict
+        {**settled("p1", AT - 900, fee="0.07"), "id": "second-settlement"},
+        failed("p1", AT - 800),  # the payment has ended: a conflict
+        settled("p2", AT - 800),  # its payment never arrives: released on network unknown
     ]
     oracle = await _check(events)
     assert oracle.payments(AT, "1h")["successfulPayments"] == 2
-    assert oracle.payments(AT, "1h")["totalVolume"] == "3.000000"
+    assert oracle.payments(AT, "1h")["failedPayments"] == 0
+    assert oracle.payments(AT, "1h")["totalVolume"] == "1.500000"
 
 
 @pytest.mark.parametrize(

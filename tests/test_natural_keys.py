@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import BASE_MS, AppClient, batch_created, received, settled
+from ledger_helpers import prepare
 from prometheus_client import CollectorRegistry
 
 from exporter.app import COMMITTER
+from exporter.ledger import (
+    GroupCommitter,
+    Ledger,
+    Outcome,
+    PendingChange,
+    PreparedEvent,
+    Submission,
+    TerminalPayment,
+)
 
 JSON = {"Content-Type": "application/json"}
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -110,3 +121,35 @@ async def test_events_that_never_join_keep_their_id_as_key(client: AppClient) ->
     other = {**revenue, "id": "rev-2"}
     response = await client.post("/v1/events", json=other)
     assert await response.json() == {"accepted": 1, "duplicates": 0, "rejected": []}
+
+
+async def test_an_event_stored_under_an_old_id_key_is_not_counted_again(
+    tmp_path: Path,
+) -> None:
+    # Earlier versions keyed lifecycle events that carried an id by that id; the join
+    # tables still know their payment and batch after an upgrade.
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    committer = GroupCommitter(ledger)
+    try:
+        old = []
+        for event in (received("p1"), batch_created("b1"), settled("p1")):
+            new = prepare({**event, "id": f"old-{event['type']}"})
+            old.append(PreparedEvent(new.event, f"id:old-{event['type']}", new.body, new.raw))
+        await committer.submit(Submission(old))
+        retried = [
+            prepare({**received("p1"), "id": "new-1"}),
+            prepare({**batch_created("b1"), "id": "new-2"}),
+            prepare({**received("p1", amount="9"), "id": "new-3"}),
+            prepare({**settled("p1"), "id": "new-4"}),
+        ]
+        result = await committer.submit(Submission(retried))
+        assert result.outcomes == [
+            Outcome.DUPLICATE,
+            Outcome.DUPLICATE,
+            Outcome.CONFLICT,
+            Outcome.CONFLICT,  # the payment has ended
+        ]
+        assert not [e for e in result.effects if isinstance(e, PendingChange | TerminalPayment)]
+    finally:
+        committer.close()
+        ledger.close()

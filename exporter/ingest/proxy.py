@@ -374,7 +374,10 @@ class FacilitatorProxy:
 
     async def _commit(self, events: list[dict[str, Any]]) -> None:
         failures = self.proxy_metrics.recording_failures
-        submission = Submission()
+        # Derived: a replayed exchange, or one after a restart that finds its payment
+        # in the ledger, records nothing new and leaves no conflict (the memo of
+        # recorded stages does not survive a restart; the ledger does).
+        submission = Submission(derived=True)
         for obj in events:
             try:
                 event = parse_event(obj)

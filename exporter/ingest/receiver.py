@@ -325,10 +325,8 @@ class Receiver:
         if accepted or (duplicates and not rejected):
             return _answer(202, accepted, duplicates, rejected)
         if conflicts == len(parsed.items):  # whatever the framing: object, array or NDJSON
-            error = "every event in the body conflicts with a stored one"
-            if parsed.single:
-                error = "the event conflicts with a stored one"
-            return _answer(409, 0, 0, rejected, error=error)
+            what = "the event conflicts" if parsed.single else "every event conflicts"
+            return _answer(409, 0, 0, rejected, error=f"{what} with a stored one")
         return _answer(422, 0, duplicates, rejected, error="no event in the body is valid")
 
     async def _read_head(self, request: web.Request) -> bytes:
