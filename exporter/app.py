@@ -342,7 +342,8 @@ def _forwarder_context(app: web.Application) -> contextlib.AbstractAsyncContextM
 
 
 async def _maintain(settings: Settings, committer: GroupCommitter, metrics: Metrics) -> None:
-    """Release events past the join timeout and apply retention, periodically."""
+    """Release events past the join timeout, end settlements past theirs and apply
+    retention, periodically."""
     ledger = committer.ledger
     next_retention = 0.0
     while True:
@@ -350,6 +351,14 @@ async def _maintain(settings: Settings, committer: GroupCommitter, metrics: Metr
             cutoff_ms = int((time.time() - settings.join_timeout_seconds) * 1000)
             effects = await committer.call(
                 functools.partial(ledger.release_unjoined, cutoff_ms)
+            )
+            metrics.apply(effects)
+            effects = await committer.call(
+                functools.partial(
+                    ledger.release_overdue_settlements,
+                    int(time.time() * 1000),
+                    settings.settlement_timeout_seconds * 1000,
+                )
             )
             metrics.apply(effects)
             if settings.retention_days and time.monotonic() >= next_retention:

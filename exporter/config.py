@@ -232,6 +232,13 @@ class Settings(BaseSettings):
         "without its batch:created) is counted with what it carries, on its own network "
         "or unknown",
     )
+    settlement_timeout_seconds: PositiveInt = Field(
+        900,
+        description="in proxy mode, a payment whose settle was answered settlement_pending "
+        "and that no later answer ended within this ends as failed (settlement_timeout); "
+        "the SDKs wait about a minute for a receipt and retry within the authorization's "
+        "validity, so 15 minutes leaves room for a congested chain and several retries",
+    )
     body_read_timeout_seconds: PositiveFloat = Field(
         30.0,
         description="a request body (ingest, or proxy mode) not fully received this long "

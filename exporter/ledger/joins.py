@@ -25,6 +25,8 @@ from ..events import (
     PaymentSettled,
     PaymentVerified,
     WebsocketClients,
+    canonical_json,
+    dedup_key,
     parse_event,
     to_micro,
 )
@@ -317,10 +319,12 @@ class TransactionWriter:
         if prepared.ref is not None and event["type"] in _ENDINGS:
             payment = self._payment(prepared.ref)
             if payment is not None and payment.terminal:
-                if derived:
-                    return Outcome.DUPLICATE
+                if derived and event["type"] == "payment:failed":
+                    return Outcome.DUPLICATE  # a replayed settle refused upstream
                 # A payment ends once (section 2): whatever its id, a second settled or
-                # failed event is never counted.
+                # failed event is never counted. A derived settlement lands here only
+                # when the payment failed (its settled key would have matched above),
+                # e.g. past the settlement deadline: the facilitator contradicts it.
                 self.dead_letter(
                     DeadLetter(
                         "conflict",
@@ -354,6 +358,34 @@ class TransactionWriter:
             )
         )
         return Outcome.ACCEPTED
+
+    def mark_settlement_pending(self, payment_ids: Sequence[str]) -> None:
+        """Note when each payment's settle was first answered as not final."""
+        if payment_ids:
+            self.cur.executemany(
+                "INSERT OR IGNORE INTO pending_settlements (payment_id, since) VALUES (?, ?)",
+                [(payment_id, self.now) for payment_id in payment_ids],
+            )
+
+    def time_out_settlement(self, payment_id: str, deadline_ms: int) -> None:
+        """End a payment still pending settlement at its deadline with a ``payment:failed``
+        (``settlement_timeout``) event of its own, joined like any other."""
+        payment = self._payment(payment_id)
+        if payment is None or not payment.received or payment.terminal:
+            return  # ended meanwhile, or forgotten by retention
+        raw = {
+            "type": "payment:failed",
+            "data": {
+                "paymentId": payment_id,
+                "error": SETTLEMENT_TIMEOUT,
+                "timestamp": deadline_ms,
+                "network": payment.network,
+            },
+        }
+        event = parse_event(raw)
+        body = canonical_json(event)
+        # Not ended, so no failure of it is stored: its key is new.
+        self.add(PreparedEvent(event, dedup_key(event, body), body, body))
 
     def _already_defined(self, prepared: PreparedEvent) -> bool | None:
         """For a receipt or batch creation whose payment or batch the join tables hold
@@ -770,6 +802,8 @@ class TransactionWriter:
             self.effects.append(WebsocketCount(count))
 
 
+SETTLEMENT_TIMEOUT = "settlement_timeout"
+"""The error of the failure that ends a payment still pending settlement past its deadline."""
 _ENDINGS = frozenset({"payment:settled", "payment:failed"})
 """Event types that end a payment."""
 ENDING_WAITS = 2

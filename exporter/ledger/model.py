@@ -116,6 +116,10 @@ class Submission:
 
     events: list[PreparedEvent] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    pending_settlements: list[str] = field(default_factory=list)
+    """Payment ids whose settle was answered as not final (``settlement_pending``): each
+    ends as failed (``settlement_timeout``) unless it ends before the settlement
+    deadline (:meth:`~exporter.ledger.Ledger.release_overdue_settlements`)."""
     derived: bool = False
     """The events were derived from observed verify/settle exchanges (proxy mode): one
     whose stage the ledger already holds, under any body, or that ends a payment that has

@@ -290,6 +290,7 @@ class Ledger:
             for submission in submissions:
                 derived = submission.derived
                 outcomes = [writer.add(prepared, derived) for prepared in submission.events]
+                writer.mark_settlement_pending(submission.pending_settlements)
                 for letter in submission.dead_letters:
                     writer.dead_letter(letter)
                 results.append(SubmissionResult(outcomes, writer.take_effects()))
@@ -398,6 +399,40 @@ class Ledger:
                 writer.release_unjoined(seq, key, parse_event(orjson.loads(body)))
             writer.flush()
         self._numbers = numbers
+        self._emitted(writer.emitted)
+        return writer.effects
+
+    def release_overdue_settlements(self, now_ms: int, timeout_ms: int) -> list[Effect]:
+        """End as failed (``settlement_timeout``) each payment still pending settlement
+        ``timeout_ms`` after its first non-final settle answer, at that deadline.
+
+        The failure is an ordinary ``payment:failed`` event in the ledger (stored,
+        counted, in the store): a later settle answer for the payment is then a
+        conflict, since a payment ends once. Rows of payments that ended are dropped.
+        """
+        with self._transaction() as cur:
+            rows = cur.execute(
+                "SELECT payment_id, since FROM pending_settlements WHERE since <= ? "
+                "ORDER BY since, payment_id",
+                (now_ms - timeout_ms,),
+            ).fetchall()
+            if not rows:
+                return []
+            numbers = dataclasses.replace(self._numbers)
+            writer = TransactionWriter(
+                cur, now_ms, self._waiting_refs, numbers, self._tuning.outbox_row_records
+            )
+            writer.load([])
+            for payment_id, since in rows:
+                writer.time_out_settlement(payment_id, since + timeout_ms)
+            cur.execute(
+                "DELETE FROM pending_settlements WHERE since <= ?", (now_ms - timeout_ms,)
+            )
+            writer.flush()
+            recent, upto, merging = self._merge_keys(cur, self._recent_keys + writer.added)
+        self._recent_keys, self._key_index_upto, self._merging = recent, upto, merging
+        self._numbers = numbers
+        self._event_count += writer.added
         self._emitted(writer.emitted)
         return writer.effects
 
