@@ -160,7 +160,9 @@ async def _ledger_resource(app: web.Application) -> AsyncIterator[None]:
         settings.max_backlog_events,
         settings.body_read_timeout_seconds,
     )
-    app[RECEIVER] = Receiver(committer, metrics, limits, token, verifier_from_settings(settings))
+    app[RECEIVER] = Receiver(
+        committer, metrics, limits, token, verifier_from_settings(settings), settings.networks
+    )
     maintenance = asyncio.create_task(_maintain(settings, committer, metrics))
     log.info(
         "ledger open",

@@ -314,7 +314,8 @@ class Settings(BaseSettings):
     network_aliases: dict[str, str] = Field(
         default_factory=dict,
         description="JSON object of extra network names and the CAIP-2 ids they stand for, "
-        'e.g. {"my-l2": "eip155:424242"}; every x402 v1 name is built in',
+        'e.g. {"my-l2": "eip155:424242"}, for ingested events and proxy mode alike; every '
+        "x402 v1 name is built in",
     )
     proxy_asset_decimals: dict[str, Annotated[int, Field(ge=0, le=36)]] = Field(
         default_factory=dict,

@@ -8,10 +8,13 @@ add fields over time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import re
 import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Annotated, Any, Literal, NotRequired, cast, get_args, get_type_hints
 
@@ -27,7 +30,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError, SchemaValidator, core_schema
 from typing_extensions import TypedDict  # pydantic validates typing's only from 3.12
 
-from .networks import BUILTIN_TABLE, CAIP2
+from .networks import BUILTIN_TABLE, CAIP2, NetworkTable
 
 MICRO = 1_000_000
 """Micro-units per token unit: money is kept as integer micro-units (10^-6)."""
@@ -92,9 +95,27 @@ def _timestamp(value: int) -> int:
     return value
 
 
+_NETWORK_TABLE: ContextVar[NetworkTable] = ContextVar("network_table", default=BUILTIN_TABLE)
+"""The table names are looked up in while an event is parsed: the built-in one unless a
+parse function was given the operator's (with ``EXPORTER_NETWORK_ALIASES``)."""
+
+
+@contextlib.contextmanager
+def _names_from(networks: NetworkTable | None) -> Iterator[None]:
+    if networks is None:
+        yield
+        return
+    token = _NETWORK_TABLE.set(networks)
+    try:
+        yield
+    finally:
+        _NETWORK_TABLE.reset(token)
+
+
 def _network(value: str) -> str:
-    """A CAIP-2 id as given, or the CAIP-2 id of an x402 v1 network name (``base``)."""
-    caip2 = BUILTIN_TABLE.caip2(value)
+    """A CAIP-2 id as given, or the CAIP-2 id of an x402 v1 network name (``base``) or of
+    an operator's alias."""
+    caip2 = _NETWORK_TABLE.get().caip2(value)
     if caip2 is None:
         raise PydanticCustomError(
             "caip2",
@@ -476,12 +497,16 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_event(obj: Any) -> Event:
-    """Validate one decoded JSON value as an event, or raise :class:`EventError`."""
+def parse_event(obj: Any, networks: NetworkTable | None = None) -> Event:
+    """Validate one decoded JSON value as an event, or raise :class:`EventError`.
+
+    ``networks``: the table network names are read with (default: the built-in one).
+    """
     if not isinstance(obj, dict):
         raise EventError(f"event: must be a JSON object, got {type(obj).__name__}")
     try:
-        return _EVENT_ADAPTER.validate_python(obj)
+        with _names_from(networks):
+            return _EVENT_ADAPTER.validate_python(obj)
     except ValidationError as error:
         raise EventError(_describe(error)) from None
 
@@ -493,7 +518,16 @@ def _malformed(error: ValidationError) -> MalformedJSONError | None:
     return None
 
 
-def parse_event_json(raw: bytes, latest_ms: int | None = None) -> Event:
+def parse_event_json(
+    raw: bytes, latest_ms: int | None = None, networks: NetworkTable | None = None
+) -> Event:
+    """Parse and validate one event from JSON bytes in one pass (see :func:`_parse_json`);
+    ``networks``: the table network names are read with (default: the built-in one)."""
+    with _names_from(networks):
+        return _parse_json(raw, latest_ms)
+
+
+def _parse_json(raw: bytes, latest_ms: int | None) -> Event:
     """Parse and validate one event from JSON bytes in one pass.
 
     ``latest_ms`` is :func:`latest_timestamp_ms` as read earlier by a caller that parses
@@ -519,7 +553,16 @@ def parse_event_json(raw: bytes, latest_ms: int | None = None) -> Event:
         raise EventError(_describe(error)) from None
 
 
-def parse_event_array_json(raw: bytes) -> list[Event] | None:
+def parse_event_array_json(
+    raw: bytes, networks: NetworkTable | None = None
+) -> list[Event] | None:
+    """:func:`_parse_array_json` with network names read from ``networks`` (default: the
+    built-in table)."""
+    with _names_from(networks):
+        return _parse_array_json(raw)
+
+
+def _parse_array_json(raw: bytes) -> list[Event] | None:
     """Parse a JSON array whose every item is a valid event, in one pass.
 
     Returns None when any item is invalid or the body is not an array, so that the
