@@ -209,7 +209,8 @@ class PaymentVerifiedData(TypedDict):
     """The payment's signature and funds were verified."""
 
     paymentId: Identifier
-    verificationTime: DurationMs
+    verificationTime: NotRequired[DurationMs | None]
+    """Optional: not every facilitator measures it."""
     timestamp: Timestamp
 
 
@@ -218,9 +219,11 @@ class PaymentSettledData(TypedDict):
     """The payment was settled on chain."""
 
     paymentId: Identifier
-    transaction: Transaction
+    transaction: NotRequired[Transaction | None]
+    """Optional: some facilitators report a settlement without its hash."""
     fee: DecimalString
-    settlementTime: DurationMs
+    settlementTime: NotRequired[DurationMs | None]
+    """Optional: without it the settlement counts everywhere but in settlement times."""
     timestamp: Timestamp
     network: NotRequired[Network | None]
 

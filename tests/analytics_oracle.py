@@ -58,7 +58,8 @@ class PaymentFact:
     payee: str | None = None
     amount: int = 0
     fee: int = 0
-    settlement_ms: float = 0.0
+    settlement_ms: float | None = 0.0
+    """None for a settlement without its (optional) settlementTime."""
 
 
 @dataclass
@@ -88,6 +89,11 @@ def _address(value: str) -> str:
     is_evm = len(value) == 42 and value[:2] == "0x"
     is_evm = is_evm and all(c in "0123456789abcdefABCDEF" for c in value[2:])
     return value.lower() if is_evm else value
+
+
+def _settlement_time(data: dict[str, Any]) -> float | None:
+    value = data.get("settlementTime")
+    return None if value is None else float(value)
 
 
 def _key(event: dict[str, Any]) -> object:
@@ -157,7 +163,7 @@ def facts_from_events(events: Iterable[dict[str, Any]]) -> Facts:
                     facts.payments.append(
                         PaymentFact(
                             "settled", ts, network, pid, "unknown", "unknown", 0,
-                            micro(data["fee"]), float(data["settlementTime"]),
+                            micro(data["fee"]), _settlement_time(data),
                         )
                     )
                 else:
@@ -169,7 +175,7 @@ def facts_from_events(events: Iterable[dict[str, Any]]) -> Facts:
                     _address(payment["payer"]), _address(payment["payee"]),
                     micro(payment["amount"]),
                     micro(data["fee"]) if kind == "payment:settled" else 0,
-                    float(data["settlementTime"]) if kind == "payment:settled" else 0.0,
+                    _settlement_time(data) if kind == "payment:settled" else 0.0,
                 )
             )
         elif kind == "batch:settled":
@@ -193,6 +199,11 @@ def _inside(time: int, at: int, span: int) -> bool:
 
 def _half_even(value: Fraction) -> int:
     return round(value)  # Fraction rounds half to even
+
+
+def _times(settled: list[PaymentFact]) -> list[float]:
+    """The settlement times of the settled facts that have one (settlementTime is optional)."""
+    return [p.settlement_ms for p in settled if p.settlement_ms is not None]
 
 
 def _mean_ms(values: list[float]) -> float:
@@ -231,7 +242,7 @@ class Oracle:
         span = WINDOWS_MS[window]
         settled = self._pay("settled", at, span)
         amounts = sorted(p.amount for p in settled)
-        times = [p.settlement_ms for p in settled]
+        times = _times(settled)
         n = len(settled)
         if n == 0:
             median = 0
@@ -280,7 +291,7 @@ class Oracle:
                     ),
                     "totalGasSpent": str(gas),
                     "successRate": len(settled) / terminal * 100 if terminal else 100.0,
-                    "averageConfirmationTime": _mean_ms([p.settlement_ms for p in settled]),
+                    "averageConfirmationTime": _mean_ms(_times(settled)),
                 }))
         rows.sort(key=lambda r: (-r[0], r[1]["chainId"]))
         return [row for _, row in rows]
@@ -455,7 +466,7 @@ class Oracle:
         failed = len(self._pay("failed", at, span))
         terminal = len(settled) + failed
         error_rate = failed / terminal * 100 if terminal else 0.0
-        average = _mean_ms([p.settlement_ms for p in settled])
+        average = _mean_ms(_times(settled))
         if error_rate > 10 or average > 60_000:
             status = "critical"
         elif error_rate > 5 or average > 30_000:

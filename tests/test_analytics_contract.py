@@ -282,6 +282,25 @@ async def test_duplicates_conflicts_and_out_of_order_deliveries() -> None:
     assert oracle.payments(AT, "1h")["totalVolume"] == "1.500000"
 
 
+async def test_settlements_without_a_time_count_everywhere_but_in_settlement_times() -> None:
+    untimed = settled("p2", AT - 500, fee="0.02")
+    del untimed["data"]["settlementTime"], untimed["data"]["transaction"]
+    events = [
+        received("p1", AT - 3_000),
+        settled("p1", AT - 1_000, settlement_ms=4000),
+        received("p2", AT - 2_000),
+        untimed,
+        received("p3", AT - 2_000, network="eip155:10"),
+        {**settled("p3", AT - 400), "data": {"paymentId": "p3", "fee": "0", "timestamp": AT - 400}},
+    ]
+    oracle = await _check(events)
+    payments = oracle.payments(AT, "1h")
+    assert payments["successfulPayments"] == 3
+    assert (payments["averageSettlementTime"], payments["p95SettlementTime"]) == (4000.0, 4000.0)
+    [optimism] = [n for n in oracle.networks(AT, "1h") if n["chainId"] == "eip155:10"]
+    assert optimism["averageConfirmationTime"] == 0.0
+
+
 @pytest.mark.parametrize(
     ("amounts", "fees", "median", "average", "projected_7d"),
     [

@@ -612,7 +612,7 @@ class TransactionWriter:
         joined = (payment_id, payer, payee, amount)  # what payment:received said
         match event["type"]:
             case "payment:verified":
-                verification_ms = event["data"]["verificationTime"]
+                verification_ms = event["data"].get("verificationTime")
                 record = PaymentRecord(
                     key, timestamp, network, "verified", *joined, verification_ms=verification_ms
                 )
@@ -620,7 +620,8 @@ class TransactionWriter:
                 return
             case "payment:settled":
                 s = event["data"]
-                fee, settlement_ms, tx = to_micro(s["fee"]), s["settlementTime"], s["transaction"]
+                fee, settlement_ms = to_micro(s["fee"]), s.get("settlementTime")
+                tx = s.get("transaction")
                 record = PaymentRecord(
                     key, timestamp, network, "settled", *joined, fee, settlement_ms, tx=tx
                 )
