@@ -97,7 +97,8 @@ async def test_a_late_receipt_is_recorded_and_nothing_counts_twice(
     # Recorded (a received payment in the analytics), but it has ended: not pending, and
     # the settlement is not counted again.
     assert not [e for e in late.effects if isinstance(e, PendingChange | TerminalPayment)]
-    statuses = [(r.record.status, r.record.network) for r in ledger.read_outbox(100)]
+    records = [r.record for r in ledger.read_outbox(100)]
+    statuses = [(r.status, r.network) for r in records if isinstance(r, PaymentRecord)]
     assert statuses == [("settled", "unknown"), ("received", BASE)]
     again = await committer.submit(Submission([prepare(failed("p1"))]))
     assert again.outcomes == [Outcome.CONFLICT]
@@ -159,8 +160,10 @@ async def test_the_exporter_releases_what_waited_past_the_deadline_after_a_resta
     due = Settings(data_dir=data_dir, listen="127.0.0.1:0", join_timeout_seconds=0)
     after = await aiohttp_client(create_app(due, registry))
 
+    ledger: Ledger = after.app[COMMITTER].ledger
+
     async def released() -> bool:
-        return after.app[COMMITTER].ledger.waiting_events() == 0
+        return ledger.waiting_events() == 0
 
     await async_wait_until(released, what="the waiting events released")
     metrics = await after.get("/metrics")
