@@ -101,7 +101,10 @@ parse function was given the operator's (with ``EXPORTER_NETWORK_ALIASES``)."""
 
 
 @contextlib.contextmanager
-def _names_from(networks: NetworkTable | None) -> Iterator[None]:
+def network_names(networks: NetworkTable | None) -> Iterator[None]:
+    """Within this block, events are parsed with ``networks`` (None: unchanged), e.g. the
+    table with the operator's ``EXPORTER_NETWORK_ALIASES``. Entered once per request body:
+    per event it would cost more than parsing a small event."""
     if networks is None:
         yield
         return
@@ -500,16 +503,16 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_event(obj: Any, networks: NetworkTable | None = None) -> Event:
+def parse_event(obj: Any) -> Event:
     """Validate one decoded JSON value as an event, or raise :class:`EventError`.
 
-    ``networks``: the table network names are read with (default: the built-in one).
+    Network names are read with the built-in table, or the one :func:`network_names`
+    put in place.
     """
     if not isinstance(obj, dict):
         raise EventError(f"event: must be a JSON object, got {type(obj).__name__}")
     try:
-        with _names_from(networks):
-            return _EVENT_ADAPTER.validate_python(obj)
+        return _EVENT_ADAPTER.validate_python(obj)
     except ValidationError as error:
         raise EventError(_describe(error)) from None
 
@@ -521,16 +524,7 @@ def _malformed(error: ValidationError) -> MalformedJSONError | None:
     return None
 
 
-def parse_event_json(
-    raw: bytes, latest_ms: int | None = None, networks: NetworkTable | None = None
-) -> Event:
-    """Parse and validate one event from JSON bytes in one pass (see :func:`_parse_json`);
-    ``networks``: the table network names are read with (default: the built-in one)."""
-    with _names_from(networks):
-        return _parse_json(raw, latest_ms)
-
-
-def _parse_json(raw: bytes, latest_ms: int | None) -> Event:
+def parse_event_json(raw: bytes, latest_ms: int | None = None) -> Event:
     """Parse and validate one event from JSON bytes in one pass.
 
     ``latest_ms`` is :func:`latest_timestamp_ms` as read earlier by a caller that parses
@@ -556,16 +550,7 @@ def _parse_json(raw: bytes, latest_ms: int | None) -> Event:
         raise EventError(_describe(error)) from None
 
 
-def parse_event_array_json(
-    raw: bytes, networks: NetworkTable | None = None
-) -> list[Event] | None:
-    """:func:`_parse_array_json` with network names read from ``networks`` (default: the
-    built-in table)."""
-    with _names_from(networks):
-        return _parse_array_json(raw)
-
-
-def _parse_array_json(raw: bytes) -> list[Event] | None:
+def parse_event_array_json(raw: bytes) -> list[Event] | None:
     """Parse a JSON array whose every item is a valid event, in one pass.
 
     Returns None when any item is invalid or the body is not an array, so that the

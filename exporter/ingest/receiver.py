@@ -26,6 +26,7 @@ from ..events import (
     canonical_json,
     dedup_key,
     latest_timestamp_ms,
+    network_names,
     parse_event,
     parse_event_array_json,
     parse_event_json,
@@ -265,8 +266,8 @@ class Receiver:
             # Lines are counted before any is parsed: a megabyte of tiny lines would
             # otherwise hold the event loop for seconds before the batch limit refuses it.
             self._check_batch_size(_ndjson_event_count(body, self.limits.max_batch_events), body)
-        networks = self.networks
-        parsed = _parse_ndjson(body, networks) if ndjson else _parse_json(body, networks)
+        with network_names(self.networks):  # the operator's aliases too
+            parsed = _parse_ndjson(body) if ndjson else _parse_json(body)
         self._check_batch_size(len(parsed.items), body)
         if self.committer.ledger.backlog >= self.limits.max_backlog_events:
             return _answer(
@@ -444,10 +445,10 @@ def _gunzip(raw: bytes, limit: int) -> bytes:
     )
 
 
-def _parse_json(body: bytes, networks: NetworkTable | None) -> _Parsed:
+def _parse_json(body: bytes) -> _Parsed:
     if body.lstrip()[:1] == b"[":
         try:
-            events = parse_event_array_json(body, networks)
+            events = parse_event_array_json(body)
         except MalformedJSONError as error:
             raise _Refused(400, f"body is not valid JSON: {error}", "malformed", body) from None
         if events is not None:  # the common case: every item valid, parsed in one pass
@@ -458,19 +459,19 @@ def _parse_json(body: bytes, networks: NetworkTable | None) -> _Parsed:
             raise _Refused(
                 400, "body is not valid JSON: nested too deeply", "malformed", body
             ) from None
-        return _Parsed([_check_item(item, networks) for item in items])
+        return _Parsed([_check_item(item) for item in items])
     try:
-        return _Parsed([(parse_event_json(body, networks=networks), body)], single=True)
+        return _Parsed([(parse_event_json(body), body)], single=True)
     except MalformedJSONError as error:
         raise _Refused(400, f"body is not valid JSON: {error}", "malformed", body) from None
     except EventError as error:
         return _Parsed([(error, body)], single=True)
 
 
-def _check_item(item: Any, networks: NetworkTable | None) -> tuple[Event | EventError, bytes]:
+def _check_item(item: Any) -> tuple[Event | EventError, bytes]:
     raw = json.dumps(item, separators=(",", ":")).encode()
     try:
-        return parse_event(item, networks), raw
+        return parse_event(item), raw
     except EventError as error:
         return error, raw
 
@@ -484,14 +485,14 @@ def _ndjson_event_count(body: bytes, limit: int) -> int:
     return sum(1 for line in body.split(b"\n") if line and not line.isspace())
 
 
-def _parse_ndjson(body: bytes, networks: NetworkTable | None) -> _Parsed:
+def _parse_ndjson(body: bytes) -> _Parsed:
     parsed = _Parsed()
     latest = latest_timestamp_ms()  # the clock read once per body, not once per line
     for line_number, line in enumerate(body.split(b"\n"), start=1):
         if not line or line.isspace():  # blank; unlike strip(), isspace() copies nothing
             continue
         try:
-            parsed.items.append((parse_event_json(line, latest, networks), line))
+            parsed.items.append((parse_event_json(line, latest), line))
         except EventError as error:
             parsed.items.append((error, line))
         except MalformedJSONError as error:
