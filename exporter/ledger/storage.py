@@ -418,7 +418,11 @@ class Ledger:
             ).fetchall()
             if not rows:
                 return []
-            numbers = dataclasses.replace(self._numbers)
+            # Numbered as a commit numbers its events (see _commit).
+            first_seq = (self._merging[0] if self._merging else self._key_index_upto) + 1
+            numbers = dataclasses.replace(
+                self._numbers, event_seq=max(self._numbers.event_seq, first_seq)
+            )
             writer = TransactionWriter(
                 cur, now_ms, self._waiting_refs, numbers, self._tuning.outbox_row_records
             )
