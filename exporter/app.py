@@ -158,6 +158,7 @@ async def _ledger_resource(app: web.Application) -> AsyncIterator[None]:
     metrics.restore(await asyncio.to_thread(ledger.gauges))
     for sink in ledger.sinks:
         metrics.track_backlog(sink, functools.partial(ledger.backlog_of, sink))
+    metrics.track_waiting(ledger.waiting_events)
     committer = GroupCommitter(ledger, commit_on_loop=settings.ledger_commit_on_loop)
     committer.on_commit_hooks.append(metrics.ledger_commits.inc)
     app[COMMITTER] = committer
@@ -168,7 +169,9 @@ async def _ledger_resource(app: web.Application) -> AsyncIterator[None]:
         settings.max_backlog_events,
         settings.body_read_timeout_seconds,
     )
-    app[RECEIVER] = Receiver(committer, metrics, limits, token, verifier_from_settings(settings))
+    app[RECEIVER] = Receiver(
+        committer, metrics, limits, token, verifier_from_settings(settings), settings.networks
+    )
     maintenance = asyncio.create_task(_maintain(settings, committer, metrics))
     log.info(
         "ledger open",
@@ -369,14 +372,23 @@ def _forwarder_context(app: web.Application) -> contextlib.AbstractAsyncContextM
 
 
 async def _maintain(settings: Settings, committer: GroupCommitter, metrics: Metrics) -> None:
-    """Release failures that never joined and apply retention, periodically."""
+    """Release events past the join timeout, end settlements past theirs and apply
+    retention, periodically."""
     ledger = committer.ledger
     next_retention = 0.0
     while True:
         try:
             cutoff_ms = int((time.time() - settings.join_timeout_seconds) * 1000)
             effects = await committer.call(
-                functools.partial(ledger.release_unjoined_failures, cutoff_ms)
+                functools.partial(ledger.release_unjoined, cutoff_ms)
+            )
+            metrics.apply(effects)
+            effects = await committer.call(
+                functools.partial(
+                    ledger.release_overdue_settlements,
+                    int(time.time() * 1000),
+                    settings.settlement_timeout_seconds * 1000,
+                )
             )
             metrics.apply(effects)
             if settings.retention_days and time.monotonic() >= next_retention:

@@ -264,9 +264,18 @@ class Settings(BaseSettings):
         35, description="days delivered events stay in the ledger; 0 keeps them forever"
     )
     join_timeout_seconds: Annotated[int, Field(ge=0)] = Field(
-        600,
-        description="after this, a payment:failed whose payment:received never came is "
-        "counted on its own network (or unknown)",
+        3600,
+        description="after this, an event still waiting for its join partner (a payment's "
+        "settled, verified or failed event without its payment:received, a batch:settled "
+        "without its batch:created) is counted with what it carries, on its own network "
+        "or unknown",
+    )
+    settlement_timeout_seconds: PositiveInt = Field(
+        900,
+        description="in proxy mode, a payment whose settle was answered settlement_pending "
+        "and that no later answer ended within this ends as failed (settlement_timeout); "
+        "the SDKs wait about a minute for a receipt and retry within the authorization's "
+        "validity, so 15 minutes leaves room for a congested chain and several retries",
     )
     body_read_timeout_seconds: PositiveFloat = Field(
         30.0,
@@ -353,7 +362,8 @@ class Settings(BaseSettings):
     network_aliases: dict[str, str] = Field(
         default_factory=dict,
         description="JSON object of extra network names and the CAIP-2 ids they stand for, "
-        'e.g. {"my-l2": "eip155:424242"}; every x402 v1 name is built in',
+        'e.g. {"my-l2": "eip155:424242"}, for ingested events and proxy mode alike; every '
+        "x402 v1 name is built in",
     )
     proxy_asset_decimals: dict[str, Annotated[int, Field(ge=0, le=36)]] = Field(
         default_factory=dict,

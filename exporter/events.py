@@ -8,12 +8,15 @@ add fields over time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import re
 import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Annotated, Any, Literal, NotRequired, get_args, get_type_hints
+from typing import Annotated, Any, Literal, NotRequired, cast, get_args, get_type_hints
 
 import orjson
 from pydantic import (
@@ -27,7 +30,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError, SchemaValidator, core_schema
 from typing_extensions import TypedDict  # pydantic validates typing's only from 3.12
 
-from .networks import BUILTIN_TABLE, CAIP2
+from .networks import BUILTIN_TABLE, CAIP2, NetworkTable
 
 MICRO = 1_000_000
 """Micro-units per token unit: money is kept as integer micro-units (10^-6)."""
@@ -92,9 +95,30 @@ def _timestamp(value: int) -> int:
     return value
 
 
+_NETWORK_TABLE: ContextVar[NetworkTable] = ContextVar("network_table", default=BUILTIN_TABLE)
+"""The table names are looked up in while an event is parsed: the built-in one unless a
+parse function was given the operator's (with ``EXPORTER_NETWORK_ALIASES``)."""
+
+
+@contextlib.contextmanager
+def network_names(networks: NetworkTable | None) -> Iterator[None]:
+    """Within this block, events are parsed with ``networks`` (None: unchanged), e.g. the
+    table with the operator's ``EXPORTER_NETWORK_ALIASES``. Entered once per request body:
+    per event it would cost more than parsing a small event."""
+    if networks is None:
+        yield
+        return
+    token = _NETWORK_TABLE.set(networks)
+    try:
+        yield
+    finally:
+        _NETWORK_TABLE.reset(token)
+
+
 def _network(value: str) -> str:
-    """A CAIP-2 id as given, or the CAIP-2 id of an x402 v1 network name (``base``)."""
-    caip2 = BUILTIN_TABLE.caip2(value)
+    """A CAIP-2 id as given, or the CAIP-2 id of an x402 v1 network name (``base``) or of
+    an operator's alias."""
+    caip2 = _NETWORK_TABLE.get().caip2(value)
     if caip2 is None:
         raise PydanticCustomError(
             "caip2",
@@ -188,7 +212,8 @@ class PaymentVerifiedData(TypedDict):
     """The payment's signature and funds were verified."""
 
     paymentId: Identifier
-    verificationTime: DurationMs
+    verificationTime: NotRequired[DurationMs | None]
+    """Optional: not every facilitator measures it."""
     timestamp: Timestamp
 
 
@@ -197,9 +222,11 @@ class PaymentSettledData(TypedDict):
     """The payment was settled on chain."""
 
     paymentId: Identifier
-    transaction: Transaction
+    transaction: NotRequired[Transaction | None]
+    """Optional: some facilitators report a settlement without its hash."""
     fee: DecimalString
-    settlementTime: DurationMs
+    settlementTime: NotRequired[DurationMs | None]
+    """Optional: without it the settlement counts everywhere but in settlement times."""
     timestamp: Timestamp
     network: NotRequired[Network | None]
 
@@ -477,7 +504,11 @@ def _describe(error: ValidationError) -> str:
 
 
 def parse_event(obj: Any) -> Event:
-    """Validate one decoded JSON value as an event, or raise :class:`EventError`."""
+    """Validate one decoded JSON value as an event, or raise :class:`EventError`.
+
+    Network names are read with the built-in table, or the one :func:`network_names`
+    put in place.
+    """
     if not isinstance(obj, dict):
         raise EventError(f"event: must be a JSON object, got {type(obj).__name__}")
     try:
@@ -577,6 +608,11 @@ def canonical_json(event: Event) -> bytes:
     validated event (a test holds the two to it) in well under half the time. Only events
     with a null optional field take pydantic's way, which leaves the nulls out.
     """
+    if "id" in event and join_ref(event) is not None:
+        # A lifecycle event is identified by its payment or batch, not by the producer's
+        # id (section 2): a retry under a new id is the same event, so the id is no part
+        # of the body that decides between a duplicate and a conflict.
+        event = cast(Event, {"type": event["type"], "data": event["data"]})
     if event.get("id", "") is None or None in event["data"].values():
         # The adapter of the event's own type: the union's serializer costs twice as much.
         return _ADAPTER_BY_TYPE[event["type"]].dump_json(event, exclude_none=True)
@@ -588,15 +624,16 @@ def canonical_json(event: Event) -> bytes:
 def dedup_key(event: Event, body: bytes) -> str:
     """The identity of an event in the ledger (docs/architecture.md section 2).
 
-    ``body`` is :func:`canonical_json` of the event; it is hashed into the key only for
-    events that carry no id of their own.
+    Lifecycle events (``payment:*`` but failures of unknown payments, ``batch:*``) are
+    ``type:paymentId`` or ``type:batchId`` whatever ``id`` they carry; other events their
+    ``id``, else ``body`` (:func:`canonical_json` of the event) is hashed into the key.
     """
+    ref = join_ref(event)
+    if ref is not None:  # lifecycle events: their natural key, whatever id they carry
+        return f"{event['type']}:{ref}"
     event_id = event.get("id")
     if event_id is not None:
         return f"id:{event_id}"
-    ref = join_ref(event)
-    if ref is not None:
-        return f"{event['type']}:{ref}"
     digest = hashlib.sha256(body).hexdigest()[:32]
     return f"{event['type']}:{event['data']['timestamp']}:{digest}"
 

@@ -20,6 +20,7 @@ from .ledger import (
     BatchGas,
     Effect,
     GaugeSnapshot,
+    JoinTimeout,
     NewEvent,
     PendingChange,
     TerminalPayment,
@@ -52,6 +53,10 @@ REJECT_REASONS = (
     "bad_signature",
 )
 """Every value of ``exporter_events_rejected_total{reason}``."""
+
+JOINED_TYPES = ("payment:verified", "payment:settled", "payment:failed", "batch:settled")
+"""Event types that wait for a join partner: every value of
+``exporter_join_timeouts_total{type}``."""
 
 
 class Metrics:
@@ -148,6 +153,22 @@ class Metrics:
             ["store"],
             registry=registry,
         )
+        self.waiting = Gauge(
+            "exporter_ledger_waiting_events",
+            "Events in the ledger waiting for their join partner (a settled, verified or "
+            "failed event for its payment:received, a batch:settled for its batch:created); "
+            "each is released on its own after EXPORTER_JOIN_TIMEOUT_SECONDS.",
+            registry=registry,
+        )
+        self.join_timeouts = Counter(
+            "exporter_join_timeouts",
+            "Events counted without their join partner, past EXPORTER_JOIN_TIMEOUT_SECONDS, "
+            "by type.",
+            ["type"],
+            registry=registry,
+        )
+        for event_type in JOINED_TYPES:
+            self.join_timeouts.labels(event_type)
         self.store_writes = Counter(
             "exporter_store_writes",
             "Successful store writes (batches).",
@@ -212,6 +233,10 @@ class Metrics:
         """Read the ledger backlog of ``store`` (its ``store`` label) at scrape time."""
         self.backlog.labels(store).set_function(read_backlog)
 
+    def track_waiting(self, read_waiting: Callable[[], float]) -> None:
+        """Read the ledger's count of events waiting for their join partner at scrape time."""
+        self.waiting.set_function(read_waiting)
+
     def restore(self, snapshot: GaugeSnapshot) -> None:
         """Set the gauges from the ledger after a restart."""
         pending: dict[str, int] = {}
@@ -238,6 +263,7 @@ class Metrics:
         pending: dict[str, int] = {}
         observations: list[tuple[Histogram, str, float]] = []
         websocket_clients: int | None = None
+        timeouts: dict[str, int] = {}
         label = self.network_label
         for effect in effects:
             if isinstance(effect, NewEvent):
@@ -255,6 +281,8 @@ class Metrics:
                         observations.append((self.settlement, network, effect.settlement_ms / 1000))
             elif isinstance(effect, BatchGas):
                 observations.append((self.gas, label(effect.network), effect.gas_used))
+            elif isinstance(effect, JoinTimeout):
+                timeouts[effect.type] = timeouts.get(effect.type, 0) + 1
             else:
                 websocket_clients = effect.count
         child = self._child
@@ -272,6 +300,8 @@ class Metrics:
             child(histogram, network).observe(value)
         if websocket_clients is not None:
             self.websocket_clients.set(websocket_clients)
+        for event_type, count in timeouts.items():
+            self.join_timeouts.labels(event_type).inc(count)
 
     def _child(self, metric: _Labelled, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered: the lookup costs more than the update,

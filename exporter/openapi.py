@@ -209,7 +209,9 @@ _INGEST_ANSWERS: Final[Mapping[str, str]] = {
     "400": "Malformed JSON, NDJSON line or gzip stream (with the parser's message).",
     "401": "Missing or wrong bearer token, or a required delivery signature is missing or invalid.",
     "408": "The body did not arrive within the body read timeout; the connection is closed.",
-    "409": "The single event conflicts with a stored one (same id, different body).",
+    "409": "Every event in the body conflicts with a stored one: the same key (a lifecycle "
+    "event's type and paymentId or batchId, else its id) with a different body, or a "
+    "second settled or failed event for a payment that already ended.",
     "413": "Body (as sent or decoded) or batch over its limit.",
     "415": "Content-Type or Content-Encoding not supported.",
     "422": "No event in the body is valid; every error names its field.",

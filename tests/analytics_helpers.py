@@ -51,7 +51,7 @@ async def ledger_records(events: Sequence[Event], directory: Path) -> list[Store
             chunk = events[start : start + 2_000]
             await committer.submit(Submission([prepare(e) for e in chunk]))
         # past the join timeout: failures whose payment:received never came are counted
-        await committer.call(lambda: ledger.release_unjoined_failures(2**62))
+        await committer.call(lambda: ledger.release_unjoined(2**62))
         return [row.record for row in ledger.read_outbox(10**9)]
     finally:
         committer.close()

@@ -58,7 +58,8 @@ class PaymentFact:
     payee: str | None = None
     amount: int = 0
     fee: int = 0
-    settlement_ms: float = 0.0
+    settlement_ms: float | None = 0.0
+    """None for a settlement without its (optional) settlementTime."""
 
 
 @dataclass
@@ -90,11 +91,19 @@ def _address(value: str) -> str:
     return value.lower() if is_evm else value
 
 
+def _settlement_time(data: dict[str, Any]) -> float | None:
+    value = data.get("settlementTime")
+    return None if value is None else float(value)
+
+
 def _key(event: dict[str, Any]) -> object:
-    if event.get("id") is not None:
-        return ("id", event["id"])
     kind, data = event["type"], event["data"]
     ref = data.get("paymentId", data.get("batchId"))
+    lifecycle = kind not in ("revenue:recorded", "websocket:clients") and ref != "unknown"
+    if lifecycle:  # the natural key, whatever id the event carries
+        return (kind, ref)
+    if event.get("id") is not None:
+        return ("id", event["id"])
     if kind in ("revenue:recorded", "websocket:clients") or ref == "unknown":
         # the ledger hashes the normalised body: equal amounts are equal however written
         body = dict(data)
@@ -108,11 +117,18 @@ def facts_from_events(events: Iterable[dict[str, Any]]) -> Facts:
     """Deduplicate (first of each key wins) and join, as docs/architecture.md section 2 says."""
     kept: list[dict[str, Any]] = []
     seen: set[object] = set()
+    ended: set[str] = set()  # payments with a settled or failed event: they end once
     for event in events:
         key = _key(event)
-        if key not in seen:
-            seen.add(key)
-            kept.append(event)
+        if key in seen:
+            continue
+        pid = event["data"].get("paymentId")
+        if event["type"] in ("payment:settled", "payment:failed") and pid != "unknown":
+            if pid in ended:
+                continue  # a second end: a conflict
+            ended.add(pid)
+        seen.add(key)
+        kept.append(event)
     first_received: dict[str, dict[str, Any]] = {}
     first_created: dict[str, dict[str, Any]] = {}
     for event in kept:
@@ -142,11 +158,22 @@ def facts_from_events(events: Iterable[dict[str, Any]]) -> Facts:
             pid = data["paymentId"]
             payment = None if pid == "unknown" else first_received.get(pid)
             if payment is None:
-                if kind == "payment:failed":  # never joins: its own network, else unknown
+                # Never joined: released past the join timeout with what it carries, on
+                # its own network, else unknown; a settlement with amount 0 and unknown
+                # parties (docs/architecture.md section 2, "Join deadline").
+                network = data.get("network") or "unknown"
+                if kind == "payment:failed":
+                    facts.payments.append(PaymentFact("failed", ts, network, pid))
+                elif kind == "payment:settled":
                     facts.payments.append(
-                        PaymentFact("failed", ts, data.get("network") or "unknown", pid)
+                        PaymentFact(
+                            "settled", ts, network, pid, "unknown", "unknown", 0,
+                            micro(data["fee"]), _settlement_time(data),
+                        )
                     )
-                continue  # a verified or settled event without its payment counts nowhere
+                else:
+                    facts.payments.append(PaymentFact("verified", ts, "unknown", pid))
+                continue
             facts.payments.append(
                 PaymentFact(
                     kind.removeprefix("payment:"),
@@ -157,15 +184,17 @@ def facts_from_events(events: Iterable[dict[str, Any]]) -> Facts:
                     _address(payment["payee"]),
                     micro(payment["amount"]),
                     micro(data["fee"]) if kind == "payment:settled" else 0,
-                    float(data["settlementTime"]) if kind == "payment:settled" else 0.0,
+                    _settlement_time(data) if kind == "payment:settled" else 0.0,
                 )
             )
         elif kind == "batch:settled":
             created = first_created.get(data["batchId"])
-            if created is not None:  # a batch without its created event counts nowhere
+            if created is not None:
                 facts.batches.append(
                     (ts, created["network"], created["paymentCount"], int(data["gasUsed"]))
                 )
+            else:  # released past the join timeout: unknown network, no payments
+                facts.batches.append((ts, "unknown", 0, int(data["gasUsed"])))
         elif kind == "revenue:recorded":
             facts.revenue.append((ts, data["kind"], micro(data["amount"])))
         elif kind == "websocket:clients":
@@ -179,6 +208,11 @@ def _inside(time: int, at: int, span: int) -> bool:
 
 def _half_even(value: Fraction) -> int:
     return round(value)  # Fraction rounds half to even
+
+
+def _times(settled: list[PaymentFact]) -> list[float]:
+    """The settlement times of the settled facts that have one (settlementTime is optional)."""
+    return [p.settlement_ms for p in settled if p.settlement_ms is not None]
 
 
 def _mean_ms(values: list[float]) -> float:
@@ -215,7 +249,7 @@ class Oracle:
         span = WINDOWS_MS[window]
         settled = self._pay("settled", at, span)
         amounts = sorted(p.amount for p in settled)
-        times = [p.settlement_ms for p in settled]
+        times = _times(settled)
         n = len(settled)
         if n == 0:
             median = 0
@@ -251,24 +285,19 @@ class Oracle:
             count = sum(b[2] for b in batches)
             volume = sum(p.amount for p in settled)
             terminal = len(settled) + len(failed)
-            rows.append(
-                (
-                    volume,
-                    {
-                        "chainId": network,
-                        "chainName": NAMES.get(network, network),
-                        "totalPayments": sum(1 for p in mine if p.status == "received"),
-                        "totalVolume": money(volume),
-                        "totalFees": money(sum(p.fee for p in settled)),
-                        "averageGasCost": money(
-                            _half_even(Fraction(gas, count) * 1_000_000) if count else 0
-                        ),
-                        "totalGasSpent": str(gas),
-                        "successRate": len(settled) / terminal * 100 if terminal else 100.0,
-                        "averageConfirmationTime": _mean_ms([p.settlement_ms for p in settled]),
-                    },
-                )
-            )
+            rows.append((volume, {
+                    "chainId": network,
+                    "chainName": NAMES.get(network, network),
+                    "totalPayments": sum(1 for p in mine if p.status == "received"),
+                    "totalVolume": money(volume),
+                    "totalFees": money(sum(p.fee for p in settled)),
+                    "averageGasCost": money(
+                        _half_even(Fraction(gas, count) * 1_000_000) if count else 0
+                    ),
+                    "totalGasSpent": str(gas),
+                    "successRate": len(settled) / terminal * 100 if terminal else 100.0,
+                    "averageConfirmationTime": _mean_ms(_times(settled)),
+                }))
         rows.sort(key=lambda r: (-r[0], r[1]["chainId"]))
         return [row for _, row in rows]
 
@@ -443,7 +472,7 @@ class Oracle:
         failed = len(self._pay("failed", at, span))
         terminal = len(settled) + failed
         error_rate = failed / terminal * 100 if terminal else 0.0
-        average = _mean_ms([p.settlement_ms for p in settled])
+        average = _mean_ms(_times(settled))
         if error_rate > 10 or average > 60_000:
             status = "critical"
         elif error_rate > 5 or average > 30_000:

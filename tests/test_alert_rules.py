@@ -32,6 +32,7 @@ REQUIRED_ALERTS = {
     "FacilitatorErrorRatioCritical": "critical",
     "FacilitatorSettlementSlow": "warning",
     "FacilitatorPendingPaymentsStuck": "warning",
+    "FacilitatorJoinTimeouts": "warning",
 }
 """Every alert the stack must have, with its severity."""
 

@@ -281,12 +281,34 @@ async def test_duplicates_conflicts_and_out_of_order_deliveries() -> None:
         received("p1", AT - 3_000, amount="1.5"),  # duplicate
         received("p1", AT - 3_000, amount="9"),  # conflict: refused
         verified("p1", AT - 2_500),
-        {**settled("p1", AT - 900, fee="0.07"), "id": "second-settlement"},  # another event
-        settled("p2", AT - 800),  # its payment never arrives: counts nowhere
+        # the same natural key under another id and another body: a conflict
+        {**settled("p1", AT - 900, fee="0.07"), "id": "second-settlement"},
+        failed("p1", AT - 800),  # the payment has ended: a conflict
+        settled("p2", AT - 800),  # its payment never arrives: released on network unknown
     ]
     oracle = await _check(events)
     assert oracle.payments(AT, "1h")["successfulPayments"] == 2
-    assert oracle.payments(AT, "1h")["totalVolume"] == "3.000000"
+    assert oracle.payments(AT, "1h")["failedPayments"] == 0
+    assert oracle.payments(AT, "1h")["totalVolume"] == "1.500000"
+
+
+async def test_settlements_without_a_time_count_everywhere_but_in_settlement_times() -> None:
+    untimed = settled("p2", AT - 500, fee="0.02")
+    del untimed["data"]["settlementTime"], untimed["data"]["transaction"]
+    events = [
+        received("p1", AT - 3_000),
+        settled("p1", AT - 1_000, settlement_ms=4000),
+        received("p2", AT - 2_000),
+        untimed,
+        received("p3", AT - 2_000, network="eip155:10"),
+        {**settled("p3", AT - 400), "data": {"paymentId": "p3", "fee": "0", "timestamp": AT - 400}},
+    ]
+    oracle = await _check(events)
+    payments = oracle.payments(AT, "1h")
+    assert payments["successfulPayments"] == 3
+    assert (payments["averageSettlementTime"], payments["p95SettlementTime"]) == (4000.0, 4000.0)
+    [optimism] = [n for n in oracle.networks(AT, "1h") if n["chainId"] == "eip155:10"]
+    assert optimism["averageConfirmationTime"] == 0.0
 
 
 @pytest.mark.parametrize(

@@ -98,6 +98,7 @@ params = {
     every: 1h,
     limit: 1000,
     settled: 100,
+    timed: 100,
     amount_ranks: [50, 51],
     settlement_ranks: [95, 99],
 }"""
@@ -298,8 +299,9 @@ def test_ranks_are_computed_from_the_count_the_query_reads() -> None:
     assert 'cumulativeSum(columns: ["rank"])' in query
     assert 'cumulativeSum(columns: ["from_top"])' in query
     assert "n: r.rank + r.from_top - 1" in query
-    assert "((2 * x - 1) * n + 2 * params.settled - 1) / (2 * params.settled)" in query
-    assert re.search(r"positions\(ranks: ranks, n: r\.n\)", query)
+    assert "((2 * x - 1) * n + 2 * n0 - 1) / (2 * n0)" in query
+    assert "n0: params.settled" in query and "n0: params.timed" in query
+    assert re.search(r"positions\(ranks: ranks, n0: n0, n: r\.n\)", query)
 
 
 async def test_point_in_time_reads_only_its_look_back(aiohttp_server: ServerFactory) -> None:
@@ -468,6 +470,7 @@ async def test_each_method_sends_its_query_with_exact_params_per_span(
             "start": "2026-04-11T12:00:01.235000000Z",
             "stop": "2026-04-11T13:00:01.235000000Z",
             "settled": "100",
+            "timed": "100",
             "amount_ranks": "[2, 3]",
             "settlement_ranks": f"[{NO_RANK}]",
         }
@@ -680,6 +683,12 @@ WINDOW_TOTALS_CSV = """\
 ,result,table,_start,_stop,_value,_field,_measurement,network,status
 ,,2,2026-04-10T13:00:01.235Z,2026-04-11T13:00:01.235Z,6000.5,settlement_ms,payment,eip155:8453,settled
 
+#datatype,string,long,dateTime:RFC3339,dateTime:RFC3339,long,string,string,string,string
+#group,false,false,true,true,false,true,true,true,true
+#default,settlement_count,,,,,,,,
+,result,table,_start,_stop,_value,_field,_measurement,network,status
+,,3,2026-04-10T13:00:01.235Z,2026-04-11T13:00:01.235Z,3,settlement_ms,payment,eip155:8453,settled
+
 #datatype,string,long,dateTime:RFC3339,dateTime:RFC3339,string,string,string,string,long,long
 #group,false,false,true,true,true,true,true,true,false,false
 #default,second_half,,,,,,,,,
@@ -719,21 +728,13 @@ def test_window_totals_add_series_up_exactly() -> None:
     totals = window_totals_from_tables(_tables(WINDOW_TOTALS_CSV))
     assert totals == WindowTotals(
         networks=[
-            NetworkTotals("eip155:10", 2, 2, 0, 0, 0, 0, 0.0, 0, 0),
-            NetworkTotals("eip155:137", 0, 0, 0, 0, 0, 0, 0.0, 84_000, 3),
+            NetworkTotals("eip155:10", 2, 2, 0, 0, 0, 0, 0.0, 0, 0, 0),
+            NetworkTotals("eip155:137", 0, 0, 0, 0, 0, 0, 0.0, 84_000, 3, 0),
             NetworkTotals(
-                "eip155:8453",
-                13,
-                5,
-                4,
-                1,
-                20_000_000_001_254_740_993,
-                40_001,
-                6000.5,
-                9_223_372_036_854_775_807,
-                7,
+                "eip155:8453", 13, 5, 4, 1, 20_000_000_001_254_740_993, 40_001, 6000.5,
+                9_223_372_036_854_775_807, 7, 3,  # one settled record has no settlement time
             ),
-            NetworkTotals("unknown", 2, 0, 0, 2, 0, 0, 0.0, 0, 0),
+            NetworkTotals("unknown", 2, 0, 0, 2, 0, 0, 0.0, 0, 0, 0),
         ],
         fees_second_half_micro=30_001,
         revenue_by_kind={"premium": 1_000_000},

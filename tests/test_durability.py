@@ -88,9 +88,7 @@ def _sent(event: dict[str, Any], network: str, event_id: str | None = None) -> S
     data = event["data"]
     if event_id is not None:
         event = {**event, "id": event_id}
-        key = f"id:{event_id}"
-    else:
-        key = f"{event['type']}:{data['paymentId']}"
+    key = f"{event['type']}:{data['paymentId']}"  # lifecycle events: whatever their id
     return Sent(key, str(event["type"]), str(data["paymentId"]), network, event)
 
 

@@ -35,6 +35,7 @@ from exporter.ledger import (
     DataDirLock,
     DeadLetter,
     GroupCommitter,
+    JoinTimeout,
     Ledger,
     LedgerStats,
     LedgerTuning,
@@ -216,9 +217,9 @@ async def test_failure_that_never_joins_is_released_after_the_timeout(
     committer: GroupCommitter,
 ) -> None:
     await submit(committer, failed("p9", network="eip155:10"))
-    assert committer.ledger.release_unjoined_failures(older_than_ms=0) == []
-    effects = await committer.call(lambda: committer.ledger.release_unjoined_failures(2**62))
-    assert effects == [TerminalPayment("eip155:10", "failed")]
+    assert committer.ledger.release_unjoined(older_than_ms=0) == []
+    effects = await committer.call(lambda: committer.ledger.release_unjoined(2**62))
+    assert effects == [TerminalPayment("eip155:10", "failed"), JoinTimeout("payment:failed")]
     late = await submit(committer, received("p9", network="eip155:10"))
     assert not any(isinstance(e, PendingChange | TerminalPayment) for e in late.effects)
     assert committer.ledger.gauges().pending_by_network == {}
@@ -243,14 +244,15 @@ async def test_batch_settled_before_created_takes_the_created_network(
 async def test_a_batch_keeps_its_first_definition_across_commits_and_restarts(
     tmp_path: Path,
 ) -> None:
-    # The second batch:created of b1 (another event id) neither redefines the batch nor
-    # fails; a settlement in a later commit, after a restart, finds the first one.
+    # The second batch:created of b1 (another event id, another body) is a conflict and
+    # does not redefine the batch; a settlement in a later commit, after a restart, finds
+    # the first one.
     path = tmp_path / "ledger.sqlite3"
     with writing(path) as committer:
         first = batch_created("b1", network="eip155:10", count=4)
         again = {**batch_created("b1", network="eip155:1", count=9), "id": "created-again"}
         result = await submit(committer, first, again, batch_created("b2", count=2))
-        assert result.outcomes == [Outcome.ACCEPTED] * 3
+        assert result.outcomes == [Outcome.ACCEPTED, Outcome.CONFLICT, Outcome.ACCEPTED]
     with writing(path) as committer:
         result = await submit(committer, batch_settled("b1", gas="21000"), batch_settled("b3"))
         assert BatchGas("eip155:10", 21_000) in result.effects
@@ -265,11 +267,12 @@ async def test_a_batch_keeps_its_first_definition_across_commits_and_restarts(
         assert committer.ledger.stats().waiting_for_join == 1  # b3 has no batch:created yet
 
 
-async def test_second_terminal_event_counts_but_does_not_decrement_pending_twice(
+async def test_second_terminal_event_is_a_conflict_and_pending_drops_once(
     committer: GroupCommitter,
 ) -> None:
     await submit(committer, received("p1"))
     result = await submit(committer, settled("p1"), failed("p1"))
+    assert result.outcomes == [Outcome.ACCEPTED, Outcome.CONFLICT]
     pending = [e for e in result.effects if isinstance(e, PendingChange)]
     assert pending == [PendingChange("eip155:8453", -1)]
 
@@ -713,12 +716,15 @@ async def test_retention_removes_the_keys_of_deleted_events(tmp_path: Path) -> N
         await committer.call(lambda: ledger.mark_delivered(rows[-1].seq))
         assert await committer.call(lambda: ledger.apply_retention(2**62)) == 3
         assert key_index_seqs(path) == []
-        # Past the dedup horizon an event is new again, numbered above every seq that
-        # key_index held (1 and 2) and every seq given before (3).
-        resent = await submit(committer, received("p1"), received("p3"))
-        assert resent.outcomes == [Outcome.ACCEPTED, Outcome.ACCEPTED]
+        # Past the dedup horizon the receipt of a payment still pending is known to the
+        # join table: a duplicate when it says the same, a conflict when it does not.
+        resent = await submit(committer, received("p1"), received("p3", amount="7"))
+        assert resent.outcomes == [Outcome.DUPLICATE, Outcome.CONFLICT]
+        # New events are numbered above every seq that key_index held (1 and 2) and
+        # every seq given before (3).
+        await submit(committer, received("p4"), received("p5"))
         assert [seq for seq, _, _ in ledger.iter_events()] == [4, 5]
-        assert (await submit(committer, received("p1"))).outcomes == [Outcome.DUPLICATE]
+        assert (await submit(committer, received("p4"))).outcomes == [Outcome.DUPLICATE]
     finally:
         committer.close()
         ledger.close()

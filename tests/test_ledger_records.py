@@ -54,7 +54,7 @@ async def test_a_released_orphan_failure_and_its_late_payment(
     prepared = prepare(event)
     await committer.submit(Submission([prepared]))
     assert outbox(committer) == []  # waiting for its payment
-    await committer.call(lambda: ledger.release_unjoined_failures(FOREVER))
+    await committer.call(lambda: ledger.release_unjoined(FOREVER))
     assert outbox(committer) == [
         PaymentRecord(prepared.key, BASE_MS + 5, OP, "failed", "p", error="expired")
     ]
@@ -74,7 +74,7 @@ async def test_retention_forgets_an_ended_payment(committer: GroupCommitter) -> 
     settled_payment = [prepare(received("q", network=OP)), prepare(settled("q"))]
     await committer.submit(Submission(settled_payment))
     await committer.submit(Submission([prepare(failed("p", BASE_MS + 5, network=OP))]))
-    await committer.call(lambda: ledger.release_unjoined_failures(FOREVER))
+    await committer.call(lambda: ledger.release_unjoined(FOREVER))
     last_seq = ledger.read_outbox(10**9)[-1].seq
     await committer.call(lambda: ledger.mark_delivered(last_seq))
     await committer.call(lambda: ledger.apply_retention(FOREVER))

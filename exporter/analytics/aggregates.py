@@ -49,6 +49,8 @@ class NetworkSums:
     volume: int = 0
     fees: int = 0
     settlement_ms: float = 0.0
+    timed: int = 0
+    """Settled records with a settlement time."""
     batches: int = 0
     """Settled batch records: a network with only batches still has gas figures."""
     gas_used: int = 0
@@ -73,6 +75,7 @@ class NetworkSums:
         self.volume += other.volume
         self.fees += other.fees
         self.settlement_ms += other.settlement_ms
+        self.timed += other.timed
         self.batches += other.batches
         self.gas_used += other.gas_used
         self.batch_payments += other.batch_payments
@@ -90,4 +93,5 @@ class NetworkSums:
             settlement_ms_sum=self.settlement_ms,
             gas_used=self.gas_used,
             batch_payments=self.batch_payments,
+            timed_settled=self.timed,
         )

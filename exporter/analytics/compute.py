@@ -54,17 +54,17 @@ class Analytics:
     async def _totals(self, at_ms: int, span_ms: int) -> WindowTotals:
         return (await self.source.window_totals(at_ms, [span_ms]))[span_ms]
 
-    async def _order_values(self, at_ms: int, span_ms: int, settled: int) -> RankValues:
-        if settled == 0:
+    async def _order_values(self, at_ms: int, span_ms: int, sums: derive.Sums) -> RankValues:
+        if sums.settled == 0:
             return RankValues()
-        request = {span_ms: derive.rank_request(settled)}
+        request = {span_ms: derive.rank_request(sums.settled, sums.timed)}
         answer = await self.source.settled_order_values(at_ms, request)
         return answer[span_ms]
 
     async def payments(self, window: Window, at_ms: int) -> PaymentMetrics:
         """PaymentMetrics over ``(at - window, at]``."""
         totals = await self._totals(at_ms, window.ms)
-        values = await self._order_values(at_ms, window.ms, derive.window_sums(totals).settled)
+        values = await self._order_values(at_ms, window.ms, derive.window_sums(totals))
         return derive.payment_metrics(totals, values)
 
     async def networks(self, window: Window, at_ms: int) -> list[NetworkMetrics]:
@@ -203,10 +203,9 @@ class Analytics:
             source.top_lists(at_ms, spans, MAX_LIMIT) if spans else nothing(),
             source.point_in_time(at_ms) if totals_spans else no_state(),
         )
+        sums = {s: derive.window_sums(totals[s]) for s in spans}
         requests = {
-            s: derive.rank_request(derive.window_sums(totals[s]).settled)
-            for s in spans
-            if derive.window_sums(totals[s]).settled
+            s: derive.rank_request(sums[s].settled, sums[s].timed) for s in spans if sums[s].settled
         }
         values = await source.settled_order_values(at_ms, requests) if requests else {}
         out: dict[AnalyticKey, AnalyticsResult] = {}

@@ -93,6 +93,8 @@ class Sums:
     volume: int
     fees: int
     settlement_ms: float
+    timed: int
+    """Settled records with a settlement time."""
 
 
 def window_sums(totals: WindowTotals) -> Sums:
@@ -105,6 +107,7 @@ def window_sums(totals: WindowTotals) -> Sums:
         volume=sum(n.volume_micro for n in networks),
         fees=sum(n.fees_micro for n in networks),
         settlement_ms=sum(n.settlement_ms_sum for n in networks),
+        timed=sum(n.timed_settled for n in networks),
     )
 
 
@@ -113,14 +116,17 @@ def mean(total: float, n: int) -> float:
     return total / n if n else 0.0
 
 
-def rank_request(settled: int) -> RankRequest:
-    """The ranks of the median amount and the p95 and p99 settlement times of ``settled``."""
+def rank_request(settled: int, timed: int | None = None) -> RankRequest:
+    """The ranks of the median amount of ``settled`` records and the p95 and p99
+    settlement times of the ``timed`` ones (None: all of them) that have a time."""
+    timed = settled if timed is None else timed
     if settled == 0:
         return RankRequest(settled=0)
     return RankRequest(
         settled=settled,
         amount=median_ranks(settled),
-        settlement=(nearest_rank(95, settled), nearest_rank(99, settled)),
+        settlement=(nearest_rank(95, timed), nearest_rank(99, timed)) if timed else (),
+        timed=None if timed == settled else timed,
     )
 
 
@@ -131,8 +137,8 @@ def payment_metrics(totals: WindowTotals, values: RankValues) -> PaymentMetrics:
     if s.settled:
         middle = [values.amount[k] for k in median_ranks(s.settled)]
         median = round_half_even_div(sum(middle), len(middle))
-    p95 = values.settlement[nearest_rank(95, s.settled)] if s.settled else 0.0
-    p99 = values.settlement[nearest_rank(99, s.settled)] if s.settled else 0.0
+    p95 = values.settlement[nearest_rank(95, s.timed)] if s.timed else 0.0
+    p99 = values.settlement[nearest_rank(99, s.timed)] if s.timed else 0.0
     return PaymentMetrics(
         totalPayments=s.received,
         successfulPayments=s.settled,
@@ -141,7 +147,7 @@ def payment_metrics(totals: WindowTotals, values: RankValues) -> PaymentMetrics:
         totalFees=s.fees,
         averagePaymentSize=round_half_even_div(s.volume, s.settled) if s.settled else 0,
         medianPaymentSize=median,
-        averageSettlementTime=mean(s.settlement_ms, s.settled),
+        averageSettlementTime=mean(s.settlement_ms, s.timed),
         p95SettlementTime=float(p95),
         p99SettlementTime=float(p99),
     )
@@ -167,7 +173,7 @@ def network_metrics(totals: WindowTotals) -> list[NetworkMetrics]:
             successRate=(
                 n.settled / (n.settled + n.failed) * 100 if n.settled + n.failed else 100.0
             ),
-            averageConfirmationTime=mean(n.settlement_ms_sum, n.settled),
+            averageConfirmationTime=mean(n.settlement_ms_sum, n.timed_settled),
         )
         for n in rows
     ]
@@ -291,7 +297,7 @@ def health_status(totals: WindowTotals, state: PointInTime) -> HealthStatus:
     s = window_sums(totals)
     terminal = s.settled + s.failed
     error_rate = s.failed / terminal * 100 if terminal else 0.0
-    average = mean(s.settlement_ms, s.settled)
+    average = mean(s.settlement_ms, s.timed)
     return HealthStatus(
         status=health_level(error_rate, average),
         errorRate=error_rate,

@@ -96,14 +96,15 @@ SELECT 'p', network, {ring} AS ring, count(*),
        count(*) FILTER (WHERE status = 'failed'),
        sum(amount_micro) FILTER (WHERE status = 'settled'),
        sum(fee_micro) FILTER (WHERE status = 'settled'),
-       sum(settlement_ms) FILTER (WHERE status = 'settled')
+       sum(settlement_ms) FILTER (WHERE status = 'settled'),
+       count(settlement_ms) FILTER (WHERE status = 'settled')
 FROM payment WHERE {where} GROUP BY ALL
 UNION ALL
 SELECT 'b', network, {ring} AS ring, count(*), 0, 0, 0,
-       sum(gas_used), sum(payment_count), NULL
+       sum(gas_used), sum(payment_count), NULL, 0
 FROM batch WHERE status = 'settled' AND {where} GROUP BY ALL
 UNION ALL
-SELECT 'r', kind, {ring} AS ring, count(*), 0, 0, 0, sum(amount_micro), NULL, NULL
+SELECT 'r', kind, {ring} AS ring, count(*), 0, 0, 0, sum(amount_micro), NULL, NULL, 0
 FROM revenue WHERE {where} GROUP BY ALL
 """
 
@@ -480,7 +481,7 @@ class DuckDBAnalyticsSource:
                     query, "amount_micro", window, request.amount, n, tuning
                 )
                 times = _select_ranks(
-                    query, "settlement_ms", window, request.settlement, n, tuning
+                    query, "settlement_ms", window, request.settlement, request.timed_count, tuning
                 )
                 out[span] = RankValues(
                     amount={k: _int(v) for k, v in amounts.items()},
@@ -544,13 +545,14 @@ def _window_totals(
     ring_of = {edge: i for i, edge in enumerate(edges)}
     sums: dict[tuple[str, int], NetworkSums] = defaultdict(NetworkSums)  # (network, ring)
     revenue: dict[tuple[str, int], int] = {}
-    for tag, name, ring, count, received, settled, failed, a, b, c in rows:
+    for tag, name, ring, count, received, settled, failed, a, b, c, timed in rows:
         key = (_str(name), _int(ring))
         if tag == "p":
             sums[key].add(
                 NetworkSums(
                     events=_int(count), received=_int(received), settled=_int(settled),
                     failed=_int(failed), volume=_int(a), fees=_int(b), settlement_ms=_float(c),
+                    timed=_int(timed),
                 )
             )
         elif tag == "b":

@@ -429,6 +429,7 @@ class FluxAnalyticsSource:
                 "start": start,
                 "stop": stop,
                 "settled": request.settled,
+                "timed": max(request.timed_count, 1),
                 "amount_ranks": request.amount or (NO_RANK,),
                 "settlement_ranks": request.settlement or (NO_RANK,),
             }
@@ -541,6 +542,8 @@ def window_totals_from_tables(tables: Iterable[Any]) -> WindowTotals:
                 acc.fees += _exact_sum(row)
         elif result == "settlement":
             acc.settlement_ms += _float(value)
+        elif result == "settlement_count":
+            acc.timed += _int(value)
         elif result == "batches":
             acc.batches += _int(value)
         elif result == "gas":
@@ -622,7 +625,8 @@ def rank_values_from_tables(tables: Iterable[Any], request: RankRequest) -> Rank
     def values(result: str, ranks: tuple[int, ...]) -> dict[int, object]:
         if not ranks:
             return {}
-        at = {k: rescaled_rank(k, request.settled, counts.get(result, 0)) for k in ranks}
+        n0 = request.settled if result == "amount" else request.timed_count
+        at = {k: rescaled_rank(k, n0, counts.get(result, 0)) for k in ranks}
         missing = sorted(k for k, position in at.items() if position not in found[result])
         if missing:
             raise RuntimeError(

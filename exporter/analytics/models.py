@@ -323,6 +323,9 @@ class NetworkTotals:
     """Sum of ``gas_used`` of the batch records with status ``settled`` on this network."""
     batch_payments: int
     """Sum of ``payment_count`` of those same settled batch records."""
+    timed_settled: int
+    """Settled records with a ``settlement_ms`` (``settlementTime`` is optional): what
+    settlement averages and percentiles are taken over."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +364,14 @@ class RankRequest:
     """Ranks into the sorted ``amount_micro`` values."""
     settlement: tuple[int, ...] = ()
     """Ranks into the sorted ``settlement_ms`` values."""
+    timed: int | None = None
+    """The count the settlement ranks refer to: settled records with a settlement time;
+    None when it is ``settled`` (every settled record has one)."""
+
+    @property
+    def timed_count(self) -> int:
+        """The count the settlement ranks refer to."""
+        return self.settled if self.timed is None else self.timed
 
 
 @dataclass(frozen=True, slots=True)

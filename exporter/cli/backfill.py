@@ -186,10 +186,10 @@ async def backfill_locked(
                 await commit()
                 progress.update(seen, seen)
         await commit()
-        # Failures whose payment never arrived were released by the exporter after
+        # Events whose join partner never arrived were released by the exporter after
         # its join timeout; the whole history is here, so release them now.
         await committer.call(
-            functools.partial(scratch.release_unjoined_failures, int(time.time() * 1000) + 1)
+            functools.partial(scratch.release_unjoined, int(time.time() * 1000) + 1)
         )
         progress.update(seen, seen)
     finally:

@@ -223,7 +223,7 @@ class Sender:
             for event in derived:
                 events.append((_line(event), row.answered_ms))
             if derived and x.payment_id:
-                stages[x.payment_id] = self.payments.recorded(x.payment_id)
+                stages[x.payment_id] = self.payments.recorded_stages(x.payment_id)
         self.spool.derived(rows[-1].seq, events, stages)
         return len(rows)
 

@@ -231,7 +231,8 @@ class PaymentEvents:
     A payment's first exchange yields ``payment:received``; a valid verify
     ``payment:verified``; a settle ``payment:settled``; an invalid verify or failed settle
     ``payment:failed``. A terminal payment (settled or failed) yields nothing more, and a
-    pending settle yields nothing until a later answer ends it.
+    pending settle only its ``payment:received`` until a later answer ends it (the ledger
+    keeps it pending, see :meth:`recorded`).
     """
 
     def __init__(
@@ -251,8 +252,8 @@ class PaymentEvents:
         self, x: Exchange, answer: Answer, latency_ms: float, received_ms: int, now_ms: int
     ) -> list[dict[str, Any]]:
         """The events ``answer`` to exchange ``x`` adds to what was recorded before."""
-        if answer.outcome not in ("valid", "invalid", "settled", "failed"):
-            return []  # no final answer: the payment's fate is unknown here
+        if answer.outcome not in ("valid", "invalid", "settled", "failed", "pending"):
+            return []  # an answer that says nothing about the payment
         if x.network is None:
             self.on_failure("unknown_network")
             return []
@@ -307,6 +308,10 @@ class PaymentEvents:
             self._remember(pid, done | stages_of(events))
         return events
 
+    def recorded(self, pid: str) -> bool:
+        """Whether the payment's ``payment:received`` was derived (and not forgotten)."""
+        return bool(self._seen.get(pid, 0) & RECEIVED)
+
     def forget(self, events: list[dict[str, Any]]) -> None:
         """Forget that ``events`` were recorded (they could not be), so a retry records them."""
         if not events:
@@ -315,7 +320,7 @@ class PaymentEvents:
         if pid in self._seen:
             self._seen[pid] &= ~stages_of(events)
 
-    def recorded(self, pid: str) -> int:
+    def recorded_stages(self, pid: str) -> int:
         """The stage flags recorded for payment ``pid`` (0 when none or forgotten)."""
         return self._seen.get(pid, 0)
 

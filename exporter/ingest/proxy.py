@@ -340,8 +340,14 @@ class FacilitatorProxy:
         now_ms = int(self.clock() * 1000)
         latency_ms = round(elapsed * 1000, 3)
         events = self.payments.events(exchange, answer, latency_ms, received_ms, now_ms)
-        if events:
-            self._record(events)
+        pid = exchange.payment_id
+        # A settle answered as not final: the ledger keeps the payment pending, to end it
+        # as failed past EXPORTER_SETTLEMENT_TIMEOUT_SECONDS unless a later answer does.
+        pending = []
+        if answer.outcome == "pending" and pid and self.payments.recorded(pid):
+            pending.append(pid)
+        if events or pending:
+            self._record(events, pending)
 
     def _count(
         self, endpoint: str, outcome: str, exchange: Exchange | None, elapsed: float
@@ -363,18 +369,21 @@ class FacilitatorProxy:
             return None
         return parse_exchange(raw, self.networks)
 
-    def _record(self, events: list[dict[str, Any]]) -> None:
+    def _record(self, events: list[dict[str, Any]], pending: list[str]) -> None:
         if len(self._tasks) >= MAX_PENDING_RECORDINGS:
             self.proxy_metrics.recording_failures.labels("overloaded").inc()
             self.payments.forget(events)
             return
-        task = asyncio.create_task(self._commit(events))
+        task = asyncio.create_task(self._commit(events, pending))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _commit(self, events: list[dict[str, Any]]) -> None:
+    async def _commit(self, events: list[dict[str, Any]], pending: list[str]) -> None:
         failures = self.proxy_metrics.recording_failures
-        submission = Submission()
+        # Derived: a replayed exchange, or one after a restart that finds its payment
+        # in the ledger, records nothing new and leaves no conflict (the memo of
+        # recorded stages does not survive a restart; the ledger does).
+        submission = Submission(pending_settlements=pending, derived=True)
         for obj in events:
             try:
                 event = parse_event(obj)
@@ -388,7 +397,7 @@ class FacilitatorProxy:
                 continue
             body = canonical_json(event)
             submission.events.append(PreparedEvent(event, dedup_key(event, body), body, body))
-        if not submission.events:
+        if not submission.events and not pending:
             return
         try:
             result = await self.committer.submit(submission)

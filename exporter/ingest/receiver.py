@@ -26,12 +26,14 @@ from ..events import (
     canonical_json,
     dedup_key,
     latest_timestamp_ms,
+    network_names,
     parse_event,
     parse_event_array_json,
     parse_event_json,
 )
 from ..ledger import DeadLetter, GroupCommitter, Outcome, PreparedEvent, Submission
 from ..metrics import Metrics
+from ..networks import NetworkTable
 from .signing import SIGNATURE_HEADER, SignatureError, SignatureHeader, SignatureVerifier
 
 log = logging.getLogger(__name__)
@@ -146,12 +148,15 @@ class Receiver:
         limits: IngestLimits,
         token: str | None,
         signing: SignatureVerifier | None = None,
+        networks: NetworkTable | None = None,
     ) -> None:
         self.committer = committer
         self.metrics = metrics
         self.limits = limits
         self.token = token
         self.signing = signing
+        self.networks = networks
+        """Network names events may use: built-in v1 names plus EXPORTER_NETWORK_ALIASES."""
 
     async def handle(self, request: web.Request) -> web.Response:
         """``POST /v1/events``."""
@@ -261,7 +266,8 @@ class Receiver:
             # Lines are counted before any is parsed: a megabyte of tiny lines would
             # otherwise hold the event loop for seconds before the batch limit refuses it.
             self._check_batch_size(_ndjson_event_count(body, self.limits.max_batch_events), body)
-        parsed = _parse_ndjson(body) if ndjson else _parse_json(body)
+        with network_names(self.networks):  # the operator's aliases too
+            parsed = _parse_ndjson(body) if ndjson else _parse_json(body)
         self._check_batch_size(len(parsed.items), body)
         if self.committer.ledger.backlog >= self.limits.max_backlog_events:
             return _answer(
@@ -309,8 +315,8 @@ class Receiver:
                 rejected.append(
                     _Rejection(
                         index,
-                        "conflict: an event with the same id was already stored with a different "
-                        "body",
+                        "conflict: a stored event has the same key with a different body, or "
+                        "its payment has already ended",
                     )
                 )
         if rejected:
@@ -324,8 +330,9 @@ class Receiver:
             self.metrics.events_duplicate.inc(duplicates)
         if accepted or (duplicates and not rejected):
             return _answer(202, accepted, duplicates, rejected)
-        if parsed.single and conflicts:
-            return _answer(409, 0, 0, rejected, error="the event conflicts with a stored one")
+        if conflicts == len(parsed.items):  # whatever the framing: object, array or NDJSON
+            what = "the event conflicts" if parsed.single else "every event conflicts"
+            return _answer(409, 0, 0, rejected, error=f"{what} with a stored one")
         return _answer(422, 0, duplicates, rejected, error="no event in the body is valid")
 
     async def _read_head(self, request: web.Request) -> bytes:

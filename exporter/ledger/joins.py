@@ -25,9 +25,12 @@ from ..events import (
     PaymentSettled,
     PaymentVerified,
     WebsocketClients,
+    canonical_json,
+    dedup_key,
     parse_event,
     to_micro,
 )
+from ..networks import UNKNOWN_NETWORK
 from ..records import (
     BatchRecord,
     PaymentRecord,
@@ -40,6 +43,7 @@ from .model import (
     BatchGas,
     DeadLetter,
     Effect,
+    JoinTimeout,
     NewEvent,
     Outcome,
     PendingChange,
@@ -49,8 +53,8 @@ from .model import (
 )
 from .schema import EMITTED, EVENTS_COLUMNS, EVENTS_TABLE, WAITING, EventRow, payment_id_hash
 
-UNKNOWN_NETWORK = "unknown"
-"""The network of a failure that names none and whose payment never arrived."""
+UNKNOWN_PARTY = "unknown"
+"""Payer and payee of a settlement released without its payment (nothing names them)."""
 
 
 @dataclass(slots=True)
@@ -277,13 +281,18 @@ class TransactionWriter:
         self._payments[payment_id] = payment
         self._changed_payments[payment_id] = payment
 
-    def add(self, prepared: PreparedEvent) -> Outcome:
-        """Apply one event (after :meth:`load`): accepted, a duplicate or a conflict."""
+    def add(self, prepared: PreparedEvent, derived: bool = False) -> Outcome:
+        """Apply one event (after :meth:`load`): accepted, a duplicate or a conflict.
+
+        ``derived``: the event was derived from an observed exchange (proxy mode), where
+        a stage the ledger already holds, or a second end of a payment, means the exchange
+        was replayed: a duplicate, not a conflict.
+        """
         event, key_hash = prepared.event, prepared.key_hash
         for stored_key, stored_body in self._stored.get(key_hash, ()):
             if stored_key != prepared.key:
                 continue  # a hash collision: another key
-            if stored_body == prepared.body:
+            if stored_body == prepared.body or derived:
                 return Outcome.DUPLICATE
             self.dead_letter(
                 DeadLetter(
@@ -294,6 +303,37 @@ class TransactionWriter:
                 )
             )
             return Outcome.CONFLICT
+        defined = self._already_defined(prepared)
+        if defined is not None:
+            if defined or derived:
+                return Outcome.DUPLICATE
+            self.dead_letter(
+                DeadLetter(
+                    "conflict",
+                    f"{event['type']} {prepared.ref!r} was already stored with other fields",
+                    prepared.raw,
+                    prepared.key,
+                )
+            )
+            return Outcome.CONFLICT
+        if prepared.ref is not None and event["type"] in _ENDINGS:
+            payment = self._payment(prepared.ref)
+            if payment is not None and payment.terminal:
+                if derived and event["type"] == "payment:failed":
+                    return Outcome.DUPLICATE  # a replayed settle refused upstream
+                # A payment ends once (section 2): whatever its id, a second settled or
+                # failed event is never counted. A derived settlement lands here only
+                # when the payment failed (its settled key would have matched above),
+                # e.g. past the settlement deadline: the facilitator contradicts it.
+                self.dead_letter(
+                    DeadLetter(
+                        "conflict",
+                        f"payment {prepared.ref!r} has already ended (settled or failed)",
+                        prepared.raw,
+                        prepared.key,
+                    )
+                )
+                return Outcome.CONFLICT
         self._stored.setdefault(key_hash, []).append((prepared.key, prepared.body))
         seq = self._current_seq = self._numbers.event_seq
         self._numbers.event_seq += 1
@@ -318,6 +358,56 @@ class TransactionWriter:
             )
         )
         return Outcome.ACCEPTED
+
+    def mark_settlement_pending(self, payment_ids: Sequence[str]) -> None:
+        """Note when each payment's settle was first answered as not final."""
+        if payment_ids:
+            self.cur.executemany(
+                "INSERT OR IGNORE INTO pending_settlements (payment_id, since) VALUES (?, ?)",
+                [(payment_id, self.now) for payment_id in payment_ids],
+            )
+
+    def time_out_settlement(self, payment_id: str, deadline_ms: int) -> None:
+        """End a payment still pending settlement at its deadline with a ``payment:failed``
+        (``settlement_timeout``) event of its own, joined like any other."""
+        payment = self._payment(payment_id)
+        if payment is None or not payment.received or payment.terminal:
+            return  # ended meanwhile, or forgotten by retention
+        raw = {
+            "type": "payment:failed",
+            "data": {
+                "paymentId": payment_id,
+                "error": SETTLEMENT_TIMEOUT,
+                "timestamp": deadline_ms,
+                "network": payment.network,
+            },
+        }
+        event = parse_event(raw)
+        body = canonical_json(event)
+        # Not ended, so no failure of it is stored: its key is new.
+        self.add(PreparedEvent(event, dedup_key(event, body), body, body))
+
+    def _already_defined(self, prepared: PreparedEvent) -> bool | None:
+        """For a receipt or batch creation whose payment or batch the join tables hold
+        already (stored by an earlier version under an ``id:`` key, or whose event
+        retention deleted): whether it says the same; None when nothing holds it."""
+        event, ref = prepared.event, prepared.ref
+        if ref is None:
+            return None
+        if event["type"] == "payment:received":
+            payment = self._payment(ref)
+            if payment is None or not payment.received:
+                return None
+            r = event["data"]
+            said = (r["network"], r["payer"], r["payee"], to_micro(r["amount"]))
+            return said == (payment.network, payment.payer, payment.payee, payment.amount_micro)
+        if event["type"] == "batch:created":
+            batch = self._batch(ref)
+            if batch is None:
+                return None
+            c = event["data"]
+            return (c["network"], c["paymentCount"], to_micro(c["totalAmount"])) == batch
+        return None
 
     def _flush_events(self) -> None:
         if self._event_rows:
@@ -466,12 +556,13 @@ class TransactionWriter:
             self._set_payment(payment_id, _Payment(network, d["payer"], d["payee"], amount, 1, 0))
             self.effects.append(PendingChange(network, 1))
         elif not payment.received:
-            # The payment ended before its receipt arrived (a released failure).
+            # Its ending came first: it waits for this receipt (and is counted just
+            # below, as it joins), or it was released on its own past the join timeout.
+            terminal = 0 if payment.terminal == ENDING_WAITS else payment.terminal
             self._set_payment(
-                payment_id,
-                _Payment(network, d["payer"], d["payee"], amount, 1, payment.terminal),
+                payment_id, _Payment(network, d["payer"], d["payee"], amount, 1, terminal)
             )
-            if not payment.terminal:
+            if not terminal:
                 self.effects.append(PendingChange(network, 1))
         self._emit(
             seq,
@@ -507,6 +598,13 @@ class TransactionWriter:
             return
         payment = self._payment(payment_id)
         if payment is None or not payment.received:
+            if event["type"] != "payment:verified" and (payment is None or not payment.terminal):
+                # Ended already, although not yet counted: a second ending is refused
+                # from now on, and the receipt, when it comes, adds nothing pending.
+                network = event["data"].get("network") or UNKNOWN_NETWORK
+                self._set_payment(
+                    payment_id, _Payment(network, None, None, None, 0, ENDING_WAITS)
+                )
             self._wait(seq, payment_id)
             return
         network, payer, payee, amount, _, terminal = payment
@@ -514,7 +612,7 @@ class TransactionWriter:
         joined = (payment_id, payer, payee, amount)  # what payment:received said
         match event["type"]:
             case "payment:verified":
-                verification_ms = event["data"]["verificationTime"]
+                verification_ms = event["data"].get("verificationTime")
                 record = PaymentRecord(
                     key, timestamp, network, "verified", *joined, verification_ms=verification_ms
                 )
@@ -522,7 +620,8 @@ class TransactionWriter:
                 return
             case "payment:settled":
                 s = event["data"]
-                fee, settlement_ms, tx = to_micro(s["fee"]), s["settlementTime"], s["transaction"]
+                fee, settlement_ms = to_micro(s["fee"]), s.get("settlementTime")
+                tx = s.get("transaction")
                 record = PaymentRecord(
                     key, timestamp, network, "settled", *joined, fee, settlement_ms, tx=tx
                 )
@@ -539,19 +638,79 @@ class TransactionWriter:
             self._set_payment(payment_id, _Payment(network, payer, payee, amount, 1, 1))
             self.effects.append(PendingChange(network, -1))
 
-    def release_orphan_failure(self, seq: int, key: str, event: Event) -> None:
-        """Count a stored failure whose payment never arrived, on its own network."""
-        assert event["type"] == "payment:failed"
-        d = event["data"]
-        network = d.get("network") or UNKNOWN_NETWORK
+    def release_unjoined(self, seq: int, key: str, event: Event) -> None:
+        """Emit a stored event whose join partner did not come within the join timeout.
+
+        It is counted with what it carries (docs/architecture.md section 2, "Join
+        deadline"): its own ``network``, else ``unknown``; a settlement with amount 0 and
+        payer and payee ``unknown``. An ending marks its payment ended, so a late receipt
+        adds nothing pending and a second ending is a conflict.
+        """
         self.cur.execute("UPDATE events SET state = ? WHERE seq = ?", (EMITTED, seq))
-        if self._payment(d["paymentId"]) is None:
-            self._set_payment(d["paymentId"], _Payment(network, None, None, None, 0, 1))
-        self._emit(
-            seq,
-            PaymentRecord(key, d["timestamp"], network, "failed", d["paymentId"], error=d["error"]),
-        )
-        self.effects.append(TerminalPayment(network, "failed"))
+        record: StoreRecord
+        match event["type"]:
+            case "payment:failed":
+                d = event["data"]
+                network = d.get("network") or UNKNOWN_NETWORK
+                self._end_unjoined(d["paymentId"], network)
+                record = PaymentRecord(
+                    key, d["timestamp"], network, "failed", d["paymentId"], error=d["error"]
+                )
+                self.effects.append(TerminalPayment(network, "failed"))
+            case "payment:settled":
+                s = event["data"]
+                network = s.get("network") or UNKNOWN_NETWORK
+                self._end_unjoined(s["paymentId"], network)
+                fee, settlement_ms = to_micro(s["fee"]), s.get("settlementTime")
+                record = PaymentRecord(
+                    key,
+                    s["timestamp"],
+                    network,
+                    "settled",
+                    s["paymentId"],
+                    UNKNOWN_PARTY,
+                    UNKNOWN_PARTY,
+                    0,
+                    fee,
+                    settlement_ms,
+                    tx=s.get("transaction"),
+                )
+                self.effects.append(TerminalPayment(network, "success", 0, fee, settlement_ms))
+            case "payment:verified":
+                v = event["data"]
+                record = PaymentRecord(
+                    key,
+                    v["timestamp"],
+                    UNKNOWN_NETWORK,
+                    "verified",
+                    v["paymentId"],
+                    verification_ms=v.get("verificationTime"),
+                )
+            case "batch:settled":
+                b = event["data"]
+                gas = int(b["gasUsed"])
+                record = BatchRecord(
+                    key,
+                    b["timestamp"],
+                    UNKNOWN_NETWORK,
+                    "settled",
+                    b["batchId"],
+                    0,
+                    0,
+                    to_micro(b["totalFees"]),
+                    gas,
+                    b["transaction"],
+                )
+                self.effects.append(BatchGas(UNKNOWN_NETWORK, gas))
+            case _:
+                return  # other events never wait
+        self.effects.append(JoinTimeout(event["type"]))
+        self._emit(seq, record)
+
+    def _end_unjoined(self, payment_id: str, network: str) -> None:
+        payment = self._payment(payment_id)
+        if payment is None or not payment.received:
+            self._set_payment(payment_id, _Payment(network, None, None, None, 0, 1))
 
     def _batch_created(self, seq: int, key: str, event: BatchCreated) -> None:
         d = event["data"]
@@ -642,6 +801,16 @@ class TransactionWriter:
                 (timestamp, count),
             )
             self.effects.append(WebsocketCount(count))
+
+
+SETTLEMENT_TIMEOUT = "settlement_timeout"
+"""The error of the failure that ends a payment still pending settlement past its deadline."""
+_ENDINGS = frozenset({"payment:settled", "payment:failed"})
+"""Event types that end a payment."""
+ENDING_WAITS = 2
+"""``payments.terminal`` of a payment whose ending (settled or failed) waits for its
+``payment:received``: not counted yet, but a second ending is already refused. 1 is an
+ending that was counted, 0 none."""
 
 
 class _Payment(NamedTuple):

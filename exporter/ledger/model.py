@@ -95,7 +95,14 @@ class NewEvent:
     type: str
 
 
-Effect = PendingChange | TerminalPayment | BatchGas | WebsocketCount | NewEvent
+@dataclass(slots=True)
+class JoinTimeout:
+    """An event was released without its join partner, past the join timeout."""
+
+    type: str
+
+
+Effect = PendingChange | TerminalPayment | BatchGas | WebsocketCount | NewEvent | JoinTimeout
 """A change to the exported metrics caused by a commit.
 
 Effects are built per event on the ledger writer, so they are plain (not frozen)
@@ -109,6 +116,14 @@ class Submission:
 
     events: list[PreparedEvent] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    pending_settlements: list[str] = field(default_factory=list)
+    """Payment ids whose settle was answered as not final (``settlement_pending``): each
+    ends as failed (``settlement_timeout``) unless it ends before the settlement
+    deadline (:meth:`~exporter.ledger.Ledger.release_overdue_settlements`)."""
+    derived: bool = False
+    """The events were derived from observed verify/settle exchanges (proxy mode): one
+    whose stage the ledger already holds, under any body, or that ends a payment that has
+    ended, is a duplicate (a replayed exchange records nothing new), never a conflict."""
 
 
 @dataclass(slots=True)

@@ -120,6 +120,16 @@ CREATE TEMP TABLE IF NOT EXISTS recent_keys (
     PRIMARY KEY (key_hash, seq)
 ) WITHOUT ROWID;
 """
+# Payments whose settle the facilitator answered as not final (``settlement_pending``),
+# since when: past the settlement deadline each ends as failed (settlement_timeout). A
+# table of its own, created by every version that knows it (CREATE ... IF NOT EXISTS),
+# so it needs no schema step; rows go when their payment ends or the deadline passes.
+_PENDING_SETTLEMENTS_DDL = """
+CREATE TABLE IF NOT EXISTS pending_settlements (
+    payment_id TEXT PRIMARY KEY,
+    since INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
 SCHEMA = (
     """
 CREATE TABLE IF NOT EXISTS meta (
@@ -154,6 +164,7 @@ CREATE TABLE IF NOT EXISTS websocket_latest (
     + _PAYMENTS_DDL
     + _KEY_INDEX_DDL
     + _OUTBOX_DDL
+    + _PENDING_SETTLEMENTS_DDL
 )
 # Schema 1 kept payments in a table keyed by payment_id (WITHOUT ROWID) and the dedup
 # key hashes in an index on events; both move to their schema 2 tables in one

@@ -161,6 +161,7 @@ class Ledger:
             # too slow for every /readyz.
             self._event_count = self._scalar("SELECT count(*) FROM events")
             self._waiting_refs = self._load_waiting_refs()
+            self._waiting_count = 0
             self._numbers = self._load_row_numbers()
             # The newest outbox records, kept in memory too (at most
             # LedgerTuning.handoff_max_records), so that the forwarders need not read back and
@@ -332,7 +333,9 @@ class Ledger:
             )
             writer.load([p for s in submissions for p in s.events])
             for submission in submissions:
-                outcomes = [writer.add(prepared) for prepared in submission.events]
+                derived = submission.derived
+                outcomes = [writer.add(prepared, derived) for prepared in submission.events]
+                writer.mark_settlement_pending(submission.pending_settlements)
                 for letter in submission.dead_letters:
                     writer.dead_letter(letter)
                 results.append(SubmissionResult(outcomes, writer.take_effects()))
@@ -423,17 +426,14 @@ class Ledger:
             self._write_lock.release()
             cur.close()
 
-    def release_unjoined_failures(self, older_than_ms: int) -> list[Effect]:
-        """Count failures whose ``payment:received`` never came on their own network.
-
-        A failure waits for its payment to join; past the join timeout it is released with
-        ``data.network`` (or ``unknown``), and a late ``payment:received`` then finds the
-        payment already ended.
-        """
+    def release_unjoined(self, older_than_ms: int) -> list[Effect]:
+        """Count the events still waiting for their join partner that arrived before
+        ``older_than_ms``, with what they carry (docs/architecture.md section 2, "Join
+        deadline"), in arrival order."""
         with self._transaction() as cur:
             rows = cur.execute(
-                "SELECT seq, key, body FROM events WHERE state = 0 AND type = 'payment:failed' "
-                "AND received_at < ? ORDER BY seq",
+                "SELECT seq, key, body FROM events WHERE state = 0 AND received_at < ? "
+                "ORDER BY seq",
                 (older_than_ms,),
             ).fetchall()
             numbers = dataclasses.replace(self._numbers)
@@ -441,11 +441,59 @@ class Ledger:
                 cur, _now_ms(), self._waiting_refs, numbers, self._tuning.outbox_row_records
             )
             for seq, key, body in rows:
-                writer.release_orphan_failure(seq, key, parse_event(orjson.loads(body)))
+                writer.release_unjoined(seq, key, parse_event(orjson.loads(body)))
             writer.flush()
         self._numbers = numbers
         self._emitted(writer.emitted)
         return writer.effects
+
+    def release_overdue_settlements(self, now_ms: int, timeout_ms: int) -> list[Effect]:
+        """End as failed (``settlement_timeout``) each payment still pending settlement
+        ``timeout_ms`` after its first non-final settle answer, at that deadline.
+
+        The failure is an ordinary ``payment:failed`` event in the ledger (stored,
+        counted, in the store): a later settle answer for the payment is then a
+        conflict, since a payment ends once. Rows of payments that ended are dropped.
+        """
+        with self._transaction() as cur:
+            rows = cur.execute(
+                "SELECT payment_id, since FROM pending_settlements WHERE since <= ? "
+                "ORDER BY since, payment_id",
+                (now_ms - timeout_ms,),
+            ).fetchall()
+            if not rows:
+                return []
+            # Numbered as a commit numbers its events (see _commit).
+            first_seq = (self._merging[0] if self._merging else self._key_index_upto) + 1
+            numbers = dataclasses.replace(
+                self._numbers, event_seq=max(self._numbers.event_seq, first_seq)
+            )
+            writer = TransactionWriter(
+                cur, now_ms, self._waiting_refs, numbers, self._tuning.outbox_row_records
+            )
+            writer.load([])
+            for payment_id, since in rows:
+                writer.time_out_settlement(payment_id, since + timeout_ms)
+            cur.execute(
+                "DELETE FROM pending_settlements WHERE since <= ?", (now_ms - timeout_ms,)
+            )
+            writer.flush()
+            recent, upto, merging = self._merge_keys(cur, self._recent_keys + writer.added)
+        self._recent_keys, self._key_index_upto, self._merging = recent, upto, merging
+        self._numbers = numbers
+        self._event_count += writer.added
+        self._emitted(writer.emitted)
+        return writer.effects
+
+    def waiting_events(self) -> int:
+        """Events waiting for their join partner (``exporter_ledger_waiting_events``).
+
+        Read at scrape time through the partial index of waiting rows; the last count
+        when the ledger cannot be read (closed, or the disk failing).
+        """
+        with contextlib.suppress(sqlite3.Error):
+            self._waiting_count = self._scalar("SELECT count(*) FROM events WHERE state = 0")
+        return self._waiting_count
 
     def _rollback(self, cur: sqlite3.Cursor) -> None:
         with contextlib.suppress(sqlite3.Error):

@@ -3,8 +3,10 @@
 //
 // params.bucket: string; params.start, params.stop: the window as [start, stop) (see
 // window_range in exporter/analytics/flux.py); params.settled: the settled count n0 the
-// ranks refer to (int, at least 1); params.amount_ranks and params.settlement_ranks: 1-based
-// ranks into n0 ([int]; [0] when none is wanted, rank 0 never matches).
+// amount ranks refer to (int, at least 1); params.timed: the count of settled records with
+// a settlement time the settlement ranks refer to (int, at least 1); params.amount_ranks and
+// params.settlement_ranks: 1-based ranks into those ([int]; [0] when none is wanted, rank 0
+// never matches).
 //
 // Ranks are computed within this query, over the values this very read returns, so records
 // written while it runs (or since n0 was counted) cannot shift them: every value of the
@@ -18,14 +20,14 @@
 
 import "array"
 
-// Position of rank k of params.settled among n values (integer arithmetic, as the exporter).
-positions = (ranks, n) =>
+// Position of rank k of n0 among n values (integer arithmetic, as the exporter).
+positions = (ranks, n0, n) =>
     array.map(
         arr: ranks,
-        fn: (x) => ((2 * x - 1) * n + 2 * params.settled - 1) / (2 * params.settled),
+        fn: (x) => ((2 * x - 1) * n + 2 * n0 - 1) / (2 * n0),
     )
 
-ranked = (field, ranks) =>
+ranked = (field, ranks, n0) =>
     from(bucket: params.bucket)
         |> range(start: params.start, stop: params.stop)
         |> filter(fn: (r) => r._measurement == "payment" and r.status == "settled")
@@ -38,10 +40,10 @@ ranked = (field, ranks) =>
         |> sort(columns: ["_value", "rank"], desc: true)
         |> cumulativeSum(columns: ["from_top"])
         |> map(fn: (r) => ({_value: r._value, rank: r.rank, n: r.rank + r.from_top - 1}))
-        |> filter(fn: (r) => contains(value: r.rank, set: positions(ranks: ranks, n: r.n)))
+        |> filter(fn: (r) => contains(value: r.rank, set: positions(ranks: ranks, n0: n0, n: r.n)))
 
-ranked(field: "amount_micro", ranks: params.amount_ranks)
+ranked(field: "amount_micro", ranks: params.amount_ranks, n0: params.settled)
     |> yield(name: "amount")
 
-ranked(field: "settlement_ms", ranks: params.settlement_ranks)
+ranked(field: "settlement_ms", ranks: params.settlement_ranks, n0: params.timed)
     |> yield(name: "settlement")

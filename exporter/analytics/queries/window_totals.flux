@@ -51,6 +51,14 @@ from(bucket: params.bucket)
     |> sum()
     |> yield(name: "settlement")
 
+// Settled payments with a settlement time (settlementTime is optional), per network.
+from(bucket: params.bucket)
+    |> range(start: params.start, stop: params.stop)
+    |> filter(fn: (r) => r._measurement == "payment" and r.status == "settled")
+    |> filter(fn: (r) => r._field == "settlement_ms")
+    |> count()
+    |> yield(name: "settlement_count")
+
 // Fees of the payments settled in the second half of the window (growth rate).
 from(bucket: params.bucket)
     |> range(start: params.half_start, stop: params.stop)
