@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
 
 from eth_account.signers.local import LocalAccount
+from solders.keypair import Keypair
+from x402 import x402Facilitator
 from x402.mechanisms.evm.default_assets import DEFAULT_ASSETS
 from x402.schemas import PaymentPayload, PaymentRequirements
 from x402.schemas.v1 import PaymentPayloadV1, PaymentRequirementsV1
@@ -28,6 +30,7 @@ from x402_chain import (
     EvmChains,
     Token,
     build_client,
+    build_facilitator,
     default_token,
     payer_account,
     reauthorize,
@@ -35,6 +38,17 @@ from x402_chain import (
     requirements_v2,
     sign_payment,
     v1_names,
+)
+from x402_svm_chain import (
+    InMemorySvmLedger,
+    SplMint,
+    default_mint,
+    register_svm,
+    sign_svm_payment,
+    svm_keypair,
+    svm_requirements_v1,
+    svm_requirements_v2,
+    svm_v1_name,
 )
 
 BASE = "eip155:8453"
@@ -79,12 +93,43 @@ TOKENS: Mapping[tuple[str, str], Token] = {
 }
 
 
-def build_chains() -> EvmChains:
-    """A fresh set of chains, every one like every other this function builds."""
+SOLANA = "solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp"
+SOLANA_DEVNET = "solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1"
+SVM_MINTS: Mapping[str, SplMint] = {
+    network: default_mint(network) for network in (SOLANA, SOLANA_DEVNET)
+}
+"""The SDK's default USDC mint on each Solana network the ledger holds."""
+
+SVM_PAY_TO = str(svm_keypair("x402 payee").pubkey())
+
+
+def svm_payer(index: int) -> Keypair:
+    """Payer ``index``'s Solana keypair."""
+    return svm_keypair(f"x402 payer {index}")
+
+
+@dataclass
+class World:
+    """What one facilitator settles on: the EVM chains and the Solana ledger."""
+
+    evm: EvmChains
+    svm: InMemorySvmLedger
+
+    def facilitator(self) -> x402Facilitator:
+        """The SDK's facilitator with its exact EVM and SVM schemes over this world."""
+        return register_svm(build_facilitator(self.evm), self.svm)
+
+    def state(self) -> tuple[object, object]:
+        """Everything payments change, for comparing two worlds run alike."""
+        return self.evm.state(), self.svm.state()
+
+
+def build_world() -> World:
+    """A fresh world, like every other this function builds."""
     chains = EvmChains(NETWORKS)
     chains.deploy(UNLISTED)
     chains.deploy(LOCAL_TOKEN)
-    return chains
+    return World(chains, InMemorySvmLedger(list(SVM_MINTS.values())))
 
 
 # -- steps -------------------------------------------------------------------------------
@@ -507,6 +552,72 @@ CASES: tuple[Case, ...] = (
     ),
     _every_sdk_stablecoin(),
     Case(
+        "v2-solana-settled",
+        (Fund(0, SOLANA), Sign("a", 0, SOLANA), ServerVerify("a"), ServerSettle("a")),
+        (Counted(SOLANA, received=1, verified=1, settled=1, volume="0.01"),),
+        {("verify", "valid", SOLANA): 1, ("settle", "settled", SOLANA): 1},
+    ),
+    Case(
+        "v1-solana-devnet-settled",
+        (
+            Fund(0, SOLANA_DEVNET),
+            Sign("a", 0, SOLANA_DEVNET, amount=420_000, version=1),
+            Verify("a"),
+            Settle("a"),
+        ),
+        (Counted(SOLANA_DEVNET, received=1, verified=1, settled=1, volume="0.42"),),
+        {("verify", "valid", SOLANA_DEVNET): 1, ("settle", "settled", SOLANA_DEVNET): 1},
+    ),
+    Case(
+        "solana-insufficient-balance",
+        (
+            Fund(0, SOLANA, amount=9_999),
+            Sign("a", 0, SOLANA),
+            ServerVerify("a", "transaction_simulation_failed"),
+        ),
+        (Counted(SOLANA, received=1, failed=1),),
+        {("verify", "invalid", SOLANA): 1},
+    ),
+    Case(
+        "solana-settlement-pending-then-success",
+        (
+            Fund(0, SOLANA),
+            Sign("a", 0, SOLANA),
+            ServerVerify("a"),
+            DelayReceipt(SOLANA),
+            ServerSettle("a"),
+        ),
+        (Counted(SOLANA, received=1, verified=1, settled=1, volume="0.01"),),
+        {
+            ("verify", "valid", SOLANA): 1,
+            ("settle", "pending", SOLANA): 1,
+            ("settle", "settled", SOLANA): 1,
+        },
+    ),
+    Case(
+        "solana-replayed-settle",
+        (
+            Fund(0, SOLANA),
+            Sign("a", 0, SOLANA),
+            Settle("a"),
+            Settle("a", "transaction_simulation_failed"),
+        ),
+        (Counted(SOLANA, received=1, settled=1, volume="0.01"),),
+        {("settle", "settled", SOLANA): 1, ("settle", "failed", SOLANA): 1},
+    ),
+    Case(
+        "solana-payer-spends-before-settle",
+        (
+            Fund(0, SOLANA),
+            Sign("a", 0, SOLANA),
+            Verify("a"),
+            Drain(0, SOLANA),
+            Settle("a", "transaction_simulation_failed"),
+        ),
+        (Counted(SOLANA, received=1, verified=1, failed=1),),
+        {("verify", "valid", SOLANA): 1, ("settle", "failed", SOLANA): 1},
+    ),
+    Case(
         "invalid-verify-then-topped-up-and-settled",
         (
             Fund(0, amount=5_000),
@@ -539,20 +650,27 @@ class Payment:
 
     payload: PaymentPayload | PaymentPayloadV1
     requirements: PaymentRequirements | PaymentRequirementsV1
-    token: Token
 
 
 class CaseRun:
-    """Applies a case's chain steps to every twin chain set and signs its payments once."""
+    """Applies a case's chain steps to every twin world and signs its payments once.
 
-    def __init__(self, twins: Sequence[EvmChains]) -> None:
+    Solana payments are built by the SDK's SVM client, which reads the mint and a blockhash
+    from the ``SolanaRpc`` at ``svm_rpc_url``.
+    """
+
+    def __init__(self, twins: Sequence[World], svm_rpc_url: str | None = None) -> None:
         self.twins = list(twins)
+        self.svm_rpc_url = svm_rpc_url
         self.payments: dict[str, Payment] = {}
 
     def apply(self, step: ChainStep) -> None:
         """Apply a chain step to every twin."""
-        for chains in self.twins:
-            chain = chains[step.network]
+        for world in self.twins:
+            if step.network in SVM_MINTS:
+                self._apply_svm(step, world.svm)
+                continue
+            chain = world.evm[step.network]
             if isinstance(step, Fund):
                 token = TOKENS[(step.network, step.token)]
                 chain.fund(token, payer_account(step.payer).address, step.amount)
@@ -564,8 +682,22 @@ class CaseRun:
             else:
                 chain.fail_broadcasts(1)
 
+    @staticmethod
+    def _apply_svm(step: ChainStep, ledger: InMemorySvmLedger) -> None:
+        mint = SVM_MINTS[step.network]
+        if isinstance(step, Fund):
+            ledger.fund(mint, str(svm_payer(step.payer).pubkey()), step.amount)
+        elif isinstance(step, Drain):
+            ledger.set_balance(mint, str(svm_payer(step.payer).pubkey()), 0)
+        elif isinstance(step, DelayReceipt):
+            ledger.delay_confirmations(step.waits)
+        else:
+            ledger.fail_sends(1)
+
     async def sign(self, step: Sign) -> Payment:
         """The payment ``step`` describes, signed by the SDK client (remembered by label)."""
+        if step.network in SVM_MINTS:
+            return await self._sign_svm(step)
         token = TOKENS[(step.network, step.token)]
         account: LocalAccount = payer_account(step.payer)
         requirements: PaymentRequirements | PaymentRequirementsV1
@@ -581,6 +713,23 @@ class CaseRun:
                 nonce = self.payments[step.nonce_of].payload.payload["authorization"]["nonce"]
             signer = account if step.forged_by is None else payer_account(step.forged_by)
             payload = reauthorize(payload, token, signer, nonce=nonce)
-        payment = Payment(payload, requirements, token)
+        payment = Payment(payload, requirements)
+        self.payments[step.label] = payment
+        return payment
+
+    async def _sign_svm(self, step: Sign) -> Payment:
+        if self.svm_rpc_url is None:
+            raise ValueError("a Solana payment needs the SolanaRpc's URL (svm_rpc_url)")
+        if step.nonce_of is not None or step.forged_by is not None:
+            raise ValueError("nonce_of and forged_by are EIP-3009 notions")
+        mint = SVM_MINTS[step.network]
+        requirements: PaymentRequirements | PaymentRequirementsV1
+        if step.version == 1:
+            name = svm_v1_name(step.network)
+            requirements = svm_requirements_v1(name, mint, SVM_PAY_TO, step.amount)
+        else:
+            requirements = svm_requirements_v2(mint, SVM_PAY_TO, step.amount)
+        payload = await sign_svm_payment(svm_payer(step.payer), self.svm_rpc_url, requirements)
+        payment = Payment(payload, requirements)
         self.payments[step.label] = payment
         return payment
