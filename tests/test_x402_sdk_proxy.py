@@ -30,6 +30,7 @@ from x402.server import x402ResourceServer
 from x402_cases import (
     CASES,
     FEE_BPS,
+    MICRO,
     SVM_MINTS,
     Case,
     CaseRun,
@@ -45,6 +46,7 @@ from x402_cases import (
     Verify,
     World,
     build_world,
+    settled_by_payer,
 )
 from x402_svm_chain import SVM_CLIENT_WARNING, SolanaRpc
 from x402_upstream_helpers import SdkFacilitatorServer, facilitator_client, resource_server
@@ -331,8 +333,8 @@ def _expected_metrics(case: Case) -> dict[Series, float]:
 
 async def _analytics(exporter: AppClient) -> dict[str, Any]:
     answers: dict[str, Any] = {}
-    for name in ("payments", "networks", "realtime"):
-        response = await exporter.get(f"/v1/analytics/{name}?window=1h&at={AT_MS}")
+    for name in ("payments", "networks", "realtime", "top/payers"):
+        response = await exporter.get(f"/v1/analytics/{name}?window=1h&at={AT_MS}&limit=1000")
         assert response.status == 200, await response.text()
         answers[name] = await response.json()
     return answers
@@ -361,6 +363,13 @@ def _analytics_deltas(before: dict[str, Any], after: dict[str, Any]) -> dict[str
         for name in _MONEY_FIELDS:
             change = Decimal(entry[name]) - Decimal(previous.get(name, "0"))
             deltas[f"networks.{chain}.{name}"] = change
+    paid_before = {entry["address"]: entry for entry in before["top/payers"]}
+    for entry in after["top/payers"]:
+        previous = paid_before.get(entry["address"], {"paymentCount": 0, "totalPaid": "0"})
+        count = entry["paymentCount"] - previous["paymentCount"]
+        paid = Decimal(entry["totalPaid"]) - Decimal(previous["totalPaid"])
+        if count or paid:
+            deltas[f"top/payers.{entry['address']}"] = (count, paid)
     return {key: value for key, value in deltas.items() if value}
 
 
@@ -380,6 +389,8 @@ def _expected_analytics(case: Case) -> dict[str, Any]:
     }
     for counted in case.counted:
         expected.update(_network_expectation(counted))
+    for address, (count, paid) in settled_by_payer(case).items():
+        expected[f"top/payers.{address}"] = (count, paid.quantize(MICRO))
     return {key: value for key, value in expected.items() if value}
 
 

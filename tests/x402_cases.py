@@ -287,8 +287,32 @@ class Case:
     (scheme ``exact``)."""
     recording_failures: Mapping[str, int] = field(default_factory=dict)
     """Proxy mode: x402_proxy_recording_failures_total{reason} deltas."""
+    paid_by: Mapping[int, tuple[int, str]] | None = None
+    """Settled payments and USD by payer index; by default all of them are payer 0's."""
     xfail: str | None = None
     """The behaviour, being fixed elsewhere, that makes this case fail today."""
+
+
+def payer_address(index: int, network: str) -> str:
+    """Payer ``index``'s address on ``network`` as the exporter records it (EVM lower case,
+    Solana base58)."""
+    if network in SVM_MINTS:
+        return str(svm_payer(index).pubkey())
+    return payer_account(index).address.lower()
+
+
+def settled_by_payer(case: Case) -> dict[str, tuple[int, Decimal]]:
+    """The case's settled payments and USD by payer address."""
+    settled = sum(counted.settled for counted in case.counted)
+    if not settled:
+        return {}
+    volume = sum((Decimal(counted.volume) for counted in case.counted), Decimal(0))
+    paid_by = case.paid_by if case.paid_by is not None else {0: (settled, str(volume))}
+    network = case.counted[0].network
+    return {
+        payer_address(index, network): (count, Decimal(usd))
+        for index, (count, usd) in paid_by.items()
+    }
 
 
 def _pair(label: str, payer: int, network: str = BASE) -> tuple[Sign | Exchange, ...]:
@@ -512,6 +536,7 @@ CASES: tuple[Case, ...] = (
         ),
         (Counted(BASE, received=2, verified=2, settled=2, volume="0.03"),),
         {("verify", "valid", BASE): 2, ("settle", "settled", BASE): 2},
+        paid_by={0: (1, "0.01"), 1: (1, "0.02")},
     ),
     Case(
         "forged-copy-of-a-pending-payment",
@@ -549,6 +574,7 @@ CASES: tuple[Case, ...] = (
             ("verify", "valid", BASE): CONCURRENT_PAIRS,
             ("settle", "settled", BASE): CONCURRENT_PAIRS,
         },
+        paid_by={payer: (1, "0.01") for payer in range(CONCURRENT_PAIRS)},
     ),
     _every_sdk_stablecoin(),
     Case(
