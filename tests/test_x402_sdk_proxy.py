@@ -31,6 +31,7 @@ from x402_cases import (
     CASES,
     FEE_BPS,
     MICRO,
+    SVM_CASES,
     SVM_MINTS,
     Case,
     CaseRun,
@@ -193,7 +194,7 @@ def _url(server: Any) -> str:
 
 
 def _params() -> Iterator[Any]:
-    for case in CASES:
+    for case in (*CASES, *SVM_CASES):
         marks = [pytest.mark.xfail(strict=True, reason=case.xfail)] if case.xfail else []
         yield pytest.param(case, id=case.name, marks=marks)
 

@@ -1,17 +1,19 @@
 """The SDK-driven payment cases, as data: what to do on chain and what the exporter must count.
 
-One table, ``CASES``, drives every front the exporter records from (proxy mode, the
-facilitator's SDK hooks). A case is a sequence of steps: chain set-up (``Fund``, ``Drain``,
-``DelayReceipt``, ``FailBroadcast``), payloads the SDK client signs (``Sign``), and the
-facilitator exchanges (``Verify`` and ``Settle`` straight through the SDK's HTTP facilitator
-client, ``ServerVerify`` and ``ServerSettle`` through the SDK's resource server, which
-retries a ``settlement_pending`` settle once), possibly run ``Concurrently``. Each exchange
-says the answer the SDK facilitator gives; the case says what the exporter must record per
-network (``Counted``), what proxy mode counts per request (``requests``) and which
-recordings it must refuse (``recording_failures``).
+One table, ``CASES`` (EVM), and its Solana companion ``SVM_CASES`` drive every front the
+exporter records from (proxy mode, the facilitator's SDK hooks). A case is a sequence of
+steps: chain set-up (``Fund``, ``Drain``, ``DelayReceipt``, ``FailBroadcast``), payloads the
+SDK client signs (``Sign``), and the facilitator exchanges (``Verify`` and ``Settle``
+straight through the SDK's HTTP facilitator client, ``ServerVerify`` and ``ServerSettle``
+through the SDK's resource server, which retries a ``settlement_pending`` settle once),
+possibly run ``Concurrently``. Each exchange says the answer the SDK facilitator gives; the
+case says what the exporter must record per network (``Counted``) and per payer
+(``paid_by``), what proxy mode counts per request (``requests``) and which recordings it
+must refuse (``recording_failures``).
 
-``CaseRun`` executes the non-exchange steps on any number of twin chain sets (built alike
-by ``build_chains``), so a driver can answer one signed payload on each twin and compare.
+``CaseRun`` executes the non-exchange steps on any number of twins built alike (``World``s
+from ``build_world``, or bare EVM chains from ``build_chains`` for ``CASES`` alone), so a
+driver can answer one signed payload on each twin and compare.
 """
 
 from __future__ import annotations
@@ -110,26 +112,33 @@ def svm_payer(index: int) -> Keypair:
 
 @dataclass
 class World:
-    """What one facilitator settles on: the EVM chains and the Solana ledger."""
+    """What one facilitator settles on: the EVM chains and, for ``SVM_CASES``, the Solana
+    ledger."""
 
     evm: EvmChains
-    svm: InMemorySvmLedger
+    svm: InMemorySvmLedger | None = None
 
     def facilitator(self) -> x402Facilitator:
-        """The SDK's facilitator with its exact EVM and SVM schemes over this world."""
-        return register_svm(build_facilitator(self.evm), self.svm)
+        """The SDK's facilitator with its exact EVM (and SVM) schemes over this world."""
+        facilitator = build_facilitator(self.evm)
+        return facilitator if self.svm is None else register_svm(facilitator, self.svm)
 
     def state(self) -> tuple[object, object]:
         """Everything payments change, for comparing two worlds run alike."""
-        return self.evm.state(), self.svm.state()
+        return self.evm.state(), None if self.svm is None else self.svm.state()
 
 
-def build_world() -> World:
-    """A fresh world, like every other this function builds."""
+def build_chains() -> EvmChains:
+    """Fresh EVM chains for ``CASES``, like every other set this function builds."""
     chains = EvmChains(NETWORKS)
     chains.deploy(UNLISTED)
     chains.deploy(LOCAL_TOKEN)
-    return World(chains, InMemorySvmLedger(list(SVM_MINTS.values())))
+    return chains
+
+
+def build_world() -> World:
+    """A fresh world for ``CASES`` and ``SVM_CASES``, like every other this function builds."""
+    return World(build_chains(), InMemorySvmLedger(list(SVM_MINTS.values())))
 
 
 # -- steps -------------------------------------------------------------------------------
@@ -577,6 +586,10 @@ CASES: tuple[Case, ...] = (
         paid_by={payer: (1, "0.01") for payer in range(CONCURRENT_PAIRS)},
     ),
     _every_sdk_stablecoin(),
+)
+"""The EVM cases, by name unique (a ``World`` or bare ``EvmChains`` runs them)."""
+
+SVM_CASES: tuple[Case, ...] = (
     Case(
         "v2-solana-settled",
         (Fund(0, SOLANA), Sign("a", 0, SOLANA), ServerVerify("a"), ServerSettle("a")),
@@ -664,7 +677,7 @@ CASES: tuple[Case, ...] = (
         "settlement is lost (no rule yet for a settle after a failure)",
     ),
 )
-"""Every case, by name unique."""
+"""The Solana cases: they need a ``World`` with a Solana ledger and a ``SolanaRpc``."""
 
 
 # -- running the non-exchange steps -------------------------------------------------------
@@ -685,8 +698,8 @@ class CaseRun:
     from the ``SolanaRpc`` at ``svm_rpc_url``.
     """
 
-    def __init__(self, twins: Sequence[World], svm_rpc_url: str | None = None) -> None:
-        self.twins = list(twins)
+    def __init__(self, twins: Sequence[World | EvmChains], svm_rpc_url: str | None = None) -> None:
+        self.twins = [twin if isinstance(twin, World) else World(twin) for twin in twins]
         self.svm_rpc_url = svm_rpc_url
         self.payments: dict[str, Payment] = {}
 
@@ -694,6 +707,8 @@ class CaseRun:
         """Apply a chain step to every twin."""
         for world in self.twins:
             if step.network in SVM_MINTS:
+                if world.svm is None:
+                    raise ValueError(f"{step}: this world has no Solana ledger")
                 self._apply_svm(step, world.svm)
                 continue
             chain = world.evm[step.network]
