@@ -526,6 +526,12 @@ CASES: tuple[Case, ...] = (
         },
     ),
     Case(
+        "settle-without-verify-left-pending",
+        (Fund(0), Sign("a", 0), DelayReceipt(), Settle("a", "settlement_pending")),
+        (Counted(BASE, received=1, pending=1),),
+        {("settle", "pending", BASE): 1},
+    ),
+    Case(
         "settlement-pending-left-pending",
         (Fund(0), Sign("a", 0), Verify("a"), DelayReceipt(), Settle("a", "settlement_pending")),
         (Counted(BASE, received=1, verified=1, pending=1),),

@@ -231,7 +231,8 @@ class PaymentEvents:
     A payment's first exchange yields ``payment:received``; a valid verify
     ``payment:verified``; a settle ``payment:settled``; an invalid verify or failed settle
     ``payment:failed``. A terminal payment (settled or failed) yields nothing more, and a
-    pending settle yields nothing until a later answer ends it.
+    pending settle yields only its ``payment:received`` (so a settle sent without a verify
+    shows as pending) until a later answer ends it.
     """
 
     def __init__(
@@ -251,8 +252,8 @@ class PaymentEvents:
         self, x: Exchange, answer: Answer, latency_ms: float, received_ms: int, now_ms: int
     ) -> list[dict[str, Any]]:
         """The events ``answer`` to exchange ``x`` adds to what was recorded before."""
-        if answer.outcome not in ("valid", "invalid", "settled", "failed"):
-            return []  # no final answer: the payment's fate is unknown here
+        if answer.outcome not in ("valid", "invalid", "settled", "failed", "pending"):
+            return []  # no answer about the payment: its fate is unknown here
         if x.network is None:
             self.on_failure("unknown_network")
             return []
