@@ -1,14 +1,23 @@
-"""The in-memory chain under the SDK's facilitator behaves like a FiatToken v2 chain.
+"""The in-memory chains under the SDK's facilitators behave like real ones: FiatToken v2
+tokens on EVM, SPL tokens on Solana.
 
-The SDK-driven suites trust ``x402_chain`` for balances, per-payer nonces, signatures and
-receipts; these tests hold it to that, mostly through the SDK's own facilitator.
+The SDK-driven suites trust ``x402_chain`` and ``x402_svm_chain`` for balances, nonces,
+signatures and receipts; these tests hold them to that, mostly through the SDK's own
+facilitators.
 """
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Awaitable, Callable
+
 import pytest
+from aiohttp.test_utils import TestServer
 from eth_abi.abi import encode
 from eth_utils.crypto import keccak
+from solders.signature import Signature
+from solders.transaction import VersionedTransaction
+from x402 import x402Facilitator
 from x402.mechanisms.evm.constants import MULTICALL3_ADDRESS
 from x402.schemas import PaymentPayload
 from x402_chain import (
@@ -28,6 +37,16 @@ from x402_chain import (
     requirements_v2,
     sign_payment,
 )
+from x402_svm_chain import (
+    SVM_CLIENT_WARNING,
+    InMemorySvmLedger,
+    SolanaRpc,
+    register_svm,
+    sign_svm_payment,
+    svm_keypair,
+    svm_requirements_v2,
+)
+from x402_svm_chain import default_mint as default_svm_mint
 
 BASE = "eip155:8453"
 PAY_TO = payer_account(1000).address
@@ -214,3 +233,36 @@ async def test_twin_chains_run_alike_end_alike() -> None:
     answers = [await build_facilitator(chains).settle(payload, requirements) for chains in twins]
     assert answers[0] == answers[1]
     assert twins[0].state() == twins[1].state()
+
+
+@pytest.mark.filterwarnings(SVM_CLIENT_WARNING)
+async def test_the_solana_ledger_checks_signatures_balances_and_replays(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+) -> None:
+    mint = default_svm_mint("solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp")
+    ledger = InMemorySvmLedger([mint])
+    rpc = await aiohttp_server(SolanaRpc([mint]).app(), port=0)
+    rpc_url = str(rpc.make_url("")).rstrip("/")
+    facilitator = register_svm(x402Facilitator(), ledger)
+    payer, pay_to = svm_keypair("payer"), str(svm_keypair("payee").pubkey())
+    ledger.fund(mint, str(payer.pubkey()), 15_000)
+    requirements = svm_requirements_v2(mint, pay_to, 10_000)
+    payload = await sign_svm_payment(payer, rpc_url, requirements)
+
+    tampered = VersionedTransaction.from_bytes(base64.b64decode(payload.payload["transaction"]))
+    forged = VersionedTransaction.populate(tampered.message, [Signature.default()] * 2)
+    with pytest.raises(RuntimeError, match="signature verification failure"):
+        ledger.execute(forged, mint.network, apply=False)
+
+    assert (await facilitator.verify(payload, requirements)).is_valid
+    settled = await facilitator.settle(payload, requirements)
+    assert settled.success
+    assert (ledger.balance(mint, str(payer.pubkey())), ledger.balance(mint, pay_to)) == (
+        5_000,
+        10_000,
+    )
+    replay = await facilitator.settle(payload, requirements)
+    assert (replay.success, replay.error_reason) == (False, "transaction_simulation_failed")
+    again = await sign_svm_payment(payer, rpc_url, requirements)
+    verdict = await facilitator.verify(again, requirements)
+    assert (verdict.is_valid, verdict.invalid_reason) == (False, "transaction_simulation_failed")

@@ -30,6 +30,9 @@ from x402.server import x402ResourceServer
 from x402_cases import (
     CASES,
     FEE_BPS,
+    MICRO,
+    SVM_CASES,
+    SVM_MINTS,
     Case,
     CaseRun,
     Concurrently,
@@ -42,9 +45,11 @@ from x402_cases import (
     Sign,
     Step,
     Verify,
-    build_chains,
+    World,
+    build_world,
+    settled_by_payer,
 )
-from x402_chain import EvmChains, build_facilitator
+from x402_svm_chain import SVM_CLIENT_WARNING, SolanaRpc
 from x402_upstream_helpers import SdkFacilitatorServer, facilitator_client, resource_server
 
 from exporter import Settings, create_app
@@ -77,7 +82,7 @@ Series = tuple[str, frozenset[tuple[str, str]]]
 class Twin:
     """One facilitator and the SDK clients that reach it (straight or through the proxy)."""
 
-    chains: EvmChains
+    world: World
     client: HTTPFacilitatorClient
     server: x402ResourceServer
 
@@ -154,11 +159,13 @@ async def started(
     aiohttp_server: Serve,
     aiohttp_client: Callable[..., Awaitable[AppClient]],
     data_dir: Path,
-) -> AsyncIterator[tuple[Twin, Twin, Exporter]]:
-    """(direct twin, proxied twin, exporter): facilitators up, SDK clients ready."""
-    direct_chains, proxied_chains = build_chains(), build_chains()
-    direct_upstream = await aiohttp_server(_facilitator_app(direct_chains), port=0)
-    proxied_upstream = await aiohttp_server(_facilitator_app(proxied_chains), port=0)
+) -> AsyncIterator[tuple[Twin, Twin, Exporter, str]]:
+    """(direct twin, proxied twin, exporter, Solana RPC URL): facilitators up, SDK clients
+    ready."""
+    direct_world, proxied_world = build_world(), build_world()
+    direct_upstream = await aiohttp_server(_facilitator_app(direct_world), port=0)
+    proxied_upstream = await aiohttp_server(_facilitator_app(proxied_world), port=0)
+    rpc = await aiohttp_server(SolanaRpc(list(SVM_MINTS.values())).app(), port=0)
     settings = Settings(
         data_dir=data_dir,
         listen="127.0.0.1:0",
@@ -167,19 +174,19 @@ async def started(
         store_flush_interval_seconds=0,  # ship each commit at once: the case waits for it
     )
     direct_client = facilitator_client(_url(direct_upstream))
-    direct = Twin(direct_chains, direct_client, await resource_server(direct_client))
+    direct = Twin(direct_world, direct_client, await resource_server(direct_client))
     # Pointed at the exporter by Exporter.start.
     unstarted = facilitator_client(_url(proxied_upstream))
-    proxied = Twin(proxied_chains, unstarted, x402ResourceServer(unstarted))
+    proxied = Twin(proxied_world, unstarted, x402ResourceServer(unstarted))
     exporter = Exporter(settings, aiohttp_client, proxied)
     await exporter.start()
-    yield direct, proxied, exporter
+    yield direct, proxied, exporter, _url(rpc)
     await direct_client.aclose()
     await proxied.client.aclose()
 
 
-def _facilitator_app(chains: EvmChains) -> web.Application:
-    return SdkFacilitatorServer(build_facilitator(chains)).app()
+def _facilitator_app(world: World) -> web.Application:
+    return SdkFacilitatorServer(world.facilitator()).app()
 
 
 def _url(server: Any) -> str:
@@ -187,21 +194,24 @@ def _url(server: Any) -> str:
 
 
 def _params() -> Iterator[Any]:
-    for case in CASES:
+    for case in (*CASES, *SVM_CASES):
         marks = [pytest.mark.xfail(strict=True, reason=case.xfail)] if case.xfail else []
         yield pytest.param(case, id=case.name, marks=marks)
 
 
+@pytest.mark.filterwarnings(SVM_CLIENT_WARNING)
 @pytest.mark.parametrize("case", list(_params()))
-async def test_case_through_the_proxy(case: Case, started: tuple[Twin, Twin, Exporter]) -> None:
-    direct, proxied, exporter = started
+async def test_case_through_the_proxy(
+    case: Case, started: tuple[Twin, Twin, Exporter, str]
+) -> None:
+    direct, proxied, exporter, svm_rpc_url = started
     analytics_before = await _analytics(exporter.client)
-    run = CaseRun([direct.chains, proxied.chains])
+    run = CaseRun([direct.world, proxied.world], svm_rpc_url)
     for step in case.steps:
         await _perform(step, run, direct, proxied, exporter)
     await exporter.quiesce()
 
-    assert proxied.chains.state() == direct.chains.state()
+    assert proxied.world.state() == direct.world.state()
     assert _shown(exporter.metric_deltas()) == _shown(_expected_metrics(case))
     analytics_after = await _analytics(exporter.client)
     assert _analytics_deltas(analytics_before, analytics_after) == _expected_analytics(case)
@@ -324,8 +334,8 @@ def _expected_metrics(case: Case) -> dict[Series, float]:
 
 async def _analytics(exporter: AppClient) -> dict[str, Any]:
     answers: dict[str, Any] = {}
-    for name in ("payments", "networks", "realtime"):
-        response = await exporter.get(f"/v1/analytics/{name}?window=1h&at={AT_MS}")
+    for name in ("payments", "networks", "realtime", "top/payers"):
+        response = await exporter.get(f"/v1/analytics/{name}?window=1h&at={AT_MS}&limit=1000")
         assert response.status == 200, await response.text()
         answers[name] = await response.json()
     return answers
@@ -354,6 +364,13 @@ def _analytics_deltas(before: dict[str, Any], after: dict[str, Any]) -> dict[str
         for name in _MONEY_FIELDS:
             change = Decimal(entry[name]) - Decimal(previous.get(name, "0"))
             deltas[f"networks.{chain}.{name}"] = change
+    paid_before = {entry["address"]: entry for entry in before["top/payers"]}
+    for entry in after["top/payers"]:
+        previous = paid_before.get(entry["address"], {"paymentCount": 0, "totalPaid": "0"})
+        count = entry["paymentCount"] - previous["paymentCount"]
+        paid = Decimal(entry["totalPaid"]) - Decimal(previous["totalPaid"])
+        if count or paid:
+            deltas[f"top/payers.{entry['address']}"] = (count, paid)
     return {key: value for key, value in deltas.items() if value}
 
 
@@ -373,6 +390,8 @@ def _expected_analytics(case: Case) -> dict[str, Any]:
     }
     for counted in case.counted:
         expected.update(_network_expectation(counted))
+    for address, (count, paid) in settled_by_payer(case).items():
+        expected[f"top/payers.{address}"] = (count, paid.quantize(MICRO))
     return {key: value for key, value in expected.items() if value}
 
 

@@ -1,17 +1,19 @@
 """The SDK-driven payment cases, as data: what to do on chain and what the exporter must count.
 
-One table, ``CASES``, drives every front the exporter records from (proxy mode, the
-facilitator's SDK hooks). A case is a sequence of steps: chain set-up (``Fund``, ``Drain``,
-``DelayReceipt``, ``FailBroadcast``), payloads the SDK client signs (``Sign``), and the
-facilitator exchanges (``Verify`` and ``Settle`` straight through the SDK's HTTP facilitator
-client, ``ServerVerify`` and ``ServerSettle`` through the SDK's resource server, which
-retries a ``settlement_pending`` settle once), possibly run ``Concurrently``. Each exchange
-says the answer the SDK facilitator gives; the case says what the exporter must record per
-network (``Counted``), what proxy mode counts per request (``requests``) and which
-recordings it must refuse (``recording_failures``).
+One table, ``CASES`` (EVM), and its Solana companion ``SVM_CASES`` drive every front the
+exporter records from (proxy mode, the facilitator's SDK hooks). A case is a sequence of
+steps: chain set-up (``Fund``, ``Drain``, ``DelayReceipt``, ``FailBroadcast``), payloads the
+SDK client signs (``Sign``), and the facilitator exchanges (``Verify`` and ``Settle``
+straight through the SDK's HTTP facilitator client, ``ServerVerify`` and ``ServerSettle``
+through the SDK's resource server, which retries a ``settlement_pending`` settle once),
+possibly run ``Concurrently``. Each exchange says the answer the SDK facilitator gives; the
+case says what the exporter must record per network (``Counted``) and per payer
+(``paid_by``), what proxy mode counts per request (``requests``) and which recordings it
+must refuse (``recording_failures``).
 
-``CaseRun`` executes the non-exchange steps on any number of twin chain sets (built alike
-by ``build_chains``), so a driver can answer one signed payload on each twin and compare.
+``CaseRun`` executes the non-exchange steps on any number of twins built alike (``World``s
+from ``build_world``, or bare EVM chains from ``build_chains`` for ``CASES`` alone), so a
+driver can answer one signed payload on each twin and compare.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
 
 from eth_account.signers.local import LocalAccount
+from solders.keypair import Keypair
+from x402 import x402Facilitator
 from x402.mechanisms.evm.default_assets import DEFAULT_ASSETS
 from x402.schemas import PaymentPayload, PaymentRequirements
 from x402.schemas.v1 import PaymentPayloadV1, PaymentRequirementsV1
@@ -28,6 +32,7 @@ from x402_chain import (
     EvmChains,
     Token,
     build_client,
+    build_facilitator,
     default_token,
     payer_account,
     reauthorize,
@@ -35,6 +40,17 @@ from x402_chain import (
     requirements_v2,
     sign_payment,
     v1_names,
+)
+from x402_svm_chain import (
+    InMemorySvmLedger,
+    SplMint,
+    default_mint,
+    register_svm,
+    sign_svm_payment,
+    svm_keypair,
+    svm_requirements_v1,
+    svm_requirements_v2,
+    svm_v1_name,
 )
 
 BASE = "eip155:8453"
@@ -79,12 +95,50 @@ TOKENS: Mapping[tuple[str, str], Token] = {
 }
 
 
+SOLANA = "solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp"
+SOLANA_DEVNET = "solana:EtWTRABZaYq6iMfeYKouRu166VU2xqa1"
+SVM_MINTS: Mapping[str, SplMint] = {
+    network: default_mint(network) for network in (SOLANA, SOLANA_DEVNET)
+}
+"""The SDK's default USDC mint on each Solana network the ledger holds."""
+
+SVM_PAY_TO = str(svm_keypair("x402 payee").pubkey())
+
+
+def svm_payer(index: int) -> Keypair:
+    """Payer ``index``'s Solana keypair."""
+    return svm_keypair(f"x402 payer {index}")
+
+
+@dataclass
+class World:
+    """What one facilitator settles on: the EVM chains and, for ``SVM_CASES``, the Solana
+    ledger."""
+
+    evm: EvmChains
+    svm: InMemorySvmLedger | None = None
+
+    def facilitator(self) -> x402Facilitator:
+        """The SDK's facilitator with its exact EVM (and SVM) schemes over this world."""
+        facilitator = build_facilitator(self.evm)
+        return facilitator if self.svm is None else register_svm(facilitator, self.svm)
+
+    def state(self) -> tuple[object, object]:
+        """Everything payments change, for comparing two worlds run alike."""
+        return self.evm.state(), None if self.svm is None else self.svm.state()
+
+
 def build_chains() -> EvmChains:
-    """A fresh set of chains, every one like every other this function builds."""
+    """Fresh EVM chains for ``CASES``, like every other set this function builds."""
     chains = EvmChains(NETWORKS)
     chains.deploy(UNLISTED)
     chains.deploy(LOCAL_TOKEN)
     return chains
+
+
+def build_world() -> World:
+    """A fresh world for ``CASES`` and ``SVM_CASES``, like every other this function builds."""
+    return World(build_chains(), InMemorySvmLedger(list(SVM_MINTS.values())))
 
 
 # -- steps -------------------------------------------------------------------------------
@@ -242,8 +296,32 @@ class Case:
     (scheme ``exact``)."""
     recording_failures: Mapping[str, int] = field(default_factory=dict)
     """Proxy mode: x402_proxy_recording_failures_total{reason} deltas."""
+    paid_by: Mapping[int, tuple[int, str]] | None = None
+    """Settled payments and USD by payer index; by default all of them are payer 0's."""
     xfail: str | None = None
     """The behaviour, being fixed elsewhere, that makes this case fail today."""
+
+
+def payer_address(index: int, network: str) -> str:
+    """Payer ``index``'s address on ``network`` as the exporter records it (EVM lower case,
+    Solana base58)."""
+    if network in SVM_MINTS:
+        return str(svm_payer(index).pubkey())
+    return payer_account(index).address.lower()
+
+
+def settled_by_payer(case: Case) -> dict[str, tuple[int, Decimal]]:
+    """The case's settled payments and USD by payer address."""
+    settled = sum(counted.settled for counted in case.counted)
+    if not settled:
+        return {}
+    volume = sum((Decimal(counted.volume) for counted in case.counted), Decimal(0))
+    paid_by = case.paid_by if case.paid_by is not None else {0: (settled, str(volume))}
+    network = case.counted[0].network
+    return {
+        payer_address(index, network): (count, Decimal(usd))
+        for index, (count, usd) in paid_by.items()
+    }
 
 
 def _pair(label: str, payer: int, network: str = BASE) -> tuple[Sign | Exchange, ...]:
@@ -448,6 +526,12 @@ CASES: tuple[Case, ...] = (
         },
     ),
     Case(
+        "settle-without-verify-left-pending",
+        (Fund(0), Sign("a", 0), DelayReceipt(), Settle("a", "settlement_pending")),
+        (Counted(BASE, received=1, pending=1),),
+        {("settle", "pending", BASE): 1},
+    ),
+    Case(
         "settlement-pending-left-pending",
         (Fund(0), Sign("a", 0), Verify("a"), DelayReceipt(), Settle("a", "settlement_pending")),
         (Counted(BASE, received=1, verified=1, pending=1),),
@@ -467,6 +551,7 @@ CASES: tuple[Case, ...] = (
         ),
         (Counted(BASE, received=2, verified=2, settled=2, volume="0.03"),),
         {("verify", "valid", BASE): 2, ("settle", "settled", BASE): 2},
+        paid_by={0: (1, "0.01"), 1: (1, "0.02")},
     ),
     Case(
         "forged-copy-of-a-pending-payment",
@@ -504,6 +589,7 @@ CASES: tuple[Case, ...] = (
             ("verify", "valid", BASE): CONCURRENT_PAIRS,
             ("settle", "settled", BASE): CONCURRENT_PAIRS,
         },
+        paid_by={payer: (1, "0.01") for payer in range(CONCURRENT_PAIRS)},
     ),
     _every_sdk_stablecoin(),
     Case(
@@ -527,7 +613,77 @@ CASES: tuple[Case, ...] = (
         "settlement is lost (no rule yet for a settle after a failure)",
     ),
 )
-"""Every case, by name unique."""
+"""The EVM cases, by name unique (a ``World`` or bare ``EvmChains`` runs them)."""
+
+SVM_CASES: tuple[Case, ...] = (
+    Case(
+        "v2-solana-settled",
+        (Fund(0, SOLANA), Sign("a", 0, SOLANA), ServerVerify("a"), ServerSettle("a")),
+        (Counted(SOLANA, received=1, verified=1, settled=1, volume="0.01"),),
+        {("verify", "valid", SOLANA): 1, ("settle", "settled", SOLANA): 1},
+    ),
+    Case(
+        "v1-solana-devnet-settled",
+        (
+            Fund(0, SOLANA_DEVNET),
+            Sign("a", 0, SOLANA_DEVNET, amount=420_000, version=1),
+            Verify("a"),
+            Settle("a"),
+        ),
+        (Counted(SOLANA_DEVNET, received=1, verified=1, settled=1, volume="0.42"),),
+        {("verify", "valid", SOLANA_DEVNET): 1, ("settle", "settled", SOLANA_DEVNET): 1},
+    ),
+    Case(
+        "solana-insufficient-balance",
+        (
+            Fund(0, SOLANA, amount=9_999),
+            Sign("a", 0, SOLANA),
+            ServerVerify("a", "transaction_simulation_failed"),
+        ),
+        (Counted(SOLANA, received=1, failed=1),),
+        {("verify", "invalid", SOLANA): 1},
+    ),
+    Case(
+        "solana-settlement-pending-then-success",
+        (
+            Fund(0, SOLANA),
+            Sign("a", 0, SOLANA),
+            ServerVerify("a"),
+            DelayReceipt(SOLANA),
+            ServerSettle("a"),
+        ),
+        (Counted(SOLANA, received=1, verified=1, settled=1, volume="0.01"),),
+        {
+            ("verify", "valid", SOLANA): 1,
+            ("settle", "pending", SOLANA): 1,
+            ("settle", "settled", SOLANA): 1,
+        },
+    ),
+    Case(
+        "solana-replayed-settle",
+        (
+            Fund(0, SOLANA),
+            Sign("a", 0, SOLANA),
+            Settle("a"),
+            Settle("a", "transaction_simulation_failed"),
+        ),
+        (Counted(SOLANA, received=1, settled=1, volume="0.01"),),
+        {("settle", "settled", SOLANA): 1, ("settle", "failed", SOLANA): 1},
+    ),
+    Case(
+        "solana-payer-spends-before-settle",
+        (
+            Fund(0, SOLANA),
+            Sign("a", 0, SOLANA),
+            Verify("a"),
+            Drain(0, SOLANA),
+            Settle("a", "transaction_simulation_failed"),
+        ),
+        (Counted(SOLANA, received=1, verified=1, failed=1),),
+        {("verify", "valid", SOLANA): 1, ("settle", "failed", SOLANA): 1},
+    ),
+)
+"""The Solana cases: they need a ``World`` with a Solana ledger and a ``SolanaRpc``."""
 
 
 # -- running the non-exchange steps -------------------------------------------------------
@@ -539,20 +695,29 @@ class Payment:
 
     payload: PaymentPayload | PaymentPayloadV1
     requirements: PaymentRequirements | PaymentRequirementsV1
-    token: Token
 
 
 class CaseRun:
-    """Applies a case's chain steps to every twin chain set and signs its payments once."""
+    """Applies a case's chain steps to every twin world and signs its payments once.
 
-    def __init__(self, twins: Sequence[EvmChains]) -> None:
-        self.twins = list(twins)
+    Solana payments are built by the SDK's SVM client, which reads the mint and a blockhash
+    from the ``SolanaRpc`` at ``svm_rpc_url``.
+    """
+
+    def __init__(self, twins: Sequence[World | EvmChains], svm_rpc_url: str | None = None) -> None:
+        self.twins = [twin if isinstance(twin, World) else World(twin) for twin in twins]
+        self.svm_rpc_url = svm_rpc_url
         self.payments: dict[str, Payment] = {}
 
     def apply(self, step: ChainStep) -> None:
         """Apply a chain step to every twin."""
-        for chains in self.twins:
-            chain = chains[step.network]
+        for world in self.twins:
+            if step.network in SVM_MINTS:
+                if world.svm is None:
+                    raise ValueError(f"{step}: this world has no Solana ledger")
+                self._apply_svm(step, world.svm)
+                continue
+            chain = world.evm[step.network]
             if isinstance(step, Fund):
                 token = TOKENS[(step.network, step.token)]
                 chain.fund(token, payer_account(step.payer).address, step.amount)
@@ -564,8 +729,22 @@ class CaseRun:
             else:
                 chain.fail_broadcasts(1)
 
+    @staticmethod
+    def _apply_svm(step: ChainStep, ledger: InMemorySvmLedger) -> None:
+        mint = SVM_MINTS[step.network]
+        if isinstance(step, Fund):
+            ledger.fund(mint, str(svm_payer(step.payer).pubkey()), step.amount)
+        elif isinstance(step, Drain):
+            ledger.set_balance(mint, str(svm_payer(step.payer).pubkey()), 0)
+        elif isinstance(step, DelayReceipt):
+            ledger.delay_confirmations(step.waits)
+        else:
+            ledger.fail_sends(1)
+
     async def sign(self, step: Sign) -> Payment:
         """The payment ``step`` describes, signed by the SDK client (remembered by label)."""
+        if step.network in SVM_MINTS:
+            return await self._sign_svm(step)
         token = TOKENS[(step.network, step.token)]
         account: LocalAccount = payer_account(step.payer)
         requirements: PaymentRequirements | PaymentRequirementsV1
@@ -581,6 +760,23 @@ class CaseRun:
                 nonce = self.payments[step.nonce_of].payload.payload["authorization"]["nonce"]
             signer = account if step.forged_by is None else payer_account(step.forged_by)
             payload = reauthorize(payload, token, signer, nonce=nonce)
-        payment = Payment(payload, requirements, token)
+        payment = Payment(payload, requirements)
+        self.payments[step.label] = payment
+        return payment
+
+    async def _sign_svm(self, step: Sign) -> Payment:
+        if self.svm_rpc_url is None:
+            raise ValueError("a Solana payment needs the SolanaRpc's URL (svm_rpc_url)")
+        if step.nonce_of is not None or step.forged_by is not None:
+            raise ValueError("nonce_of and forged_by are EIP-3009 notions")
+        mint = SVM_MINTS[step.network]
+        requirements: PaymentRequirements | PaymentRequirementsV1
+        if step.version == 1:
+            name = svm_v1_name(step.network)
+            requirements = svm_requirements_v1(name, mint, SVM_PAY_TO, step.amount)
+        else:
+            requirements = svm_requirements_v2(mint, SVM_PAY_TO, step.amount)
+        payload = await sign_svm_payment(svm_payer(step.payer), self.svm_rpc_url, requirements)
+        payment = Payment(payload, requirements)
         self.payments[step.label] = payment
         return payment

@@ -20,9 +20,7 @@ under every legacy name the SDK maps to that chain id; ``build_client`` gives an
 signing with an eth_account key. Two ``EvmChains`` built and funded alike are in the same state,
 so one request can be answered on each and the answers compared.
 
-SVM is left out: the SDK's Solana facilitator needs a signer that simulates and sends
-serialized Solana transactions (compute-budget and SPL transfer instructions, blockhashes,
-fee payers), which is a Solana runtime of its own rather than a ledger of balances and nonces.
+Solana has its own module, ``x402_svm_chain``.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from x402 import x402Facilitator
 from x402.http import FacilitatorConfig, HTTPFacilitatorClient
 from x402.mechanisms.evm.exact import register_exact_evm_server
+from x402.mechanisms.svm.exact import register_exact_svm_server
 from x402.schemas import parse_payment_payload, parse_payment_requirements
 from x402.server import x402ResourceServer
 
@@ -83,8 +84,10 @@ def facilitator_client(url: str) -> HTTPFacilitatorClient:
 
 
 async def resource_server(client: HTTPFacilitatorClient) -> x402ResourceServer:
-    """The SDK's async resource server over ``client``, with the exact EVM scheme, initialised."""
+    """The SDK's async resource server over ``client``, with the exact EVM and SVM schemes,
+    initialised."""
     server = x402ResourceServer(client)
     register_exact_evm_server(server)
+    register_exact_svm_server(server)
     await asyncio.to_thread(server.initialize)
     return server
