@@ -329,6 +329,7 @@ def _expected_metrics(case: Case) -> dict[Series, float]:
         add(_series("x402_facilitator_request_duration_seconds_count", endpoint=endpoint), count)
     for reason, count in case.recording_failures.items():
         add(_series("x402_proxy_recording_failures_total", reason=reason), count)
+    add(_series("exporter_events_duplicate_total"), case.proxy_duplicates)
     return expected
 
 
