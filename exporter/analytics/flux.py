@@ -20,7 +20,8 @@ Protocol method -> Flux file (its results, by ``yield`` name):
 
 Event time. A window ``(at - span, at]`` holds the records whose event millisecond ``t``
 satisfies ``at - span < t <= at``, i.e. ``at - span + 1 <= t <= at``. A point's timestamp is
-``t * 10^6 + d`` nanoseconds with ``0 <= d < 10^6`` (:func:`exporter.records.unique_time_ns`),
+``t * 10^6 + d`` nanoseconds with ``0 <= d < 10^6`` (:func:`exporter.records.point_time_ns`: the
+ledger probes for a free offset ``d`` but never past the millisecond),
 so those points are exactly the ones in ``[(at - span + 1) * 10^6, (at + 1) * 10^6)``, which is
 Flux's half-open ``range(start, stop)``: see :func:`window_range`.
 

@@ -155,6 +155,9 @@ async def backfill_locked(
         raise OperatorError(f"backfill: cannot open the {target.value} store: {error}") from None
     source = await asyncio.to_thread(Ledger, settings.ledger_path, settings.durability)
     scratch = await asyncio.to_thread(Ledger, scratch_path, settings.durability)
+    # The records derived again take the offsets they had (docs/architecture.md section 6).
+    for rows in source.iter_point_times():
+        await asyncio.to_thread(scratch.adopt_point_times, rows)
     committer = GroupCommitter(scratch)
     forwarder = Forwarder(committer, store, Metrics(CollectorRegistry()), settings.store_batch_size)
     committer.on_commit_hooks.append(forwarder.wake)
