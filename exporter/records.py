@@ -19,7 +19,6 @@ from dataclasses import dataclass, fields
 from operator import attrgetter
 from typing import Any, ClassVar, Protocol
 
-
 NS_PER_MS = 1_000_000
 """Nanosecond offsets inside one millisecond: a point's timestamp is ``ms * 10^6 + offset``."""
 
