@@ -335,7 +335,10 @@ def expected_points(events: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
     keys: dict[str, tuple[str, str]] = {}
     for event in events:
         parsed = parse_event(event)
-        keys[dedup_key(parsed, canonical_json(parsed))] = kinds[parsed["type"]]
+        kind = kinds[parsed["type"]]
+        if parsed["type"] == "revenue:recorded":
+            kind = ("revenue", parsed["data"]["kind"])
+        keys[dedup_key(parsed, canonical_json(parsed))] = kind
     return Counter(keys.values())
 
 

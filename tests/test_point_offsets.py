@@ -189,3 +189,23 @@ def test_retention_forgets_the_offsets_of_old_points(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "ledger.sqlite3") as conn:
         kept = [ms for (ms,) in conn.execute("SELECT time_ms FROM point_times ORDER BY 1")]
     assert kept == [BASE_MS + i * 1000 for i in range(5, 10)]
+
+
+def test_probing_wraps_within_the_millisecond(tmp_path: Path) -> None:
+    """Offsets taken up to the millisecond's last nanosecond: the probe wraps to its start,
+    never into the next millisecond (Flux windows stay exact)."""
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path)
+    event = prepare(received("wraps"))
+    start = unique_time_ns(BASE_MS, event.key) - BASE_MS * NS_PER_MS
+    series = key_digest("payment\x00eip155:8453\x00received") - (1 << 63)
+    try:
+        ledger.adopt_point_times(
+            [(BASE_MS, series, offset, offset) for offset in range(start, NS_PER_MS)]
+            + [(BASE_MS, series, 0, -1), (BASE_MS, series, 1, -1)]
+        )
+        commit(ledger, [event])
+        (line,) = lines_of(ledger)
+    finally:
+        ledger.close()
+    assert split_point(line)[2] == BASE_MS * NS_PER_MS + 2

@@ -130,10 +130,10 @@ def _chunks(cur: sqlite3.Cursor, rows: Sequence[Sequence[object]]) -> Iterator[t
 # within the millisecond) to the first offset not taken, or to its own when it was
 # emitted before.
 _INSERT_POINT_TIMES = "INSERT INTO point_times (time_ms, series, offset_ns, key_hash)"
-_PROBE_RUN = 1024
-_TAKEN_FROM = (
+_PROBE_SPAN = 64
+_TAKEN_IN = (
     "SELECT offset_ns, key_hash FROM point_times WHERE time_ms = ? AND series = ?"
-    f" AND offset_ns >= ? ORDER BY offset_ns LIMIT {_PROBE_RUN}"
+    " AND offset_ns >= ? AND offset_ns < ? ORDER BY offset_ns"
 )
 _SERIES_IDS: dict[str, int] = {}
 _SERIES_IDS_LIMIT = 4096  # series are few (measurements x networks x statuses)
@@ -174,16 +174,17 @@ def _probe(cur: sqlite3.Cursor, time_ms: int, series: int, start: int, key_hash:
     """The first offset from ``start`` (wrapping) that is free or already this key's."""
     offset, wrapped = start, False
     while True:
-        taken = cur.execute(_TAKEN_FROM, (time_ms, series, offset)).fetchall()
-        for found, owner in taken:
+        # The offsets taken in the next _PROBE_SPAN: usually none or one.
+        span_end = min(offset + _PROBE_SPAN, NS_PER_MS)
+        for found, owner in cur.execute(_TAKEN_IN, (time_ms, series, offset, span_end)):
             if found > offset:
                 break  # a gap: ``offset`` is free
             if owner == key_hash:
                 return int(found)  # emitted before: its own offset again
             offset = found + 1
         else:
-            if len(taken) == _PROBE_RUN:
-                continue  # the run of taken offsets goes on
+            if offset == span_end and offset < NS_PER_MS and not (wrapped and offset >= start):
+                continue  # the whole span is taken: look further
         if wrapped and offset >= start:
             # Every offset of this series and millisecond is taken: a million points
             # with one timestamp each. This one shares its hash offset with another.
