@@ -434,3 +434,63 @@ def test_ten_thousand_events_in_one_millisecond_are_ten_thousand_points(
     events = [received(f"ms{i}", BASE_MS) for i in range(10_000)]
     assert asyncio.run(_ship_plain(engine, db, tmp_path, events)) == []
     assert engine.count(db, "payment", "payment_id") == 10_000
+
+
+def test_v1_basic_auth_is_what_influxdb_1x_checks(tmp_path: Path) -> None:
+    """With ``auth-enabled``: the user name and password (HTTP Basic) write; a wrong
+    password or a user without write access is refused as credentials, never printed;
+    ``check`` tells the cases apart without writing anything."""
+    _skip_without_influxd()
+    engine = InfluxEngine(tmp_path / "influxdb", auth=True)
+    engine.start()
+    try:
+        engine.query("CREATE USER admin WITH PASSWORD 'admin-pw' WITH ALL PRIVILEGES")
+        admin = {"u": "admin", "p": "admin-pw"}
+        engine.query(f'CREATE DATABASE "{DB}"', **admin)
+        engine.query("CREATE USER writer WITH PASSWORD 'writer-pw'", **admin)
+        engine.query(f'GRANT WRITE ON "{DB}" TO writer', **admin)
+        engine.query("CREATE USER reader WITH PASSWORD 'reader-pw'", **admin)
+        checks = asyncio.run(_checks(engine))
+        (series,) = engine.query('SELECT count("payment_id") FROM "payment"', DB, **admin)
+    finally:
+        engine.stop()
+    assert checks["writer"] == ("accepted", None)
+    assert checks["wrong"][0] == "refused" and "writer-pw" not in str(checks["wrong"])
+    assert checks["reader"][0] == "refused"
+    assert "EXPORTER_INFLUX_USERNAME and EXPORTER_INFLUX_PASSWORD" in str(checks["reader"][1])
+    assert checks["no database"][0] == "not found"
+    assert int(series[0]["values"][0][1]) == 3
+
+
+async def _checks(engine: InfluxEngine) -> dict[str, tuple[str, str | None]]:
+    """What ``check`` says and what a write raises, per set of credentials."""
+    found: dict[str, tuple[str, str | None]] = {}
+    for name, user, password, db in (
+        ("writer", "writer", "writer-pw", DB),
+        ("wrong", "writer", "not-it", DB),
+        ("reader", "reader", "reader-pw", DB),
+        ("no database", "writer", "writer-pw", "nope"),
+    ):
+        store = InfluxStore(
+            engine.url, None, None, db, timeout_seconds=10, api="v1", username=user,
+            password=password,
+        )
+        try:
+            check = await store.check()
+            error = None
+            try:
+                await store.write([_payment(f"{name}-{i}") for i in range(3)])
+            except Exception as raised:  # noqa: BLE001 - the message is what is asserted
+                error = str(raised)
+            found[name] = (check.credentials, error)
+        finally:
+            await store.close()
+    return found
+
+
+def _payment(pid: str) -> StoreRecord:
+    parsed = parse_event(received(pid))
+    key = dedup_key(parsed, canonical_json(parsed))
+    from exporter.records import PaymentRecord
+
+    return PaymentRecord(key, BASE_MS, "eip155:8453", "received", pid, None, None, 1, None)
