@@ -442,3 +442,29 @@ def test_check_config_reports_and_pings_influxdb(
     assert server.point_keys() == set()
 
 
+
+
+@pytest.mark.slow
+def test_check_config_pings_influxdb_over_the_v1_api(
+    threaded_influx: tuple[InfluxFaultServer, Callable[..., Any]],
+) -> None:
+    """check-config with EXPORTER_INFLUX_API=v1: no org needed, the user name and password
+    tested by an empty write to the database, the password never printed."""
+    server, _ = threaded_influx
+    server.username, server.password = "writer", "s3cret-pw"
+    env = {
+        "EXPORTER_INFLUX_URL": server.url,
+        "EXPORTER_INFLUX_API": "v1",
+        "EXPORTER_INFLUX_USERNAME": "writer",
+        "EXPORTER_INFLUX_PASSWORD": "s3cret-pw",
+    }
+    pinged = run_cli("check-config", "--ping", **env)
+    assert pinged.returncode == 0, pinged.stderr
+    assert "(v1 API, database payments)" in pinged.stdout
+    assert "credentials accepted for v1 API, database payments" in pinged.stdout
+    refused = run_cli("check-config", "--ping", **{**env, "EXPORTER_INFLUX_PASSWORD": "nope"})
+    assert refused.returncode == 1
+    assert "credentials refused" in refused.stdout
+    for output in (pinged.stdout, pinged.stderr, refused.stdout, refused.stderr):
+        assert "s3cret-pw" not in output and "nope" not in output
+    assert server.point_keys() == set()
