@@ -33,7 +33,7 @@ from exporter.cli.simulate import SimulationConfig, Simulator
 from exporter.events import canonical_json, dedup_key, parse_event
 from exporter.ledger import GroupCommitter, Ledger, PreparedEvent, Submission
 from exporter.metrics import Metrics
-from exporter.records import StoreRecord, StoreRejection
+from exporter.records import PaymentRecord, StoreRecord, StoreRejection
 from exporter.store import Forwarder
 from exporter.store.duckdb import DuckDBStore
 from exporter.store.influx.store import InfluxStore
@@ -285,6 +285,7 @@ def day(engine: InfluxEngine, tmp_path_factory: pytest.TempPathFactory) -> Shipp
 
 
 def test_the_day_is_over_100000_events_of_every_kind(day: Shipped) -> None:
+    """The day holds every kind of event the contract has, unknown failures included."""
     kinds = Counter((r.measurement, getattr(r, "status", "")) for r in day.emitted)
     assert day.events >= 100_000
     assert day.dead_letters == 0
@@ -307,6 +308,7 @@ def test_counts_and_sums_in_influxdb_equal_the_ledgers_and_duckdbs(
 
 
 def test_hourly_counts_in_influxdb_equal_the_ledgers(engine: InfluxEngine, day: Shipped) -> None:
+    """Points per measurement and UTC hour (InfluxQL GROUP BY time(1h)) match exactly."""
     start = min(r.time_ms for r in day.emitted) // HOUR_MS * HOUR_MS
     stop = (max(r.time_ms for r in day.emitted) // HOUR_MS + 1) * HOUR_MS
     hourly = influx_hourly(engine, day.db, start, stop)
@@ -489,8 +491,7 @@ async def _checks(engine: InfluxEngine) -> dict[str, tuple[str, str | None]]:
 
 
 def _payment(pid: str) -> StoreRecord:
-    parsed = parse_event(received(pid))
-    key = dedup_key(parsed, canonical_json(parsed))
-    from exporter.records import PaymentRecord
-
-    return PaymentRecord(key, BASE_MS, "eip155:8453", "received", pid, None, None, 1, None)
+    """A received payment's store record."""
+    return PaymentRecord(
+        f"payment:received:{pid}", BASE_MS, "eip155:8453", "received", pid, amount_micro=1
+    )
