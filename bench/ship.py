@@ -19,6 +19,20 @@ Targets: (a) >= 50,000 points/s and (a)/(b) >= 0.5.
 
 Run: ``.venv/bin/python bench/ship.py [--points N] [--rounds R] [--point] [--record]``
 (``--record`` makes the server parse and key every point, as in the tests).
+
+``--engine`` measures against a real InfluxDB instead: Debian's ``influxd`` (1.x, as
+``tests/influxdb_engine.py`` starts it on loopback) over the v1 write API, in one run:
+
+(e) the exporter: simulated events committed to a ledger before the clock starts, then
+    its :class:`~exporter.store.Forwarder` draining the outbox into ``InfluxStore``
+    (``EXPORTER_INFLUX_API=v1``, batches of 5,000), timed until the outbox is empty;
+(f) the same records' line protocol, rendered before the clock starts, gzip'd and posted
+    straight to ``/write`` with aiohttp in batches of the same size, one at a time.
+
+Each round writes to a fresh database per path; the engine's point count is checked after
+each, so a path that lost points fails. Target: (e)/(f) >= 0.8.
+
+Run: ``.venv/bin/python bench/ship.py --engine [--points N] [--rounds R]``
 """
 
 from __future__ import annotations
@@ -27,9 +41,12 @@ import argparse
 import asyncio
 import gzip
 import json
+import math
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,6 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from exporter.ledger import Ledger  # noqa: E402
 from exporter.records import (  # noqa: E402
     BatchRecord,
     PaymentRecord,
@@ -63,6 +81,7 @@ BASE_MS = 1_767_225_600_000
 NETWORKS = ("eip155:8453", "eip155:84532", "eip155:42161", "eip155:10", "eip155:137")
 TARGET_POINTS_PER_S = 50_000
 TARGET_RATIO = 0.5
+TARGET_ENGINE_RATIO = 0.8
 
 
 def make_records(count: int, seed: int = 7) -> list[StoreRecord]:
@@ -208,6 +227,135 @@ def _start_server(record: bool) -> tuple[subprocess.Popen[str], str]:
     return process, url
 
 
+def _ledger_copy(ledger_file: Path, scratch: Path) -> Ledger:
+    """A ledger opened on a fresh copy of ``ledger_file`` (its outbox undelivered)."""
+    for suffix in ("", "-wal", "-shm"):
+        scratch.with_name(scratch.name + suffix).unlink(missing_ok=True)
+    shutil.copyfile(ledger_file, scratch)
+    return Ledger(scratch)
+
+
+async def _drain_ledger(url: str, db: str, ledger: Ledger) -> tuple[float, int]:
+    """Seconds for the forwarder to ship ``ledger``'s whole outbox to ``db``."""
+    from prometheus_client import CollectorRegistry
+
+    from exporter.ledger import GroupCommitter
+    from exporter.metrics import Metrics
+    from exporter.store import Forwarder
+
+    committer = GroupCommitter(ledger)
+    store = InfluxStore(url, None, None, db, timeout_seconds=60, api="v1")
+    forwarder = Forwarder(committer, store, Metrics(CollectorRegistry()), MAX_LINES_PER_WRITE)
+    points = ledger.backlog
+    try:
+        started = time.perf_counter()
+        forwarder.start()
+        while ledger.backlog:  # noqa: ASYNC110 - a counter, no event to wait on
+            await asyncio.sleep(0.002)
+        seconds = time.perf_counter() - started
+        if ledger.dead_letters():
+            raise AssertionError("the engine refused records")
+        return seconds, points
+    finally:
+        await forwarder.stop(5)
+        await store.close()
+        await asyncio.to_thread(committer.close)
+        await asyncio.to_thread(ledger.close)
+
+
+async def _post_v1(url: str, db: str, bodies: list[bytes]) -> float:
+    """Seconds to gzip and POST pre-rendered line-protocol bodies to ``/write``."""
+    params = {"db": db, "precision": "ns"}
+    headers = {"Content-Encoding": "gzip", "Content-Type": "text/plain; charset=utf-8"}
+    async with aiohttp.ClientSession() as session:
+        started = time.perf_counter()
+        for body in bodies:
+            async with session.post(
+                url + "/write", params=params, data=gzip.compress(body, GZIP_LEVEL),
+                headers=headers,
+            ) as answer:
+                if answer.status != 204:
+                    raise AssertionError(f"direct post answered {answer.status}")
+        return time.perf_counter() - started
+
+
+def _commit_events(ledger_file: Path, payments: int) -> list[str]:
+    """Commit simulated events to a new ledger; the line protocol of its outbox."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ledger_helpers import prepare
+
+    from exporter.cli.simulate import SimulationConfig, Simulator
+    from exporter.ledger import Ledger, Submission
+
+    ledger = Ledger(ledger_file)
+    try:
+        events = [prepare(e) for e in Simulator(SimulationConfig(seed=11)).events(
+            BASE_MS, payments, 500.0
+        )]
+        for start in range(0, len(events), 5_000):
+            ledger.commit([Submission(events[start : start + 5_000])])
+        return [to_line(row.record) for row in ledger.read_outbox(10_000_000)]
+    finally:
+        ledger.close()
+
+
+def run_engine(points: int, rounds: int) -> int:
+    """The ``--engine`` comparison: forwarder + store against direct posts, on influxd."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from influxdb_engine import SKIP_REASON, InfluxEngine, influxd_path
+
+    if influxd_path() is None:
+        sys.stderr.write(f"ship.py --engine: {SKIP_REASON}\n")
+        return 2
+    out = sys.stdout
+    with tempfile.TemporaryDirectory(prefix="ship-bench-") as tmp:
+        root = Path(tmp)
+        ledger_file = root / "template.sqlite3"
+        # A payment makes about three records: commit enough for ``points``.
+        lines = _commit_events(ledger_file, max(1, points // 3))
+        bodies = [
+            "\n".join(lines[i : i + MAX_LINES_PER_WRITE]).encode()
+            for i in range(0, len(lines), MAX_LINES_PER_WRITE)
+        ]
+        engine = InfluxEngine(root / "influxdb")
+        engine.start()
+        try:
+            best = {"exporter (forwarder + InfluxStore)": math.inf, "direct /write": math.inf}
+            for round_ in range(rounds):
+                for name in best:
+                    db = f"ship_{round_}_{'e' if name.startswith('exporter') else 'd'}"
+                    engine.query(f'CREATE DATABASE "{db}"')
+                    if name.startswith("exporter"):
+                        ledger = _ledger_copy(ledger_file, root / "run.sqlite3")
+                        seconds, shipped = asyncio.run(_drain_ledger(engine.url, db, ledger))
+                        assert shipped == len(lines)
+                    else:
+                        seconds = asyncio.run(_post_v1(engine.url, db, bodies))
+                    stored = sum(
+                        engine.count(db, m, f)
+                        for m, f in (("payment", "payment_id"), ("batch", "batch_id"),
+                                     ("revenue", "amount_micro"), ("websocket", "count"))
+                    )
+                    if stored != len(lines):
+                        raise AssertionError(f"{name}: {stored} of {len(lines)} points stored")
+                    engine.query(f'DROP DATABASE "{db}"')
+                    best[name] = min(best[name], seconds)
+        finally:
+            engine.stop()
+    out.write(
+        f"influxd {engine.url} (v1 /write); {len(lines):,} points per path in batches of "
+        f"{MAX_LINES_PER_WRITE:,}, best of {rounds}\n"
+    )
+    out.write(f"{'path':<36} {'seconds':>8} {'points/s':>12}\n")
+    for name, seconds in best.items():
+        out.write(f"{name:<36} {seconds:>8.3f} {len(lines) / seconds:>12,.0f}\n")
+    exporter, direct = best.values()
+    ratio = direct / exporter
+    out.write(f"ratio exporter / direct: {ratio:.2f} (target >= {TARGET_ENGINE_RATIO}: "
+              f"{'met' if ratio >= TARGET_ENGINE_RATIO else 'MISSED'})\n")
+    return 0
+
+
 def main() -> int:
     """Run the benchmark and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
@@ -217,7 +365,14 @@ def main() -> int:
     parser.add_argument(
         "--record", action="store_true", help="server parses and keys every point"
     )
+    parser.add_argument(
+        "--engine", action="store_true",
+        help="against a real influxd over the v1 API: the forwarder and store against "
+        "posting the same line protocol straight to /write",
+    )
     args = parser.parse_args()
+    if args.engine:
+        return run_engine(args.points, args.rounds)
     server, url = _start_server(args.record)
     try:
         results = asyncio.run(run(url, args.points, args.rounds, args.point))

@@ -70,6 +70,15 @@ class StoreKind(StrEnum):
     INFLUXDB = "influxdb"
 
 
+class InfluxApi(StrEnum):
+    """Which InfluxDB write API the store speaks."""
+
+    V2 = "v2"
+    """``/api/v2/write``: InfluxDB 2.x (org, bucket, token)."""
+    V1 = "v1"
+    """``/write``: InfluxDB 1.x, and the v1 compatibility API of 1.8+, 2.x and 3."""
+
+
 SINKS = (StoreKind.DUCKDB, StoreKind.INFLUXDB)
 """The stores ``EXPORTER_STORES`` may list."""
 
@@ -321,6 +330,20 @@ class Settings(BaseSettings):
     influx_timeout_seconds: PositiveFloat = Field(
         10.0, description="InfluxDB request timeout (a write not answered by then is retried)"
     )
+    influx_api: InfluxApi = Field(
+        InfluxApi.V2,
+        description="InfluxDB write API: v2 (/api/v2/write: org, bucket, token) or v1 "
+        "(/write: database = EXPORTER_INFLUX_BUCKET; InfluxDB 1.x, or the v1 API of 2.x and 3)",
+    )
+    influx_username: str | None = Field(
+        None, description="v1 API: user name, sent with the password as HTTP Basic auth"
+    )
+    influx_password: SecretStr | None = Field(
+        None, description="v1 API: password of EXPORTER_INFLUX_USERNAME"
+    )
+    influx_retention_policy: str | None = Field(
+        None, description="v1 API: retention policy to write to (default: the database's)"
+    )
     duckdb_memory_limit: str = Field(
         DUCKDB_MEMORY_LIMIT,
         description="DuckDB buffer pool limit (DuckDB size syntax, e.g. 512MB, 2GB)",
@@ -414,7 +437,7 @@ class Settings(BaseSettings):
             check_secret(value.get_secret_value())
         return value
 
-    @field_validator("influx_url", "influx_org")
+    @field_validator("influx_url", "influx_org", "influx_username", "influx_retention_policy")
     @classmethod
     def _blank_is_unset(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
@@ -510,6 +533,35 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("influx_username")
+    @classmethod
+    def _basic_auth_user(cls, value: str | None) -> str | None:
+        if value is not None and ":" in value:
+            raise ValueError("must not contain ':' (HTTP Basic auth cannot carry it)")
+        return value
+
+    @model_validator(mode="after")
+    def _influx_v1_settings(self) -> Settings:
+        if self.influx_password is not None and self.influx_username is None:
+            raise ValueError(
+                "EXPORTER_INFLUX_PASSWORD is set without EXPORTER_INFLUX_USERNAME: set the "
+                "user name too, or unset the password"
+            )
+        if self.influx_api is InfluxApi.V1:
+            return self
+        v1_only = [
+            setting_variable(name)
+            for name in ("influx_username", "influx_password", "influx_retention_policy")
+            if getattr(self, name) is not None
+        ]
+        if v1_only:
+            raise ValueError(
+                f"{', '.join(v1_only)} only apply to the v1 write API: set "
+                "EXPORTER_INFLUX_API=v1, or unset them (InfluxDB 2.x authenticates with "
+                "EXPORTER_INFLUX_TOKEN)"
+            )
+        return self
+
     @model_validator(mode="after")
     def _one_way_to_name_stores(self) -> Settings:
         if self.stores is not None and self.store is not StoreKind.AUTO:
@@ -536,6 +588,18 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _influx_complete(self) -> Settings:
         if StoreKind.INFLUXDB not in self.resolved_stores:
+            return self
+        if self.influx_api is InfluxApi.V1:
+            if self.influx_url is None:
+                raise ValueError(
+                    f"the InfluxDB store needs EXPORTER_INFLUX_URL (store is "
+                    f"{self.store.value}; set EXPORTER_STORE=duckdb for the embedded store)"
+                )
+            if self.influx_username is not None and self.influx_token is not None:
+                raise ValueError(
+                    "EXPORTER_INFLUX_USERNAME and EXPORTER_INFLUX_TOKEN are both set: the v1 "
+                    "API takes one of them (user name and password, or a token); unset one"
+                )
             return self
         missing = [
             f"EXPORTER_INFLUX_{name.upper()}"

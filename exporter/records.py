@@ -19,16 +19,51 @@ from dataclasses import dataclass, fields
 from operator import attrgetter
 from typing import Any, ClassVar, Protocol
 
+NS_PER_MS = 1_000_000
+"""Nanosecond offsets inside one millisecond: a point's timestamp is ``ms * 10^6 + offset``."""
+
+
+def key_digest(key: str) -> int:
+    """The unsigned 64-bit blake2b digest of an event key, where its offset probing starts."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
 
 def unique_time_ns(time_ms: int, key: str) -> int:
-    """A nanosecond timestamp inside ``time_ms`` that is distinct per event key.
+    """The nanosecond timestamp inside ``time_ms`` where the point of event ``key`` starts
+    looking for a free slot: ``time_ms * 10^6 + key_digest(key) % 10^6``.
 
     InfluxDB merges points with equal series and timestamp; deriving the sub-millisecond
-    part from the event's dedup key keeps distinct events apart while a replay of the
-    same event lands on the same point.
+    part from the event's dedup key keeps a replay of the same event on the same point.
+    Two keys of one series and millisecond land here on the same offset with probability
+    10^-6 per pair, so the ledger probes from here to a free offset and stores the one it
+    chose with the record (:attr:`PaymentRecord.time_offset_ns`, :func:`point_time_ns`).
     """
-    offset = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
-    return time_ms * 1_000_000 + offset % 1_000_000
+    return time_ms * NS_PER_MS + key_digest(key) % NS_PER_MS
+
+
+def point_time_ns(record: StoreRecord) -> int:
+    """The timestamp of ``record``'s point: its millisecond plus the offset the ledger chose.
+
+    A record without an offset (an outbox row written before offsets were stored) has
+    the hash offset of :func:`unique_time_ns`, the timestamp it was written with before.
+    """
+    offset = record.time_offset_ns
+    if offset is None:
+        return unique_time_ns(record.time_ms, record.key)
+    return record.time_ms * NS_PER_MS + offset
+
+
+def series_of(record: StoreRecord) -> str:
+    """The identity of ``record``'s InfluxDB series: measurement and tag values.
+
+    Distinct series give distinct strings (the separator cannot occur in a tag value the
+    ledger accepts); the ledger hashes it to find points that would share a timestamp.
+    """
+    if isinstance(record, PaymentRecord | BatchRecord):
+        return f"{record.measurement}\x00{record.network}\x00{record.status}"
+    if isinstance(record, RevenueRecord):
+        return f"{record.measurement}\x00{record.network}\x00{record.kind}"
+    return record.measurement
 
 
 @dataclass(slots=True)
@@ -49,6 +84,9 @@ class PaymentRecord:
     verification_ms: float | None = None
     tx: str | None = None
     error: str | None = None
+    time_offset_ns: int | None = None
+    """The point's nanoseconds inside ``time_ms`` (0..999,999), chosen by the ledger so that no
+    other point of its series and millisecond has them; None in rows from before."""
 
 
 @dataclass(slots=True)
@@ -66,6 +104,7 @@ class BatchRecord:
     total_fees_micro: int | None = None
     gas_used: int | None = None
     tx: str | None = None
+    time_offset_ns: int | None = None
 
 
 @dataclass(slots=True)
@@ -79,6 +118,7 @@ class RevenueRecord:
     kind: str
     amount_micro: int
     payment_id: str | None = None
+    time_offset_ns: int | None = None
 
 
 @dataclass(slots=True)
@@ -89,6 +129,7 @@ class WebsocketRecord:
     key: str
     time_ms: int
     count: int
+    time_offset_ns: int | None = None
 
 
 StoreRecord = PaymentRecord | BatchRecord | RevenueRecord | WebsocketRecord

@@ -1,8 +1,11 @@
-"""An InfluxDB 2.x stand-in for tests and benchmarks, with scriptable faults.
+"""An InfluxDB stand-in for tests and benchmarks, with scriptable faults.
 
 Not a test module. It implements what the exporter's InfluxDB store talks to:
 ``POST /api/v2/write`` (gzip-aware, token-checked, org and bucket checked, every request
-recorded with its query string and lines), ``GET /ping`` and ``GET /health``. Accepted
+recorded with its query string and lines), the v1 ``POST /write`` (database ``db`` =
+``bucket``, optional ``rp`` among ``retention_policies``, ``Authorization: Token`` or
+HTTP Basic with ``username``/``password``; answers as InfluxDB 1.x does),
+``GET /ping`` and ``GET /health``. Accepted
 lines are kept as points keyed like InfluxDB keys them, by series (measurement and tag
 set) and timestamp, so a rewrite overwrites and distinct events stay distinct.
 
@@ -14,13 +17,18 @@ Faults, by rule or scripted per request:
   above its batch size limit;
 - ``bad_markers``: a request holding a line that contains one of these substrings is
   refused with 400 and InfluxDB's parse-error body naming the first such line, and none
-  of its lines is written (InfluxDB OSS 2.x parses the whole batch before writing);
+  of its lines is written (InfluxDB OSS 2.x parses the whole batch before writing); on
+  ``/write`` the other lines are written and the answer is 1.x's 400 ``partial write:
+  unable to parse``;
 - ``conflict_markers``: such lines are dropped with 422 ``partial write`` while the
-  other lines of the request are written, as InfluxDB does on field type conflicts;
+  other lines of the request are written, as InfluxDB does on field type conflicts; on
+  ``/write`` the answer is 1.x's 400 ``partial write: field type conflict``, and with
+  ``v1_conflict_drops_batch`` nothing of the request is written (a whole batch refused);
 - :meth:`InfluxFaultServer.outage`: stop listening (connection refused) until
   :meth:`InfluxFaultServer.resume`.
 
-Error bodies have InfluxDB's shape, ``{"code": ..., "message": ...}``. All state is
+Error bodies have InfluxDB's shape: ``{"code": ..., "message": ...}`` on the v2 API,
+``{"error": ...}`` on ``/write``. All state is
 guarded by a lock, so a test may drive the server from another thread
 (:class:`ThreadedInfluxFaultServer`), e.g. while the exporter runs as a subprocess.
 """
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import contextlib
 import gzip
@@ -46,6 +55,9 @@ _T = TypeVar("_T")
 
 VERSION = "v2.7.11"
 """The InfluxDB version the stand-in reports in ``X-Influxdb-Version`` and /health."""
+
+VERSION_V1 = "1.6.7~rc0"
+"""The version ``/write`` answers report, as Debian's InfluxDB 1.6 does."""
 
 PointKey = tuple[str, int]
 """How InfluxDB identifies a point: (series key ``measurement,tags``, timestamp ns)."""
@@ -144,6 +156,13 @@ def _error(status: int, message: str, retry_after: str | None = None) -> web.Res
     return web.json_response(body, status=status, headers=headers)
 
 
+def _error_v1(status: int, message: str, retry_after: str | None = None) -> web.Response:
+    headers = {"X-Influxdb-Error": message, "X-Influxdb-Version": VERSION_V1}
+    if retry_after is not None:
+        headers["Retry-After"] = retry_after
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
 @dataclass
 class InfluxFaultServer:
     """The stand-in: an aiohttp app on a loopback port with recorded state and faults."""
@@ -153,9 +172,14 @@ class InfluxFaultServer:
     bucket: str = "payments"
     record_points: bool = True
     """When False only requests and line counts are kept (for benchmarks)."""
+    username: str | None = None
+    """With ``password``: HTTP Basic credentials ``/write`` accepts beside the token."""
+    password: str | None = None
+    retention_policies: tuple[str, ...] = ("autogen",)
     max_lines: int | None = None
     bad_markers: tuple[str, ...] = ()
     conflict_markers: tuple[str, ...] = ()
+    v1_conflict_drops_batch: bool = False
     script: collections.deque[Reply] = field(default_factory=collections.deque)
     requests: list[WriteRequest] = field(default_factory=list)
     points: dict[PointKey, str] = field(default_factory=dict)
@@ -180,6 +204,7 @@ class InfluxFaultServer:
             handler_args={"auto_decompress": False},  # decoded here, as InfluxDB does
         )
         app.router.add_post("/api/v2/write", self._write)
+        app.router.add_post("/write", self._write)
         app.router.add_get("/ping", self._ping)
         app.router.add_get("/health", self._health)
         app.router.add_get("/_fault/stats", self._stats)
@@ -289,7 +314,10 @@ class InfluxFaultServer:
             assert self._stopping is not None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), reply.delay)
-        response = self._answer(request, lines, reply)
+        if request.path == "/write":
+            response = self._answer_v1(request, lines, reply)
+        else:
+            response = self._answer(request, lines, reply)
         with self._lock:
             self.requests.append(
                 WriteRequest(
@@ -338,6 +366,54 @@ class InfluxFaultServer:
                 f"type integer dropped={len(dropped)}",
             )
         return web.Response(status=204)
+
+    def _authorised_v1(self, request: web.Request) -> bool:
+        given = request.headers.get("Authorization")
+        if given == f"Token {self.token}":
+            return True
+        if self.username is None or given is None or not given.startswith("Basic "):
+            return False
+        expected = f"{self.username}:{self.password or ''}".encode()
+        return base64.b64decode(given.removeprefix("Basic ")) == expected
+
+    def _answer_v1(
+        self, request: web.Request, lines: tuple[str, ...], reply: Reply | None
+    ) -> web.Response:
+        """What InfluxDB 1.x answers to ``POST /write`` (probed on 1.6)."""
+        if not self._authorised_v1(request):
+            return _error_v1(401, "authorization failed")
+        if reply is not None and not 200 <= reply.status < 300:
+            return _error_v1(reply.status, reply.message, reply.retry_after)
+        query = request.query
+        if "db" not in query:
+            return _error_v1(400, "database is required")
+        if query["db"] != self.bucket:
+            return _error_v1(404, f'database not found: "{query["db"]}"')
+        if query.get("rp", "autogen") not in self.retention_policies:
+            return _error_v1(500, f"retention policy not found: {query['rp']}")
+        if query.get("precision", "ns") != "ns":
+            return _error_v1(400, "this stand-in only speaks precision=ns")
+        if self.max_lines is not None and len(lines) > self.max_lines:
+            return _error_v1(413, "Request Entity Too Large")
+        unparsed = [ln for ln in lines if any(m in ln for m in self.bad_markers)]
+        conflicting = [ln for ln in lines if any(m in ln for m in self.conflict_markers)]
+        good = tuple(ln for ln in lines if ln not in unparsed and ln not in conflicting)
+        if unparsed:
+            self._apply(good)
+            return _error_v1(
+                400, f"partial write: unable to parse '{unparsed[0]}': invalid number dropped=0"
+            )
+        if conflicting:
+            if not self.v1_conflict_drops_batch:
+                self._apply(good)
+            dropped = len(lines) if self.v1_conflict_drops_batch else len(conflicting)
+            return _error_v1(
+                400,
+                f'partial write: field type conflict: input field "payment_id" on measurement '
+                f'"payment" is type string, already exists as type integer dropped={dropped}',
+            )
+        self._apply(lines)
+        return web.Response(status=204, headers={"X-Influxdb-Version": VERSION_V1})
 
     def _apply(self, lines: tuple[str, ...]) -> None:
         with self._lock:

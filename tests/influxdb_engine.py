@@ -137,11 +137,13 @@ class InfluxEngine:
 
     def query(self, influxql: str, database: str | None = None, **auth: str) -> list[Any]:
         """Run InfluxQL; the ``series`` of each statement's result (raises on an error)."""
-        params = {"q": influxql, "epoch": "ns", **auth}
+        params = {"q": influxql, "epoch": "ns"}
         if database is not None:
             params["db"] = database
         data = urllib.parse.urlencode(params).encode()
-        request = urllib.request.Request(f"{self.url}/query", data=data, method="POST")
+        # InfluxDB 1.x reads the credentials ``u`` and ``p`` from the URL, not a form body.
+        where = f"{self.url}/query" + (f"?{urllib.parse.urlencode(auth)}" if auth else "")
+        request = urllib.request.Request(where, data=data, method="POST")
         with urllib.request.urlopen(request, timeout=60) as answer:
             body = json.loads(answer.read())
         results = body.get("results", [])

@@ -28,7 +28,7 @@ from exporter.records import (
     StoreRejection,
     WebsocketRecord,
 )
-from exporter.store.influx.store import InfluxStore, to_line
+from exporter.store.influx.store import InfluxApi, InfluxStore, to_line
 
 ADDR_A = "0x" + "a" * 40
 ADDR_B = "0x" + "b" * 40
@@ -194,12 +194,21 @@ async def fault_server() -> AsyncIterator[InfluxFaultServer]:
 
 @contextlib.asynccontextmanager
 async def influx_store(
-    server: InfluxFaultServer, timeout_seconds: float = 0.5
+    server: InfluxFaultServer, timeout_seconds: float = 0.5, api: InfluxApi = "v2"
 ) -> AsyncIterator[InfluxStore]:
-    """An InfluxDB store aimed at ``server``, by default with a short (0.5 s) timeout."""
-    store = InfluxStore(
-        server.url, server.token, server.org, server.bucket, timeout_seconds=timeout_seconds
-    )
+    """An InfluxDB store aimed at ``server`` over ``api``, by default with a short (0.5 s)
+    timeout; on v1 it authenticates with the server's user name and password when it has
+    them, else with its token."""
+    if api == "v1" and server.username is not None:
+        store = InfluxStore(
+            server.url, None, None, server.bucket, timeout_seconds=timeout_seconds, api="v1",
+            username=server.username, password=server.password,
+        )
+    else:
+        store = InfluxStore(
+            server.url, server.token, server.org if api == "v2" else None, server.bucket,
+            timeout_seconds=timeout_seconds, api=api,
+        )
     try:
         yield store
     finally:

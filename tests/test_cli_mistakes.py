@@ -469,6 +469,14 @@ def test_flux_needs_influxdb(run: Run) -> None:
     refused(run("flux", "x"), 2, "not InfluxDB", "EXPORTER_INFLUX_URL")
 
 
+def test_flux_needs_the_v2_api(run: Run) -> None:
+    """Flux against InfluxDB over the v1 API (1.x runs no Flux): exit 2 saying so."""
+    outcome = run(
+        "flux", "x", EXPORTER_INFLUX_URL="http://127.0.0.1:8086", EXPORTER_INFLUX_API="v1"
+    )
+    refused(outcome, 2, "Flux runs on InfluxDB 2.x only", "InfluxQL")
+
+
 # --------------------------------------------------------------------------- backfill, recover
 
 

@@ -187,3 +187,65 @@ def test_check_config_reports_the_mistake_in_one_line(
     (line,) = result.stderr.splitlines()
     assert line.startswith(f"facilitator-exporter: invalid configuration: {expected}")
     assert result.stdout == ""
+
+
+def test_the_v1_write_api_needs_no_org_and_takes_a_user_or_a_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """v1: URL alone (1.x without auth), a user name and password, or a token; no org."""
+    monkeypatch.setenv("EXPORTER_INFLUX_URL", "http://127.0.0.1:8086")
+    monkeypatch.setenv("EXPORTER_INFLUX_API", "v1")
+    assert load_settings().influx_org is None
+    monkeypatch.setenv("EXPORTER_INFLUX_USERNAME", "writer")
+    monkeypatch.setenv("EXPORTER_INFLUX_PASSWORD", "pw")
+    monkeypatch.setenv("EXPORTER_INFLUX_RETENTION_POLICY", "autogen")
+    settings = load_settings()
+    assert (settings.influx_username, settings.influx_retention_policy) == ("writer", "autogen")
+
+
+@pytest.mark.parametrize(
+    ("variables", "says"),
+    [
+        (
+            {"EXPORTER_INFLUX_API": "v3"},
+            "EXPORTER_INFLUX_API: Input should be 'v2' or 'v1'",
+        ),
+        (
+            {"EXPORTER_INFLUX_API": "v1", "EXPORTER_INFLUX_PASSWORD": "pw"},
+            "EXPORTER_INFLUX_PASSWORD is set without EXPORTER_INFLUX_USERNAME",
+        ),
+        (
+            {
+                "EXPORTER_INFLUX_API": "v1",
+                "EXPORTER_INFLUX_USERNAME": "writer",
+                "EXPORTER_INFLUX_TOKEN": "t0ken",
+            },
+            "EXPORTER_INFLUX_USERNAME and EXPORTER_INFLUX_TOKEN are both set",
+        ),
+        (
+            {"EXPORTER_INFLUX_API": "v1", "EXPORTER_INFLUX_USERNAME": "a:b"},
+            "EXPORTER_INFLUX_USERNAME: must not contain ':'",
+        ),
+        (
+            {"EXPORTER_INFLUX_USERNAME": "writer", "EXPORTER_INFLUX_RETENTION_POLICY": "rp"},
+            "EXPORTER_INFLUX_USERNAME, EXPORTER_INFLUX_RETENTION_POLICY only apply to the v1 "
+            "write API",
+        ),
+        (
+            {"EXPORTER_INFLUX_API": "v2", "EXPORTER_INFLUX_TOKEN": "t0ken"},
+            "the InfluxDB store needs EXPORTER_INFLUX_ORG",
+        ),
+    ],
+    ids=["unknown-api", "password-alone", "user-and-token", "colon", "v1-only", "v2-org"],
+)
+def test_influx_api_mistakes_are_one_line(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], says: str
+) -> None:
+    """Each wrong combination of the InfluxDB API settings is refused up front, in one line,
+    and never echoes a password."""
+    message = config_error(
+        monkeypatch, EXPORTER_INFLUX_URL="http://127.0.0.1:8086", **variables
+    )
+    assert says in message
+    assert len(message.splitlines()) == 1
+    assert "pw" not in message.replace("EXPORTER_INFLUX_PASSWORD", "")

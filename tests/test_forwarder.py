@@ -63,10 +63,13 @@ async def influx() -> AsyncIterator[InfluxFaultServer]:
         yield server
 
 
-@pytest.fixture
-async def store(influx: InfluxFaultServer) -> AsyncIterator[InfluxStore]:
-    """The InfluxDB store pointed at the fault server, with a short timeout."""
-    async with influx_store(influx) as opened:
+@pytest.fixture(params=["v2", "v1"])
+async def store(
+    influx: InfluxFaultServer, request: pytest.FixtureRequest
+) -> AsyncIterator[InfluxStore]:
+    """The InfluxDB store pointed at the fault server, with a short timeout, over each
+    write API in turn: delivery through faults is the same on both."""
+    async with influx_store(influx, api=request.param) as opened:
         yield opened
 
 

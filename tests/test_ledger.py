@@ -854,6 +854,7 @@ async def test_an_old_ledger_is_upgraded_with_its_join_state_and_outbox(old_ledg
     assert schema == (str(SCHEMA_VERSION),)
     assert "payments_schema1" not in tables and "payments_id_hash" in tables
     assert "events_key_hash" not in tables and "outbox_schema2" not in tables
+    assert "point_times" in tables  # schema 4
     assert key_index_seqs(path) == [1, 2, 3, 4, 5, 6]  # the schema 1 events, merged
 
 
@@ -913,7 +914,7 @@ def test_a_ledger_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     Ledger(path).close()
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
-    with pytest.raises(LedgerError, match="has schema 99, this exporter reads 3"):
+    with pytest.raises(LedgerError, match="has schema 99, this exporter reads 4"):
         Ledger(path)
 
 

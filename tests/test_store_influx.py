@@ -1,8 +1,10 @@
-"""The InfluxDB store: every write fault, and what ``check-config`` says of it.
+"""The InfluxDB store: every write fault over both write APIs, and what ``check-config``
+says of it.
 
-Faults come from the fault-injection server (``influx_fault_server``) driven through
-the real ``influxdb-client``. Shipping through these faults (the forwarder) is tested
-in ``test_forwarder``.
+Faults come from the fault-injection server (``influx_fault_server``), which speaks the v2
+API (driven through the real ``influxdb-client``) and the v1 ``/write`` as InfluxDB 1.x
+answers it. The fault tests run once per API. Shipping through these faults (the
+forwarder) is tested in ``test_forwarder``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from exporter.errors import (
 )
 from exporter.records import PaymentRecord, StoreRecord
 from exporter.store import open_store, redact_url
-from exporter.store.influx.store import InfluxStore
+from exporter.store.influx.store import InfluxApi, InfluxStore
 
 # --------------------------------------------------------------------------- helpers
 
@@ -66,18 +68,32 @@ async def influx() -> AsyncIterator[InfluxFaultServer]:
         yield server
 
 
+@pytest.fixture(params=["v2", "v1"])
+def api(request: pytest.FixtureRequest) -> InfluxApi:
+    """The write API under test: every fault test runs once per API."""
+    value: InfluxApi = request.param
+    return value
+
+
 @pytest.fixture
-async def store(influx: InfluxFaultServer) -> AsyncIterator[InfluxStore]:
+async def store(influx: InfluxFaultServer, api: InfluxApi) -> AsyncIterator[InfluxStore]:
     """The store pointed at the fault server, with a timeout a loaded machine never hits."""
-    async with influx_store(influx, timeout_seconds=10.0) as opened:
+    async with influx_store(influx, timeout_seconds=10.0, api=api) as opened:
         yield opened
 
 
 @pytest.fixture
-async def quick_store(influx: InfluxFaultServer) -> AsyncIterator[InfluxStore]:
+async def quick_store(influx: InfluxFaultServer, api: InfluxApi) -> AsyncIterator[InfluxStore]:
     """The store pointed at the fault server with a 0.5 s timeout, for timeout tests."""
-    async with influx_store(influx, timeout_seconds=0.5) as opened:
+    async with influx_store(influx, timeout_seconds=0.5, api=api) as opened:
         yield opened
+
+
+def _where(store: InfluxStore) -> str:
+    """How the store's errors name where they write."""
+    if store.api == "v1":
+        return f"database {store.bucket!r}"
+    return f"bucket {store.bucket!r} org {store.org!r}"
 
 
 # --------------------------------------------------------------------------- store faults
@@ -91,9 +107,10 @@ async def test_write_sends_gzip_batches_of_at_most_5000_lines(
     assert await store.write(records) == []
     log = influx.request_log()
     assert [len(r.lines) for r in log] == [5_000, 5_000, 2_000]
+    names = {"org": "test-org", "bucket": "payments"} if store.api == "v2" else {"db": "payments"}
     for request in log:
         assert request.content_encoding == "gzip"
-        assert request.query == {"org": "test-org", "bucket": "payments", "precision": "ns"}
+        assert request.query == {**names, "precision": "ns"}
         assert request.authorization == "Token test-token"
         assert request.status == 204
     assert influx.point_keys() == {point_key(r) for r in records}
@@ -152,8 +169,9 @@ async def test_bad_lines_are_isolated_by_bisection_and_the_rest_is_written(
     influx.bad_markers = ('payment_id="p17"', 'payment_id="p640"')
     refused = await store.write(records)
     assert {r.record.key for r in refused} == poison
+    said = "unable to parse" if store.api == "v2" else "partial write: unable to parse"
     for rejection in refused:
-        assert rejection.reason.startswith("influxdb 400: unable to parse 'payment,")
+        assert rejection.reason.startswith(f"influxdb 400: {said} 'payment,")
         assert rejection.record.key.rsplit(":", 1)[1] in rejection.reason
     good = {point_key(r) for r in records if r.key not in poison}
     assert influx.point_keys() == good
@@ -164,13 +182,73 @@ async def test_bad_lines_are_isolated_by_bisection_and_the_rest_is_written(
 async def test_partial_writes_are_bisected_and_the_conflicting_line_dead_lettered(
     influx: InfluxFaultServer, store: InfluxStore
 ) -> None:
-    """422 partial write (type conflict): the other lines land, the conflicting one is refused."""
+    """Partial write (type conflict; 422 on v2, 400 on v1): the other lines land, the
+    conflicting one is refused."""
     records = _payments(50)
     influx.conflict_markers = ('payment_id="p9"',)
     refused = await store.write(records)
     assert [r.record.key for r in refused] == [records[9].key]
     assert "partial write: field type conflict" in refused[0].reason
+    assert refused[0].reason.startswith("influxdb 422" if store.api == "v2" else "influxdb 400")
     assert influx.point_keys() == {point_key(r) for r in records if r is not records[9]}
+
+
+async def test_a_type_conflict_refusing_the_whole_v1_batch_dead_letters_only_its_line(
+    influx: InfluxFaultServer,
+) -> None:
+    """InfluxDB 1.6 may answer a field type conflict with 400 for the whole batch, writing
+    nothing: bisection still isolates the one line, and everything else is written."""
+    influx.conflict_markers = ('payment_id="p613"',)
+    influx.v1_conflict_drops_batch = True
+    records = _payments(2_000)
+    async with influx_store(influx, timeout_seconds=10.0, api="v1") as store:
+        refused = await store.write(records)
+        assert [r.record.key for r in refused] == [records[613].key]
+        assert "field type conflict" in refused[0].reason
+        assert store.requests <= 2 * math.ceil(math.log2(2_000)) + 1
+    assert influx.point_keys() == {point_key(r) for r in records if r is not records[613]}
+
+
+@pytest.mark.parametrize(
+    "message", ["database is required", "unexpected EOF", "gzip: invalid header"]
+)
+async def test_a_v1_400_that_names_no_line_is_retried_not_dead_lettered(
+    influx: InfluxFaultServer, message: str
+) -> None:
+    """1.x answers request-level trouble with 400 too: only answers naming lines bisect."""
+    influx.push(Reply(400, message))
+    async with influx_store(influx, timeout_seconds=10.0, api="v1") as store:
+        with pytest.raises(StoreClientError, match=message):
+            await store.write(_payments(10))
+        assert store.requests == 1
+
+
+async def test_v1_basic_auth_carries_the_user_and_never_the_url(
+    influx: InfluxFaultServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """v1 with a user name: HTTP Basic (not u/p query parameters, which would put the
+    password in every URL); a wrong password is a StoreAuthError that never prints it."""
+    influx.username, influx.password = "writer", "s3cret-pw"
+    with caplog.at_level(logging.DEBUG):
+        async with influx_store(influx, timeout_seconds=10.0, api="v1") as store:
+            assert await store.write(_payments(3)) == []
+        (request,) = influx.request_log()
+        assert request.authorization == "Basic d3JpdGVyOnMzY3JldC1wdw=="
+        assert set(request.query) == {"db", "precision"}
+        wrong = InfluxStore(
+            influx.url, None, None, influx.bucket, api="v1", username="writer",
+            password="nope", retention_policy="autogen",
+        )
+        try:
+            with pytest.raises(StoreAuthError) as caught:
+                await wrong.write(_payments(1))
+        finally:
+            await wrong.close()
+    assert "EXPORTER_INFLUX_USERNAME and EXPORTER_INFLUX_PASSWORD" in str(caught.value)
+    assert "retention policy 'autogen'" in str(caught.value)
+    assert influx.request_log()[-1].query["rp"] == "autogen"
+    for text in (str(caught.value), *(r.getMessage() for r in caplog.records)):
+        assert "s3cret-pw" not in text and "nope" not in text
 
 
 async def test_a_request_level_400_is_retried_not_dead_lettered(
@@ -196,9 +274,12 @@ async def test_refused_credentials_raise_store_auth_error(
         await store.write(_payments(1))
 
 
-async def test_unknown_bucket_is_a_configuration_error(influx: InfluxFaultServer) -> None:
-    """404 (bucket or org not found) names the settings to check."""
-    wrong = InfluxStore(influx.url, influx.token, influx.org, "nope", timeout_seconds=1)
+async def test_unknown_bucket_is_a_configuration_error(
+    influx: InfluxFaultServer, api: InfluxApi
+) -> None:
+    """404 (bucket, org or database not found) names the settings to check."""
+    org = influx.org if api == "v2" else None
+    wrong = InfluxStore(influx.url, influx.token, org, "nope", timeout_seconds=1, api=api)
     try:
         with pytest.raises(StoreAuthError, match="EXPORTER_INFLUX_BUCKET"):
             await wrong.write(_payments(1))
@@ -237,9 +318,9 @@ async def test_connection_refused_then_recovery(
     [
         (Reply(500, "engine broke"), StoreServerError, "InfluxDB's own log says why"),
         (Reply(418, "teapot"), StoreClientError, "check that EXPORTER_INFLUX_URL names"),
-        (Reply(401, "unauthorized"), StoreAuthError, "set EXPORTER_INFLUX_TOKEN"),
-        (Reply(404, "bucket not found"), StoreAuthError, "check EXPORTER_INFLUX_ORG"),
-        (Reply(429, "slow", retry_after="2"), StoreRetryAfterError, "asked for a pause of 2s"),
+        (Reply(401, "unauthorized"), StoreAuthError, "EXPORTER_INFLUX_TOKEN"),
+        (Reply(404, "bucket not found"), StoreAuthError, "EXPORTER_INFLUX_BUCKET"),
+        (Reply(429, "slow", retry_after="2"), StoreRetryAfterError, "retry after 2s"),
     ],
     ids=["500", "418", "401", "404", "429"],
 )
@@ -256,7 +337,7 @@ async def test_every_write_error_names_the_address_and_the_way_out(
         await store.write(_payments(1))
     message = str(caught.value)
     assert influx.url in message and way_out in message
-    assert "bucket 'payments' org 'test-org'" in message
+    assert f"{_where(store)} answered {reply.status}: {reply.message}; " in message
     assert "\n" not in message
 
 
@@ -301,10 +382,13 @@ def test_redacted_urls_keep_everything_but_the_user_info() -> None:
     assert redact_url("http://[::1]:8086") == "http://[::1]:8086"
 
 
-async def test_check_reports_reachability_and_credentials(influx: InfluxFaultServer) -> None:
+async def test_check_reports_reachability_and_credentials(
+    influx: InfluxFaultServer, api: InfluxApi
+) -> None:
     """check(): version from /ping, credentials by an empty write that stores nothing."""
-    good = InfluxStore(influx.url, influx.token, influx.org, influx.bucket, timeout_seconds=1)
-    bad = InfluxStore(influx.url, "wrong", influx.org, influx.bucket, timeout_seconds=1)
+    org = influx.org if api == "v2" else None
+    good = InfluxStore(influx.url, influx.token, org, influx.bucket, timeout_seconds=1, api=api)
+    bad = InfluxStore(influx.url, "wrong", org, influx.bucket, timeout_seconds=1, api=api)
     try:
         ok = await good.check()
         assert (ok.reachable, ok.version, ok.credentials) == (True, "v2.7.11", "accepted")
@@ -361,4 +445,30 @@ def test_check_config_reports_and_pings_influxdb(
     down = run_cli("check-config", "--ping", **env)
     assert down.returncode == 1
     assert "unreachable" in down.stdout
+    assert server.point_keys() == set()
+
+
+@pytest.mark.slow
+def test_check_config_pings_influxdb_over_the_v1_api(
+    threaded_influx: tuple[InfluxFaultServer, Callable[..., Any]],
+) -> None:
+    """check-config with EXPORTER_INFLUX_API=v1: no org needed, the user name and password
+    tested by an empty write to the database, the password never printed."""
+    server, _ = threaded_influx
+    server.username, server.password = "writer", "s3cret-pw"
+    env = {
+        "EXPORTER_INFLUX_URL": server.url,
+        "EXPORTER_INFLUX_API": "v1",
+        "EXPORTER_INFLUX_USERNAME": "writer",
+        "EXPORTER_INFLUX_PASSWORD": "s3cret-pw",
+    }
+    pinged = run_cli("check-config", "--ping", **env)
+    assert pinged.returncode == 0, pinged.stderr
+    assert "(v1 API, database payments)" in pinged.stdout
+    assert "credentials accepted for v1 API, database payments" in pinged.stdout
+    refused = run_cli("check-config", "--ping", **{**env, "EXPORTER_INFLUX_PASSWORD": "nope"})
+    assert refused.returncode == 1
+    assert "credentials refused" in refused.stdout
+    for output in (pinged.stdout, pinged.stderr, refused.stdout, refused.stderr):
+        assert "s3cret-pw" not in output and "nope" not in output
     assert server.point_keys() == set()

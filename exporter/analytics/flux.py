@@ -20,7 +20,8 @@ Protocol method -> Flux file (its results, by ``yield`` name):
 
 Event time. A window ``(at - span, at]`` holds the records whose event millisecond ``t``
 satisfies ``at - span < t <= at``, i.e. ``at - span + 1 <= t <= at``. A point's timestamp is
-``t * 10^6 + d`` nanoseconds with ``0 <= d < 10^6`` (:func:`exporter.records.unique_time_ns`),
+``t * 10^6 + d`` nanoseconds with ``0 <= d < 10^6`` (:func:`exporter.records.point_time_ns`: the
+ledger probes for a free offset ``d`` but never past the millisecond),
 so those points are exactly the ones in ``[(at - span + 1) * 10^6, (at + 1) * 10^6)``, which is
 Flux's half-open ``range(start, stop)``: see :func:`window_range`.
 
@@ -40,8 +41,6 @@ sums run in the query engine (two-part sums); what each query scans is in docs/f
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -64,16 +63,8 @@ from influxdb_client.domain.string_literal import StringLiteral
 from influxdb_client.domain.unary_expression import UnaryExpression
 from influxdb_client.rest import ApiException
 
-from ..errors import (
-    StoreAuthError,
-    StoreClientError,
-    StoreError,
-    StoreRetryAfterError,
-    StoreServerError,
-    StoreTimeoutError,
-)
-from ..retry import parse_retry_after
-from ..store.influx.store import DEFAULT_RETRY_AFTER_SECONDS
+from ..errors import StoreError, StoreServerError, StoreTimeoutError
+from ..store.influx.answers import WayOut, answer_message, classify_answer
 from .aggregates import NetworkSums, exact_int, number, text
 from .models import (
     BucketTotals,
@@ -235,6 +226,13 @@ class FluxQuerier(Protocol):
         ...
 
 
+_QUERY_WAY_OUT = WayOut(
+    auth="check EXPORTER_INFLUX_TOKEN, EXPORTER_INFLUX_ORG and EXPORTER_INFLUX_BUCKET",
+    not_found="check EXPORTER_INFLUX_TOKEN, EXPORTER_INFLUX_ORG and EXPORTER_INFLUX_BUCKET",
+    client="InfluxDB refused the query itself (its message says why)",
+)
+
+
 class InfluxQueryClient:
     """:class:`FluxQuerier` over ``InfluxDBClientAsync``'s query API.
 
@@ -280,37 +278,21 @@ class InfluxQueryClient:
 
     def _refused(self, error: ApiException) -> StoreError:
         """The error family's name for an InfluxDB answer other than 200 to a query."""
-        status = int(error.status or 0)
-        where = f"InfluxDB at {self.url} (org {self.org!r}) answered a query {status}"
-        reason = f"{where}: {_answer_text(error)}"
-        if status in (429, 503):
-            headers: Mapping[str, str] = error.headers or {}
-            retry_after = parse_retry_after(
-                headers.get("Retry-After"), time.time(), default=DEFAULT_RETRY_AFTER_SECONDS
-            )
-            return StoreRetryAfterError(f"{reason}; retry after {retry_after:g}s", retry_after)
-        if status in (401, 403, 404):
-            return StoreAuthError(
-                f"{reason}; check EXPORTER_INFLUX_TOKEN, EXPORTER_INFLUX_ORG and "
-                "EXPORTER_INFLUX_BUCKET"
-            )
-        if status >= 500:
-            return StoreServerError(reason)
-        return StoreClientError(reason)
+        headers: Mapping[str, str] = error.headers or {}
+        return classify_answer(
+            int(error.status or 0),
+            answer_message(error.body, error.reason),
+            headers.get("Retry-After"),
+            f"InfluxDB at {self.url} (org {self.org!r})",
+            _QUERY_WAY_OUT,
+            request="a query ",
+        )
 
     async def close(self) -> None:
         """Close the client's HTTP session, if one was opened."""
         client, self._client = self._client, None
         if client is not None:
             await client.close()
-
-
-def _answer_text(error: ApiException) -> str:
-    """InfluxDB's own message in an error answer (``{"message": ...}``), else the reason."""
-    try:
-        return str(json.loads(error.body)["message"])[:300]
-    except (TypeError, ValueError, KeyError):
-        return str(error.reason or "no reason given")
 
 
 # --------------------------------------------------------------------------- the source

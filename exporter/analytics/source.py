@@ -112,7 +112,7 @@ def analytics_source(store: Store, settings: Settings) -> AnalyticsSource | None
     # that an exporter on the embedded store never uses.
     from ..store.influx.store import InfluxStore
 
-    if isinstance(store, InfluxStore):
+    if isinstance(store, InfluxStore) and store.api == "v2":  # Flux runs on 2.x only
         from .flux import FluxAnalyticsSource
 
         assert settings.influx_url and settings.influx_token and settings.influx_org

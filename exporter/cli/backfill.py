@@ -17,7 +17,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 
-from ..config import Settings, StoreKind
+from ..config import InfluxApi, Settings, StoreKind
 from ..errors import ExporterError, OperatorError
 from ..events import parse_event_json
 from ..ledger import GroupCommitter, Ledger, PreparedEvent, Submission
@@ -112,12 +112,13 @@ async def backfill(
     anything written twice is held once). Both files are removed when the run completes.
     """
     existing_ledger(settings, "backfill")
+    v1 = settings.influx_api is InfluxApi.V1
     if target is StoreKind.INFLUXDB and not (
-        settings.influx_url and settings.influx_token and settings.influx_org
+        settings.influx_url and (v1 or (settings.influx_token and settings.influx_org))
     ):
         raise OperatorError(
-            "backfill: --to influxdb needs EXPORTER_INFLUX_URL, EXPORTER_INFLUX_TOKEN and "
-            "EXPORTER_INFLUX_ORG",
+            "backfill: --to influxdb needs EXPORTER_INFLUX_URL"
+            + ("" if v1 else ", EXPORTER_INFLUX_TOKEN and EXPORTER_INFLUX_ORG"),
             2,
         )
     with locked_data_dir(settings, "backfill"):
@@ -154,6 +155,9 @@ async def backfill_locked(
         raise OperatorError(f"backfill: cannot open the {target.value} store: {error}") from None
     source = await asyncio.to_thread(Ledger, settings.ledger_path, settings.durability)
     scratch = await asyncio.to_thread(Ledger, scratch_path, settings.durability)
+    # The records derived again take the offsets they had (docs/architecture.md section 6).
+    for rows in source.iter_point_times():
+        await asyncio.to_thread(scratch.adopt_point_times, rows)
     committer = GroupCommitter(scratch)
     forwarder = Forwarder(committer, store, Metrics(CollectorRegistry()), settings.store_batch_size)
     committer.on_commit_hooks.append(forwarder.wake)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from ..config import Settings, StoreKind, redact_url
+from ..config import InfluxApi, Settings, StoreKind, redact_url
 from .common import settings_from_args
 
 if TYPE_CHECKING:
@@ -21,6 +21,16 @@ if TYPE_CHECKING:
 
 URL_SETTINGS = ("influx_url", "upstream_facilitator")
 """Settings holding a URL, which may carry ``user:password@``."""
+
+
+def _influx_names(settings: Settings) -> str:
+    """Where the InfluxDB store writes: ``(org O, bucket B)`` or ``(v1 API, database D)``."""
+    if settings.influx_api is InfluxApi.V2:
+        return f"(org {settings.influx_org}, bucket {settings.influx_bucket})"
+    policy = settings.influx_retention_policy
+    return f"(v1 API, database {settings.influx_bucket}" + (
+        f", retention policy {policy})" if policy else ")"
+    )
 
 
 def _describe_settings(settings: Settings) -> dict[str, Any]:
@@ -40,8 +50,7 @@ def _describe_settings(settings: Settings) -> dict[str, Any]:
         described["duckdb_path"] = str(settings.duckdb_path)
     if StoreKind.INFLUXDB in settings.resolved_stores:
         described["store_target"] = (
-            f"influxdb at {redact_url(settings.influx_url or '')} "
-            f"(org {settings.influx_org}, bucket {settings.influx_bucket})"
+            f"influxdb at {redact_url(settings.influx_url or '')} " + _influx_names(settings)
         )
     return described
 
@@ -63,9 +72,8 @@ def _check_config(args: argparse.Namespace) -> int:
         return 1
     sys.stdout.write(f"{where}: reachable (InfluxDB {check.version}); ")
     if check.credentials == "accepted":
-        sys.stdout.write(
-            f"token accepted for org {settings.influx_org}, bucket {settings.influx_bucket}\n"
-        )
+        accepted = "token" if settings.influx_api is InfluxApi.V2 else "credentials"
+        sys.stdout.write(f"{accepted} accepted for {_influx_names(settings).strip('()')}\n")
         return 0
     sys.stdout.write(f"credentials {check.credentials}: {check.detail}\n")
     return 1

@@ -26,7 +26,7 @@ from ..analytics import (
     analytics_source,
     result_data,
 )
-from ..config import AnalyticsSourceKind, Settings, StoreKind
+from ..config import AnalyticsSourceKind, InfluxApi, Settings, StoreKind
 from ..errors import DataDirError, ExporterError, OperatorError
 from ..store import open_store
 from .common import (
@@ -130,7 +130,14 @@ async def query_store(settings: Settings, request: QueryRequest) -> object:
         try:
             source = analytics_source(store, settings)
             if source is None:
-                raise OperatorError(f"query: no analytics for the {store.name} store")
+                raise OperatorError(
+                    f"query: no analytics for the {store.name} store"
+                    + (
+                        " over the v1 API (Flux runs on InfluxDB 2.x only)"
+                        if settings.influx_api is InfluxApi.V1
+                        else ""
+                    )
+                )
             try:
                 result = await Analytics(source).compute(
                     request.name, window, at_ms, limit=request.limit, metric=request.metric
@@ -152,6 +159,12 @@ async def run_flux(settings: Settings, flux: str) -> list[tuple[list[str], list[
             f"flux: the configured store is {settings.resolved_store.value}, not InfluxDB; "
             "set EXPORTER_INFLUX_URL, EXPORTER_INFLUX_TOKEN and EXPORTER_INFLUX_ORG "
             "(or use `query` for the analytics of the embedded store)",
+            2,
+        )
+    if settings.influx_api is InfluxApi.V1:
+        raise OperatorError(
+            "flux: Flux runs on InfluxDB 2.x only, and EXPORTER_INFLUX_API is v1; query "
+            "InfluxDB 1.x with InfluxQL (its /query endpoint or the influx shell)",
             2,
         )
     from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync

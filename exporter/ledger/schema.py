@@ -19,7 +19,7 @@ from ..records import upgrade_schema_2_record
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The schema this exporter writes; older files are upgraded when the ledger opens."""
 
 EVENTS_TABLE = "events"
@@ -103,6 +103,22 @@ CREATE TABLE IF NOT EXISTS outbox (
     records BLOB NOT NULL
 );
 """
+# The sub-millisecond offset each store record's point took in its series (InfluxDB
+# merges points of equal series and timestamp), so that the next record of the same
+# series and millisecond whose key hashes to a taken offset probes on to a free one
+# (docs/architecture.md section 6). ``series`` is a 64-bit hash of the measurement and tag
+# values (two series sharing a hash only probe more), ``key_hash`` that of the event key,
+# so that a record emitted again finds its own offset. Keyed by time first: rows are
+# appended at the end as time goes on, and retention cuts a range off the front.
+POINT_TIMES_DDL = """
+CREATE TABLE IF NOT EXISTS point_times (
+    time_ms INTEGER NOT NULL,
+    series INTEGER NOT NULL,
+    offset_ns INTEGER NOT NULL,
+    key_hash INTEGER NOT NULL,
+    PRIMARY KEY (time_ms, series, offset_ns)
+) WITHOUT ROWID;
+"""
 DELIVERED_UPTO = "outbox_delivered_upto"
 """The meta key of the last outbox seq delivered, before each sink had its own cursor: a
 sink that has none yet starts from it (the ledger then fed one store)."""
@@ -165,6 +181,7 @@ CREATE TABLE IF NOT EXISTS websocket_latest (
     + _KEY_INDEX_DDL
     + _OUTBOX_DDL
     + _PENDING_SETTLEMENTS_DDL
+    + POINT_TIMES_DDL
 )
 # Schema 1 kept payments in a table keyed by payment_id (WITHOUT ROWID) and the dedup
 # key hashes in an index on events; both move to their schema 2 tables in one
@@ -201,11 +218,22 @@ UPDATE meta SET value = '3' WHERE key = 'schema';
 COMMIT;
 """
 )
+# Schema 3 chose no offsets: its outbox rows' records have none and render with the hash
+# offset they were always written with (exporter.records.point_time_ns); offsets taken
+# by records emitted before the upgrade are not known to the new table.
+_MIGRATE_3_TO_4 = (
+    "BEGIN IMMEDIATE;\n"
+    + POINT_TIMES_DDL
+    + """UPDATE meta SET value = '4' WHERE key = 'schema';
+COMMIT;
+"""
+)
 # Each upgrade, by the schema it starts from: its script (one transaction) and what it
 # copies, for the message when it fails.
 UPGRADES: dict[int, tuple[str, str]] = {
     1: (_MIGRATE_1_TO_2, "the payments table and the dedup key index"),
     2: (_MIGRATE_2_TO_3, "the outbox"),
+    3: (_MIGRATE_3_TO_4, "nothing (it adds the point_times table)"),
 }
 
 

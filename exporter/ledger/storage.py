@@ -602,6 +602,14 @@ class Ledger:
                 "DELETE FROM payments WHERE terminal = 1 AND updated_at < ?", (older_than_ms,)
             )
             cur.execute("DELETE FROM batches WHERE updated_at < ?", (older_than_ms,))
+            # Offsets of points older than the cut-off, oldest first and about ``limit``
+            # at a time. An event that old arriving later is then checked only against
+            # the offsets kept (docs/architecture.md section 6).
+            cur.execute(
+                "DELETE FROM point_times WHERE time_ms < ?1 AND time_ms <= coalesce("
+                " (SELECT time_ms FROM point_times ORDER BY time_ms LIMIT 1 OFFSET ?2), ?1)",
+                (older_than_ms, limit),
+            )
         self._recent_keys -= recent_removed
         deleted = len(removed)
         self._event_count -= deleted
@@ -696,6 +704,32 @@ class Ledger:
         with self._read_lock:
             rows = self._read.execute(sql, (*params, limit)).fetchall()
         return [DeadLetterRow(*row) for row in rows]
+
+    def iter_point_times(self, batch: int = 10_000) -> Iterator[list[tuple[int, int, int, int]]]:
+        """The point offsets taken, in batches of (time_ms, series, offset_ns, key_hash)."""
+        after: tuple[int, int, int] = (-(2**63), -(2**63), -1)
+        while True:
+            with self._read_lock:
+                rows = self._read.execute(
+                    "SELECT time_ms, series, offset_ns, key_hash FROM point_times"
+                    " WHERE (time_ms, series, offset_ns) > (?, ?, ?)"
+                    " ORDER BY time_ms, series, offset_ns LIMIT ?",
+                    (*after, batch),
+                ).fetchall()
+            if not rows:
+                return
+            yield rows
+            after = rows[-1][:3]
+
+    def adopt_point_times(self, rows: Sequence[tuple[int, int, int, int]]) -> None:
+        """Take another ledger's point offsets as taken here (``backfill``'s scratch ledger
+        derives the same records again and must give each the offset it had)."""
+        with self._transaction() as cur:
+            cur.executemany(
+                "INSERT OR IGNORE INTO point_times (time_ms, series, offset_ns, key_hash) "
+                "VALUES (?, ?, ?, ?)",
+                rows,
+            )
 
     def iter_events(self, batch: int = 10_000) -> Iterator[tuple[int, str, bytes]]:
         """Every stored event as (seq, key, canonical body), in commit order."""

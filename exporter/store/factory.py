@@ -26,14 +26,19 @@ def open_store(settings: Settings, kind: StoreKind | None = None) -> Store:
     if kind is StoreKind.INFLUXDB:
         from .influx.store import MAX_LINES_PER_WRITE, InfluxStore
 
-        assert settings.influx_url and settings.influx_token and settings.influx_org
+        assert settings.influx_url
+        token, password = settings.influx_token, settings.influx_password
         return InfluxStore(
             settings.influx_url,
-            settings.influx_token.get_secret_value(),
+            token.get_secret_value() if token else None,
             settings.influx_org,
             settings.influx_bucket,
             settings.influx_timeout_seconds,
             min(settings.store_batch_size, MAX_LINES_PER_WRITE),
+            api=settings.influx_api.value,
+            username=settings.influx_username,
+            password=password.get_secret_value() if password else None,
+            retention_policy=settings.influx_retention_policy,
         )
     raise ValueError(f"unsupported store {kind}")
 

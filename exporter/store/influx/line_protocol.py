@@ -3,10 +3,11 @@
 Schema (docs/architecture.md section 6): measurements ``payment``, ``batch``, ``revenue`` and
 ``websocket``; tags only ``network``, ``status`` and ``kind`` (bounded values); ids and
 addresses are fields (series cardinality); money is integer micro-units (``i``),
-durations are floats. A point's timestamp is :func:`~exporter.records.unique_time_ns`
-of the event's time and dedup key, so two events with equal tags in the same
-millisecond stay two points while a replay of the outbox overwrites the same point
-instead of doubling it.
+durations are floats. A point's timestamp is :func:`~exporter.records.point_time_ns`: the
+event's millisecond plus the offset the ledger chose for it (unique per series and
+millisecond, starting from a hash of the event's dedup key), so two events with equal tags
+in the same millisecond stay two points while a replay of the outbox overwrites the same
+point instead of doubling it.
 
 The schema is written once as :class:`influxdb_client.Point` construction
 (:func:`to_point`). Shipping renders the same bytes with :func:`to_line`, a renderer
@@ -29,7 +30,7 @@ from ...records import (
     PaymentRecord,
     RevenueRecord,
     StoreRecord,
-    unique_time_ns,
+    point_time_ns,
 )
 
 
@@ -86,7 +87,7 @@ def to_point(record: StoreRecord) -> PointLike:
         point.field("payment_id", record.payment_id)
     else:
         point.field("count", int(record.count))
-    return point.time(unique_time_ns(record.time_ms, record.key), _NS)
+    return point.time(point_time_ns(record), _NS)
 
 
 def point_line(record: StoreRecord) -> str:
@@ -187,7 +188,7 @@ def to_line(record: StoreRecord) -> str:
     else:
         tags = ""
         add(f"count={int(record.count)}i")
-    timestamp = unique_time_ns(record.time_ms, record.key)
+    timestamp = point_time_ns(record)
     return f"{record.measurement}{tags} {','.join(out)} {timestamp}"
 
 

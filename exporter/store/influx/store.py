@@ -1,20 +1,28 @@
-"""InfluxDB 2.x store: enriched points over ``/api/v2/write``, at least once through faults.
+"""InfluxDB store: enriched points over the v2 or the v1 write API, at least once through faults.
 
 The points themselves (schema, escaping, timestamps) are :mod:`.line_protocol`'s; this
-module sends them.
+module sends them, over one of two write APIs (``EXPORTER_INFLUX_API``):
 
-Transport: the official async client's generated write service
-(``WriteService.post_write_async`` on ``InfluxDBClientAsync``'s aiohttp session) with a
-body this module gzips itself (level 1, in a worker thread), at most
-:data:`MAX_LINES_PER_WRITE` lines per request; failures surface as ``ApiException``
-with the status code and headers (``Retry-After``). ``WriteApiAsync.write`` sends the
-same request but gzips at level 9 on the event loop and reports a bare boolean:
-measured here on 5,000-line batches of simulated records, level 9 costs ~9.8 us a line
-against ~2.1 us for level 1 (for bodies 35 % against 38 % of the raw size), and posting
-pre-rendered lines reached ~71k lines/s through ``WriteApiAsync`` against ~200k through
-the service call.
+- ``v2`` (InfluxDB 2.x): ``POST /api/v2/write?org=&bucket=&precision=ns`` with
+  ``Authorization: Token``, through the official async client's generated write service
+  (``WriteService.post_write_async`` on ``InfluxDBClientAsync``'s aiohttp session);
+  failures surface as ``ApiException`` with the status code and headers. ``WriteApiAsync.write``
+  sends the same request but gzips at level 9 on the event loop and reports a bare
+  boolean: measured here on 5,000-line batches of simulated records, level 9 costs
+  ~9.8 us a line against ~2.1 us for level 1 (for bodies 35 % against 38 % of the raw
+  size), and posting pre-rendered lines reached ~71k lines/s through ``WriteApiAsync``
+  against ~200k through the service call.
+- ``v1`` (InfluxDB 1.x, and the v1 compatibility API of 1.8+, 2.x and 3):
+  ``POST /write?db=&rp=&precision=ns`` on an aiohttp session of its own, authenticated by
+  HTTP Basic (``EXPORTER_INFLUX_USERNAME``/``EXPORTER_INFLUX_PASSWORD``; 1.x also takes
+  ``u``/``p`` query parameters, which would put the password in every URL) or by
+  ``Authorization: Token`` (2.x tokens; ``user:password`` on 1.8+), or not at all.
 
-Answers and what they become (the :class:`~exporter.store.forwarder.Forwarder` retries errors):
+Either way the body is gzip'd here (level 1, in a worker thread), at most
+:data:`MAX_LINES_PER_WRITE` lines per request.
+
+Answers and what they become (the :class:`~exporter.store.forwarder.Forwarder` retries
+errors; statuses are classified once for every InfluxDB request by :mod:`.answers`):
 
 - 2xx: delivered.
 - 429 / 503: :class:`StoreRetryAfterError` carrying ``Retry-After`` (seconds or an
@@ -22,21 +30,24 @@ Answers and what they become (the :class:`~exporter.store.forwarder.Forwarder` r
   :data:`~exporter.retry.MAX_RETRY_AFTER_SECONDS`).
 - 413: the batch is split in halves, each written on its own; a single line InfluxDB
   still finds too large is refused for good.
-- 400 (a line that does not parse: InfluxDB OSS then writes nothing of the request) and
-  422 (partial write, e.g. a field type conflict: the other lines are written):
-  the request is bisected until the offending lines are isolated; each is returned as a
-  :class:`StoreRejection` with InfluxDB's message, the rest is written. A poison line
-  thus costs about two requests per halving and is never retried again. A 400 about the
-  request as a whole (unreadable body, bad precision, no org) names no line: it is a
-  :class:`StoreClientError`, retried, and never turns good records into dead letters.
-- 401 / 403, and 404 (org or bucket not found, which is also what InfluxDB answers to a
-  token that cannot see the bucket): :class:`StoreAuthError`.
+- A refused line: v2 answers 400 for a line that does not parse (InfluxDB OSS then writes
+  nothing of the request) and 422 for a partial write (e.g. a field type conflict: the
+  other lines are written); v1 (1.x) answers 400 ``partial write: ...`` for both, having
+  written the lines it could. The request is bisected until the offending lines are
+  isolated; each is returned as a :class:`StoreRejection` with InfluxDB's message, the
+  rest is written. A poison line thus costs about two requests per halving and is never
+  retried again. A 400 about the request as a whole (unreadable body, bad precision, no
+  org or database) names no line: it is a :class:`StoreClientError`, retried, and never
+  turns good records into dead letters. On v1 only answers that say ``partial write``,
+  ``unable to parse`` or ``field type conflict`` count as naming a line.
+- 401 / 403, and 404 (org, bucket or database not found, which is also what InfluxDB
+  2.x answers to a token that cannot see the bucket): :class:`StoreAuthError`.
 - other 4xx: :class:`StoreClientError`; 5xx and connection failures:
   :class:`StoreServerError`; no answer within the timeout: :class:`StoreTimeoutError`.
 
 A URL carrying user info (``user:password@``) is refused when the store is made: the
-client sends the token as the ``Authorization`` header, beside which aiohttp refuses
-credentials in the URL, and no message ever prints them.
+credentials have settings of their own, aiohttp refuses credentials in the URL beside an
+``Authorization`` header, and no message ever prints them.
 
 A failure in the middle of a bisection abandons the whole write: the outbox keeps every
 record and the next attempt rewrites the halves already written, which is idempotent.
@@ -45,13 +56,12 @@ record and the next attempt rewrites the halves already written, which is idempo
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
-import json
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import aiohttp
 from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
@@ -64,13 +74,12 @@ from ...errors import (
     StoreAuthError,
     StoreClientError,
     StoreError,
-    StoreRetryAfterError,
     StoreServerError,
     StoreTimeoutError,
 )
 from ...records import StoreRecord, StoreRejection
-from ...retry import parse_retry_after
 from ..base import has_user_info
+from .answers import DEFAULT_RETRY_AFTER_SECONDS, WayOut, answer_message, classify_answer
 from .line_protocol import Encoder, analytics_lines, point_line, to_line
 
 # The line-protocol renderers are re-exported: the benchmarks compare them through here.
@@ -79,6 +88,7 @@ __all__ = [
     "GZIP_LEVEL",
     "MAX_LINES_PER_WRITE",
     "Encoder",
+    "InfluxApi",
     "InfluxCheck",
     "InfluxStore",
     "point_line",
@@ -93,11 +103,29 @@ MAX_LINES_PER_WRITE = 5_000
 GZIP_LEVEL = 1
 """Compression of write bodies: level 1 is ~5x cheaper than 9 for ~10 % more bytes."""
 
-DEFAULT_RETRY_AFTER_SECONDS = 5.0
-"""The pause after a 429/503 that names no ``Retry-After``."""
+InfluxApi = Literal["v2", "v1"]
+"""The write API: ``/api/v2/write`` (org and bucket) or ``/write`` (database)."""
 
-_MESSAGE_LIMIT = 500
-_CHECK_URL = "check that EXPORTER_INFLUX_URL names InfluxDB 2.x"
+_ERROR_BODY_LIMIT = 64 * 1024
+"""Most bytes of an error answer read (InfluxDB's are a line; a proxy's may be a page)."""
+
+_WAY_OUT = {
+    "v2": WayOut(
+        auth="set EXPORTER_INFLUX_TOKEN to a token that may write to the bucket",
+        not_found="check EXPORTER_INFLUX_ORG, EXPORTER_INFLUX_BUCKET and that the token "
+        "may write there",
+        client="check that EXPORTER_INFLUX_URL names InfluxDB 2.x itself, not a proxy "
+        "that rewrites requests (or set EXPORTER_INFLUX_API=v1 for InfluxDB 1.x)",
+    ),
+    "v1": WayOut(
+        auth="set EXPORTER_INFLUX_USERNAME and EXPORTER_INFLUX_PASSWORD (or "
+        "EXPORTER_INFLUX_TOKEN) to credentials that may write to the database",
+        not_found="check EXPORTER_INFLUX_BUCKET (the database, which must exist) and that "
+        "the credentials may write there",
+        client="check that EXPORTER_INFLUX_URL names InfluxDB itself, not a proxy that "
+        "rewrites requests, and that it speaks EXPORTER_INFLUX_API=v1",
+    ),
+}
 
 
 def _gzip(lines: Sequence[str]) -> bytes:
@@ -112,20 +140,7 @@ def _encode(
     return lines, _gzip(lines[:max_lines])
 
 
-def _message(error: ApiException) -> str:
-    body = error.body
-    text = body.decode(errors="replace") if isinstance(body, bytes) else str(body or "")
-    try:
-        decoded = json.loads(text)
-    except ValueError:
-        decoded = None
-    if isinstance(decoded, dict) and isinstance(decoded.get("message"), str):
-        text = decoded["message"]
-    text = text.strip() or str(error.reason or "")
-    return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 3] + "..."
-
-
-# InfluxDB's 400 answers about the request as a whole rather than a line in it (bad
+# InfluxDB 2.x's 400 answers about the request as a whole rather than a line in it (bad
 # gzip, precision or org, empty body): retried like other client errors, never bisected.
 _REQUEST_LEVEL_400 = (
     "unable to read data",
@@ -134,6 +149,9 @@ _REQUEST_LEVEL_400 = (
     "writing requires points",
     "provide either orgid or org",
 )
+# InfluxDB 1.x's 400 answers that name lines (it wrote the others): anything else, such
+# as "database is required" or a gzip error ("unexpected EOF"), is about the request.
+_LINE_LEVEL_400_V1 = ("partial write", "unable to parse", "field type conflict")
 
 
 class _LinesRefused(Exception):
@@ -157,10 +175,10 @@ class InfluxCheck:
 
 
 class InfluxStore:
-    """The InfluxDB 2.x store: gzip'd line-protocol writes through ``influxdb-client``.
+    """The InfluxDB store: gzip'd line-protocol writes over the v2 or the v1 write API.
 
-    The async client must be created on the event loop that uses it, so it is opened
-    lazily by the first call; :meth:`close` releases its connection pool.
+    The HTTP clients must be created on the event loop that uses them, so they are
+    opened lazily by the first call; :meth:`close` releases their connection pools.
     """
 
     name = "influxdb"
@@ -168,37 +186,58 @@ class InfluxStore:
     def __init__(
         self,
         url: str,
-        token: str,
-        org: str,
+        token: str | None,
+        org: str | None,
         bucket: str,
         timeout_seconds: float = 10.0,
         max_lines: int = MAX_LINES_PER_WRITE,
         encoder: Encoder = to_line,
+        *,
+        api: InfluxApi = "v2",
+        username: str | None = None,
+        password: str | None = None,
+        retention_policy: str | None = None,
     ) -> None:
         """Remember where to write; nothing connects until the first write.
 
-        ``encoder`` exists for the benchmark, which compares :func:`to_line` with
-        :func:`point_line`; both give the same bytes.
+        ``bucket`` is the database for ``api="v1"``. ``encoder`` exists for the
+        benchmark, which compares :func:`to_line` with :func:`point_line`; both give the
+        same bytes.
         """
         if not 1 <= max_lines <= MAX_LINES_PER_WRITE:
             raise ValueError(f"max_lines must be in 1..{MAX_LINES_PER_WRITE}")
+        if api == "v2" and not (token and org):
+            raise ValueError("the v2 write API needs a token and an org")
         if has_user_info(url):
-            # The client sends the token as the Authorization header, and aiohttp then
-            # refuses every request whose URL carries credentials of its own.
+            # Credentials have settings of their own, and aiohttp refuses every request
+            # whose URL carries credentials beside an Authorization header.
             raise ConfigError(
-                f"EXPORTER_INFLUX_URL {redact_url(url)} carries user info, which InfluxDB "
-                "2.x does not use (it authenticates with EXPORTER_INFLUX_TOKEN): remove "
-                "the 'user:password@' part"
+                f"EXPORTER_INFLUX_URL {redact_url(url)} carries user info, which the "
+                "exporter does not use (it authenticates with EXPORTER_INFLUX_TOKEN, or "
+                "EXPORTER_INFLUX_USERNAME and EXPORTER_INFLUX_PASSWORD for the v1 API): "
+                "remove the 'user:password@' part"
             )
         self.url = url.rstrip("/")
+        self.api: InfluxApi = api
         self.org = org
         self.bucket = bucket
+        self.retention_policy = retention_policy
         self.timeout_seconds = timeout_seconds
         self.max_lines = max_lines
         self.encoder = encoder
         self._token = token
+        self._username = username
+        self._password = password
         self._client: InfluxDBClientAsync | None = None
         self._service: Any = None
+        self._session: aiohttp.ClientSession | None = None
+        if api == "v1":
+            where = f"InfluxDB {self.url} database {bucket!r}"
+            if retention_policy:
+                where += f" retention policy {retention_policy!r}"
+        else:
+            where = f"InfluxDB {self.url} bucket {bucket!r} org {org!r}"
+        self._where = where
         self.requests = 0
         """Write requests sent (bisection and 413 splits included), for tests and logs."""
 
@@ -206,13 +245,26 @@ class InfluxStore:
         if self._service is None:
             self._client = InfluxDBClientAsync(
                 url=self.url,
-                token=self._token,
-                org=self.org,
+                token=self._token or "",
+                org=self.org or "",
                 timeout=max(1, int(self.timeout_seconds * 1000)),
                 enable_gzip=False,  # bodies arrive here already compressed
             )
             self._service = cast(Callable[[Any], Any], WriteService)(self._client.api_client)
         return self._service
+
+    def _open_v1(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            headers = {"Content-Type": "text/plain; charset=utf-8"}
+            if self._username is not None:
+                pair = f"{self._username}:{self._password or ''}".encode()
+                headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+            elif self._token:
+                headers["Authorization"] = f"Token {self._token}"
+            self._session = aiohttp.ClientSession(
+                headers=headers, timeout=aiohttp.ClientTimeout(total=self.timeout_seconds)
+            )
+        return self._session
 
     async def write(self, records: list[StoreRecord]) -> list[StoreRejection]:
         """Write ``records`` in requests of at most ``max_lines`` lines.
@@ -275,21 +327,13 @@ class InfluxStore:
         await self._write_span(records[middle:], lines[middle:], None, refused)
 
     async def _post(self, body: bytes) -> None:
-        service = self._open()
         self.requests += 1
         try:
-            await service.post_write_async(
-                org=self.org,
-                bucket=self.bucket,
-                body=body,
-                precision="ns",
-                content_encoding="gzip",
-                content_type="text/plain; charset=utf-8",
-                _return_http_data_only=False,
-            )
-        except ApiException as error:
-            raise self._classify(error) from error
-        except TimeoutError as error:
+            if self.api == "v1":
+                await self._post_v1(body)
+            else:
+                await self._post_v2(body)
+        except TimeoutError as error:  # before OSError: aiohttp's timeouts are both
             raise StoreTimeoutError(
                 f"InfluxDB at {self.url} did not answer within {self.timeout_seconds:g}s: check "
                 "that it is up, or raise EXPORTER_INFLUX_TIMEOUT_SECONDS if it is only slow"
@@ -301,77 +345,111 @@ class InfluxStore:
                 "EXPORTER_INFLUX_URL names it"
             ) from error
 
-    def _classify(self, error: ApiException) -> Exception:
-        status = int(error.status or 0)
-        message = _message(error)
-        where = f"InfluxDB {self.url} bucket {self.bucket!r} org {self.org!r}"
-        if status == 400 and any(text in message.lower() for text in _REQUEST_LEVEL_400):
-            return StoreClientError(
-                f"{where} refused the request ({status}: {message}): {_CHECK_URL} itself, "
-                "not a proxy that rewrites requests"
+    async def _post_v2(self, body: bytes) -> None:
+        service = self._open()
+        try:
+            await service.post_write_async(
+                org=self.org,
+                bucket=self.bucket,
+                body=body,
+                precision="ns",
+                content_encoding="gzip",
+                content_type="text/plain; charset=utf-8",
+                _return_http_data_only=False,
             )
-        if status in (400, 413, 422):
-            return _LinesRefused(status, message)
-        if status in (429, 503):
+        except ApiException as error:
             headers: Mapping[str, str] = error.headers or {}
-            retry_after = parse_retry_after(
-                headers.get("Retry-After"), time.time(), default=DEFAULT_RETRY_AFTER_SECONDS
+            raise self._refusal(
+                int(error.status or 0),
+                answer_message(error.body, error.reason),
+                headers.get("Retry-After"),
+            ) from error
+
+    async def _post_v1(self, body: bytes) -> None:
+        session = self._open_v1()
+        params = {"db": self.bucket, "precision": "ns"}
+        if self.retention_policy:
+            params["rp"] = self.retention_policy
+        async with session.post(
+            f"{self.url}/write",
+            params=params,
+            data=body,
+            headers={"Content-Encoding": "gzip"},
+        ) as answer:
+            if 200 <= answer.status < 300:
+                return
+            text = await answer.content.read(_ERROR_BODY_LIMIT)
+            raise self._refusal(
+                answer.status,
+                answer_message(text, answer.reason),
+                answer.headers.get("Retry-After"),
             )
-            return StoreRetryAfterError(
-                f"{where} answered {status} ({message}) and asked for a pause of "
-                f"{retry_after:g}s",
-                retry_after,
-            )
-        if status in (401, 403):
-            return StoreAuthError(
-                f"{where} refused the token ({status}: {message}): set "
-                "EXPORTER_INFLUX_TOKEN to a token that may write to the bucket"
-            )
-        if status == 404:
-            return StoreAuthError(
-                f"{where}: not found ({message}); check EXPORTER_INFLUX_ORG, "
-                "EXPORTER_INFLUX_BUCKET and that the token may write there"
-            )
-        if 400 <= status < 500:
-            return StoreClientError(f"{where} answered {status} ({message}): {_CHECK_URL}")
-        if status >= 500:
-            return StoreServerError(
-                f"{where} answered {status} ({message}): InfluxDB's own log says why"
-            )
-        return StoreError(f"{where} answered {status} ({message}): {_CHECK_URL}")
+
+    def _refusal(self, status: int, message: str, retry_after: str | None) -> Exception:
+        """What an answer other than 2xx to a write means: a refused line, else an error."""
+        lowered = message.lower()
+        if status == 413:
+            return _LinesRefused(status, message)
+        if status in (400, 422):
+            if self.api == "v1":
+                names_lines = any(text in lowered for text in _LINE_LEVEL_400_V1)
+            else:
+                names_lines = not any(text in lowered for text in _REQUEST_LEVEL_400)
+            if names_lines:
+                return _LinesRefused(status, message)
+        return classify_answer(status, message, retry_after, self._where, _WAY_OUT[self.api])
+
+    async def version(self) -> str:
+        """The InfluxDB version ``/ping`` reports (raises what a write would on failure)."""
+        if self.api == "v2":
+            self._open()
+            assert self._client is not None
+            try:
+                return str(await self._client.version())
+            except ApiException as error:
+                raise StoreServerError(f"/ping answered {error.status}") from error
+        session = self._open_v1()
+        async with session.get(f"{self.url}/ping") as answer:
+            if not 200 <= answer.status < 300:
+                raise StoreServerError(f"/ping answered {answer.status}")
+            return answer.headers.get("X-Influxdb-Version", "unknown")
 
     async def check(self) -> InfluxCheck:
         """Ping InfluxDB, then test the credentials with an empty write.
 
-        InfluxDB checks the token, org and bucket before it parses the body, so an empty
-        body answers 400 ("writing requires points") exactly when all three are right,
-        and writes nothing either way.
+        InfluxDB checks the credentials and names before it parses the body, so an empty
+        body answers 400 ("writing requires points", 2.x) or 204 (1.x) exactly when they
+        are right, and writes nothing either way.
         """
-        self._open()
-        assert self._client is not None
         try:
-            version = str(await self._client.version())
-        except ApiException as error:
-            return InfluxCheck(False, None, "unknown", f"/ping answered {error.status}")
+            version = await self.version()
+        except StoreServerError as error:
+            return InfluxCheck(False, None, "unknown", str(error))
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
             return InfluxCheck(False, None, "unknown", f"{type(error).__name__}: {error}")
+        names = "token, org and bucket" if self.api == "v2" else "credentials and database"
         try:
             await self._post(gzip.compress(b""))
         except StoreClientError as error:
             if "writing requires points" in str(error):
-                return InfluxCheck(True, version, "accepted", "token, org and bucket accepted")
+                return InfluxCheck(True, version, "accepted", f"{names} accepted")
             return InfluxCheck(True, version, "unknown", str(error))
         except _LinesRefused as error:
+            if "writing requires points" in error.message:
+                return InfluxCheck(True, version, "accepted", f"{names} accepted")
             return InfluxCheck(True, version, "unknown", error.message)
         except StoreAuthError as error:
-            refused = "not found" not in str(error)
+            refused = "answered 404" not in str(error)
             return InfluxCheck(True, version, "refused" if refused else "not found", str(error))
         except StoreError as error:
             return InfluxCheck(True, version, "unknown", str(error))
         return InfluxCheck(True, version, "accepted", "empty write accepted")
 
     async def close(self) -> None:
-        """Close the client's connection pool."""
+        """Close the clients' connection pools."""
         client, self._client, self._service = self._client, None, None
         if client is not None:
             await cast(Callable[[], Any], client.close)()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
