@@ -255,7 +255,11 @@ async def _analytics_resource(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE]
     source = analytics_source(store, settings)
     if source is None:
-        log.warning("analytics are not computed for this store", extra={"store": store.name})
+        log.warning(
+            "analytics are not computed: Flux needs the InfluxDB v2 API; add duckdb to "
+            "EXPORTER_STORES to compute them here",
+            extra={"store": store.name},
+        )
         yield
         return
     service = AnalyticsService(
@@ -283,7 +287,10 @@ async def _analytics(request: web.Request) -> web.Response:
     api = request.app.get(ANALYTICS_API)
     if api is None:
         return web.json_response(
-            {"error": f"analytics are not available for the {request.app[STORE].name} store"},
+            {
+                "error": f"analytics are not available for the {request.app[STORE].name} "
+                "store (Flux needs the InfluxDB v2 API): add duckdb to EXPORTER_STORES"
+            },
             status=503,
         )
     return await api.handle(request)

@@ -583,6 +583,12 @@ class Settings(BaseSettings):
                 f"and the stores are {','.join(k.value for k in self.resolved_stores)}: add it "
                 "to EXPORTER_STORES or unset EXPORTER_ANALYTICS_SOURCE"
             )
+        if source is AnalyticsSourceKind.FLUX and self.influx_api is InfluxApi.V1:
+            raise ValueError(
+                "EXPORTER_ANALYTICS_SOURCE=flux needs the InfluxDB v2 API, and "
+                "EXPORTER_INFLUX_API is v1: set EXPORTER_INFLUX_API=v2 (InfluxDB 2.x), or add "
+                "duckdb to EXPORTER_STORES and set EXPORTER_ANALYTICS_SOURCE=duckdb"
+            )
         return self
 
     @model_validator(mode="after")

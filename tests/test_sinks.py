@@ -525,3 +525,21 @@ def test_kill_during_shipping_with_two_sinks_then_each_has_every_record(tmp_path
         assert store.counts()["payment"] == 2 * payments
     finally:
         asyncio.run(store.close())
+
+
+def test_flux_analytics_refused_on_the_v1_write_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flux runs only behind the v2 API: asking for it with EXPORTER_INFLUX_API=v1 is a
+    configuration error that names both settings and the way out."""
+    for name, value in {
+        "EXPORTER_STORES": "duckdb,influxdb",
+        "EXPORTER_INFLUX_URL": "http://127.0.0.1:8086",
+        "EXPORTER_INFLUX_API": "v1",
+        "EXPORTER_ANALYTICS_SOURCE": "flux",
+    }.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    message = str(refused.value)
+    assert "EXPORTER_ANALYTICS_SOURCE=flux" in message
+    assert "EXPORTER_INFLUX_API" in message
+    assert "\n" not in message
