@@ -194,6 +194,7 @@ def expected(cases: list[Case]) -> dict[Series, float]:
             add("facilitator_pending_payments", c.pending, network=net)
             for kind in ("received", "verified", "settled", "failed"):
                 add("exporter_events_received_total", getattr(c, kind), type=f"payment:{kind}")
+        add("exporter_events_rejected_total", case.conflicts, reason="conflict")
     return {key: value for key, value in out.items() if value}
 
 
@@ -203,65 +204,32 @@ def port() -> int:
     return free_port()
 
 
-def restarts(case: Case) -> bool:
-    """Whether the case restarts the recording process: proxy mode forgets what it held in
-    memory, the hooks keep it in their spool, so the hooks must pass it even where proxy
-    mode is marked to fail."""
-    return any(isinstance(step, Restart) for step in case.steps)
-
-
-SUITE = [case for case in CASES if case.xfail is None or restarts(case)]
-"""The cases the hooks must get exactly right."""
-
-
 async def test_every_sdk_case_through_the_hooks(tmp_path: Path, port: int) -> None:
     data, log_path = tmp_path / "data", tmp_path / "exporter.log"
     exporter = start_on(port, data, log_path)
     side = Facilitator(exporter.url, tmp_path / "spool")
-    half = len(SUITE) // 2
+    half = len(CASES) // 2
     try:
-        for case in SUITE[:half]:
+        for case in CASES[:half]:
             await exactly(case, side, exporter)
         exporter.terminate()
-        for case in SUITE[half:]:  # the exporter is down: everything waits in the spool
+        for case in CASES[half:]:  # the exporter is down: everything waits in the spool
             await drive(case, CaseRun([side.new_chains()]), side)
         exporter = start_on(port, data, log_path)
         assert await side.attachment.aclose(20.0)
         after = snapshot(exporter)
-        second = expected(SUITE[half:])
+        second = expected(CASES[half:])
         # a restarted exporter's counters start at zero, its pending gauge from the ledger
-        pending = {k: v for k, v in expected(SUITE).items() if k[0] == PENDING}
+        pending = {k: v for k, v in expected(list(CASES)).items() if k[0] == PENDING}
         second = {k: v for k, v in second.items() if k[0] != PENDING} | pending
         assert {k: v for k, v in after.items() if v} == second
-        assert_analytics(exporter, SUITE)
+        assert_analytics(exporter, list(CASES))
     finally:
         exporter.kill()
         for attachment in side.attachments:
             attachment.close(0.0)
     for attachment in side.attachments:
         assert attachment.dead_letters() == []
-
-
-def _mapping_xfails() -> list[Any]:
-    return [
-        pytest.param(case, id=case.name, marks=pytest.mark.xfail(reason=case.xfail, strict=True))
-        for case in CASES
-        if case.xfail is not None and not restarts(case)
-    ]
-
-
-@pytest.mark.parametrize("case", _mapping_xfails())
-async def test_sdk_case_the_shared_mapping_gets_wrong(
-    case: Case, tmp_path: Path, port: int
-) -> None:
-    """Cases marked to fail for a rule of the mapping the hooks share with proxy mode."""
-    exporter = start_on(port, tmp_path / "data", tmp_path / "exporter.log")
-    side = Facilitator(exporter.url, tmp_path / "spool")
-    try:
-        await exactly(case, side, exporter)
-    finally:
-        exporter.kill()
-        side.attachment.close(0.0)
 
 
 async def exactly(case: Case, side: Facilitator, exporter: ExporterProcess) -> None:

@@ -230,7 +230,8 @@ class PaymentEvents:
 
     A payment's first exchange yields ``payment:received``; a valid verify
     ``payment:verified``; a settle ``payment:settled``; an invalid verify or failed settle
-    ``payment:failed``. A terminal payment (settled or failed) yields nothing more, and a
+    ``payment:failed``. A terminal payment (settled or failed) yields nothing more (except
+    a settlement after a failure, which the ledger keeps as a conflict), and a
     pending settle only its ``payment:received`` until a later answer ends it (the ledger
     keeps it pending, see :meth:`recorded`).
     """
@@ -268,8 +269,11 @@ class PaymentEvents:
         done = self._seen.get(pid, 0)
         now_ms = max(now_ms, received_ms)
         events: list[dict[str, Any]] = []
-        if done & (SETTLED | FAILED):
+        if done & SETTLED or (done & FAILED and answer.outcome != "settled"):
             return events  # a payment ends once
+        # A settlement after the payment failed (an invalid verify does not spend the
+        # authorization) is still derived: the ledger keeps it as a conflict dead letter,
+        # so money that moved on chain is never silently dropped.
         if not done & RECEIVED:
             amount = Decimal(x.atomic_amount).scaleb(-decimals)
             payer = x.payer or answer.payer or "unknown"
