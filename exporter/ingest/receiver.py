@@ -140,6 +140,8 @@ def _answer(
 class _SignatureCheck:
     header: SignatureHeader
     verified: bool = False
+    covers_headers: bool = False
+    """The signature is a ``v2`` one: Content-Type and Content-Encoding are authenticated."""
 
 
 _SIGNATURE = web.RequestKey("exporter_signature", _SignatureCheck)
@@ -235,20 +237,31 @@ class Receiver:
         if self.signing is None or check is None:
             return
         try:
-            self.signing.verify(check.header, raw)
+            check.covers_headers = self.signing.verify(
+                check.header,
+                raw,
+                request.headers.get("Content-Type"),
+                request.headers.get("Content-Encoding"),
+            )
         except SignatureError as error:
             raise _signature_refusal(error) from None
         check.verified = True
 
     def _signature_verified(self, request: web.Request) -> bool:
+        """Whether what the request carries may be kept: unsigned deliveries, or a verified
+        signature covering the headers that decide how the body was read (``v2``). A ``v1``
+        signature covers the body only: replayed with another Content-Type or
+        Content-Encoding, the same bytes would be refused another way and kept again."""
         check = request.get(_SIGNATURE)
-        return self.signing is None or (check is not None and check.verified)
+        return self.signing is None or (
+            check is not None and check.verified and check.covers_headers
+        )
 
     def _count_unverified(self, request: web.Request, refused: _Refused) -> None:
         assert refused.reason is not None
         self.metrics.reject(refused.reason)
         log.warning(
-            "ingest refused before its signature was verified; body not kept",
+            "ingest refused without a signature over its body and headers; body not kept",
             extra={
                 "reason": refused.reason,
                 "status": refused.status,
@@ -301,9 +314,9 @@ class Receiver:
                 "events; retry later",
                 headers={"Retry-After": "30"},
             )
-        return await self._commit(parsed)
+        return await self._commit(parsed, keep_letters=self._signature_verified(request))
 
-    async def _commit(self, parsed: _Parsed) -> web.Response:
+    async def _commit(self, parsed: _Parsed, keep_letters: bool = True) -> web.Response:
         submission = Submission()
         rejected: list[_Rejection] = []
         positions: list[int] = []
@@ -319,7 +332,10 @@ class Receiver:
             positions.append(index)
         if not parsed.items:
             return _answer(422, error="the body holds no events")
-        submission.dead_letters = self.dead_letters.admit(submission.dead_letters)
+        # Invalid items of a body whose headers are not signed are counted, not kept.
+        submission.dead_letters = (
+            self.dead_letters.admit(submission.dead_letters) if keep_letters else []
+        )
         try:
             result = await self.committer.submit(submission)
         except LedgerUnavailableError as error:
