@@ -106,10 +106,13 @@ def create_app(
     app.router.add_get(ANALYTICS_PATH + "/{name:.+}", _analytics)
     app.router.add_get(OPENAPI_PATH, _openapi_handler(settings))
     if settings.upstream_facilitator is not None:
-        app.router.add_post("/verify", _proxy)
-        app.router.add_post("/settle", _proxy)
+        # A body announced over the proxy's limit is not invited with 100 Continue.
+        within = expect_within(settings.proxy_max_request_bytes)
+        app.router.add_post("/verify", _proxy, expect_handler=within)
+        app.router.add_post("/settle", _proxy, expect_handler=within)
         app.router.add_get("/supported", _proxy)
-        app.router.add_route("*", "/{path:.*}", _proxy)  # any other path passes through
+        # any other path passes through
+        app.router.add_route("*", "/{path:.*}", _proxy, expect_handler=within)
     return app
 
 

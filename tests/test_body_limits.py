@@ -118,3 +118,28 @@ async def test_a_chunked_body_is_cut_off_at_the_limit_and_the_connection_closed(
     assert letter.reason == "too_large"
     assert len(letter.raw) == 64 * 1024 and letter.raw_size is not None
     assert MiB < letter.raw_size <= MiB + 256 * 1024  # read up to the limit, no further
+
+
+async def test_proxy_mode_does_not_invite_a_body_over_its_limit(
+    aiohttp_client: ClientFactory, data_dir: Path
+) -> None:
+    settings = Settings(
+        data_dir=data_dir,
+        listen="127.0.0.1:0",
+        upstream_facilitator="http://127.0.0.1:9",  # never reached: refused before
+        proxy_max_request_bytes=MiB,
+    )
+    client = await aiohttp_client(create_app(settings))
+    for path in (b"/settle", b"/anything/else"):
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        try:
+            writer.write(
+                b"POST " + path + b" HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/json\r\nExpect: 100-continue\r\n"
+                b"Content-Length: 2097152\r\n\r\n"
+            )
+            await writer.drain()
+            status, _ = await _answer(reader, 5)
+            assert status.startswith(b"HTTP/1.1 413"), (path, status)
+        finally:
+            writer.close()

@@ -82,7 +82,7 @@ async def client(
 
 
 def test_openssl_one_liner_computes_the_same_signature() -> None:
-    """The documented shell recipe (docs/security.md: openssl over "<t>.<body>") agrees."""
+    """The v1 shell recipe (openssl over "<t>.<body>", for senders not yet on v2) agrees."""
     openssl = require_tool("openssl")
     body = body_of(received("p1"))
     script = (
