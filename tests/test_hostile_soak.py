@@ -13,6 +13,7 @@ import gc
 import io
 import json
 import time
+import types
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -185,3 +186,49 @@ def test_a_malformed_body_leaves_no_reference_cycle(parse: Callable[[bytes], obj
         assert gc.collect() == 0  # nothing was left for the cyclic collector
     finally:
         gc.enable()
+
+
+def _cyclic_frames_holding_big_bytes() -> list[str]:
+    """Frames only the cyclic collector would free that hold a large bytes object."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        garbage = list(gc.garbage)
+        gc.garbage.clear()
+    finally:
+        gc.set_debug(0)
+    return [
+        o.f_code.co_name
+        for o in garbage
+        if isinstance(o, types.FrameType)
+        and any(isinstance(v, bytes) and len(v) > 500_000 for v in o.f_locals.values())
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status"),
+    [
+        (b"[" + b"x" * MiB, "application/json", 400),
+        (b"{" + b"x" * MiB, "application/json", 400),
+        (b'{"type": "nope"}\n' + b"x" * MiB, "application/x-ndjson", 400),
+        (
+            b"[" + b",".join([b'{"type": "nope", "x": "' + b"y" * 1000 + b'"}'] * 1000) + b"]",
+            "application/json",
+            422,
+        ),
+        (
+            b"\n".join([b'{"type": "nope", "x": "' + b"y" * 1000 + b'"}'] * 1000),
+            "application/x-ndjson",
+            422,
+        ),
+    ],
+    ids=["array", "object", "ndjson-line", "invalid-items", "invalid-lines"],
+)
+async def test_a_refused_body_is_not_held_by_a_reference_cycle(
+    client: AppClient, body: bytes, content_type: str, status: int
+) -> None:
+    headers = {"Content-Type": content_type}
+    gc.collect()
+    response = await client.post("/v1/events", data=io.BytesIO(body), headers=headers)
+    assert response.status == status
+    assert _cyclic_frames_holding_big_bytes() == []

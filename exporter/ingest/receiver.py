@@ -544,7 +544,20 @@ def _parse_json(body: bytes) -> _Parsed:
     except MalformedJSONError as error:
         raise _Refused(400, f"body is not valid JSON: {error}", "malformed", body) from None
     except EventError as error:
-        return _Parsed([(error, body)], single=True)
+        return _Parsed([(_detached(error), body)], single=True)
+
+
+def _detached(error: EventError) -> EventError:
+    """``error`` without its traceback, to be kept as a value.
+
+    A traceback holds the frames it passed through, and a finished frame its caller's:
+    an error kept in the list that the caller's frame holds would make a reference
+    cycle holding the whole body until the cyclic collector runs (which a serving
+    exporter runs rarely, and a hostile sender can outpace).
+    """
+    error.__traceback__ = None
+    error.__context__ = None
+    return error
 
 
 def _check_item(item: Any) -> tuple[Event | EventError, bytes]:
@@ -552,7 +565,7 @@ def _check_item(item: Any) -> tuple[Event | EventError, bytes]:
     try:
         return parse_event(item), raw
     except EventError as error:
-        return error, raw
+        return _detached(error), raw
 
 
 def _ndjson_event_count(body: bytes, limit: int) -> int:
@@ -573,7 +586,7 @@ def _parse_ndjson(body: bytes) -> _Parsed:
         try:
             parsed.items.append((parse_event_json(line, latest), line))
         except EventError as error:
-            parsed.items.append((error, line))
+            parsed.items.append((_detached(error), line))
         except MalformedJSONError as error:
             index = len(parsed.items)
             raise _Refused(
