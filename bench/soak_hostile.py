@@ -14,7 +14,8 @@ abuse keeps sending, each waiting for its answer:
 - replays of one ``/verify`` + ``/settle`` pair (one nonce): recorded once;
 - oversized bodies: a declared 100 MiB body (413, from its Content-Length) and 8 MB
   malformed JSON bodies (400: kept as dead letters only within their byte budget);
-- small malformed bodies (400).
+- small malformed bodies (400), and arrays of 2,000 invalid events of 1 KB each (422:
+  each kept as a dead letter only within the budget).
 
 Every second it samples the exporter's VmRSS and the ledger's size on disk (file and WAL)
 and prints a row every ``--report`` seconds. At the end it reads the ledger read-only and
@@ -143,6 +144,7 @@ def _abuses(
     tiny_lines = b"{}\n" * (MiB // 3)
     big_malformed = b"[" + b"x" * (8_000_000 - 1)
     pair = facilitator_request(1)
+    invalid = b"[" + b",".join([b'{"type": "nope", "x": "' + b"y" * 1000 + b'"}'] * 2000) + b"]"
 
     async def absolute_form() -> int:
         first = await _raw(
@@ -191,6 +193,10 @@ def _abuses(
         "small malformed body": (
             frozenset({400}),
             lambda: _post(session, ingest, b'{"type": ', "json"),
+        ),
+        "2 MB of invalid events": (
+            frozenset({422}),
+            lambda: _post(session, ingest, invalid, "json"),
         ),
     }
 

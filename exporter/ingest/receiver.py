@@ -386,9 +386,10 @@ class Receiver:
     def _refuse_declared_size(self, request: web.Request) -> None:
         """Refuse (413) a body whose Content-Length is over the limit before reading any of it.
 
-        Nothing is read, so nothing of it is buffered, and the connection is closed rather
-        than drained; :func:`expect_within` keeps a client that asked ``Expect: 100-continue``
-        from sending the body at all.
+        Nothing is read, so nothing of it is buffered, and the answer closes the connection
+        (aiohttp discards what still arrives for its lingering time, so that the client can
+        read the answer); :func:`expect_within` keeps a client that asked
+        ``Expect: 100-continue`` from sending the body at all.
         """
         declared = request.content_length
         limit = self.limits.max_body_bytes
