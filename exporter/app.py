@@ -24,7 +24,7 @@ from .analytics.service import AnalyticsAPI, AnalyticsService, AnalyticsSink
 from .config import AnalyticsSourceKind, Settings, StoreKind, host_name, is_loopback_name
 from .errors import LedgerUnavailableError
 from .ingest.proxy import PROXY, FacilitatorProxy, ProxyLimits
-from .ingest.receiver import IngestLimits, Receiver
+from .ingest.receiver import IngestLimits, Receiver, expect_within
 from .ingest.signing import verifier_from_settings
 from .ledger import DataDirLock, GroupCommitter, Ledger
 from .metrics import Metrics
@@ -58,6 +58,8 @@ upstream, whatever their case or trailing slash, so ingest credentials cannot le
 
 MAINTENANCE_INTERVAL_SECONDS = 30.0
 RETENTION_INTERVAL_SECONDS = 3600.0
+LETTERS_PER_SLICE = 10_000
+"""Dead letters deleted per retention transaction."""
 DRAIN_SECONDS = 10.0
 READY_COMMIT_MAX_AGE_SECONDS = 10.0
 """``/readyz`` reports the last commit's outcome; one older than this (or none) is
@@ -103,17 +105,20 @@ def create_app(
     if settings.upstream_facilitator is not None:
         app.cleanup_ctx.append(_proxy_context)
     app.cleanup_ctx.extend(extra_contexts or [])
-    app.router.add_post(INGEST_PATH, _ingest)
+    app.router.add_post(INGEST_PATH, _ingest, expect_handler=expect_within(settings.max_body_bytes))
     app.router.add_get("/metrics", make_aiohttp_handler(registry))
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get(ANALYTICS_PATH + "/{name:.+}", _analytics)
     app.router.add_get(OPENAPI_PATH, _openapi_handler(settings))
     if settings.upstream_facilitator is not None:
-        app.router.add_post("/verify", _proxy)
-        app.router.add_post("/settle", _proxy)
+        # A body announced over the proxy's limit is not invited with 100 Continue.
+        within = expect_within(settings.proxy_max_request_bytes)
+        app.router.add_post("/verify", _proxy, expect_handler=within)
+        app.router.add_post("/settle", _proxy, expect_handler=within)
         app.router.add_get("/supported", _proxy)
-        app.router.add_route("*", "/{path:.*}", _proxy)  # any other path passes through
+        # any other path passes through
+        app.router.add_route("*", "/{path:.*}", _proxy, expect_handler=within)
     return app
 
 
@@ -168,6 +173,8 @@ async def _ledger_resource(app: web.Application) -> AsyncIterator[None]:
         settings.max_batch_events,
         settings.max_backlog_events,
         settings.body_read_timeout_seconds,
+        settings.dead_letter_max_bytes,
+        settings.dead_letter_max_bytes_per_minute,
     )
     app[RECEIVER] = Receiver(
         committer, metrics, limits, token, verifier_from_settings(settings), settings.networks
@@ -382,7 +389,7 @@ async def _maintain(settings: Settings, committer: GroupCommitter, metrics: Metr
     """Release events past the join timeout, end settlements past theirs and apply
     retention, periodically."""
     ledger = committer.ledger
-    next_retention = 0.0
+    next_retention = next_letters = 0.0
     while True:
         try:
             cutoff_ms = int((time.time() - settings.join_timeout_seconds) * 1000)
@@ -404,6 +411,19 @@ async def _maintain(settings: Settings, committer: GroupCommitter, metrics: Metr
                 if deleted:
                     log.info("retention applied", extra={"deleted_events": deleted})
                 next_retention = time.monotonic() + RETENTION_INTERVAL_SECONDS
+            if settings.dead_letter_retention_days and time.monotonic() >= next_letters:
+                keep_ms = int((time.time() - settings.dead_letter_retention_days * 86400) * 1000)
+                expired = 0
+                while True:  # in slices, so that ingest commits between them
+                    deleted = await committer.call(
+                        functools.partial(ledger.expire_dead_letters, keep_ms, LETTERS_PER_SLICE)
+                    )
+                    expired += deleted
+                    if deleted < LETTERS_PER_SLICE:
+                        break
+                if expired:
+                    log.info("dead letter retention applied", extra={"deleted": expired})
+                next_letters = time.monotonic() + RETENTION_INTERVAL_SECONDS
         except LedgerUnavailableError as error:
             log.warning("ledger maintenance failed", extra={"error": str(error)})
         await asyncio.sleep(MAINTENANCE_INTERVAL_SECONDS)

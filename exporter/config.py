@@ -272,6 +272,19 @@ class Settings(BaseSettings):
     retention_days: Annotated[int, Field(ge=0)] = Field(
         35, description="days delivered events stay in the ledger; 0 keeps them forever"
     )
+    dead_letter_max_bytes: Annotated[int, Field(ge=1024)] = Field(
+        64 * 1024,
+        description="bytes of a refused body kept in its dead letter (its head); the rest is "
+        "counted in exporter_dead_letter_truncated_bytes_total and its size recorded",
+    )
+    dead_letter_max_bytes_per_minute: Annotated[int, Field(ge=1024)] = Field(
+        1024 * 1024,
+        description="most bytes refusals may add to the ledger per minute; past it a refusal "
+        "is still answered and counted, but not stored (exporter_dead_letters_unstored_total)",
+    )
+    dead_letter_retention_days: Annotated[int, Field(ge=0)] = Field(
+        14, description="days dead letters stay in the ledger; 0 keeps them forever"
+    )
     join_timeout_seconds: Annotated[int, Field(ge=0)] = Field(
         3600,
         description="after this, an event still waiting for its join partner (a payment's "
@@ -520,6 +533,17 @@ class Settings(BaseSettings):
                     if self.ingest_signing_secret is not None
                     else ""
                 )
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _dead_letter_budget_holds_one(self) -> Settings:
+        if self.dead_letter_max_bytes_per_minute < self.dead_letter_max_bytes:
+            raise ValueError(
+                "EXPORTER_DEAD_LETTER_MAX_BYTES_PER_MINUTE "
+                f"({self.dead_letter_max_bytes_per_minute}) is below "
+                f"EXPORTER_DEAD_LETTER_MAX_BYTES ({self.dead_letter_max_bytes}): "
+                "a full dead letter could never be stored; raise the budget or lower the cap"
             )
         return self
 

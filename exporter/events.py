@@ -517,10 +517,13 @@ def parse_event(obj: Any) -> Event:
         raise EventError(_describe(error)) from None
 
 
-def _malformed(error: ValidationError) -> MalformedJSONError | None:
+def _malformed(error: ValidationError) -> str | None:
+    # The message only: an exception kept in a local of the frame that raises it is a
+    # reference cycle (exception, traceback, frame) that holds the whole body until the
+    # cyclic collector runs, which a hostile sender can outpace.
     for detail in error.errors(include_url=False):
         if detail["type"] == "json_invalid":
-            return MalformedJSONError(str(detail["msg"]).removeprefix("Invalid JSON: "))
+            return str(detail["msg"]).removeprefix("Invalid JSON: ")
     return None
 
 
@@ -545,9 +548,9 @@ def parse_event_json(raw: bytes, latest_ms: int | None = None) -> Event:
         return _EVENT_ADAPTER.validate_json(raw)
     except ValidationError as error:
         malformed = _malformed(error)
-        if malformed is not None:
-            raise malformed from None
-        raise EventError(_describe(error)) from None
+        if malformed is None:
+            raise EventError(_describe(error)) from None
+    raise MalformedJSONError(malformed)
 
 
 def parse_event_array_json(raw: bytes) -> list[Event] | None:
@@ -569,9 +572,9 @@ def parse_event_array_json(raw: bytes) -> list[Event] | None:
         return _EVENT_LIST_ADAPTER.validate_json(raw)
     except ValidationError as error:
         malformed = _malformed(error)
-        if malformed is not None:
-            raise malformed from None
-        return None
+        if malformed is None:
+            return None
+    raise MalformedJSONError(malformed)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -212,10 +212,24 @@ class Metrics:
             buckets=EVENT_LOOP_LAG_BUCKETS,
             registry=registry,
         )
+        self.dead_letter_truncated_bytes = Counter(
+            "exporter_dead_letter_truncated_bytes",
+            "Bytes of refused bodies not kept in their dead letters: past "
+            "EXPORTER_DEAD_LETTER_MAX_BYTES only a body's head is stored.",
+            registry=registry,
+        )
+        self.dead_letters_unstored = Counter(
+            "exporter_dead_letters_unstored",
+            "Refusals answered and counted but not stored as dead letters, by reason: "
+            "EXPORTER_DEAD_LETTER_MAX_BYTES_PER_MINUTE was spent.",
+            ["reason"],
+            registry=registry,
+        )
         for event_type in EVENT_TYPES:
             self.events_received.labels(event_type)
         for reason in REJECT_REASONS:
             self.events_rejected.labels(reason)
+            self.dead_letters_unstored.labels(reason)
 
     def network_label(self, network: str) -> str:
         """The ``network`` label for ``network``: itself while fewer than

@@ -272,10 +272,14 @@ def _ingest_operation(auth: bool, signed: bool) -> dict[str, Any]:
                 "name": SIGNATURE_HEADER,
                 "in": "header",
                 "required": True,
-                "description": "Signed delivery: t=<unix seconds>,v1=<64 hex digits: "
-                "HMAC-SHA256 of the body as sent> (v1= may repeat during a key rotation); "
-                "missing, malformed, stale or wrong is answered 401.",
-                "schema": {"type": "string", "pattern": "^t=[0-9]{1,12}(,v1=[0-9a-fA-F]{64})+$"},
+                "description": "Signed delivery: t=<unix seconds>,v2=<64 hex digits: "
+                "HMAC-SHA256 of <t>.<content type>.<content encoding>.<body as sent>> (v2= "
+                "may repeat during a key rotation; the older v1= signs <t>.<body> only and "
+                "is still accepted); missing, malformed, stale or wrong is answered 401.",
+                "schema": {
+                    "type": "string",
+                    "pattern": "^t=[0-9]{1,12}(,v[12]=[0-9a-fA-F]{64})+$",
+                },
             }
         )
     if auth:

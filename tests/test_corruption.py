@@ -638,14 +638,17 @@ def test_salvage_keeps_dead_letters_with_their_time(data_dir: Path) -> None:
             [
                 Submission(
                     [_prepared(conflicting)],
-                    [DeadLetter("malformed", "not valid JSON", b"{nope", None, 1_700_000_000_000)],
+                    [
+                        DeadLetter("malformed", "not JSON", b"{nope", None, 1_700_000_000_000),
+                        DeadLetter("too_large", "over", b"[[[", None, 1_700_000_000_001, 8 << 20),
+                    ],
                 )
             ]
         )
         letters = ledger.dead_letters()
     finally:
         ledger.close()
-    assert {letter.reason for letter in letters} == {"conflict", "malformed"}
+    assert {letter.reason for letter in letters} == {"conflict", "malformed", "too_large"}
     _append(1000)(path)
 
     summary = _recover(data_dir)
@@ -655,8 +658,8 @@ def test_salvage_keeps_dead_letters_with_their_time(data_dir: Path) -> None:
         salvaged = ledger.dead_letters()
     finally:
         ledger.close()
-    assert [(d.received_at, d.reason, d.error, d.key, d.raw) for d in salvaged] == [
-        (d.received_at, d.reason, d.error, d.key, d.raw) for d in letters
+    assert [(d.received_at, d.reason, d.error, d.key, d.raw, d.raw_size) for d in salvaged] == [
+        (d.received_at, d.reason, d.error, d.key, d.raw, d.raw_size) for d in letters
     ]
 
 

@@ -237,7 +237,7 @@ def test_dead_letters_lists_conflicts_and_rejects(tmp_path: Path) -> None:
 
     table = run_cli("dead-letters", "--data-dir", str(data_dir))
     header, rule, row = table.stdout.splitlines()
-    assert header.split() == ["id", "received_at", "reason", "key", "error", "raw"]
+    assert header.split() == ["id", "received_at", "reason", "key", "size", "error", "raw"]
     assert set(rule.replace(" ", "")) == {"-"}
     assert "conflict" in row and "payment:received:p1" in row
 

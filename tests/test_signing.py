@@ -40,9 +40,15 @@ def body_of(*events: dict[str, object]) -> bytes:
     return json.dumps(list(events)).encode()
 
 
-def signed(body: bytes, secret: str = SECRET, t: int | None = None) -> dict[str, str]:
-    """JSON request headers carrying the signature of ``body``."""
-    return {**JSON, SIGNATURE_HEADER: signature_header(secret, body, t)}
+def signed(
+    body: bytes, secret: str = SECRET, t: int | None = None, encoding: str | None = None
+) -> dict[str, str]:
+    """JSON request headers (with ``encoding``) carrying the signature of ``body``."""
+    signature = signature_header(secret, body, t, "application/json", encoding)
+    headers = {**JSON, SIGNATURE_HEADER: signature}
+    if encoding is not None:
+        headers["Content-Encoding"] = encoding
+    return headers
 
 
 def bad_signatures(registry: CollectorRegistry) -> float:
@@ -76,7 +82,7 @@ async def client(
 
 
 def test_openssl_one_liner_computes_the_same_signature() -> None:
-    """The documented shell recipe (docs/security.md: openssl over "<t>.<body>") agrees."""
+    """The v1 shell recipe (openssl over "<t>.<body>", for senders not yet on v2) agrees."""
     openssl = require_tool("openssl")
     body = body_of(received("p1"))
     script = (
@@ -100,8 +106,8 @@ def test_openssl_one_liner_computes_the_same_signature() -> None:
     [
         ("", "element '' is not key=value"),
         ("v1=" + "a" * 64, "no t= timestamp"),
-        ("t=1767225600", "no v1= signature"),
-        ("t=1767225600,v0=abc", "no v1= signature"),
+        ("t=1767225600", "no v2= (or v1=) signature"),
+        ("t=1767225600,v0=abc", "no v2= (or v1=) signature"),
         ("t=soon,v1=" + "a" * 64, "t= must be unix time in whole seconds, got 'soon'"),
         ("t=-5,v1=" + "a" * 64, "t= must be unix time in whole seconds, got '-5'"),
         ("t=1,t=2,v1=" + "a" * 64, "more than one t="),
@@ -129,7 +135,8 @@ def test_verifier_tolerance_applies_both_ways() -> None:
     now = 1_767_225_600
     verifier = SignatureVerifier([SECRET], 300, clock=lambda: now + 0.9)
     for t in (now - 300, now + 300):
-        verifier.verify(verifier.check_header(signature_header(SECRET, b"x", t)), b"x")
+        header = verifier.check_header(signature_header(SECRET, b"x", t))
+        assert verifier.verify(header, b"x", "application/json") is True
     with pytest.raises(SignatureError, match=r"is 301 s in the past, outside the tolerance of 300"):
         verifier.check_header(signature_header(SECRET, b"x", now - 301))
     with pytest.raises(SignatureError, match=r"is 301 s in the future, outside the tolerance"):
@@ -149,7 +156,7 @@ async def test_signed_plain_and_gzip_bodies_are_accepted(
     # A gzip body is signed as sent: the compressed bytes.
     compressed = gzip.compress(body_of(received("p2"), settled("p2")))
     response = await client.post(
-        "/v1/events", data=compressed, headers={**signed(compressed), "Content-Encoding": "gzip"}
+        "/v1/events", data=compressed, headers=signed(compressed, encoding="gzip")
     )
     assert response.status == 202
     assert (await response.json())["accepted"] == 2
@@ -163,7 +170,7 @@ async def test_gzip_body_signed_after_decoding_is_refused(client: AppClient) -> 
     response = await client.post(
         "/v1/events",
         data=gzip.compress(decoded),
-        headers={**signed(decoded), "Content-Encoding": "gzip"},
+        headers=signed(decoded, encoding="gzip"),
     )
     assert response.status == 401
     assert (await response.json())["error"].startswith("no signature matches")
@@ -189,7 +196,7 @@ async def test_malformed_header_names_the_part(client: AppClient) -> None:
     )
     assert response.status == 401
     assert (await response.json())["error"] == (
-        f"malformed {SIGNATURE_HEADER} header: no v1= signature"
+        f"malformed {SIGNATURE_HEADER} header: no v2= (or v1=) signature"
     )
 
 
@@ -202,7 +209,7 @@ async def test_wrong_secret_or_changed_body_is_refused(
     for response in (wrong, changed):
         assert response.status == 401
         assert (await response.json())["error"].startswith(
-            "no signature matches: 1 v1= entry checked against 1 secret"
+            "no signature matches: 1 v2= entry checked against 1 secret"
         )
     assert bad_signatures(registry) == 2
     assert stored(client) == (0, 0)
@@ -255,7 +262,7 @@ async def test_rotation_accepts_the_previous_secret_and_several_entries(
     ]
     assert [answer.status for answer in answers] == [202, 202, 202, 401]
     assert (await answers[3].json())["error"].startswith(
-        "no signature matches: 1 v1= entry checked against 2 secrets"
+        "no signature matches: 1 v2= entry checked against 2 secrets"
     )
     assert stored(client) == (3, 0)
 

@@ -42,16 +42,22 @@ def dead_letters(settings: Settings, reason: str | None, limit: int) -> list[dic
     """Stored dead letters, newest first, read without disturbing a running exporter."""
     existing_ledger(settings, "dead-letters")
     uri = read_only_uri(settings.ledger_path)
-    sql = "SELECT id, received_at, reason, error, key, raw FROM dead_letters"
     params: list[object] = []
+    where = ""
     if reason is not None:
-        sql += " WHERE reason = ?"
+        where = " WHERE reason = ?"
         params.append(reason)
-    sql += " ORDER BY id DESC LIMIT ?"
     params.append(limit)
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=30.0)
         try:
+            # A ledger last written by an older exporter has no raw_size: its letters are whole.
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(dead_letters)")}
+            raw_size = "raw_size" if "raw_size" in columns else "NULL"
+            sql = (
+                f"SELECT id, received_at, reason, error, key, raw, {raw_size} FROM dead_letters"
+                f"{where} ORDER BY id DESC LIMIT ?"
+            )
             rows = conn.execute(sql, params).fetchall()
         finally:
             conn.close()
@@ -65,10 +71,20 @@ def dead_letters(settings: Settings, reason: str | None, limit: int) -> list[dic
             "error": row[3],
             "key": row[4],
             "raw": bytes(row[5]).decode("utf-8", errors="replace"),
+            "rawBytes": len(row[5]),
+            "rawSize": len(row[5]) if row[6] is None else int(row[6]),
+            "truncated": row[6] is not None,
         }
         for row in rows
     ]
 
+
+
+def _size(letter: dict[str, Any]) -> str:
+    """The body's size; for a truncated one, how much of it was kept."""
+    if letter["truncated"]:
+        return f"{letter['rawSize']} (head {letter['rawBytes']} kept)"
+    return str(letter["rawSize"])
 
 
 def _dead_letters(args: argparse.Namespace) -> int:
@@ -86,12 +102,14 @@ def _dead_letters(args: argparse.Namespace) -> int:
             d["receivedAt"],
             d["reason"],
             d["key"],
+            _size(d),
             clip(d["error"], width),
             clip(d["raw"], width),
         ]
         for d in letters
     ]
-    sys.stdout.write(render_table(["id", "received_at", "reason", "key", "error", "raw"], rows))
+    columns = ["id", "received_at", "reason", "key", "size", "error", "raw"]
+    sys.stdout.write(render_table(columns, rows))
     return 0
 
 

@@ -299,7 +299,7 @@ async def _salvage_ledger(
                 conn,
                 "dead_letters",
                 "id",
-                "received_at, reason, error, key, raw",
+                "received_at, reason, error, key, raw" + _raw_size_column(conn),
                 summary.unreadable_dead_letter_ranges,
             )
             while chunk := await asyncio.to_thread(
@@ -328,6 +328,16 @@ def _first_seq(path: Path) -> int | None:
     finally:
         conn.close()
     return None if first is None else int(first)
+
+
+def _raw_size_column(conn: sqlite3.Connection) -> str:
+    """``, raw_size`` when the damaged ledger's dead letters have it (files written before
+    dead letters were truncated do not), else nothing."""
+    try:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(dead_letters)")}
+    except sqlite3.DatabaseError:  # the schema page is damaged: read what every file has
+        return ""
+    return ", raw_size" if "raw_size" in columns else ""
 
 
 def _retention_gap(first_seq: int | None, unreadable: list[tuple[int, int]]) -> int | None:

@@ -234,7 +234,9 @@ async def run_simulation(
             last = attempt == max_retries or (stop is not None and stop.is_set())
             sent_headers = headers
             if signing_secret is not None:  # signed per attempt: a retry may come much later
-                sent_headers = {**headers, SIGNATURE_HEADER: signature_header(signing_secret, body)}
+                content_type = headers["Content-Type"]
+                signed = signature_header(signing_secret, body, content_type=content_type)
+                sent_headers = {**headers, SIGNATURE_HEADER: signed}
             try:
                 async with session.post(endpoint, data=body, headers=sent_headers) as resp:
                     status = resp.status

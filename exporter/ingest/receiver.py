@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from ..auth import bearer_token_matches
@@ -34,13 +37,18 @@ from ..events import (
 from ..ledger import DeadLetter, GroupCommitter, Outcome, PreparedEvent, Submission
 from ..metrics import Metrics
 from ..networks import NetworkTable
+from .dead_letters import (
+    DEFAULT_DEAD_LETTER_MAX_BYTES,
+    DEFAULT_DEAD_LETTER_MAX_BYTES_PER_MINUTE,
+    DeadLetterGate,
+    DeadLetterLimits,
+)
 from .signing import SIGNATURE_HEADER, SignatureError, SignatureHeader, SignatureVerifier
 
 log = logging.getLogger(__name__)
 
 JSON_TYPES = frozenset({"application/json"})
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl"})
-_DEAD_LETTER_HEAD = 64 * 1024
 _GZIP_SLICE = 64 * 1024
 _GZIP_MAX_MEMBERS = 1000
 """Concatenated gzip files are valid gzip, but each member costs a decoder: an 8 MiB body
@@ -56,6 +64,10 @@ class IngestLimits:
     max_backlog_events: int
     body_read_timeout_seconds: float = 30.0
     """How long a body may take to arrive after its headers (slow senders hold a connection)."""
+    dead_letter_max_bytes: int = DEFAULT_DEAD_LETTER_MAX_BYTES
+    """Bytes of a refused body kept in its dead letter."""
+    dead_letter_max_bytes_per_minute: int = DEFAULT_DEAD_LETTER_MAX_BYTES_PER_MINUTE
+    """Bytes refusals may add to the ledger per minute; past it they are only counted."""
 
 
 @dataclass(slots=True)
@@ -83,6 +95,7 @@ class _Refused(Exception):
         raw: bytes = b"",
         rejected: list[_Rejection] | None = None,
         headers: dict[str, str] | None = None,
+        raw_size: int | None = None,
     ) -> None:
         super().__init__(error)
         self.status = status
@@ -91,6 +104,8 @@ class _Refused(Exception):
         self.raw = raw
         self.rejected = rejected or []
         self.headers = headers
+        self.raw_size = raw_size
+        """The body's size as received when ``raw`` is only its head."""
 
 
 def _answer(
@@ -117,13 +132,18 @@ def _answer(
     }
     if error is not None:
         body["error"] = error
-    return web.json_response(body, status=status, headers=headers)
+    response = web.json_response(body, status=status, headers=headers)
+    if headers is not None and headers.get("Connection") == "close":
+        response.force_close()  # the server closes too (after lingering, never buffering)
+    return response
 
 
 @dataclass(slots=True)
 class _SignatureCheck:
     header: SignatureHeader
     verified: bool = False
+    covers_headers: bool = False
+    """The signature is a ``v2`` one: Content-Type and Content-Encoding are authenticated."""
 
 
 _SIGNATURE = web.RequestKey("exporter_signature", _SignatureCheck)
@@ -149,6 +169,7 @@ class Receiver:
         token: str | None,
         signing: SignatureVerifier | None = None,
         networks: NetworkTable | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.committer = committer
         self.metrics = metrics
@@ -157,6 +178,11 @@ class Receiver:
         self.signing = signing
         self.networks = networks
         """Network names events may use: built-in v1 names plus EXPORTER_NETWORK_ALIASES."""
+        self.dead_letters = DeadLetterGate(
+            DeadLetterLimits(limits.dead_letter_max_bytes, limits.dead_letter_max_bytes_per_minute),
+            metrics,
+            clock,
+        )
 
     async def handle(self, request: web.Request) -> web.Response:
         """``POST /v1/events``."""
@@ -207,7 +233,7 @@ class Receiver:
                 413,
                 f"{events} events in one request; the limit is {self.limits.max_batch_events}",
                 "too_large",
-                body[:_DEAD_LETTER_HEAD],
+                body,
             )
 
     def _verify_signature(self, request: web.Request, raw: bytes) -> None:
@@ -216,20 +242,31 @@ class Receiver:
         if self.signing is None or check is None:
             return
         try:
-            self.signing.verify(check.header, raw)
+            check.covers_headers = self.signing.verify(
+                check.header,
+                raw,
+                request.headers.get("Content-Type"),
+                request.headers.get("Content-Encoding"),
+            )
         except SignatureError as error:
             raise _signature_refusal(error) from None
         check.verified = True
 
     def _signature_verified(self, request: web.Request) -> bool:
+        """Whether what the request carries may be kept: unsigned deliveries, or a verified
+        signature covering the headers that decide how the body was read (``v2``). A ``v1``
+        signature covers the body only: replayed with another Content-Type or
+        Content-Encoding, the same bytes would be refused another way and kept again."""
         check = request.get(_SIGNATURE)
-        return self.signing is None or (check is not None and check.verified)
+        return self.signing is None or (
+            check is not None and check.verified and check.covers_headers
+        )
 
     def _count_unverified(self, request: web.Request, refused: _Refused) -> None:
         assert refused.reason is not None
         self.metrics.reject(refused.reason)
         log.warning(
-            "ingest refused before its signature was verified; body not kept",
+            "ingest refused without a signature over its body and headers; body not kept",
             extra={
                 "reason": refused.reason,
                 "status": refused.status,
@@ -241,9 +278,13 @@ class Receiver:
     async def _keep_refused_body(self, refused: _Refused) -> None:
         assert refused.reason is not None
         self.metrics.reject(refused.reason)
-        letter = DeadLetter(refused.reason, refused.error, refused.raw)
+        letters = self.dead_letters.admit(
+            [DeadLetter(refused.reason, refused.error, refused.raw, raw_size=refused.raw_size)]
+        )
+        if not letters:
+            return
         try:
-            await self.committer.submit(Submission(dead_letters=[letter]))
+            await self.committer.submit(Submission(dead_letters=letters))
         except LedgerUnavailableError as error:
             log.error(
                 "dead letter not stored", extra={"reason": refused.reason, "error": str(error)}
@@ -253,6 +294,7 @@ class Receiver:
         content_type = request.content_type
         ndjson = content_type in NDJSON_TYPES
         if not ndjson and content_type not in JSON_TYPES:
+            self._refuse_declared_size(request)
             raw = await self._read_head(request)
             raise _Refused(
                 415,
@@ -260,6 +302,8 @@ class Receiver:
                 "(an event or an array of events) or application/x-ndjson",
                 "unsupported_media_type",
                 raw,
+                headers=None if request.content.is_eof() else {"Connection": "close"},
+                raw_size=request.content_length,
             )
         body = await self._read_body(request)
         if ndjson:
@@ -276,9 +320,9 @@ class Receiver:
                 "events; retry later",
                 headers={"Retry-After": "30"},
             )
-        return await self._commit(parsed)
+        return await self._commit(parsed, keep_letters=self._signature_verified(request))
 
-    async def _commit(self, parsed: _Parsed) -> web.Response:
+    async def _commit(self, parsed: _Parsed, keep_letters: bool = True) -> web.Response:
         submission = Submission()
         rejected: list[_Rejection] = []
         positions: list[int] = []
@@ -294,6 +338,10 @@ class Receiver:
             positions.append(index)
         if not parsed.items:
             return _answer(422, error="the body holds no events")
+        # Invalid items of a body whose headers are not signed are counted, not kept.
+        submission.dead_letters = (
+            self.dead_letters.admit(submission.dead_letters) if keep_letters else []
+        )
         try:
             result = await self.committer.submit(submission)
         except LedgerUnavailableError as error:
@@ -338,20 +386,31 @@ class Receiver:
     async def _read_head(self, request: web.Request) -> bytes:
         try:
             async with asyncio.timeout(self.limits.body_read_timeout_seconds):
-                return await request.content.read(_DEAD_LETTER_HEAD)
+                return await request.content.read(self.limits.dead_letter_max_bytes)
         except TimeoutError:  # nothing arrived: the refusal stands without a body
             return b""
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    def _refuse_declared_size(self, request: web.Request) -> None:
+        """Refuse (413) a body whose Content-Length is over the limit before reading any of it.
+
+        Nothing is read, so nothing of it is buffered, and the answer closes the connection
+        (aiohttp discards what still arrives for its lingering time, so that the client can
+        read the answer); :func:`expect_within` keeps a client that asked
+        ``Expect: 100-continue`` from sending the body at all.
+        """
+        declared = request.content_length
         limit = self.limits.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raw = await self._read_head(request)
+        if declared is not None and declared > limit:
             raise _Refused(
                 413,
-                f"body of {request.content_length} bytes is over the limit of {limit} bytes",
+                f"body of {declared} bytes is over the limit of {limit} bytes",
                 "too_large",
-                raw,
+                headers={"Connection": "close"},
             )
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.limits.max_body_bytes
+        self._refuse_declared_size(request)
         raw = await self._read_within_timeout(request, limit)
         self._verify_signature(request, raw)
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
@@ -362,7 +421,7 @@ class Receiver:
                 415,
                 f"unsupported Content-Encoding {encoding!r}: send gzip or no encoding",
                 "unsupported_media_type",
-                raw[:_DEAD_LETTER_HEAD],
+                raw,
             )
         return _gunzip(raw, limit)
 
@@ -391,15 +450,45 @@ class Receiver:
                 408,
                 f"the body did not arrive within {timeout:g} s ({size} bytes received)",
                 "malformed",
-                b"".join(chunks)[:_DEAD_LETTER_HEAD],
+                b"".join(chunks),
                 headers={"Connection": "close"},
             ) from None
         return b"".join(chunks)
 
 
+def expect_within(
+    limit: int,
+) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
+    """An ``Expect: 100-continue`` handler that invites only bodies within ``limit``.
+
+    aiohttp's default answers ``100 Continue`` to any request, so a client announcing a
+    body over the limit would start sending it before the handler refuses it; with this
+    one the client gets only the final 413, having sent nothing but headers.
+    """
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            return None  # no invitation: the handler answers 413 without reading
+        expectation = request.headers.get("Expect", "")
+        if request.version == aiohttp.HttpVersion11:
+            if expectation.lower() != "100-continue":
+                raise web.HTTPExpectationFailed(text=f"unknown Expect: {expectation[:40]}")
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+        return None
+
+    return expect
+
+
 def _body_over_limit(limit: int, received: bytes) -> _Refused:
+    # The rest of the body is not read: the connection is closed, not drained.
     return _Refused(
-        413, f"body is over the limit of {limit} bytes", "too_large", received[:_DEAD_LETTER_HEAD]
+        413,
+        f"body is over the limit of {limit} bytes",
+        "too_large",
+        received,
+        headers={"Connection": "close"},
     )
 
 
@@ -428,20 +517,18 @@ def _gunzip(raw: bytes, limit: int) -> bytes:
                         413,
                         f"gzip body decodes to more than the limit of {limit} bytes",
                         "too_large",
-                        raw[:_DEAD_LETTER_HEAD],
+                        raw,
                     )
             offset -= len(decoder.unused_data)
             if offset >= len(view):
                 return b"".join(parts)
     except zlib.error as error:
-        raise _Refused(
-            400, f"body is not valid gzip: {error}", "malformed", raw[:_DEAD_LETTER_HEAD]
-        ) from None
+        raise _Refused(400, f"body is not valid gzip: {error}", "malformed", raw) from None
     raise _Refused(
         413,
         f"gzip body holds more than {_GZIP_MAX_MEMBERS} members (concatenated gzip files)",
         "too_large",
-        raw[:_DEAD_LETTER_HEAD],
+        raw,
     )
 
 
@@ -465,7 +552,20 @@ def _parse_json(body: bytes) -> _Parsed:
     except MalformedJSONError as error:
         raise _Refused(400, f"body is not valid JSON: {error}", "malformed", body) from None
     except EventError as error:
-        return _Parsed([(error, body)], single=True)
+        return _Parsed([(_detached(error), body)], single=True)
+
+
+def _detached(error: EventError) -> EventError:
+    """``error`` without its traceback, to be kept as a value.
+
+    A traceback holds the frames it passed through, and a finished frame its caller's:
+    an error kept in the list that the caller's frame holds would make a reference
+    cycle holding the whole body until the cyclic collector runs (which a serving
+    exporter runs rarely, and a hostile sender can outpace).
+    """
+    error.__traceback__ = None
+    error.__context__ = None
+    return error
 
 
 def _check_item(item: Any) -> tuple[Event | EventError, bytes]:
@@ -473,7 +573,7 @@ def _check_item(item: Any) -> tuple[Event | EventError, bytes]:
     try:
         return parse_event(item), raw
     except EventError as error:
-        return error, raw
+        return _detached(error), raw
 
 
 def _ndjson_event_count(body: bytes, limit: int) -> int:
@@ -494,7 +594,7 @@ def _parse_ndjson(body: bytes) -> _Parsed:
         try:
             parsed.items.append((parse_event_json(line, latest), line))
         except EventError as error:
-            parsed.items.append((error, line))
+            parsed.items.append((_detached(error), line))
         except MalformedJSONError as error:
             index = len(parsed.items)
             raise _Refused(

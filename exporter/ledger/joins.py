@@ -523,13 +523,15 @@ class TransactionWriter:
     def dead_letter(self, letter: DeadLetter) -> None:
         """Keep refused input as a dead letter, in this transaction."""
         self.cur.execute(
-            "INSERT INTO dead_letters (received_at, reason, error, key, raw) VALUES (?,?,?,?,?)",
+            "INSERT INTO dead_letters (received_at, reason, error, key, raw, raw_size) "
+            "VALUES (?,?,?,?,?,?)",
             (
                 self.now if letter.received_at is None else letter.received_at,
                 letter.reason,
                 letter.error,
                 letter.key,
                 letter.raw,
+                letter.raw_size,
             ),
         )
 

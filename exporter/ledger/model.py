@@ -52,6 +52,8 @@ class DeadLetter:
     key: str | None = None
     received_at: int | None = None
     """Epoch ms it was first received (None: now); ``recover`` keeps the original."""
+    raw_size: int | None = None
+    """The size of the input as received when ``raw`` is only its head (None: whole)."""
 
 
 @dataclass(slots=True)
@@ -162,3 +164,5 @@ class DeadLetterRow:
     error: str
     key: str | None
     raw: bytes
+    raw_size: int | None = None
+    """The size of the input as received when ``raw`` is only its head (None: whole)."""

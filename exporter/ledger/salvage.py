@@ -245,15 +245,18 @@ def scan_pages(path: Path) -> Iterator[tuple[int, bytes]]:
 
 
 def dead_letter_from_row(row: tuple[Any, ...]) -> DeadLetter | None:
-    """A dead letter from a (id, received_at, reason, error, key, raw) row, if sound."""
-    _, received_at, reason, error, key, raw = row
+    """A dead letter from a (id, received_at, reason, error, key, raw[, raw_size]) row, if
+    sound."""
+    _, received_at, reason, error, key, raw, *rest = row
+    raw_size = rest[0] if rest else None
     if not (
         isinstance(received_at, int)
         and isinstance(reason, str)
         and isinstance(error, str)
         and (key is None or isinstance(key, str))
         and isinstance(raw, bytes)
+        and (raw_size is None or isinstance(raw_size, int))
     ):
         return None
-    return DeadLetter(reason, error, raw, key, received_at)
+    return DeadLetter(reason, error, raw, key, received_at, raw_size)
 

@@ -53,8 +53,9 @@ WAITING, EMITTED = 0, 1
 EventRow = tuple[int, str, int, str, str | None, int, int, bytes, int]
 """A row of ``events``, in :data:`EVENTS_COLUMNS` order."""
 
-DEAD_LETTER_COLUMNS = ("id", "received_at", "reason", "error", "key", "raw")
-"""The ``dead_letters`` table's columns, in their stored order."""
+DEAD_LETTER_COLUMNS = ("id", "received_at", "reason", "error", "key", "raw", "raw_size")
+"""The ``dead_letters`` table's columns, in their stored order. ``raw_size`` is the size of
+the body as received when ``raw`` keeps only its head (NULL: ``raw`` is whole)."""
 # Join state per payment: what payment:received said, and whether it has ended.
 # Rows are appended in arrival order (the update of a payment that ends soon after its
 # receipt then finds its row on a recent page, already written in the same or a close
@@ -168,7 +169,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason TEXT NOT NULL,
     error TEXT NOT NULL,
     key TEXT,
-    raw BLOB NOT NULL
+    raw BLOB NOT NULL,
+    raw_size INTEGER
 );
 CREATE INDEX IF NOT EXISTS dead_letters_reason ON dead_letters (reason, id);
 CREATE TABLE IF NOT EXISTS websocket_latest (
@@ -262,11 +264,23 @@ def prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
         for step in range(version, SCHEMA_VERSION):
             _upgrade_from(conn, path, step)
     conn.executescript(SCHEMA)
+    _add_dead_letter_raw_size(conn)
     if version is None:
         conn.execute(
             "INSERT INTO meta(key, value) VALUES ('schema', ?), ('key_index_upto', '0')",
             (str(SCHEMA_VERSION),),
         )
+
+
+def _add_dead_letter_raw_size(conn: sqlite3.Connection) -> None:
+    """Give a file written before dead letters were truncated its ``raw_size`` column.
+
+    A nullable column added last reads as NULL (kept whole) in every older row, so files
+    of the same schema version with and without it stay readable by either exporter.
+    """
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(dead_letters)")}
+    if "raw_size" not in columns:
+        conn.execute("ALTER TABLE dead_letters ADD COLUMN raw_size INTEGER")
 
 
 def stored_schema_version(conn: sqlite3.Connection) -> int | None:

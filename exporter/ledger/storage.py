@@ -615,6 +615,16 @@ class Ledger:
         self._event_count -= deleted
         return deleted
 
+    def expire_dead_letters(self, older_than_ms: int, limit: int = 10_000) -> int:
+        """Delete dead letters received before ``older_than_ms``, at most ``limit``; returns
+        how many (the retention of refused input, independent of the events')."""
+        with self._transaction() as cur:
+            return cur.execute(
+                "DELETE FROM dead_letters WHERE id IN ("
+                " SELECT id FROM dead_letters WHERE received_at < ? LIMIT ?)",
+                (older_than_ms, limit),
+            ).rowcount
+
     def check_writable(self) -> None:
         """Commit a one-row write; raises :class:`LedgerUnavailableError` when it fails.
 
