@@ -86,11 +86,14 @@ class Target:
 
     def headers(self, body: bytes) -> dict[str, str]:
         """The request headers of ``body``: content type and credentials."""
-        headers = {"Content-Type": "application/x-ndjson"}
+        content_type = "application/x-ndjson"
+        headers = {"Content-Type": content_type}
         if self.token is not None:
             headers["Authorization"] = f"Bearer {self.token}"
         if self.signing_secret is not None:
-            headers[SIGNATURE_HEADER] = signature_header(self.signing_secret, body)
+            headers[SIGNATURE_HEADER] = signature_header(
+                self.signing_secret, body, content_type=content_type
+            )
         return headers
 
 
