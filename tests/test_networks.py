@@ -56,6 +56,8 @@ def test_names_aliases_and_chain_names() -> None:
     assert table.caip2("not a network") is None
     assert table.chain_name("eip155:8453") == "Base"
     assert table.chain_name("eip155:999999") == "eip155:999999"
+    # An operator on the Python SDK's ids for a name the SDKs disagree on overrides ours.
+    assert NetworkTable(aliases={"story": "eip155:1513"}).caip2("story") == "eip155:1513"
     with pytest.raises(ValueError, match="CAIP-2"):
         NetworkTable(aliases={"bad": "base"})
 
