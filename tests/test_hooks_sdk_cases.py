@@ -2,7 +2,8 @@
 ``verify``/``settle`` with the hooks attached, delivering to a real exporter: the first half
 with the exporter up, each case's metric deltas exact; the second half with the exporter
 stopped, then restarted and the spool flushed, the restarted exporter's counters exactly
-the second half's; the analytics exactly every case; every event once."""
+the second half's; the analytics exactly every case; every event once. The Solana cases
+run the same way over the in-memory SPL ledger, each case's deltas exact."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import asyncio
 import json
 import time
 from collections import Counter as Tally
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 from _exporter_process import ExporterProcess, LabelSet, http_request, sample_values
+from aiohttp.test_utils import TestServer
 from conftest import free_port, wait_until
 from hooks_helpers import start_on
 from prometheus_client import CollectorRegistry
@@ -23,6 +26,8 @@ from x402.schemas import SchemeNotFoundError
 from x402_cases import (
     CASES,
     FEE_BPS,
+    SVM_CASES,
+    SVM_MINTS,
     Case,
     CaseRun,
     Concurrently,
@@ -36,9 +41,11 @@ from x402_cases import (
     Settle,
     Sign,
     Verify,
+    World,
     build_chains,
+    build_world,
 )
-from x402_chain import EvmChains, build_facilitator
+from x402_svm_chain import SVM_CLIENT_WARNING, SolanaRpc
 
 from exporter.hooks import HookAttachment, SenderLimits, attach_x402_facilitator
 
@@ -62,20 +69,23 @@ class Facilitator:
     """The facilitator process of the hooks' side: the SDK facilitator over the chains,
     the hooks attached, restartable on the same spool."""
 
-    def __init__(self, url: str, spool: Path) -> None:
-        self.url, self.spool = url, spool
-        self.chains = build_chains()
-        self.facilitator = build_facilitator(self.chains)
+    def __init__(self, url: str, spool: Path, *, solana: bool = False) -> None:
+        self.url, self.spool, self.solana = url, spool, solana
+        self.world = self._world()
+        self.facilitator = self.world.facilitator()
         self.attachments: list[HookAttachment] = []
         self.attach()
 
-    def new_chains(self) -> EvmChains:
-        """Fresh chains (each case starts from its own) and an SDK facilitator over them,
+    def _world(self) -> World:
+        return build_world() if self.solana else World(build_chains())
+
+    def new_world(self) -> World:
+        """A fresh world (each case starts from its own) and an SDK facilitator over it,
         attached to the same hooks."""
-        self.chains = build_chains()
-        self.facilitator = build_facilitator(self.chains)
+        self.world = self._world()
+        self.facilitator = self.world.facilitator()
         self.attachment.attach(self.facilitator)
-        return self.chains
+        return self.world
 
     def attach(self) -> None:
         """A new attachment on the same spool, on the current facilitator."""
@@ -93,7 +103,7 @@ class Facilitator:
         """The process goes away (nothing delivered on the way out) and comes back with a
         new SDK facilitator over the same chains."""
         self.attachment.close(0.0)
-        self.facilitator = build_facilitator(self.chains)
+        self.facilitator = self.world.facilitator()
         self.attach()
 
     def unrecorded(self) -> Tally[str]:
@@ -214,7 +224,7 @@ async def test_every_sdk_case_through_the_hooks(tmp_path: Path, port: int) -> No
             await exactly(case, side, exporter)
         exporter.terminate()
         for case in CASES[half:]:  # the exporter is down: everything waits in the spool
-            await drive(case, CaseRun([side.new_chains()]), side)
+            await drive(case, CaseRun([side.new_world()]), side)
         exporter = start_on(port, data, log_path)
         assert await side.attachment.aclose(20.0)
         after = snapshot(exporter)
@@ -232,11 +242,33 @@ async def test_every_sdk_case_through_the_hooks(tmp_path: Path, port: int) -> No
         assert attachment.dead_letters() == []
 
 
-async def exactly(case: Case, side: Facilitator, exporter: ExporterProcess) -> None:
+@pytest.mark.filterwarnings(SVM_CLIENT_WARNING)
+async def test_every_solana_case_through_the_hooks(
+    tmp_path: Path, port: int, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    rpc = await aiohttp_server(SolanaRpc(list(SVM_MINTS.values())).app(), port=0)
+    rpc_url = str(rpc.make_url("")).rstrip("/")
+    exporter = start_on(port, tmp_path / "data", tmp_path / "exporter.log")
+    side = Facilitator(exporter.url, tmp_path / "spool", solana=True)
+    try:
+        for case in SVM_CASES:
+            await exactly(case, side, exporter, rpc_url)
+        assert await side.attachment.aclose(20.0)
+        assert_analytics(exporter, list(SVM_CASES))
+    finally:
+        exporter.kill()
+        for attachment in side.attachments:
+            attachment.close(0.0)
+    assert side.attachment.dead_letters() == []
+
+
+async def exactly(
+    case: Case, side: Facilitator, exporter: ExporterProcess, svm_rpc_url: str | None = None
+) -> None:
     """Run ``case`` and check the exporter's deltas and the unrecorded answers exactly."""
     before = snapshot(exporter)
     unrecorded = side.unrecorded()
-    await drive(case, CaseRun([side.new_chains()]), side)
+    await drive(case, CaseRun([side.new_world()], svm_rpc_url), side)
     wait_until(side.delivered, what=f"{case.name} delivered")
     assert deltas(before, snapshot(exporter)) == expected([case]), case.name
     failures = {k: v for k, v in case.recording_failures.items() if k in REASONS}

@@ -1,4 +1,4 @@
-"""EXPORTER_NETWORK_ALIASES applies to POSTed events as it does in proxy mode."""
+"""EXPORTER_NETWORK_ALIASES applies to POSTed events and in proxy mode alike."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestServer
 from conftest import AppClient, received
+from facilitator_helpers import USDC, ScriptedFacilitator, exchange, start_proxy
 from prometheus_client import CollectorRegistry
 
 from exporter import Settings, create_app
 from exporter.app import COMMITTER
+from exporter.ingest.proxy import PROXY
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
 
@@ -45,3 +48,30 @@ async def test_without_the_alias_the_name_is_refused(client: AppClient) -> None:
     response = await client.post("/v1/events", json=received("p1", network="acme-chain"))
     assert response.status == 422
     assert "acme-chain" in (await response.json())["rejected"][0]["error"]
+
+
+async def test_an_alias_names_a_network_in_proxy_mode(
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    data_dir: Path,
+) -> None:
+    facilitator = ScriptedFacilitator()
+    server = await aiohttp_server(facilitator.app(), port=0)
+    registry = CollectorRegistry()
+    client = await start_proxy(
+        aiohttp_client,
+        data_dir,
+        str(server.make_url("")).rstrip("/"),
+        registry,
+        network_aliases={"acme-chain": "eip155:777"},
+        proxy_asset_decimals={f"eip155:777/{USDC}": 6},
+    )
+    body = exchange(1)
+    body["paymentRequirements"]["network"] = "acme-chain"
+    response = await client.post("/settle", json=body)
+    assert response.status == 200
+    await client.app[PROXY].drain()
+    stored = [json.loads(body) for _, _, body in client.app[COMMITTER].ledger.iter_events()]
+    assert {e["data"]["network"] for e in stored if "network" in e["data"]} == {"eip155:777"}
+    success = {"network": "eip155:777", "status": "success"}
+    assert registry.get_sample_value("facilitator_payments_total", success) == 1

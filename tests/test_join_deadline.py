@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    BASE_MS,
     AppClient,
     async_wait_until,
     batch_created,
@@ -175,3 +176,14 @@ async def test_the_exporter_releases_what_waited_past_the_deadline_after_a_resta
     assert registry.get_sample_value(
         "exporter_join_timeouts_total", {"type": "payment:failed"}
     ) == 1
+
+    async def stored() -> bool:
+        return bool(ledger.backlog == 0)
+
+    await async_wait_until(stored, what="the released events in the store")
+    at = BASE_MS + 3_600_000
+    answer = await after.get(f"/v1/analytics/payments?window=1h&at={at}")
+    payments = await answer.json()
+    assert (payments["successfulPayments"], payments["failedPayments"]) == (1, 1)
+    answer = await after.get(f"/v1/analytics/networks?window=1h&at={at}")
+    assert [row["chainId"] for row in await answer.json()] == ["unknown"]

@@ -198,3 +198,21 @@ def test_event_schema_is_discriminated_on_type() -> None:
     assert event["discriminator"]["propertyName"] == "type"
     assert len(event["oneOf"]) == len(event["discriminator"]["mapping"]) == 8
     assert not _event_validator().is_valid({"type": "payment:refunded", "data": {}})
+
+
+def test_the_optional_settlement_and_verification_fields_are_optional_in_the_schema() -> None:
+    schemas = build_openapi(auth=False, proxy=False)["components"]["schemas"]
+    settled_required = set(schemas["PaymentSettledData"]["required"])
+    assert settled_required == {"paymentId", "fee", "timestamp"}
+    assert set(schemas["PaymentVerifiedData"]["required"]) == {"paymentId", "timestamp"}
+    bare_settlement = settled("p1")
+    for field in ("transaction", "settlementTime"):
+        del bare_settlement["data"][field]
+    bare_verification = verified("p1")
+    del bare_verification["data"]["verificationTime"]
+    for event in (bare_settlement, bare_verification):
+        parse_event(event)
+        _event_validator().validate(event)
+    without_fee = settled("p1")
+    del without_fee["data"]["fee"]
+    assert not _event_validator().is_valid(without_fee)

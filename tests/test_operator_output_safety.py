@@ -7,14 +7,17 @@ import asyncio
 import csv
 import io
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from exporter.cli.http_client import get_json
+from exporter.cli.main import main
 from exporter.cli.render import clip, render_data, render_table
 from exporter.errors import OperatorError
+from exporter.ledger import DeadLetter, Ledger, Submission
 
 
 def test_csv_cells_that_start_like_a_formula_are_neutralised() -> None:
@@ -32,6 +35,20 @@ def test_tables_show_control_characters_instead_of_sending_them() -> None:
     assert "\x1b" not in table and "\x07" not in table and "\x9b" not in table
     assert "a\\x1b[2Jb\\x07c\\x9bd" in table
     assert clip("x\x1by", 0) == "x\\x1by"
+
+
+def test_dead_letters_shows_a_refused_bodys_control_characters_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "data"
+    ledger = Ledger(data_dir / "ledger.sqlite3")
+    hostile = b'{"payee": "\x1b]0;owned\x07\x1b[2J"}'
+    ledger.commit([Submission(dead_letters=[DeadLetter("malformed", "bad \x1b[31m", hostile)])])
+    ledger.close()
+    assert main(["dead-letters", "--width", "0", "--data-dir", str(data_dir)]) == 0
+    shown = capsys.readouterr().out
+    assert "\x1b" not in shown and "\x07" not in shown
+    assert "\\x1b]0;owned\\x07\\x1b[2J" in shown and "bad \\x1b[31m" in shown
 
 
 async def test_query_url_never_follows_a_redirect_with_the_token(
