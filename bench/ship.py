@@ -321,16 +321,20 @@ def run_engine(points: int, rounds: int) -> int:
         engine.start()
         try:
             best = {"exporter (forwarder + InfluxStore)": math.inf, "direct /write": math.inf}
+            cpu = dict.fromkeys(best, math.inf)
             for round_ in range(rounds):
                 for name in best:
                     db = f"ship_{round_}_{'e' if name.startswith('exporter') else 'd'}"
                     engine.query(f'CREATE DATABASE "{db}"')
                     if name.startswith("exporter"):
                         ledger = _ledger_copy(ledger_file, root / "run.sqlite3")
+                        cpu_before = time.process_time()
                         seconds, shipped = asyncio.run(_drain_ledger(engine.url, db, ledger))
                         assert shipped == len(lines)
                     else:
+                        cpu_before = time.process_time()
                         seconds = asyncio.run(_post_v1(engine.url, db, bodies))
+                    cpu[name] = min(cpu[name], time.process_time() - cpu_before)
                     stored = sum(
                         engine.count(db, m, f)
                         for m, f in (("payment", "payment_id"), ("batch", "batch_id"),
@@ -346,9 +350,11 @@ def run_engine(points: int, rounds: int) -> int:
         f"influxd {engine.url} (v1 /write); {len(lines):,} points per path in batches of "
         f"{MAX_LINES_PER_WRITE:,}, best of {rounds}\n"
     )
-    out.write(f"{'path':<36} {'seconds':>8} {'points/s':>12}\n")
+    out.write(f"{'path':<36} {'seconds':>8} {'points/s':>12} {'our CPU s':>10}\n")
     for name, seconds in best.items():
-        out.write(f"{name:<36} {seconds:>8.3f} {len(lines) / seconds:>12,.0f}\n")
+        out.write(
+            f"{name:<36} {seconds:>8.3f} {len(lines) / seconds:>12,.0f} {cpu[name]:>10.3f}\n"
+        )
     exporter, direct = best.values()
     ratio = direct / exporter
     out.write(f"ratio exporter / direct: {ratio:.2f} (target >= {TARGET_ENGINE_RATIO}: "
