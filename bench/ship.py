@@ -350,6 +350,9 @@ def run_engine(points: int, rounds: int, sinks: tuple[str, ...] = ONE_SINK) -> i
     }
     if sinks != ONE_SINK:
         paths[f"exporter -> {','.join(sinks)} at once"] = sinks
+        for sink in sinks:
+            if sink != "influxdb":
+                paths[f"exporter -> {sink} alone"] = (sink,)
     with tempfile.TemporaryDirectory(prefix="ship-bench-") as tmp:
         root = Path(tmp)
         ledger_file = root / "template.sqlite3"
