@@ -36,4 +36,4 @@ RUN pip install '.[test]'
 COPY --chown=exporter:exporter tests ./tests
 USER exporter
 HEALTHCHECK NONE
-CMD ["python", "-m", "pytest", "-p", "no:cacheprovider", "-rs", "-m", "needs_influxdb", "tests/test_influx_integration.py", "tests/test_analytics_flux.py", "tests/test_analytics_contract.py"]
+CMD ["python", "-m", "pytest", "-p", "no:cacheprovider", "-rs", "-m", "needs_influxdb", "tests/test_influx_integration.py", "tests/test_analytics_flux.py", "tests/test_analytics_contract.py", "tests/test_influx_real_engine.py"]

@@ -116,6 +116,13 @@ def get_json(url: str) -> Any:
         return json.loads(response.read())
 
 
+def store_backlog(ready: dict[str, Any]) -> int:
+    """The largest store backlog in a ``/readyz`` document: every store in ``stores`` (one
+    per sink of ``EXPORTER_STORES``), so a wait on it ends only once every store has all."""
+    stores = ready.get("stores") or [ready["store"]]
+    return max(int(store["backlog"]) for store in stores)
+
+
 def healthy(url: str) -> bool:
     """Whether ``GET url/healthz`` answers 200 now."""
     try:

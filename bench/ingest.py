@@ -278,11 +278,11 @@ def _table(results: list[_Result]) -> None:
 
 
 def _wait_for_store(url: str, within: float = 300.0) -> float:
-    """Seconds until the exporter's store backlog is empty (events acknowledged but not
-    yet in the store), so that CPU figures include delivering what was acknowledged."""
+    """Seconds until every store's backlog is empty (events acknowledged but not yet in
+    the store), so that CPU figures include delivering what was acknowledged."""
     began = time.perf_counter()
     while time.perf_counter() - began < within:
-        if _servers.get_json(url + "/readyz")["store"]["backlog"] == 0:
+        if _servers.store_backlog(_servers.get_json(url + "/readyz")) == 0:
             return time.perf_counter() - began
         time.sleep(0.05)
     raise RuntimeError(f"the store backlog did not drain within {within:.0f}s")

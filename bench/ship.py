@@ -51,6 +51,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -227,40 +228,70 @@ def _start_server(record: bool) -> tuple[subprocess.Popen[str], str]:
     return process, url
 
 
-def _ledger_copy(ledger_file: Path, scratch: Path) -> Ledger:
-    """A ledger opened on a fresh copy of ``ledger_file`` (its outbox undelivered)."""
+def _ledger_copy(ledger_file: Path, scratch: Path, sinks: tuple[str, ...]) -> Ledger:
+    """A ledger opened on a fresh copy of ``ledger_file`` feeding ``sinks`` (each new
+    sink's cursor starts at the outbox's first record: everything undelivered)."""
     for suffix in ("", "-wal", "-shm"):
         scratch.with_name(scratch.name + suffix).unlink(missing_ok=True)
     shutil.copyfile(ledger_file, scratch)
-    return Ledger(scratch)
+    return Ledger(scratch, sinks=sinks)
 
 
-async def _drain_ledger(url: str, db: str, ledger: Ledger) -> tuple[float, int]:
-    """Seconds for the forwarder to ship ``ledger``'s whole outbox to ``db``."""
+async def _drain_ledger(url: str, db: str, ledger: Ledger, duckdb_file: Path) -> float:
+    """Seconds for one forwarder per sink of ``ledger`` (``influxdb`` to ``db``, ``duckdb``
+    to ``duckdb_file``) to ship the whole outbox, as the app runs them: at once, each with
+    its own cursor. The clock stops when the last sink has everything."""
     from prometheus_client import CollectorRegistry
 
     from exporter.ledger import GroupCommitter
     from exporter.metrics import Metrics
+    from exporter.records import Store
     from exporter.store import Forwarder
+    from exporter.store.duckdb import DuckDBStore
 
     committer = GroupCommitter(ledger)
-    store = InfluxStore(url, None, None, db, timeout_seconds=60, api="v1")
-    forwarder = Forwarder(committer, store, Metrics(CollectorRegistry()), MAX_LINES_PER_WRITE)
-    points = ledger.backlog
+    metrics = Metrics(CollectorRegistry())
+    stores: list[Store] = []
+    for sink in ledger.sinks:
+        if sink == "influxdb":
+            stores.append(InfluxStore(url, None, None, db, timeout_seconds=60, api="v1"))
+        else:
+            stores.append(await asyncio.to_thread(DuckDBStore.open, duckdb_file))
+    forwarders = [
+        Forwarder(committer, store, metrics, MAX_LINES_PER_WRITE, sink=store.name)
+        for store in stores
+    ]
     try:
         started = time.perf_counter()
-        forwarder.start()
+        for forwarder in forwarders:
+            forwarder.start()
         while ledger.backlog:  # noqa: ASYNC110 - a counter, no event to wait on
             await asyncio.sleep(0.002)
         seconds = time.perf_counter() - started
         if ledger.dead_letters():
-            raise AssertionError("the engine refused records")
-        return seconds, points
+            raise AssertionError("a store refused records")
+        return seconds
     finally:
-        await forwarder.stop(5)
-        await store.close()
+        for forwarder in forwarders:
+            await forwarder.stop(5)
+        for store in stores:
+            await store.close()
         await asyncio.to_thread(committer.close)
         await asyncio.to_thread(ledger.close)
+
+
+def _duckdb_points(duckdb_file: Path) -> int:
+    """Rows in the DuckDB store's four measurement tables."""
+    from exporter.store.duckdb import DuckDBStore
+
+    store = DuckDBStore.open(duckdb_file)
+    try:
+        return sum(
+            int(str(store.query(f'SELECT count(*) FROM "{table}"')[0][0]))
+            for table in ("payment", "batch", "revenue", "websocket")
+        )
+    finally:
+        asyncio.run(store.close())
 
 
 async def _post_v1(url: str, db: str, bodies: list[bytes]) -> float:
@@ -299,8 +330,12 @@ def _commit_events(ledger_file: Path, payments: int) -> list[str]:
         ledger.close()
 
 
-def run_engine(points: int, rounds: int) -> int:
-    """The ``--engine`` comparison: forwarder + store against direct posts, on influxd."""
+ONE_SINK = ("influxdb",)
+
+
+def run_engine(points: int, rounds: int, sinks: tuple[str, ...] = ONE_SINK) -> int:
+    """The ``--engine`` comparison: forwarder + store against direct posts, on influxd;
+    with ``sinks`` beyond InfluxDB, also the exporter feeding all of them at once."""
     sys.path.insert(0, str(ROOT / "tests"))
     from influxdb_engine import SKIP_REASON, InfluxEngine, influxd_path
 
@@ -308,6 +343,16 @@ def run_engine(points: int, rounds: int) -> int:
         sys.stderr.write(f"ship.py --engine: {SKIP_REASON}\n")
         return 2
     out = sys.stdout
+    # Each path: its name and the ledger's sinks (None: the direct posts).
+    paths: dict[str, tuple[str, ...] | None] = {
+        "exporter (forwarder + InfluxStore)": ONE_SINK,
+        "direct /write": None,
+    }
+    if sinks != ONE_SINK:
+        paths[f"exporter -> {','.join(sinks)} at once"] = sinks
+        for sink in sinks:
+            if sink != "influxdb":
+                paths[f"exporter -> {sink} alone"] = (sink,)
     with tempfile.TemporaryDirectory(prefix="ship-bench-") as tmp:
         root = Path(tmp)
         ledger_file = root / "template.sqlite3"
@@ -320,24 +365,25 @@ def run_engine(points: int, rounds: int) -> int:
         engine = InfluxEngine(root / "influxdb")
         engine.start()
         try:
-            best = {"exporter (forwarder + InfluxStore)": math.inf, "direct /write": math.inf}
+            best = dict.fromkeys(paths, math.inf)
+            cpu = dict.fromkeys(paths, math.inf)
             for round_ in range(rounds):
-                for name in best:
-                    db = f"ship_{round_}_{'e' if name.startswith('exporter') else 'd'}"
+                for index, (name, path_sinks) in enumerate(paths.items()):
+                    db = f"ship_{round_}_{index}"
+                    duckdb_file = root / f"ship_{round_}_{index}.duckdb"
                     engine.query(f'CREATE DATABASE "{db}"')
-                    if name.startswith("exporter"):
-                        ledger = _ledger_copy(ledger_file, root / "run.sqlite3")
-                        seconds, shipped = asyncio.run(_drain_ledger(engine.url, db, ledger))
-                        assert shipped == len(lines)
-                    else:
+                    cpu_before = time.process_time()
+                    if path_sinks is None:
                         seconds = asyncio.run(_post_v1(engine.url, db, bodies))
-                    stored = sum(
-                        engine.count(db, m, f)
-                        for m, f in (("payment", "payment_id"), ("batch", "batch_id"),
-                                     ("revenue", "amount_micro"), ("websocket", "count"))
-                    )
-                    if stored != len(lines):
-                        raise AssertionError(f"{name}: {stored} of {len(lines)} points stored")
+                    else:
+                        ledger = _ledger_copy(ledger_file, root / "run.sqlite3", path_sinks)
+                        seconds = asyncio.run(_drain_ledger(engine.url, db, ledger, duckdb_file))
+                    cpu[name] = min(cpu[name], time.process_time() - cpu_before)
+                    if path_sinks is None or "influxdb" in path_sinks:
+                        _check_stored(name, len(lines), _engine_points(engine, db))
+                    if path_sinks is not None and "duckdb" in path_sinks:
+                        _check_stored(name, len(lines), _duckdb_points(duckdb_file))
+                        duckdb_file.unlink()
                     engine.query(f'DROP DATABASE "{db}"')
                     best[name] = min(best[name], seconds)
         finally:
@@ -346,14 +392,34 @@ def run_engine(points: int, rounds: int) -> int:
         f"influxd {engine.url} (v1 /write); {len(lines):,} points per path in batches of "
         f"{MAX_LINES_PER_WRITE:,}, best of {rounds}\n"
     )
-    out.write(f"{'path':<36} {'seconds':>8} {'points/s':>12}\n")
+    out.write(f"{'path':<40} {'seconds':>8} {'points/s':>12} {'our CPU s':>10}\n")
     for name, seconds in best.items():
-        out.write(f"{name:<36} {seconds:>8.3f} {len(lines) / seconds:>12,.0f}\n")
-    exporter, direct = best.values()
+        out.write(
+            f"{name:<40} {seconds:>8.3f} {len(lines) / seconds:>12,.0f} {cpu[name]:>10.3f}\n"
+        )
+    exporter, direct, *several = best.values()
     ratio = direct / exporter
     out.write(f"ratio exporter / direct: {ratio:.2f} (target >= {TARGET_ENGINE_RATIO}: "
               f"{'met' if ratio >= TARGET_ENGINE_RATIO else 'MISSED'})\n")
+    if several:
+        out.write(
+            f"ratio {','.join(sinks)} at once / influxdb alone: {exporter / several[0]:.2f}\n"
+        )
     return 0
+
+
+def _engine_points(engine: Any, db: str) -> int:
+    """Points in ``db`` over the four measurements."""
+    return sum(
+        engine.count(db, m, f)
+        for m, f in (("payment", "payment_id"), ("batch", "batch_id"),
+                     ("revenue", "amount_micro"), ("websocket", "count"))
+    )
+
+
+def _check_stored(name: str, expected: int, stored: int) -> None:
+    if stored != expected:
+        raise AssertionError(f"{name}: {stored} of {expected} points stored")
 
 
 def main() -> int:
@@ -370,7 +436,19 @@ def main() -> int:
         help="against a real influxd over the v1 API: the forwarder and store against "
         "posting the same line protocol straight to /write",
     )
+    parser.add_argument(
+        "--stores", default=None, metavar="LIST",
+        help="with --engine: also the exporter feeding these sinks at once, e.g. "
+        "duckdb,influxdb (each its own forwarder and cursor, as EXPORTER_STORES does)",
+    )
     args = parser.parse_args()
+    if args.stores is not None:
+        from exporter.config import parse_stores
+
+        sinks = tuple(kind.value for kind in parse_stores(args.stores))
+        if "influxdb" not in sinks:
+            parser.error("--stores must include influxdb (the engine is what is measured)")
+        return run_engine(args.points, args.rounds, sinks)
     if args.engine:
         return run_engine(args.points, args.rounds)
     server, url = _start_server(args.record)

@@ -527,7 +527,7 @@ class _Soak:
         write(f"{self.now():7.1f}s InfluxDB stand-in down (connection refused)")
         await self.sleep_until(self.kill_at)
         ready = await self.readyz(session)
-        self.kill.backlog_before = ready["store"]["backlog"] if ready else None
+        self.kill.backlog_before = _servers.store_backlog(ready) if ready else None
         victim = self.exporters[-1]
         self.cpu_seconds.append(victim.cpu_seconds())
         self.kill.at = self.now()
@@ -561,7 +561,7 @@ class _Soak:
             generation = len(self.exporters) - 1
             rss = self.exporters[-1].rss_mib()
             ready = await self.readyz(session)
-            backlog = int(ready["store"]["backlog"]) if ready else None
+            backlog = _servers.store_backlog(ready) if ready else None
             t = self.now()
             self.samples.append(_Sample(t, generation, rss, backlog))
             if t >= next_progress:
@@ -578,7 +578,7 @@ class _Soak:
         began = self.now()
         while self.now() - began < self.args.drain_timeout:
             ready = await self.readyz(session)
-            if ready is not None and ready["store"]["backlog"] == 0:
+            if ready is not None and _servers.store_backlog(ready) == 0:
                 self.drain_seconds = self.now() - began
                 self.final_ready = ready
                 return
@@ -788,8 +788,8 @@ def _report(soak: _Soak, deliveries: dict[PointKey, int], requests: dict[int, in
             soak.drain_seconds is not None,
             f"within {soak.args.drain_timeout:.0f}s after the load"
             if soak.drain_seconds is not None
-            else f"still {soak.final_ready.get('store', {}).get('backlog')} after "
-            f"{soak.args.drain_timeout:.0f}s",
+            else f"still {_servers.store_backlog(soak.final_ready) if soak.final_ready else '?'} "
+            f"after {soak.args.drain_timeout:.0f}s",
         )
     )
     checks.extend(_memory_checks(soak))

@@ -504,6 +504,12 @@ class Settings(BaseSettings):
             return None
         return ",".join(kind.value for kind in parse_stores(value))
 
+    @field_validator("analytics_source", mode="before")
+    @classmethod
+    def _blank_source_is_unset(cls, value: object) -> object:
+        # Compose passes an unset variable through as an empty one.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("influx_bucket")
     @classmethod
     def _bucket_named(cls, value: str) -> str:

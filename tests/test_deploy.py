@@ -21,11 +21,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from _exporter_process import run_cli
 from conftest import require_tool
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from exporter.config import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIABLE = re.compile(r"(?<!\$)\$\{([A-Z0-9_]+)(?::?[-?][^}]*)?\}")
@@ -399,3 +402,21 @@ def test_the_image_installs_the_lock_with_hashes_then_the_package_alone() -> Non
         "RUN pip install --require-hashes -r requirements.lock",
         "RUN pip install --no-deps .",
     ]
+
+
+def test_the_exporters_compose_defaults_keep_influxdb_alone_with_flux(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store settings compose passes through, as .env.example leaves them, load to
+    InfluxDB alone over the v2 API with Flux analytics; an empty analytics source is unset."""
+    result = docker_compose_config(SECRETS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    env = yaml.safe_load(result.stdout)["services"]["exporter"]["environment"]
+    assert env["EXPORTER_ANALYTICS_SOURCE"] == ""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("EXPORTER_DATA_DIR", "/nonexistent-compose-data")
+    settings = load_settings()
+    assert [kind.value for kind in settings.resolved_stores] == ["influxdb"]
+    assert settings.influx_api.value == "v2"
+    assert settings.resolved_analytics_source.value == "flux"

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,8 +289,8 @@ async def test_forwarder_holds_one_batch_and_rereads_it_during_an_outage(
     reads: list[tuple[int, int]] = []
     read_outbox = ledger.read_outbox
 
-    def spying_read(limit: int, sink: str | None = None) -> Any:
-        rows = read_outbox(limit, sink)
+    def spying_read(limit: int, sink: str | None = None, after: int | None = None) -> Any:
+        rows = read_outbox(limit, sink, after)
         reads.append((limit, len(rows)))
         return rows
 
@@ -315,6 +315,74 @@ async def test_forwarder_holds_one_batch_and_rereads_it_during_an_outage(
     delivered = [key for keys, ok in spy.writes if ok for key in keys]
     assert delivered[: len(failed[0])] == failed[0]
     assert len(delivered) == len(set(delivered)) == 800
+
+
+@dataclass
+class _PreparingSpy:
+    """An InfluxStore wrapper that logs when batches are prepared and written, in order."""
+
+    inner: InfluxStore
+    name: str = "influxdb"
+    events: list[tuple[str, str]] = field(default_factory=list)
+    """(``prepare`` | ``write`` | ``written`` | ``failed``, first key of the batch)."""
+
+    def prepare(self, records: Sequence[StoreRecord]) -> object:
+        """Delegate, remembering which batch was prepared."""
+        self.events.append(("prepare", records[0].key))
+        return self.inner.prepare(records)
+
+    async def write_prepared(
+        self, records: list[StoreRecord], prepared: object
+    ) -> list[StoreRejection]:
+        """Delegate, remembering when the batch's write started and how it ended."""
+        self.events.append(("write", records[0].key))
+        try:
+            refused = await self.inner.write_prepared(records, prepared)
+        except Exception:
+            self.events.append(("failed", records[0].key))
+            raise
+        self.events.append(("written", records[0].key))
+        return refused
+
+    async def write(self, records: list[StoreRecord]) -> list[StoreRejection]:
+        """Unprepared writes are not expected from the forwarder here."""
+        raise AssertionError("the forwarder wrote without preparing")
+
+    async def close(self) -> None:
+        """Nothing to release (the fixture closes the inner store)."""
+
+
+async def test_next_batch_is_prepared_while_one_is_written_and_writes_stay_in_order(
+    committer: GroupCommitter, influx: InfluxFaultServer, store: InfluxStore
+) -> None:
+    """Behind a full batch the next is read and prepared during its write; after a failed
+    write the prepared one is dropped and the failed batch written again first."""
+    await commit_payments(committer, 600)  # 800 records: four batches of 200
+    firsts = [row.record.key for row in committer.ledger.read_outbox(800)[::200]]
+    influx.push(Reply(204, delay=0.3), Reply(503, "unavailable", retry_after="0"))
+    spy = _PreparingSpy(store)
+    forwarder = Forwarder(committer, spy, Metrics(CollectorRegistry()), 200)
+    forwarder.start()
+    await until(lambda: committer.ledger.backlog == 0, "delivery")
+    await forwarder.stop(drain_seconds=5)
+
+    events = spy.events
+    writes = [key for kind, key in events if kind == "write"]
+    written = [key for kind, key in events if kind == "written"]
+    failed = [key for kind, key in events if kind == "failed"]
+    assert written == firsts  # every batch, in outbox order
+    assert failed == [firsts[1]]  # the 503 hit the second batch
+    assert writes == [firsts[0], firsts[1], firsts[1], firsts[2], firsts[3]]
+    # The second batch was prepared during the first one's slow write.
+    assert events.index(("prepare", written[1])) < events.index(("written", written[0]))
+    # No write started before the one before it ended.
+    for i, (kind, _) in enumerate(events):
+        if kind == "write" and i:
+            ended = [k for k, _ in events[:i] if k in ("written", "failed")]
+            assert len(ended) == len([k for k, _ in events[:i] if k == "write"])
+    lines = [line for request in influx.request_log() if request.status == 204
+             for line in request.lines]
+    assert len(lines) == len(set(lines)) == 800
 
 
 async def test_shutdown_during_a_long_retry_after_is_bounded(

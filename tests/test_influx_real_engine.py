@@ -1,11 +1,20 @@
-"""The exporter against a real InfluxDB engine (Debian's ``influxd`` 1.6) over the v1 API.
+"""The exporter against real InfluxDB engines: Debian's ``influxd`` 1.6 over the v1 API, and
+an InfluxDB 2.x over the v2 API.
+
+Every case that can apply to both runs once per target (:mod:`influx_targets`): the local
+``influxd`` 1.6, read back with InfluxQL, and, when ``EXPORTER_TEST_INFLUX_URL`` (+ ``_TOKEN``,
+``_ORG``, ``_BUCKET``) names one, an InfluxDB 2.x, read back with Flux (the compose ``test``
+profile runs those: ``-m needs_influxdb``). Without the variables the 2.x cases skip with
+that reason, which CI allows (they carry ``needs_influxdb``). What needs the engine as a
+child process (killing ``influxd``, its users and grants) stays on 1.6.
 
 A simulated day (over 100,000 events: out of order, duplicates, late events, batches,
 revenue, WebSocket counts, unknown failures) is committed to a ledger and shipped by the
-exporter's own forwarder to InfluxDB and to DuckDB at once, with ``influxd`` killed
-(SIGKILL) mid-shipment and restarted on the same directories. Then InfluxQL counts and sums
-per measurement, network and status, and hourly counts, must equal the records the ledger
-emitted and DuckDB's answers exactly; the field types must be the documented ones. Beside
+exporter's own forwarder to InfluxDB and to DuckDB at once, with ``influxd`` 1.6 killed
+(SIGKILL) mid-shipment and restarted on the same directories (2.x ships unkilled). Then
+counts and sums per measurement, network and status, and hourly counts, must equal the
+records the ledger emitted and DuckDB's answers exactly; the field types must be the
+documented ones. Beside
 it: the exporter process killed mid-shipment, one poison event among thousands, and 10,000
 events in one millisecond.
 
@@ -25,6 +34,18 @@ from typing import Any
 import pytest
 from _exporter_process import clean_env, post_json, running_exporter
 from conftest import BASE_MS, failed, in_ci, received
+from fluxcheck import assert_flux_valid
+from influx_helpers import SKIP_REASON as NO_V2_REASON
+from influx_helpers import TARGET as V2_TARGET
+from influx_targets import (
+    EngineTarget,
+    V1Target,
+    V2Target,
+    flux_count,
+    flux_counts_and_sums,
+    flux_first_values,
+    flux_hourly,
+)
 from influxdb_engine import SKIP_REASON, InfluxEngine, influxd_path
 from ledger_helpers import prepare
 from prometheus_client import CollectorRegistry
@@ -87,11 +108,26 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxEngine]:
     started.stop()
 
 
-def fresh_database(engine: InfluxEngine, name: str) -> str:
-    """An empty database called ``name``."""
-    engine.query(f'DROP DATABASE "{name}"')
-    engine.query(f'CREATE DATABASE "{name}"')
-    return name
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param("v1", id="influxd-1.6-v1"),
+        pytest.param("v2", id="influxdb-2.x-v2", marks=pytest.mark.needs_influxdb),
+    ],
+)
+def target(request: pytest.FixtureRequest) -> Iterator[EngineTarget]:
+    """Each InfluxDB generation in turn: the local ``influxd`` 1.6 (v1 API), then the
+    InfluxDB 2.x of ``EXPORTER_TEST_INFLUX_URL`` (v2 API) or a skip naming the variables."""
+    if request.param == "v1":
+        yield V1Target(request.getfixturevalue("engine"))
+        return
+    if V2_TARGET is None:
+        pytest.skip(NO_V2_REASON)
+    v2 = V2Target(V2_TARGET)
+    try:
+        yield v2
+    finally:
+        v2.close()
 
 
 # --------------------------------------------------------------------------- figures
@@ -114,33 +150,23 @@ def figures_of(records: list[StoreRecord]) -> Figures:
     return {key: tuple(row) for key, row in totals.items()}
 
 
-def influx_figures(engine: InfluxEngine, db: str) -> Figures:
-    """The same figures as InfluxQL ``count`` and ``sum`` answer them."""
+def influx_figures(target: EngineTarget, db: str) -> Figures:
+    """The same figures as the engine answers them (InfluxQL or Flux ``count``/``sum``)."""
     found: Figures = {}
     for measurement, (tag, counted, sums) in SCHEMA.items():
-        columns = ", ".join([f'count("{counted}")', *(f'sum("{s}")' for s in sums)])
-        group = ' GROUP BY "network", "' + tag + '"' if tag else ""
-        (series,) = engine.query(f'SELECT {columns} FROM "{measurement}"{group}', db)
-        for one in series:
-            tags = one.get("tags", {})
-            (values,) = one["values"]
-            key = (measurement, tags.get("network", ""), tags.get(tag, "") if tag else "")
-            found[key] = tuple(int(v or 0) for v in values[1:])
+        answered = target.counts_and_sums(db, measurement, tag, counted, sums)
+        for (network, other), values in answered.items():
+            found[(measurement, network, other)] = values
     return found
 
 
-def influx_hourly(engine: InfluxEngine, db: str, start_ms: int, stop_ms: int) -> Counter[Any]:
-    """Points per measurement and UTC hour of event time, by InfluxQL ``GROUP BY time(1h)``."""
+def influx_hourly(target: EngineTarget, db: str, start_ms: int, stop_ms: int) -> Counter[Any]:
+    """Points per measurement and UTC hour of event time, as the engine counts them."""
     hourly: Counter[Any] = Counter()
     for measurement, (_, counted, _) in SCHEMA.items():
-        (series,) = engine.query(
-            f'SELECT count("{counted}") FROM "{measurement}" WHERE time >= {start_ms}ms '
-            f"AND time < {stop_ms}ms GROUP BY time(1h) fill(none)",
-            db,
-        )
-        for one in series:
-            for ts, count in one["values"]:
-                hourly[(measurement, ts // 1_000_000 // HOUR_MS)] += int(count)
+        counts = target.hourly_counts(db, measurement, counted, start_ms, stop_ms)
+        for hour, count in counts.items():
+            hourly[(measurement, hour)] += count
     return hourly
 
 
@@ -164,18 +190,12 @@ def duckdb_figures(store: DuckDBStore) -> Figures:
     return found
 
 
-def field_types(engine: InfluxEngine, db: str) -> dict[str, dict[str, str]]:
-    """``SHOW FIELD KEYS``: field name -> type, per measurement."""
-    (series,) = engine.query("SHOW FIELD KEYS", db)
-    return {one["name"]: dict(one["values"]) for one in series}
-
-
 # --------------------------------------------------------------------------- shipping
 
 
 @dataclass
 class Tee:
-    """Both stores from one forwarder: InfluxDB (over v1) and DuckDB, fed the same batches.
+    """Both stores from one forwarder: InfluxDB and DuckDB, fed the same batches.
 
     Remembers the last record of each key it was given: the records the ledger emitted.
     """
@@ -222,14 +242,15 @@ class Shipped:
     events: int
 
 
-async def ship_day(engine: InfluxEngine, tmp_path: Path) -> Shipped:
+async def ship_day(target: EngineTarget, tmp_path: Path) -> Shipped:
     """Commit the day to a ledger while the forwarder ships it to InfluxDB and DuckDB;
-    kill ``influxd`` mid-shipment and restart it on the same directories."""
-    db = fresh_database(engine, DB)
+    where the engine is ours (1.6), kill it mid-shipment and restart it on the same
+    directories."""
+    db = await asyncio.to_thread(target.fresh_database, DB)
     events = simulated_day(36_000)
     ledger = Ledger(tmp_path / "ledger.sqlite3")
     committer = GroupCommitter(ledger)
-    influx = InfluxStore(engine.url, None, None, db, timeout_seconds=10, api="v1")
+    influx = target.store(db)
     duck = await asyncio.to_thread(DuckDBStore.open, tmp_path / "store.duckdb")
     tee = Tee(influx, duck)
     forwarder = Forwarder(
@@ -248,10 +269,11 @@ async def ship_day(engine: InfluxEngine, tmp_path: Path) -> Shipped:
             return len(tee.emitted) >= total // 4
 
         await _until(some_shipped, "a quarter of the day to reach InfluxDB")
-        assert ledger.backlog > 0, "the shipment ended before influxd could be killed"
-        await asyncio.to_thread(engine.kill)
-        await asyncio.sleep(0.5)  # writes fail meanwhile; the outbox keeps them
-        await asyncio.to_thread(engine.start)
+        if target.killable:
+            assert ledger.backlog > 0, "the shipment ended before influxd could be killed"
+            await asyncio.to_thread(target.kill)
+            await asyncio.sleep(0.5)  # writes fail meanwhile; the outbox keeps them
+            await asyncio.to_thread(target.start)
 
         async def drained() -> bool:
             return ledger.backlog == 0
@@ -276,9 +298,9 @@ async def _until(condition: Any, what: str, within: float = 60.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def day(engine: InfluxEngine, tmp_path_factory: pytest.TempPathFactory) -> Shipped:
-    """The simulated day, shipped once for the module's assertions."""
-    return asyncio.run(ship_day(engine, tmp_path_factory.mktemp("day")))
+def day(target: EngineTarget, tmp_path_factory: pytest.TempPathFactory) -> Shipped:
+    """The simulated day, shipped once per target for the module's assertions."""
+    return asyncio.run(ship_day(target, tmp_path_factory.mktemp("day")))
 
 
 # --------------------------------------------------------------------------- the day
@@ -298,27 +320,29 @@ def test_the_day_is_over_100000_events_of_every_kind(day: Shipped) -> None:
 
 
 def test_counts_and_sums_in_influxdb_equal_the_ledgers_and_duckdbs(
-    engine: InfluxEngine, day: Shipped
+    target: EngineTarget, day: Shipped
 ) -> None:
     """Per measurement, network and status: count and sums of amount_micro, fee_micro,
-    gas_used (and the batch totals), exactly, after an influxd SIGKILL mid-shipment."""
+    gas_used (and the batch totals), exactly (on 1.6 after an influxd SIGKILL mid-shipment)."""
     expected = figures_of(day.emitted)
-    assert influx_figures(engine, day.db) == expected
+    assert influx_figures(target, day.db) == expected
     assert day.duckdb == expected
 
 
-def test_hourly_counts_in_influxdb_equal_the_ledgers(engine: InfluxEngine, day: Shipped) -> None:
-    """Points per measurement and UTC hour (InfluxQL GROUP BY time(1h)) match exactly."""
+def test_hourly_counts_in_influxdb_equal_the_ledgers(target: EngineTarget, day: Shipped) -> None:
+    """Points per measurement and UTC hour (InfluxQL GROUP BY time(1h), Flux
+    aggregateWindow(every: 1h)) match exactly."""
     start = min(r.time_ms for r in day.emitted) // HOUR_MS * HOUR_MS
     stop = (max(r.time_ms for r in day.emitted) // HOUR_MS + 1) * HOUR_MS
-    hourly = influx_hourly(engine, day.db, start, stop)
+    hourly = influx_hourly(target, day.db, start, stop)
     assert hourly == hourly_of(day.emitted)
     assert len({hour for _, hour in hourly}) >= 24
 
 
-def test_field_types_are_the_documented_schema(engine: InfluxEngine, day: Shipped) -> None:
-    """Integers stay integers and floats stay floats, even when every value is whole."""
-    assert field_types(engine, day.db) == FIELD_TYPES
+def test_field_types_are_the_documented_schema(target: EngineTarget, day: Shipped) -> None:
+    """Integers stay integers and floats stay floats, even when every value is whole
+    (``SHOW FIELD KEYS`` on 1.6; the type of each field's values in Flux on 2.x)."""
+    assert target.field_types(day.db) == FIELD_TYPES
     settled = [r for r in day.emitted if getattr(r, "status", "") == "settled"]
     assert any(float(getattr(r, "settlement_ms", 0.5)).is_integer() for r in settled)
 
@@ -344,31 +368,25 @@ def expected_points(events: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
     return Counter(keys.values())
 
 
-def engine_points(engine: InfluxEngine, db: str) -> Counter[tuple[str, str]]:
+def engine_points(target: EngineTarget, db: str) -> Counter[tuple[str, str]]:
     """Points per (measurement, status or kind) that InfluxDB holds."""
     found: Counter[tuple[str, str]] = Counter()
     for measurement, (tag, counted, _) in SCHEMA.items():
-        group = f' GROUP BY "{tag}"' if tag else ""
-        (series,) = engine.query(f'SELECT count("{counted}") FROM "{measurement}"{group}', db)
-        for one in series:
-            status = one.get("tags", {}).get(tag, "") if tag else ""
-            found[(measurement, status)] += int(one["values"][0][1])
+        for (_, status), (count,) in target.counts_and_sums(
+            db, measurement, tag, counted, ()
+        ).items():
+            found[(measurement, status)] += count
     return found
 
 
 def test_a_kill_9_of_the_exporter_mid_shipment_loses_and_doubles_nothing(
-    engine: InfluxEngine, tmp_path: Path
+    target: EngineTarget, tmp_path: Path
 ) -> None:
     """Every batch acknowledged with 202 reaches InfluxDB exactly once per event, across a
     SIGKILL of the exporter while its outbox still held records."""
-    db = fresh_database(engine, "killed")
+    db = target.fresh_database("killed")
     events = list(Simulator(SimulationConfig(seed=9)).events(BASE_MS, 6_000, 200.0))
-    env = clean_env(
-        EXPORTER_INFLUX_URL=engine.url,
-        EXPORTER_INFLUX_API="v1",
-        EXPORTER_INFLUX_BUCKET=db,
-        EXPORTER_STORE_BATCH_SIZE="500",
-    )
+    env = clean_env(**target.exporter_env(db), EXPORTER_STORE_BATCH_SIZE="500")
     data = tmp_path / "data"
     with running_exporter(data, tmp_path / "first.log", env=env) as first:
         for start in range(0, len(events), 1_000):
@@ -380,34 +398,34 @@ def test_a_kill_9_of_the_exporter_mid_shipment_loses_and_doubles_nothing(
     with running_exporter(data, tmp_path / "second.log", env=env) as second:
         second.wait_caught_up(timeout=60)
         second.terminate()
-    assert engine_points(engine, db) == expected_points(events)
+    assert engine_points(target, db) == expected_points(events)
 
 
 def test_one_poison_event_among_thousands_is_the_only_dead_letter(
-    engine: InfluxEngine, tmp_path: Path
+    target: EngineTarget, tmp_path: Path
 ) -> None:
-    """InfluxDB 1.6 refuses a field of another type than the shard holds (400 partial
-    write): the batch is bisected to that line; it alone is dead-lettered."""
-    db = fresh_database(engine, "poison")
+    """InfluxDB refuses a field of another type than the shard holds (1.6: 400 partial
+    write; 2.x: 422): the batch is bisected to that line; it alone is dead-lettered."""
+    db = target.fresh_database("poison")
     # The shard already holds "error" as an integer: a failure's string error conflicts.
     seed = f"payment,network=x,status=seed error=1i {BASE_MS}000000"
-    assert engine.write(db, seed.encode()) == 204
+    assert target.write(db, seed.encode()) == 204
     events = [received(f"ok{i}", BASE_MS + i) for i in range(5_000)]
     events.insert(3_210, failed("ok17", BASE_MS + 20_000, error="settlement_failed"))
-    rejected = asyncio.run(_ship_plain(engine, db, tmp_path, events))
+    rejected = asyncio.run(_ship_plain(target, db, tmp_path, events))
     assert [key for key, _ in rejected] == ["payment:failed:ok17"]
     assert "field type conflict" in rejected[0][1]
-    assert engine.count(db, "payment", "payment_id", "status = 'received'") == 5_000
+    assert target.count(db, "payment", "payment_id", "received") == 5_000
 
 
 async def _ship_plain(
-    engine: InfluxEngine, db: str, tmp_path: Path, events: list[dict[str, Any]]
+    target: EngineTarget, db: str, tmp_path: Path, events: list[dict[str, Any]]
 ) -> list[tuple[str | None, str]]:
-    """Ship ``events`` through a ledger and the forwarder to InfluxDB over v1; returns the
-    store's dead letters (key, reason)."""
+    """Ship ``events`` through a ledger and the forwarder to the target's InfluxDB; returns
+    the store's dead letters (key, reason)."""
     ledger = Ledger(tmp_path / "ledger.sqlite3")
     committer = GroupCommitter(ledger)
-    store = InfluxStore(engine.url, None, None, db, timeout_seconds=10, api="v1")
+    store = target.store(db)
     forwarder = Forwarder(committer, store, Metrics(CollectorRegistry()), 5_000)
     committer.on_commit_hooks.append(forwarder.wake)
     forwarder.start()
@@ -428,20 +446,21 @@ async def _ship_plain(
 
 
 def test_ten_thousand_events_in_one_millisecond_are_ten_thousand_points(
-    engine: InfluxEngine, tmp_path: Path
+    target: EngineTarget, tmp_path: Path
 ) -> None:
     """One network, one status, one millisecond: InfluxDB keeps every point (the hash of
     the keys alone would have merged some; the ledger's offsets do not)."""
-    db = fresh_database(engine, "one_ms")
+    db = target.fresh_database("one_ms")
     events = [received(f"ms{i}", BASE_MS) for i in range(10_000)]
-    assert asyncio.run(_ship_plain(engine, db, tmp_path, events)) == []
-    assert engine.count(db, "payment", "payment_id") == 10_000
+    assert asyncio.run(_ship_plain(target, db, tmp_path, events)) == []
+    assert target.count(db, "payment", "payment_id") == 10_000
 
 
 def test_v1_basic_auth_is_what_influxdb_1x_checks(tmp_path: Path) -> None:
     """With ``auth-enabled``: the user name and password (HTTP Basic) write; a wrong
     password or a user without write access is refused as credentials, never printed;
-    ``check`` tells the cases apart without writing anything."""
+    ``check`` tells the cases apart without writing anything. 1.6 only: users and grants
+    are 1.x's own, and the test restarts the engine with auth on."""
     _skip_without_influxd()
     engine = InfluxEngine(tmp_path / "influxdb", auth=True)
     engine.start()
@@ -495,3 +514,17 @@ def _payment(pid: str) -> StoreRecord:
     return PaymentRecord(
         f"payment:received:{pid}", BASE_MS, "eip155:8453", "received", pid, amount_micro=1
     )
+
+
+def test_the_2x_read_back_queries_are_valid_flux() -> None:
+    """The Flux the 2.x target reads back with type-checks, so a run against 2.x fails
+    only on what the server answers (checked without a server)."""
+    queries = {
+        "count": flux_counts_and_sums("b", "payment", "status", "payment_id", "count"),
+        "sum without tag": flux_counts_and_sums("b", "websocket", None, "count", "sum"),
+        "hourly": flux_hourly("b", "payment", "payment_id", BASE_MS, BASE_MS + HOUR_MS),
+        "first values": flux_first_values("b"),
+        "count of a status": flux_count("b", "payment", "payment_id", "received"),
+        "count of all": flux_count("b", "payment", "payment_id", None),
+    }
+    assert_flux_valid(queries)

@@ -1001,3 +1001,23 @@ async def test_a_joined_id_is_no_longer_remembered_as_waiting(committer: GroupCo
     await submit(committer, received("p1"), batch_created("b1"))
     assert committer.ledger._waiting_refs == set()
     assert committer.ledger.stats().waiting_for_join == 0
+
+
+async def test_read_outbox_after_a_seq_reads_ahead_of_the_cursor(tmp_path: Path) -> None:
+    # A forwarder reads its next batch while the current one is written: from the table
+    # (handoff of one record) and from memory alike, never behind the sink's cursor.
+    tuning = LedgerTuning(outbox_row_records=2, handoff_max_records=1)
+    with writing(tmp_path / "ledger.sqlite3", tuning) as committer:
+        ledger = committer.ledger
+        await submit(committer, *(received(f"p{n}") for n in range(1, 7)))
+
+        def seqs(limit: int, after: int | None) -> list[int]:
+            return [row.seq for row in ledger.read_outbox(limit, after=after)]
+
+        assert seqs(2, None) == [1, 2]
+        assert seqs(2, 2) == [3, 4]  # from the table, mid-way through its rows
+        assert seqs(10, 3) == [4, 5, 6]  # the last one from the handoff
+        assert seqs(10, 6) == []
+        assert await committer.call(functools.partial(ledger.mark_delivered, 4)) == 4
+        assert seqs(10, 1) == [5, 6]  # behind the cursor: read from the cursor
+        assert ledger.backlog == 2  # reading ahead delivered nothing

@@ -650,11 +650,18 @@ class Ledger:
         """Store records committed but not yet delivered to ``sink``."""
         return self._cursor(sink).backlog
 
-    def read_outbox(self, limit: int, sink: str | None = None) -> list[OutboxRow]:
-        """The oldest store records not yet delivered to ``sink``, at most ``limit``."""
+    def read_outbox(
+        self, limit: int, sink: str | None = None, after: int | None = None
+    ) -> list[OutboxRow]:
+        """The oldest store records not yet delivered to ``sink``, at most ``limit``.
+
+        ``after`` (a seq at or past the sink's cursor) reads from there instead: a
+        forwarder reads its next batch while the store still writes the current one.
+        """
         cursor = self._cursor(sink)
         with self._handoff_lock:
-            start, after = self._handoff_start, cursor.delivered_upto
+            start = self._handoff_start
+            after = cursor.delivered_upto if after is None else max(after, cursor.delivered_upto)
             if after >= start - 1:
                 # The handoff holds every record from ``start`` on, without gaps.
                 held = islice(self._handoff, after + 1 - start, after + 1 - start + limit)

@@ -8,8 +8,12 @@ a store that refuses the credentials stops nothing but readiness: the forwarder 
 probing at the longest backoff while events keep buffering in the ledger. None of this
 touches ingest, whose only dependency is the ledger.
 
-The forwarder holds one outbox batch in memory at a time and reads it again after a
-failure, so an outage of hours grows the backlog on disk only.
+The forwarder holds at most two outbox batches in memory: the one being written and,
+behind a full one, the next, read and prepared (rendered, compressed) in a worker thread
+while the store writes, so the store never waits for that work. Writes and the cursor
+stay strictly in order: a batch is written only after the one before it was written and
+marked delivered. After a failure the batch read ahead is dropped and the failed one read
+again, so an outage of hours grows the backlog on disk only.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from ..errors import LedgerError, StoreAuthError, StoreRetryAfterError
 from ..ledger import GroupCommitter
 from ..metrics import Metrics
-from ..records import Store
+from ..records import OutboxRow, Store, StoreRecord, StoreRejection
 from ..retry import backoff_seconds
-from .base import ANSWERED_CLASSES, ERROR_CLASSES, error_class
+from .base import ANSWERED_CLASSES, ERROR_CLASSES, PreparingStore, error_class
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,15 @@ class StoreMetrics:
         if metrics is None:
             metrics = cls._by_registry[registry] = cls(registry)
         return metrics
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """Outbox rows read for one store write, with the store's prepared payload if any."""
+
+    rows: list[OutboxRow]
+    records: list[StoreRecord]
+    prepared: object
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,72 +262,119 @@ class Forwarder:
             except asyncio.CancelledError:
                 pass
 
+    def _read_batch(self, after: int | None) -> _Batch:
+        """The next batch from the outbox (after seq ``after``), prepared for the store.
+
+        Runs in a worker thread. A preparation that fails is left to the write, which
+        prepares again and fails there, as a store error with its backoff.
+        """
+        rows = self.committer.ledger.read_outbox(self.batch_size, self.sink, after)
+        records = [row.record for row in rows]
+        prepared: object = None
+        if rows and isinstance(self.store, PreparingStore):
+            try:
+                prepared = self.store.prepare(records)
+            except Exception:  # repeated by the write, which reports it
+                prepared = None
+        return _Batch(rows, records, prepared)
+
+    async def _write(self, batch: _Batch) -> list[StoreRejection]:
+        if batch.prepared is not None and isinstance(self.store, PreparingStore):
+            return await self.store.write_prepared(batch.records, batch.prepared)
+        return await self.store.write(batch.records)
+
     async def _run(self) -> None:
-        ledger = self.committer.ledger
-        while True:
-            self._wake.clear()
-            self._idle = True  # before the read: a commit during it must wake the wait below
-            try:
-                rows = await asyncio.to_thread(ledger.read_outbox, self.batch_size, self.sink)
-            except sqlite3.Error as error:
-                await self._ledger_back_off("read the outbox", error)
-                if self._stop_when_idle:
-                    return
-                continue
-            if not rows:
-                self._oldest_pending_ms = None
-                if self._stop_when_idle:
-                    if self.backlog == 0:
-                        return
-                    continue  # committed while this read ran (stop came meanwhile)
+        ahead: asyncio.Task[_Batch] | None = None
+        try:
+            while True:
+                self._wake.clear()
+                self._idle = True  # before the read: a commit during it must wake the wait below
+                read_ahead = ahead is not None
                 try:
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
-                except TimeoutError:
-                    pass
-                continue
-            self._idle = False
-            self._oldest_pending_ms = rows[0].record.time_ms
-            records = [row.record for row in rows]
-            started = time.perf_counter()
-            self.attempted = True
-            write_started = time.monotonic()
-            try:
-                refused = await self.store.write(records)
-            except Exception as error:
-                await self._back_off(error, len(rows))
-                if self._stop_when_idle:
-                    return
-                continue
-            self.metrics.store_write_duration.labels(self.label).observe(
-                time.perf_counter() - started
-            )
-            last_seq, delivered = rows[-1].seq, len(rows)
-            del rows, records  # one batch in memory at a time
-            try:
-                await self.committer.call(
-                    functools.partial(ledger.mark_delivered, last_seq, refused, self.sink)
+                    if ahead is not None:
+                        task, ahead = ahead, None
+                        batch = await task
+                    else:
+                        batch = await asyncio.to_thread(self._read_batch, None)
+                except sqlite3.Error as error:
+                    await self._ledger_back_off("read the outbox", error)
+                    if self._stop_when_idle:
+                        return
+                    continue
+                rows = batch.rows
+                if not rows and read_ahead:
+                    continue  # read again: a commit during that read woke nothing
+                if not rows:
+                    self._oldest_pending_ms = None
+                    if self._stop_when_idle:
+                        if self.backlog == 0:
+                            return
+                        continue  # committed while this read ran (stop came meanwhile)
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), 1.0)
+                    except TimeoutError:
+                        pass
+                    continue
+                self._idle = False
+                self._oldest_pending_ms = rows[0].record.time_ms
+                last_seq, delivered = rows[-1].seq, len(rows)
+                if delivered == self.batch_size:
+                    # More is likely waiting: read and prepare it while this batch is
+                    # written. Only the reading runs ahead; writes and the cursor stay
+                    # in order, one batch at a time.
+                    ahead = asyncio.create_task(asyncio.to_thread(self._read_batch, last_seq))
+                started = time.perf_counter()
+                self.attempted = True
+                write_started = time.monotonic()
+                try:
+                    refused = await self._write(batch)
+                except Exception as error:
+                    await self._drop(ahead)  # the next read starts at this batch again
+                    ahead = None
+                    await self._back_off(error, delivered)
+                    if self._stop_when_idle:
+                        return
+                    continue
+                self.metrics.store_write_duration.labels(self.label).observe(
+                    time.perf_counter() - started
                 )
-            except (LedgerError, sqlite3.Error) as error:
-                # The store has the records; the next attempt writes them again, which
-                # the store skips, and marks them then.
-                await self._ledger_back_off("mark records delivered", error)
-                if self._stop_when_idle:
-                    return
-                continue
-            self._ledger_failures = 0
-            if refused:
-                self.store_metrics.rejected.labels(self.label).inc(len(refused))
-                log.warning(
-                    "store refused records; kept as dead letters",
-                    extra={
-                        "store": self.store.name,
-                        "records": len(refused),
-                        "first_reason": refused[0].reason,
-                    },
-                )
-            self._succeeded(delivered)
-            if delivered < self.batch_size:
-                await self._linger(write_started + self.flush_interval)
+                del rows, batch  # at most this batch and the one read ahead in memory
+                try:
+                    mark = self.committer.ledger.mark_delivered
+                    await self.committer.call(
+                        functools.partial(mark, last_seq, refused, self.sink)
+                    )
+                except (LedgerError, sqlite3.Error) as error:
+                    # The store has the records; the next attempt writes them again, which
+                    # the store skips, and marks them then.
+                    await self._drop(ahead)
+                    ahead = None
+                    await self._ledger_back_off("mark records delivered", error)
+                    if self._stop_when_idle:
+                        return
+                    continue
+                self._ledger_failures = 0
+                if refused:
+                    self.store_metrics.rejected.labels(self.label).inc(len(refused))
+                    log.warning(
+                        "store refused records; kept as dead letters",
+                        extra={
+                            "store": self.store.name,
+                            "records": len(refused),
+                            "first_reason": refused[0].reason,
+                        },
+                    )
+                self._succeeded(delivered)
+                if delivered < self.batch_size:
+                    await self._linger(write_started + self.flush_interval)
+        finally:
+            await self._drop(ahead)
+
+    @staticmethod
+    async def _drop(ahead: asyncio.Task[_Batch] | None) -> None:
+        """Discard a batch read ahead, once its worker thread is done with the ledger."""
+        if ahead is not None:
+            await asyncio.gather(ahead, return_exceptions=True)
 
     async def _linger(self, deadline: float) -> None:
         """Let a partial batch grow until it is full or ``deadline`` passes.

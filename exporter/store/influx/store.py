@@ -86,6 +86,7 @@ from .line_protocol import Encoder, analytics_lines, point_line, to_line
 __all__ = [
     "DEFAULT_RETRY_AFTER_SECONDS",
     "GZIP_LEVEL",
+    "EncodedBatch",
     "MAX_LINES_PER_WRITE",
     "Encoder",
     "InfluxApi",
@@ -132,12 +133,18 @@ def _gzip(lines: Sequence[str]) -> bytes:
     return gzip.compress("\n".join(lines).encode(), GZIP_LEVEL)
 
 
-def _encode(
-    encoder: Encoder, records: Sequence[StoreRecord], max_lines: int
-) -> tuple[list[str], bytes]:
+@dataclass(frozen=True, slots=True)
+class EncodedBatch:
+    """Records rendered to line protocol, with the first request's gzip'd body."""
+
+    lines: list[str]
+    first_body: bytes
+
+
+def _encode(encoder: Encoder, records: Sequence[StoreRecord], max_lines: int) -> EncodedBatch:
     """Render every record and gzip the first request's body (in a worker thread)."""
     lines = [encoder(record) for record in records]
-    return lines, _gzip(lines[:max_lines])
+    return EncodedBatch(lines, _gzip(lines[:max_lines]))
 
 
 # InfluxDB 2.x's 400 answers about the request as a whole rather than a line in it (bad
@@ -275,13 +282,28 @@ class InfluxStore:
         """
         if not records:
             return []
-        lines, first_body = await asyncio.to_thread(
-            _encode, self.encoder, records, self.max_lines
-        )
+        encoded = await asyncio.to_thread(_encode, self.encoder, records, self.max_lines)
+        return await self.write_prepared(records, encoded)
+
+    def prepare(self, records: Sequence[StoreRecord]) -> EncodedBatch:
+        """Render ``records`` and gzip the first request (pure CPU, for a worker thread).
+
+        The forwarder prepares the next batch this way while the current one is in
+        flight, so InfluxDB does not wait for the rendering between requests.
+        """
+        return _encode(self.encoder, records, self.max_lines)
+
+    async def write_prepared(
+        self, records: list[StoreRecord], prepared: object
+    ) -> list[StoreRejection]:
+        """:meth:`write` from :meth:`prepare`'s result for the same ``records``."""
+        if not isinstance(prepared, EncodedBatch) or len(prepared.lines) != len(records):
+            raise TypeError("write_prepared takes what prepare() made of the same records")
+        lines = prepared.lines
         refused: list[StoreRejection] = []
         for start in range(0, len(records), self.max_lines):
             end = start + self.max_lines
-            body = first_body if start == 0 else None
+            body = prepared.first_body if start == 0 else None
             await self._write_span(records[start:end], lines[start:end], body, refused)
         return refused
 
