@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from itertools import chain
 from typing import NamedTuple
 
 import orjson
@@ -33,15 +31,12 @@ from ..events import (
 )
 from ..networks import UNKNOWN_NETWORK
 from ..records import (
-    NS_PER_MS,
     BatchRecord,
     PaymentRecord,
     RevenueRecord,
     StoreRecord,
     WebsocketRecord,
     encode_records,
-    key_digest,
-    series_of,
 )
 from .model import (
     BatchGas,
@@ -55,6 +50,8 @@ from .model import (
     TerminalPayment,
     WebsocketCount,
 )
+from .offsets import take_offsets
+from .rows import insert_rows
 from .schema import EMITTED, EVENTS_COLUMNS, EVENTS_TABLE, WAITING, EventRow, payment_id_hash
 
 log = logging.getLogger(__name__)
@@ -76,140 +73,6 @@ class RowNumbers:
     event_seq: int
     outbox_seq: int
     payment_id: int
-
-
-# Rows per multi-row INSERT, largest first; a fixed ladder keeps the statements few
-# enough for the connection's statement cache. Each cached statement holds memory in
-# proportion to its parameters: a ladder from 512 rows held about 2.5 MB. The last
-# fewer than _INSERT_EXACT_BELOW rows go in one statement of their exact size, so that
-# a small commit (single-event requests) writes each table in one statement.
-_INSERT_CHUNKS = (256, 64, 16)
-_INSERT_EXACT_BELOW = 16
-
-
-@lru_cache(maxsize=128)
-def _multi_row_sql(head: str, width: int, rows: int, tail: str) -> str:
-    row = "(" + ",".join("?" * width) + ")"
-    return f"{head} VALUES {','.join([row] * rows)}{tail}"
-
-
-def _insert_rows(
-    cur: sqlite3.Cursor, head: str, rows: Sequence[Sequence[object]], tail: str = ""
-) -> None:
-    """``head VALUES (...), (...) tail`` for ``rows``, up to 256 rows per statement.
-
-    ``executemany`` steps SQLite once per row, and every step releases the GIL: while
-    the event loop parses the next request, each release can keep this thread waiting
-    for a whole switch interval (5 ms). One statement per chunk keeps the inserts a
-    handful of steps that run without the GIL, beside the event loop. Chunks stay
-    within the connection's limit on bound parameters (999 in SQLite before 3.32).
-    """
-    for start, end in _chunks(cur, rows):
-        _insert_chunk(cur, head, rows[start:end], tail)
-
-
-def _chunks(cur: sqlite3.Cursor, rows: Sequence[Sequence[object]]) -> Iterator[tuple[int, int]]:
-    """The (start, end) of each multi-row statement :func:`_insert_rows` makes of ``rows``."""
-    if not rows:
-        return
-    width, done = len(rows[0]), 0
-    most = cur.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width
-    for size in _INSERT_CHUNKS:
-        if size > most:
-            continue
-        while len(rows) - done >= size:
-            yield done, done + size
-            done += size
-    while done < len(rows):  # fewer than _INSERT_EXACT_BELOW rows left (or than ``most``)
-        end = min(len(rows), done + min(_INSERT_EXACT_BELOW - 1, most))
-        yield done, end
-        done = end
-
-
-# Point offsets (docs/architecture.md section 6). Every record's point starts at the
-# offset its key hashes to; the offsets taken go to point_times in the same multi-row
-# statements as other rows, and the primary key refuses a statement holding a taken one
-# (probability about 10^-6 per pair of records of one series and millisecond). Only
-# then are that statement's records placed one by one: each probes upwards (wrapping
-# within the millisecond) to the first offset not taken, or to its own when it was
-# emitted before.
-_INSERT_POINT_TIMES = "INSERT INTO point_times (time_ms, series, offset_ns, key_hash)"
-_PROBE_SPAN = 64
-_TAKEN_IN = (
-    "SELECT offset_ns, key_hash FROM point_times WHERE time_ms = ? AND series = ?"
-    " AND offset_ns >= ? AND offset_ns < ? ORDER BY offset_ns"
-)
-_SERIES_IDS: dict[str, int] = {}
-_SERIES_IDS_LIMIT = 4096  # series are few (measurements x networks x statuses)
-_SIGN = 1 << 63
-
-
-def _series_id(series: str) -> int:
-    """A signed 64-bit hash of a series identity (two series sharing it only probe more)."""
-    found = _SERIES_IDS.get(series)
-    if found is None:
-        found = key_digest(series) - _SIGN
-        if len(_SERIES_IDS) < _SERIES_IDS_LIMIT:
-            _SERIES_IDS[series] = found
-    return found
-
-
-def take_offsets(cur: sqlite3.Cursor, records: Sequence[StoreRecord]) -> None:
-    """Give each record a point offset no other record of its series and millisecond has.
-
-    Sets ``time_offset_ns`` of every record and stores the offsets taken, in this
-    transaction; records are placed in order, so the same records in the same order
-    always get the same offsets.
-    """
-    rows: list[tuple[int, int, int, int]] = []
-    for record in records:
-        digest = key_digest(record.key)
-        offset = record.time_offset_ns = digest % NS_PER_MS
-        rows.append((record.time_ms, _series_id(series_of(record)), offset, digest - _SIGN))
-    for start, end in _chunks(cur, rows):
-        try:
-            _insert_chunk(cur, _INSERT_POINT_TIMES, rows[start:end], "")
-        except sqlite3.IntegrityError:  # the statement is undone, the transaction goes on
-            for index in range(start, end):
-                records[index].time_offset_ns = _probe(cur, *rows[index])
-
-
-def _probe(cur: sqlite3.Cursor, time_ms: int, series: int, start: int, key_hash: int) -> int:
-    """The first offset from ``start`` (wrapping) that is free or already this key's."""
-    offset, wrapped = start, False
-    while True:
-        # The offsets taken in the next _PROBE_SPAN: usually none or one.
-        span_end = min(offset + _PROBE_SPAN, NS_PER_MS)
-        for found, owner in cur.execute(_TAKEN_IN, (time_ms, series, offset, span_end)):
-            if found > offset:
-                break  # a gap: ``offset`` is free
-            if owner == key_hash:
-                return int(found)  # emitted before: its own offset again
-            offset = found + 1
-        else:
-            if offset == span_end and offset < NS_PER_MS and not (wrapped and offset >= start):
-                continue  # the whole span is taken: look further
-        if wrapped and offset >= start:
-            # Every offset of this series and millisecond is taken: a million points
-            # with one timestamp each. This one shares its hash offset with another.
-            log.warning(
-                "no free point offset in this millisecond; the point may overwrite another",
-                extra={"time_ms": time_ms},
-            )
-            return start
-        if offset < NS_PER_MS:
-            cur.execute(
-                f"{_INSERT_POINT_TIMES} VALUES (?, ?, ?, ?)", (time_ms, series, offset, key_hash)
-            )
-            return offset
-        offset, wrapped = 0, True
-
-
-def _insert_chunk(
-    cur: sqlite3.Cursor, head: str, rows: Sequence[Sequence[object]], tail: str
-) -> None:
-    sql = _multi_row_sql(head, len(rows[0]), len(rows), tail)
-    cur.execute(sql, list(chain.from_iterable(rows)))
 
 
 # What a commit looks up, each as one row of JSON rather than a row per match (each
@@ -502,7 +365,7 @@ class TransactionWriter:
 
     def _flush_events(self) -> None:
         if self._event_rows:
-            _insert_rows(
+            insert_rows(
                 self.cur,
                 _INSERT_EVENTS,
                 self._event_rows,
@@ -544,7 +407,7 @@ class TransactionWriter:
         if self._changed_payments:
             self._flush_payments()
         if self._created_batches:
-            _insert_rows(
+            insert_rows(
                 self.cur,
                 "INSERT INTO batches (batch_id, network, payment_count, total_amount_micro, "
                 "updated_at)",
@@ -565,7 +428,7 @@ class TransactionWriter:
                         encode_records(record for _, record in part),
                     )
                 )
-            _insert_rows(self.cur, "INSERT INTO outbox (seq, last_seq, event_seq, records)", rows)
+            insert_rows(self.cur, "INSERT INTO outbox (seq, last_seq, event_seq, records)", rows)
             self._numbers.outbox_seq += len(self._outbox)
             self.emitted.extend(
                 zip(
@@ -585,7 +448,7 @@ class TransactionWriter:
                 row_id = ids[payment_id] = self._numbers.payment_id
                 self._numbers.payment_id += 1
             rows.append((row_id, payment_id_hash(payment_id), payment_id, *payment, self.now))
-        _insert_rows(
+        insert_rows(
             self.cur,
             "INSERT INTO payments (id, id_hash, payment_id, network, payer, payee, "
             "amount_micro, received, terminal, updated_at)",
