@@ -19,9 +19,10 @@ from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from .addresses import host_name, is_loopback_name
 from .analytics import Analytics, analytics_source
 from .analytics.service import AnalyticsAPI, AnalyticsService, AnalyticsSink
-from .config import AnalyticsSourceKind, Settings, StoreKind, host_name, is_loopback_name
+from .config import AnalyticsSourceKind, Settings, StoreKind
 from .errors import LedgerUnavailableError
 from .ingest.proxy import PROXY, FacilitatorProxy, ProxyLimits
 from .ingest.receiver import IngestLimits, Receiver, expect_within

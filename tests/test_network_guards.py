@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from exporter import Settings, create_app
 from exporter._logging import LogfmtFormatter
-from exporter.config import host_name, is_loopback_name
+from exporter.addresses import host_name, is_loopback_name
 
 TOKEN = "guard-token-0123456789"
 

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from exporter import Settings, create_app
 from exporter._logging import LogfmtFormatter
-from exporter.config import redact_url
+from exporter.addresses import redact_url
 from exporter.ingest.upstream import ForwardRefused, Upstream, end_to_end
 
 TOKEN = "ingest-token-0123456789abcdef"

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
-from ..config import InfluxApi, Settings, StoreKind, redact_url
+from ..addresses import redact_url
+from ..config import InfluxApi, Settings, StoreKind
 from .common import settings_from_args
 
 if TYPE_CHECKING:

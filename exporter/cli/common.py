@@ -15,9 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..addresses import split_host_port
 from ..analytics import InstantError
 from ..analytics import parse_instant as analytics_instant
-from ..config import Settings, load_settings, split_host_port
+from ..config import Settings, load_settings
 from ..errors import ConfigError, DataDirError, DataDirLockedError, OperatorError
 from ..ledger import DataDirLock
 

@@ -20,7 +20,7 @@ from aiohttp import StreamReader
 from multidict import CIMultiDict
 from yarl import URL
 
-from ..config import redact_url
+from ..addresses import redact_url
 
 HOP_BY_HOP = frozenset(
     {

@@ -3,7 +3,7 @@
 Other stages import from here; the backends (DuckDB, InfluxDB) load only when opened.
 """
 
-from ..config import redact_url
+from ..addresses import redact_url
 from .base import ANSWERED_CLASSES, ERROR_CLASSES, error_class, has_user_info
 from .factory import close_stores, open_store, open_stores
 from .forwarder import Forwarder, StoreMetrics, StoreState

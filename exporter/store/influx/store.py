@@ -68,7 +68,7 @@ from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
 from influxdb_client.rest import ApiException
 from influxdb_client.service.write_service import WriteService
 
-from ...config import redact_url
+from ...addresses import redact_url
 from ...errors import (
     ConfigError,
     StoreAuthError,
