@@ -174,6 +174,7 @@ async def _ledger_resource(app: web.Application) -> AsyncIterator[None]:
         settings.max_batch_events,
         settings.max_backlog_events,
         settings.body_read_timeout_seconds,
+        settings.max_inflight_body_bytes,
         settings.dead_letter_max_bytes,
         settings.dead_letter_max_bytes_per_minute,
     )

@@ -181,6 +181,13 @@ class Settings(BaseSettings):
     max_body_bytes: PositiveInt = Field(
         8 * 1024 * 1024, description="largest accepted request body, after gzip decoding"
     )
+    max_inflight_body_bytes: PositiveInt = Field(
+        64 * 1024 * 1024,
+        description="bytes of ingest bodies read or processed at once, across connections (a "
+        "body counts as its Content-Length, a chunked one as EXPORTER_MAX_BODY_BYTES, twice "
+        "when gzipped); past it a request is answered 503 with Retry-After before its body is "
+        "read",
+    )
     max_batch_events: PositiveInt = Field(10_000, description="most events in one request")
     max_backlog_events: PositiveInt = Field(
         2_000_000, description="undelivered events at which ingest answers 503"
@@ -455,6 +462,16 @@ class Settings(BaseSettings):
                     if self.ingest_signing_secret is not None
                     else ""
                 )
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _inflight_budget_holds_one(self) -> Settings:
+        if self.max_inflight_body_bytes < 2 * self.max_body_bytes:
+            raise ValueError(
+                f"EXPORTER_MAX_INFLIGHT_BODY_BYTES ({self.max_inflight_body_bytes}) is below "
+                f"twice EXPORTER_MAX_BODY_BYTES ({self.max_body_bytes}): a gzipped body of the "
+                "largest size could never be read; raise the budget or lower the body limit"
             )
         return self
 

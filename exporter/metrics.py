@@ -123,6 +123,12 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.ingest_busy = Counter(
+            "exporter_ingest_busy",
+            "Ingest requests answered 503 before their body was read: the bodies already in "
+            "flight held EXPORTER_MAX_INFLIGHT_BODY_BYTES.",
+            registry=registry,
+        )
         self.events_duplicate = Counter(
             "exporter_events_duplicate",
             "Events acknowledged as duplicates of ones already in the ledger.",

@@ -13,13 +13,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from conftest import AppClient, received
+from conftest import AppClient, async_wait_until, received
+from prometheus_client import CollectorRegistry
 
 from exporter import Settings, create_app
-from exporter.app import COMMITTER
+from exporter.app import COMMITTER, RECEIVER
 
 MiB = 1024 * 1024
 ClientFactory = Callable[..., Awaitable[AppClient]]
+JSON_HEADERS = {"Content-Type": "application/json"}
 HEAD = b"POST /v1/events HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
 
 
@@ -143,3 +145,51 @@ async def test_proxy_mode_does_not_invite_a_body_over_its_limit(
             assert status.startswith(b"HTTP/1.1 413"), (path, status)
         finally:
             writer.close()
+
+
+async def test_bodies_in_flight_are_bounded_across_connections(
+    aiohttp_client: ClientFactory, data_dir: Path
+) -> None:
+    """Two slow senders each holding a declared 1 MiB body fill a 2 MiB budget: a third
+    request is answered 503 with Retry-After before its body is read, and counted; once
+    the slow ones are gone, the budget is free again."""
+    registry = CollectorRegistry()
+    settings = Settings(
+        data_dir=data_dir,
+        listen="127.0.0.1:0",
+        max_body_bytes=MiB,
+        max_inflight_body_bytes=2 * MiB,
+    )
+    client = await aiohttp_client(create_app(settings, registry))
+    held = []
+    for _ in range(2):
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(HEAD + f"Content-Length: {MiB}\r\n\r\n".encode() + b"[")
+        await writer.drain()
+        held.append((reader, writer))
+    receiver = client.app[RECEIVER]
+    await async_wait_until(
+        lambda: _true(receiver.inflight.held == 2 * MiB), what="both bodies in flight"
+    )
+    event = received("busy-1")
+    busy = await client.post("/v1/events", data=json.dumps(event), headers=JSON_HEADERS)
+    assert busy.status == 503
+    assert busy.headers["Retry-After"] == "1"
+    assert "EXPORTER_MAX_INFLIGHT_BODY_BYTES" in (await busy.json())["error"]
+    assert registry.get_sample_value("exporter_ingest_busy_total") == 1.0
+    assert client.app[COMMITTER].ledger.dead_letters() == []
+    for _, writer in held:
+        writer.close()
+    await async_wait_until(lambda: _true(receiver.inflight.held == 0), what="budget returned")
+    accepted = await client.post("/v1/events", data=json.dumps(event), headers=JSON_HEADERS)
+    assert accepted.status == 202, await accepted.text()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+def test_the_inflight_budget_must_hold_a_gzipped_body_of_the_largest_size(data_dir: Path) -> None:
+    """A budget below twice the body limit could never admit a largest gzipped body."""
+    with pytest.raises(ValueError, match="EXPORTER_MAX_INFLIGHT_BODY_BYTES"):
+        Settings(data_dir=data_dir, max_body_bytes=MiB, max_inflight_body_bytes=MiB)

@@ -64,6 +64,9 @@ class IngestLimits:
     max_backlog_events: int
     body_read_timeout_seconds: float = 30.0
     """How long a body may take to arrive after its headers (slow senders hold a connection)."""
+    max_inflight_body_bytes: int | None = None
+    """Bytes of bodies read or processed at once across connections; None: 8 bodies of
+    ``max_body_bytes``."""
     dead_letter_max_bytes: int = DEFAULT_DEAD_LETTER_MAX_BYTES
     """Bytes of a refused body kept in its dead letter."""
     dead_letter_max_bytes_per_minute: int = DEFAULT_DEAD_LETTER_MAX_BYTES_PER_MINUTE
@@ -178,6 +181,7 @@ class Receiver:
         self.signing = signing
         self.networks = networks
         """Network names events may use: built-in v1 names plus EXPORTER_NETWORK_ALIASES."""
+        self.inflight = BodyBudget(limits.max_inflight_body_bytes or 8 * limits.max_body_bytes)
         self.dead_letters = DeadLetterGate(
             DeadLetterLimits(limits.dead_letter_max_bytes, limits.dead_letter_max_bytes_per_minute),
             metrics,
@@ -195,6 +199,15 @@ class Receiver:
                 error="missing or wrong bearer token",
                 headers={"WWW-Authenticate": 'Bearer realm="facilitator-exporter"'},
             )
+        claim = self._body_claim(request)
+        if not self.inflight.take(claim):
+            self.metrics.ingest_busy.inc()
+            return _answer(
+                503,
+                error="too many request bodies in flight (EXPORTER_MAX_INFLIGHT_BODY_BYTES); "
+                "retry shortly",
+                headers={"Retry-After": "1", "Connection": "close"},
+            )
         try:
             self._check_signature_header(request)
             return await self._ingest(request)
@@ -210,6 +223,17 @@ class Receiver:
                 error=refused.error,
                 headers=refused.headers,
             )
+        finally:
+            self.inflight.give_back(claim)
+
+    def _body_claim(self, request: web.Request) -> int:
+        """The bytes a request's body may hold while it is read and processed: its declared
+        length (a chunked body: the limit), twice that when gzipped (decoded beside raw)."""
+        limit = self.limits.max_body_bytes
+        declared = request.content_length
+        size = limit if declared is None else min(declared, limit)
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        return size + limit if encoding not in ("", "identity") else size
 
     # --------------------------------------------------------------- signed deliveries
     # With signing on, nothing a request carries is stored before its signature is verified:
@@ -454,6 +478,26 @@ class Receiver:
                 headers={"Connection": "close"},
             ) from None
         return b"".join(chunks)
+
+
+class BodyBudget:
+    """Bytes of request bodies in flight across every connection, bounded: one request's
+    limit bounds one body, this bounds how many are held at once."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes; False (nothing reserved) when they would not fit."""
+        if self.held + size > self.capacity:
+            return False
+        self.held += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        """Return bytes reserved by :meth:`take`."""
+        self.held -= size
 
 
 def expect_within(
