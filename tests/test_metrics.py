@@ -20,7 +20,9 @@ from conftest import (
 )
 from prometheus_client import CollectorRegistry
 
+from exporter.ledger import GaugeSnapshot
 from exporter.metrics import AUTH_LOG_INTERVAL_SECONDS, Metrics
+from exporter.networks import OTHER_NETWORK
 
 BASE = "eip155:8453"
 OP = "eip155:10"
@@ -167,3 +169,15 @@ def test_a_tracked_backlog_is_read_at_scrape_time_under_its_store_label() -> Non
     metrics.track_backlog("influxdb", lambda: backlog[0])
     backlog[0] = 7
     assert sample(registry, "exporter_ledger_backlog_events", store="influxdb") == 7
+
+
+def test_restored_pending_counts_of_networks_past_the_bound_add_up_under_other() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, max_network_labels=1)
+    pending = {BASE: 2, OP: 3, "eip155:1": 4}
+    metrics.restore(GaugeSnapshot(pending_by_network=pending, websocket_clients=None))
+    assert sample(registry, "facilitator_pending_payments", network=BASE) == 2
+    assert sample(registry, "facilitator_pending_payments", network=OTHER_NETWORK) == 7
+    assert sample(registry, "facilitator_pending_payments", network=OP) is None
+    assert sample(registry, "exporter_network_labels_overflow_total") == 2
+    assert sample(registry, "facilitator_active_websocket_clients") == 0
