@@ -173,8 +173,11 @@ def test_bad_json_input_gets_the_same_error(case: str, event: Any, expected: str
 def test_two_bad_fields_are_both_named() -> None:
     with pytest.raises(EventError) as caught:
         parse_event(_with(received("p"), amount="-1", network="basechain"))
-    assert "data.amount:" in str(caught.value)
-    assert "data.network:" in str(caught.value)
+    assert str(caught.value) == (
+        'data.amount: must be a plain non-negative decimal string such as "1.50" (at most 12 '
+        "integer and 18 fractional digits), got '-1'; data.network: must be a CAIP-2 chain id "
+        'such as "eip155:8453" or an x402 v1 network name such as "base", got \'basechain\''
+    )
 
 
 def test_every_event_type_validates() -> None:
@@ -490,3 +493,53 @@ def test_a_clock_read_before_parsing_does_not_refuse_a_later_timestamp() -> None
     late = json.dumps(received("p", now + events_module.MAX_FUTURE_SKEW_MS + 60_000)).encode()
     with pytest.raises(EventError, match="data.timestamp: must not be more than a day"):
         parse_event_json(late, latest_ms=events_module.latest_timestamp_ms())
+
+
+@pytest.mark.parametrize(
+    ("length", "shown"),
+    [(34, "'\\x00" + "a" * 34 + "'"), (35, "'\\x00" + "a" * 32 + "...")],
+    ids=["40 characters shown whole", "41 cut to 37 and an ellipsis"],
+)
+def test_a_refused_value_is_shown_up_to_40_characters(length: int, shown: str) -> None:
+    with pytest.raises(EventError) as caught:
+        parse_event(_with(received("p"), paymentId="\x00" + "a" * length))
+    assert str(caught.value) == (
+        f"data.paymentId: must be a non-empty id without control characters, got {shown}"
+    )
+
+
+def test_an_integer_string_is_refused_showing_it_and_kept_without_leading_zeros() -> None:
+    with pytest.raises(EventError) as caught:
+        parse_event(_with(batch_settled("b"), gasUsed="21000.5"))
+    assert str(caught.value) == (
+        "data.gasUsed: must be a non-negative integer string such as \"21000\", got '21000.5'"
+    )
+    for given_as, kept in (("0021000", "21000"), ("000", "0")):
+        raw = json.dumps(_with(batch_settled("b"), gasUsed=given_as)).encode()
+        assert parse_event_json(raw)["data"]["gasUsed"] == kept
+        assert parse_event(json.loads(raw))["data"]["gasUsed"] == kept
+
+
+def test_an_unknown_type_is_refused_listing_every_known_one() -> None:
+    with pytest.raises(EventError) as caught:
+        parse_event({"type": "payment:refunded", "data": {}})
+    assert str(caught.value) == (
+        "type: unknown event type 'payment:refunded'; expected one of payment:received, "
+        "payment:verified, payment:settled, payment:failed, batch:created, batch:settled, "
+        "revenue:recorded, websocket:clients"
+    )
+
+
+@pytest.mark.parametrize("raw", [b"5", b'"x"', b"null"])
+def test_json_that_is_not_an_object_is_refused_as_the_event(raw: bytes) -> None:
+    with pytest.raises(EventError) as caught:
+        parse_event_json(raw)
+    assert str(caught.value) == "event: must be a JSON object"
+
+
+def test_a_transaction_id_with_a_control_character_is_refused_showing_it() -> None:
+    with pytest.raises(EventError) as caught:
+        parse_event(_with(settled("p"), transaction="a\x00b"))
+    assert str(caught.value) == (
+        "data.transaction: must be a transaction id without control characters, got 'a\\x00b'"
+    )
