@@ -543,3 +543,14 @@ def test_a_transaction_id_with_a_control_character_is_refused_showing_it() -> No
     assert str(caught.value) == (
         "data.transaction: must be a transaction id without control characters, got 'a\\x00b'"
     )
+
+
+def test_a_lone_surrogate_from_decoded_json_is_refused_naming_it() -> None:
+    # json.loads accepts "\ud800" escapes; such an id cannot be stored as UTF-8.
+    item = json.loads(json.dumps(_with(received("p"), paymentId="a\ud800")))
+    with pytest.raises(EventError) as caught:
+        parse_event(item)
+    assert str(caught.value) == (
+        "data.paymentId: Input should be a valid string, unable to parse raw data as a "
+        "unicode string"
+    )
