@@ -554,3 +554,35 @@ def test_a_lone_surrogate_from_decoded_json_is_refused_naming_it() -> None:
         "data.paymentId: Input should be a valid string, unable to parse raw data as a "
         "unicode string"
     )
+
+
+def test_an_address_with_outer_spaces_is_refused_showing_it() -> None:
+    with pytest.raises(EventError) as caught:
+        parse_event(_with(received("p"), payer=" 0xabc"))
+    assert str(caught.value) == (
+        "data.payer: must be an address without spaces or control characters, got ' 0xabc'"
+    )
+
+
+def test_seconds_given_for_milliseconds_are_refused_saying_so() -> None:
+    with pytest.raises(EventError) as caught:
+        parse_event(_with(received("p"), timestamp=1_700_000_000))
+    assert str(caught.value) == (
+        "data.timestamp: must be Unix epoch milliseconds; 1700000000 is before 2000-01-01 "
+        "(seconds instead of milliseconds?)"
+    )
+
+
+def test_a_timestamp_exactly_a_day_ahead_is_accepted_and_one_ms_more_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now_ms = BASE_MS + 5_000
+    monkeypatch.setattr(time, "time", lambda: now_ms / 1000)
+    latest = now_ms + events_module.MAX_FUTURE_SKEW_MS
+    assert parse_event(_with(received("p"), timestamp=latest))["data"]["timestamp"] == latest
+    with pytest.raises(EventError) as caught:
+        parse_event(_with(received("p"), timestamp=latest + 1))
+    assert str(caught.value) == (
+        f"data.timestamp: must not be more than a day in the future; {latest + 1} is ahead "
+        f"of now ({now_ms})"
+    )
