@@ -288,6 +288,7 @@ def test_format_micro_has_six_places() -> None:
     assert format_micro(0) == "0.000000"
     assert format_micro(12_500_000) == "12.500000"
     assert format_micro(1) == "0.000001"
+    assert format_micro(-1_500_001) == "-1.500001"
 
 
 def test_dedup_keys_follow_the_contract() -> None:
@@ -586,3 +587,10 @@ def test_a_timestamp_exactly_a_day_ahead_is_accepted_and_one_ms_more_refused(
         f"data.timestamp: must not be more than a day in the future; {latest + 1} is ahead "
         f"of now ({now_ms})"
     )
+
+
+def test_the_latest_timestamp_accepted_is_a_day_after_the_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.25)
+    assert events_module.latest_timestamp_ms() == 1_800_000_000_250 + 86_400_000
