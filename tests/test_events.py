@@ -310,6 +310,21 @@ def test_dedup_keys_follow_the_contract() -> None:
     assert unknown_a.startswith(f"payment:failed:{BASE_MS + 2000}:")
     assert unknown_a != unknown_b
     assert key(failed("unknown", error="a")) == unknown_a
+    # Keys are stored in ledgers: a key of a hashed body must read the same in every version.
+    clients = {"type": "websocket:clients", "data": {"count": 3, "timestamp": 1767225600000}}
+    assert key(clients) == "websocket:clients:1767225600000:32d1857325d073922acd442f1123d6a3"
+
+
+def test_the_canonical_form_keeps_the_id_of_an_event_that_never_joins() -> None:
+    revenue = {
+        "type": "revenue:recorded",
+        "id": "r1",
+        "data": {"kind": "premium", "amount": "2.50", "network": "eip155:1", "timestamp": BASE_MS},
+    }
+    assert canonical_json(parse_event(revenue)) == (
+        b'{"type":"revenue:recorded","data":{"kind":"premium","amount":"2.5",'
+        b'"network":"eip155:1","timestamp":%d},"id":"r1"}' % BASE_MS
+    )
 
 
 # Values around what each field's check accepts, normalises or refuses.
