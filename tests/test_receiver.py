@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from conftest import AppClient, failed, received, settled
+from ledger_faults import refusing_inserts
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
@@ -360,3 +362,19 @@ async def test_chunked_body_is_read_within_the_limit(
     assert fits.status == 202
     over = await client.post("/v1/events", data=chunks(b"[", b" " * 3000, b"]"), headers=JSON)
     assert over.status == 413
+
+
+async def test_a_ledger_that_cannot_commit_is_a_503_and_one_log_line_naming_the_cause(
+    client: AppClient, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="exporter.ingest.receiver")
+    with refusing_inserts(settings.ledger_path, "events"):
+        response = await client.post("/v1/events", json=[received("p1")])
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "5"
+    assert (await response.json())["error"] == (
+        "the ledger cannot commit right now (disk full or I/O error); retry later"
+    )
+    [record] = [r for r in caplog.records if r.name == "exporter.ingest.receiver"]
+    assert record.getMessage() == "ingest refused: ledger cannot commit"
+    assert "database or disk is full" in vars(record)["error"]
