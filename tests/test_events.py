@@ -609,3 +609,10 @@ def test_the_latest_timestamp_accepted_is_a_day_after_the_clock(
 ) -> None:
     monkeypatch.setattr(time, "time", lambda: 1_800_000_000.25)
     assert events_module.latest_timestamp_ms() == 1_800_000_000_250 + 86_400_000
+
+
+def test_a_null_id_leaves_the_canonical_form_and_the_key_as_without_one() -> None:
+    clients = {"type": "websocket:clients", "data": {"count": 3, "timestamp": BASE_MS}}
+    without, null = parse_event(clients), parse_event({**clients, "id": None})
+    assert canonical_json(null) == canonical_json(without)
+    assert dedup_key(null, canonical_json(null)) == dedup_key(without, canonical_json(without))
