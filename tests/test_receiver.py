@@ -442,3 +442,15 @@ async def test_a_batch_at_the_event_limit_is_accepted_and_one_more_kept_as_too_l
     assert dead_letters(client, "too_large") == [
         ("too_large", "3 events in one request; the limit is 2", over)
     ]
+
+
+async def test_an_unsupported_content_type_is_a_415_kept_with_its_size(client: AppClient) -> None:
+    body = json.dumps(received("p1")).encode()
+    response = await client.post("/v1/events", data=body, headers={"Content-Type": "text/plain"})
+    assert response.status == 415
+    assert (await response.json())["error"] == (
+        "unsupported Content-Type 'text/plain': send application/json (an event or an array "
+        "of events) or application/x-ndjson"
+    )
+    [letter] = client.app[COMMITTER].ledger.dead_letters("unsupported_media_type")
+    assert (letter.raw, letter.raw_size) == (body, len(body))
