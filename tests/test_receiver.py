@@ -448,9 +448,20 @@ async def test_an_unsupported_content_type_is_a_415_kept_with_its_size(client: A
     body = json.dumps(received("p1")).encode()
     response = await client.post("/v1/events", data=body, headers={"Content-Type": "text/plain"})
     assert response.status == 415
+    assert response.headers.get("Connection", "").lower() != "close"  # the body was all read
     assert (await response.json())["error"] == (
         "unsupported Content-Type 'text/plain': send application/json (an event or an array "
         "of events) or application/x-ndjson"
     )
     [letter] = client.app[COMMITTER].ledger.dead_letters("unsupported_media_type")
     assert (letter.raw, letter.raw_size) == (body, len(body))
+
+
+async def test_a_malformed_array_is_a_400_kept_whole(client: AppClient) -> None:
+    body = b'[{"type": "payment:received"},'
+    response = await client.post(
+        "/v1/events", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    assert (await response.json())["error"].startswith("body is not valid JSON: ")
+    assert [(reason, raw) for reason, _, raw in dead_letters(client)] == [("malformed", body)]
