@@ -63,9 +63,14 @@ class Metrics:
     """The exporter's metric families, registered on one registry."""
 
     def __init__(
-        self, registry: CollectorRegistry, max_network_labels: int = MAX_NETWORK_LABELS
+        self,
+        registry: CollectorRegistry,
+        max_network_labels: int = MAX_NETWORK_LABELS,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = registry
+        self._clock = clock
+        """Seconds on a monotonic clock: when refused tokens were last logged."""
         self._children: dict[tuple[_Labelled, tuple[str, ...]], Any] = {}
         self.payments = Counter(
             "facilitator_payments",
@@ -338,7 +343,7 @@ class Metrics:
         client guessing tokens cannot flood the log. The token itself is never logged."""
         self.auth_failures.labels(route).inc()
         self._auth_unlogged[route] = self._auth_unlogged.get(route, 0) + 1
-        now = time.monotonic()
+        now = self._clock()
         last = self._auth_logged_at.get(route)
         if last is not None and now - last < AUTH_LOG_INTERVAL_SECONDS:
             return

@@ -173,8 +173,11 @@ def test_bad_json_input_gets_the_same_error(case: str, event: Any, expected: str
 def test_two_bad_fields_are_both_named() -> None:
     with pytest.raises(EventError) as caught:
         parse_event(_with(received("p"), amount="-1", network="basechain"))
-    assert "data.amount:" in str(caught.value)
-    assert "data.network:" in str(caught.value)
+    assert str(caught.value) == (
+        'data.amount: must be a plain non-negative decimal string such as "1.50" (at most 12 '
+        "integer and 18 fractional digits), got '-1'; data.network: must be a CAIP-2 chain id "
+        'such as "eip155:8453" or an x402 v1 network name such as "base", got \'basechain\''
+    )
 
 
 def test_every_event_type_validates() -> None:
@@ -285,6 +288,7 @@ def test_format_micro_has_six_places() -> None:
     assert format_micro(0) == "0.000000"
     assert format_micro(12_500_000) == "12.500000"
     assert format_micro(1) == "0.000001"
+    assert format_micro(-1_500_001) == "-1.500001"
 
 
 def test_dedup_keys_follow_the_contract() -> None:
@@ -306,6 +310,21 @@ def test_dedup_keys_follow_the_contract() -> None:
     assert unknown_a.startswith(f"payment:failed:{BASE_MS + 2000}:")
     assert unknown_a != unknown_b
     assert key(failed("unknown", error="a")) == unknown_a
+    # Keys are stored in ledgers: a key of a hashed body must read the same in every version.
+    clients = {"type": "websocket:clients", "data": {"count": 3, "timestamp": 1767225600000}}
+    assert key(clients) == "websocket:clients:1767225600000:32d1857325d073922acd442f1123d6a3"
+
+
+def test_the_canonical_form_keeps_the_id_of_an_event_that_never_joins() -> None:
+    revenue = {
+        "type": "revenue:recorded",
+        "id": "r1",
+        "data": {"kind": "premium", "amount": "2.50", "network": "eip155:1", "timestamp": BASE_MS},
+    }
+    assert canonical_json(parse_event(revenue)) == (
+        b'{"type":"revenue:recorded","data":{"kind":"premium","amount":"2.5",'
+        b'"network":"eip155:1","timestamp":%d},"id":"r1"}' % BASE_MS
+    )
 
 
 # Values around what each field's check accepts, normalises or refuses.
@@ -409,7 +428,13 @@ _EDGE_VALUES: list[tuple[str, str, Any]] = [
 ]
 
 
-@pytest.mark.parametrize(("kind", "field", "value"), _EDGE_VALUES)
+# Ids by position: values hold control characters (escaped in ids) and timestamps that move
+# with the clock, and an id must name the same case when the tests are collected again.
+@pytest.mark.parametrize(
+    ("kind", "field", "value"),
+    _EDGE_VALUES,
+    ids=[f"{index}-{kind}-{field}" for index, (kind, field, _) in enumerate(_EDGE_VALUES)],
+)
 def test_native_validation_agrees_with_the_full_checks_at_the_edges(
     kind: str, field: str, value: Any
 ) -> None:
@@ -484,3 +509,111 @@ def test_a_clock_read_before_parsing_does_not_refuse_a_later_timestamp() -> None
     late = json.dumps(received("p", now + events_module.MAX_FUTURE_SKEW_MS + 60_000)).encode()
     with pytest.raises(EventError, match="data.timestamp: must not be more than a day"):
         parse_event_json(late, latest_ms=events_module.latest_timestamp_ms())
+
+
+@pytest.mark.parametrize(
+    ("length", "shown"),
+    [(34, "'\\x00" + "a" * 34 + "'"), (35, "'\\x00" + "a" * 32 + "...")],
+    ids=["40 characters shown whole", "41 cut to 37 and an ellipsis"],
+)
+def test_a_refused_value_is_shown_up_to_40_characters(length: int, shown: str) -> None:
+    with pytest.raises(EventError) as caught:
+        parse_event(_with(received("p"), paymentId="\x00" + "a" * length))
+    assert str(caught.value) == (
+        f"data.paymentId: must be a non-empty id without control characters, got {shown}"
+    )
+
+
+def test_an_integer_string_is_refused_showing_it_and_kept_without_leading_zeros() -> None:
+    with pytest.raises(EventError) as caught:
+        parse_event(_with(batch_settled("b"), gasUsed="21000.5"))
+    assert str(caught.value) == (
+        "data.gasUsed: must be a non-negative integer string such as \"21000\", got '21000.5'"
+    )
+    for given_as, kept in (("0021000", "21000"), ("000", "0")):
+        raw = json.dumps(_with(batch_settled("b"), gasUsed=given_as)).encode()
+        for parsed in (parse_event_json(raw), parse_event(json.loads(raw))):
+            assert parsed["type"] == "batch:settled"
+            assert parsed["data"]["gasUsed"] == kept
+
+
+def test_an_unknown_type_is_refused_listing_every_known_one() -> None:
+    with pytest.raises(EventError) as caught:
+        parse_event({"type": "payment:refunded", "data": {}})
+    assert str(caught.value) == (
+        "type: unknown event type 'payment:refunded'; expected one of payment:received, "
+        "payment:verified, payment:settled, payment:failed, batch:created, batch:settled, "
+        "revenue:recorded, websocket:clients"
+    )
+
+
+@pytest.mark.parametrize("raw", [b"5", b'"x"', b"null"])
+def test_json_that_is_not_an_object_is_refused_as_the_event(raw: bytes) -> None:
+    with pytest.raises(EventError) as caught:
+        parse_event_json(raw)
+    assert str(caught.value) == "event: must be a JSON object"
+
+
+def test_a_transaction_id_with_a_control_character_is_refused_showing_it() -> None:
+    with pytest.raises(EventError) as caught:
+        parse_event(_with(settled("p"), transaction="a\x00b"))
+    assert str(caught.value) == (
+        "data.transaction: must be a transaction id without control characters, got 'a\\x00b'"
+    )
+
+
+def test_a_lone_surrogate_from_decoded_json_is_refused_naming_it() -> None:
+    # json.loads accepts "\ud800" escapes; such an id cannot be stored as UTF-8.
+    item = json.loads(json.dumps(_with(received("p"), paymentId="a\ud800")))
+    with pytest.raises(EventError) as caught:
+        parse_event(item)
+    assert str(caught.value) == (
+        "data.paymentId: Input should be a valid string, unable to parse raw data as a "
+        "unicode string"
+    )
+
+
+def test_an_address_with_outer_spaces_is_refused_showing_it() -> None:
+    with pytest.raises(EventError) as caught:
+        parse_event(_with(received("p"), payer=" 0xabc"))
+    assert str(caught.value) == (
+        "data.payer: must be an address without spaces or control characters, got ' 0xabc'"
+    )
+
+
+def test_seconds_given_for_milliseconds_are_refused_saying_so() -> None:
+    with pytest.raises(EventError) as caught:
+        parse_event(_with(received("p"), timestamp=1_700_000_000))
+    assert str(caught.value) == (
+        "data.timestamp: must be Unix epoch milliseconds; 1700000000 is before 2000-01-01 "
+        "(seconds instead of milliseconds?)"
+    )
+
+
+def test_a_timestamp_exactly_a_day_ahead_is_accepted_and_one_ms_more_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now_ms = BASE_MS + 5_000
+    monkeypatch.setattr(time, "time", lambda: now_ms / 1000)
+    latest = now_ms + events_module.MAX_FUTURE_SKEW_MS
+    assert parse_event(_with(received("p"), timestamp=latest))["data"]["timestamp"] == latest
+    with pytest.raises(EventError) as caught:
+        parse_event(_with(received("p"), timestamp=latest + 1))
+    assert str(caught.value) == (
+        f"data.timestamp: must not be more than a day in the future; {latest + 1} is ahead "
+        f"of now ({now_ms})"
+    )
+
+
+def test_the_latest_timestamp_accepted_is_a_day_after_the_clock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.25)
+    assert events_module.latest_timestamp_ms() == 1_800_000_000_250 + 86_400_000
+
+
+def test_a_null_id_leaves_the_canonical_form_and_the_key_as_without_one() -> None:
+    clients = {"type": "websocket:clients", "data": {"count": 3, "timestamp": BASE_MS}}
+    without, null = parse_event(clients), parse_event({**clients, "id": None})
+    assert canonical_json(null) == canonical_json(without)
+    assert dedup_key(null, canonical_json(null)) == dedup_key(without, canonical_json(without))

@@ -131,7 +131,9 @@ async def test_integers_past_the_parsers_limit_are_a_400_with_the_position(
 
 
 @pytest.mark.parametrize(
-    "bad", [b"\xff\xfe", b"\xc3", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80"], ids=repr
+    "bad",
+    [b"\xff\xfe", b"\xc3", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80"],
+    ids=bytes.hex,  # plain ids: a repr's backslashes are not found again in a second run
 )
 async def test_invalid_utf8_is_a_400(client: AppClient, bad: bytes) -> None:
     body = json.dumps(received("pZZ")).encode().replace(b"ZZ", bad)

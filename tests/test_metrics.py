@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 
 import pytest
@@ -18,6 +19,10 @@ from conftest import (
     verified,
 )
 from prometheus_client import CollectorRegistry
+
+from exporter.ledger import GaugeSnapshot
+from exporter.metrics import AUTH_LOG_INTERVAL_SECONDS, Metrics
+from exporter.networks import OTHER_NETWORK
 
 BASE = "eip155:8453"
 OP = "eip155:10"
@@ -130,3 +135,49 @@ async def test_health_and_readiness(client: AppClient) -> None:
     assert body["ledger"]["events"] == 2
     assert body["ledger"]["waitingForJoin"] == 1
     assert body["store"]["name"] == "duckdb"
+
+
+def test_refused_tokens_log_one_line_per_interval_carrying_the_refusals(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [100.0]
+    metrics = Metrics(CollectorRegistry(), clock=lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="exporter.metrics")
+    metrics.auth_failed("ingest", None)
+    metrics.auth_failed("ingest", "10.0.0.7")
+    now[0] += AUTH_LOG_INTERVAL_SECONDS - 0.5
+    metrics.auth_failed("ingest", "10.0.0.7")
+    now[0] += 0.5  # exactly one interval after the first line: the next line is due
+    metrics.auth_failed("ingest", "10.0.0.8")
+    metrics.auth_failed("analytics", "10.0.0.9")
+    lines = [
+        (r.getMessage(), vars(r)["route"], vars(r)["peer"], vars(r)["refusals"])
+        for r in caplog.records
+    ]
+    assert lines == [
+        ("bearer token refused", "ingest", "unknown", 1),
+        ("bearer token refused", "ingest", "10.0.0.8", 3),
+        ("bearer token refused", "analytics", "10.0.0.9", 1),
+    ]
+    assert sample(metrics.registry, "exporter_auth_failures_total", route="ingest") == 4
+
+
+def test_a_tracked_backlog_is_read_at_scrape_time_under_its_store_label() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    backlog = [3]
+    metrics.track_backlog("influxdb", lambda: backlog[0])
+    backlog[0] = 7
+    assert sample(registry, "exporter_ledger_backlog_events", store="influxdb") == 7
+
+
+def test_restored_pending_counts_of_networks_past_the_bound_add_up_under_other() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, max_network_labels=1)
+    pending = {BASE: 2, OP: 3, "eip155:1": 4}
+    metrics.restore(GaugeSnapshot(pending_by_network=pending, websocket_clients=None))
+    assert sample(registry, "facilitator_pending_payments", network=BASE) == 2
+    assert sample(registry, "facilitator_pending_payments", network=OTHER_NETWORK) == 7
+    assert sample(registry, "facilitator_pending_payments", network=OP) is None
+    assert sample(registry, "exporter_network_labels_overflow_total") == 2
+    assert sample(registry, "facilitator_active_websocket_clients") == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from conftest import AppClient, failed, received, settled
+from ledger_faults import refusing_inserts
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
@@ -360,3 +362,106 @@ async def test_chunked_body_is_read_within_the_limit(
     assert fits.status == 202
     over = await client.post("/v1/events", data=chunks(b"[", b" " * 3000, b"]"), headers=JSON)
     assert over.status == 413
+
+
+async def test_a_ledger_that_cannot_commit_is_a_503_and_one_log_line_naming_the_cause(
+    client: AppClient, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="exporter.ingest.receiver")
+    with refusing_inserts(settings.ledger_path, "events"):
+        response = await client.post("/v1/events", json=[received("p1")])
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "5"
+    assert (await response.json())["error"] == (
+        "the ledger cannot commit right now (disk full or I/O error); retry later"
+    )
+    [record] = [r for r in caplog.records if r.name == "exporter.ingest.receiver"]
+    assert record.getMessage() == "ingest refused: ledger cannot commit"
+    assert "database or disk is full" in vars(record)["error"]
+
+
+_CONFLICT = (
+    "conflict: a stored event has the same key with a different body, or its payment has "
+    "already ended"
+)
+
+
+async def test_conflicts_are_a_409_worded_for_one_event_or_every_event(
+    client: AppClient, registry: CollectorRegistry
+) -> None:
+    assert (await client.post("/v1/events", json=[settled("p1"), settled("p2")])).status == 202
+    single = await client.post("/v1/events", json=settled("p1", fee="0.99"))
+    assert single.status == 409
+    assert await single.json() == {
+        "accepted": 0,
+        "duplicates": 0,
+        "rejected": [{"index": 0, "error": _CONFLICT}],
+        "error": "the event conflicts with a stored one",
+    }
+    both = await client.post(
+        "/v1/events", json=[settled("p2", fee="0.9"), settled("p1", fee="0.9")]
+    )
+    assert both.status == 409
+    assert (await both.json())["error"] == "every event conflicts with a stored one"
+    assert rejected_count(registry, "conflict") == 3
+    assert rejected_count(registry, "invalid") == 0
+
+
+async def test_invalid_and_conflicting_items_are_counted_each_under_its_reason(
+    client: AppClient, registry: CollectorRegistry
+) -> None:
+    assert (await client.post("/v1/events", json=settled("p1"))).status == 202
+    body = [settled("p1", fee="0.99"), {"type": "nope"}, received("p3"), {"type": "nope"}]
+    response = await client.post("/v1/events", json=body)
+    assert response.status == 202
+    answer = await response.json()
+    assert [r["index"] for r in answer["rejected"]] == [0, 1, 3]
+    assert (rejected_count(registry, "invalid"), rejected_count(registry, "conflict")) == (2, 1)
+
+
+async def test_an_array_after_leading_whitespace_is_read_as_an_array(client: AppClient) -> None:
+    body = b" \n\t" + json.dumps([received("p1"), received("p2")]).encode()
+    response = await client.post(
+        "/v1/events", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert (response.status, (await response.json())["accepted"]) == (202, 2)
+
+
+async def test_a_batch_at_the_event_limit_is_accepted_and_one_more_kept_as_too_large(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], data_dir: Path
+) -> None:
+    settings = Settings(data_dir=data_dir, listen="127.0.0.1:0", max_batch_events=2)
+    client = await aiohttp_client(create_app(settings, CollectorRegistry()))
+    at_limit = await client.post("/v1/events", json=[received("p1"), received("p2")])
+    assert at_limit.status == 202
+    over = json.dumps([received("p3"), received("p4"), received("p5")]).encode()
+    response = await client.post(
+        "/v1/events", data=over, headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 413
+    assert dead_letters(client, "too_large") == [
+        ("too_large", "3 events in one request; the limit is 2", over)
+    ]
+
+
+async def test_an_unsupported_content_type_is_a_415_kept_with_its_size(client: AppClient) -> None:
+    body = json.dumps(received("p1")).encode()
+    response = await client.post("/v1/events", data=body, headers={"Content-Type": "text/plain"})
+    assert response.status == 415
+    assert response.headers.get("Connection", "").lower() != "close"  # the body was all read
+    assert (await response.json())["error"] == (
+        "unsupported Content-Type 'text/plain': send application/json (an event or an array "
+        "of events) or application/x-ndjson"
+    )
+    [letter] = client.app[COMMITTER].ledger.dead_letters("unsupported_media_type")
+    assert (letter.raw, letter.raw_size) == (body, len(body))
+
+
+async def test_a_malformed_array_is_a_400_kept_whole(client: AppClient) -> None:
+    body = b'[{"type": "payment:received"},'
+    response = await client.post(
+        "/v1/events", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    assert (await response.json())["error"].startswith("body is not valid JSON: ")
+    assert [(reason, raw) for reason, _, raw in dead_letters(client)] == [("malformed", body)]
