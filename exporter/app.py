@@ -272,7 +272,7 @@ async def _analytics_resource(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     service = AnalyticsService(
-        Analytics(source),
+        Analytics(source, settings.networks),
         app[REGISTRY],
         store if isinstance(store, AnalyticsSink) else None,
         settings.analytics_refresh_seconds,

@@ -174,6 +174,8 @@ class NetworkTable:
             if not CAIP2.fullmatch(caip2):
                 raise ValueError(f"alias {name!r} must name a CAIP-2 chain id, got {caip2!r}")
             self._names[name] = caip2
+            # A chain the built-ins do not name is shown by the operator's name for it.
+            self._chain_names.setdefault(caip2, name)
         self._decimals: dict[str, dict[str, int]] = {
             network: dict(assets) for network, assets in BUILTIN_STABLECOINS.items()
         }

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestServer
-from conftest import AppClient, received
+from conftest import BASE_MS, AppClient, async_wait_until, received
 from facilitator_helpers import USDC, ScriptedFacilitator, exchange, start_proxy
 from prometheus_client import CollectorRegistry
 
@@ -75,3 +75,27 @@ async def test_an_alias_names_a_network_in_proxy_mode(
     assert {e["data"]["network"] for e in stored if "network" in e["data"]} == {"eip155:777"}
     success = {"network": "eip155:777", "status": "success"}
     assert registry.get_sample_value("facilitator_payments_total", success) == 1
+
+
+async def test_an_alias_names_its_chain_in_the_networks_analytic(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], data_dir: Path
+) -> None:
+    """A chain the built-in table does not name is shown by the operator's name for it; a
+    built-in chain keeps its own name whatever alias also points at it."""
+    settings = Settings(
+        data_dir=data_dir,
+        listen="127.0.0.1:0",
+        network_aliases={"acme-chain": "eip155:777", "my-base": "eip155:8453"},
+    )
+    client = await aiohttp_client(create_app(settings, CollectorRegistry()))
+    events = [received("p1", network="acme-chain"), received("p2", network="my-base")]
+    assert (await client.post("/v1/events", json=events)).status == 202
+
+    async def chains() -> dict[str, str] | None:
+        response = await client.get(f"/v1/analytics/networks?window=1h&at={BASE_MS + 1}")
+        assert response.status == 200, await response.text()
+        rows = await response.json()
+        return {row["chainId"]: row["chainName"] for row in rows} if len(rows) == 2 else None
+
+    names = await async_wait_until(chains, what="both networks in the analytics")
+    assert names == {"eip155:777": "acme-chain", "eip155:8453": "Base"}

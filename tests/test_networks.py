@@ -55,7 +55,8 @@ def test_names_aliases_and_chain_names() -> None:
     assert table.caip2("my-l2") == "eip155:999999"
     assert table.caip2("not a network") is None
     assert table.chain_name("eip155:8453") == "Base"
-    assert table.chain_name("eip155:999999") == "eip155:999999"
+    assert table.chain_name("eip155:999999") == "my-l2"  # the operator's name for it
+    assert table.chain_name("eip155:424242") == "eip155:424242"  # nobody names it
     # An operator on the Python SDK's ids for a name the SDKs disagree on overrides ours.
     assert NetworkTable(aliases={"story": "eip155:1513"}).caip2("story") == "eip155:1513"
     with pytest.raises(ValueError, match="CAIP-2"):

@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from ..networks import BUILTIN_TABLE, NetworkTable
 from . import derive
 from .models import (
     DAY_MS,
@@ -43,9 +44,11 @@ from .source import AnalyticsSource
 class Analytics:
     """Every analytic of docs/architecture.md section 5 over one :class:`AnalyticsSource`."""
 
-    def __init__(self, source: AnalyticsSource) -> None:
-        """Derive results from ``source``'s raw aggregates."""
+    def __init__(self, source: AnalyticsSource, networks: NetworkTable = BUILTIN_TABLE) -> None:
+        """Derive results from ``source``'s raw aggregates; ``networks`` names the chains
+        (the built-ins and the operator's aliases)."""
         self.source = source
+        self.network_table = networks
 
     async def close(self) -> None:
         """Close the source: release its connections once its queries in flight end."""
@@ -69,7 +72,9 @@ class Analytics:
 
     async def networks(self, window: Window, at_ms: int) -> list[NetworkMetrics]:
         """NetworkMetrics of every network with a payment event in the window."""
-        return derive.network_metrics(await self._totals(at_ms, window.ms))
+        return derive.network_metrics(
+            await self._totals(at_ms, window.ms), self.network_table.chain_name
+        )
 
     async def revenue(self, window: Window, at_ms: int) -> RevenueMetrics:
         """RevenueMetrics (fees of settled payments) with days, projection and growth."""
@@ -218,7 +223,8 @@ class Analytics:
             series_buckets = (hours if w.bucket_ms == HOUR_MS else days).get(w.ms, [])
             rank_values = values.get(w.ms, RankValues())
             out[AnalyticKey("payments", w)] = derive.payment_metrics(t, rank_values)
-            out[AnalyticKey("networks", w)] = derive.network_metrics(t)
+            names = self.network_table.chain_name
+            out[AnalyticKey("networks", w)] = derive.network_metrics(t, names)
             out[AnalyticKey("revenue", w)] = derive.revenue_metrics(w, at_ms, t, days.get(w.ms, []))
             out[AnalyticKey("revenue/breakdown", w)] = derive.revenue_breakdown(t)
             out[AnalyticKey("top/payers", w)] = derive.top_payers(tops[w.ms], MAX_LIMIT)

@@ -6,6 +6,7 @@ day and hour buckets, and the ordering of every list with its tie rules.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -153,14 +154,17 @@ def payment_metrics(totals: WindowTotals, values: RankValues) -> PaymentMetrics:
     )
 
 
-def network_metrics(totals: WindowTotals) -> list[NetworkMetrics]:
-    """NetworkMetrics of the networks with a payment record, by volume then chain id."""
+def network_metrics(
+    totals: WindowTotals, names: Callable[[str], str] = BUILTIN_TABLE.chain_name
+) -> list[NetworkMetrics]:
+    """NetworkMetrics of the networks with a payment record, by volume then chain id;
+    ``names`` gives each chain's human name (the operator's network table)."""
     rows = [n for n in totals.networks if n.payment_events > 0]
     rows.sort(key=lambda n: (-n.volume_micro, n.network))
     return [
         NetworkMetrics(
             chainId=n.network,
-            chainName=chain_name(n.network),
+            chainName=names(n.network),
             totalPayments=n.received,
             totalVolume=n.volume_micro,
             totalFees=n.fees_micro,

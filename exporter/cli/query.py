@@ -139,7 +139,7 @@ async def query_store(settings: Settings, request: QueryRequest) -> object:
                     )
                 )
             try:
-                result = await Analytics(source).compute(
+                result = await Analytics(source, settings.networks).compute(
                     request.name, window, at_ms, limit=request.limit, metric=request.metric
                 )
             except AnalyticsRequestError as error:
