@@ -69,7 +69,9 @@ def test_signature_header_pattern_admits_what_the_exporter_signs() -> None:
         if p["name"] == SIGNATURE_HEADER
     ]
     assert header["required"] is True
-    signed = signature_header("a-signing-secret-of-32-characters", b"{}")
+    signed = signature_header(
+        "a-signing-secret-of-32-characters", b"{}", content_type="application/json"
+    )
     assert re.fullmatch(header["schema"]["pattern"].strip("^$"), signed)
 
 

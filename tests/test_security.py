@@ -66,12 +66,22 @@ def test_no_secret_reaches_logs_answers_metrics_or_check_config(tmp_path: Path) 
                 "ingest signed with a wrong secret": http_request(
                     process.events_url,
                     body,
-                    {**bearer, SIGNATURE_HEADER: signature_header(SIGNING_SECRET[:-1], body)},
+                    {
+                        **bearer,
+                        SIGNATURE_HEADER: signature_header(
+                            SIGNING_SECRET[:-1], body, content_type="application/json"
+                        ),
+                    },
                 ),
                 "ingest with the token, signed": http_request(
                     process.events_url,
                     body,
-                    {**bearer, SIGNATURE_HEADER: signature_header(SIGNING_SECRET, body)},
+                    {
+                        **bearer,
+                        SIGNATURE_HEADER: signature_header(
+                            SIGNING_SECRET, body, content_type="application/json"
+                        ),
+                    },
                 ),
                 "analytics without token": http_request(process.url + "/v1/analytics/summary"),
             }

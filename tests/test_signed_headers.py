@@ -79,7 +79,7 @@ async def test_a_v2_signed_request_replayed_with_other_headers_changes_nothing(
         body = json.dumps(events).encode()
     if encoding == "gzip":
         body = gzip.compress(body)
-    signature = signature_header(SECRET, body, None, content_type, encoding)
+    signature = signature_header(SECRET, body, content_type=content_type, content_encoding=encoding)
     original = {"Content-Type": content_type, SIGNATURE_HEADER: signature}
     if encoding is not None:
         original["Content-Encoding"] = encoding
@@ -98,14 +98,17 @@ async def test_a_v2_signed_request_replayed_with_other_headers_changes_nothing(
 
 async def test_v2_signs_the_media_type_without_parameters(client: AppClient) -> None:
     body = json.dumps(received("p1")).encode()
-    signature = signature_header(SECRET, body, None, "Application/JSON; charset=utf-8")
+    signature = signature_header(SECRET, body, content_type="Application/JSON; charset=utf-8")
     headers = {"Content-Type": "application/json; charset=UTF-8", SIGNATURE_HEADER: signature}
     assert (await _post(client, body, headers))[0] == 202
 
 
 async def test_a_v2_signed_malformed_body_is_kept_as_a_dead_letter(client: AppClient) -> None:
     body = b'{"type": "payment:received",'
-    headers = {"Content-Type": JSON, SIGNATURE_HEADER: signature_header(SECRET, body)}
+    headers = {
+        "Content-Type": JSON,
+        SIGNATURE_HEADER: signature_header(SECRET, body, content_type=JSON),
+    }
     assert (await _post(client, body, headers))[0] == 400
     assert stored(client) == (0, 1)
 
@@ -157,7 +160,7 @@ def test_the_openssl_recipe_makes_v2_signatures() -> None:
     body = json.dumps(received("p1")).encode()
     script = (
         f'printf \'%s.application/json.identity.%s\' "$T" "$BODY" '
-        f'| {openssl} dgst -sha256 -hmac "$SECRET" -r | cut -d\' \' -f1'
+        f"| {openssl} dgst -sha256 -hmac \"$SECRET\" -r | cut -d' ' -f1"
     )
     result = subprocess.run(
         ["sh", "-c", script],

@@ -44,7 +44,9 @@ def signed(
     body: bytes, secret: str = SECRET, t: int | None = None, encoding: str | None = None
 ) -> dict[str, str]:
     """JSON request headers (with ``encoding``) carrying the signature of ``body``."""
-    signature = signature_header(secret, body, t, "application/json", encoding)
+    signature = signature_header(
+        secret, body, t, content_type="application/json", content_encoding=encoding
+    )
     headers = {**JSON, SIGNATURE_HEADER: signature}
     if encoding is not None:
         headers["Content-Encoding"] = encoding
@@ -135,12 +137,18 @@ def test_verifier_tolerance_applies_both_ways() -> None:
     now = 1_767_225_600
     verifier = SignatureVerifier([SECRET], 300, clock=lambda: now + 0.9)
     for t in (now - 300, now + 300):
-        header = verifier.check_header(signature_header(SECRET, b"x", t))
+        header = verifier.check_header(
+            signature_header(SECRET, b"x", t, content_type="application/json")
+        )
         assert verifier.verify(header, b"x", "application/json") is True
     with pytest.raises(SignatureError, match=r"is 301 s in the past, outside the tolerance of 300"):
-        verifier.check_header(signature_header(SECRET, b"x", now - 301))
+        verifier.check_header(
+            signature_header(SECRET, b"x", now - 301, content_type="application/json")
+        )
     with pytest.raises(SignatureError, match=r"is 301 s in the future, outside the tolerance"):
-        verifier.check_header(signature_header(SECRET, b"x", now + 301))
+        verifier.check_header(
+            signature_header(SECRET, b"x", now + 301, content_type="application/json")
+        )
 
 
 # ------------------------------------------------------------------------- the endpoint

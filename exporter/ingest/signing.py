@@ -90,11 +90,13 @@ def signature_header(
     secret: str,
     body: bytes,
     timestamp: int | None = None,
-    content_type: str = "application/json",
+    *,
+    content_type: str,
     content_encoding: str | None = None,
 ) -> str:
     """The ``X-Exporter-Signature`` value for ``body`` sent with these headers, signed now
-    unless ``timestamp`` is given."""
+    unless ``timestamp`` is given. The content type has no default: it is signed, so a
+    sender must name the one it really sends."""
     t = int(time.time()) if timestamp is None else timestamp
     return f"t={t},v2={sign_v2(secret, t, body, content_type, content_encoding)}"
 
