@@ -28,25 +28,35 @@ def test_every_payment_whose_hooks_returned_survives_kill_9(tmp_path: Path) -> N
     exporter = start_on(port, data, log_path)
     child = subprocess.Popen(
         [sys.executable, str(SCRIPT), "run", exporter.url, str(spool), "200"],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=env,
     )
-    assert child.stdout is not None
+    assert child.stdin is not None and child.stdout is not None
     done: list[str] = []
+
+    def next_payment() -> None:
+        assert child.stdin is not None
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+
     try:
-        while len(done) < 20:  # mid-run: payments are still being made
+        while len(done) < 20:
+            next_payment()
             line = child.stdout.readline().decode()
             assert line, "the facilitator process ended early"
             done.append(line)
             if len(done) == 8:
                 exporter.terminate()  # from here on, answers wait in the spool
+        next_payment()  # killed mid-run: this payment may be under way
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(30)
         exporter.kill()
     done += [line.decode() for line in child.stdout.readlines()]
     child.stdout.close()
+    child.stdin.close()
     assert len(done) < 200 and all(line.endswith("success\n") for line in done)
     exporter = start_on(port, data, log_path)
     try:
