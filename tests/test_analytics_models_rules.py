@@ -49,8 +49,16 @@ def untimed_settlement(pid: str, ts: int) -> dict[str, Any]:
         # none has a time: no settlement rank is asked for
         (3, 0, RankRequest(settled=3, amount=(2,), settlement=(), timed=0)),
     ],
-    ids=["none", "none-timed-0", "all-timed", "all-timed-given", "odd", "four-of-ten",
-         "twenty-of-forty", "untimed"],
+    ids=[
+        "none",
+        "none-timed-0",
+        "all-timed",
+        "all-timed-given",
+        "odd",
+        "four-of-ten",
+        "twenty-of-forty",
+        "untimed",
+    ],
 )
 def test_the_ranks_asked_of_a_source(
     settled_count: int, timed: int | None, request_: RankRequest
@@ -74,7 +82,8 @@ async def test_settlement_figures_are_taken_over_the_settlements_with_a_time(
         events.append(received(f"p{i}", BASE_MS + i, amount=f"{i + 1}.00"))
         end = BASE_MS + 1000 + i
         events.append(
-            settled(f"p{i}", end, settlement_ms=times[i]) if i in times
+            settled(f"p{i}", end, settlement_ms=times[i])
+            if i in times
             else untimed_settlement(f"p{i}", end)
         )
     at = BASE_MS + 60_000
