@@ -15,8 +15,18 @@ from analytics_helpers import delivered
 from conftest import BASE_MS, batch_created, batch_settled, failed, received, settled
 
 from exporter.analytics import result_data
-from exporter.analytics.derive import rank_request
-from exporter.analytics.models import RankRequest, Window
+from exporter.analytics.derive import rank_request, top_payees, top_payers, top_routes
+from exporter.analytics.models import (
+    PayeeTotals,
+    PayerTotals,
+    RankRequest,
+    RouteTotals,
+    TopLists,
+    TopPayee,
+    TopPayer,
+    TopRoute,
+    Window,
+)
 
 BASE = "eip155:8453"
 OP = "eip155:10"
@@ -251,3 +261,87 @@ async def test_days_are_utc_days_whatever_the_hosts_time_zone(tmp_path: Path) ->
     days = revenue.revenueByDay
     assert (days[0].date, days[-1].date) == ("2025-12-02", "2026-01-01")
     assert [(d.date, d.fees) for d in days if d.payments] == [("2026-01-01", "0.100000")]
+
+
+# ------------------------------------------------------------------ empty and untimed windows
+
+
+async def test_payments_of_untimed_settlements_and_of_an_empty_window(tmp_path: Path) -> None:
+    """Settled payments none of which has a time: sizes are computed, every settlement figure
+    is 0; a window with no payment at all has every figure 0."""
+    events: list[dict[str, Any]] = []
+    for i, amount in enumerate(["1.00", "2.00", "4.00"]):
+        events.append(received(f"p{i}", BASE_MS + i, amount=amount))
+        events.append(untimed_settlement(f"p{i}", BASE_MS + 1000 + i))
+    async with delivered(events, tmp_path, "duckdb") as analytics:
+        untimed = await analytics.payments(Window.H1, BASE_MS + 60_000)
+        empty = await analytics.payments(Window.H1, BASE_MS - 1)
+    assert (untimed.successfulPayments, untimed.averagePaymentSize) == (3, "2.333333")
+    assert untimed.medianPaymentSize == "2.000000"
+    assert (
+        untimed.averageSettlementTime,
+        untimed.p95SettlementTime,
+        untimed.p99SettlementTime,
+    ) == (0.0, 0.0, 0.0)
+    assert empty.model_dump() == {
+        "totalPayments": 0,
+        "successfulPayments": 0,
+        "failedPayments": 0,
+        "totalVolume": "0.000000",
+        "totalFees": "0.000000",
+        "averagePaymentSize": "0.000000",
+        "medianPaymentSize": "0.000000",
+        "averageSettlementTime": 0.0,
+        "p95SettlementTime": 0.0,
+        "p99SettlementTime": 0.0,
+    }
+
+
+# ------------------------------------------------------------------ top lists
+
+
+def test_top_lists_keep_the_first_limit_in_order_whatever_a_source_answers() -> None:
+    """A source may answer more entries than the limit, in any order: the answer is the first
+    ``limit`` by amount, ties by address (routes: payer, then payee)."""
+    a, b, c = (_party(d) for d in "abc")
+    lists = TopLists(
+        payers=[
+            PayerTotals(c, 1_000_000, 1, BASE_MS),
+            PayerTotals(b, 3_000_000, 2, BASE_MS + 1),
+            PayerTotals(a, 3_000_000, 3, BASE_MS + 2),
+        ],
+        payees=[
+            PayeeTotals(c, 5_000_000, 1, 1),
+            PayeeTotals(a, 1_000_000, 2, 2),
+            PayeeTotals(b, 2_000_000, 3, 3),
+        ],
+        routes=[
+            RouteTotals(a, c, 2_000_000, 1),
+            RouteTotals(b, a, 2_000_000, 2),
+            RouteTotals(a, b, 2_000_000, 3),
+        ],
+    )
+    assert top_payers(lists, 2) == [
+        TopPayer(address=a, totalPaid=3_000_000, paymentCount=3, lastPayment=BASE_MS + 2),
+        TopPayer(address=b, totalPaid=3_000_000, paymentCount=2, lastPayment=BASE_MS + 1),
+    ]
+    assert top_payees(lists, 2) == [
+        TopPayee(address=c, totalReceived=5_000_000, paymentCount=1, uniquePayers=1),
+        TopPayee(address=b, totalReceived=2_000_000, paymentCount=3, uniquePayers=3),
+    ]
+    assert top_routes(lists, 2) == [
+        TopRoute(payer=a, payee=b, volume=2_000_000, count=3),
+        TopRoute(payer=a, payee=c, volume=2_000_000, count=1),
+    ]
+    assert len(top_payers(lists, 1)) == len(top_payees(lists, 1)) == len(top_routes(lists, 1)) == 1
+
+
+async def test_an_hour_across_midnight_lists_both_utc_days(tmp_path: Path) -> None:
+    """The revenue of a window shorter than a day lists every UTC day it touches."""
+    events = [received("a", BASE_MS - 600_000), settled("a", BASE_MS - 500_000, fee="0.10")]
+    async with delivered(events, tmp_path, "duckdb") as analytics:
+        revenue = await analytics.revenue(Window.H1, BASE_MS + 1_800_000)
+    assert [(d.date, d.payments, d.fees) for d in revenue.revenueByDay] == [
+        ("2025-12-31", 1, "0.100000"),
+        ("2026-01-01", 0, "0.000000"),
+    ]
