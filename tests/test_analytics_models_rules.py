@@ -5,6 +5,7 @@ the JSON-ready value of an answer holding plain JSON types only."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from conftest import BASE_MS, batch_created, batch_settled, failed, received, se
 from exporter.analytics import result_data
 from exporter.analytics.derive import rank_request, top_payees, top_payers, top_routes
 from exporter.analytics.models import (
+    HOUR_MS,
     PayeeTotals,
     PayerTotals,
     RankRequest,
@@ -345,3 +347,32 @@ async def test_an_hour_across_midnight_lists_both_utc_days(tmp_path: Path) -> No
         ("2025-12-31", 1, "0.100000"),
         ("2026-01-01", 0, "0.000000"),
     ]
+
+
+# ------------------------------------------------------------------ time-series buckets
+
+
+@pytest.mark.parametrize(
+    ("window", "bucket_ms", "points"),
+    [
+        (Window.H1, HOUR_MS, 2),
+        (Window.H6, HOUR_MS, 7),
+        (Window.H24, HOUR_MS, 25),  # a day is still hourly
+        (Window.D7, DAY, 8),
+        (Window.D30, DAY, 31),
+        (Window.D90, DAY, 91),
+    ],
+)
+async def test_time_series_are_hourly_up_to_a_day_and_daily_beyond(
+    tmp_path: Path, window: Window, bucket_ms: int, points: int
+) -> None:
+    events = [received("a", BASE_MS - 600_000), settled("a", BASE_MS - 500_000)]
+    at = BASE_MS + 1_800_000
+    async with delivered(events, tmp_path, "duckdb") as analytics:
+        series = await analytics.timeseries(window, at, "payments")
+    starts = [p.timestamp for p in series.points]
+    assert window.bucket_ms == bucket_ms
+    assert len(starts) == points
+    assert {b - a for a, b in itertools.pairwise(starts)} == {bucket_ms}
+    assert starts[-1] == at - at % bucket_ms
+    assert sum(p.value for p in series.points) == 1
