@@ -23,7 +23,8 @@ from exporter.errors import (
     LedgerUnavailableError,
     RecoveryPendingError,
 )
-from exporter.ledger import DataDirLock, Ledger, LedgerTuning, Submission
+from exporter.ledger import DataDirLock, Ledger, LedgerTuning, Submission, is_damage
+from exporter.ledger.files import open_error
 
 EVENTS = 300
 
@@ -209,6 +210,50 @@ def test_a_wal_that_cannot_be_opened_is_not_called_damage(tmp_path: Path) -> Non
     )
 
 
+def test_a_schema_page_sqlite_finds_damaged_is_named_as_damage(tmp_path: Path) -> None:
+    path = _ledger(tmp_path)
+    with open(path, "r+b") as handle:  # the header stays; the tables' catalogue does not
+        handle.seek(100)
+        handle.write(b"\xa5" * 3000)
+    with pytest.raises(LedgerCorruptError) as caught:
+        Ledger(path)
+    assert str(caught.value).startswith(
+        f"ledger file {path} is damaged: database disk image is malformed. The exporter "
+        "does not start on a damaged ledger"
+    )
+    assert _recover_hint(path) in str(caught.value)
+
+
+def _error(statement: str, closed: bool = False) -> sqlite3.Error:
+    conn = sqlite3.connect(":memory:")
+    if closed:
+        conn.close()
+    try:
+        conn.execute(statement)
+    except sqlite3.Error as error:
+        return error
+    finally:
+        conn.close()
+    raise AssertionError(f"{statement} did not fail")
+
+
+def test_errors_without_a_hint_or_a_code_are_worded_plainly(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    plain = _error("SELECT * FROM missing")  # SQLITE_ERROR: no hint applies
+    assert not is_damage(plain)
+    assert str(open_error(path, plain)) == (
+        f"cannot open ledger file {path}: no such table: missing. The file is not damaged: "
+        "`recover` does not apply"
+    )
+    # Raised by Python's sqlite3 module itself: it carries no SQLite result code.
+    uncoded = _error("SELECT 1", closed=True)
+    assert not hasattr(uncoded, "sqlite_errorcode") and not is_damage(uncoded)
+    assert str(open_error(path, uncoded)) == (
+        f"cannot open ledger file {path}: Cannot operate on a closed database.. The file is "
+        "not damaged: `recover` does not apply"
+    )
+
+
 def test_an_unfinished_recovery_is_named_with_the_command_that_finishes_it(
     tmp_path: Path,
 ) -> None:
@@ -245,6 +290,18 @@ def test_an_existing_data_dir_and_its_files_become_private(tmp_path: Path) -> No
     assert _mode(ledger_file) == 0o600
     assert _mode(outside) == 0o644, "a link is not followed"
     assert _mode(data_dir / "sub") == 0o755, "only files directly in it are changed"
+
+
+def test_a_data_dir_is_made_with_its_parents_or_taken_as_it_is(tmp_path: Path) -> None:
+    nested = tmp_path / "new" / "data"
+    DataDirLock(nested).release()
+    assert _mode(nested) == 0o700
+    # Made by hand without its owner's search bit: it is still the exporter's to fix.
+    by_hand = tmp_path / "by-hand"
+    by_hand.mkdir()
+    by_hand.chmod(0o660)
+    DataDirLock(by_hand).release()
+    assert _mode(by_hand) == 0o700
 
 
 def test_files_of_another_user_are_left_as_they_are(
