@@ -121,3 +121,20 @@ def test_a_disk_that_fills_during_an_upgrade_leaves_a_whole_schema_and_one_line(
     finally:
         ledger.close()
     assert _schema(path) == str(SCHEMA_VERSION)
+
+
+def test_a_ledger_whose_creation_stopped_before_its_schema_row_is_finished(
+    tmp_path: Path,
+) -> None:
+    # The tables are created one statement at a time, the schema row after them: a
+    # crash between the two leaves tables that name no schema.
+    path = tmp_path / "ledger.sqlite3"
+    Ledger(path).close()
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute("DELETE FROM meta")
+    ledger = Ledger(path)
+    try:
+        assert ledger.stats() == LedgerStats(events=0, backlog=0, waiting_for_join=0, dead_letters=0)
+    finally:
+        ledger.close()
+    assert _schema(path) == str(SCHEMA_VERSION)

@@ -88,16 +88,38 @@ def test_the_page_scan_reads_a_file_whose_header_is_lost(closed_ledger: Path) ->
     assert dict(scan_pages(closed_ledger)) == stored
 
 
-@pytest.mark.parametrize("page_size", [1024, 8192])
+@pytest.mark.parametrize(("page_size", "events"), [(1024, 300), (8192, 300), (65536, 1200)])
 def test_the_page_scan_reads_pages_of_the_size_the_header_names(
-    tmp_path: Path, page_size: int
+    tmp_path: Path, page_size: int, events: int
 ) -> None:
+    # 64 KiB leaves hold more than 255 rows: the cell count takes both of its bytes.
     path = tmp_path / "ledger.sqlite3"
     with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute(f"PRAGMA page_size={page_size}")
         conn.execute("VACUUM")
-    _ledger(path, 300).close()
+    _ledger(path, events).close()
     assert dict(scan_pages(path)) == _stored(path)
+
+
+def test_the_page_scan_reads_integers_of_every_size_sqlite_stores(tmp_path: Path) -> None:
+    # SQLite stores an integer in 0 to 8 bytes by its value; a key hash is any 64-bit
+    # value, so a row's columns before its body may take any of those sizes.
+    path = tmp_path / "ledger.sqlite3"
+    Ledger(path).close()
+    hashes = [0, 1, -100, 30_000, -(2**20), 2**30, 2**40, 2**60]
+    rows = {
+        seq: (f"k{seq}", key_hash, f'{{"n":{seq}}}'.encode())
+        for seq, key_hash in enumerate(hashes, start=1)
+    }
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.executemany(
+            "INSERT INTO events (seq, key, key_hash, type, ref, ts, received_at, body, state)"
+            " VALUES (?, ?, ?, 'payment:received', NULL, ?, ?, ?, 1)",
+            [(seq, key, h, BASE_MS, BASE_MS, body) for seq, (key, h, body) in rows.items()],
+        )
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert dict(scan_pages(path)) == {seq: body for seq, (_, _, body) in rows.items()}
 
 
 def _wal_frames(wal: bytes, page_size: int) -> list[int]:
@@ -135,6 +157,56 @@ def test_the_page_scan_reads_the_wal_up_to_the_first_frame_that_does_not_check(
     bodies = [body for _, body in scan_pages(crashed)]
     assert sum(b'"pay-' in body for body in set(bodies)) == 50
     assert not any(b'"late-' in body for body in bodies)
+
+
+def _crash_copy(live: Path, tmp_path: Path, wal: bytes) -> Path:
+    """The ledger file as it is now beside ``wal``, in a directory of its own."""
+    crashed = tmp_path / "crashed" / "ledger.sqlite3"
+    crashed.parent.mkdir()
+    crashed.write_bytes(live.read_bytes())
+    crashed.with_name(crashed.name + "-wal").write_bytes(wal)
+    return crashed
+
+
+def test_the_page_scan_leaves_out_a_last_transaction_without_its_commit_frame(
+    tmp_path: Path,
+) -> None:
+    live = tmp_path / "ledger.sqlite3"
+    ledger = _ledger(live, 50, LedgerTuning(checkpoint_interval_seconds=3600.0))
+    try:
+        ledger.commit(
+            [Submission([prepare(received(f"late-{n}", BASE_MS + n)) for n in range(300)])]
+        )
+        wal = live.with_name(live.name + "-wal").read_bytes()
+        page_size = int.from_bytes(live.read_bytes()[16:18], "big")
+        # A crash before the last frame of the second transaction was written.
+        crashed = _crash_copy(live, tmp_path, wal[: len(wal) - 24 - page_size])
+    finally:
+        ledger.close()
+    bodies = {body for _, body in scan_pages(crashed)}
+    assert sum(b'"pay-' in body for body in bodies) == 50
+    assert not any(b'"late-' in body for body in bodies)
+
+
+def test_the_page_scan_stops_at_frames_left_by_an_earlier_wal(tmp_path: Path) -> None:
+    # Once a checkpoint has copied the whole WAL, the next write starts it over from its
+    # beginning with new salts; the older frames past the new ones stay in the file.
+    live = tmp_path / "ledger.sqlite3"
+    ledger = _ledger(live, 600, LedgerTuning(checkpoint_interval_seconds=3600.0))
+    try:
+        with contextlib.closing(sqlite3.connect(live)) as conn:
+            assert conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 0
+        wal_path = live.with_name(live.name + "-wal")
+        before = wal_path.read_bytes()
+        ledger.commit([Submission([prepare(received("late-0", BASE_MS))])])
+        wal = wal_path.read_bytes()
+        assert len(wal) == len(before) and wal[16:24] != before[16:24]
+        crashed = _crash_copy(live, tmp_path, wal)
+    finally:
+        ledger.close()
+    bodies = {body for _, body in scan_pages(crashed)}
+    assert sum(b'"pay-' in body for body in bodies) == 600
+    assert sum(b'"late-' in body for body in bodies) == 1
 
 
 def _as_big_endian_wal(wal: bytes, page_size: int) -> bytes:
