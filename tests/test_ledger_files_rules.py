@@ -64,6 +64,12 @@ def _set_page_size_field(path: Path, value: int) -> None:
         handle.write(value.to_bytes(2, "big"))
 
 
+def _set_page_count(path: Path, count: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(28)
+        handle.write(count.to_bytes(4, "big"))
+
+
 def _cut(path: Path, size: int) -> None:
     os.truncate(path, size)
 
@@ -104,6 +110,14 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], Callable[[Path, int], str]]] = {
         lambda p: _cut(p, p.stat().st_size - 8192),
         lambda p, size: (
             f"it is {size - 8192} bytes long but its header describes {size} bytes "
+            "(the file was truncated)"
+        ),
+    ),
+    "page-count-past-2**24": (
+        # The count is four bytes: a damaged high byte makes it name a huge file.
+        lambda p: _set_page_count(p, _header_bytes(p) // 4096 + 2**24),
+        lambda p, size: (
+            f"it is {size} bytes long but its header describes {size + 2**24 * 4096} bytes "
             "(the file was truncated)"
         ),
     ),
@@ -254,6 +268,17 @@ def test_errors_without_a_hint_or_a_code_are_worded_plainly(tmp_path: Path) -> N
     )
 
 
+def test_a_ledger_path_that_cannot_be_read_is_named_with_its_cause(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    path.mkdir()
+    with pytest.raises(LedgerUnavailableError) as caught:
+        Ledger(path)
+    assert str(caught.value) == (
+        f"cannot read ledger file {path}: [Errno 21] Is a directory: '{path}'. The file is "
+        "not damaged: `recover` does not apply"
+    )
+
+
 def test_an_unfinished_recovery_is_named_with_the_command_that_finishes_it(
     tmp_path: Path,
 ) -> None:
@@ -285,7 +310,11 @@ def test_an_existing_data_dir_and_its_files_become_private(tmp_path: Path) -> No
     outside.chmod(0o644)
     (data_dir / "link").symlink_to(outside)
     (data_dir / "sub").mkdir(mode=0o755)
+    narrower = data_dir / "kept.txt"
+    narrower.write_text("")
+    narrower.chmod(0o400)
     DataDirLock(data_dir).release()
+    assert _mode(narrower) == 0o400, "a file already closed to others keeps its mode"
     assert _mode(data_dir) == 0o700
     assert _mode(ledger_file) == 0o600
     assert _mode(outside) == 0o644, "a link is not followed"
