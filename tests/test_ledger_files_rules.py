@@ -74,8 +74,14 @@ def _cut(path: Path, size: int) -> None:
     os.truncate(path, size)
 
 
+def _cut_beside_an_empty_wal(path: Path, count: int) -> None:
+    _cut(path, path.stat().st_size - count)
+    path.with_name(path.name + "-wal").write_bytes(b"\x37\x7f\x06\x82" + b"\0" * 28)
+
+
 # (damage, the problem the refusal names, given the file's size before and after)
-DAMAGE: dict[str, tuple[Callable[[Path], None], Callable[[Path, int], str]]] = {
+Damage = tuple[Callable[[Path], object], Callable[[Path, int], str]]
+DAMAGE: dict[str, Damage] = {
     "empty": (lambda p: _cut(p, 0), lambda p, _: "the file is empty (0 bytes)"),
     "header-cut": (
         lambda p: _cut(p, 50),
@@ -123,10 +129,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], Callable[[Path, int], str]]] = {
     ),
     "pages-cut-beside-an-empty-wal": (
         # A WAL of only its header holds no page: nothing can complete the file.
-        lambda p: (
-            _cut(p, p.stat().st_size - 8192),
-            p.with_name(p.name + "-wal").write_bytes(b"\x37\x7f\x06\x82" + b"\0" * 28),
-        ),
+        lambda p: _cut_beside_an_empty_wal(p, 8192),
         lambda p, size: (
             f"it is {size - 8192} bytes long but its header describes {size} bytes "
             "(the file was truncated)"
@@ -136,9 +139,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], Callable[[Path, int], str]]] = {
 
 
 @pytest.mark.parametrize("case", DAMAGE.values(), ids=DAMAGE.keys())
-def test_each_kind_of_damage_is_named_in_the_refusal(
-    tmp_path: Path, case: tuple[Callable[[Path], None], Callable[[Path, int], str]]
-) -> None:
+def test_each_kind_of_damage_is_named_in_the_refusal(tmp_path: Path, case: Damage) -> None:
     damage, problem = case
     path = _ledger(tmp_path)
     size = path.stat().st_size
@@ -195,7 +196,8 @@ def test_a_checkpoint_cut_short_after_its_first_page_is_not_damage(tmp_path: Pat
     crashed.parent.mkdir()
     try:
         for suffix in ("", "-wal"):
-            shutil.copy(live.with_name(live.name + suffix), crashed.with_name(crashed.name + suffix))
+            target = crashed.with_name(crashed.name + suffix)
+            shutil.copy(live.with_name(live.name + suffix), target)
     finally:
         ledger.close()
     page_size = _page_size(crashed)

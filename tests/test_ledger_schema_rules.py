@@ -134,7 +134,8 @@ def test_a_ledger_whose_creation_stopped_before_its_schema_row_is_finished(
         conn.execute("DELETE FROM meta")
     ledger = Ledger(path)
     try:
-        assert ledger.stats() == LedgerStats(events=0, backlog=0, waiting_for_join=0, dead_letters=0)
+        empty = LedgerStats(events=0, backlog=0, waiting_for_join=0, dead_letters=0)
+        assert ledger.stats() == empty
     finally:
         ledger.close()
     assert _schema(path) == str(SCHEMA_VERSION)
