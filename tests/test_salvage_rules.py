@@ -287,6 +287,7 @@ def test_reading_past_a_damaged_page_loses_exactly_its_rows_and_names_them(
     missing = sorted(set(stored) - set(read))
     assert len(missing) == lost and missing == list(range(missing[0], missing[-1] + 1))
     assert unreadable == sorted(unreadable)
+    assert all(type(bound) is int for bounds in unreadable for bound in bounds)
     assert _covered(unreadable, set(stored)) == set(missing)
 
 
