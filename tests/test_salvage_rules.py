@@ -367,3 +367,54 @@ def test_a_sound_dead_letter_row_is_kept_whole(row: tuple[Any, ...], expected: D
 )
 def test_a_dead_letter_row_with_a_damaged_column_is_not_salvaged(row: tuple[Any, ...]) -> None:
     assert dead_letter_from_row(row) is None
+
+
+def _insert_events(path: Path, rows: dict[int, bytes]) -> None:
+    """Rows of ``events`` as the ledger writes them, with the given seqs and bodies."""
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.executemany(
+            "INSERT INTO events (seq, key, key_hash, type, ref, ts, received_at, body, state)"
+            " VALUES (?, ?, ?, 'payment:received', NULL, ?, ?, ?, 1)",
+            [(seq, f"k{seq}", 2**60, BASE_MS, BASE_MS, body) for seq, body in rows.items()],
+        )
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def test_the_page_scan_reads_rows_up_to_the_largest_a_leaf_holds_whole(tmp_path: Path) -> None:
+    # A 4 KiB page holds a row's record of up to 4,061 bytes itself; a larger one goes
+    # on overflow pages and is skipped, and the rows after it on the leaf are still read.
+    # With 49 bytes of columns besides the body, a body of 4,012 bytes is the largest.
+    path = tmp_path / "ledger.sqlite3"
+    Ledger(path).close()
+    largest, overflowing = b"x" * 4012, b"y" * 4013
+    _insert_events(path, {1: b"{}", 2: largest, 3: overflowing, 4: b"[]"})
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        overflow = conn.execute(
+            "SELECT count(*) FROM dbstat WHERE name = 'events' AND pagetype = 'overflow'"
+        ).fetchone()
+    assert overflow == (1,)
+    assert dict(scan_pages(path)) == {1: b"{}", 2: largest, 4: b"[]"}
+
+
+def test_the_page_scan_skips_a_damaged_cell_and_reads_the_rest_of_its_leaf(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    Ledger(path).close()
+    rows = {seq: f'{{"n":{seq}}}'.encode() for seq in range(1, 11)}
+    _insert_events(path, rows)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        (root,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'events'"
+        ).fetchone()
+    data = bytearray(path.read_bytes())
+    page_at = (root - 1) * 4096
+    assert data[page_at] == 0x0D  # the ten rows fit on one leaf
+    cell = page_at + int.from_bytes(data[page_at + 8 : page_at + 10], "big")  # the first
+    # The cell: payload size, rowid and record header size (one byte each here), then
+    # the serial types; the third (key_hash) becomes 10, a type SQLite reserves.
+    assert data[cell + 1] == 1
+    data[cell + 3 + 2] = 10
+    path.write_bytes(bytes(data))
+    assert dict(scan_pages(path)) == {seq: body for seq, body in rows.items() if seq != 1}
