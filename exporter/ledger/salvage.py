@@ -92,7 +92,9 @@ def read_rows(
             return
         except sqlite3.DatabaseError:
             pass
-        # The row after ``after`` (or the page leading to it) cannot be read.
+        # The row after ``after`` (or the page leading to it) cannot be read; or that row
+        # can, and was lost with the damage after it: the cursor steps to the next row
+        # before it hands one over, and a step that fails drops the row it holds.
         try:
             first = _probe(conn, table, key, after + 1)
         except sqlite3.DatabaseError:
@@ -104,7 +106,14 @@ def read_rows(
             continue
         if first is None:
             return
-        unreadable.append((first, first))  # its columns are unreadable
+        try:
+            row = conn.execute(
+                f"SELECT {key}, {columns} FROM {table} WHERE {key} = ?", (first,)
+            ).fetchone()
+        except sqlite3.DatabaseError:
+            unreadable.append((first, first))  # its columns are unreadable
+        else:
+            yield tuple(row)
         after = first
 
 
