@@ -265,7 +265,7 @@ def test_errors_without_a_hint_or_a_code_are_worded_plainly(tmp_path: Path) -> N
     uncoded = _error("SELECT 1", closed=True)
     assert not hasattr(uncoded, "sqlite_errorcode") and not is_damage(uncoded)
     assert str(open_error(path, uncoded)) == (
-        f"cannot open ledger file {path}: Cannot operate on a closed database.. The file is "
+        f"cannot open ledger file {path}: Cannot operate on a closed database. The file is "
         "not damaged: `recover` does not apply"
     )
 

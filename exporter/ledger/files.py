@@ -76,7 +76,7 @@ def open_error(path: Path, error: sqlite3.Error) -> LedgerError:
     code = getattr(error, "sqlite_errorcode", None)
     hint = _OPEN_ERROR_HINTS.get(code & 0xFF) if code is not None else None
     return LedgerUnavailableError(
-        f"cannot open ledger file {path}: {error}"
+        f"cannot open ledger file {path}: {str(error).rstrip('.')}"
         + (f" ({hint})" if hint else "")
         + ". The file is not damaged: `recover` does not apply"
     )
