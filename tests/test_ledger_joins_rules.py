@@ -1,0 +1,213 @@
+"""The transaction writer's rules, record by record: what a joined, released or timed-out
+event carries into the store, when a payment or batch is defined and ended, and what a
+refused event leaves behind (docs/architecture.md section 2).
+
+The ledger is driven the way the committer drives it (:meth:`Ledger.commit`,
+:meth:`Ledger.release_unjoined`, :meth:`Ledger.release_overdue_settlements`), and each
+store record is compared whole, so that no field it carries goes unchecked.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    BASE_MS,
+    batch_created,
+    batch_settled,
+    failed,
+    received,
+    settled,
+    verified,
+)
+from ledger_helpers import prepare
+
+from exporter.ledger import (
+    BatchGas,
+    JoinTimeout,
+    Ledger,
+    NewEvent,
+    Outcome,
+    PendingChange,
+    Submission,
+    SubmissionResult,
+    TerminalPayment,
+)
+from exporter.records import BatchRecord, PaymentRecord, StoreRecord
+
+BASE = "eip155:8453"
+OP = "eip155:10"
+PAYER = "0x" + "a" * 40
+PAYEE = "0x" + "b" * 40
+PAYMENT_TX = "0x" + "c" * 64
+BATCH_TX = "0x" + "d" * 64
+FOREVER = 2**62
+TIMEOUT_MS = 900_000
+SCHEMA_1_LEDGER = Path(__file__).parent / "fixtures" / "ledger-schema1.sqlite3"
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    """An empty ledger, written from the test's own thread (as the committer's writer does)."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    yield ledger
+    ledger.close()
+
+
+def commit(
+    ledger: Ledger,
+    *events: dict[str, Any],
+    derived: bool = False,
+    pending: Sequence[str] = (),
+) -> SubmissionResult:
+    """Commit ``events`` as one request."""
+    submission = Submission(
+        [prepare(event) for event in events], pending_settlements=list(pending), derived=derived
+    )
+    [result] = ledger.commit([submission])
+    return result
+
+
+def records(ledger: Ledger) -> list[StoreRecord]:
+    """Every record in the outbox, in order, without its point offset (compared elsewhere)."""
+    return [replace(row.record, time_offset_ns=None) for row in ledger.read_outbox(10_000)]
+
+
+def stored_events(ledger: Ledger) -> list[dict[str, Any]]:
+    """Every event the ledger holds, as stored, in order."""
+    return [json.loads(body) for _, _, body in ledger.iter_events()]
+
+
+def test_batch_records_carry_the_definition_of_their_batch_created(ledger: Ledger) -> None:
+    commit(ledger, batch_created("b1", count=4, total="7.25", network=OP))
+    result = commit(ledger, batch_settled("b1", gas="21000"))
+    assert result.effects == [NewEvent("batch:settled"), BatchGas(OP, 21_000)]
+    # Settled first, created later: the settlement waits, then takes the same fields.
+    commit(ledger, batch_settled("b2", gas="42000"))
+    commit(ledger, batch_created("b2", count=2, total="0.5"))
+    assert records(ledger) == [
+        BatchRecord("batch:created:b1", BASE_MS, OP, "created", "b1", 4, 7_250_000),
+        BatchRecord(
+            "batch:settled:b1",
+            BASE_MS + 5000,
+            OP,
+            "settled",
+            "b1",
+            4,
+            7_250_000,
+            20_000,
+            21_000,
+            BATCH_TX,
+        ),
+        BatchRecord("batch:created:b2", BASE_MS, BASE, "created", "b2", 2, 500_000),
+        BatchRecord(
+            "batch:settled:b2",
+            BASE_MS + 5000,
+            BASE,
+            "settled",
+            "b2",
+            2,
+            500_000,
+            20_000,
+            42_000,
+            BATCH_TX,
+        ),
+    ]
+
+
+def test_released_events_carry_what_they_say_and_nothing_they_do_not(ledger: Ledger) -> None:
+    commit(
+        ledger,
+        verified("p1", ms=80),
+        settled("p2", fee="0.25", settlement_ms=2500),
+        batch_settled("b1", gas="63000"),
+    )
+    effects = ledger.release_unjoined(FOREVER)
+    assert effects == [
+        JoinTimeout("payment:verified"),
+        TerminalPayment("unknown", "success", 0, 250_000, 2500),
+        JoinTimeout("payment:settled"),
+        BatchGas("unknown", 63_000),
+        JoinTimeout("batch:settled"),
+    ]
+    assert records(ledger) == [
+        PaymentRecord(
+            "payment:verified:p1", BASE_MS + 100, "unknown", "verified", "p1", verification_ms=80
+        ),
+        PaymentRecord(
+            "payment:settled:p2",
+            BASE_MS + 2000,
+            "unknown",
+            "settled",
+            "p2",
+            "unknown",
+            "unknown",
+            0,
+            250_000,
+            2500,
+            tx=PAYMENT_TX,
+        ),
+        BatchRecord(
+            "batch:settled:b1", BASE_MS + 5000, "unknown", "settled", "b1", 0, 0, 20_000, 63_000,
+            BATCH_TX,
+        ),
+    ]
+    assert ledger.waiting_events() == 0
+
+
+def test_a_settlement_timeout_fails_the_payment_on_its_network(ledger: Ledger) -> None:
+    commit(ledger, received("p1", network=OP), derived=True, pending=["p1"])
+    effects = ledger.release_overdue_settlements(FOREVER, TIMEOUT_MS)
+    assert [e for e in effects if not isinstance(e, NewEvent)] == [
+        TerminalPayment(OP, "failed"),
+        PendingChange(OP, -1),
+    ]
+    failure = stored_events(ledger)[-1]
+    assert failure["type"] == "payment:failed"
+    # The stored failure names its network, as an export or a replay reads it.
+    assert failure["data"]["network"] == OP
+    assert failure["data"]["error"] == "settlement_timeout"
+
+
+def test_a_payment_that_ended_in_time_is_not_failed_again(ledger: Ledger) -> None:
+    commit(ledger, received("p1"), derived=True, pending=["p1"])
+    commit(ledger, settled("p1"), derived=True)
+    assert ledger.release_overdue_settlements(FOREVER, TIMEOUT_MS) == []
+    assert [e["type"] for e in stored_events(ledger)] == ["payment:received", "payment:settled"]
+    assert ledger.dead_letters() == []
+
+
+def test_a_pending_settlement_of_a_payment_the_ledger_does_not_hold_ends_nothing(
+    ledger: Ledger,
+) -> None:
+    # Marked pending, but no receipt of it is held (retention forgot it, or it never came).
+    commit(ledger, pending=["ghost"])
+    commit(ledger, settled("early"), pending=["early"])  # its ending waits for its receipt
+    assert ledger.release_overdue_settlements(FOREVER, TIMEOUT_MS) == []
+    assert [e["type"] for e in stored_events(ledger)] == ["payment:settled"]
+    assert ledger.dead_letters() == []
+
+
+def test_an_ending_waiting_in_an_upgraded_ledger_is_released_and_ends_its_payment(
+    tmp_path: Path,
+) -> None:
+    # The schema 1 ledger holds a settlement of waits-1 waiting for its receipt, with no
+    # payments row for it (rows for endings that wait came later).
+    path = tmp_path / "ledger.sqlite3"
+    path.write_bytes(SCHEMA_1_LEDGER.read_bytes())
+    ledger = Ledger(path)
+    try:
+        effects = ledger.release_unjoined(FOREVER)
+        assert JoinTimeout("payment:settled") in effects
+        late = commit(ledger, received("waits-1"))
+        assert late.outcomes == [Outcome.ACCEPTED]
+        assert not [e for e in late.effects if isinstance(e, PendingChange | TerminalPayment)]
+        again = commit(ledger, failed("waits-1"))
+        assert again.outcomes == [Outcome.CONFLICT]
+    finally:
+        ledger.close()
