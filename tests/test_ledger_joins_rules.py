@@ -10,6 +10,7 @@ store record is compared whole, so that no field it carries goes unchecked.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +30,8 @@ from ledger_helpers import prepare
 
 from exporter.ledger import (
     BatchGas,
+    DeadLetter,
+    DeadLetterRow,
     JoinTimeout,
     Ledger,
     NewEvent,
@@ -38,7 +41,8 @@ from exporter.ledger import (
     SubmissionResult,
     TerminalPayment,
 )
-from exporter.records import BatchRecord, PaymentRecord, StoreRecord
+from exporter.ledger.model import WebsocketCount
+from exporter.records import BatchRecord, PaymentRecord, StoreRecord, WebsocketRecord
 
 BASE = "eip155:8453"
 OP = "eip155:10"
@@ -211,3 +215,38 @@ def test_an_ending_waiting_in_an_upgraded_ledger_is_released_and_ends_its_paymen
         assert again.outcomes == [Outcome.CONFLICT]
     finally:
         ledger.close()
+
+
+def websocket(count: int, ts: int) -> dict[str, Any]:
+    """A ``websocket:clients`` event."""
+    return {"type": "websocket:clients", "data": {"count": count, "timestamp": ts}}
+
+
+def test_the_websocket_gauge_follows_the_latest_count_and_every_count_is_recorded(
+    ledger: Ledger,
+) -> None:
+    first = commit(ledger, websocket(3, BASE_MS + 10))
+    assert first.effects == [NewEvent("websocket:clients"), WebsocketCount(3)]
+    older = commit(ledger, websocket(8, BASE_MS))
+    assert older.effects == [NewEvent("websocket:clients")]  # recorded, not the latest
+    # Two counts in one millisecond: the one that arrived last is the latest.
+    same_ms = commit(ledger, websocket(5, BASE_MS + 10))
+    assert same_ms.effects == [NewEvent("websocket:clients"), WebsocketCount(5)]
+    assert ledger.gauges().websocket_clients == 5
+    assert records(ledger) == [
+        WebsocketRecord(prepare(websocket(3, BASE_MS + 10)).key, BASE_MS + 10, 3),
+        WebsocketRecord(prepare(websocket(8, BASE_MS)).key, BASE_MS, 8),
+        WebsocketRecord(prepare(websocket(5, BASE_MS + 10)).key, BASE_MS + 10, 5),
+    ]
+
+
+def test_a_dead_letter_keeps_the_time_it_was_first_received(ledger: Ledger) -> None:
+    before = int(time.time() * 1000)
+    recovered = DeadLetter("invalid", "not JSON", b"{", received_at=BASE_MS, raw_size=9)
+    fresh = DeadLetter("invalid", "not JSON", b"[")
+    ledger.commit([Submission(dead_letters=[recovered, fresh])])
+    after = int(time.time() * 1000)
+    now_letter, kept = ledger.dead_letters()  # newest first
+    assert kept == DeadLetterRow(kept.id, BASE_MS, "invalid", "not JSON", None, b"{", 9)
+    assert (now_letter.raw, now_letter.raw_size) == (b"[", None)
+    assert before <= now_letter.received_at <= after
