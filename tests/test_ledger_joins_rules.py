@@ -250,3 +250,28 @@ def test_a_dead_letter_keeps_the_time_it_was_first_received(ledger: Ledger) -> N
     assert kept == DeadLetterRow(kept.id, BASE_MS, "invalid", "not JSON", None, b"{", 9)
     assert (now_letter.raw, now_letter.raw_size) == (b"[", None)
     assert before <= now_letter.received_at <= after
+
+
+def test_payments_keep_their_own_join_state_across_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path)
+    try:
+        commit(ledger, received("p1", network=OP))
+        commit(ledger, received("p2"))
+    finally:
+        ledger.close()
+    ledger = Ledger(path)
+    try:
+        commit(ledger, received("p3"), received("p4"))
+        assert ledger.gauges().pending_by_network == {OP: 1, BASE: 3}
+        ended = commit(ledger, *(settled(pid) for pid in ("p1", "p2", "p3", "p4")))
+        assert [e.network for e in ended.effects if isinstance(e, TerminalPayment)] == [
+            OP,
+            BASE,
+            BASE,
+            BASE,
+        ]
+        assert ledger.gauges().pending_by_network == {}
+        assert ledger.waiting_events() == 0
+    finally:
+        ledger.close()
