@@ -275,3 +275,45 @@ def test_payments_keep_their_own_join_state_across_restarts(tmp_path: Path) -> N
         assert ledger.waiting_events() == 0
     finally:
         ledger.close()
+
+
+def test_an_event_is_found_again_behind_another_key_of_the_same_hash(ledger: Ledger) -> None:
+    def colliding(*events: dict[str, Any]) -> list[Outcome]:
+        submission = Submission([prepare(event, known_key_hash=7) for event in events])
+        [result] = ledger.commit([submission])
+        return result.outcomes
+
+    first, second = websocket(3, BASE_MS), websocket(4, BASE_MS + 1)
+    assert colliding({**first, "id": "w1"}, {**second, "id": "w2"}) == [Outcome.ACCEPTED] * 2
+    # w2 is the second key stored under the hash: found past w1, whatever the order.
+    assert colliding({**second, "id": "w2"}) == [Outcome.DUPLICATE]
+    assert colliding({**first, "id": "w2"}) == [Outcome.CONFLICT]
+    assert ledger.stats().events == 2
+
+
+def test_a_second_ending_is_kept_as_a_conflict_under_its_key(ledger: Ledger) -> None:
+    commit(ledger, received("p1"), settled("p1"))
+    result = commit(ledger, failed("p1"))
+    assert result.outcomes == [Outcome.CONFLICT]
+    assert result.effects == []
+    [letter] = ledger.dead_letters()
+    assert (letter.reason, letter.key) == ("conflict", "payment:failed:p1")
+    assert letter.error == "payment 'p1' has already ended (settled or failed)"
+    assert json.loads(letter.raw) == failed("p1")
+
+
+def test_a_receipt_whose_event_retention_deleted_is_checked_against_its_payment(
+    ledger: Ledger,
+) -> None:
+    commit(ledger, received("p1", amount="2.00", network=OP))
+    ledger.mark_delivered(ledger.read_outbox(10)[-1].seq)
+    assert ledger.apply_retention(FOREVER) == 1  # the event goes, the open payment stays
+    assert commit(ledger, received("p1", amount="2.00", network=OP)).outcomes == [
+        Outcome.DUPLICATE
+    ]
+    changed = commit(ledger, received("p1", amount="3.00", network=OP))
+    assert (changed.outcomes, changed.effects) == ([Outcome.CONFLICT], [])
+    [letter] = ledger.dead_letters()
+    assert (letter.reason, letter.key) == ("conflict", "payment:received:p1")
+    assert letter.error == "payment:received 'p1' was already stored with other fields"
+    assert ledger.gauges().pending_by_network == {OP: 1}
