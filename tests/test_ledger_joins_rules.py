@@ -317,3 +317,36 @@ def test_a_receipt_whose_event_retention_deleted_is_checked_against_its_payment(
     assert (letter.reason, letter.key) == ("conflict", "payment:received:p1")
     assert letter.error == "payment:received 'p1' was already stored with other fields"
     assert ledger.gauges().pending_by_network == {OP: 1}
+
+
+def test_an_event_repeated_within_one_request_is_a_duplicate(ledger: Ledger) -> None:
+    repeated = commit(
+        ledger,
+        websocket(3, BASE_MS),
+        websocket(3, BASE_MS),
+        received("p1"),
+        settled("p1"),
+        settled("p1"),
+    )
+    assert repeated.outcomes == [
+        Outcome.ACCEPTED,
+        Outcome.DUPLICATE,
+        Outcome.ACCEPTED,
+        Outcome.ACCEPTED,
+        Outcome.DUPLICATE,
+    ]
+    assert ledger.stats().events == 3
+    assert ledger.dead_letters() == []
+
+
+def test_a_replayed_exchange_failing_an_ended_payment_records_nothing(ledger: Ledger) -> None:
+    commit(ledger, received("p1"), settled("p1"), derived=True)
+    # The settle replayed and refused upstream: derived, a failure of an ended payment.
+    replayed = commit(ledger, failed("p1", error="already_settled"), derived=True)
+    assert (replayed.outcomes, replayed.effects) == ([Outcome.DUPLICATE], [])
+    assert ledger.dead_letters() == []
+    # A derived settlement of a payment that failed contradicts it: a conflict.
+    commit(ledger, received("p2"), failed("p2"), derived=True)
+    contradicted = commit(ledger, settled("p2"), derived=True)
+    assert contradicted.outcomes == [Outcome.CONFLICT]
+    assert [letter.key for letter in ledger.dead_letters()] == ["payment:settled:p2"]
