@@ -42,7 +42,13 @@ from exporter.ledger import (
     TerminalPayment,
 )
 from exporter.ledger.model import WebsocketCount
-from exporter.records import BatchRecord, PaymentRecord, StoreRecord, WebsocketRecord
+from exporter.records import (
+    BatchRecord,
+    PaymentRecord,
+    RevenueRecord,
+    StoreRecord,
+    WebsocketRecord,
+)
 
 BASE = "eip155:8453"
 OP = "eip155:10"
@@ -350,3 +356,27 @@ def test_a_replayed_exchange_failing_an_ended_payment_records_nothing(ledger: Le
     contradicted = commit(ledger, settled("p2"), derived=True)
     assert contradicted.outcomes == [Outcome.CONFLICT]
     assert [letter.key for letter in ledger.dead_letters()] == ["payment:settled:p2"]
+
+
+def test_revenue_records_carry_every_field_of_their_event(ledger: Ledger) -> None:
+    sponsored: dict[str, Any] = {
+        "type": "revenue:recorded",
+        "data": {
+            "kind": "gas_sponsorship",
+            "amount": "0.125",
+            "network": OP,
+            "timestamp": BASE_MS + 7,
+            "paymentId": "p1",
+        },
+    }
+    premium: dict[str, Any] = {
+        "type": "revenue:recorded",
+        "id": "r2",
+        "data": {"kind": "premium", "amount": "2", "network": BASE, "timestamp": BASE_MS},
+    }
+    result = commit(ledger, sponsored, premium)
+    assert result.effects == [NewEvent("revenue:recorded"), NewEvent("revenue:recorded")]
+    assert records(ledger) == [
+        RevenueRecord(prepare(sponsored).key, BASE_MS + 7, OP, "gas_sponsorship", 125_000, "p1"),
+        RevenueRecord("id:r2", BASE_MS, BASE, "premium", 2_000_000),
+    ]
