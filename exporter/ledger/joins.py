@@ -461,17 +461,12 @@ class TransactionWriter:
         self._changed_payments.clear()
 
     def _wait(self, seq: int, ref: str) -> None:
+        # Only the event being added can wait: one released by its partner has it.
+        assert seq == self._current_seq
         if ref not in self.waiting_refs:
             self.waiting_refs.add(ref)
             self._refs_new_here.add(ref)
-        if seq == self._current_seq:
-            self._current_waits = True  # add() writes its row so, and notes it
-        elif seq >= self._rows_from_seq:
-            self._set_row_state(seq, WAITING)
-            self._waits_in_rows.setdefault(ref, []).append(seq)
-        else:
-            self.cur.execute("UPDATE events SET state = ? WHERE seq = ?", (WAITING, seq))
-            self._refs_new_here.discard(ref)
+        self._current_waits = True  # add() writes its row so, and notes it
 
     def _set_row_state(self, seq: int, state: int) -> None:
         index = seq - self._rows_from_seq
