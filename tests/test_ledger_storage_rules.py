@@ -1,0 +1,132 @@
+"""The ledger's storage rules that only show at their edges: the settlement deadline's
+bookkeeping, a single-sink ledger's dead letters, the default page of dead letters, and
+the waiting count when the ledger cannot be read."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import received, settled, wait_until
+from ledger_helpers import prepare
+
+from exporter.ledger import DeadLetter, Ledger, LedgerTuning, Outcome, Submission
+from exporter.records import StoreRejection
+
+TIMEOUT_MS = 900_000
+FOREVER = 2**62
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    """A ledger on a fresh file, written from the test's own thread."""
+    opened = Ledger(tmp_path / "ledger.sqlite3")
+    yield opened
+    opened.close()
+
+
+def _events(ledger: Ledger) -> list[tuple[int, str, str]]:
+    """Every stored event as (seq, type, paymentId), in commit order."""
+    found = []
+    for seq, _, body in ledger.iter_events():
+        event = json.loads(body)
+        found.append((seq, event["type"], event["data"]["paymentId"]))
+    return found
+
+
+def _key_index_seqs(path: Path) -> list[int]:
+    with sqlite3.connect(path) as conn:
+        return sorted(seq for (seq,) in conn.execute("SELECT seq FROM key_index"))
+
+
+def test_a_payment_marked_pending_later_keeps_its_own_deadline(ledger: Ledger) -> None:
+    # Releasing the payments overdue now must not forget those marked since: each ends
+    # at its own deadline.
+    ledger.commit([Submission([prepare(received("p1"))], pending_settlements=["p1"])])
+    first_marked = _now_ms()
+    wait_until(lambda: _now_ms() > first_marked, what="the clock to pass the first mark")
+    ledger.commit([Submission([prepare(received("p2"))], pending_settlements=["p2"])])
+
+    ledger.release_overdue_settlements(first_marked + TIMEOUT_MS, TIMEOUT_MS)
+    assert _events(ledger)[-1] == (3, "payment:failed", "p1")
+    ledger.release_overdue_settlements(FOREVER, TIMEOUT_MS)
+    assert _events(ledger)[-1] == (4, "payment:failed", "p2")
+    assert ledger.release_overdue_settlements(FOREVER, TIMEOUT_MS) == []
+
+
+def test_a_timed_out_settlement_takes_its_turn_in_the_key_merge(tmp_path: Path) -> None:
+    # The failure a deadline writes is an event like any other: its key counts towards
+    # the next move of recent keys into the key index, which its own commit makes.
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path, tuning=LedgerTuning(key_merge_events=2, key_merge_parts=1))
+    try:
+        ledger.commit([Submission([prepare(received("p1"))], pending_settlements=["p1"])])
+        assert _key_index_seqs(path) == []
+        ledger.release_overdue_settlements(FOREVER, TIMEOUT_MS)
+        assert _key_index_seqs(path) == [1, 2]
+        # Both keys are still known after the move: the same events are duplicates.
+        [again] = ledger.commit([Submission([prepare(received("p1"))])])
+        assert again.outcomes == [Outcome.DUPLICATE]
+    finally:
+        ledger.close()
+
+
+def test_a_timed_out_settlement_is_numbered_above_the_keys_retention_deleted(
+    tmp_path: Path,
+) -> None:
+    # After retention deleted every event and a restart, max(seq) + 1 is 1 again: a
+    # failure written by the deadline must still be numbered above every seq the key
+    # index named (1 and 2), or the key of a deleted event would stand for it.
+    path = tmp_path / "ledger.sqlite3"
+    tuning = LedgerTuning(key_merge_events=2, key_merge_parts=1)
+    ledger = Ledger(path, tuning=tuning)
+    try:
+        ledger.commit([Submission([prepare(received("p1")), prepare(received("p2"))])])
+        ledger.commit([Submission([prepare(received("p3"))], pending_settlements=["p3"])])
+        ledger.mark_delivered(ledger.read_outbox(10)[-1].seq)
+        # p3's receipt stays in the payments table (not ended); its event goes.
+        assert ledger.apply_retention(FOREVER) == 3
+    finally:
+        ledger.close()
+    reopened = Ledger(path, tuning=tuning)
+    try:
+        reopened.release_overdue_settlements(FOREVER, TIMEOUT_MS)
+        assert _events(reopened) == [(3, "payment:failed", "p3")]
+    finally:
+        reopened.close()
+
+
+def test_store_refusals_of_a_single_sink_ledger_name_its_sink(ledger: Ledger) -> None:
+    ledger.commit([Submission([prepare(received("poison")), prepare(received("fine"))])])
+    rows = ledger.read_outbox(10)
+    refused = (StoreRejection(rows[0].record, "400 unable to parse"),)
+    assert ledger.mark_delivered(rows[-1].seq, refused) == 2
+    [letter] = ledger.dead_letters(reason="store")
+    assert (letter.key, letter.error) == ("payment:received:poison", "store: 400 unable to parse")
+
+
+def test_dead_letters_are_listed_a_thousand_at_a_time_newest_first(ledger: Ledger) -> None:
+    letters = [DeadLetter("invalid", f"error {n}", b"{}") for n in range(1001)]
+    ledger.commit([Submission(dead_letters=letters)])
+    listed = ledger.dead_letters()
+    assert len(listed) == 1000
+    assert (listed[0].error, listed[-1].error) == ("error 1000", "error 1")
+    assert ledger.stats().dead_letters == 1001
+
+
+def test_the_waiting_count_outlives_a_ledger_that_cannot_be_read(tmp_path: Path) -> None:
+    # Read at scrape time: a closed or failing ledger answers the last count, never an
+    # error in the middle of /metrics.
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger.commit([Submission([prepare(settled("p1")), prepare(settled("p2"))])])
+    assert ledger.waiting_events() == 2
+    ledger.close()
+    assert ledger.waiting_events() == 2
