@@ -57,6 +57,10 @@ def test_a_payment_marked_pending_later_keeps_its_own_deadline(ledger: Ledger) -
 
     ledger.release_overdue_settlements(first_marked + TIMEOUT_MS, TIMEOUT_MS)
     assert _events(ledger)[-1] == (3, "payment:failed", "p1")
+    # The failure is stored, counted and handed to the forwarders like a posted one.
+    assert ledger.stats().events == 3
+    assert [row.record.key for row in ledger.read_outbox(10)][-1] == "payment:failed:p1"
+    assert ledger.backlog == 3
     ledger.release_overdue_settlements(FOREVER, TIMEOUT_MS)
     assert _events(ledger)[-1] == (4, "payment:failed", "p2")
     assert ledger.release_overdue_settlements(FOREVER, TIMEOUT_MS) == []
@@ -120,6 +124,15 @@ def test_dead_letters_are_listed_a_thousand_at_a_time_newest_first(ledger: Ledge
     assert len(listed) == 1000
     assert (listed[0].error, listed[-1].error) == ("error 1000", "error 1")
     assert ledger.stats().dead_letters == 1001
+
+
+def test_expiry_deletes_at_most_ten_thousand_dead_letters_a_call(ledger: Ledger) -> None:
+    # The maintenance job's pass stays short however many letters are due.
+    letters = [DeadLetter("invalid", "old", b"{}", received_at=1_000) for _ in range(10_001)]
+    ledger.commit([Submission(dead_letters=letters)])
+    assert ledger.expire_dead_letters(2_000) == 10_000
+    assert ledger.expire_dead_letters(2_000) == 1
+    assert ledger.stats().dead_letters == 0
 
 
 def test_the_waiting_count_outlives_a_ledger_that_cannot_be_read(tmp_path: Path) -> None:
