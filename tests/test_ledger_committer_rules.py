@@ -1,0 +1,145 @@
+"""The group committer's rules at their edges: which requests commit on the event loop,
+how many events the writer thread folds into one commit, and how commits are counted."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import async_wait_until, received
+from ledger_helpers import prepare
+
+from exporter.ledger import DeadLetter, GroupCommitter, Ledger, Outcome, Submission
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    """A ledger on a fresh file."""
+    opened = Ledger(tmp_path / "ledger.sqlite3")
+    yield opened
+    opened.close()
+
+
+def _committing_threads(committer: GroupCommitter) -> list[str]:
+    names: list[str] = []
+    committer.on_commit_hooks.append(lambda: names.append(threading.current_thread().name))
+    return names
+
+
+def _request(prefix: str, events: int, dead_letters: int = 0) -> Submission:
+    return Submission(
+        [prepare(received(f"{prefix}{i}")) for i in range(events)],
+        [DeadLetter("invalid", f"bad {i}", b"{}") for i in range(dead_letters)],
+    )
+
+
+async def test_requests_of_up_to_64_items_commit_on_the_loop_counting_dead_letters(
+    ledger: Ledger,
+) -> None:
+    committer = GroupCommitter(ledger)
+    try:
+        threads = _committing_threads(committer)
+        await committer.submit(_request("a", 64))
+        await committer.submit(_request("b", 65))
+        await committer.submit(_request("c", 60, dead_letters=5))
+        here = threading.current_thread().name
+        assert threads == [here, "ledger-writer", "ledger-writer"]
+        assert committer.commits == 3
+    finally:
+        committer.close()
+
+
+async def _held_writer(committer: GroupCommitter) -> threading.Event:
+    """Hold the writer thread with a job until the returned event is set."""
+    started, release = threading.Event(), threading.Event()
+
+    def hold() -> bool:
+        started.set()
+        return release.wait(10)
+
+    async def held() -> bool:
+        return started.is_set()
+
+    asyncio.ensure_future(committer.call(hold))
+    await async_wait_until(held, what="the writer to run the job")
+    return release
+
+
+async def _commits_of_one_wave(committer: GroupCommitter, sizes: tuple[int, ...]) -> int:
+    """Queue requests of ``sizes`` events behind a held writer, release it; the commits made."""
+    release = await _held_writer(committer)
+    pending = [
+        asyncio.ensure_future(committer.submit(_request(f"w{committer.commits}-{n}-", size)))
+        for n, size in enumerate(sizes)
+    ]
+    await asyncio.sleep(0)  # each request is queued behind the job
+    before = committer.commits
+    release.set()
+    results = await asyncio.gather(*pending)
+    assert [r.outcomes for r in results] == [[Outcome.ACCEPTED] * size for size in sizes]
+    return committer.commits - before
+
+
+@pytest.mark.parametrize(
+    ("max_events", "sizes", "commits"),
+    [
+        (150, (100, 100, 100), 2),  # the second request reaches the bound
+        (100, (100, 100, 100), 3),  # each request reaches it alone
+        (201, (100, 100, 100), 1),  # the third one passes it
+        (100, (100, 50, 49, 1), 2),  # the count starts over after each commit
+    ],
+    ids=["reached-by-two", "reached-by-each", "passed-by-three", "counted-afresh"],
+)
+async def test_the_writer_commits_once_the_waiting_requests_reach_the_event_bound(
+    ledger: Ledger, max_events: int, sizes: tuple[int, ...], commits: int
+) -> None:
+    committer = GroupCommitter(ledger, max_events_per_commit=max_events, commit_on_loop=False)
+    try:
+        assert await _commits_of_one_wave(committer, sizes) == commits
+        assert ledger.stats().events == sum(sizes)
+    finally:
+        committer.close()
+
+
+async def test_the_event_count_starts_over_after_the_writer_ran_out_of_requests(
+    ledger: Ledger,
+) -> None:
+    committer = GroupCommitter(ledger, max_events_per_commit=100, commit_on_loop=False)
+    try:
+        assert await _commits_of_one_wave(committer, (1,)) == 1
+        assert await _commits_of_one_wave(committer, (50, 49, 1)) == 1
+    finally:
+        committer.close()
+
+
+async def test_only_the_first_event_loop_commits_on_itself(ledger: Ledger) -> None:
+    # Requests gathered on the loop share one list: a second loop (another thread) hands
+    # its requests to the writer thread instead of committing them on its own.
+    committer = GroupCommitter(ledger)
+    try:
+        threads = _committing_threads(committer)
+        await committer.submit(_request("first", 1))
+
+        def other_loop() -> None:
+            asyncio.run(committer.submit(_request("second", 1)))
+
+        other = threading.Thread(target=other_loop, name="other-loop")
+        other.start()
+        await async_wait_until(_not_alive(other), what="the other loop's request")
+        other.join()
+        await committer.submit(_request("third", 1))
+        here = threading.current_thread().name
+        assert threads == [here, "ledger-writer", here]
+        assert ledger.stats().events == 3
+    finally:
+        committer.close()
+
+
+def _not_alive(thread: threading.Thread) -> Callable[[], Awaitable[bool]]:
+    async def done() -> bool:
+        return not thread.is_alive()
+
+    return done
