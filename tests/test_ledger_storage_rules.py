@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 from conftest import received, settled, wait_until
+from ledger_faults import ending_transactions_on_insert
 from ledger_helpers import prepare
 
+from exporter.errors import LedgerUnavailableError
 from exporter.ledger import DeadLetter, Ledger, LedgerTuning, Outcome, Submission
 from exporter.records import StoreRejection
 
@@ -108,6 +110,31 @@ def test_a_timed_out_settlement_is_numbered_above_the_keys_retention_deleted(
         reopened.close()
 
 
+def test_retention_deletes_exactly_the_events_received_before_the_cut_off(
+    ledger: Ledger,
+) -> None:
+    # The cut-off is found by a binary search over seq: wherever it falls, every event
+    # received before it goes and none after it.
+    sizes = [2, 1, 3, 1, 2, 1, 1]
+    marks: list[int] = []
+    for n, size in enumerate(sizes):
+        if marks:
+            last = marks[-1]
+            wait_until(lambda: _now_ms() > last, what="the clock to pass the last commit")
+        ledger.commit([Submission([prepare(received(f"c{n}-{i}")) for i in range(size)])])
+        marks.append(_now_ms())
+    ledger.mark_delivered(ledger.read_outbox(100)[-1].seq)
+    assert ledger.apply_retention(marks[0] - 10_000) == 0
+    deleted = 0
+    for upto in (0, 2, 3, 5, 6):
+        expected = sum(sizes[: upto + 1]) - deleted
+        assert ledger.apply_retention(marks[upto] + 1) == expected
+        deleted += expected
+        kept = {pid.split("-")[0] for _, _, pid in _events(ledger)}
+        assert kept == {f"c{n}" for n in range(upto + 1, len(sizes))}
+    assert ledger.stats().events == 0
+
+
 def test_store_refusals_of_a_single_sink_ledger_name_its_sink(ledger: Ledger) -> None:
     ledger.commit([Submission([prepare(received("poison")), prepare(received("fine"))])])
     rows = ledger.read_outbox(10)
@@ -133,6 +160,17 @@ def test_expiry_deletes_at_most_ten_thousand_dead_letters_a_call(ledger: Ledger)
     assert ledger.expire_dead_letters(2_000) == 10_000
     assert ledger.expire_dead_letters(2_000) == 1
     assert ledger.stats().dead_letters == 0
+
+
+def test_a_transaction_sqlite_ended_itself_fails_as_unavailable(ledger: Ledger) -> None:
+    # The writer's ROLLBACK then has nothing to end: the failure is still the ledger's
+    # one-line error, and the next commit goes through.
+    with ending_transactions_on_insert(ledger.path, "events"):
+        with pytest.raises(LedgerUnavailableError, match="disk I/O error"):
+            ledger.commit([Submission([prepare(received("p1"))])])
+    [result] = ledger.commit([Submission([prepare(received("p1"))])])
+    assert result.outcomes == [Outcome.ACCEPTED]
+    assert ledger.stats().events == 1
 
 
 def test_the_waiting_count_outlives_a_ledger_that_cannot_be_read(tmp_path: Path) -> None:
