@@ -135,6 +135,59 @@ def test_retention_deletes_exactly_the_events_received_before_the_cut_off(
     assert ledger.stats().events == 0
 
 
+def _received_at(path: Path, seq: int) -> int:
+    with sqlite3.connect(path) as conn:
+        (at,) = conn.execute("SELECT received_at FROM events WHERE seq = ?", (seq,)).fetchone()
+    return int(at)
+
+
+def test_an_event_received_at_the_cut_off_itself_is_kept(ledger: Ledger) -> None:
+    ledger.commit([Submission([prepare(received("p1"))])])
+    first = _now_ms()
+    wait_until(lambda: _now_ms() > first, what="the clock to pass the first commit")
+    ledger.commit([Submission([prepare(received("p2"))])])
+    ledger.mark_delivered(ledger.read_outbox(10)[-1].seq)
+    assert ledger.apply_retention(_received_at(ledger.path, 2)) == 1
+    assert [pid for _, _, pid in _events(ledger)] == ["p2"]
+
+
+def test_retention_deletes_at_most_ten_thousand_events_a_call(ledger: Ledger) -> None:
+    ledger.commit([Submission([prepare(received(f"p{i}")) for i in range(10_001)])])
+    ledger.mark_delivered(ledger.read_outbox(20_000)[-1].seq)
+    assert ledger.apply_retention(FOREVER) == 10_000
+    assert ledger.apply_retention(FOREVER) == 1
+
+
+def test_keys_retention_deleted_no_longer_count_towards_the_key_merge(tmp_path: Path) -> None:
+    # Keys move to the key index once recent_keys holds three; the two retention
+    # deleted are not among them.
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path, tuning=LedgerTuning(key_merge_events=3, key_merge_parts=1))
+    try:
+        ledger.commit([Submission([prepare(received("p1")), prepare(received("p2"))])])
+        ledger.mark_delivered(ledger.read_outbox(10)[-1].seq)
+        assert ledger.apply_retention(FOREVER) == 2
+        ledger.commit([Submission([prepare(received("p3")), prepare(received("p4"))])])
+        assert _key_index_seqs(path) == []
+        ledger.commit([Submission([prepare(received("p5"))])])
+        assert _key_index_seqs(path) == [3, 4, 5]
+    finally:
+        ledger.close()
+
+
+def test_a_sink_mistake_names_the_sinks(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite3", sinks=("duckdb", "influxdb"))
+    try:
+        with pytest.raises(ValueError) as unnamed:
+            ledger.read_outbox(10)
+        assert str(unnamed.value) == "name the sink: this ledger feeds duckdb, influxdb"
+        with pytest.raises(ValueError) as unknown:
+            ledger.backlog_of("influx")
+        assert str(unknown.value) == "'influx' is not a sink of this ledger"
+    finally:
+        ledger.close()
+
+
 def test_store_refusals_of_a_single_sink_ledger_name_its_sink(ledger: Ledger) -> None:
     ledger.commit([Submission([prepare(received("poison")), prepare(received("fine"))])])
     rows = ledger.read_outbox(10)
