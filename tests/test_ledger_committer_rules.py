@@ -4,6 +4,7 @@ how many events the writer thread folds into one commit, and how commits are cou
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from conftest import async_wait_until, received
 from ledger_helpers import prepare
 
+from exporter.errors import LedgerUnavailableError
 from exporter.ledger import DeadLetter, GroupCommitter, Ledger, Outcome, Submission
 
 
@@ -143,3 +145,26 @@ def _not_alive(thread: threading.Thread) -> Callable[[], Awaitable[bool]]:
         return not thread.is_alive()
 
     return done
+
+
+async def test_a_request_failing_alone_is_answered_with_its_cause_and_logged(
+    ledger: Ledger, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Shared with one good request, the failing one is retried alone: the good one is
+    # committed, the other answered with a ledger error naming what went wrong.
+    caplog.set_level(logging.ERROR, logger="exporter.ledger.committer")
+    committer = GroupCommitter(ledger)
+    try:
+        poison = Submission(dead_letters=[DeadLetter("invalid", "lone surrogate \ud800", b"")])
+        failure, good = await asyncio.gather(
+            committer.submit(poison), committer.submit(_request("good", 1)),
+            return_exceptions=True,
+        )
+        assert isinstance(failure, LedgerUnavailableError)
+        assert str(failure).startswith("ledger commit failed: UnicodeEncodeError: ")
+        assert not isinstance(good, BaseException) and good.outcomes == [Outcome.ACCEPTED]
+        [record] = caplog.records
+        assert record.getMessage() == "ledger commit failed"
+        assert "surrogates not allowed" in record.__dict__["error"]
+    finally:
+        committer.close()
