@@ -157,7 +157,8 @@ async def test_a_request_failing_alone_is_answered_with_its_cause_and_logged(
     try:
         poison = Submission(dead_letters=[DeadLetter("invalid", "lone surrogate \ud800", b"")])
         failure, good = await asyncio.gather(
-            committer.submit(poison), committer.submit(_request("good", 1)),
+            committer.submit(poison),
+            committer.submit(_request("good", 1)),
             return_exceptions=True,
         )
         assert isinstance(failure, LedgerUnavailableError)

@@ -27,6 +27,11 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _tick_past(ms: int) -> None:
+    """Wait until the clock reads later than ``ms``, so the next commit is received after it."""
+    wait_until(lambda: _now_ms() > ms, what="the clock to pass the last commit")
+
+
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[Ledger]:
     """A ledger on a fresh file, written from the test's own thread."""
@@ -54,7 +59,7 @@ def test_a_payment_marked_pending_later_keeps_its_own_deadline(ledger: Ledger) -
     # at its own deadline.
     ledger.commit([Submission([prepare(received("p1"))], pending_settlements=["p1"])])
     first_marked = _now_ms()
-    wait_until(lambda: _now_ms() > first_marked, what="the clock to pass the first mark")
+    _tick_past(first_marked)
     ledger.commit([Submission([prepare(received("p2"))], pending_settlements=["p2"])])
 
     ledger.release_overdue_settlements(first_marked + TIMEOUT_MS, TIMEOUT_MS)
@@ -119,8 +124,7 @@ def test_retention_deletes_exactly_the_events_received_before_the_cut_off(
     marks: list[int] = []
     for n, size in enumerate(sizes):
         if marks:
-            last = marks[-1]
-            wait_until(lambda: _now_ms() > last, what="the clock to pass the last commit")
+            _tick_past(marks[-1])
         ledger.commit([Submission([prepare(received(f"c{n}-{i}")) for i in range(size)])])
         marks.append(_now_ms())
     ledger.mark_delivered(ledger.read_outbox(100)[-1].seq)
@@ -144,7 +148,7 @@ def _received_at(path: Path, seq: int) -> int:
 def test_an_event_received_at_the_cut_off_itself_is_kept(ledger: Ledger) -> None:
     ledger.commit([Submission([prepare(received("p1"))])])
     first = _now_ms()
-    wait_until(lambda: _now_ms() > first, what="the clock to pass the first commit")
+    _tick_past(first)
     ledger.commit([Submission([prepare(received("p2"))])])
     ledger.mark_delivered(ledger.read_outbox(10)[-1].seq)
     assert ledger.apply_retention(_received_at(ledger.path, 2)) == 1
