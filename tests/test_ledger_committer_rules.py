@@ -169,3 +169,57 @@ async def test_a_request_failing_alone_is_answered_with_its_cause_and_logged(
         assert "surrogates not allowed" in record.__dict__["error"]
     finally:
         committer.close()
+
+
+def _commit_sizes(committer: GroupCommitter) -> list[int]:
+    """The events each commit from now on holds, in order (read by a commit hook)."""
+    sizes: list[int] = []
+    seen = [committer.ledger.stats().events]
+
+    def record() -> None:
+        now = committer.ledger.stats().events
+        sizes.append(now - seen[0])
+        seen[0] = now
+
+    committer.on_commit_hooks.append(record)
+    return sizes
+
+
+async def _submit_after_passes(
+    committer: GroupCommitter, passes: int, name: str, events: int = 1
+) -> None:
+    """Submit ``events`` events once the event loop has run ``passes`` more passes."""
+    for _ in range(passes):
+        await asyncio.sleep(0)
+    await committer.submit(_request(name, events))
+
+
+@pytest.mark.parametrize(
+    ("arrivals", "sizes"),
+    [
+        ([(0, 1), (1, 1)], [2]),  # the next pass brings more: it waits for them
+        ([(0, 1), (3, 1)], [1, 1]),  # a pass brings nothing: it commits
+        ([(n, 1) for n in range(40)], [17, 17, 6]),  # at most 16 passes of waiting
+        ([(0, 64)] * 8 + [(1, 1)], [512, 1]),  # 512 events: it commits at once
+        ([(0, 64)] * 7 + [(0, 63), (1, 1)], [512]),  # 511 events: it waits a pass
+    ],
+    ids=["next-pass", "quiet-pass", "sixteen-passes", "512-events", "511-events"],
+)
+async def test_commits_on_the_loop_wait_for_more_requests_within_bounds(
+    ledger: Ledger, arrivals: list[tuple[int, int]], sizes: list[int]
+) -> None:
+    # Small requests arriving while the loop gathers share one commit; the wait ends on
+    # a pass that brings nothing, after 16 passes, or at 512 events.
+    committer = GroupCommitter(ledger)
+    try:
+        await committer.submit(_request("first", 1))  # counts start over after a commit
+        committed = _commit_sizes(committer)
+        await asyncio.gather(
+            *(
+                _submit_after_passes(committer, passes, f"r{n}-", events)
+                for n, (passes, events) in enumerate(arrivals)
+            )
+        )
+        assert committed == sizes
+    finally:
+        committer.close()
