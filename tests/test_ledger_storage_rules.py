@@ -192,6 +192,20 @@ def test_a_sink_mistake_names_the_sinks(tmp_path: Path) -> None:
         ledger.close()
 
 
+def test_a_read_from_the_table_and_memory_together_keeps_to_its_limit(tmp_path: Path) -> None:
+    # Records 1-3 left memory (it keeps the newest two); a read of four takes them from
+    # the table and only the first of the two in memory.
+    tuning = LedgerTuning(handoff_max_records=2, outbox_row_records=1)
+    ledger = Ledger(tmp_path / "ledger.sqlite3", tuning=tuning)
+    try:
+        ledger.commit([Submission([prepare(received(f"p{n}")) for n in range(1, 6)])])
+        assert [row.seq for row in ledger.read_outbox(4)] == [1, 2, 3, 4]
+        assert [row.seq for row in ledger.read_outbox(2, after=2)] == [3, 4]
+        assert [row.seq for row in ledger.read_outbox(10)] == [1, 2, 3, 4, 5]
+    finally:
+        ledger.close()
+
+
 def test_store_refusals_of_a_single_sink_ledger_name_its_sink(ledger: Ledger) -> None:
     ledger.commit([Submission([prepare(received("poison")), prepare(received("fine"))])])
     rows = ledger.read_outbox(10)
