@@ -206,6 +206,26 @@ def test_a_read_from_the_table_and_memory_together_keeps_to_its_limit(tmp_path: 
         ledger.close()
 
 
+def test_events_after_a_restart_are_numbered_above_the_keys_retention_deleted(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "ledger.sqlite3"
+    tuning = LedgerTuning(key_merge_events=2, key_merge_parts=1)
+    ledger = Ledger(path, tuning=tuning)
+    try:
+        ledger.commit([Submission([prepare(received("p1")), prepare(received("p2"))])])
+        ledger.mark_delivered(ledger.read_outbox(10)[-1].seq)
+        assert ledger.apply_retention(FOREVER) == 2
+    finally:
+        ledger.close()
+    reopened = Ledger(path, tuning=tuning)
+    try:
+        reopened.commit([Submission([prepare(received("p3"))])])
+        assert _events(reopened) == [(3, "payment:received", "p3")]
+    finally:
+        reopened.close()
+
+
 def test_store_refusals_of_a_single_sink_ledger_name_its_sink(ledger: Ledger) -> None:
     ledger.commit([Submission([prepare(received("poison")), prepare(received("fine"))])])
     rows = ledger.read_outbox(10)
