@@ -226,6 +226,40 @@ def test_events_after_a_restart_are_numbered_above_the_keys_retention_deleted(
         reopened.close()
 
 
+@pytest.mark.parametrize("parts", [2, 3], ids=["two-parts", "three-parts"])
+def test_keys_at_the_edges_of_the_hash_range_move_to_the_key_index(
+    tmp_path: Path, parts: int
+) -> None:
+    # Each part of a merge takes a range of the hash: together they take every hash,
+    # the edges of each range too, whatever the number of parts. A key left behind
+    # would be forgotten at the next restart (recent keys are rebuilt from past the
+    # merged seq), and its event accepted again.
+    width = 2**64 // parts
+    edges = [-(2**63), -(2**63) + width - 1, -(2**63) + width, 2**63 - 1]
+
+    def at_the_edges() -> Submission:
+        return Submission(
+            [prepare(received(f"p{n}"), known_key_hash=h) for n, h in enumerate(edges)]
+        )
+
+    path = tmp_path / "ledger.sqlite3"
+    tuning = LedgerTuning(key_merge_events=len(edges), key_merge_parts=parts)
+    ledger = Ledger(path, tuning=tuning)
+    try:
+        ledger.commit([at_the_edges()])
+        for _ in range(parts - 1):
+            ledger.commit([Submission(dead_letters=[DeadLetter("invalid", "x", b"{}")])])
+        assert _key_index_seqs(path) == [1, 2, 3, 4]
+    finally:
+        ledger.close()
+    reopened = Ledger(path, tuning=tuning)
+    try:
+        [again] = reopened.commit([at_the_edges()])
+        assert again.outcomes == [Outcome.DUPLICATE] * len(edges)
+    finally:
+        reopened.close()
+
+
 def test_store_refusals_of_a_single_sink_ledger_name_its_sink(ledger: Ledger) -> None:
     ledger.commit([Submission([prepare(received("poison")), prepare(received("fine"))])])
     rows = ledger.read_outbox(10)
