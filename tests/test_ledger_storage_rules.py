@@ -260,6 +260,29 @@ def test_keys_at_the_edges_of_the_hash_range_move_to_the_key_index(
         reopened.close()
 
 
+def test_a_sink_new_to_a_ledger_starts_at_the_first_record_it_still_holds(
+    tmp_path: Path,
+) -> None:
+    # Records 1-2 went (delivered to the one sink there was); a sink added later gets
+    # record 3 on, and its backlog ends at zero once it has it.
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path)
+    try:
+        ledger.commit([Submission([prepare(received("p1")), prepare(received("p2"))])])
+        ledger.mark_delivered(2)
+        ledger.commit([Submission([prepare(received("p3"))])])
+    finally:
+        ledger.close()
+    reopened = Ledger(path, sinks=("store", "duckdb"))
+    try:
+        assert [row.seq for row in reopened.read_outbox(10, "duckdb")] == [3]
+        assert reopened.backlog_of("duckdb") == 1
+        assert reopened.mark_delivered(3, sink="duckdb") == 1
+        assert reopened.backlog_of("duckdb") == 0
+    finally:
+        reopened.close()
+
+
 def test_store_refusals_of_a_single_sink_ledger_name_its_sink(ledger: Ledger) -> None:
     ledger.commit([Submission([prepare(received("poison")), prepare(received("fine"))])])
     rows = ledger.read_outbox(10)
