@@ -223,3 +223,18 @@ async def test_commits_on_the_loop_wait_for_more_requests_within_bounds(
         assert committed == sizes
     finally:
         committer.close()
+
+
+async def test_a_job_that_raises_fails_its_caller_and_the_writer_goes_on(ledger: Ledger) -> None:
+    committer = GroupCommitter(ledger)
+
+    def refuse() -> None:
+        raise ValueError("no such sink")
+
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(ValueError, match="no such sink"):
+                await committer.call(refuse)
+            assert await committer.call(lambda: ledger.expire_dead_letters(0)) == 0
+    finally:
+        committer.close()
