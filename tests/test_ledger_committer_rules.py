@@ -238,3 +238,17 @@ async def test_a_job_that_raises_fails_its_caller_and_the_writer_goes_on(ledger:
             assert await committer.call(lambda: ledger.expire_dead_letters(0)) == 0
     finally:
         committer.close()
+
+
+async def test_a_request_gathered_while_the_ledger_closes_is_refused_as_closing(
+    ledger: Ledger,
+) -> None:
+    committer = GroupCommitter(ledger)
+    pending = asyncio.ensure_future(committer.submit(_request("late", 1)))
+    await asyncio.sleep(0)  # the request is gathered; its commit is the next pass
+    committer.close()
+    async with asyncio.timeout(10):
+        with pytest.raises(LedgerUnavailableError) as refused:
+            await pending
+    assert str(refused.value) == "the ledger is closing"
+    assert ledger.stats().events == 0
