@@ -5,6 +5,7 @@ the waiting count when the ledger cannot be read."""
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -281,6 +282,33 @@ def test_a_sink_new_to_a_ledger_starts_at_the_first_record_it_still_holds(
         assert reopened.backlog_of("duckdb") == 0
     finally:
         reopened.close()
+
+
+def _events_in_the_file_alone(path: Path, scratch: Path) -> int:
+    """Events in the database file without its WAL (a copy of it alone): those checkpointed."""
+    shutil.copyfile(path, scratch)
+    with sqlite3.connect(scratch) as conn:
+        (tables,) = conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE name = 'events'"
+        ).fetchone()
+        count = conn.execute("SELECT count(*) FROM events").fetchone()[0] if tables else 0
+    scratch.unlink()
+    return int(count)
+
+
+def test_the_checkpointer_copies_commits_into_the_file_on_its_own(tmp_path: Path) -> None:
+    # No commit checkpoints (autocheckpoint is off): the checkpointer's thread does,
+    # every interval, while the ledger stays open.
+    path = tmp_path / "ledger.sqlite3"
+    ledger = Ledger(path, tuning=LedgerTuning(checkpoint_interval_seconds=0.01))
+    try:
+        ledger.commit([Submission([prepare(received("p1")), prepare(received("p2"))])])
+        wait_until(
+            lambda: _events_in_the_file_alone(path, tmp_path / "copy.sqlite3") == 2,
+            what="the checkpointer to copy the commit into the file",
+        )
+    finally:
+        ledger.close()
 
 
 def test_store_refusals_of_a_single_sink_ledger_name_its_sink(ledger: Ledger) -> None:
