@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -309,6 +310,22 @@ def test_the_checkpointer_copies_commits_into_the_file_on_its_own(tmp_path: Path
         )
     finally:
         ledger.close()
+
+
+def test_the_checkpointer_runs_on_a_named_daemon_thread_that_close_ends(tmp_path: Path) -> None:
+    # Named for thread dumps; a daemon, so that a ledger left open never holds the
+    # process at exit; ended by close().
+    def checkpointers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "ledger-checkpoint"]
+
+    before = len(checkpointers())
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    try:
+        [thread] = checkpointers()[before:]
+        assert thread.daemon and thread.is_alive()
+    finally:
+        ledger.close()
+    assert not thread.is_alive()
 
 
 def test_store_refusals_of_a_single_sink_ledger_name_its_sink(ledger: Ledger) -> None:
