@@ -22,3 +22,20 @@ def refusing_inserts(path: Path, table: str) -> Iterator[None]:
     finally:
         conn.execute(f"DROP TRIGGER refuse_{table}")
         conn.close()
+
+
+@contextlib.contextmanager
+def ending_transactions_on_insert(path: Path, table: str) -> Iterator[None]:
+    """Every insert into ``table`` fails while inside, and SQLite itself ends the writer's
+    transaction (as it does on some I/O and out-of-memory errors): the writer's own
+    ROLLBACK then finds no transaction to end."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(
+        f"CREATE TRIGGER end_{table} BEFORE INSERT ON {table} "
+        "BEGIN SELECT RAISE(ROLLBACK, 'disk I/O error'); END"
+    )
+    try:
+        yield
+    finally:
+        conn.execute(f"DROP TRIGGER end_{table}")
+        conn.close()

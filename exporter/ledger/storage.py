@@ -369,7 +369,10 @@ class Ledger:
         parts = self._tuning.key_merge_parts
         width = 2**64 // parts
         low = -(2**63) + part * width
-        bounds = (low, low + width - 1, last)
+        # The last part ends at the top of the hash range: 2**64 // parts leaves the
+        # top few hashes out of every part when parts is not a power of two.
+        high = low + width - 1 if part + 1 < parts else 2**63 - 1
+        bounds = (low, high, last)
         cur.execute(
             "INSERT OR IGNORE INTO key_index (key_hash, seq) SELECT key_hash, seq "
             "FROM temp.recent_keys WHERE key_hash BETWEEN ? AND ? AND seq <= ?",
