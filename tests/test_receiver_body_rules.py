@@ -264,3 +264,48 @@ async def test_a_dead_letter_the_ledger_cannot_write_is_answered_and_logged(
         registry.get_sample_value("exporter_events_rejected_total", {"reason": "malformed"}) == 1.0
     )
     assert client.app[COMMITTER].ledger.dead_letters() == []
+
+
+# ------------------------------------------------------------------ Expect: 100-continue
+
+
+async def test_expect_100_continue_is_granted_to_a_body_of_exactly_the_limit(
+    client: AppClient,
+) -> None:
+    body = _event_of_size(LIMIT)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(
+            _head(b"application/json", len(body)).replace(
+                b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"
+            )
+        )
+        await writer.drain()
+        async with asyncio.timeout(5):
+            interim = await reader.readuntil(b"\r\n\r\n")
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        await writer.drain()
+        status, _, answer = await _answer(reader)
+        assert status == 202, answer
+    finally:
+        writer.close()
+    assert client.app[COMMITTER].ledger.stats().events == 1
+
+
+async def test_an_unknown_expectation_is_a_417_naming_it(client: AppClient) -> None:
+    expectation = b"x-ask-for-" + b"more" * 20  # 90 characters: the answer shows 40
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(
+            _head(b"application/json", 2).replace(
+                b"\r\n\r\n", b"\r\nExpect: " + expectation + b"\r\n\r\n"
+            )
+        )
+        await writer.drain()
+        status, _, answer = await _answer(reader)
+    finally:
+        writer.close()
+    assert status == 417
+    assert answer == b"unknown Expect: " + expectation[:40]
+    assert client.app[COMMITTER].ledger.stats().events == 0
