@@ -21,13 +21,17 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from conftest import AppClient, received
 from ledger_faults import refusing_inserts
 from prometheus_client import CollectorRegistry
 
 from exporter import Settings, create_app
 from exporter.app import COMMITTER
+from exporter.ingest.receiver import IngestLimits, Receiver
 from exporter.ingest.signing import SIGNATURE_HEADER
+from exporter.ledger import GroupCommitter, Ledger
+from exporter.metrics import Metrics
 
 ClientFactory = Callable[..., Awaitable[AppClient]]
 KiB = 1024
@@ -309,3 +313,42 @@ async def test_an_unknown_expectation_is_a_417_naming_it(client: AppClient) -> N
     assert status == 417
     assert answer == b"unknown Expect: " + expectation[:40]
     assert client.app[COMMITTER].ledger.stats().events == 0
+
+
+# ----------------------------------------------------------------------- the answers
+
+
+async def test_answers_are_json_in_utf_8(client: AppClient) -> None:
+    accepted = await client.post("/v1/events", json=received("p-charset"))
+    refused = await client.post(
+        "/v1/events", data=b"{", headers={"Content-Type": "application/json"}
+    )
+    assert (accepted.status, refused.status) == (202, 400)
+    for response in (accepted, refused):
+        assert response.headers["Content-Type"] == "application/json; charset=utf-8"
+
+
+async def test_a_full_backlog_is_a_503_naming_its_limit(
+    aiohttp_client: ClientFactory, tmp_path: Path, registry: CollectorRegistry
+) -> None:
+    # No forwarder here, so the backlog stays where the test puts it.
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    committer = GroupCommitter(ledger)
+    receiver = Receiver(committer, Metrics(registry), IngestLimits(LIMIT, 100, 1), None)
+    app = web.Application()
+    app.router.add_post("/v1/events", receiver.handle)
+    client = await aiohttp_client(app)
+    try:
+        assert (await client.post("/v1/events", json=received("p-backlog-1"))).status == 202
+        refused = await client.post("/v1/events", json=received("p-backlog-2"))
+        assert refused.status == 503
+        assert await refused.json() == {
+            "accepted": 0,
+            "duplicates": 0,
+            "rejected": [],
+            "error": "store backlog is over its limit of 1 events; retry later",
+        }
+        assert ledger.stats().events == 1
+    finally:
+        committer.close()
+        ledger.close()
