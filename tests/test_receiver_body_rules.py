@@ -352,3 +352,94 @@ async def test_a_full_backlog_is_a_503_naming_its_limit(
     finally:
         committer.close()
         ledger.close()
+
+
+# ----------------------------------------------------------------- reading the body
+
+
+async def test_an_empty_content_encoding_and_x_gzip_are_read(client: AppClient) -> None:
+    event = json.dumps(received("p-encodings-1")).encode()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(
+            _head(b"application/json", len(event)).replace(
+                b"\r\n\r\n", b"\r\nContent-Encoding: \r\n\r\n"
+            )
+            + event
+        )
+        await writer.drain()
+        status, _, answer = await _answer(reader)
+        assert status == 202, answer
+    finally:
+        writer.close()
+    x_gzip = await client.post(
+        "/v1/events",
+        data=gzip.compress(json.dumps(received("p-encodings-2")).encode()),
+        headers={"Content-Type": "application/json", "Content-Encoding": "x-gzip"},
+    )
+    assert x_gzip.status == 202, await x_gzip.text()
+    assert client.app[COMMITTER].ledger.stats().events == 2
+
+
+async def test_an_unsupported_content_encoding_is_a_415_counted_and_kept(
+    aiohttp_client: ClientFactory, data_dir: Path, registry: CollectorRegistry
+) -> None:
+    settings = Settings(data_dir=data_dir, listen="127.0.0.1:0")
+    client = await aiohttp_client(create_app(settings, registry))
+    sent = json.dumps(received("p-brotli")).encode()
+    response = await client.post(
+        "/v1/events",
+        data=sent,
+        headers={"Content-Type": "application/json", "Content-Encoding": "br"},
+    )
+    assert response.status == 415
+    assert (await response.json())["error"] == (
+        "unsupported Content-Encoding 'br': send gzip or no encoding"
+    )
+    assert (
+        registry.get_sample_value(
+            "exporter_events_rejected_total", {"reason": "unsupported_media_type"}
+        )
+        == 1.0
+    )
+    (letter,) = client.app[COMMITTER].ledger.dead_letters()
+    assert (letter.reason, letter.raw) == ("unsupported_media_type", sent)
+
+
+async def test_a_body_that_came_whole_may_be_exactly_the_limit(
+    aiohttp_client: ClientFactory, data_dir: Path
+) -> None:
+    limit = 512  # small enough to arrive with the headers
+    settings = Settings(data_dir=data_dir, listen="127.0.0.1:0", max_body_bytes=limit)
+    client = await aiohttp_client(create_app(settings))
+    json_headers = {"Content-Type": "application/json"}
+    fits = await client.post("/v1/events", data=_event_of_size(limit), headers=json_headers)
+    assert fits.status == 202, await fits.text()
+    over = await client.post("/v1/events", data=_event_of_size(limit + 1), headers=json_headers)
+    assert over.status == 413
+
+
+async def test_a_chunked_body_over_the_limit_is_refused_naming_it_and_kept_as_it_came(
+    client: AppClient,
+) -> None:
+    pieces = [b"[" + b" " * (40 * KiB - 1), b" " * (40 * KiB)]
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(
+            b"POST /v1/events HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        for piece in pieces:
+            writer.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+            await writer.drain()
+            # Apart, so that the receiver reads them as two pieces of the body.
+            await asyncio.sleep(0.2)
+        status, headers, answer = await _answer(reader)
+    finally:
+        writer.close()
+    assert status == 413
+    assert b"Connection: close" in headers.split(b"\r\n")
+    assert json.loads(answer)["error"] == f"body is over the limit of {LIMIT} bytes"
+    (letter,) = client.app[COMMITTER].ledger.dead_letters()
+    assert letter.reason == "too_large"
+    assert letter.raw == b"".join(pieces)[: len(letter.raw)] and len(letter.raw) == 64 * KiB
