@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from conftest import AppClient, received
+from conftest import AppClient, async_wait_until, received
 from ledger_faults import refusing_inserts
 from prometheus_client import CollectorRegistry
 
 from exporter import Settings, create_app
-from exporter.app import COMMITTER
+from exporter.app import COMMITTER, RECEIVER
 from exporter.ingest.receiver import IngestLimits, Receiver
 from exporter.ingest.signing import SIGNATURE_HEADER
 from exporter.ledger import GroupCommitter, Ledger
@@ -443,3 +443,46 @@ async def test_a_chunked_body_over_the_limit_is_refused_naming_it_and_kept_as_it
     (letter,) = client.app[COMMITTER].ledger.dead_letters()
     assert letter.reason == "too_large"
     assert letter.raw == b"".join(pieces)[: len(letter.raw)] and len(letter.raw) == 64 * KiB
+
+
+async def test_a_busy_503_says_why_and_closes_the_connection(
+    aiohttp_client: ClientFactory, data_dir: Path
+) -> None:
+    """Two held bodies fill the budget; a third request, its body still arriving, is
+    answered 503 naming the setting, and its connection ends once the client stops."""
+    settings = Settings(
+        data_dir=data_dir,
+        listen="127.0.0.1:0",
+        max_body_bytes=LIMIT,
+        max_inflight_body_bytes=2 * LIMIT,
+        body_read_timeout_seconds=20.0,
+    )
+    client = await aiohttp_client(create_app(settings))
+    held = []
+    for _ in range(2):
+        held.append(await asyncio.open_connection(client.host, client.port))
+        held[-1][1].write(_head(b"application/json", LIMIT) + b"[")
+        await held[-1][1].drain()
+    receiver = client.app[RECEIVER]
+
+    async def full() -> bool:
+        return bool(receiver.inflight.held == 2 * LIMIT)
+
+    await async_wait_until(full, what="both bodies in flight")
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(_head(b"application/json", 100) + b"[")
+        await writer.drain()
+        status, headers, answer = await _answer(reader)
+        assert status == 503
+        assert {b"Retry-After: 1", b"Connection: close"} <= set(headers.split(b"\r\n"))
+        assert json.loads(answer)["error"] == (
+            "too many request bodies in flight (EXPORTER_MAX_INFLIGHT_BODY_BYTES); retry shortly"
+        )
+        writer.write(b" " * 99)
+        await writer.drain()
+        assert await _closed(reader)
+    finally:
+        writer.close()
+        for _, held_writer in held:
+            held_writer.close()
