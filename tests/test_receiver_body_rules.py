@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from conftest import AppClient, async_wait_until, received
+from conftest import AppClient, async_wait_until, free_port, received
+from hooks_helpers import start_on
 from ledger_faults import refusing_inserts
 from prometheus_client import CollectorRegistry
 
@@ -486,3 +487,50 @@ async def test_a_busy_503_says_why_and_closes_the_connection(
         writer.close()
         for _, held_writer in held:
             held_writer.close()
+
+
+def test_a_malformed_chunk_mid_body_is_a_400_that_keeps_what_came(tmp_path: Path) -> None:
+    # aiohttp's pure-Python parser (chosen by AIOHTTP_NO_EXTENSIONS, or where its C parser
+    # is not built) fails the body stream on a broken chunk; that must be a refusal, not a 500.
+    token = "t" * 24
+    exporter = start_on(
+        free_port(),
+        tmp_path / "data",
+        tmp_path / "exporter.log",
+        AIOHTTP_NO_EXTENSIONS="1",
+        EXPORTER_INGEST_TOKEN=token,
+    )
+    try:
+        head = (
+            "POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n5\r\n{\"a\":\r\n"
+        )
+
+        async def exchange() -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", exporter.port)
+            writer.write(head.encode())
+            await writer.drain()
+            await asyncio.sleep(0.2)  # the handler is reading the body when the bad chunk comes
+            writer.write(b"zz\r\n1}\r\n0\r\n\r\n")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            return answer
+
+        answer = asyncio.run(exchange())
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line == b"HTTP/1.1 400 Bad Request", answer
+        assert b"Connection: close" in rest
+        body = json.loads(rest.partition(b"\r\n\r\n")[2])
+        assert body["error"] == "the body's chunked framing is malformed after 5 bytes"
+        rejected = exporter.metric("exporter_events_rejected_total")
+        assert sum(rejected.values()) == 1
+    finally:
+        exporter.terminate()
+    ledger = Ledger(tmp_path / "data" / "ledger.sqlite3")
+    try:
+        (letter,) = ledger.dead_letters()
+    finally:
+        ledger.close()
+    assert letter.reason == "malformed" and letter.raw == b'{"a":'

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http import HttpProcessingError
 
 from ..auth import bearer_token_matches
 from ..errors import LedgerUnavailableError
@@ -411,7 +412,7 @@ class Receiver:
         try:
             async with asyncio.timeout(self.limits.body_read_timeout_seconds):
                 return await request.content.read(self.limits.dead_letter_max_bytes)
-        except TimeoutError:  # nothing arrived: the refusal stands without a body
+        except (TimeoutError, web.RequestPayloadError, HttpProcessingError):  # no body to keep
             return b""
 
     def _refuse_declared_size(self, request: web.Request) -> None:
@@ -473,6 +474,15 @@ class Receiver:
             raise _Refused(
                 408,
                 f"the body did not arrive within {timeout:g} s ({size} bytes received)",
+                "malformed",
+                b"".join(chunks),
+                headers={"Connection": "close"},
+            ) from None
+        except (web.RequestPayloadError, HttpProcessingError):
+            # aiohttp's parser found the chunked framing broken: what came is kept.
+            raise _Refused(
+                400,
+                f"the body's chunked framing is malformed after {size} bytes",
                 "malformed",
                 b"".join(chunks),
                 headers={"Connection": "close"},
