@@ -471,23 +471,15 @@ class Receiver:
                     if size > limit:
                         raise _body_over_limit(limit, b"".join(chunks))
         except TimeoutError:
-            raise _Refused(
-                408,
-                f"the body did not arrive within {timeout:g} s ({size} bytes received)",
-                "malformed",
-                b"".join(chunks),
-                headers={"Connection": "close"},
-            ) from None
+            status = 408
+            error = f"the body did not arrive within {timeout:g} s ({size} bytes received)"
         except (web.RequestPayloadError, HttpProcessingError):
             # aiohttp's parser found the chunked framing broken: what came is kept.
-            raise _Refused(
-                400,
-                f"the body's chunked framing is malformed after {size} bytes",
-                "malformed",
-                b"".join(chunks),
-                headers={"Connection": "close"},
-            ) from None
-        return b"".join(chunks)
+            status, error = 400, f"the body's chunked framing is malformed after {size} bytes"
+        else:
+            return b"".join(chunks)
+        close = {"Connection": "close"}
+        raise _Refused(status, error, "malformed", b"".join(chunks), headers=close)
 
 
 class BodyBudget:
