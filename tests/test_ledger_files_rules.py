@@ -311,7 +311,8 @@ def test_an_existing_data_dir_and_its_files_become_private(tmp_path: Path) -> No
     outside.write_text("not the exporter's")
     outside.chmod(0o644)
     (data_dir / "link").symlink_to(outside)
-    (data_dir / "sub").mkdir(mode=0o755)
+    (data_dir / "sub").mkdir()
+    (data_dir / "sub").chmod(0o755)  # whatever umask an earlier in-process `serve` left
     narrower = data_dir / "kept.txt"
     narrower.write_text("")
     narrower.chmod(0o400)
