@@ -13,6 +13,7 @@ from conftest import BASE_MS, received
 from ledger_helpers import prepare
 
 from exporter.ledger import Ledger, Submission
+from exporter.ledger.schema import key_hash
 from exporter.records import NS_PER_MS, key_digest
 
 
@@ -73,3 +74,11 @@ def test_a_millisecond_with_every_offset_taken_shares_the_hash_offset_and_warns(
         "no free point offset in this millisecond; the point may overwrite another"
     )
     assert warning.__dict__["time_ms"] == BASE_MS
+
+
+@pytest.mark.parametrize("key", ["payment:received:p-1", "id:evt-42", "", "batch:created:é"])
+def test_the_dedup_hash_read_unsigned_is_the_offset_digest(key: str) -> None:
+    """The ledger places a record from its event's dedup hash instead of hashing the key
+    again: both must be the same 64-bit digest, or offsets would move between versions."""
+    assert key_hash(key) % 2**64 == key_digest(key)
+    assert key_digest(key) < 2**64

@@ -106,6 +106,7 @@ def _found_batches(param: str) -> str:
 
 _INSERT_EVENTS = f"INSERT INTO {EVENTS_TABLE} ({', '.join(EVENTS_COLUMNS)})"
 _LOOKUP_ALL = f"SELECT {_found_keys('?1')}, {_found_payments('?2')}, {_found_batches('?3')}"
+_UNSIGNED_64 = 2**64 - 1
 _LOOKUP_PAYMENTS = f"SELECT {_found_payments('?')}"
 _LOOKUP_BATCHES = f"SELECT {_found_batches('?')}"
 
@@ -141,6 +142,8 @@ class TransactionWriter:
         self.emitted: list[tuple[int, StoreRecord]] = []
         """(outbox seq, record) of every record written to the outbox, in order."""
         self._outbox: list[tuple[int, StoreRecord]] = []  # (event seq, record)
+        # key_digest of the keys of events added here: their signed dedup hash, unsigned.
+        self._key_digests: dict[str, int] = {}
         # Keys already stored, by key hash: those loaded up front plus the writer's own.
         self._stored: dict[int, list[tuple[str, bytes]]] = {}
         # Rows for ``events``, inserted at flush; numbered here (one writer at a time),
@@ -170,7 +173,8 @@ class TransactionWriter:
         """Read what ``events`` will look up, in one query."""
         if not events:
             return
-        hashes = [prepared.key_hash for prepared in events]
+        # In index order: each probe then finds its pages where the one before it left them.
+        hashes = sorted([prepared.key_hash for prepared in events])
         payment_ids: set[str] = set()
         batch_ids: set[str] = set()
         for prepared in events:
@@ -289,6 +293,7 @@ class TransactionWriter:
                 )
                 return Outcome.CONFLICT
         self._stored.setdefault(key_hash, []).append((prepared.key, prepared.body))
+        self._key_digests[prepared.key] = key_hash & _UNSIGNED_64
         seq = self._current_seq = self._numbers.event_seq
         self._numbers.event_seq += 1
         self._current_waits = False
@@ -415,7 +420,7 @@ class TransactionWriter:
             )
             self._created_batches.clear()
         if self._outbox:
-            take_offsets(self.cur, [record for _, record in self._outbox])
+            take_offsets(self.cur, [record for _, record in self._outbox], self._key_digests)
             first = self._numbers.outbox_seq
             rows = []
             for start in range(0, len(self._outbox), self._outbox_row_records):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..records import NS_PER_MS, StoreRecord, key_digest, series_of
 from .rows import insert_chunk, row_chunks
@@ -40,16 +40,21 @@ def _series_id(series: str) -> int:
     return found
 
 
-def take_offsets(cur: sqlite3.Cursor, records: Sequence[StoreRecord]) -> None:
+def take_offsets(
+    cur: sqlite3.Cursor, records: Sequence[StoreRecord], digests: Mapping[str, int]
+) -> None:
     """Give each record a point offset no other record of its series and millisecond has.
 
     Sets ``time_offset_ns`` of every record and stores the offsets taken, in this
     transaction; records are placed in order, so the same records in the same order
-    always get the same offsets.
+    always get the same offsets. ``digests`` holds :func:`key_digest` of keys known
+    already (the dedup key hash is the same digest); others are computed.
     """
     rows: list[tuple[int, int, int, int]] = []
     for record in records:
-        digest = key_digest(record.key)
+        digest = digests.get(record.key)
+        if digest is None:
+            digest = key_digest(record.key)
         offset = record.time_offset_ns = digest % NS_PER_MS
         rows.append((record.time_ms, _series_id(series_of(record)), offset, digest - _SIGN))
     for start, end in row_chunks(cur, rows):
