@@ -123,6 +123,9 @@ def create_app(
     return app
 
 
+_HOST_VERDICTS_KEPT = 64
+
+
 def loopback_host_guard(settings: Settings) -> Middleware:
     """Refuse requests to a loopback listener whose ``Host`` is not a loopback name.
 
@@ -131,11 +134,22 @@ def loopback_host_guard(settings: Settings) -> Middleware:
     ``localhost``, loopback addresses and ``EXPORTER_ALLOWED_HOSTS`` are answered.
     """
     allowed = frozenset(name.lower() for name in settings.allowed_hosts)
+    # Verdicts by Host value: clients send one or two values, and parsing an address
+    # literal costs more than the rest of the check. Bounded: every byte is the sender's.
+    verdicts: dict[str, bool] = {}
+
+    def answers_to(host: str) -> bool:
+        verdict = verdicts.get(host)
+        if verdict is None:
+            name = host_name(host)
+            verdict = name is not None and (name in allowed or is_loopback_name(name))
+            if len(verdicts) < _HOST_VERDICTS_KEPT:
+                verdicts[host] = verdict
+        return verdict
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        name = host_name(request.host)
-        if name is None or not (name in allowed or is_loopback_name(name)):
+        if not answers_to(request.host):
             body: dict[str, object] = {
                 "error": "this exporter listens on a loopback address and answers only to "
                 "localhost and loopback Host names; add the name to EXPORTER_ALLOWED_HOSTS "

@@ -60,6 +60,20 @@ async def test_a_refused_ingest_request_keeps_the_ingest_answer_shape(
     assert (body["accepted"], body["duplicates"], body["rejected"]) == (0, 0, [])
 
 
+async def test_each_host_value_keeps_its_own_verdict_past_the_kept_ones(
+    start: ClientFactory,
+) -> None:
+    """Verdicts are remembered per Host value, a bounded number of them: a sender
+    cycling through many names neither grows memory nor changes another name's answer."""
+    client = await start()
+    for round_ in range(2):  # the second round answers from what the first remembered
+        for i in range(100):
+            foreign = await client.get("/metrics", headers={"Host": f"n{i}.attacker.example"})
+            assert foreign.status == 421, (round_, i)
+            loopback = await client.get("/metrics", headers={"Host": f"127.0.0.{i + 1}:9402"})
+            assert loopback.status == 200, (round_, i)
+
+
 async def test_allowed_hosts_extend_the_loopback_names(start: ClientFactory) -> None:
     client = await start(allowed_hosts=["exporter"])
     assert (await client.get("/metrics", headers={"Host": "exporter:9402"})).status == 200
