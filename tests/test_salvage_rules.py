@@ -142,25 +142,26 @@ def test_the_page_scan_reads_the_wal_up_to_the_first_frame_that_does_not_check(
     try:
         wal_path = live.with_name(live.name + "-wal")
         first_end = wal_path.stat().st_size
-        ledger.commit(
-            [Submission([prepare(received(f"late-{n}", BASE_MS + n)) for n in range(50)])]
-        )
+        _commit_late(ledger, 50)
         wal = bytearray(wal_path.read_bytes())
-        main = live.read_bytes()
+        page_size = int.from_bytes(live.read_bytes()[16:18], "big")
+        frames = _wal_frames(bytes(wal), page_size)
+        assert frames[-1] > first_end
+        damaged_frame = [at for at in frames if at >= first_end][0]
+        wal[damaged_frame + 24 + 200] ^= 0xFF
+        crashed = _crash_copy(live, tmp_path, bytes(wal))
     finally:
         ledger.close()
-    crashed = tmp_path / "crashed" / "ledger.sqlite3"
-    crashed.parent.mkdir()
-    crashed.write_bytes(main)
-    page_size = int.from_bytes(main[16:18], "big")
-    frames = _wal_frames(bytes(wal), page_size)
-    assert frames[-1] > first_end
-    damaged_frame = [at for at in frames if at >= first_end][0]
-    wal[damaged_frame + 24 + 200] ^= 0xFF
-    crashed.with_name(crashed.name + "-wal").write_bytes(bytes(wal))
     bodies = [body for _, body in scan_pages(crashed)]
     assert sum(b'"pay-' in body for body in set(bodies)) == 50
     assert not any(b'"late-' in body for body in bodies)
+
+
+def _commit_late(ledger: Ledger, count: int) -> None:
+    """Commit the receipts of payments ``late-0`` to ``late-{count - 1}`` in one transaction."""
+    ledger.commit(
+        [Submission([prepare(received(f"late-{n}", BASE_MS + n)) for n in range(count)])]
+    )
 
 
 def _crash_copy(live: Path, tmp_path: Path, wal: bytes) -> Path:
@@ -178,9 +179,7 @@ def test_the_page_scan_leaves_out_a_last_transaction_without_its_commit_frame(
     live = tmp_path / "ledger.sqlite3"
     ledger = _ledger(live, 50, LedgerTuning(checkpoint_interval_seconds=3600.0))
     try:
-        ledger.commit(
-            [Submission([prepare(received(f"late-{n}", BASE_MS + n)) for n in range(300)])]
-        )
+        _commit_late(ledger, 300)
         wal = live.with_name(live.name + "-wal").read_bytes()
         page_size = int.from_bytes(live.read_bytes()[16:18], "big")
         # A crash before the last frame of the second transaction was written.
@@ -237,18 +236,12 @@ def test_the_page_scan_reads_a_wal_written_with_big_endian_checksums(tmp_path: P
     live = tmp_path / "ledger.sqlite3"
     ledger = _ledger(live, 0, LedgerTuning(checkpoint_interval_seconds=3600.0))
     try:
-        ledger.commit(
-            [Submission([prepare(received(f"late-{n}", BASE_MS + n)) for n in range(50)])]
-        )
+        _commit_late(ledger, 50)
         wal = live.with_name(live.name + "-wal").read_bytes()
-        main = live.read_bytes()
+        page_size = int.from_bytes(live.read_bytes()[16:18], "big")
+        crashed = _crash_copy(live, tmp_path, _as_big_endian_wal(wal, page_size))
     finally:
         ledger.close()
-    crashed = tmp_path / "crashed" / "ledger.sqlite3"
-    crashed.parent.mkdir()
-    crashed.write_bytes(main)
-    page_size = int.from_bytes(main[16:18], "big")
-    crashed.with_name(crashed.name + "-wal").write_bytes(_as_big_endian_wal(wal, page_size))
     bodies = {body for _, body in scan_pages(crashed)}
     assert sum(b'"late-' in body for body in bodies) == 50
 
