@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
@@ -11,7 +12,7 @@ import pytest
 from conftest import async_wait_until
 from prometheus_client import CollectorRegistry
 
-from exporter.analytics.scheduler import Job, Scheduler
+from exporter.analytics.scheduler import AlignedInterval, Job, Scheduler
 
 
 def _job(
@@ -247,3 +248,33 @@ async def test_debug_level_keeps_apscheduler_lines(
             await scheduler.stop()
             await asyncio.sleep(0)
     assert any(r.name.startswith("apscheduler") for r in caplog.records)
+
+
+def _utc(hour: int, minute: int, second: int, microsecond: int = 0) -> datetime.datetime:
+    return datetime.datetime(2026, 12, 6, hour, minute, second, microsecond, datetime.UTC)
+
+
+def test_a_job_fires_at_once_then_on_multiples_of_its_cadence() -> None:
+    trigger = AlignedInterval(15)
+    now = _utc(1, 2, 7, 500_000)
+    first = trigger.get_next_fire_time(None, now)
+    assert first == now
+    second = trigger.get_next_fire_time(first, now)
+    assert second == _utc(1, 2, 15)
+    assert trigger.get_next_fire_time(second, now) == _utc(1, 2, 30)
+    # Cadences that divide one another fall due together: every 60 s one is a 15 s one.
+    minute = AlignedInterval(60).get_next_fire_time(first, now)
+    assert minute == _utc(1, 3, 0)
+    assert (minute - second).total_seconds() % 15 == 0
+
+
+def test_fractional_cadences_stay_aligned_and_always_move_forward() -> None:
+    trigger = AlignedInterval(0.02)
+    fire = _utc(0, 0, 0, 19_999)
+    times = []
+    for _ in range(1_000):
+        fire = trigger.get_next_fire_time(fire, fire)
+        times.append(fire)
+    assert times[0] == _utc(0, 0, 0, 20_000)
+    steps = {(later - earlier) for earlier, later in itertools.pairwise(times)}
+    assert steps == {datetime.timedelta(milliseconds=20)}

@@ -1,7 +1,8 @@
 """Scheduled refresh of computed results into a cache, with APScheduler 3.11.
 
-Each job runs once at start and then on its own cadence; it never overlaps itself, is
-cut off after its timeout, and a failing job neither stops the others nor loses its
+Each job runs once at start and then on its own cadence, at the multiples of its interval
+since the Unix epoch (:class:`AlignedInterval`); it never overlaps itself, is cut off
+after its timeout, and a failing job neither stops the others nor loses its
 last good result, which is kept and marked stale. Readers (the metrics collector, the
 JSON API) only ever read the cache.
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.interval import IntervalTrigger
+from apscheduler.triggers.base import BaseTrigger
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,36 @@ class Cached(Generic[T]):
 
 
 APSCHEDULER_LOGGER = "apscheduler"
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+_MICROSECOND = datetime.timedelta(microseconds=1)
+
+
+class AlignedInterval(BaseTrigger):  # type: ignore[misc]  # APScheduler 3 is untyped
+    """Fires at once, then at every multiple of ``seconds`` since the Unix epoch (UTC).
+
+    A refresh is computed as of an instant aligned to its cadence; running it at that
+    instant keeps its result as fresh as the cadence allows, and makes jobs whose
+    cadences divide one another fall due together (each minute: the 15 s, 30 s and 60 s
+    ones), so that they can share one computation.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        """Fire every ``seconds`` (rounded to the microsecond, at least one)."""
+        self.step_us = max(1, round(seconds * 1_000_000))
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime.datetime | None, now: datetime.datetime
+    ) -> datetime.datetime:
+        """``now`` for the first run, then the first multiple after the previous run."""
+        if previous_fire_time is None:
+            return now
+        # Whole microseconds, so that the next time is always strictly later.
+        previous_us = (previous_fire_time - _EPOCH) // _MICROSECOND
+        return _EPOCH + (previous_us // self.step_us + 1) * self.step_us * _MICROSECOND
+
+    def __repr__(self) -> str:
+        return f"AlignedInterval(seconds={self.step_us / 1_000_000:g})"
 
 
 class _SkippedOverlap(logging.Filter):
@@ -163,14 +194,12 @@ class Scheduler:
         """Schedule every job, each running once right away."""
         quiet_apscheduler()
         scheduler = AsyncIOScheduler(timezone=datetime.UTC)
-        now = datetime.datetime.now(datetime.UTC)
         for job in self.jobs.values():
             scheduler.add_job(
                 self.refresh,
-                IntervalTrigger(seconds=job.interval_seconds, timezone=datetime.UTC),
+                AlignedInterval(job.interval_seconds),
                 args=[job.key],
                 id=job.key,
-                next_run_time=now,
                 max_instances=1,
                 coalesce=True,
                 misfire_grace_time=max(1, int(job.interval_seconds)),

@@ -5,16 +5,18 @@ Windows refresh on cadences suited to their length (short windows every 30-60 s,
 ones every 5-15 min, realtime every 15 s). Each refresh computes as of an instant aligned
 to its cadence, so several exporters on the same schedule compute and write back the
 same values at the same timestamps: their write-backs overwrite instead of duplicating.
+Refreshes due at the same instant share one computation (:class:`SharedRefreshes`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from aiohttp import web
@@ -87,6 +89,90 @@ class _Refreshed:
     results: dict[AnalyticKey, AnalyticsResult]
 
 
+@dataclass(slots=True)
+class _Round:
+    """The windows asked for as of one instant, and the computation answering them."""
+
+    task: asyncio.Task[dict[AnalyticKey, AnalyticsResult]] | None = None
+    windows: set[Window] = field(default_factory=set)
+    realtime: bool = False
+    waiting: int = 0
+
+
+class SharedRefreshes:
+    """Refreshes as of the same instant share one :meth:`Analytics.compute_all`.
+
+    The jobs of windows whose cadences divide one another fall due together (each minute:
+    realtime, 1h, 6h and 24h), and all windows cost the store about what one does: its
+    queries cover any number of windows in one pass, and nested windows holding the same
+    records share their top lists. Each job still gets only its own results, and fails,
+    times out or is cancelled on its own; the computation stops once no job waits for it.
+    """
+
+    def __init__(self, analytics: Analytics) -> None:
+        """Compute with ``analytics``."""
+        self.analytics = analytics
+        self._open: dict[int, _Round] = {}
+        self._running: set[asyncio.Task[dict[AnalyticKey, AnalyticsResult]]] = set()
+
+    async def compute(
+        self, at_ms: int, windows: Sequence[Window], realtime: bool
+    ) -> dict[AnalyticKey, AnalyticsResult]:
+        """The results of ``windows`` (and the realtime figures, with ``realtime``) as of
+        ``at_ms``, computed with those of every other refresh asking for the same instant
+        before the computation starts."""
+        round_ = self._open.get(at_ms)
+        if round_ is None:
+            round_ = self._open[at_ms] = _Round()
+            task = round_.task = asyncio.create_task(self._compute(at_ms, round_))
+            self._running.add(task)
+            task.add_done_callback(lambda done: self._finished(done, at_ms, round_))
+        assert round_.task is not None
+        round_.windows.update(windows)
+        round_.realtime |= realtime
+        round_.waiting += 1
+        try:
+            results = await asyncio.shield(round_.task)
+        except asyncio.CancelledError:
+            round_.waiting -= 1
+            if not round_.waiting:
+                round_.task.cancel()
+            raise
+        round_.waiting -= 1
+        return {
+            key: result
+            for key, result in results.items()
+            if (realtime if key.window is None else key.window in windows)
+        }
+
+    async def _compute(self, at_ms: int, round_: _Round) -> dict[AnalyticKey, AnalyticsResult]:
+        # One turn of the event loop lets the jobs that fell due with the first one join.
+        await asyncio.sleep(0)
+        self._close(at_ms, round_)
+        chosen = [window for window in Window if window in round_.windows]
+        return await self.analytics.compute_all(at_ms, windows=chosen, realtime=round_.realtime)
+
+    def _close(self, at_ms: int, round_: _Round) -> None:
+        """No more jobs join ``round_``: a later one as of ``at_ms`` starts its own."""
+        if self._open.get(at_ms) is round_:
+            del self._open[at_ms]
+
+    def _finished(
+        self, task: asyncio.Task[dict[AnalyticKey, AnalyticsResult]], at_ms: int, round_: _Round
+    ) -> None:
+        self._running.discard(task)
+        self._close(at_ms, round_)  # when cancelled before it started
+        if not task.cancelled():
+            task.exception()  # seen: every job waiting for it may have gone
+
+    async def cancel(self) -> None:
+        """Stop every computation still running (at shutdown)."""
+        running = list(self._running)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
 def _aligned_now_ms(interval_seconds: float) -> int:
     step = max(1, int(interval_seconds * 1000))
     return int(time.time() * 1000) // step * step
@@ -128,6 +214,7 @@ class AnalyticsService:
         """Prepare jobs for every window; nothing runs before :meth:`start`."""
         self.analytics = analytics
         self.sink = sink
+        self._shared = SharedRefreshes(analytics)
         cadence = {**DEFAULT_REFRESH_SECONDS, **refresh_seconds}
         jobs: list[Job[object]] = [
             Job(
@@ -161,7 +248,7 @@ class AnalyticsService:
 
         async def refresh() -> _Refreshed:
             at_ms = _aligned_now_ms(interval)
-            results = await self.analytics.compute_all(at_ms, windows=windows, realtime=not windows)
+            results = await self._shared.compute(at_ms, windows, realtime=not windows)
             if self.sink is not None and windows:
                 rows = write_back_rows(results, at_ms)
                 try:
@@ -181,6 +268,7 @@ class AnalyticsService:
     async def stop(self) -> None:
         """Stop refreshing, then close the analytics source (the cache stays readable)."""
         await self.scheduler.stop()
+        await self._shared.cancel()
         await self.analytics.close()
 
     def cached(self, key: AnalyticKey) -> CachedResult | None:
