@@ -268,6 +268,29 @@ def test_a_job_fires_at_once_then_on_multiples_of_its_cadence() -> None:
     assert (minute - second).total_seconds() % 15 == 0
 
 
+def test_a_phase_delays_every_fire_time_alike() -> None:
+    now = _utc(1, 2, 7, 500_000)
+    quarter, minute = AlignedInterval(15, phase=4.25), AlignedInterval(60, phase=4.25)
+    first = quarter.get_next_fire_time(None, now)
+    assert quarter.get_next_fire_time(first, now) == _utc(1, 2, 19, 250_000)
+    assert quarter.get_next_fire_time(_utc(1, 2, 19, 250_000), now) == _utc(1, 2, 34, 250_000)
+    assert minute.get_next_fire_time(first, now) == _utc(1, 3, 4, 250_000)
+    # Just before its fire time, a job waits for it; just after, for the next one.
+    assert minute.get_next_fire_time(_utc(1, 3, 4, 249_999), now) == _utc(1, 3, 4, 250_000)
+    assert minute.get_next_fire_time(_utc(1, 3, 4, 250_000), now) == _utc(1, 4, 4, 250_000)
+
+
+def test_each_scheduler_draws_its_phase_below_the_shortest_cadence() -> None:
+    async def nothing() -> None:
+        return None
+
+    jobs = [_job("all:1h", nothing, interval=30), _job("realtime:-", nothing, interval=15)]
+    phases = {Scheduler(CollectorRegistry(), jobs).phase for _ in range(50)}
+    assert len(phases) > 1
+    assert all(0 <= phase <= 15 for phase in phases)
+    assert Scheduler(CollectorRegistry(), jobs, phase=2.5).phase == 2.5
+
+
 def test_fractional_cadences_stay_aligned_and_always_move_forward() -> None:
     trigger = AlignedInterval(0.02)
     fire = _utc(0, 0, 0, 19_999)

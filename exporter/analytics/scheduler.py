@@ -1,8 +1,8 @@
 """Scheduled refresh of computed results into a cache, with APScheduler 3.11.
 
-Each job runs once at start and then on its own cadence, at the multiples of its interval
-since the Unix epoch (:class:`AlignedInterval`); it never overlaps itself, is cut off
-after its timeout, and a failing job neither stops the others nor loses its
+Each job runs once at start and then on its own cadence, just after the multiples of its
+interval since the Unix epoch (:class:`AlignedInterval`); it never overlaps itself, is cut
+off after its timeout, and a failing job neither stops the others nor loses its
 last good result, which is kept and marked stale. Readers (the metrics collector, the
 JSON API) only ever read the cache.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -60,30 +61,38 @@ _MICROSECOND = datetime.timedelta(microseconds=1)
 
 
 class AlignedInterval(BaseTrigger):  # type: ignore[misc]  # APScheduler 3 is untyped
-    """Fires at once, then at every multiple of ``seconds`` since the Unix epoch (UTC).
+    """Fires at once, then ``phase`` after every multiple of ``seconds`` since the Unix
+    epoch (UTC).
 
-    A refresh is computed as of an instant aligned to its cadence; running it at that
-    instant keeps its result as fresh as the cadence allows, and makes jobs whose
+    A refresh is computed as of an instant aligned to its cadence; running it just after
+    that instant keeps its result as fresh as the cadence allows, and makes jobs whose
     cadences divide one another fall due together (each minute: the 15 s, 30 s and 60 s
-    ones), so that they can share one computation.
+    ones), so that they can share one computation. The phase, shorter than the shortest
+    cadence and drawn once per exporter, keeps a fleet from querying a shared InfluxDB
+    all at the same instant.
     """
 
-    def __init__(self, seconds: float) -> None:
-        """Fire every ``seconds`` (rounded to the microsecond, at least one)."""
+    def __init__(self, seconds: float, phase: float = 0.0) -> None:
+        """Fire every ``seconds``, ``phase`` seconds after each multiple (both rounded to
+        the microsecond; the step is at least one)."""
         self.step_us = max(1, round(seconds * 1_000_000))
+        self.phase_us = round(phase * 1_000_000) % self.step_us
 
     def get_next_fire_time(
         self, previous_fire_time: datetime.datetime | None, now: datetime.datetime
     ) -> datetime.datetime:
-        """``now`` for the first run, then the first multiple after the previous run."""
+        """``now`` for the first run, then the first fire time after the previous run."""
         if previous_fire_time is None:
             return now
         # Whole microseconds, so that the next time is always strictly later.
-        previous_us = (previous_fire_time - _EPOCH) // _MICROSECOND
-        return _EPOCH + (previous_us // self.step_us + 1) * self.step_us * _MICROSECOND
+        previous_us = (previous_fire_time - _EPOCH) // _MICROSECOND - self.phase_us
+        next_us = (previous_us // self.step_us + 1) * self.step_us + self.phase_us
+        return _EPOCH + next_us * _MICROSECOND
 
     def __repr__(self) -> str:
-        return f"AlignedInterval(seconds={self.step_us / 1_000_000:g})"
+        return (
+            f"AlignedInterval(seconds={self.step_us / 1e6:g}, phase={self.phase_us / 1e6:g})"
+        )
 
 
 class _SkippedOverlap(logging.Filter):
@@ -154,8 +163,14 @@ class FailureStreak:
 class Scheduler:
     """Runs :class:`Job` s on an ``AsyncIOScheduler`` and keeps their results."""
 
-    def __init__(self, registry: CollectorRegistry, jobs: list[Job[object]]) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, jobs: list[Job[object]], phase: float | None = None
+    ) -> None:
+        """Run ``jobs``, each ``phase`` seconds after the multiples of its cadence (default:
+        drawn once, below the shortest cadence); metrics go to ``registry``."""
         self.jobs = {job.key: job for job in jobs}
+        shortest = min((job.interval_seconds for job in jobs), default=1.0)
+        self.phase = random.uniform(0, shortest) if phase is None else phase
         self._streaks = {
             job.key: FailureStreak(log, "analytics refresh", job=job.key) for job in jobs
         }
@@ -197,7 +212,7 @@ class Scheduler:
         for job in self.jobs.values():
             scheduler.add_job(
                 self.refresh,
-                AlignedInterval(job.interval_seconds),
+                AlignedInterval(job.interval_seconds, self.phase),
                 args=[job.key],
                 id=job.key,
                 max_instances=1,
