@@ -563,3 +563,17 @@ async def test_a_store_made_with_key_indexes_is_rebuilt_without_them(
         assert _rows(store, "websocket") == [("websocket:1", 1_700_000_000_000, 3)]
     finally:
         await store.close()
+
+
+async def test_checkpoints_keep_the_row_groups_they_wrote(store: DuckDBStore) -> None:
+    # Vacuuming would merge them again at each checkpoint, at a cost growing with the table.
+    for start in range(0, 3_000, 1_000):
+        ids = range(start, start + 1_000)
+        batch: list[StoreRecord] = [_received(i, 1_700_000_000_000 + i) for i in ids]
+        await store.write(batch)
+        store.query("CHECKPOINT")
+    [(row_groups, rows)] = store.query(
+        "SELECT count(DISTINCT row_group_id), max(count) FROM pragma_storage_info('payment')"
+    )
+    assert (row_groups, rows) == (3, 1_000)
+    assert store.counts()["payment"] == 3_000
