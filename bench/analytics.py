@@ -12,7 +12,9 @@ Then reopens the store as the exporter does (its default buffer pool and threads
 ``--threads`` say otherwise), times :meth:`Analytics.compute_all`
 (every analytic of docs/architecture.md section 5, every window) ``--runs`` times at successive
 instants a minute apart, and prints the median and the maximum against the 2 s target,
-then the seconds each store query took in one more refresh.
+then the seconds each store query took in one more refresh, then the CPU seconds of the
+refreshes due together each minute (realtime, 1h, 6h, 24h) computed one by one against
+one shared computation (the exporter shares it: :class:`SharedRefreshes`).
 
 ``--db PATH`` keeps the loaded store file and reuses it on the next run (loading 1M
 payments takes a minute or two on the build machine).
@@ -26,6 +28,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -48,6 +51,7 @@ from exporter.analytics.models import (  # noqa: E402
     RankRequest,
     RankValues,
     TopLists,
+    Window,
     WindowTotals,
 )
 from exporter.cli.simulate import SimulationConfig, Simulator  # noqa: E402
@@ -317,8 +321,38 @@ async def _main(args: argparse.Namespace) -> None:
                 "one more refresh, seconds per store query: "
                 + ", ".join(f"{name} {sec:.3f}" for name, sec in timed.seconds.items())
             )
+            await _minute_refreshes(analytics, args.runs)
         finally:
             await store.close()
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread, DuckDB's included
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _minute_refreshes(analytics: Analytics, runs: int) -> None:
+    """CPU of the refreshes due at each minute (realtime, 1h, 6h, 24h): one computation
+    each, as separate jobs would run them, against one shared computation."""
+    windows = [Window.H1, Window.H6, Window.H24]
+    one_each: list[float] = []
+    shared: list[float] = []
+    for run in range(runs):
+        at_ms = END_MS - run * 60_000
+        started = _cpu_seconds()
+        await analytics.compute_all(at_ms, windows=[], realtime=True)
+        for window in windows:
+            await analytics.compute_all(at_ms, windows=[window], realtime=False)
+        one_each.append(_cpu_seconds() - started)
+        started = _cpu_seconds()
+        await analytics.compute_all(at_ms, windows=windows, realtime=True)
+        shared.append(_cpu_seconds() - started)
+    each, together = statistics.median(one_each), statistics.median(shared)
+    _write(
+        f"refreshes due each minute (realtime, 1h, 6h, 24h), CPU seconds, median of {runs}: "
+        f"one computation each {each:.3f}, one shared {together:.3f} "
+        f"({together / each:.2f} x)"
+    )
 
 
 def main() -> None:
