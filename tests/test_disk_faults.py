@@ -258,9 +258,10 @@ async def test_store_invalidated_by_a_failed_checkpoint_reopens_itself(
     written = 0
     failure: StoreInvalidatedError | None = None
     try:
-        # DuckDB checkpoints once its WAL passes 16 MiB: on a 32 MiB disk the
-        # checkpoint's new blocks do not fit next to the WAL.
-        for _ in range(400):
+        # DuckDB checkpoints once its WAL passes 16 MiB: on a 32 MiB disk, once the file
+        # has grown enough, a checkpoint's new blocks no longer fit next to the WAL
+        # (after about a million of these records).
+        for _ in range(2_000):
             try:
                 await store.write(_records(written, 2000))
             except StoreInvalidatedError as error:
