@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import hashlib
 import json
-import resource
 import statistics
 import sys
 import tempfile
@@ -326,11 +325,6 @@ async def _main(args: argparse.Namespace) -> None:
             await store.close()
 
 
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread, DuckDB's included
-    return usage.ru_utime + usage.ru_stime
-
-
 async def _minute_refreshes(analytics: Analytics, runs: int) -> None:
     """CPU of the refreshes due at each minute (realtime, 1h, 6h, 24h): one computation
     each, as separate jobs would run them, against one shared computation."""
@@ -339,14 +333,14 @@ async def _minute_refreshes(analytics: Analytics, runs: int) -> None:
     shared: list[float] = []
     for run in range(runs):
         at_ms = END_MS - run * 60_000
-        started = _cpu_seconds()
+        started = time.process_time()
         await analytics.compute_all(at_ms, windows=[], realtime=True)
         for window in windows:
             await analytics.compute_all(at_ms, windows=[window], realtime=False)
-        one_each.append(_cpu_seconds() - started)
-        started = _cpu_seconds()
+        one_each.append(time.process_time() - started)
+        started = time.process_time()
         await analytics.compute_all(at_ms, windows=windows, realtime=True)
-        shared.append(_cpu_seconds() - started)
+        shared.append(time.process_time() - started)
     each, together = statistics.median(one_each), statistics.median(shared)
     _write(
         f"refreshes due each minute (realtime, 1h, 6h, 24h), CPU seconds, median of {runs}: "
