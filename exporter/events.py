@@ -611,7 +611,29 @@ def canonical_json(event: Event) -> bytes:
     validated event (a test holds the two to it) in well under half the time. Only events
     with a null optional field take pydantic's way, which leaves the nulls out.
     """
-    if "id" in event and join_ref(event) is not None:
+    return _canonical_json(event, join_ref(event))
+
+
+def dedup_key(event: Event, body: bytes) -> str:
+    """The identity of an event in the ledger (docs/architecture.md section 2).
+
+    Lifecycle events (``payment:*`` but failures of unknown payments, ``batch:*``) are
+    ``type:paymentId`` or ``type:batchId`` whatever ``id`` they carry; other events their
+    ``id``, else ``body`` (:func:`canonical_json` of the event) is hashed into the key.
+    """
+    return _dedup_key(event, body, join_ref(event))
+
+
+def event_identity(event: Event) -> tuple[str | None, bytes, str]:
+    """:func:`join_ref`, :func:`canonical_json` and :func:`dedup_key` of ``event`` at once:
+    each of the last two needs the first, and every accepted event needs all three."""
+    ref = join_ref(event)
+    body = _canonical_json(event, ref)
+    return ref, body, _dedup_key(event, body, ref)
+
+
+def _canonical_json(event: Event, ref: str | None) -> bytes:
+    if ref is not None and "id" in event:
         # A lifecycle event is identified by its payment or batch, not by the producer's
         # id (section 2): a retry under a new id is the same event, so the id is no part
         # of the body that decides between a duplicate and a conflict.
@@ -624,14 +646,7 @@ def canonical_json(event: Event) -> bytes:
     return bytes(memoryview(orjson.dumps(event)))
 
 
-def dedup_key(event: Event, body: bytes) -> str:
-    """The identity of an event in the ledger (docs/architecture.md section 2).
-
-    Lifecycle events (``payment:*`` but failures of unknown payments, ``batch:*``) are
-    ``type:paymentId`` or ``type:batchId`` whatever ``id`` they carry; other events their
-    ``id``, else ``body`` (:func:`canonical_json` of the event) is hashed into the key.
-    """
-    ref = join_ref(event)
+def _dedup_key(event: Event, body: bytes, ref: str | None) -> str:
     if ref is not None:  # lifecycle events: their natural key, whatever id they carry
         return f"{event['type']}:{ref}"
     event_id = event.get("id")

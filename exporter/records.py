@@ -59,9 +59,10 @@ def series_of(record: StoreRecord) -> str:
     Distinct series give distinct strings (the separator cannot occur in a tag value the
     ledger accepts); the ledger hashes it to find points that would share a timestamp.
     """
-    if isinstance(record, PaymentRecord | BatchRecord):
+    # Exact types: records are never subclassed, and this runs per record in the commit.
+    if type(record) is PaymentRecord or type(record) is BatchRecord:
         return f"{record.measurement}\x00{record.network}\x00{record.status}"
-    if isinstance(record, RevenueRecord):
+    if type(record) is RevenueRecord:
         return f"{record.measurement}\x00{record.network}\x00{record.kind}"
     return record.measurement
 
@@ -163,7 +164,10 @@ def encode_records(records: Iterable[StoreRecord]) -> bytes:
     than JSON both ways, and one call per commit rather than one per record. Only the
     exporter writes these rows.
     """
-    return pickle.dumps([_values(record) for record in records], protocol=5)
+    values = _FIELD_VALUES  # :func:`_values` inlined: one call fewer per record
+    return pickle.dumps(
+        [(record.measurement, *values[type(record)](record)) for record in records], protocol=5
+    )
 
 
 def decode_records(blob: bytes) -> list[StoreRecord]:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
-from exporter.events import canonical_json, dedup_key, parse_event
+from exporter.events import parse_event
 from exporter.ledger import PreparedEvent
 
 
 def prepare(event: dict[str, Any], known_key_hash: int | None = None) -> PreparedEvent:
-    """Validate an event dict the way the receiver does (``known_key_hash``: see
-    :class:`PreparedEvent`)."""
-    parsed = parse_event(event)
-    body = canonical_json(parsed)
-    raw = json.dumps(event).encode()
-    return PreparedEvent(parsed, dedup_key(parsed, body), body, raw, known_key_hash)
+    """Validate an event dict the way the receiver does; ``known_key_hash`` stands in for
+    the hash of its key (to make keys collide)."""
+    prepared = PreparedEvent.of(parse_event(event), json.dumps(event).encode())
+    return prepared if known_key_hash is None else replace(prepared, key_hash=known_key_hash)

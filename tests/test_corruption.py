@@ -37,7 +37,7 @@ from exporter.errors import (
     StoreCorruptError,
     StoreError,
 )
-from exporter.events import canonical_json, dedup_key, parse_event_json
+from exporter.events import parse_event_json
 from exporter.ledger import (
     DeadLetter,
     Ledger,
@@ -193,9 +193,7 @@ def test_a_ledger_with_a_hot_wal_is_not_damage(tmp_path: Path) -> None:
         prepared = []
         for n in range(500):
             raw = json.dumps(received(f"hot-{n}", BASE_MS + n)).encode()
-            event = parse_event_json(raw)
-            body = canonical_json(event)
-            prepared.append(PreparedEvent(event, dedup_key(event, body), body, raw))
+            prepared.append(PreparedEvent.of(parse_event_json(raw), raw))
         ledger.commit([Submission(prepared)])
         crashed = tmp_path / "crashed"
         crashed.mkdir()
@@ -417,9 +415,7 @@ def _recover(data_dir: Path, drain_seconds: float = 60.0) -> RecoverySummary:
 
 
 def _prepared(raw: bytes) -> PreparedEvent:
-    event = parse_event_json(raw)
-    body = canonical_json(event)
-    return PreparedEvent(event, dedup_key(event, body), body, raw)
+    return PreparedEvent.of(parse_event_json(raw), raw)
 
 
 def test_an_interrupted_ledger_recovery_blocks_startup_and_the_next_run_finishes_it(

@@ -134,7 +134,7 @@ async def test_an_event_stored_under_an_old_id_key_is_not_counted_again(
         old = []
         for event in (received("p1"), batch_created("b1"), settled("p1")):
             new = prepare({**event, "id": f"old-{event['type']}"})
-            old.append(PreparedEvent(new.event, f"id:old-{event['type']}", new.body, new.raw))
+            old.append(PreparedEvent.keyed(new.event, f"id:old-{event['type']}", new.body, new.raw))
         await committer.submit(Submission(old))
         retried = [
             prepare({**received("p1"), "id": "new-1"}),

@@ -183,7 +183,7 @@ async def backfill_locked(
                 continue
             blob = bytes(body)
             event = parse_event_json(blob)
-            pending.append(PreparedEvent(event, key, blob, blob))
+            pending.append(PreparedEvent.keyed(event, key, blob, blob))
             last_seq = seq
             summary.events += 1
             if len(pending) >= batch_events:

@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from ..config import Settings, StoreKind
 from ..errors import LedgerCorruptError, LedgerError, OperatorError
-from ..events import EventError, MalformedJSONError, canonical_json, dedup_key, parse_event_json
+from ..events import EventError, MalformedJSONError, parse_event_json
 from ..ledger import (
     GroupCommitter,
     Ledger,
@@ -265,8 +265,7 @@ async def _salvage_ledger(
                 except (EventError, MalformedJSONError):
                     summary.unreadable_events += 1
                     continue
-                canonical = canonical_json(event)
-                prepared.append(PreparedEvent(event, dedup_key(event, canonical), canonical, body))
+                prepared.append(PreparedEvent.of(event, body))
             result = await committer.submit(Submission(prepared))
             summary.salvaged_events += result.outcomes.count(Outcome.ACCEPTED)
             progress.update(summary.salvaged_events)

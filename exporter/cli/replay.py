@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from ..config import Settings
 from ..errors import ExporterError, OperatorError
-from ..events import EventError, MalformedJSONError, canonical_json, dedup_key, parse_event_json
+from ..events import EventError, MalformedJSONError, parse_event_json
 from ..ledger import GroupCommitter, Ledger, Outcome, PreparedEvent, Submission
 from ..metrics import Metrics
 from ..store import Forwarder, close_stores, open_stores
@@ -196,10 +196,7 @@ async def replay(
                         except EventError as error:
                             report(where, "invalid", str(error))
                             continue
-                        body = canonical_json(event)
-                        pending.append(
-                            (where, PreparedEvent(event, dedup_key(event, body), body, line))
-                        )
+                        pending.append((where, PreparedEvent.of(event, line)))
                         if len(pending) >= batch_events:
                             await commit()
                             progress.update(summary.lines, done_before + consumed)

@@ -27,7 +27,7 @@ from yarl import URL
 
 from ..auth import bearer_token_matches
 from ..errors import LedgerUnavailableError
-from ..events import EventError, canonical_json, dedup_key, parse_event
+from ..events import EventError, parse_event
 from ..ledger import GroupCommitter, Outcome, PreparedEvent, Submission
 from ..metrics import Metrics
 from ..networks import NetworkTable
@@ -395,8 +395,7 @@ class FacilitatorProxy:
                     extra={"event_type": obj["type"], "error": str(error)},
                 )
                 continue
-            body = canonical_json(event)
-            submission.events.append(PreparedEvent(event, dedup_key(event, body), body, body))
+            submission.events.append(PreparedEvent.of(event))
         if not submission.events and not pending:
             return
         try:

@@ -27,8 +27,6 @@ from ..events import (
     Event,
     EventError,
     MalformedJSONError,
-    canonical_json,
-    dedup_key,
     latest_timestamp_ms,
     network_names,
     parse_event,
@@ -356,10 +354,7 @@ class Receiver:
                 rejected.append(_Rejection(index, str(event)))
                 submission.dead_letters.append(DeadLetter("invalid", str(event), raw or b""))
                 continue
-            body = canonical_json(event)
-            submission.events.append(
-                PreparedEvent(event, dedup_key(event, body), body, raw or body)
-            )
+            submission.events.append(PreparedEvent.of(event, raw))
             positions.append(index)
         if not parsed.items:
             return _answer(422, error="the body holds no events")

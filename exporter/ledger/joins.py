@@ -24,8 +24,6 @@ from ..events import (
     PaymentSettled,
     PaymentVerified,
     WebsocketClients,
-    canonical_json,
-    dedup_key,
     parse_event,
     to_micro,
 )
@@ -261,23 +259,28 @@ class TransactionWriter:
                 )
             )
             return Outcome.CONFLICT
-        defined = self._already_defined(prepared)
+        kind = event["type"]
+        defined = (
+            self._already_defined(prepared)
+            if kind == "payment:received" or kind == "batch:created"
+            else None
+        )
         if defined is not None:
             if defined or derived:
                 return Outcome.DUPLICATE
             self.dead_letter(
                 DeadLetter(
                     "conflict",
-                    f"{event['type']} {prepared.ref!r} was already stored with other fields",
+                    f"{kind} {prepared.ref!r} was already stored with other fields",
                     prepared.raw,
                     prepared.key,
                 )
             )
             return Outcome.CONFLICT
-        if prepared.ref is not None and event["type"] in _ENDINGS:
+        if prepared.ref is not None and kind in _ENDINGS:
             payment = self._payment(prepared.ref)
             if payment is not None and payment.terminal:
-                if derived and event["type"] == "payment:failed":
+                if derived and kind == "payment:failed":
                     return Outcome.DUPLICATE  # a replayed settle refused upstream
                 # A payment ends once (section 2): whatever its id, a second settled or
                 # failed event is never counted. A derived settlement lands here only
@@ -297,7 +300,7 @@ class TransactionWriter:
         seq = self._current_seq = self._numbers.event_seq
         self._numbers.event_seq += 1
         self._current_waits = False
-        self.effects.append(NewEvent(event["type"]))
+        self.effects.append(NewEvent(kind))
         self._apply(seq, prepared.key, event)
         ref = prepared.ref
         if self._current_waits:
@@ -308,11 +311,11 @@ class TransactionWriter:
                 seq,
                 prepared.key,
                 key_hash,
-                event["type"],
+                kind,
                 ref,
                 event["data"]["timestamp"],
                 self.now,
-                prepared.body,
+                bytearray(prepared.body),  # bound as it is: see :data:`~.schema.EventRow`
                 WAITING if self._current_waits else EMITTED,
             )
         )
@@ -341,10 +344,8 @@ class TransactionWriter:
                 "network": payment.network,
             },
         }
-        event = parse_event(raw)
-        body = canonical_json(event)
         # Not ended, so no failure of it is stored: its key is new.
-        self.add(PreparedEvent(event, dedup_key(event, body), body, body))
+        self.add(PreparedEvent.of(parse_event(raw)))
 
     def _already_defined(self, prepared: PreparedEvent) -> bool | None:
         """For a receipt or batch creation whose payment or batch the join tables hold
@@ -685,13 +686,15 @@ class TransactionWriter:
             assert waiting["type"] == "batch:settled"
             self._batch_settled(waiting_seq, waiting_key, waiting)
 
-    def _take_waiting(self, ref: str, types: tuple[str, ...]) -> list[tuple[int, str, bytes]]:
+    def _take_waiting(
+        self, ref: str, types: tuple[str, ...]
+    ) -> list[tuple[int, str, bytes | bytearray]]:
         """Events of ``types`` waiting for ``ref``, marked as no longer waiting."""
         if ref not in self.waiting_refs:
             return []
         # Stored rows first (they are older), then this transaction's own, which are
         # looked at in memory: writing them out first would split the bulk inserts.
-        rows: list[tuple[int, str, bytes, str]] = []
+        rows: list[tuple[int, str, bytes | bytearray, str]] = []
         if ref not in self._refs_new_here:
             (found,) = self.cur.execute(
                 "SELECT json_group_array(json_array(seq, key, CAST(body AS TEXT), type))"

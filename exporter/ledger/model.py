@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 
-from ..events import Event, join_ref
+from ..events import Event, event_identity, join_ref
 from .schema import key_hash
 
 
@@ -23,23 +23,31 @@ class PreparedEvent:
 
     The key's hash and the join reference are worked out where the event is prepared
     (the receiver's event loop), not in the commit: the one ledger writer is what every
-    acknowledgement waits for.
+    acknowledgement waits for. Build one with :meth:`of`, or :meth:`keyed` for a key
+    given from elsewhere.
     """
 
     event: Event
     key: str
     body: bytes
     raw: bytes
-    known_key_hash: InitVar[int | None] = None
-    """The key's hash when the caller has it already (a test makes keys collide with it);
-    None: :func:`~exporter.ledger.schema.key_hash` of ``key``."""
-    key_hash: int = field(init=False)
-    ref: str | None = field(init=False)
+    key_hash: int
+    """:func:`~exporter.ledger.schema.key_hash` of ``key`` (a test makes keys collide)."""
+    ref: str | None
     """The payment or batch id the event joins on (:func:`join_ref`)."""
 
-    def __post_init__(self, known_key_hash: int | None) -> None:
-        self.key_hash = key_hash(self.key) if known_key_hash is None else known_key_hash
-        self.ref = join_ref(self.event)
+    @classmethod
+    def of(cls, event: Event, raw: bytes | None = None) -> PreparedEvent:
+        """``event`` with its own dedup key and canonical body; ``raw``: the bytes it
+        arrived as (None: it was built here, and its body stands for them)."""
+        ref, body, key = event_identity(event)
+        return cls(event, key, body, raw or body, key_hash(key), ref)
+
+    @classmethod
+    def keyed(cls, event: Event, key: str, body: bytes, raw: bytes) -> PreparedEvent:
+        """``event`` under a key and body given from elsewhere (a backfill re-sends the
+        keys a ledger stored)."""
+        return cls(event, key, body, raw, key_hash(key), join_ref(event))
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,12 +51,17 @@ def take_offsets(
     already (the dedup key hash is the same digest); others are computed.
     """
     rows: list[tuple[int, int, int, int]] = []
+    series_ids = _SERIES_IDS  # looked up here first: a call per record costs more
     for record in records:
         digest = digests.get(record.key)
         if digest is None:
             digest = key_digest(record.key)
         offset = record.time_offset_ns = digest % NS_PER_MS
-        rows.append((record.time_ms, _series_id(series_of(record)), offset, digest - _SIGN))
+        series = series_of(record)
+        series_id = series_ids.get(series)
+        if series_id is None:
+            series_id = _series_id(series)
+        rows.append((record.time_ms, series_id, offset, digest - _SIGN))
     for start, end in row_chunks(cur, rows):
         try:
             insert_chunk(cur, _INSERT_POINT_TIMES, rows[start:end], "")
