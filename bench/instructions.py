@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import shutil
 import subprocess
@@ -78,6 +79,9 @@ def _instructions(src: Path, lines_path: Path, count: int, with_store: bool) -> 
         capture_output=True,
         text=True,
         check=True,
+        # String hashes decide the order of sets and dicts, and so which paths run:
+        # randomised, two runs of the same checkout differed by 500 instructions per event.
+        env={**os.environ, "PYTHONHASHSEED": "0"},
     )
     found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
     if found is None:
