@@ -264,6 +264,8 @@ def _time_runs(records: list[StoreRecord]) -> list[list[StoreRecord]]:
     if not records:
         return []
     ordered = sorted(records, key=_TIME)
+    if ordered[-1].time_ms - ordered[0].time_ms <= _SPAN_GAP_MS:
+        return [ordered]  # no gap fits in the whole span: the usual batch, no loop
     runs = [[ordered[0]]]
     for previous, record in itertools.pairwise(ordered):
         if record.time_ms - previous.time_ms > _SPAN_GAP_MS:
