@@ -24,6 +24,7 @@ from .ledger import (
     NewEvent,
     PendingChange,
     TerminalPayment,
+    WebsocketCount,
 )
 from .networks import OTHER_NETWORK, UNKNOWN_NETWORK
 
@@ -286,29 +287,34 @@ class Metrics:
         volume: dict[str, int] = {}
         fees: dict[str, int] = {}
         pending: dict[str, int] = {}
-        observations: list[tuple[Histogram, str, float]] = []
+        settlements: dict[str, list[float]] = {}
+        gas: list[tuple[str, int]] = []
         websocket_clients: int | None = None
         timeouts: dict[str, int] = {}
-        label = self.network_label
+        labels: dict[str, str] = {}  # network_label per network, once per call
+        # About two effects per event: exact types (effects are never subclassed), the
+        # most frequent first, and each network's label looked up once per call.
         for effect in effects:
-            if isinstance(effect, NewEvent):
-                events[effect.type] = events.get(effect.type, 0) + 1
-            elif isinstance(effect, PendingChange):
-                network = label(effect.network)
+            if type(effect) is NewEvent:
+                event_type = effect.type
+                events[event_type] = events.get(event_type, 0) + 1
+            elif type(effect) is PendingChange:
+                network = labels.get(effect.network) or self._label(labels, effect.network)
                 pending[network] = pending.get(network, 0) + effect.delta
-            elif isinstance(effect, TerminalPayment):
-                network, status = label(effect.network), effect.status
+            elif type(effect) is TerminalPayment:
+                network = labels.get(effect.network) or self._label(labels, effect.network)
+                status = effect.status
                 payments[network, status] = payments.get((network, status), 0) + 1
                 if status == "success":
                     volume[network] = volume.get(network, 0) + effect.amount_micro
                     fees[network] = fees.get(network, 0) + effect.fee_micro
                     if effect.settlement_ms is not None:
-                        observations.append((self.settlement, network, effect.settlement_ms / 1000))
-            elif isinstance(effect, BatchGas):
-                observations.append((self.gas, label(effect.network), effect.gas_used))
-            elif isinstance(effect, JoinTimeout):
+                        settlements.setdefault(network, []).append(effect.settlement_ms / 1000)
+            elif type(effect) is BatchGas:
+                gas.append((self.network_label(effect.network), effect.gas_used))
+            elif type(effect) is JoinTimeout:
                 timeouts[effect.type] = timeouts.get(effect.type, 0) + 1
-            else:
+            elif type(effect) is WebsocketCount:
                 websocket_clients = effect.count
         child = self._child
         for event_type, count in events.items():
@@ -321,12 +327,21 @@ class Metrics:
             child(self.fees, network).inc(micro / MICRO)
         for network, delta in pending.items():
             child(self.pending, network).inc(delta)
-        for histogram, network, value in observations:
-            child(histogram, network).observe(value)
+        for network, seconds in settlements.items():
+            observe = child(self.settlement, network).observe
+            for value in seconds:
+                observe(value)
+        for network, gas_used in gas:
+            child(self.gas, network).observe(gas_used)
         if websocket_clients is not None:
             self.websocket_clients.set(websocket_clients)
         for event_type, count in timeouts.items():
             self.join_timeouts.labels(event_type).inc(count)
+
+    def _label(self, labels: dict[str, str], network: str) -> str:
+        """:meth:`network_label` of ``network``, kept in ``labels``."""
+        label = labels[network] = self.network_label(network)
+        return label
 
     def _child(self, metric: _Labelled, *labels: str) -> Any:
         """``metric.labels(*labels)``, remembered: the lookup costs more than the update,

@@ -372,21 +372,20 @@ class Receiver:
                 headers={"Retry-After": "5"},
             )
         self.metrics.apply(result.effects)
-        accepted = duplicates = conflicts = 0
-        for index, outcome in zip(positions, result.outcomes, strict=True):
-            if outcome is Outcome.ACCEPTED:
-                accepted += 1
-            elif outcome is Outcome.DUPLICATE:
-                duplicates += 1
-            else:
-                conflicts += 1
-                rejected.append(
-                    _Rejection(
-                        index,
-                        "conflict: a stored event has the same key with a different body, or "
-                        "its payment has already ended",
-                    )
+        outcomes = result.outcomes
+        accepted = outcomes.count(Outcome.ACCEPTED)  # counted in C: usually all of them
+        duplicates = outcomes.count(Outcome.DUPLICATE) if accepted < len(outcomes) else 0
+        conflicts = len(outcomes) - accepted - duplicates
+        if conflicts:
+            rejected.extend(
+                _Rejection(
+                    index,
+                    "conflict: a stored event has the same key with a different body, or "
+                    "its payment has already ended",
                 )
+                for index, outcome in zip(positions, outcomes, strict=True)
+                if outcome is Outcome.CONFLICT
+            )
         if rejected:
             rejected.sort(key=lambda r: r.index)
             invalid = len(rejected) - conflicts

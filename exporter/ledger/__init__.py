@@ -27,6 +27,7 @@ from .model import (
     Submission,
     SubmissionResult,
     TerminalPayment,
+    WebsocketCount,
 )
 from .storage import Ledger, LedgerTuning
 
@@ -50,6 +51,7 @@ __all__ = [
     "Submission",
     "SubmissionResult",
     "TerminalPayment",
+    "WebsocketCount",
     "check_no_pending_recovery",
     "is_damage",
     "make_file_private",
