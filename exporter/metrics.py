@@ -291,7 +291,7 @@ class Metrics:
         gas: list[tuple[str, int]] = []
         websocket_clients: int | None = None
         timeouts: dict[str, int] = {}
-        labels: dict[str, str] = {}  # network_label per network, once per call
+        labels: dict[str, str] = {}
         # About two effects per event: exact types (effects are never subclassed), the
         # most frequent first, and each network's label looked up once per call.
         for effect in effects:
