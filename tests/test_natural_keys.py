@@ -153,3 +153,32 @@ async def test_an_event_stored_under_an_old_id_key_is_not_counted_again(
     finally:
         committer.close()
         ledger.close()
+
+
+async def test_an_event_under_a_given_key_joins_on_its_payment_and_keeps_its_bytes(
+    tmp_path: Path,
+) -> None:
+    # What backfill sends: events under the keys another ledger stored them by.
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    committer = GroupCommitter(ledger)
+
+    def keyed(event: dict[str, Any], key: str, raw: bytes) -> PreparedEvent:
+        parsed = prepare(event)
+        return PreparedEvent.keyed(parsed.event, key, parsed.body, raw)
+
+    try:
+        # A settlement before its receipt waits, in the table, for its payment...
+        early = await committer.submit(Submission([keyed(settled("p1"), "id:s-1", b"first")]))
+        assert not [e for e in early.effects if isinstance(e, TerminalPayment)]
+        joined = await committer.submit(Submission([prepare(received("p1"))]))
+        assert [e for e in joined.effects if isinstance(e, TerminalPayment)] == [
+            TerminalPayment("eip155:8453", "success", 1_500_000, 10_000, 1500)
+        ]
+        # ... and a second ending, under another key, is refused with its own bytes kept.
+        late = await committer.submit(Submission([keyed(settled("p1"), "id:s-2", b"second")]))
+        assert late.outcomes == [Outcome.CONFLICT]
+        (letter,) = ledger.dead_letters("conflict")
+        assert letter.raw == b"second"
+    finally:
+        committer.close()
+        ledger.close()
