@@ -373,8 +373,8 @@ class Receiver:
             )
         self.metrics.apply(result.effects)
         outcomes = result.outcomes
-        accepted = outcomes.count(Outcome.ACCEPTED)  # counted in C: usually all of them
-        duplicates = outcomes.count(Outcome.DUPLICATE) if accepted < len(outcomes) else 0
+        accepted = outcomes.count(Outcome.ACCEPTED)  # counted in C, not walked in Python
+        duplicates = outcomes.count(Outcome.DUPLICATE)
         conflicts = len(outcomes) - accepted - duplicates
         if conflicts:
             rejected.extend(
