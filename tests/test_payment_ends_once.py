@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestServer
-from conftest import AppClient, failed, received, settled
+from conftest import AppClient, async_wait_until, failed, received, settled
 from facilitator_helpers import (
     NETWORK,
     ScriptedFacilitator,
@@ -18,8 +18,8 @@ from facilitator_helpers import (
 from prometheus_client import CollectorRegistry
 
 from exporter import Settings, create_app
-from exporter.app import COMMITTER
-from exporter.records import PaymentRecord
+from exporter.app import COMMITTER, STORE
+from exporter.store.duckdb import DuckDBStore
 
 BASE = "eip155:8453"
 
@@ -28,14 +28,19 @@ def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
-def _payment_records(client: AppClient) -> list[tuple[str, str]]:
-    """(status, payment id) of every payment record the ledger queued for the store."""
+async def _payment_records(client: AppClient) -> list[tuple[str, str]]:
+    """(status, payment id) of every payment record the store holds, once the ledger has
+    delivered all it committed (the forwarder runs meanwhile: the outbox may be empty)."""
     ledger = client.app[COMMITTER].ledger
-    return [
-        (r.record.status, r.record.payment_id)
-        for r in ledger.read_outbox(1000)
-        if isinstance(r.record, PaymentRecord)
-    ]
+
+    async def drained() -> bool:
+        return bool(ledger.backlog == 0)
+
+    await async_wait_until(drained, what="outbox drained")
+    store = client.app[STORE]
+    assert isinstance(store, DuckDBStore)
+    rows = store.query("SELECT status, payment_id FROM payment ORDER BY time_ms")
+    return [(str(status), str(payment)) for status, payment in rows]
 
 
 async def test_a_failure_after_a_settlement_is_a_conflict(
@@ -49,7 +54,7 @@ async def test_a_failure_after_a_settlement_is_a_conflict(
     assert _sample(registry, "facilitator_payments_total", network=BASE, status="success") == 1
     assert _sample(registry, "facilitator_payments_total", network=BASE, status="failed") == 0
     assert _sample(registry, "exporter_events_rejected_total", reason="conflict") == 1
-    assert _payment_records(client) == [("received", "p1"), ("settled", "p1")]
+    assert await _payment_records(client) == [("received", "p1"), ("settled", "p1")]
 
 
 async def test_a_settlement_after_a_failure_is_a_conflict(
