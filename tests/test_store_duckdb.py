@@ -279,6 +279,28 @@ async def test_writing_the_same_batch_twice_keeps_one_row_per_key(store: DuckDBS
     assert {table: _rows(store, table) for table in ("payment", "batch", "revenue")} == before
 
 
+async def test_a_stored_key_behind_new_rows_of_another_table_keeps_each_row_once(
+    store: DuckDBStore,
+) -> None:
+    # New payments are appended first; the batch record found stored afterwards undoes
+    # them with the rest, and the batch is written again skipping only the stored key.
+    batch = BatchRecord("batch:created:b1", 1_700_000_000_000, "eip155:8453", "created", "b1", 2, 9)
+    await store.write([batch])
+    fresh = [_received(i, 1_700_000_000_000 + i) for i in range(3)]
+    later = WebsocketRecord("websocket:9", 1_700_000_000_500, 4)
+    await store.write([*fresh, batch, later])
+    assert store.counts() == {
+        "payment": 3,
+        "batch": 1,
+        "revenue": 0,
+        "websocket": 1,
+        "analytics": 0,
+    }
+    stored_batch = ("batch:created:b1", 1_700_000_000_000, "eip155:8453", "created", "b1", 2, 9)
+    assert _rows(store, "batch") == [(*stored_batch, None, None, None)]
+    assert [row[0] for row in _rows(store, "payment")] == sorted(r.key for r in fresh)
+
+
 async def test_a_key_repeated_within_one_batch_is_stored_once(store: DuckDBStore) -> None:
     first = WebsocketRecord("websocket:1", 1_700_000_000_000, 1)
     await store.write([first, WebsocketRecord("websocket:1", 1_700_000_000_000, 1)])
