@@ -81,11 +81,13 @@ class LedgerTuning:
     Tests make them small to reach the paths that only large ledgers take.
     """
 
-    handoff_max_records: int = 5_000
-    """The newest outbox records also kept in memory for the forwarder: one store batch
-    (EXPORTER_STORE_BATCH_SIZE's default), about 3 MB. They stay there while the store is
-    behind, beside the batch the forwarder holds: 10,000 took the peak RSS of a million
-    events past 250 MiB."""
+    handoff_max_records: int = 20_000
+    """The newest outbox records also kept in memory for the forwarders: four store batches
+    (EXPORTER_STORE_BATCH_SIZE's default), about 10 MB (490 bytes a record). During a burst
+    a store runs a few batches behind the ledger: with one batch here, the forwarder read
+    206,000 of the 301,000 records of a bench/ingest.py run back from the table and
+    decoded them, under the GIL that ingest needs; with four, none. A million events
+    peaked at 216-222 MiB of RSS with either."""
     outbox_row_records: int = 1_000
     """Store records per ``outbox`` row (a commit writes at least one row)."""
     key_merge_events: int = 32_768
